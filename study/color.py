@@ -1,0 +1,52 @@
+"""RGB <-> YUV (BT.601, the matrices of ``skimage.color.rgb2yuv``) on whole batches.
+
+A 3x3 matrix product on the device: converting per sample on the CPU (as the
+original notebooks did) was the bottleneck. ``tests/test_color.py`` checks these
+against scikit-image.
+"""
+from __future__ import annotations
+
+import torch
+
+YUV_FROM_RGB = (
+    (0.299, 0.587, 0.114),
+    (-0.14714119, -0.28886916, 0.43601035),
+    (0.61497538, -0.51496512, -0.10001026),
+)
+# Largest |U| and |V| an RGB colour in [0, 1] can have.
+UV_MAX = (0.43601035, 0.61497538)
+
+
+def _matrix(device, dtype, inverse=False) -> torch.Tensor:
+    m = torch.tensor(YUV_FROM_RGB, dtype=torch.float64)
+    if inverse:
+        m = torch.linalg.inv(m)
+    return m.to(device=device, dtype=dtype)
+
+
+def rgb_to_yuv(rgb: torch.Tensor) -> torch.Tensor:
+    """(N, 3, H, W) RGB in [0, 1] -> (N, 3, H, W) YUV."""
+    return torch.einsum("ij,njhw->nihw", _matrix(rgb.device, rgb.dtype), rgb)
+
+
+def yuv_to_rgb(yuv: torch.Tensor) -> torch.Tensor:
+    """(N, 3, H, W) YUV -> RGB (not clamped)."""
+    return torch.einsum("ij,njhw->nihw", _matrix(yuv.device, yuv.dtype, inverse=True), yuv)
+
+
+def rgb_to_y(rgb: torch.Tensor) -> torch.Tensor:
+    """Luma only, (N, 1, H, W): the model's input."""
+    w = torch.tensor(YUV_FROM_RGB[0], device=rgb.device, dtype=rgb.dtype).view(1, 3, 1, 1)
+    return (rgb * w).sum(1, keepdim=True)
+
+
+def prediction_to_rgb(pred: torch.Tensor, y: torch.Tensor, output: str) -> torch.Tensor:
+    """A model's output as RGB in [0, 1]; UV models take Y from their input."""
+    if output == "uv":
+        pred = yuv_to_rgb(torch.cat([y.to(pred.dtype), pred], dim=1))
+    return pred.clamp(0, 1)
+
+
+def target_for(rgb: torch.Tensor, output: str) -> torch.Tensor:
+    """What a model with this output space is trained to predict."""
+    return rgb if output == "rgb" else rgb_to_yuv(rgb)[:, 1:]

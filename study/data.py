@@ -1,0 +1,314 @@
+"""Datasets decoded once into a uint8 cache, then served as whole batches on the device.
+
+Sources, in order:
+1. ``samples``: crops of the colour photos bundled with scikit-image (no network, no data folder);
+2. a path to an image folder;
+3. ``<data root>/<dataset>`` with the layout ``<split>/<class>/*.jpg``, the data root
+   coming from ``--data-root`` or ``$COLORIZE_DATA_ROOT``;
+4. torchvision's download of the canonical dataset (when online).
+
+Splits: ``train``/``val``/``test`` folders are used as they are; a missing
+``val`` (or ``test``) is a seeded 20% of ``train`` (CIFAR-10: 40,000 / 10,000).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import socket
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+SPLITS = ("train", "val", "test")
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
+KNOWN = ("cifar10", "flowers102", "samples")
+CACHE_VERSION = 1
+SAMPLE_PHOTOS = ("astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "motorcycle_left.png",
+                 "hubble_deep_field.jpg", "ihc.png", "retina.jpg")
+SAMPLE_COUNTS = {"train": 1024, "val": 256, "test": 256}
+LAYOUT_HELP = ("Put the images at <data root>/{name}/<split>/<class>/*.jpg (splits: train, val, test; "
+               "val and test may be missing) and pass --data-root <data root> or set COLORIZE_DATA_ROOT. "
+               "In this repository's workplace the data root is ../shared/data.")
+
+
+class DataError(RuntimeError):
+    """Data that cannot be found or read; the message says what and how to fix it."""
+
+
+@dataclass
+class Splits:
+    name: str
+    resolution: int
+    source: str
+    train: np.ndarray   # (N, H, W, 3) uint8, possibly memory-mapped
+    val: np.ndarray
+    test: np.ndarray
+
+    def __getitem__(self, split: str) -> np.ndarray:
+        return getattr(self, split)
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("COLORIZE_CACHE_DIR") or Path.cwd() / ".cache").resolve()
+
+
+def default_data_root() -> str | None:
+    return os.environ.get("COLORIZE_DATA_ROOT") or None
+
+
+# ---------------------------------------------------------------- decoding
+
+
+def decode_image(path: Path | str, resolution: int) -> np.ndarray:
+    """One image as (resolution, resolution, 3) uint8: shorter side resized, centre-cropped."""
+    try:
+        with Image.open(path) as im:
+            im = im.convert("RGB")
+            return _square(im, resolution)
+    except Exception as e:  # PIL raises several types for bad files
+        raise DataError(f"cannot read image {path}: {e}. Replace or remove the file "
+                        f"(it is not skipped: that would change the split).") from e
+
+
+def _square(im: Image.Image, resolution: int) -> np.ndarray:
+    w, h = im.size
+    if (w, h) != (resolution, resolution):
+        scale = resolution / min(w, h)
+        nw, nh = max(resolution, round(w * scale)), max(resolution, round(h * scale))
+        im = im.resize((nw, nh), Image.Resampling.BICUBIC)
+        left, top = (nw - resolution) // 2, (nh - resolution) // 2
+        im = im.crop((left, top, left + resolution, top + resolution))
+    return np.asarray(im, dtype=np.uint8)
+
+
+def decode_many(paths: list[Path], resolution: int) -> np.ndarray:
+    out = np.empty((len(paths), resolution, resolution, 3), dtype=np.uint8)
+
+    def work(i):
+        out[i] = decode_image(paths[i], resolution)
+
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
+        list(pool.map(work, range(len(paths))))  # list(): re-raise the first DataError
+    return out
+
+
+# ---------------------------------------------------------------- sources
+
+
+def list_images(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+
+
+def folder_splits(root: Path, seed: int) -> dict[str, list[Path]]:
+    """File lists per split for an image folder; missing val/test carved from train."""
+    if not root.is_dir():
+        raise DataError(f"data folder {root} does not exist. " + LAYOUT_HELP.format(name=root.name))
+    present = {s: list_images(root / s) for s in SPLITS if (root / s).is_dir()}
+    if not present.get("train"):
+        raise DataError(f"no training images under {root / 'train'}. " + LAYOUT_HELP.format(name=root.name))
+    train = present["train"]
+    order = np.random.default_rng(seed).permutation(len(train))
+    train = [train[i] for i in order]
+    for split in ("val", "test"):
+        if not present.get(split):
+            n = len(train) // 5
+            present[split], train = train[:n], train[n:]
+    present["train"] = train
+    return present
+
+
+def _subset(items: list, limit: int, seed: int) -> list:
+    if not limit or limit >= len(items):
+        return items
+    order = np.random.default_rng(seed + 1).permutation(len(items))[:limit]
+    return [items[i] for i in sorted(order)]
+
+
+def _cache_key(parts: dict) -> str:
+    return hashlib.sha1(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def _cached(cache_dir: Path, label: str, key_parts: dict, build) -> dict[str, np.ndarray]:
+    """Memory-mapped uint8 arrays, built once by ``build()`` and kept under ``cache_dir``."""
+    folder = cache_dir / "data" / f"{label}-{_cache_key({**key_parts, 'v': CACHE_VERSION})}"
+    if not all((folder / f"{s}.npy").exists() for s in SPLITS):
+        arrays = build()
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=".tmp-"))
+        for s in SPLITS:
+            np.save(tmp / f"{s}.npy", arrays[s])
+        (tmp / "source.json").write_text(json.dumps(key_parts, indent=2, default=str))
+        try:
+            tmp.rename(folder)
+        except OSError:  # another process finished first: theirs is identical
+            shutil.rmtree(tmp, ignore_errors=True)
+    return {s: np.load(folder / f"{s}.npy", mmap_mode="r") for s in SPLITS}
+
+
+def _from_folder(root: Path, resolution: int, limits: dict, seed: int, cache_dir: Path, label: str):
+    files = folder_splits(root, seed)
+    files = {s: _subset(files[s], limits[s], seed) for s in SPLITS}
+    key = {"source": str(root.resolve()), "resolution": resolution, "seed": seed,
+           "files": {s: [len(files[s]), sum(p.stat().st_size for p in files[s]),
+                         hashlib.sha1("\n".join(str(p.relative_to(root)) for p in files[s]).encode()).hexdigest()]
+                     for s in SPLITS}}
+    return _cached(cache_dir, label, key, lambda: {s: decode_many(files[s], resolution) for s in SPLITS})
+
+
+def _samples(resolution: int, limits: dict, seed: int, cache_dir: Path):
+    """Seeded crops of scikit-image's bundled colour photos; each split uses its own band of every photo."""
+    import skimage
+
+    data_dir = Path(skimage.__file__).parent / "data"
+    bands = {"train": (0.0, 0.6), "val": (0.6, 0.8), "test": (0.8, 1.0)}
+
+    def build():
+        photos = [np.asarray(Image.open(data_dir / name).convert("RGB")) for name in SAMPLE_PHOTOS]
+        rng = np.random.default_rng(seed)
+        out = {}
+        for split, (lo, hi) in bands.items():
+            n = limits[split] or SAMPLE_COUNTS[split]
+            crops = np.empty((n, resolution, resolution, 3), np.uint8)
+            for i in range(n):
+                photo = photos[i % len(photos)]
+                h, w = photo.shape[:2]
+                top0, top1 = int(lo * h), int(hi * h)
+                side = min(2 * resolution, top1 - top0, w)
+                top = rng.integers(top0, top1 - side + 1)
+                left = rng.integers(0, w - side + 1)
+                crops[i] = _square(Image.fromarray(photo[top:top + side, left:left + side]), resolution)
+            out[split] = crops
+        return out
+
+    key = {"source": "skimage-samples", "photos": SAMPLE_PHOTOS, "resolution": resolution,
+           "limits": limits, "seed": seed}
+    return _cached(cache_dir, "samples", key, build)
+
+
+def _torchvision(name: str, resolution: int, limits: dict, seed: int, cache_dir: Path):
+    """The canonical dataset through torchvision's download (needs the network)."""
+    import torchvision
+
+    root = cache_dir / "torchvision"
+    if os.environ.get("COLORIZE_OFFLINE"):
+        raise DataError(f"dataset {name!r}: no data root given and downloads are off (COLORIZE_OFFLINE). "
+                        + LAYOUT_HELP.format(name=name))
+    old_timeout = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(20)
+    try:
+        if name == "cifar10":
+            train = torchvision.datasets.CIFAR10(root, train=True, download=True).data
+            test = torchvision.datasets.CIFAR10(root, train=False, download=True).data
+            order = np.random.default_rng(seed).permutation(len(train))
+            val, train = train[order[:10000]], train[order[10000:]]
+            arrays = {"train": train, "val": val, "test": test}
+            if resolution != 32:
+                arrays = {s: np.stack([_square(Image.fromarray(a), resolution) for a in arr])
+                          for s, arr in arrays.items()}
+            files = None
+        elif name == "flowers102":
+            files = {s: list(torchvision.datasets.Flowers102(root, split=s, download=True)._image_files)
+                     for s in SPLITS}
+        else:
+            raise DataError(f"dataset {name!r} is not known to torchvision here; pass an image folder path")
+    except DataError:
+        raise
+    except Exception as e:
+        raise DataError(f"dataset {name!r}: no data root was given and downloading it failed ({e}). "
+                        + LAYOUT_HELP.format(name=name)) from e
+    finally:
+        socket.setdefaulttimeout(old_timeout)
+    if files is not None:
+        files = {s: _subset(files[s], limits[s], seed) for s in SPLITS}
+        return _cached(cache_dir, name, {"source": "torchvision", "resolution": resolution, "limits": limits},
+                       lambda: {s: decode_many(files[s], resolution) for s in SPLITS})
+    return {s: arrays[s][np.sort(np.random.default_rng(seed + 1).permutation(len(arrays[s]))[:limits[s]])]
+            if limits[s] and limits[s] < len(arrays[s]) else arrays[s] for s in SPLITS}
+
+
+def load_splits(dataset: str, resolution: int, data_root: str | None = None, cache_dir: Path | str | None = None,
+                train_limit: int = 0, eval_limit: int = 0, seed: int = 0) -> Splits:
+    """Decoded uint8 splits of ``dataset`` at ``resolution`` (decoded once, then cached)."""
+    cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
+    data_root = data_root or default_data_root()
+    limits = {"train": train_limit, "val": eval_limit, "test": eval_limit}
+    if dataset == "samples":
+        arrays, source = _samples(resolution, limits, seed, cache_dir), "scikit-image sample photos"
+    elif dataset not in KNOWN and (os.sep in dataset or Path(dataset).is_dir()):
+        root = Path(dataset)
+        arrays, source = _from_folder(root, resolution, limits, seed, cache_dir, root.name), str(root)
+    elif data_root:
+        root = Path(data_root) / dataset
+        if not root.is_dir():
+            raise DataError(f"dataset {dataset!r}: {root} does not exist under the data root {data_root}. "
+                            + LAYOUT_HELP.format(name=dataset))
+        arrays, source = _from_folder(root, resolution, limits, seed, cache_dir, dataset), str(root)
+    elif dataset in KNOWN:
+        arrays, source = _torchvision(dataset, resolution, limits, seed, cache_dir), "torchvision"
+    else:
+        raise DataError(f"dataset {dataset!r} is neither one of {list(KNOWN)} nor an existing image folder")
+    for s in SPLITS:
+        if len(arrays[s]) == 0:
+            raise DataError(f"dataset {dataset!r} has no images in its {s} split ({source})")
+    return Splits(dataset, resolution, source, arrays["train"], arrays["val"], arrays["test"])
+
+
+# ---------------------------------------------------------------- device batches
+
+
+def preview_indices(n: int, count: int) -> list[int]:
+    """The same evenly spaced test indices for every trial of a dataset."""
+    count = min(count, n)
+    return sorted({int(i) for i in np.linspace(0, n - 1, count).round()})
+
+
+class DeviceImages:
+    """A split as a uint8 tensor on the device; batches come out as float RGB in [0, 1].
+
+    NHWC uint8 permuted to NCHW is already channels_last in memory, so batches
+    need no copy for channels_last convolutions.
+    """
+
+    def __init__(self, images: np.ndarray, device: torch.device | str):
+        self.images = torch.from_numpy(np.array(images, dtype=np.uint8, copy=True)).to(device)
+        self.device = self.images.device
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def to_float(self, uint8_nhwc: torch.Tensor) -> torch.Tensor:
+        return uint8_nhwc.permute(0, 3, 1, 2).float().div_(255)
+
+    def take(self, index) -> torch.Tensor:
+        return self.to_float(self.images[index])
+
+    def train_batches(self, batch_size: int, generator: torch.Generator, augment: bool = False):
+        n = len(self)
+        perm = torch.randperm(n, device=self.device, generator=generator)
+        # Drop the last partial batch: tiny batches make BatchNorm statistics noisy.
+        stop = max(n - batch_size + 1, 1) if n >= batch_size else 1
+        for start in range(0, stop, batch_size):
+            x = self.take(perm[start:start + batch_size])
+            yield _augment(x, generator) if augment else x
+
+    def eval_batches(self, batch_size: int):
+        for start in range(0, len(self), batch_size):
+            yield self.take(slice(start, start + batch_size))
+
+
+def _augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Per-image horizontal flips and a per-batch random translation (reflect-padded crop)."""
+    n, _, h, w = x.shape
+    flip = torch.rand(n, 1, 1, 1, device=x.device, generator=generator) < 0.5
+    x = torch.where(flip, x.flip(3), x)
+    pad = max(h // 8, 1)
+    dy, dx = torch.randint(0, 2 * pad + 1, (2,), device=x.device, generator=generator).tolist()
+    x = torch.nn.functional.pad(x, (pad, pad, pad, pad), mode="reflect")
+    return x[:, :, dy:dy + h, dx:dx + w].contiguous(memory_format=torch.channels_last)

@@ -1,0 +1,173 @@
+"""One UNet class covering the search space; variants are rows of registries.
+
+``UNetConfig`` is frozen and fully describes a model, so a checkpoint stores it
+as a plain dict and ``build_unet`` rebuilds the same network.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from study.color import UV_MAX
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How a UNet goes down and up a level, and its activation."""
+    down: str   # maxpool | strided | avgpool | unshuffle
+    up: str     # nearest | transposed | bilinear | shuffle
+    act: str    # relu | leaky_relu
+
+
+SAMPLINGS: dict[str, Sampling] = {
+    # The report's "simple" UNet.
+    "maxpool-upsample": Sampling("maxpool", "nearest", "relu"),
+    # The report's "complex" UNet.
+    "strided-transposed": Sampling("strided", "transposed", "leaky_relu"),
+    # Smooth resampling: no checkerboard artefacts, no learned resampling weights.
+    "avgpool-bilinear": Sampling("avgpool", "bilinear", "relu"),
+    # Lossless space-to-depth down, sub-pixel convolution up.
+    "pixel-shuffle": Sampling("unshuffle", "shuffle", "relu"),
+}
+OUTPUTS = {"rgb": 3, "uv": 2}
+MIN_BOTTLENECK = 2  # smallest feature map side the deepest level may have
+
+
+class ConfigError(ValueError):
+    """A configuration value that cannot work; the message names the parameter."""
+
+
+@dataclass(frozen=True)
+class UNetConfig:
+    depth: int = 3
+    sampling: str = "maxpool-upsample"
+    output: str = "uv"
+    base_filters: int = 32
+    dropout: float = 0.0
+
+    def validate(self, resolution: int | None = None) -> "UNetConfig":
+        if self.sampling not in SAMPLINGS:
+            raise ConfigError(f"sampling={self.sampling!r} is unknown; choose one of {sorted(SAMPLINGS)}")
+        if self.output not in OUTPUTS:
+            raise ConfigError(f"output={self.output!r} is unknown; choose one of {sorted(OUTPUTS)}")
+        if not isinstance(self.depth, int) or self.depth < 1:
+            raise ConfigError(f"depth={self.depth!r} must be an integer >= 1")
+        if not isinstance(self.base_filters, int) or self.base_filters < 1:
+            raise ConfigError(f"base_filters={self.base_filters!r} must be an integer >= 1")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"dropout={self.dropout!r} must be in [0, 1)")
+        if resolution is not None:
+            max_depth = max_depth_for(resolution)
+            if self.depth > max_depth:
+                raise ConfigError(
+                    f"depth={self.depth} is too deep for {resolution}x{resolution} images: each level halves "
+                    f"the size and the deepest must stay >= {MIN_BOTTLENECK}px, so depth <= {max_depth}")
+        return self
+
+
+def max_depth_for(resolution: int) -> int:
+    depth = 0
+    while resolution % 2 == 0 and resolution // 2 >= MIN_BOTTLENECK:
+        resolution //= 2
+        depth += 1
+    return depth
+
+
+def _act(name: str) -> nn.Module:
+    return nn.LeakyReLU(0.2, inplace=True) if name == "leaky_relu" else nn.ReLU(inplace=True)
+
+
+def _conv_bn_act(cin: int, cout: int, act: str, stride: int = 1) -> list[nn.Module]:
+    return [nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False), nn.BatchNorm2d(cout), _act(act)]
+
+
+class DoubleConv(nn.Sequential):
+    def __init__(self, cin: int, cout: int, act: str, dropout: float):
+        layers = _conv_bn_act(cin, cout, act) + _conv_bn_act(cout, cout, act)
+        if dropout > 0:
+            layers.append(nn.Dropout2d(dropout))
+        super().__init__(*layers)
+
+
+def _down(kind: str, c: int, act: str) -> nn.Module:
+    if kind == "maxpool":
+        return nn.MaxPool2d(2)
+    if kind == "avgpool":
+        return nn.AvgPool2d(2)
+    if kind == "strided":
+        return nn.Sequential(*_conv_bn_act(c, c, act, stride=2))
+    if kind == "unshuffle":
+        return nn.Sequential(nn.PixelUnshuffle(2), nn.Conv2d(4 * c, c, 1))
+    raise ConfigError(f"unknown down-sampling {kind!r}")
+
+
+def _up(kind: str, cin: int, cout: int) -> tuple[nn.Module, int]:
+    """Up-sampling module and the channels it outputs."""
+    if kind == "nearest":
+        return nn.Upsample(scale_factor=2, mode="nearest"), cin
+    if kind == "bilinear":
+        return nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False), cin
+    if kind == "transposed":
+        return nn.ConvTranspose2d(cin, cout, 2, stride=2), cout
+    if kind == "shuffle":
+        return nn.Sequential(nn.Conv2d(cin, 4 * cout, 1), nn.PixelShuffle(2)), cout
+    raise ConfigError(f"unknown up-sampling {kind!r}")
+
+
+class UNet(nn.Module):
+    """Grayscale (Y) in, RGB or UV out. ``depth`` down/up steps, filters double per level."""
+
+    def __init__(self, config: UNetConfig):
+        super().__init__()
+        config.validate()
+        self.config = config
+        s = SAMPLINGS[config.sampling]
+        widths = [config.base_filters * 2 ** i for i in range(config.depth + 1)]
+        self.stem = DoubleConv(1, widths[0], s.act, 0.0)
+        self.downs = nn.ModuleList(_down(s.down, widths[i], s.act) for i in range(config.depth))
+        self.encoders = nn.ModuleList(
+            DoubleConv(widths[i], widths[i + 1], s.act, config.dropout) for i in range(config.depth))
+        self.ups = nn.ModuleList()
+        self.decoders = nn.ModuleList()
+        for i in reversed(range(config.depth)):
+            up, up_channels = _up(s.up, widths[i + 1], widths[i])
+            self.ups.append(up)
+            self.decoders.append(DoubleConv(up_channels + widths[i], widths[i], s.act, config.dropout))
+        self.head = nn.Conv2d(widths[0], OUTPUTS[config.output], 1)
+        # Bounded outputs: RGB in [0, 1], U and V within the YUV gamut's range.
+        self.register_buffer("uv_scale", torch.tensor(UV_MAX).view(1, 2, 1, 1), persistent=False)
+
+    def forward(self, y: torch.Tensor) -> torch.Tensor:
+        x = self.stem(y)
+        skips = []
+        for down, enc in zip(self.downs, self.encoders):
+            skips.append(x)
+            x = enc(down(x))
+        for up, dec in zip(self.ups, self.decoders):
+            x = dec(torch.cat([up(x), skips.pop()], dim=1))
+        out = self.head(x).float()
+        if self.config.output == "rgb":
+            return torch.sigmoid(out)
+        return torch.tanh(out) * self.uv_scale
+
+
+def build_unet(config: UNetConfig | dict, resolution: int | None = None) -> UNet:
+    if isinstance(config, dict):
+        config = UNetConfig(**config)
+    return UNet(config.validate(resolution))
+
+
+# Named variants of the original report (its CIFAR10 UNet has depth 3, its
+# Flowers102 UNet depth 4); anything else is a UNetConfig away.
+VARIANTS: dict[str, UNetConfig] = {
+    f"report-{ds}-{tech}-{out}": UNetConfig(depth=depth, sampling=sampling, output=out)
+    for ds, depth in (("cifar10", 3), ("flowers102", 4))
+    for tech, sampling in (("simple", "maxpool-upsample"), ("complex", "strided-transposed"))
+    for out in OUTPUTS
+}
+
+
+def config_dict(config: UNetConfig) -> dict:
+    return asdict(config)

@@ -1,0 +1,162 @@
+"""The results contract: Parquet tables in ``<study folder>/results/``.
+
+Readers need only pandas + pyarrow::
+
+    pd.read_parquet(f"{study}/results/trials.parquet")
+
+Tables (one Parquet file each, replaced atomically on every write):
+
+``trials``   one row per trial: ``trial_id``, every resolved config value as its
+             own column (see ``study.config.TrialConfig``), ``status``
+             (RUNNING/DONE/PRUNED/ERROR), ``error``, ``epochs_run``,
+             ``best_epoch`` and ``best_*`` metrics (at the epoch of best val
+             PSNR), ``final_*`` metrics (last epoch), ``wall_time_s``,
+             ``device``, ``node_id``, ``checkpoint_path``, ``optuna_number``.
+``epochs``   one row per (trial_id, epoch): losses in the model's own space
+             and colour metrics in RGB (``EPOCH_METRICS``), ``seconds``.
+``previews`` one row per (trial_id, epoch, image_index, kind): PNG bytes.
+             ``kind`` is ``prediction`` for a trial's output, or ``original`` /
+             ``grayscale`` (stored once per dataset+resolution, ``trial_id`` "",
+             ``epoch`` 0).
+
+``study.json`` beside ``results/`` holds the study's metadata (name, space,
+Optuna storage URL and study name).
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import tempfile
+import uuid
+from pathlib import Path
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+RESULTS_DIR = "results"
+TABLES = ("trials", "epochs", "previews")
+KEYS = {
+    "trials": ["trial_id"],
+    "epochs": ["trial_id", "epoch"],
+    "previews": ["trial_id", "dataset", "resolution", "epoch", "image_index", "kind"],
+}
+# Metrics a trial reports after every epoch (besides ``epoch`` and ``seconds``).
+EPOCH_METRICS = (
+    "train_loss", "val_loss", "test_loss",
+    "val_psnr", "val_ssim", "val_colourfulness", "val_gray_psnr",
+    "test_psnr", "test_ssim", "test_colourfulness", "test_gray_psnr",
+)
+# Copied into the trials table at the best (by val PSNR) and the final epoch.
+SUMMARY_METRICS = ("val_psnr", "val_ssim", "val_colourfulness", "test_psnr",
+                   "test_ssim", "test_colourfulness", "val_loss", "test_loss")
+STATUSES = ("RUNNING", "DONE", "PRUNED", "ERROR")
+
+
+def resolve(location: str | os.PathLike) -> tuple[pafs.FileSystem, str]:
+    """(filesystem, path) for a local folder or a pyarrow URI such as s3://bucket/x."""
+    location = str(location)
+    if "://" in location:
+        return pafs.FileSystem.from_uri(location)
+    return pafs.LocalFileSystem(), str(Path(location).resolve())
+
+
+def _write_bytes(fs: pafs.FileSystem, path: str, data: bytes) -> None:
+    parent = path.rsplit("/", 1)[0]
+    fs.create_dir(parent, recursive=True)
+    if isinstance(fs, pafs.LocalFileSystem):
+        # Write beside the target and rename: readers never see a partial file.
+        fd, tmp = tempfile.mkstemp(dir=parent, prefix=".tmp-")
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    else:  # An object store's PUT is atomic already.
+        with fs.open_output_stream(path) as f:
+            f.write(data)
+
+
+def _read_bytes(fs: pafs.FileSystem, path: str) -> bytes | None:
+    try:
+        with fs.open_input_stream(path) as f:
+            return f.read()
+    except FileNotFoundError:
+        return None
+    except OSError as e:  # s3 raises OSError for a missing key in some versions
+        if "does not exist" in str(e) or "NoSuchKey" in str(e) or "Path does not exist" in str(e):
+            return None
+        raise
+
+
+def write_table(study: str, name: str, df: pd.DataFrame) -> None:
+    fs, root = resolve(study)
+    buf = io.BytesIO()
+    pq.write_table(pa.Table.from_pandas(df, preserve_index=False), buf)
+    _write_bytes(fs, f"{root}/{RESULTS_DIR}/{name}.parquet", buf.getvalue())
+
+
+def read_table(study: str, name: str) -> pd.DataFrame | None:
+    fs, root = resolve(study)
+    data = _read_bytes(fs, f"{root}/{RESULTS_DIR}/{name}.parquet")
+    if data is None:
+        return None
+    return pq.read_table(io.BytesIO(data)).to_pandas()
+
+
+def write_json(study: str, name: str, obj: dict) -> None:
+    fs, root = resolve(study)
+    _write_bytes(fs, f"{root}/{name}", json.dumps(obj, indent=2, sort_keys=True).encode())
+
+
+def read_json(study: str, name: str) -> dict | None:
+    fs, root = resolve(study)
+    data = _read_bytes(fs, f"{root}/{name}")
+    return None if data is None else json.loads(data)
+
+
+def upsert(existing: pd.DataFrame | None, rows: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
+    """Rows replace existing rows with the same keys; order is by keys."""
+    if existing is None or existing.empty:
+        out = rows
+    elif rows.empty:
+        out = existing
+    else:
+        out = pd.concat([existing, rows], ignore_index=True)
+    out = out.drop_duplicates(subset=keys, keep="last")
+    return out.sort_values(keys, kind="stable").reset_index(drop=True)
+
+
+class ResultsWriter:
+    """Keeps the three tables in memory and rewrites a table whenever it changes.
+
+    The only writer of a study's tables is the driver (one process), so an
+    in-memory copy plus atomic replacement is consistent; rows are keyed, so a
+    trial that re-reports an epoch after a restore replaces the row.
+    """
+
+    def __init__(self, study: str):
+        self.study = study
+        self.tables = {name: read_table(study, name) for name in TABLES}
+
+    def upsert(self, name: str, rows: list[dict]) -> None:
+        if not rows:
+            return
+        df = pd.DataFrame(rows)
+        self.tables[name] = upsert(self.tables[name], df, KEYS[name])
+        write_table(self.study, name, self.tables[name])
+
+    def drop_epochs_after(self, trial_id: str, epoch: int) -> None:
+        """Forget epochs a restored trial will run again (keeps tables consistent)."""
+        for name in ("epochs", "previews"):
+            df = self.tables[name]
+            if df is None or df.empty:
+                continue
+            stale = (df["trial_id"] == trial_id) & (df["epoch"] > epoch)
+            if stale.any():
+                self.tables[name] = df[~stale].reset_index(drop=True)
+                write_table(self.study, name, self.tables[name])
+
+
+def new_id() -> str:
+    return uuid.uuid4().hex[:8]

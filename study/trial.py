@@ -1,0 +1,54 @@
+"""Run one trial without Ray: ``python -m study.trial --dataset cifar10 --depth 3 ...``."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import fields
+from pathlib import Path
+
+from study.config import TrialConfig
+from study.data import DataError
+from study.models import ConfigError
+from study.train import keep_checkpoint, run_trial, summarize
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m study.trial", description=__doc__)
+    for f in fields(TrialConfig):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type == "bool":
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
+        else:
+            p.add_argument(flag, type={"int": int, "float": float, "str": str}[f.type], default=f.default)
+    p.add_argument("--data-root", help="folder holding <dataset>/<split>/<class>/*.jpg (or $COLORIZE_DATA_ROOT)")
+    p.add_argument("--cache-dir", help="decoded-image cache (default ./.cache or $COLORIZE_CACHE_DIR)")
+    p.add_argument("--device", help="cuda, cpu, ... (default: cuda when available)")
+    p.add_argument("--out", type=Path, default=Path("runs/trial"), help="where the last checkpoint is kept")
+    p.add_argument("--json", action="store_true", help="print the epoch rows as JSON at the end")
+    return p
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
+    values = {f.name: getattr(args, f.name) for f in fields(TrialConfig)}
+    try:
+        cfg = TrialConfig.from_dict(values).validate()
+        args.out.mkdir(parents=True, exist_ok=True)
+        history = run_trial(cfg, data_root=args.data_root, cache_dir=args.cache_dir, device=args.device,
+                            report=keep_checkpoint(args.out / "checkpoint"))
+    except (ConfigError, DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    s = summarize(history)
+    print(f"best val PSNR {s['best_val_psnr']:.2f} dB at epoch {s['best_epoch']} "
+          f"(grayscale input {s['gray_val_psnr']:.2f} dB; "
+          f"{'beats' if s['best_val_psnr'] > s['gray_val_psnr'] else 'does NOT beat'} it); "
+          f"checkpoint in {args.out / 'checkpoint'}")
+    if args.json:
+        print(json.dumps(history))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
