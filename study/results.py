@@ -160,3 +160,55 @@ class ResultsWriter:
 
 def new_id() -> str:
     return uuid.uuid4().hex[:8]
+
+
+# ------------------------------------------------------------ row builders
+# Shared by the Ray Tune callback and the sequential runner (study/local.py), so
+# both write exactly the same contract.
+
+
+def epoch_row(trial_id: str, row: dict) -> dict:
+    out = {"trial_id": trial_id, "epoch": int(row["epoch"])}
+    out.update({k: float(row[k]) for k in EPOCH_METRICS})
+    out["seconds"] = float(row.get("seconds", float("nan")))
+    return out
+
+
+def preview_rows(trial_id: str, config: dict, epoch: int, files: dict[str, bytes]) -> list[dict]:
+    """Rows for the PNGs a checkpoint folder holds (``<kind>_<index>.png``).
+
+    Originals and grayscale inputs are keyed by dataset+resolution only, so a
+    study stores them once however many trials write them.
+    """
+    rows = []
+    for name, data in sorted(files.items()):
+        kind, index = name[:-4].rsplit("_", 1)
+        own = kind == "prediction"
+        rows.append({"trial_id": trial_id if own else "", "dataset": config["dataset"],
+                     "resolution": int(config["resolution"]), "epoch": int(epoch) if own else 0,
+                     "image_index": int(index), "kind": kind, "png": data})
+    return rows
+
+
+def trial_row(trial_id: str, config: dict, status: str, history: list[dict], *, error: str | None = None,
+              wall_time_s: float = float("nan"), device: str = "", node_id: str = "",
+              checkpoint_path: str = "", optuna_number: int = -1) -> dict:
+    assert status in STATUSES, status
+    row = {"trial_id": trial_id, **config, "status": status, "error": error,
+           "epochs_run": len(history), "wall_time_s": float(wall_time_s), "device": device,
+           "node_id": node_id, "checkpoint_path": checkpoint_path, "optuna_number": int(optuna_number)}
+    if history:
+        best = max(history, key=lambda r: r["val_psnr"])
+        final = history[-1]
+        row["best_epoch"] = int(best["epoch"])
+        for k in SUMMARY_METRICS:
+            row[f"best_{k}"] = float(best[k])
+            row[f"final_{k}"] = float(final[k])
+        row["val_gray_psnr"] = float(final["val_gray_psnr"])
+        row["test_gray_psnr"] = float(final["test_gray_psnr"])
+    return row
+
+
+def png_files(folder) -> dict[str, bytes]:
+    from pathlib import Path as _P
+    return {p.name: p.read_bytes() for p in sorted(_P(folder).glob("*.png"))}
