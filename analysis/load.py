@@ -1,0 +1,160 @@
+"""Reading a study folder with pandas alone: the three Parquet tables and study.json.
+
+The tables follow the results contract of ``study/results.py``; this module
+does not import it, so the analysis runs wherever pandas and pyarrow do (a
+laptop with a copied study folder, no torch, no Ray). Tables are replaced
+atomically by the study's writer, so a study that is still running reads fine.
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+TABLES = ("trials", "epochs", "previews")
+STATUSES = ("DONE", "PRUNED", "RUNNING", "ERROR")
+FINISHED = ("DONE", "PRUNED")
+# A variant is what the report compares: dataset x sampling technique x output space.
+VARIANT = ("dataset", "sampling", "output")
+SUMMARY_METRICS = ("val_psnr", "val_ssim", "val_colourfulness", "test_psnr",
+                   "test_ssim", "test_colourfulness", "val_loss", "test_loss")
+EPOCH_METRICS = ("train_loss", "val_loss", "test_loss", "val_psnr", "val_ssim", "val_colourfulness",
+                 "val_gray_psnr", "test_psnr", "test_ssim", "test_colourfulness", "test_gray_psnr")
+# Columns every table is given, so that a table written before any trial
+# reported an epoch (no best_* columns yet) or a missing table reads the same
+# way as a full one.
+COLUMNS = {
+    "trials": ["trial_id", *VARIANT, "depth", "resolution", "loss", "status", "error", "epochs_run",
+               "optuna_number", "best_epoch", *(f"best_{m}" for m in SUMMARY_METRICS),
+               "val_gray_psnr", "test_gray_psnr"],
+    "epochs": ["trial_id", "epoch", *EPOCH_METRICS, "seconds"],
+    "previews": ["trial_id", "dataset", "resolution", "epoch", "image_index", "kind", "png"],
+}
+# Trials-table columns that are outcomes or bookkeeping; every other column is
+# a configuration value (a hyperparameter when it varies).
+OUTCOME_COLUMNS = {"trial_id", "status", "error", "epochs_run", "wall_time_s", "device", "node_id",
+                   "checkpoint_path", "optuna_number", "best_epoch", "val_gray_psnr", "test_gray_psnr"}
+# Configuration that changes what is measured or shown, not the model.
+NOT_HYPERPARAMETERS = {"eval_limit", "preview_count"}
+
+
+class NotAStudyError(Exception):
+    """The folder holds neither study.json nor results/: nothing to analyse."""
+
+
+@dataclass
+class Study:
+    folder: Path
+    meta: dict
+    trials: pd.DataFrame
+    epochs: pd.DataFrame
+    previews: pd.DataFrame
+    warnings: list[str] = field(default_factory=list)
+    present: dict[str, bool] = field(default_factory=dict)   # which tables exist on disk
+
+    @property
+    def name(self) -> str:
+        # Never the absolute path: the report must read the same wherever the folder was copied.
+        return str(self.meta.get("name") or self.folder.name)
+
+    def status_counts(self) -> dict[str, int]:
+        counts = self.trials["status"].value_counts()
+        return {s: int(counts.get(s, 0)) for s in STATUSES}
+
+    def hyperparameters(self) -> list[str]:
+        """Configuration columns that take more than one value among trials with results."""
+        scored = self.trials.dropna(subset=["best_test_psnr"])
+        config = [c for c in self.trials.columns if c not in OUTCOME_COLUMNS | NOT_HYPERPARAMETERS
+                  and not c.startswith(("best_", "final_"))]
+        return sorted(c for c in config if scored[c].astype(str).nunique() > 1)
+
+
+def load_study(folder: str | Path) -> Study:
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise NotAStudyError(f"{folder} is not a folder")
+    if not (folder / "study.json").is_file() and not (folder / "results").is_dir():
+        raise NotAStudyError(f"{folder} is not a study folder: it has neither study.json nor results/ "
+                             "(a study folder is what `python -m study.run` or study.local.run_local_study write)")
+    warnings: list[str] = []
+    meta = _read_meta(folder, warnings)
+    present = {name: (folder / "results" / f"{name}.parquet").is_file() for name in TABLES}
+    tables = {name: _read_table(folder, name, warnings) for name in TABLES}
+    return Study(folder, meta, tables["trials"], tables["epochs"], tables["previews"], warnings, present)
+
+
+def _read_meta(folder: Path, warnings: list[str]) -> dict:
+    path = folder / "study.json"
+    if not path.is_file():
+        warnings.append("study.json is missing: the study's name and Optuna storage are unknown")
+        return {}
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        warnings.append(f"study.json is unreadable ({e}); carrying on without it")
+        return {}
+    return meta if isinstance(meta, dict) else {}
+
+
+def _read_table(folder: Path, name: str, warnings: list[str]) -> pd.DataFrame:
+    path = folder / "results" / f"{name}.parquet"
+    df = None
+    if not path.is_file():
+        warnings.append(f"results/{name}.parquet is missing: {_needs(name)} cannot be made")
+    else:
+        try:
+            df = pd.read_parquet(path)
+        except Exception as e:  # a truncated copy, a foreign file: report it, analyse the rest
+            warnings.append(f"results/{name}.parquet is unreadable ({type(e).__name__}: {e}): "
+                            f"{_needs(name)} cannot be made")
+    df = pd.DataFrame() if df is None else df
+    for column in COLUMNS[name]:
+        if column not in df.columns:
+            df[column] = pd.Series(dtype=object if column in ("png", "error") else float)
+    # Sorted once here so every figure and table iterates in the same order on every run.
+    keys = [k for k in ("trial_id", "dataset", "resolution", "epoch", "image_index", "kind") if k in COLUMNS[name]]
+    return df.sort_values(keys, kind="stable").reset_index(drop=True)
+
+
+def _needs(name: str) -> str:
+    return {"trials": "tables, curves and hyperparameter plots",
+            "epochs": "learning curves and the pruning picture",
+            "previews": "visual grids"}[name]
+
+
+# ------------------------------------------------------------------ variants
+
+
+def best_per_variant(trials: pd.DataFrame) -> pd.DataFrame:
+    """The trial with the highest best_val_psnr of each variant, sorted by variant.
+
+    Ranked by PSNR in RGB, never by loss: RGB and UV losses are in different
+    spaces. Ties go to the smaller trial id, so reruns pick the same trial.
+    """
+    ranked = trials.dropna(subset=["best_val_psnr"]).sort_values(
+        ["best_val_psnr", "trial_id"], ascending=[False, True], kind="stable")
+    best = ranked.groupby(list(VARIANT), sort=False).head(1)
+    return best.sort_values(list(VARIANT), kind="stable").reset_index(drop=True)
+
+
+def variants(trials: pd.DataFrame) -> list[tuple[str, str, str]]:
+    return sorted({tuple(map(str, v)) for v in trials[list(VARIANT)].dropna().itertuples(index=False)})
+
+
+def variant_label(variant) -> str:
+    return " / ".join(map(str, variant))
+
+
+def slug(*parts) -> str:
+    """A file-name part: letters, digits, '.', '-' kept; anything else becomes '-'."""
+    return "_".join(re.sub(r"[^A-Za-z0-9.-]+", "-", str(p)).strip("-") or "x" for p in parts)
+
+
+def is_number(value) -> bool:
+    return isinstance(value, (int, float, np.integer, np.floating)) and not (
+        isinstance(value, (float, np.floating)) and math.isnan(value))

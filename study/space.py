@@ -1,0 +1,289 @@
+"""Search spaces: YAML files a researcher copies and edits (``search_spaces/*.yaml``).
+
+A space file holds no computation. Its ``params`` map each TrialConfig field to
+- a constant (``epochs: 30``),
+- a distribution: ``{choice: [...]}``, ``{int: [lo, hi]}`` (optional ``step``),
+  ``{uniform: [lo, hi]}``, ``{loguniform: [lo, hi]}``,
+- or a conditional: ``{by: dataset, cases: {cifar10: <constant or distribution>, ...}}``,
+  where ``by`` names an earlier ``choice`` parameter and every choice has a case.
+Loading validates everything and names the file and key of any mistake.
+Optuna is imported only when a sampler or pruner is built.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from study.config import DEFAULT_RESOLUTION, LOSSES, SCHEDULES, TrialConfig
+from study.models import OUTPUTS, SAMPLINGS, max_depth_for
+
+SPACES_DIR = Path(__file__).resolve().parent.parent / "search_spaces"
+DISTRIBUTIONS = ("choice", "int", "uniform", "loguniform")
+PRUNERS = ("none", "median", "successive_halving", "hyperband")
+SAMPLERS = ("tpe", "random", "grid")
+TOP_KEYS = {"description", "params", "sampler", "pruner", "num_samples", "max_concurrent", "resources",
+            "max_failures"}
+ALLOWED_VALUES = {"sampling": sorted(SAMPLINGS), "output": sorted(OUTPUTS), "loss": list(LOSSES),
+                  "schedule": list(SCHEDULES)}
+CONFIG_FIELDS = {f.name: f for f in fields(TrialConfig)}
+
+
+class SpaceError(ValueError):
+    """A space file that cannot be used; the message names the file, the key and what is allowed."""
+
+
+@dataclass
+class Dist:
+    kind: str          # constant | choice | int | uniform | loguniform
+    values: list       # [value] for constants, choices, or [lo, hi]
+    step: int = 1
+
+    def suggest(self, trial, name: str):
+        if self.kind == "constant":
+            return self.values[0]
+        if self.kind == "choice":
+            return trial.suggest_categorical(name, self.values)
+        if self.kind == "int":
+            return trial.suggest_int(name, self.values[0], self.values[1], step=self.step)
+        return trial.suggest_float(name, self.values[0], self.values[1], log=self.kind == "loguniform")
+
+    def possible(self) -> list:
+        """Every value for discrete kinds, the bounds otherwise (used for validation)."""
+        if self.kind == "int":
+            return list(range(self.values[0], self.values[1] + 1, self.step))
+        return list(self.values)
+
+
+@dataclass
+class Param:
+    name: str
+    by: str | None = None
+    cases: dict[Any, Dist] = field(default_factory=dict)   # key None when unconditional
+
+    def dist_for(self, values: dict) -> Dist:
+        return self.cases[values[self.by]] if self.by else self.cases[None]
+
+
+@dataclass
+class Space:
+    name: str
+    path: Path
+    params: dict[str, Param]
+    sampler: dict
+    pruner: dict
+    num_samples: int
+    max_concurrent: int
+    resources: dict
+    max_failures: int
+    description: str = ""
+
+    # ---- what Ray Tune's OptunaSearch calls (define-by-run): no computation here
+    def define(self, trial) -> dict:
+        values: dict[str, Any] = {}
+        constants: dict[str, Any] = {}
+        for p in self.params.values():
+            d = p.dist_for(values)
+            # Conditional axes get one Optuna name per case: Optuna forbids a
+            # parameter whose choices change between trials.
+            optuna_name = f"{p.name}__{values[p.by]}" if p.by else p.name
+            values[p.name] = d.suggest(trial, optuna_name)
+            if d.kind == "constant" or p.by:
+                constants[p.name] = values[p.name]
+        return constants
+
+    def resolve(self, config: dict) -> TrialConfig:
+        """A Tune trial's config (Optuna's names included) as the TrialConfig it means."""
+        plain = {k: v for k, v in config.items() if "__" not in k}
+        return TrialConfig.from_dict(plain).validate()
+
+    def grid(self) -> dict[str, list]:
+        return {p.name: p.cases[None].values for p in self.params.values()
+                if not p.by and p.cases[None].kind == "choice"}
+
+    def make_sampler(self, seed: int):
+        import optuna
+
+        name = self.sampler.get("name", "tpe")
+        if name == "grid":
+            return optuna.samplers.GridSampler(self.grid(), seed=seed)
+        if name == "random":
+            return optuna.samplers.RandomSampler(seed=seed)
+        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=int(self.sampler.get("n_startup_trials", 10)))
+
+    def make_pruner(self):
+        import optuna
+
+        opts = {k: v for k, v in self.pruner.items() if k != "name"}
+        name = self.pruner.get("name", "none")
+        if name == "median":
+            return optuna.pruners.MedianPruner(**opts)
+        if name == "successive_halving":
+            return optuna.pruners.SuccessiveHalvingPruner(**opts)
+        if name == "hyperband":
+            return optuna.pruners.HyperbandPruner(**opts)
+        return optuna.pruners.NopPruner()
+
+
+def find_space(name_or_path: str) -> Path:
+    p = Path(name_or_path)
+    if p.suffix in (".yaml", ".yml") or p.exists():
+        if not p.exists():
+            raise SpaceError(f"space file {p} does not exist")
+        return p
+    p = SPACES_DIR / f"{name_or_path}.yaml"
+    if not p.exists():
+        known = sorted(q.stem for q in SPACES_DIR.glob("*.yaml"))
+        raise SpaceError(f"no space named {name_or_path!r}; known: {known}, or give a path to a .yaml file")
+    return p
+
+
+def load_space(name_or_path: str) -> Space:
+    path = find_space(name_or_path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise SpaceError(f"{path}: not valid YAML: {e}") from e
+    return parse_space(raw, path)
+
+
+def parse_space(raw: Any, path: Path) -> Space:
+    def fail(key: str, msg: str):
+        raise SpaceError(f"{path}: {key}: {msg}")
+
+    if not isinstance(raw, dict):
+        fail("(top level)", "a space is a mapping with a 'params' key")
+    for k in raw:
+        if k not in TOP_KEYS:
+            fail(k, f"unknown key; allowed: {sorted(TOP_KEYS)}")
+    if not isinstance(raw.get("params"), dict) or not raw["params"]:
+        fail("params", "missing or empty; map TrialConfig fields to constants or distributions")
+    params: dict[str, Param] = {}
+    for name, spec in raw["params"].items():
+        key = f"params.{name}"
+        if name not in CONFIG_FIELDS:
+            fail(key, f"unknown parameter; allowed: {sorted(CONFIG_FIELDS)}")
+        if isinstance(spec, dict) and "by" in spec:
+            by, cases = spec.get("by"), spec.get("cases")
+            if set(spec) - {"by", "cases"}:
+                fail(key, "a conditional holds only 'by' and 'cases'")
+            if by not in params or params[by].by or params[by].cases[None].kind not in ("choice", "constant"):
+                fail(f"{key}.by", f"{by!r} must name an earlier, unconditional choice parameter "
+                                  f"(defined so far: {sorted(params)})")
+            if not isinstance(cases, dict):
+                fail(f"{key}.cases", "must map each value of the 'by' parameter to a constant or distribution")
+            needed = params[by].cases[None].values
+            missing = [v for v in needed if v not in cases]
+            extra = [v for v in cases if v not in needed]
+            if missing or extra:
+                fail(f"{key}.cases", f"must have exactly one case per {by} value {needed}; "
+                                     f"missing {missing}, not a {by} value {extra}")
+            params[name] = Param(name, by, {c: _dist(cases[c], f"{key}.cases.{c}", name, fail) for c in needed})
+        else:
+            params[name] = Param(name, None, {None: _dist(spec, key, name, fail)})
+    space = Space(
+        name=path.stem, path=path, params=params,
+        sampler=_named(raw.get("sampler", {"name": "tpe"}), "sampler", SAMPLERS, fail),
+        pruner=_named(raw.get("pruner", {"name": "none"}), "pruner", PRUNERS, fail),
+        num_samples=_positive_int(raw.get("num_samples", 16), "num_samples", fail),
+        max_concurrent=_positive_int(raw.get("max_concurrent", 4), "max_concurrent", fail),
+        resources=raw.get("resources", {"cpu": 1, "gpu": 0}),
+        max_failures=int(raw.get("max_failures", 2)),
+        description=str(raw.get("description", "")),
+    )
+    if not isinstance(space.resources, dict) or set(space.resources) - {"cpu", "gpu"}:
+        fail("resources", "a mapping with 'cpu' and/or 'gpu' (fractional gpu allowed, e.g. 0.25)")
+    if space.sampler["name"] == "grid":
+        for p in params.values():
+            if p.by and any(d.kind != "constant" for d in p.cases.values()) or \
+                    (not p.by and p.cases[None].kind not in ("choice", "constant")):
+                fail(f"params.{p.name}", "a grid sampler takes only choices and constants")
+    _check_depths(space, fail)
+    return space
+
+
+def _dist(spec, key: str, name: str, fail) -> Dist:
+    ftype = CONFIG_FIELDS[name].type
+    if isinstance(spec, dict):
+        if len(spec) not in (1, 2) or not (set(spec) - {"step"}) <= set(DISTRIBUTIONS) or \
+                len(set(spec) - {"step"}) != 1:
+            fail(key, f"a distribution is one of {list(DISTRIBUTIONS)} (int may add 'step'), got {sorted(spec)}")
+        kind = next(k for k in spec if k != "step")
+        values = spec[kind]
+        if not isinstance(values, list) or not values:
+            fail(key, f"{kind} needs a non-empty list")
+        if kind == "choice":
+            for v in values:
+                _check_value(v, key, name, fail)
+            if len(set(map(repr, values))) != len(values):
+                fail(key, "choices repeat a value")
+            return Dist("choice", values)
+        if len(values) != 2 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+            fail(key, f"{kind} needs [low, high] numbers, got {values}")
+        lo, hi = values
+        if lo >= hi:
+            fail(key, f"{kind} range [{lo}, {hi}] is empty: low must be < high")
+        if kind == "loguniform" and lo <= 0:
+            fail(key, f"loguniform needs low > 0, got {lo}")
+        if kind == "int":
+            if ftype != "int" or not all(isinstance(v, int) for v in values):
+                fail(key, f"int ranges need integer bounds and an integer parameter ({name} is {ftype})")
+            return Dist("int", [lo, hi], int(spec.get("step", 1)))
+        if ftype != "float":
+            fail(key, f"{kind} is for float parameters; {name} is {ftype} (use choice or int)")
+        return Dist(kind, [float(lo), float(hi)])
+    if isinstance(spec, list):
+        fail(key, "a bare list is ambiguous; write {choice: [...]}")
+    _check_value(spec, key, name, fail)
+    return Dist("constant", [spec])
+
+
+def _check_value(v, key: str, name: str, fail) -> None:
+    ftype = CONFIG_FIELDS[name].type
+    ok = {"int": isinstance(v, int) and not isinstance(v, bool), "bool": isinstance(v, bool),
+          "float": isinstance(v, (int, float)) and not isinstance(v, bool), "str": isinstance(v, str)}[ftype]
+    if not ok:
+        fail(key, f"{v!r} is not a valid {ftype} for {name}")
+    if name in ALLOWED_VALUES and v not in ALLOWED_VALUES[name]:
+        fail(key, f"{v!r} is not a known {name}; allowed: {ALLOWED_VALUES[name]}")
+
+
+def _named(spec, key: str, allowed, fail) -> dict:
+    if isinstance(spec, str):
+        spec = {"name": spec}
+    if not isinstance(spec, dict) or spec.get("name") not in allowed:
+        fail(key, f"name must be one of {list(allowed)}")
+    return dict(spec)
+
+
+def _positive_int(v, key: str, fail) -> int:
+    if not isinstance(v, int) or v < 1:
+        fail(key, f"must be a positive integer, got {v!r}")
+    return v
+
+
+def _check_depths(space: Space, fail) -> None:
+    """Every depth the space can produce must fit the resolution of every dataset it can meet."""
+    def options(name):
+        p = space.params.get(name)
+        if p is None:
+            return [(None, CONFIG_FIELDS[name].default)]
+        return [(case, v) for case, d in p.cases.items() for v in d.possible()]
+
+    datasets = [v for _, v in options("dataset")]
+    depth_param = space.params.get("depth")
+    res_param = space.params.get("resolution")
+    for ds in datasets:
+        resolutions = ([v for c, v in options("resolution") if c in (None, ds)] if res_param else [0])
+        depths = [v for c, v in options("depth") if c in (None, ds)] if depth_param else [3]
+        for res in resolutions:
+            size = res or DEFAULT_RESOLUTION.get(ds, 64)
+            limit = max_depth_for(size)
+            bad = [d for d in depths if d > limit]
+            if bad:
+                where = "params.depth" + (f".cases.{ds}" if depth_param and depth_param.by == "dataset" else "")
+                fail(where, f"depth {max(bad)} is too deep for {ds} at {size}x{size}: allowed depth <= {limit}"
+                            + ("" if depth_param and depth_param.by else "; make depth conditional with "
+                               "{by: dataset, cases: {...}}"))
