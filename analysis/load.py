@@ -8,12 +8,10 @@ atomically by the study's writer, so a study that is still running reads fine.
 from __future__ import annotations
 
 import json
-import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
 TABLES = ("trials", "epochs", "previews")
@@ -151,10 +149,6 @@ def variant_label(variant) -> str:
 
 
 def slug(*parts) -> str:
-    """A file-name part: letters, digits, '.', '-' kept; anything else becomes '-'."""
-    return "_".join(re.sub(r"[^A-Za-z0-9.-]+", "-", str(p)).strip("-") or "x" for p in parts)
+    """A file-name part: letters, digits, ".", "_", "-" kept; anything else becomes '-'."""
+    return "_".join(re.sub(r"[^A-Za-z0-9._-]+", "-", str(p)).strip("-") or "x" for p in parts)
 
-
-def is_number(value) -> bool:
-    return isinstance(value, (int, float, np.integer, np.floating)) and not (
-        isinstance(value, (float, np.floating)) and math.isnan(value))

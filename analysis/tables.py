@@ -23,6 +23,8 @@ EXPLANATION = (
     "PSNR against the original, `*_gain_db` the model's PSNR minus it; `beats_grayscale` is `yes` when the "
     "test gain is positive (a model that does not beat its own grayscale input is no colorizer). "
     "Colourfulness is a ratio to the originals' (1 = as colourful). Sorted by validation PSNR.")
+# Integers that turn into floats when a variant without results leaves a gap.
+INTEGER_COLUMNS = ("trials", "depth", "best_epoch", "epochs_run")
 
 
 def results_table(trials: pd.DataFrame, dataset: str) -> pd.DataFrame:
@@ -43,15 +45,15 @@ def results_table(trials: pd.DataFrame, dataset: str) -> pd.DataFrame:
 
 
 def format_table(table: pd.DataFrame) -> pd.DataFrame:
-    """The table as display strings: 2 decimals for dB and ratios, 3 for SSIM, ints as ints."""
+    """A table as display strings: 2 decimals for dB and ratios, 3 for SSIM and importance, ints as ints."""
     def fmt(column: str, value) -> str:
         if isinstance(value, str):
             return value
         if value is None or pd.isna(value):
             return "n/a"
-        if column in ("trials", "depth", "best_epoch"):
+        if isinstance(value, (int, np.integer)) or column in INTEGER_COLUMNS:
             return str(int(value))
         if column.endswith("gain_db"):
             return f"{value:+.2f}"
-        return f"{value:.3f}" if column.endswith("ssim") else f"{value:.2f}"
+        return f"{value:.3f}" if column.endswith(("ssim", "importance")) else f"{value:.2f}"
     return pd.DataFrame({c: [fmt(c, v) for v in table[c]] for c in table.columns})

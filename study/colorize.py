@@ -20,6 +20,7 @@ import itertools
 import pickle
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 import numpy as np
@@ -66,8 +67,9 @@ def colorize_image(model: torch.nn.Module, cfg: TrialConfig, image: np.ndarray,
 
 def luminance(image: np.ndarray, device: torch.device) -> torch.Tensor:
     """(1, 1, H, W) Y in [0, 1]; a gray image's value is its luminance."""
-    # Move uint8 to the device and convert there: a quarter of the bytes to copy.
-    x = torch.from_numpy(np.ascontiguousarray(image)).to(device).float() / 255
+    # Move uint8 to the device and convert there: a quarter of the bytes to copy. torch.tensor
+    # copies, as arrays from PIL are read-only (which torch.from_numpy warns about).
+    x = torch.tensor(image, dtype=torch.uint8).to(device).float() / 255
     if x.ndim == 2:
         return x[None, None]
     return rgb_to_y(x.permute(2, 0, 1)[None])
@@ -108,11 +110,19 @@ def combine(y: torch.Tensor, uv: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------- study, trial, checkpoint
 
 
-def load_model(study: str, dataset: str | None, trial_id: str | None,
-               device: torch.device) -> tuple[torch.nn.Module, TrialConfig, pd.Series, dict]:
-    """The chosen trial's model in eval mode on ``device``, its config, its trials row and checkpoint."""
+@dataclass
+class Loaded:
+    model: torch.nn.Module   # in eval mode, on the device
+    cfg: TrialConfig
+    row: pd.Series           # the trial's row of the trials table
+    epoch: int | None        # the epoch the checkpoint was saved after
+    location: str            # where the checkpoint was read from
+
+
+def load_model(study: str, dataset: str | None, trial_id: str | None, device: torch.device) -> Loaded:
+    """The chosen trial's model, rebuilt from the config saved with its weights."""
     row = pick_trial(read_trials(study), study, dataset, trial_id)
-    state = read_checkpoint(row["checkpoint_path"], study)
+    state, location = read_checkpoint(row["checkpoint_path"], study)
     try:
         cfg = TrialConfig.from_dict(state["config"])
         model = build_unet(cfg.model, cfg.image_size)
@@ -120,7 +130,7 @@ def load_model(study: str, dataset: str | None, trial_id: str | None,
     except (KeyError, TypeError, ValueError, RuntimeError) as e:
         raise ColorizeError(f"the checkpoint of trial {row['trial_id']} ({row['checkpoint_path']}) does not "
                             f"hold a model this code can rebuild: {type(e).__name__}: {e}") from e
-    return model.to(device).eval(), cfg, row, state
+    return Loaded(model.to(device).eval(), cfg, row, state.get("epoch"), location)
 
 
 def read_trials(study: str) -> pd.DataFrame:
@@ -148,8 +158,10 @@ def pick_trial(trials: pd.DataFrame, study: str, dataset: str | None, trial_id: 
             raise ColorizeError(f"study {study} has no trial{' ' + trial_id if trial_id else ''} of dataset "
                                 f"{dataset!r}; its datasets: {_some(trials['dataset'].unique())}")
     rows = rows[rows["checkpoint_path"].fillna("").astype(str) != ""]
+    if rows.empty and trial_id is not None:
+        raise ColorizeError(f"trial {trial_id} of study {study} has no checkpoint (it never finished an epoch)")
     if rows.empty:
-        raise ColorizeError(f"no {'such ' if trial_id or dataset else ''}trial of study {study} has a checkpoint")
+        raise ColorizeError(f"no {'such ' if dataset else ''}trial of study {study} has a checkpoint")
     if "best_val_psnr" in rows:
         rows = rows.sort_values("best_val_psnr", ascending=False, na_position="last", kind="stable")
     return rows.iloc[0]
@@ -160,35 +172,45 @@ def _some(values, n: int = 10) -> str:
     return ", ".join(values[:n]) + (f" and {len(values) - n} more" if len(values) > n else "")
 
 
-def read_checkpoint(recorded: str, study: str) -> dict:
-    """The checkpoint dict, loaded with weights_only (no pickled code runs); URIs are copied first."""
+def read_checkpoint(recorded: str, study: str) -> tuple[dict, str]:
+    """The checkpoint dict, loaded with weights_only (no pickled code runs), and where it was found.
+
+    A folder on a remote file system (s3://...) is copied to a temporary folder first.
+    """
     fs, folder = locate_checkpoint(recorded, study)
+    location = folder if isinstance(fs, pafs.LocalFileSystem) else f"{fs.type_name}://{folder}"
     try:
         if isinstance(fs, pafs.LocalFileSystem):
-            return load_checkpoint(folder)
+            return load_checkpoint(folder), location
         # torch.load needs a local file; the folder is small (weights and a few previews).
         with tempfile.TemporaryDirectory(prefix="colorize-ckpt-") as tmp:
             pafs.copy_files(folder, tmp, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
-            return load_checkpoint(tmp)
+            return load_checkpoint(tmp), location
     except pickle.UnpicklingError as e:
+        # torch's message is a page of advice; the line naming the refused global is the news.
         reason = next((line for line in str(e).splitlines() if "WeightsUnpickler" in line), str(e).splitlines()[0])
-        raise ColorizeError(f"refusing checkpoint {folder}/{CHECKPOINT_FILE}: it holds more than tensors and "
+        reason = reason.split(" Please use")[0]
+        raise ColorizeError(f"refusing checkpoint {location}/{CHECKPOINT_FILE}: it holds more than tensors and "
                             f"plain values, and loading it would run pickled code ({reason.strip()})") from e
     except Exception as e:
-        raise ColorizeError(f"cannot load checkpoint {folder}/{CHECKPOINT_FILE}: {type(e).__name__}: {e}") from e
+        raise ColorizeError(f"cannot load checkpoint {location}/{CHECKPOINT_FILE}: {type(e).__name__}: {e}") from e
 
 
 def locate_checkpoint(recorded: str, study: str) -> tuple[pafs.FileSystem, str]:
     """(filesystem, folder) holding the checkpoint: the recorded place, else the same tail in the study.
 
+    A relative path is relative to the study folder (the Ray runner records its checkpoints so).
     A study folder copied to another machine keeps its checkpoints but not their recorded
     absolute paths: ``/old/home/s1/checkpoints/t1`` is found as ``<study>/checkpoints/t1``.
     """
-    fs, folder = _resolve(recorded)
+    study_fs, root = _resolve(study)
+    if "://" in recorded or PurePosixPath(recorded).is_absolute():
+        fs, folder = _resolve(recorded)
+    else:
+        fs, folder = study_fs, f"{root.rstrip('/')}/{recorded}"
     errors: list[str] = []
     if _has_checkpoint(fs, folder, errors):
         return fs, folder
-    study_fs, root = _resolve(study)
     parts = [p for p in PurePosixPath(folder).parts if p != "/"]
     for i in range(len(parts)):  # the longest tail first
         candidate = "/".join([root.rstrip("/"), *parts[i:]])
@@ -345,14 +367,15 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def describe(row: pd.Series, cfg: TrialConfig, state: dict, device: torch.device) -> str:
+def describe(loaded: Loaded, device: torch.device) -> str:
+    row, cfg = loaded.row, loaded.cfg
     psnr = row.get("best_val_psnr", float("nan"))
     text = (f"trial {row['trial_id']} ({cfg.dataset}, {cfg.output} output, {cfg.image_size}px, "
-            f"best val PSNR {psnr:.2f} dB) on {device}")
-    best, saved = row.get("best_epoch"), state.get("epoch")
-    if saved is not None and pd.notna(best) and int(best) != int(saved):
-        # The runner keeps the latest checkpoint, which need not be the best epoch's.
-        text += f"; its checkpoint is from epoch {saved}, its best val PSNR was at epoch {int(best)}"
+            f"best val PSNR {psnr:.2f} dB) on {device}; checkpoint {loaded.location}")
+    best = row.get("best_epoch")
+    if loaded.epoch is not None and pd.notna(best) and int(best) != int(loaded.epoch):
+        # The runners keep a trial's latest checkpoint, which need not be its best epoch's.
+        text += f" is from epoch {loaded.epoch}, the best val PSNR was at epoch {int(best)}"
     return text
 
 
@@ -360,18 +383,18 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         device = choose_device(args.device)
-        model, cfg, row, state = load_model(args.study, args.dataset, args.trial, device)
+        loaded = load_model(args.study, args.dataset, args.trial, device)
     except ColorizeError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_NO_MODEL
-    print(f"colorizing with {describe(row, cfg, state, device)}")
+    print(f"colorizing with {describe(loaded, device)}")
     jobs, errors = collect_inputs(args.inputs, args.side_by_side)
     for message in errors:
         print(f"error: {message}", file=sys.stderr)
     failed = len(errors)
     for path, name in jobs:
         try:
-            for out in colorize_file(model, cfg, path, args.out / name, device, args.side_by_side):
+            for out in colorize_file(loaded.model, loaded.cfg, path, args.out / name, device, args.side_by_side):
                 print(f"wrote {out}")
         except InputError as e:
             failed += 1

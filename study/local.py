@@ -25,7 +25,8 @@ def run_local_study(folder: str | Path, configs: list[TrialConfig], *, data_root
     for n, cfg in enumerate(configs):
         trial_id = f"local_{n:05d}"
         config = {**cfg.to_dict(), "resolution": cfg.image_size}
-        ckpt = folder / "checkpoints" / trial_id
+        rel = f"checkpoints/{trial_id}"  # relative to the study folder, so a copied study still works
+        ckpt = folder / rel
         history: list[dict] = []
         t0 = time.time()
 
@@ -33,10 +34,11 @@ def run_local_study(folder: str | Path, configs: list[TrialConfig], *, data_root
             history.append(row)
             writer.upsert("epochs", [epoch_row(trial_id, row)])
             writer.upsert("previews", preview_rows(trial_id, config, row["epoch"], png_files(ckpt_folder)))
-            shutil.rmtree(ckpt, ignore_errors=True)
-            shutil.copytree(ckpt_folder, ckpt)
+            if row["best_epoch"] == row["epoch"]:  # keep the best epoch's model, as the Ray runner does
+                shutil.rmtree(ckpt, ignore_errors=True)
+                shutil.copytree(ckpt_folder, ckpt)
             writer.upsert("trials", [trial_row(trial_id, config, "RUNNING", history, wall_time_s=time.time() - t0,
-                                               device=device_name(dev), node_id="local", checkpoint_path=str(ckpt))])
+                                               device=device_name(dev), node_id="local", checkpoint_path=rel)])
 
         try:
             run_trial(cfg, data_root=data_root, cache_dir=cache_dir, device=device, report=report, log=log)
@@ -45,6 +47,6 @@ def run_local_study(folder: str | Path, configs: list[TrialConfig], *, data_root
             status, error = "ERROR", f"{type(e).__name__}: {e}"
         writer.upsert("trials", [trial_row(trial_id, config, status, history, error=error,
                                            wall_time_s=time.time() - t0, device=device_name(dev),
-                                           node_id="local", checkpoint_path=str(ckpt) if history else "")])
+                                           node_id="local", checkpoint_path=rel if history else "")])
         ids.append(trial_id)
     return ids

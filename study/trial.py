@@ -10,7 +10,7 @@ from pathlib import Path
 from study.config import TrialConfig
 from study.data import DataError
 from study.models import ConfigError
-from study.train import keep_checkpoint, run_trial, summarize
+from study.train import NonFiniteLossError, keep_checkpoint, run_trial, summarize
 
 
 def parser() -> argparse.ArgumentParser:
@@ -40,6 +40,9 @@ def main(argv=None) -> int:
     except (ConfigError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except NonFiniteLossError as e:
+        print(f"trial failed: {e}", file=sys.stderr)
+        return 1
     s = summarize(history)
     print(f"best val PSNR {s['best_val_psnr']:.2f} dB at epoch {s['best_epoch']} "
           f"(grayscale input {s['gray_val_psnr']:.2f} dB; "

@@ -173,14 +173,17 @@ class ResultsCallback(Callback):
             trial.trial_id, self._config(trial), status, self._history(trial.trial_id), error=error,
             wall_time_s=meta.get("wall_time_s", float("nan")), device=meta.get("device", ""),
             node_id=meta.get("node_id", ""), checkpoint_path=meta.get("checkpoint_path", ""),
-            optuna_number=self.searcher.optuna_number(trial.trial_id)) | {"gpu_ids": meta.get("gpu_ids", "")}])
+            optuna_number=self.searcher.optuna_number(trial.trial_id))
+            | {k: meta.get(k, d) for k, d in (("gpu_ids", ""), ("started_at", float("nan")),
+                                               ("finished_at", float("nan")))}])
 
     def on_trial_start(self, iteration, trials, trial, **info):
         existing = self.writer.tables["trials"]
         if existing is not None and (existing.trial_id == trial.trial_id).any():
             prev = existing[existing.trial_id == trial.trial_id].iloc[0]
             self._meta.setdefault(trial.trial_id, {}).update(
-                {k: prev[k] for k in ("device", "node_id", "checkpoint_path", "wall_time_s") if k in prev})
+                {k: prev[k] for k in ("device", "node_id", "checkpoint_path", "wall_time_s", "gpu_ids", "started_at",
+                                      "finished_at") if k in prev})
         self._write_trial(trial, "RUNNING")
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
@@ -192,7 +195,8 @@ class ResultsCallback(Callback):
         self.writer.upsert("epochs", [epoch_row(trial.trial_id, result)])
         self._meta.setdefault(trial.trial_id, {}).update(
             device=result.get("device", ""), node_id=result.get("node_id", ""),
-            gpu_ids=result.get("gpu_ids", ""), wall_time_s=float(result.get("time_total_s", float("nan"))))
+            gpu_ids=result.get("gpu_ids", ""), wall_time_s=float(result.get("time_total_s", float("nan"))),
+            started_at=float(result.get("started_at", float("nan"))), finished_at=time.time())
         self._write_trial(trial, "RUNNING")
         self._progress(trials)
 
@@ -264,7 +268,7 @@ def trainable(config: dict, space: Space, data_root: str | None, cache_dir: str 
     gpu_ids = ray.get_gpu_ids()
     dev = pick_device("cuda" if gpu_ids and torch.cuda.is_available() else "cpu")
     extra = {"node_id": ray.get_runtime_context().get_node_id(), "device": device_name(dev),
-             "gpu_ids": ",".join(str(g) for g in gpu_ids)}
+             "gpu_ids": ",".join(str(g) for g in gpu_ids), "started_at": time.time()}
     checkpoint = tune.get_checkpoint()
     resume = None
     if checkpoint is not None:

@@ -1,0 +1,44 @@
+"""python -m analysis --study <study folder> --out <folder>
+
+Exit status 2 when the folder is not a study at all; 0 otherwise, with every
+problem (missing tables, no finished trial, no previews, ...) printed to stderr
+as a warning and listed in report.md.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m analysis", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--study", type=Path, required=True,
+                   help="the study folder (holding study.json and results/*.parquet); may still be running")
+    p.add_argument("--out", type=Path, required=True, help="where the figures, tables and report go")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    # Headless by default: the figures are only ever written to files.
+    os.environ.setdefault("MPLBACKEND", "Agg")
+    from analysis.load import NotAStudyError, load_study
+    try:
+        study = load_study(args.study)
+    except NotAStudyError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    from analysis.build import write_report   # matplotlib and seaborn: only once there is a study
+    result = write_report(study, args.out, warn=lambda message: print(f"warning: {message}", file=sys.stderr))
+    figures = sum(f.endswith(".png") for f in result.files)
+    tables = sum(f.endswith(".csv") for f in result.files)
+    print(f"wrote {args.out / 'report.md'} and report.html: {figures} figures, {tables} tables, "
+          f"{len(result.warnings)} warning(s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,269 @@
+"""From a loaded study to the output folder: figures, tables, report.md and report.html.
+
+Every section makes what the data allows and says what it could not make:
+a study that is still running, or lacks a table, still gets a report.
+Nothing here depends on the clock or on where the folders are, and every
+loop runs over sorted keys, so a rerun on the same data writes the same bytes.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import pandas as pd
+
+from analysis import figures, grids
+from analysis.importance import ImportanceSkipped, param_importances
+from analysis.load import FINISHED, VARIANT, Study, best_per_variant, slug, variant_label, variants
+from analysis.report import Block, Bullets, Heading, Image, Table, Text, to_html, to_markdown
+from analysis.style import save
+from analysis.tables import EXPLANATION, format_table, results_table
+
+MANIFEST = ".analysis-files"   # what the last run wrote, so files it no longer makes are removed
+
+
+class Skip(Exception):
+    """A figure the data does not allow; the message (a warning) says why."""
+
+
+@dataclass
+class Output:
+    """What one run wrote and what it had to say about the study."""
+    folder: Path
+    warn: Callable[[str], None]
+    blocks: list[Block] = field(default_factory=list)
+    files: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    def warning(self, message: str) -> None:
+        self.warnings.append(message)
+        self.warn(message)
+
+    def figure(self, file: str, build, caption: str) -> bool:
+        """Build, save and embed one figure; a failure is a warning and the report goes on."""
+        try:
+            save(build(), self.folder / file)
+        except Skip as e:
+            self.warning(str(e))
+            return False
+        except Exception as e:  # odd data in a running study must not cost the rest of the report
+            self.warning(f"{file} could not be made ({type(e).__name__}: {e})")
+            return False
+        self.files.append(file)
+        self.blocks.append(Image(file, caption))
+        return True
+
+    def table(self, frame: pd.DataFrame, caption: str, csv: str | None = None) -> None:
+        if csv:
+            frame.to_csv(self.folder / csv, index=False, lineterminator="\n")
+            self.files.append(csv)
+            caption += f" (CSV: `{csv}`)"
+        self.blocks.append(Table(format_table(frame), caption))
+
+    def text(self, text: str) -> None:
+        self.blocks.append(Text(text))
+
+    def heading(self, text: str, level: int = 2) -> None:
+        self.blocks.append(Heading(text, level))
+
+
+def write_report(study: Study, out: str | Path, warn: Callable[[str], None] = lambda m: None) -> Output:
+    out_dir = Path(out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    output = Output(out_dir, warn)
+    for message in study.warnings:
+        output.warning(message)
+    _check_progress(study, output)
+    best = best_per_variant(study.trials)
+    for section in (_results, _failed, _curves, _grids, _side_by_side, _hyperparameters, _pruning, _importance):
+        try:
+            section(study, best, output)
+        except Exception as e:  # one broken section still leaves the others and the report
+            output.warning(f"{section.__name__.strip('_')} section failed ({type(e).__name__}: {e})")
+
+    blocks = [Heading(f"Study report: {study.name}", 1), Text(_summary(study))]
+    if output.warnings:
+        blocks += [Heading("Warnings"), Bullets(tuple(output.warnings))]
+    blocks += output.blocks
+    # Bytes, not text mode: the same UTF-8 and "\n" on every platform.
+    (out_dir / "report.md").write_bytes(to_markdown(blocks).encode())
+    (out_dir / "report.html").write_bytes(to_html(blocks, f"Study report: {study.name}").encode())
+    _remove_stale(out_dir, output.files + ["report.md", "report.html"])
+    return output
+
+
+def _summary(study: Study) -> str:
+    counts = ", ".join(f"{n} {s}" for s, n in study.status_counts().items() if n)
+    meta = ", ".join(f"{k} `{study.meta[k]}`" for k in ("space", "metric") if study.meta.get(k))
+    return (f"{len(study.trials)} trials ({counts or 'none'}), {len(study.epochs)} epochs reported"
+            + (f"; {meta}" if meta else "") + ". A variant is dataset x sampling technique x output space; each "
+            "is represented by its trial with the highest validation PSNR (in RGB, never by loss: RGB and UV "
+            "losses live in different spaces).")
+
+
+def _check_progress(study: Study, output: Output) -> None:
+    if study.present["trials"] and study.trials.empty:
+        output.warning("the trials table is empty: no trial has started")
+    elif not study.trials.empty and not study.trials["status"].isin(FINISHED).any():
+        counts = ", ".join(f"{n} {s}" for s, n in study.status_counts().items() if n)
+        output.warning(f"no trial has finished yet ({counts}): every number below is provisional")
+    if not study.trials.empty and study.trials["best_val_psnr"].isna().all():
+        output.warning("no trial has reported an epoch yet: the tables hold no metrics and there are no "
+                       "curves, grids or PSNR plots")
+
+
+# ------------------------------------------------------------------ sections
+
+
+def _results(study: Study, best: pd.DataFrame, output: Output) -> None:
+    output.heading("Results per dataset")
+    datasets = sorted(study.trials["dataset"].dropna().unique())
+    if not datasets:
+        output.text("No trials, so no results table.")
+        return
+    output.text(EXPLANATION)
+    for dataset in datasets:
+        output.heading(dataset, 3)
+        output.table(results_table(study.trials, dataset), f"Best trial per variant on {dataset}",
+                     csv=f"table_{slug(dataset)}.csv")
+
+
+def _failed(study: Study, best: pd.DataFrame, output: Output) -> None:
+    failed = study.trials[study.trials["status"] == "ERROR"]
+    if failed.empty:
+        return
+    output.heading("Failed trials")
+    frame = pd.DataFrame({"trial_id": failed["trial_id"],
+                          "variant": [variant_label(v) for v in failed[list(VARIANT)].values],
+                          "epochs_run": failed["epochs_run"],
+                          "error": [str(e)[:160] for e in failed["error"]]})
+    output.table(frame, f"{len(failed)} trial(s) ended in ERROR")
+
+
+def _curves(study: Study, best: pd.DataFrame, output: Output) -> None:
+    output.heading("Learning curves")
+    _missing_variants(study, best, output, "no curves")
+    trained = set(study.epochs["trial_id"])
+    for _, trial in best.iterrows():
+        variant = _variant(trial)
+        members = study.trials[(study.trials[list(VARIANT)] == list(variant)).all(axis=1)]
+
+        def build():
+            if trial["trial_id"] not in trained:
+                raise Skip(f"{variant_label(variant)}: trial {trial['trial_id']} has no rows in the epochs "
+                           "table: no curves")
+            return figures.curves_figure(study.epochs, members, trial["trial_id"])
+        output.figure(f"curves_{slug(*variant)}.png", build,
+                      f"{variant_label(variant)}: training, validation and test loss and PSNR against epoch of "
+                      f"trial {trial['trial_id']} (best of {len(members)}; others faint).")
+
+
+def _variant(trial: pd.Series) -> tuple[str, str, str]:
+    return tuple(trial[list(VARIANT)])
+
+
+def _missing_variants(study: Study, best: pd.DataFrame, output: Output, what: str) -> None:
+    """Warn about the variants none of whose trials has reported an epoch."""
+    shown = set(map(tuple, best[list(VARIANT)].values.tolist()))
+    for variant in variants(study.trials):
+        if variant not in shown:
+            output.warning(f"{variant_label(variant)}: no trial has reported an epoch yet: {what}")
+
+
+def _grids(study: Study, best: pd.DataFrame, output: Output) -> None:
+    output.heading("Visual grids")
+    if study.previews.empty:
+        if study.present["previews"]:
+            output.warning("the previews table holds no images: no visual grids")
+        output.text("No preview images in the study, so no visual grids.")
+        return
+    previews = grids.Previews(study.previews)
+    for _, trial in best.iterrows():
+        variant = variant_label(_variant(trial))
+        file = f"grid_{slug(*_variant(trial))}.png"
+        epoch = previews.preview_epoch(trial)
+
+        def build():
+            if epoch is None:
+                raise Skip(f"{variant}: trial {trial['trial_id']} has no previews: no visual grid")
+            grid = grids.variant_grid(previews, trial, epoch)
+            _note_missing(grid, file, output)
+            return grids.grid_figure(grid, f"{variant}: {trial['trial_id']}, epoch {epoch}")
+        output.figure(file, build, f"{variant}: grayscale inputs, originals and predictions of trial "
+                                   f"{trial['trial_id']} at epoch {epoch} on the fixed preview images.")
+
+
+def _side_by_side(study: Study, best: pd.DataFrame, output: Output) -> None:
+    if study.previews.empty or best.empty:
+        return
+    output.heading("Variants side by side")
+    previews = grids.Previews(study.previews)
+    for dataset in sorted(best["dataset"].unique()):
+        file = f"grid_side_by_side_{slug(dataset)}.png"
+
+        def build():
+            made = grids.side_by_side_grid(previews, best[best["dataset"] == dataset])
+            if made is None:
+                raise Skip(f"{dataset}: no variant has previews: no side-by-side grid")
+            grid, left_out = made
+            for label in left_out:
+                output.warning(f"{file}: {dataset} / {label} is at another resolution and is left out")
+            _note_missing(grid, file, output)
+            return grids.grid_figure(grid, f"{dataset}: every variant's best trial")
+        output.figure(file, build, f"{dataset}: the same preview images through every variant's best trial (one "
+                                   "row per variant), to judge RGB against UV and one sampling technique against another.")
+
+
+def _note_missing(grid: grids.Grid, file: str, output: Output) -> None:
+    if grid.missing:
+        output.warning(f"{file}: {grid.missing} preview image(s) missing or unreadable (grey cells)")
+
+
+def _hyperparameters(study: Study, best: pd.DataFrame, output: Output) -> None:
+    output.heading("Test PSNR against hyperparameters")
+    if figures.scored(study.trials).empty:
+        output.text("No trial has a test PSNR yet.")
+        return
+    output.figure("psnr_by_variant.png", lambda: figures.psnr_by_variant_figure(study.trials),
+                  "Every trial's test PSNR by dataset, output space, sampling technique and depth; "
+                  "the dashed line is the grayscale input.")
+    for param in study.hyperparameters():
+        output.figure(f"psnr_vs_{slug(param)}.png", lambda: figures.psnr_vs_param_figure(study.trials, param),
+                      f"Every trial's test PSNR (at its best validation epoch) against `{param}`.")
+
+
+def _pruning(study: Study, best: pd.DataFrame, output: Output) -> None:
+    output.heading("Pruning")
+    if study.trials.empty:
+        output.text("No trials, so no pruning picture.")
+        return
+    output.figure("pruning.png", lambda: figures.pruning_figure(study.trials, study.epochs),
+                  "Epochs run per trial by status, best validation PSNR against epochs run, and the study's "
+                  "best validation PSNR so far against the epochs it has spent.")
+
+
+def _importance(study: Study, best: pd.DataFrame, output: Output) -> None:
+    output.heading("Hyperparameter importance")
+    try:
+        importances = param_importances(study.meta, study.folder)
+    except ImportanceSkipped as e:
+        output.warning(f"hyperparameter importance skipped: {e}")
+        output.text(f"Skipped: {e}.")
+        return
+    frame = pd.DataFrame({"parameter": list(importances), "importance": list(importances.values())})
+    output.table(frame, "optuna.importance.get_param_importances on the Optuna study (normalised to sum 1)",
+                 csv="importance.csv")
+    objective = f" ({study.meta['metric']})" if study.meta.get("metric") else ""
+    output.figure("importance.png", lambda: figures.importance_figure(importances),
+                  f"Hyperparameter importance for the Optuna objective{objective}, from the study's Optuna storage.")
+
+
+def _remove_stale(folder: Path, files: list[str]) -> None:
+    """Delete what the previous run wrote and this one did not, so a folder always matches its report."""
+    manifest = folder / MANIFEST
+    previous = manifest.read_bytes().decode().split() if manifest.is_file() else []
+    for name in sorted(set(previous) - set(files)):
+        if "/" not in name:   # only ever our own flat file names
+            (folder / name).unlink(missing_ok=True)
+    manifest.write_bytes("".join(f"{name}\n" for name in files).encode())

@@ -1,0 +1,236 @@
+"""Learning curves and the statistical plots (seaborn): PSNR against hyperparameters, pruning, importance."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import seaborn as sns
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+
+from analysis.load import variant_label
+from analysis.style import SPLIT_COLOURS, STATUS_COLOURS, new_figure, seeded_numpy, styled
+
+PSNR = "best_test_psnr"
+PSNR_LABEL = "test PSNR at best val epoch (dB)"
+SPLIT_NAMES = {"train": "training", "val": "validation", "test": "test"}
+CONTINUOUS_MIN_VALUES = 7   # fewer distinct values than this: plotted as categories
+
+
+# ------------------------------------------------------------------ learning curves
+
+
+@styled
+def curves_figure(epochs: pd.DataFrame, trials: pd.DataFrame, best_id: str) -> Figure:
+    """Loss (in the model's own space) and RGB PSNR against epoch for one variant's trials.
+
+    The best trial's lines are labelled, one per split; the variant's other
+    trials are drawn faint behind it with "_"-labels (matplotlib's "not in the
+    legend"). Other trials appear on the loss panel only when they share the
+    best trial's loss function: an L1 and an MSE curve share no scale.
+    """
+    trials = trials.set_index("trial_id", drop=False)
+    best = trials.loc[best_id]
+    fig = new_figure(10, 3.8)
+    ax_loss, ax_psnr = fig.subplots(1, 2)
+    history = {t: h.sort_values("epoch") for t, h in epochs[epochs["trial_id"].isin(trials.index)].groupby("trial_id")}
+    for trial_id in trials.index:
+        if trial_id != best_id and trial_id in history:
+            if trials.at[trial_id, "loss"] == best["loss"]:
+                _lines(ax_loss, history[trial_id], ("train", "val", "test"), "loss", faint=True)
+            _lines(ax_psnr, history[trial_id], ("val", "test"), "psnr", faint=True)
+    if best_id in history:
+        _lines(ax_loss, history[best_id], ("train", "val", "test"), "loss", faint=False)
+        _lines(ax_psnr, history[best_id], ("val", "test"), "psnr", faint=False)
+        for split in ("val", "test"):
+            ax_psnr.axhline(history[best_id][f"{split}_gray_psnr"].iloc[-1], color=SPLIT_COLOURS[split],
+                            linestyle="--", linewidth=1, label=f"grayscale input ({SPLIT_NAMES[split]})")
+    ax_loss.set(xlabel="epoch", ylabel=f"{best['loss']} loss ({best['output']} space)", title="loss")
+    ax_psnr.set(xlabel="epoch", ylabel="PSNR (dB, RGB)", title="PSNR against the original")
+    for ax in (ax_loss, ax_psnr):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.legend(fontsize="small")
+    n = len(trials)
+    fig.suptitle(f"{variant_label((best['dataset'], best['sampling'], best['output']))}: trial {best_id}"
+                 f" (best val PSNR {best['best_val_psnr']:.2f} dB)"
+                 + (f", {n - 1} other trial{'s' * (n > 2)} faint" if n > 1 else ""))
+    return fig
+
+
+def _lines(ax: Axes, history: pd.DataFrame, splits, metric: str, faint: bool) -> None:
+    for split in splits:
+        style = dict(alpha=0.25, linewidth=0.8, label=f"_{split}") if faint else \
+            dict(linewidth=2, marker="o", markersize=3, label=SPLIT_NAMES[split], zorder=3)
+        ax.plot(history["epoch"], history[f"{split}_{metric}"], color=SPLIT_COLOURS[split], **style)
+
+
+# ------------------------------------------------------------------ PSNR against hyperparameters
+
+
+def scored(trials: pd.DataFrame) -> pd.DataFrame:
+    """Trials with a test PSNR (at least one epoch reported), any status."""
+    return trials.dropna(subset=[PSNR]).reset_index(drop=True)
+
+
+@styled
+def psnr_vs_param_figure(trials: pd.DataFrame, param: str) -> Figure:
+    """Every trial's test PSNR against one hyperparameter, coloured by output space.
+
+    One panel per dataset: PSNR levels (and the grayscale baseline) differ
+    between datasets, so pooling them would mix effects with data.
+    """
+    data = scored(trials)
+    continuous = _continuous(data[param])
+    if not continuous:
+        labels, order = _categories(data[param])
+        data = data.assign(**{param: labels})
+    panels = [("", data)] if param == "dataset" else list(data.groupby("dataset", sort=True))
+    fig = new_figure(1.5 + 5 * len(panels), 4.2)
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    for ax, (dataset, subset) in zip(axes, panels):
+        hue = dict(hue="output", hue_order=sorted(data["output"].unique()), palette=_output_palette(data),
+                   legend=ax is axes[-1])
+        if continuous:
+            sns.scatterplot(subset, x=param, y=PSNR, ax=ax, **hue)
+            if data[param].min() > 0 and data[param].max() / data[param].min() >= 20:
+                ax.set_xscale("log")   # learning rates and the like span decades
+        else:
+            with seeded_numpy():
+                sns.stripplot(subset, x=param, y=PSNR, order=order, dodge=True, jitter=0.15, ax=ax, **hue)
+        _grayscale_lines(ax, subset)
+        ax.set(xlabel=param, ylabel=PSNR_LABEL, title=dataset)
+    _legend_outside(axes[-1])
+    fig.suptitle(f"Test PSNR against {param}")
+    return fig
+
+
+@styled
+def psnr_by_variant_figure(trials: pd.DataFrame) -> Figure:
+    """Test PSNR by sampling technique and depth (x), output space (colour), one panel per dataset."""
+    data = scored(trials)
+    data = data.assign(technique=[f"{s}\ndepth {int(d)}" for s, d in zip(data["sampling"], data["depth"])])
+    panels = list(data.groupby("dataset", sort=True))
+    widths = [max(3.0, 1.6 * subset["technique"].nunique()) for _, subset in panels]
+    fig = new_figure(1.5 + sum(widths), 4.4)
+    axes = fig.subplots(1, len(panels), squeeze=False, width_ratios=widths)[0]
+    for ax, (dataset, subset) in zip(axes, panels):
+        with seeded_numpy():
+            sns.stripplot(subset, x="technique", y=PSNR, order=sorted(subset["technique"].unique()), hue="output",
+                          hue_order=sorted(data["output"].unique()), palette=_output_palette(data), dodge=True,
+                          jitter=0.15, ax=ax, legend=ax is axes[-1])
+        _grayscale_lines(ax, subset)
+        ax.set(xlabel="", ylabel=PSNR_LABEL, title=dataset)
+    _legend_outside(axes[-1])
+    fig.suptitle("Test PSNR by dataset x output x sampling technique x depth")
+    return fig
+
+
+def _legend_outside(ax: Axes) -> None:
+    if ax.get_legend() is not None:   # seaborn drops the legend when the hue repeats the x axis
+        sns.move_legend(ax, "upper left", bbox_to_anchor=(1.01, 1), fontsize="small")
+
+
+def _continuous(values: pd.Series) -> bool:
+    return (pd.api.types.is_numeric_dtype(values) and not pd.api.types.is_bool_dtype(values)
+            and values.nunique() >= CONTINUOUS_MIN_VALUES)
+
+
+def _categories(values: pd.Series) -> tuple[list[str], list[str]]:
+    """Display labels per row and their order: numeric order for numbers, 1e-3 style for floats."""
+    def label(v) -> str:
+        return f"{v:g}" if isinstance(v, (float, np.floating)) else str(v)
+    unique = list(pd.unique(values))
+    try:
+        unique.sort()
+    except TypeError:  # mixed types in a column of an older study: order by text
+        unique.sort(key=str)
+    return [label(v) for v in values], list(dict.fromkeys(label(v) for v in unique))
+
+
+def _output_palette(data: pd.DataFrame) -> dict:
+    # Fixed colour per output space in every figure.
+    return dict(zip(sorted(data["output"].unique()), sns.color_palette("deep")))
+
+
+def _grayscale_lines(ax: Axes, data: pd.DataFrame) -> None:
+    """The grayscale input's test PSNR per dataset: the bar any colorizer must clear."""
+    baselines = sorted(data.groupby("dataset")["test_gray_psnr"].median().dropna().items())
+    for i, (dataset, gray) in enumerate(baselines):
+        ax.axhline(gray, color="0.35", linestyle="--", linewidth=1)
+        # Labels staggered along the line, so two datasets' close baselines stay readable.
+        ax.annotate("grayscale input" + (f" ({dataset})" if len(baselines) > 1 else ""),
+                    (0.01 + 0.5 * (i % 2), gray), xycoords=("axes fraction", "data"),
+                    xytext=(0, 2), textcoords="offset points", fontsize="small", color="0.35")
+
+
+# ------------------------------------------------------------------ pruning
+
+
+def trial_order(trials: pd.DataFrame) -> pd.DataFrame:
+    """Trials in the order the search asked for them (Optuna's number, then id).
+
+    The tables hold no start times, so this is the best stand-in for time.
+    """
+    return trials.sort_values(["optuna_number", "trial_id"], kind="stable").reset_index(drop=True)
+
+
+def best_so_far(trials: pd.DataFrame, epochs: pd.DataFrame) -> pd.DataFrame:
+    """Per dataset, the best val PSNR seen so far against the epochs spent by the whole study."""
+    order = trial_order(trials)[["trial_id", "dataset"]].assign(rank=lambda d: np.arange(len(d)))
+    rows = order.merge(epochs[["trial_id", "epoch", "val_psnr"]], on="trial_id").sort_values(["rank", "epoch"])
+    rows["cumulative_epochs"] = np.arange(1, len(rows) + 1)
+    rows["best_val_psnr"] = rows.groupby("dataset")["val_psnr"].cummax()
+    return rows.reset_index(drop=True)
+
+
+@styled
+def pruning_figure(trials: pd.DataFrame, epochs: pd.DataFrame) -> Figure:
+    """Epochs run per trial by status; best val PSNR against epochs run; best-so-far against budget."""
+    fig = new_figure(15, 4.2)
+    ax_hist, ax_scatter, ax_budget = fig.subplots(1, 3)
+    statuses = [s for s in STATUS_COLOURS if s in set(trials["status"])]
+    status_style = dict(hue="status", hue_order=statuses, palette=STATUS_COLOURS)
+    sns.histplot(trials, x="epochs_run", discrete=True, multiple="stack", ax=ax_hist, **status_style)
+    ax_hist.set(xlabel="epochs run", ylabel="trials", title="Epochs run per trial")
+    ax_hist.yaxis.set_major_locator(MaxNLocator(integer=True))
+
+    data = trials.dropna(subset=["best_val_psnr"])
+    if len(data):
+        style = dict(style="dataset", style_order=sorted(data["dataset"].unique())) if data["dataset"].nunique() > 1 else {}
+        sns.scatterplot(data, x="epochs_run", y="best_val_psnr", ax=ax_scatter, **status_style, **style)
+    ax_scatter.set(xlabel="epochs run", ylabel="best val PSNR (dB)", title="Pruned vs completed")
+    for ax in (ax_hist, ax_scatter):
+        _epoch_ticks(ax, trials["epochs_run"])
+
+    curve = best_so_far(trials, epochs)
+    for dataset, rows in curve.groupby("dataset"):
+        ax_budget.step(rows["cumulative_epochs"], rows["best_val_psnr"], where="post", label=dataset, linewidth=2)
+    ax_budget.set(xlabel="cumulative epochs (all trials, in search order)", ylabel="best val PSNR so far (dB)",
+                  title="Best so far against budget")
+    if len(curve):
+        ax_budget.legend(fontsize="small")
+    counts = ", ".join(f"{int((trials['status'] == s).sum())} {s}" for s in statuses)
+    fig.suptitle(f"Pruning: {len(trials)} trials ({counts}), {len(epochs)} epochs")
+    return fig
+
+
+def _epoch_ticks(ax: Axes, epochs_run: pd.Series) -> None:
+    """Whole epochs on the x axis; every value when there are few (a locator would show 1.5, 1.65, ...)."""
+    values = sorted(int(v) for v in epochs_run.dropna().unique())
+    if 0 < len(values) <= 12:
+        ax.set_xticks(values)
+    else:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+
+# ------------------------------------------------------------------ importance
+
+
+@styled
+def importance_figure(importances: dict[str, float]) -> Figure:
+    data = pd.DataFrame({"parameter": list(importances), "importance": list(importances.values())})
+    fig = new_figure(6.4, 1.2 + 0.35 * len(data))
+    ax = fig.subplots()
+    sns.barplot(data, x="importance", y="parameter", orient="h", color=sns.color_palette("deep")[0], ax=ax)
+    ax.set(xlabel="importance (normalised, Optuna)", ylabel="", title="Hyperparameter importance (Optuna objective)")
+    return fig

@@ -1,0 +1,79 @@
+"""Hyperparameter importance from the study's Optuna storage.
+
+Optional by design: optuna is imported only here and only when study.json
+names a storage, so the rest of the analysis runs where optuna is missing.
+"""
+from __future__ import annotations
+
+import sqlite3
+import tempfile
+import warnings
+from contextlib import closing
+from pathlib import Path
+
+SQLITE = "sqlite:///"
+MIN_COMPLETED = 2
+
+
+class ImportanceSkipped(Exception):
+    """Importance cannot be computed for this study; the message says why."""
+
+
+def param_importances(meta: dict, folder: Path) -> dict[str, float]:
+    """optuna.importance.get_param_importances of the study named in study.json, largest first."""
+    url = meta.get("optuna_storage")
+    if not url:
+        raise ImportanceSkipped("study.json names no optuna_storage (the study ran without Optuna)")
+    try:
+        import optuna
+    except ImportError:
+        raise ImportanceSkipped("optuna is not installed") from None
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    name = meta.get("optuna_study_name") or meta.get("name")
+    with tempfile.TemporaryDirectory(prefix="analysis-optuna-") as tmp:
+        study = _load(optuna, name, _snapshot(url, folder, Path(tmp)))
+        completed = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+        if len(completed) < MIN_COMPLETED:
+            raise ImportanceSkipped(f"{len(completed)} completed Optuna trial(s); importance needs "
+                                    f"at least {MIN_COMPLETED}")
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")   # experimental-feature notices are noise in a report
+                importances = optuna.importance.get_param_importances(study)
+        except Exception as e:
+            raise ImportanceSkipped(f"optuna could not compute importances ({type(e).__name__}: {e})") from None
+    # Ties ordered by name so the table and the figure are the same on every run.
+    return dict(sorted(((k, float(v)) for k, v in importances.items()), key=lambda kv: (-kv[1], kv[0])))
+
+
+def _load(optuna, name: str | None, url: str):
+    try:
+        return optuna.load_study(study_name=name, storage=url)
+    except KeyError:
+        raise ImportanceSkipped(f"the Optuna storage holds no study named {name!r}") from None
+    except Exception as e:
+        raise ImportanceSkipped(f"the Optuna storage could not be opened ({type(e).__name__}: {e})") from None
+
+
+def _snapshot(url: str, folder: Path, tmp: Path) -> str:
+    """A private, consistent copy of an SQLite storage; other storages are read in place.
+
+    Opening an RDB storage may write to it (schema set-up) and the study may
+    still be running, so the analysis reads a copy made with SQLite's backup
+    API. The recorded path is absolute on the machine that ran the study; on a
+    laptop that copied the folder the database is looked for beside study.json.
+    """
+    if not url.startswith(SQLITE):
+        return url
+    recorded = Path(url[len(SQLITE):].split("?", 1)[0])
+    found = next((p for p in (recorded, folder / recorded.name) if p.is_file()), None)
+    if found is None:
+        raise ImportanceSkipped(f"the Optuna storage {recorded} is not there, nor is {recorded.name} beside study.json")
+    copy = tmp / "optuna.db"
+    try:
+        with closing(sqlite3.connect(f"{found.resolve().as_uri()}?mode=ro", uri=True)) as source, \
+                closing(sqlite3.connect(copy)) as target:
+            source.backup(target)
+    except sqlite3.Error as e:
+        raise ImportanceSkipped(f"the Optuna storage {found.name} is unreadable ({e})") from None
+    return f"{SQLITE}{copy}"

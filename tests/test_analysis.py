@@ -1,0 +1,290 @@
+"""The analysis package on a small real study (tiny models trained on CPU), and on broken ones."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import matplotlib.image as mpimg
+import numpy as np
+import pandas as pd
+import pytest
+
+from analysis import figures, grids
+from analysis.__main__ import main
+from analysis.build import MANIFEST
+from analysis.load import load_study
+from analysis.style import DPI, pixel_size
+
+ROOT = Path(__file__).resolve().parents[1]
+PREVIEWS = 4
+RESOLUTION = 32   # the samples dataset's native size
+SAMPLINGS = ("maxpool-upsample", "strided-transposed")
+OUTPUTS = ("rgb", "uv")
+VARIANTS = [(s, o) for s in SAMPLINGS for o in OUTPUTS]
+SECOND_TRIAL = "local_00004"   # a second maxpool-upsample / uv trial, with another lr
+
+
+def analyse(study: Path, out: Path, capsys) -> tuple[int, str]:
+    rc = main(["--study", str(study), "--out", str(out)])
+    return rc, capsys.readouterr().err
+
+
+def read_png(path: Path) -> np.ndarray:
+    return mpimg.imread(path)
+
+
+# ------------------------------------------------------------------ fixtures
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory) -> Path:
+    from study.config import TrialConfig
+    from study.local import run_local_study
+    import torch
+    folder = tmp_path_factory.mktemp("analysis") / "study"
+    base = TrialConfig(dataset="samples", epochs=2, train_limit=32, eval_limit=16, base_filters=8,
+                       batch_size=16, preview_count=PREVIEWS)
+    configs = [base.replace(sampling=s, output=o) for s, o in VARIANTS]
+    configs.append(base.replace(sampling="maxpool-upsample", output="uv", lr=3e-3))
+    # One thread: these models are tiny, and two threads on a busy two-core machine mostly wait for each other.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        run_local_study(folder, configs, log=lambda s: None)
+    finally:
+        torch.set_num_threads(threads)
+    # As an ASHA study would have it: one trial stopped early.
+    trials = pd.read_parquet(folder / "results/trials.parquet")
+    trials.loc[trials["trial_id"] == "local_00000", "status"] = "PRUNED"
+    trials.to_parquet(folder / "results/trials.parquet", index=False)
+    _add_optuna_study(folder, trials)
+    return folder
+
+
+def _add_optuna_study(folder: Path, trials: pd.DataFrame) -> None:
+    """An Optuna SQLite storage mirroring the trials, named in study.json as study.run records it."""
+    import optuna
+    from study.results import read_json, write_json
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    storage = f"sqlite:///{folder / 'optuna.db'}"
+    opt = optuna.create_study(study_name="analysis-test", storage=storage, direction="maximize")
+    space = {"lr": optuna.distributions.FloatDistribution(1e-4, 1e-2, log=True),
+             "sampling": optuna.distributions.CategoricalDistribution(SAMPLINGS),
+             "output": optuna.distributions.CategoricalDistribution(OUTPUTS)}
+    for _, t in trials.iterrows():
+        opt.add_trial(optuna.trial.create_trial(params={k: t[k] for k in space}, distributions=space,
+                                                value=float(t["best_val_psnr"])))
+    write_json(str(folder), "study.json", {**read_json(str(folder), "study.json"), "optuna_storage": storage,
+                                           "optuna_study_name": "analysis-test", "metric": "val_psnr"})
+
+
+@pytest.fixture(scope="module")
+def report(study, tmp_path_factory) -> tuple[Path, int]:
+    out = tmp_path_factory.mktemp("report")
+    rc = main(["--study", str(study), "--out", str(out)])
+    return out, rc
+
+
+def derived_study(source: Path, folder: Path, trial_ids: list[str] | None = None, drop=(), edit=None) -> Path:
+    """A copy of ``source`` limited to ``trial_ids``, without the tables in ``drop``; ``edit`` rewrites trials."""
+    (folder / "results").mkdir(parents=True)
+    meta = json.loads((source / "study.json").read_text())
+    meta.pop("optuna_storage", None)
+    (folder / "study.json").write_text(json.dumps(meta))
+    for name in ("trials", "epochs", "previews"):
+        if name in drop:
+            continue
+        df = pd.read_parquet(source / f"results/{name}.parquet")
+        if trial_ids is not None:
+            df = df[df["trial_id"].isin(trial_ids) | (df["trial_id"] == "")]
+        if name == "trials" and edit is not None:
+            df = edit(df)
+        df.to_parquet(folder / f"results/{name}.parquet", index=False)
+    return folder
+
+
+# ------------------------------------------------------------------ a real study
+
+
+def expected_files() -> set[str]:
+    per_variant = {f"{kind}_samples_{s}_{o}.png" for kind in ("curves", "grid") for s, o in VARIANTS}
+    varying = ("lr", "output", "sampling")
+    return per_variant | {f"psnr_vs_{p}.png" for p in varying} | {
+        "grid_side_by_side_samples.png", "psnr_by_variant.png", "pruning.png", "importance.png",
+        "importance.csv", "table_samples.csv", "report.md", "report.html"}
+
+
+def test_every_expected_file_is_written_and_embedded(report):
+    out, rc = report
+    assert rc == 0
+    assert {p.name for p in out.iterdir()} - {MANIFEST} == expected_files()
+    md, html = (out / "report.md").read_text(), (out / "report.html").read_text()
+    for png in sorted(p.name for p in out.glob("*.png")):
+        assert md.count(f"]({png})") == 1, png
+        assert html.count(f'src="{png}"') == 1, png
+    assert "| beats_grayscale |" in md
+    assert "<table>" in html
+
+
+def test_pngs_have_the_figure_size_and_are_not_blank(study, report):
+    out, _ = report
+    for png in sorted(out.glob("*.png")):
+        assert read_png(png).std() > 0, png.name
+    s = load_study(study)
+    width, height = pixel_size(figures.pruning_figure(s.trials, s.epochs))
+    assert read_png(out / "pruning.png").shape[:2] == (height, width)
+    curves = read_png(out / "curves_samples_maxpool-upsample_uv.png")
+    assert curves.shape[:2] == (round(3.8 * DPI), round(10 * DPI))
+    grid = read_png(out / "grid_samples_maxpool-upsample_uv.png")
+    assert grid.shape[:2] == (round((0.6 + 3 * grids.CELL_INCHES) * DPI), round((2.0 + PREVIEWS * grids.CELL_INCHES) * DPI))
+
+
+def test_curves_have_one_labelled_line_per_split_and_faint_others(study):
+    s = load_study(study)
+    members = s.trials[(s.trials["sampling"] == "maxpool-upsample") & (s.trials["output"] == "uv")]
+    best_id = members.sort_values("best_val_psnr").iloc[-1]["trial_id"]
+    loss_ax, psnr_ax = figures.curves_figure(s.epochs, members, best_id).axes
+    labelled = [line for line in loss_ax.lines if not line.get_label().startswith("_")]
+    assert [line.get_label() for line in labelled] == ["training", "validation", "test"]
+    assert len(loss_ax.lines) == 3 * len(members)   # the other trial's three, faint
+    epochs = s.epochs[s.epochs["trial_id"] == best_id]
+    for line, split in zip(labelled, ("train", "val", "test")):
+        assert list(line.get_xdata()) == list(epochs["epoch"])
+        assert np.allclose(line.get_ydata(), epochs[f"{split}_loss"])
+    assert min(line.get_alpha() or 1 for line in loss_ax.lines) < 0.5
+
+
+def test_grid_rows_are_grayscale_original_prediction_at_the_best_epoch(study):
+    s = load_study(study)
+    previews = grids.Previews(s.previews)
+    for _, trial in s.trials.iterrows():
+        epoch = previews.preview_epoch(trial)
+        assert epoch == trial["best_epoch"]
+        grid = grids.variant_grid(previews, trial, epoch)
+        assert grid.image.shape == (3 * RESOLUTION, PREVIEWS * RESOLUTION, 3) and grid.missing == 0
+        first = grid.image_indices[0]
+        rows = [previews.reference("samples", RESOLUTION, "grayscale")[first],
+                previews.reference("samples", RESOLUTION, "original")[first],
+                previews.predictions(trial["trial_id"], epoch)[first]]
+        for r, png in enumerate(rows):
+            assert np.array_equal(grid.image[r * RESOLUTION:(r + 1) * RESOLUTION, :RESOLUTION], grids.decode(png))
+    best = s.trials[s.trials["trial_id"] != SECOND_TRIAL]
+    side, left_out = grids.side_by_side_grid(previews, best)
+    assert side.image.shape == ((2 + len(VARIANTS)) * RESOLUTION, PREVIEWS * RESOLUTION, 3) and left_out == []
+
+
+def test_results_table_equals_the_parquet_data(study, report):
+    out, _ = report
+    table = pd.read_csv(out / "table_samples.csv").set_index(["sampling", "output"])
+    trials = pd.read_parquet(study / "results/trials.parquet")
+    assert len(table) == len(VARIANTS)
+    for (sampling, output), group in trials.groupby(["sampling", "output"]):
+        best = group.loc[group["best_val_psnr"].idxmax()]
+        row = table.loc[(sampling, output)]
+        assert row["best_trial"] == best["trial_id"] and row["trials"] == len(group)
+        for column in ("val_psnr", "test_psnr", "val_ssim", "test_ssim", "val_colourfulness", "test_colourfulness"):
+            assert row[column] == pytest.approx(best[f"best_{column}"], rel=1e-12), column
+        assert row["test_gray_psnr"] == pytest.approx(best["test_gray_psnr"], rel=1e-12)
+        assert row["test_gain_db"] == pytest.approx(best["best_test_psnr"] - best["test_gray_psnr"], rel=1e-9)
+        assert row["beats_grayscale"] == ("yes" if best["best_test_psnr"] > best["test_gray_psnr"] else "no")
+    assert list(table["val_psnr"]) == sorted(table["val_psnr"], reverse=True)
+
+
+def test_importance_comes_from_the_optuna_study(report):
+    out, _ = report
+    importance = pd.read_csv(out / "importance.csv")
+    assert set(importance["parameter"]) <= {"lr", "sampling", "output"}
+    assert importance["importance"].sum() == pytest.approx(1.0)
+    assert "hyperparameter importance skipped" not in (out / "report.md").read_text()
+
+
+def test_rerun_gives_identical_bytes_and_removes_stale_files(study, report, capsys):
+    out, _ = report
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    # A file an earlier run made and this one no longer makes.
+    (out / "curves_gone.png").write_bytes(b"stale")
+    (out / MANIFEST).write_text((out / MANIFEST).read_text() + "curves_gone.png\n")
+    rc, _ = analyse(study, out, capsys)
+    assert rc == 0
+    after = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert after.keys() == before.keys()
+    assert [name for name in sorted(after) if after[name] != before[name]] == []
+
+
+# ------------------------------------------------------------------ bad input
+
+
+def test_not_a_study_folder_exits_2(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    for folder in (tmp_path / "empty", tmp_path / "absent"):
+        rc, err = analyse(folder, tmp_path / "out", capsys)
+        assert rc == 2 and "is not a" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_without_previews_curves_are_made_and_grids_explained(study, tmp_path, capsys):
+    folder = derived_study(study, tmp_path / "study", ["local_00001", SECOND_TRIAL], drop=("previews",))
+    rc, err = analyse(folder, tmp_path / "out", capsys)
+    files = {p.name for p in (tmp_path / "out").iterdir()}
+    assert rc == 0
+    assert "curves_samples_maxpool-upsample_uv.png" in files and "pruning.png" in files
+    assert not any(f.startswith("grid_") for f in files)
+    assert "previews.parquet is missing" in err
+    assert "previews.parquet is missing" in (tmp_path / "out/report.md").read_text()
+
+
+def test_a_variant_without_previews_is_named(study, tmp_path, capsys):
+    folder = derived_study(study, tmp_path / "study", ["local_00001", "local_00003"])
+    previews = pd.read_parquet(folder / "results/previews.parquet")
+    previews[previews["trial_id"] != "local_00003"].to_parquet(folder / "results/previews.parquet", index=False)
+    rc, err = analyse(folder, tmp_path / "out", capsys)
+    assert rc == 0
+    assert "samples / strided-transposed / uv: trial local_00003 has no previews" in err
+    assert (tmp_path / "out/grid_samples_maxpool-upsample_uv.png").is_file()
+    assert not (tmp_path / "out/grid_samples_strided-transposed_uv.png").exists()
+    side = read_png(tmp_path / "out/grid_side_by_side_samples.png")
+    assert side.std() > 0
+
+
+def test_no_finished_trial_gives_a_provisional_report(study, tmp_path, capsys):
+    def running(trials):
+        return trials.assign(status="RUNNING")
+    folder = derived_study(study, tmp_path / "study", ["local_00001"], edit=running)
+    rc, err = analyse(folder, tmp_path / "out", capsys)
+    assert rc == 0 and "no trial has finished yet (1 RUNNING)" in err
+    assert "no trial has finished yet" in (tmp_path / "out/report.md").read_text()
+    assert (tmp_path / "out/curves_samples_maxpool-upsample_uv.png").is_file()
+    assert (tmp_path / "out/table_samples.csv").is_file()
+
+
+def test_trials_without_any_epoch_and_missing_tables(study, tmp_path, capsys):
+    def just_started(trials):
+        # What trial_row writes before the first epoch: no best_*/final_* columns at all.
+        keep = [c for c in trials.columns if not c.startswith(("best_", "final_")) and not c.endswith("gray_psnr")]
+        return trials[keep].assign(status="RUNNING", epochs_run=0)
+    folder = derived_study(study, tmp_path / "study", ["local_00001"], drop=("epochs", "previews"), edit=just_started)
+    rc, err = analyse(folder, tmp_path / "out", capsys)
+    assert rc == 0 and "no trial has reported an epoch yet" in err
+    table = pd.read_csv(tmp_path / "out/table_samples.csv", keep_default_na=False)
+    assert table["beats_grayscale"].tolist() == ["n/a"]
+
+    (tmp_path / "bare").mkdir()
+    (tmp_path / "bare/study.json").write_text("{}")
+    rc, err = analyse(tmp_path / "bare", tmp_path / "bare-out", capsys)
+    assert rc == 0 and "trials.parquet is missing" in err
+    assert "trials.parquet is missing" in (tmp_path / "bare-out/report.md").read_text()
+
+
+def test_the_cli_runs_without_torch_or_ray(study, tmp_path):
+    folder = derived_study(study, tmp_path / "study", ["local_00003"])
+    code = ("import sys; from analysis.__main__ import main; rc = main(sys.argv[1:]); "
+            "assert not {'torch', 'ray'} & set(sys.modules), 'torch or ray imported'; sys.exit(rc)")
+    done = subprocess.run([sys.executable, "-c", code, "--study", str(folder), "--out", str(tmp_path / "out")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "out/report.md").is_file()
+    done = subprocess.run([sys.executable, "-m", "analysis", "--study", str(tmp_path), "--out", str(tmp_path / "x")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "not a study folder" in done.stderr

@@ -1,0 +1,649 @@
+"""Running a study on a Ray cluster (issue 5): configs, ``python -m study.submit``, and a real local cluster.
+
+The slow tests start a real two-node Ray cluster on this host (two ``ray start --block``
+processes with their own ports, token authentication on, every listener on 127.0.0.1),
+an S3-compatible server on loopback (moto), and submit studies through the Jobs API.
+The cluster and the S3 server are shared by the slow tests of this module (start-up
+is the expensive part); the last test kills the worker node.
+
+Loopback only: ``ray start`` replaces 127.0.0.1 by the machine's outward address, so
+the nodes are started through ``_RAY_CLI`` (Ray's own CLI with that one lookup pinned
+to 127.0.0.1; ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` does the same for the processes
+Ray starts). Nothing here talks to a non-loopback address.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import random
+import re
+import secrets
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+CLUSTER = ROOT / "cluster"
+CONFIGS = [CLUSTER / "aws.yaml", CLUSTER / "kuberay" / "raycluster.yaml", CLUSTER / "kuberay" / "rayjob.yaml"]
+BUCKET = "colorize-test"
+
+
+# ====================================================================== configs (fast)
+
+
+def _docs(path: Path) -> list[dict]:
+    return [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
+
+
+def _strings(obj):
+    """Every string in a parsed YAML document (values and keys)."""
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            yield str(k)
+            yield from _strings(v)
+    elif isinstance(obj, list):
+        for v in obj:
+            yield from _strings(v)
+    elif isinstance(obj, str):
+        yield obj
+
+
+def _study_commands(text: str) -> list[list[str]]:
+    """Every ``python -m <module> ...`` command line in a config (YAML folding undone)."""
+    text = re.sub(r"\\\n\s*", " ", text)
+    cmds = []
+    for m in re.finditer(r"python3? -m ([\w.]+)([^\n;&|'\"]*)", text):
+        cmds.append([m.group(1), *shlex.split(m.group(2), comments=False)])
+    return cmds
+
+
+def _kinds(docs):
+    return {d.get("kind") for d in docs}
+
+
+def test_configs_parse():
+    for path in CONFIGS:
+        docs = _docs(path)
+        assert docs, path
+    aws = _docs(CLUSTER / "aws.yaml")[0]
+    assert aws["provider"]["type"] == "aws"
+    head = aws["head_node_type"]
+    gpu_types = [n for n, t in aws["available_node_types"].items()
+                 if n != head and "GPU" in json.dumps(t) or "g5" in json.dumps(t) or "g6" in json.dumps(t)]
+    assert gpu_types, "a GPU worker type"
+    worker = aws["available_node_types"][gpu_types[0]]
+    assert 0 <= worker["min_workers"] <= worker["max_workers"]
+    assert "RayCluster" in _kinds(_docs(CLUSTER / "kuberay" / "raycluster.yaml"))
+    job = [d for d in _docs(CLUSTER / "kuberay" / "rayjob.yaml") if d["kind"] == "RayJob"][0]
+    groups = job["spec"]["rayClusterSpec"]["workerGroupSpecs"]
+    assert any("nvidia.com/gpu" in json.dumps(g) for g in groups), "a GPU worker group"
+
+
+def test_aws_config_passes_rays_own_validation():
+    """Ray's launcher fills the defaults and validates against its schema (no cloud call)."""
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    config = prepare_config(_docs(CLUSTER / "aws.yaml")[0])
+    validate_config(config)
+
+
+def test_config_commands_exist_in_this_project():
+    from study.run import parser as run_parser
+    from study.space import SPACES_DIR
+
+    seen_run = 0
+    for path in CONFIGS + [CLUSTER / "README.md"]:
+        for module, *args in _study_commands(path.read_text()):
+            if module in ("pip", "venv", "ray"):
+                continue
+            assert importlib.util.find_spec(module) is not None, f"{path.name}: python -m {module}"
+            if module == "study.run":
+                seen_run += 1
+                ns = run_parser().parse_args(args)  # SystemExit on an unknown flag
+                assert (SPACES_DIR / f"{ns.space}.yaml").exists(), f"{path.name}: --space {ns.space}"
+                assert "://" in ns.storage, f"{path.name}: a cluster needs shared --storage, got {ns.storage}"
+            if module == "study.submit":
+                from study.submit import parser as submit_parser
+                submit_parser().parse_args(args)
+    assert seen_run >= 2  # the RayJob entrypoint and the launcher/guide examples
+    job = [d for d in _docs(CLUSTER / "kuberay" / "rayjob.yaml") if d["kind"] == "RayJob"][0]
+    assert job["spec"]["entrypoint"].startswith("python -m study.run --space full --storage s3://")
+
+
+def _dashboard_hosts(path: Path) -> list[str]:
+    text = path.read_text()
+    hosts = re.findall(r"--dashboard-host[= ]([\w.:]+)", text)
+    for doc in _docs(path):
+        for spec in _ray_start_params(doc):
+            if "dashboard-host" in spec:
+                hosts.append(str(spec["dashboard-host"]))
+    return hosts
+
+
+def _ray_start_params(doc):
+    spec = doc.get("spec") or {}
+    spec = spec.get("rayClusterSpec", spec)
+    if "headGroupSpec" in spec:
+        yield spec["headGroupSpec"].get("rayStartParams") or {}
+
+
+def test_configs_bind_dashboard_to_loopback_and_enable_token_auth():
+    for path in (CLUSTER / "aws.yaml", CLUSTER / "kuberay" / "raycluster.yaml"):
+        hosts = _dashboard_hosts(path)
+        assert hosts and set(hosts) == {"127.0.0.1"}, f"{path.name}: dashboard hosts {hosts}"
+    # The RayJob's dashboard must answer the KubeRay operator (it polls the job over the pod
+    # network), so it listens on the pod address, but only behind token auth, a ClusterIP
+    # service and a NetworkPolicy that admits the cluster's own pods and the operator.
+    job_docs = _docs(CLUSTER / "kuberay" / "rayjob.yaml")
+    job = [d for d in job_docs if d["kind"] == "RayJob"][0]
+    hosts = _dashboard_hosts(CLUSTER / "kuberay" / "rayjob.yaml")
+    assert set(hosts) <= {"127.0.0.1", "0.0.0.0"}
+    if set(hosts) != {"127.0.0.1"}:
+        policies = [d for d in job_docs if d["kind"] == "NetworkPolicy"]
+        assert policies and all(p["spec"].get("ingress") for p in policies)
+        assert "Ingress" in policies[0]["spec"]["policyTypes"]
+        head = job["spec"]["rayClusterSpec"]["headGroupSpec"]
+        assert head.get("serviceType", "ClusterIP") == "ClusterIP"
+        assert not head.get("enableIngress")
+    for path in CONFIGS:
+        text = path.read_text()
+        docs = _docs(path)
+        token_on = ("RAY_AUTH_MODE=token" in text
+                    or any(d.get("spec", {}).get("authOptions", {}).get("mode") == "token" for d in docs)
+                    or any(d.get("spec", {}).get("rayClusterSpec", {}).get("authOptions", {}).get("mode") == "token"
+                           for d in docs)
+                    or re.search(r"name: RAY_AUTH_MODE\s+value: ['\"]?token", text))
+        assert token_on, f"{path.name}: token authentication"
+
+
+def test_aws_config_keeps_ray_ports_closed():
+    aws = _docs(CLUSTER / "aws.yaml")[0]
+    text = (CLUSTER / "aws.yaml").read_text()
+    rules = aws["provider"].get("security_group", {}).get("IpPermissions", [])
+    for rule in rules:
+        lo, hi = rule.get("FromPort", -1), rule.get("ToPort", -1)
+        public = any(r.get("CidrIp") == "0.0.0.0/0" for r in rule.get("IpRanges", [])) or any(
+            r.get("CidrIpv6") == "::/0" for r in rule.get("Ipv6Ranges", []))
+        for port in (6379, 8265, 10001):
+            assert not (public and (lo == -1 or lo <= port <= hi)), f"port {port} open to the internet: {rule}"
+    assert "--dashboard-host=0.0.0.0" not in text
+
+
+CREDENTIAL_PATTERNS = [
+    r"AKIA[0-9A-Z]{16}",                          # AWS access key id
+    r"(?i)aws_secret_access_key\s*[:=]\s*\S+",
+    r"(?i)aws_access_key_id\s*[:=]\s*\S+",
+    r"(?i)secret_key\s*[:=]\s*['\"]?[A-Za-z0-9/+]{20,}",
+    r"-----BEGIN [A-Z ]*PRIVATE KEY-----",
+    r"(?i)RAY_AUTH_TOKEN\s*[:=]\s*['\"]?[0-9a-f]{16,}",
+    r"(?i)auth_token['\"]?\s*[:=]\s*['\"]?[0-9a-f]{16,}",
+    r"(?i)password\s*[:=]\s*['\"]?\w{6,}",
+]
+
+
+def test_configs_hold_no_credentials():
+    for path in CONFIGS + [CLUSTER / "README.md"]:
+        text = path.read_text()
+        for pattern in CREDENTIAL_PATTERNS:
+            assert not re.search(pattern, text), f"{path.name} matches {pattern}"
+    for path in CONFIGS:
+        for doc in _docs(path):
+            if doc.get("kind") == "Secret":
+                assert not doc.get("data") and not doc.get("stringData"), f"{path.name}: a Secret with values"
+            for s in _strings(doc):
+                assert not re.fullmatch(r"[0-9a-f]{64}", s), f"{path.name}: a token-like value"
+    # Token values come from the environment or the platform's secret store, never from the YAML.
+    raycluster = (CLUSTER / "kuberay" / "raycluster.yaml").read_text()
+    assert "secretKeyRef" in raycluster or "authOptions" in raycluster
+
+
+# ====================================================================== study.submit (fast)
+
+
+def test_entrypoint_and_runtime_env():
+    from study import submit
+
+    cmd = submit.entrypoint(["--", "--space", "full", "--storage", "s3://bucket/studies?endpoint_override=h:1&scheme=http"])
+    assert shlex.split(cmd) == ["python", "-m", "study.run", "--space", "full", "--storage",
+                                "s3://bucket/studies?endpoint_override=h:1&scheme=http", "--address", "auto"]
+    assert "--address auto" not in submit.entrypoint(["--space", "smoke", "--storage", "/nfs/s", "--address", "x:1"])
+    with pytest.raises(submit.SubmitError, match="relative"):
+        submit.entrypoint(["--space", "smoke", "--storage", "studies"])
+    with pytest.raises(submit.SubmitError, match="not valid"):
+        submit.entrypoint(["--space", "smoke", "--no-such-flag"])
+    env = submit.runtime_env(ROOT, {"COLORIZE_DATA_ROOT": "/data"})
+    assert env["working_dir"] == str(ROOT)
+    for pattern in (".venv", ".cache", "studies", ".git"):
+        assert pattern in env["excludes"]
+    assert env["env_vars"]["COLORIZE_DATA_ROOT"] == "/data"
+    with pytest.raises(submit.SubmitError, match="credentials"):
+        submit.runtime_env(ROOT, {"RAY_AUTH_TOKEN": "x"})
+    with pytest.raises(submit.SubmitError, match="credentials"):
+        submit.runtime_env(ROOT, {"AWS_SECRET_ACCESS_KEY": "x"})
+
+
+def test_token_comes_from_the_environment(tmp_path):
+    from study import submit
+
+    assert submit.auth_token({}) is None
+    assert submit.auth_token({"RAY_AUTH_TOKEN": " abc \n"}) == "abc"
+    f = tmp_path / "token"
+    f.write_text("fromfile\n")
+    assert submit.auth_token({"RAY_AUTH_TOKEN_PATH": str(f)}) == "fromfile"
+    with pytest.raises(submit.SubmitError, match="inside the project"):
+        submit.auth_token({"RAY_AUTH_TOKEN_PATH": str(ROOT / "token.txt")})
+    assert submit.auth_headers("abc") == {"Authorization": "Bearer abc"}
+    assert submit.auth_headers(None) == {}
+    assert submit.is_loopback("http://127.0.0.1:8265") and submit.is_loopback("localhost:8265")
+    assert not submit.is_loopback("http://10.0.0.5:8265")
+
+
+def test_submit_cli_refuses_before_uploading(capsys, monkeypatch):
+    from study import submit
+
+    monkeypatch.delenv("RAY_AUTH_TOKEN", raising=False)
+    monkeypatch.delenv("RAY_AUTH_TOKEN_PATH", raising=False)
+    assert submit.main(["--address", "http://127.0.0.1:9", "--", "--space", "smoke", "--storage", "rel"]) == 2
+    assert "relative" in capsys.readouterr().err
+    assert submit.main(["--address", "http://127.0.0.1:9"]) == 2
+
+
+# ====================================================================== a real local cluster (slow)
+
+# Ray ships no `--dashboard-host`-style switch for the node address: it resolves
+# 127.0.0.1 to the outward address. Pin that lookup so every listener stays on loopback.
+_RAY_CLI = (
+    "import os, sys\n"
+    "import ray._private.ray_constants\n"
+    "import ray._private.services as services\n"
+    "services.get_node_ip_address = lambda address=None: '127.0.0.1'\n"
+    "os.environ['RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER'] = '0'\n"
+    "from ray.scripts.scripts import main\n"
+    "sys.argv[0] = 'ray'\n"
+    "sys.exit(main())\n"
+)
+MARKER = "COLORIZE_TEST_CLUSTER"
+
+
+def _free_ports(n: int) -> list[int]:
+    socks, ports = [], []
+    try:
+        for _ in range(n):
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            socks.append(s)
+            ports.append(s.getsockname()[1])
+    finally:
+        for s in socks:
+            s.close()
+    return ports
+
+
+def _free_range(width: int = 64) -> tuple[int, int]:
+    """A block of ports below the ephemeral range that nothing listens on now (worker ports)."""
+    for _ in range(50):
+        lo = random.randrange(20000, 30000 - width)
+        try:
+            socks = []
+            for p in range(lo, lo + width):
+                s = socket.socket()
+                socks.append(s)
+                s.bind(("127.0.0.1", p))
+            return lo, lo + width - 1
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise RuntimeError("no free port range")
+
+
+class LocalCluster:
+    """A head and a worker node on this host, each a `ray start --block` process we own."""
+
+    def __init__(self, token: str, env: dict[str, str]):
+        self.token = token
+        self.tmp = Path(tempfile.mkdtemp(prefix="rtc-", dir="/tmp"))  # short: Ray's socket paths
+        self.temp_dir = self.tmp / "ray"
+        self.marker = self.tmp.name
+        self.env = {**os.environ, **env, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token,
+                    MARKER: self.marker, "RAY_USAGE_STATS_ENABLED": "0",
+                    "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+                    # Notice a dead node within seconds (defaults: 3 s x 5 checks).
+                    "RAY_health_check_period_ms": "1000", "RAY_health_check_timeout_ms": "1000",
+                    "RAY_health_check_failure_threshold": "3"}
+        for k in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_AUTH_TOKEN_PATH"):
+            self.env.pop(k, None)
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.gcs_port = self.dashboard_port = None
+
+    @property
+    def dashboard(self) -> str:
+        return f"http://127.0.0.1:{self.dashboard_port}"
+
+    def _start(self, name: str, args: list[str], extra_env: dict | None = None) -> subprocess.Popen:
+        log = open(self.tmp / f"{name}.log", "wb")
+        proc = subprocess.Popen([sys.executable, "-c", _RAY_CLI, "start", "--block", *args],
+                                cwd=self.tmp, env={**self.env, **(extra_env or {})}, stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+        self.procs[name] = proc
+        return proc
+
+    def _node_args(self, cpus: int) -> list[str]:
+        agent, grpc, renv, metrics = _free_ports(4)
+        lo, hi = _free_range()
+        return [f"--num-cpus={cpus}", "--num-gpus=0", f"--temp-dir={self.temp_dir}", "--disable-usage-stats",
+                f"--dashboard-agent-listen-port={agent}", f"--dashboard-agent-grpc-port={grpc}",
+                f"--runtime-env-agent-port={renv}", f"--metrics-export-port={metrics}",
+                f"--min-worker-port={lo}", f"--max-worker-port={hi}",
+                f"--memory={3 * 2**30}", f"--object-store-memory={150 * 2**20}"]
+
+    def start_head(self, cpus: int = 1, timeout: float = 90):
+        self.gcs_port, self.dashboard_port, client, dash_metrics, as_metrics = _free_ports(5)
+        self._start("head", ["--head", f"--port={self.gcs_port}", "--dashboard-host=127.0.0.1",
+                             f"--dashboard-port={self.dashboard_port}", f"--ray-client-server-port={client}",
+                             *self._node_args(cpus)],
+                    {"DASHBOARD_METRIC_PORT": str(dash_metrics), "AUTOSCALER_METRIC_PORT": str(as_metrics)})
+        self._wait_nodes(1, "head", timeout)
+
+    def add_worker(self, cpus: int = 1, timeout: float = 90, tries: int = 2):
+        for attempt in range(tries):
+            self._start("worker", [f"--address=127.0.0.1:{self.gcs_port}", "--resources={\"worker_node\": 1}",
+                                   *self._node_args(cpus)])
+            try:
+                self._wait_nodes(2, "worker", timeout)
+                return
+            except RuntimeError:
+                self.kill("worker")
+                if attempt == tries - 1:
+                    raise
+
+    def request(self, path: str, token: str | None = "own", method: str = "GET", **kw):
+        import requests
+
+        headers = {} if token is None else {"Authorization": f"Bearer {self.token if token == 'own' else token}"}
+        return requests.request(method, self.dashboard + path, headers=headers, timeout=10, **kw)
+
+    def alive_nodes(self) -> list[dict]:
+        r = self.request("/api/v0/nodes")
+        r.raise_for_status()
+        return [n for n in r.json()["data"]["result"]["result"] if n["state"] == "ALIVE"]
+
+    def _wait_nodes(self, n: int, name: str, timeout: float):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.procs[name].poll() is not None:
+                raise RuntimeError(f"{name} exited: {self.log(name)[-3000:]}")
+            try:
+                if self.dashboard_port and len(self.alive_nodes()) >= n:
+                    return
+            except Exception:  # noqa: BLE001 - not up yet
+                pass
+            time.sleep(1)
+        raise RuntimeError(f"{name} did not join in {timeout} s: {self.log(name)[-3000:]}")
+
+    def node_id(self, head: bool) -> str:
+        return [n["node_id"] for n in self.alive_nodes() if n["is_head_node"] == head][0]
+
+    def log(self, name: str) -> str:
+        p = self.tmp / f"{name}.log"
+        return p.read_text(errors="replace") if p.exists() else ""
+
+    def kill(self, name: str):
+        """SIGKILL a node: its `ray start` process and everything under it (a crashed machine)."""
+        psutil = _psutil()
+
+        proc = self.procs.pop(name, None)
+        if proc is None:
+            return
+        try:
+            victims = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+        except psutil.NoSuchProcess:
+            victims = []
+        with _suppress():
+            os.killpg(proc.pid, signal.SIGKILL)
+        for v in victims:
+            with _suppress():
+                v.kill()
+        psutil.wait_procs(victims, timeout=10)
+        proc.wait(timeout=10)
+
+    def stop(self):
+        psutil = _psutil()
+
+        for name in list(self.procs):
+            self.kill(name)
+        # Anything our nodes started that left both trees (carries our marker in its environment).
+        strays = []
+        for p in psutil.process_iter():
+            with _suppress():
+                if p.pid != os.getpid() and p.environ().get(MARKER) == self.marker:
+                    p.kill()
+                    strays.append(p)
+        psutil.wait_procs(strays, timeout=10)
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def _psutil():
+    import ray  # noqa: F401 - Ray puts its vendored psutil on sys.path
+    import psutil
+
+    return psutil
+
+
+class _suppress:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return exc[0] is not None and issubclass(exc[0], Exception)
+
+
+@pytest.fixture(scope="module")
+def s3():
+    """moto's S3 server on loopback, a bucket, and fake credentials for this process and the nodes."""
+    boto3 = pytest.importorskip("boto3")
+    from moto.server import ThreadedMotoServer
+
+    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+           "AWS_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    port = _free_ports(1)[0]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    try:
+        endpoint = f"http://127.0.0.1:{port}"
+        client = boto3.client("s3", endpoint_url=endpoint)
+        client.create_bucket(Bucket=BUCKET)
+        yield {"endpoint": endpoint, "client": client, "env": env,
+               "query": f"endpoint_override=127.0.0.1:{port}&scheme=http&region=us-east-1"}
+    finally:
+        server.stop()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@pytest.fixture(scope="module")
+def cluster(s3):
+    for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_ADDRESS", "RAY_API_SERVER_ADDRESS"):
+        os.environ.pop(k, None)  # this process is a client that brings its token explicitly
+    c = LocalCluster(secrets.token_hex(32), s3["env"])
+    try:
+        t0 = time.monotonic()
+        c.start_head()
+        c.add_worker()
+        c.started_in = time.monotonic() - t0
+        yield c
+    finally:
+        c.stop()
+
+
+def _storage(s3) -> str:
+    return f"s3://{BUCKET}/studies?{s3['query']}"
+
+
+def _study_root(s3, name: str) -> str:
+    return f"s3://{BUCKET}/studies/{name}?{s3['query']}"
+
+
+def _submit_and_wait(cluster, run_args: list[str], timeout_s: float = 300) -> tuple[str, str, str]:
+    from study import submit
+
+    job = submit.submit(run_args, address=cluster.dashboard, token=cluster.token,
+                        env_vars={"COLORIZE_CACHE_DIR": str(cluster.tmp / "cache")})
+    status = submit.wait(job, address=cluster.dashboard, token=cluster.token, timeout_s=timeout_s, poll_s=1)
+    logs = submit.client(cluster.dashboard, cluster.token).get_job_logs(job)
+    return job, status, logs
+
+
+def _check_epochs(trials, epochs, n_epochs: int | None = None):
+    assert not epochs.duplicated(["trial_id", "epoch"]).any()
+    for t in trials.itertuples():
+        got = sorted(epochs[epochs.trial_id == t.trial_id].epoch)
+        assert got == list(range(1, t.epochs_run + 1)), (t.trial_id, got)
+        if t.status == "DONE" and n_epochs is not None:
+            assert t.epochs_run == n_epochs, (t.trial_id, t.epochs_run)
+
+
+@pytest.mark.slow
+def test_dashboard_on_loopback_only_and_token_required(cluster):
+    psutil = _psutil()
+
+    from study import submit
+
+    listeners = [c for c in psutil.net_connections(kind="tcp")
+                 if c.status == psutil.CONN_LISTEN and c.laddr.port == cluster.dashboard_port]
+    assert listeners and {c.laddr.ip for c in listeners} <= {"127.0.0.1", "::ffff:127.0.0.1"}, listeners
+    assert cluster.request("/", token=None).status_code == 200          # the page loads (it asks for the token)
+    assert cluster.request("/api/version", token=None).status_code == 401
+    assert cluster.request("/api/version", token="0" * 64).status_code == 403
+    assert cluster.request("/api/version").status_code == 200
+    r = cluster.request("/api/jobs/", token=None, method="POST", json={"entrypoint": "echo pwned"})
+    assert r.status_code == 401
+    assert cluster.request("/api/jobs/").json() == []                    # nothing was submitted
+    with pytest.raises(submit.SubmitError, match="RAY_AUTH_TOKEN"):
+        submit.client(cluster.dashboard, token=None)
+    with pytest.raises(submit.SubmitError, match="not this cluster's"):
+        submit.client(cluster.dashboard, token="0" * 64)
+    # every Ray listener of our nodes is on loopback
+    ours = set()
+    for proc in cluster.procs.values():
+        p = psutil.Process(proc.pid)
+        ours |= {q.pid for q in [p, *p.children(recursive=True)]}
+    bad = [c for c in psutil.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN and c.pid in ours
+           and c.laddr.ip not in ("127.0.0.1", "::ffff:127.0.0.1")]
+    assert not bad, bad
+
+
+@pytest.mark.slow
+def test_smoke_study_as_a_job_on_two_nodes_with_s3_storage(cluster, s3):
+    import pandas as pd
+
+    from study.results import read_json, read_table
+
+    t0 = time.monotonic()
+    job, status, logs = _submit_and_wait(cluster, [
+        "--space", "smoke", "--name", "smoke2n", "--storage", _storage(s3),
+        "--max-concurrent", "2", "--cpus-per-trial", "1"])
+    assert status == "SUCCEEDED", logs[-4000:]
+    root = _study_root(s3, "smoke2n")
+    assert read_json(root, "study.json")["space"] == "smoke"
+    trials, epochs = read_table(root, "trials"), read_table(root, "epochs")
+    assert len(trials) == 6
+    assert set(trials.status) <= {"DONE", "PRUNED"}, trials[["trial_id", "status", "error"]]
+    nodes = {cluster.node_id(head=True), cluster.node_id(head=False)}
+    assert set(trials.node_id) == nodes, (set(trials.node_id), nodes)   # both nodes took trials
+    _check_epochs(trials, epochs, n_epochs=3)
+    assert (trials.device == "cpu").all()
+    # Everything is in the bucket: the tables, the study record, every best checkpoint.
+    keys = {o["Key"] for page in s3["client"].get_paginator("list_objects_v2").paginate(
+        Bucket=BUCKET, Prefix="studies/smoke2n/") for o in page.get("Contents", [])}
+    for table in ("trials", "epochs", "previews"):
+        assert f"studies/smoke2n/results/{table}.parquet" in keys
+    for t in trials.itertuples():
+        assert t.checkpoint_path and not t.checkpoint_path.startswith(("/", "s3:")), t.checkpoint_path
+        assert f"studies/smoke2n/{t.checkpoint_path}/checkpoint.pt" in keys, t.checkpoint_path
+    # Readers need only pandas: the Parquet read straight from the bucket.
+    direct = pd.read_parquet(f"s3://{BUCKET}/studies/smoke2n/results/trials.parquet",
+                             storage_options={"client_kwargs": {"endpoint_url": s3["endpoint"]}})
+    assert sorted(direct.trial_id) == sorted(trials.trial_id)
+    print(f"\ncluster started in {cluster.started_in:.0f} s; smoke study job {job} took "
+          f"{time.monotonic() - t0:.0f} s")
+
+
+@pytest.mark.slow
+def test_worker_node_killed_mid_study(cluster, s3, tmp_path):
+    """Kill the worker node while it trains: the trial resumes from its checkpoint on the head."""
+    from study import submit
+    from study.results import read_table
+
+    n_epochs = 8
+    space = yaml.safe_load((ROOT / "search_spaces" / "smoke.yaml").read_text())
+    space.update(num_samples=3, max_concurrent=2, pruner={"name": "none"}, description="test: node loss")
+    space["params"].update(epochs=n_epochs, train_limit=512)
+    space_file = tmp_path / "nodeloss.yaml"
+    space_file.write_text(yaml.safe_dump(space))
+    root = _study_root(s3, "nodeloss")
+    head_id, worker_id = cluster.node_id(head=True), cluster.node_id(head=False)
+
+    t0 = time.monotonic()
+    job = submit.submit(["--space", str(space_file), "--name", "nodeloss", "--storage", _storage(s3),
+                         "--max-concurrent", "2", "--cpus-per-trial", "1"],
+                        address=cluster.dashboard, token=cluster.token,
+                        env_vars={"COLORIZE_CACHE_DIR": str(cluster.tmp / "cache")})
+    c = submit.client(cluster.dashboard, cluster.token)
+    victim = None
+    deadline = time.monotonic() + 240
+    while victim is None and time.monotonic() < deadline:
+        assert str(c.get_job_status(job)) not in submit.TERMINAL, c.get_job_logs(job)[-4000:]
+        trials = read_table(root, "trials")
+        if trials is not None:
+            running = trials[(trials.status == "RUNNING") & (trials.node_id == worker_id)
+                             & (trials.epochs_run >= 1) & (trials.epochs_run <= n_epochs - 3)]
+            if len(running):
+                victim, epochs_at_kill = running.trial_id.iloc[0], int(running.epochs_run.iloc[0])
+                break
+        time.sleep(0.25)
+    assert victim, "no trial ran on the worker node"
+    cluster.kill("worker")
+    status = submit.wait(job, address=cluster.dashboard, token=cluster.token, timeout_s=300, poll_s=1)
+    logs = c.get_job_logs(job)
+    assert status == "SUCCEEDED", logs[-4000:]
+
+    trials, epochs = read_table(root, "trials"), read_table(root, "epochs")
+    assert len(trials) == 3 and set(trials.status) == {"DONE"}, trials[["trial_id", "status", "error"]]
+    _check_epochs(trials, epochs, n_epochs=n_epochs)                 # nothing lost, nothing twice
+    row = trials.set_index("trial_id").loc[victim]
+    assert row.node_id == head_id                                    # finished on the surviving node
+    # ...from its checkpoint, not from scratch: the trial's own log on the head says so.
+    resumed = _resume_lines(cluster, victim)
+    assert resumed, f"no 'resumed from' line for {victim}"
+    assert max(resumed) >= 1 and max(resumed) <= epochs_at_kill + 1, (resumed, epochs_at_kill)
+    print(f"\nkilled the worker while {victim} had {epochs_at_kill} epochs; resumed after epoch "
+          f"{max(resumed)}; job took {time.monotonic() - t0:.0f} s")
+
+
+def _resume_lines(cluster, trial_id: str) -> list[int]:
+    """'after epoch N' of every resume of ``trial_id`` in the nodes' worker logs."""
+    found = []
+    logs = cluster.temp_dir / "session_latest" / "logs"
+    for out in logs.glob("worker-*.out"):
+        err = out.with_suffix(".err")
+        if not err.exists() or f"trainable_{trial_id}_" not in err.read_text(errors="replace"):
+            continue
+        found += [int(n) for n in re.findall(r"resumed from .* after epoch (\d+)", out.read_text(errors="replace"))]
+    return found

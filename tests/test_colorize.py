@@ -1,0 +1,276 @@
+"""study.colorize on a real (tiny) study: outputs, luminance kept, bad inputs, trial choice, safe loading."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+from skimage import data as skdata
+
+from study.color import rgb_to_y, rgb_to_yuv
+from study.colorize import collect_inputs, colorize_image, main
+from study.config import TrialConfig
+from study.local import run_local_study
+from study.results import read_table, write_table
+from study.train import CHECKPOINT_FILE
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory, cache_dir) -> Path:
+    """Two real trials (UV and RGB output), trained for one tiny epoch each."""
+    folder = tmp_path_factory.mktemp("colorize") / "study"
+    # base_filters=8: a narrow UNet trains in half the time, and these tests need a real model, not a good one.
+    cfgs = [TrialConfig(dataset="samples", epochs=1, train_limit=128, eval_limit=32, output=o, preview_count=2,
+                        base_filters=8) for o in ("uv", "rgb")]
+    run_local_study(folder, cfgs, cache_dir=cache_dir, log=lambda s: None)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory) -> dict[str, Path]:
+    """Odd sizes and aspects: colour, grayscale ("L"), colour with alpha, and two non-images."""
+    folder = tmp_path_factory.mktemp("inputs")
+    astronaut = Image.fromarray(skdata.astronaut())
+    files = {"colour": folder / "astronaut.png", "gray": folder / "coffee_gray.png",
+             "rgba": folder / "chelsea_alpha.png", "text": folder / "notes.txt", "corrupt": folder / "broken.png"}
+    astronaut.resize((50, 37)).save(files["colour"])
+    Image.fromarray(skdata.coffee()).convert("L").resize((80, 120)).save(files["gray"])
+    rgba = Image.fromarray(skdata.chelsea()).resize((33, 21)).convert("RGBA")
+    rgba.putalpha(Image.fromarray(np.tile(np.arange(33, dtype=np.uint8) * 7, (21, 1))))
+    rgba.save(files["rgba"])
+    files["text"].write_text("not an image\n")
+    files["corrupt"].write_bytes(b"\x00garbage bytes, not a PNG" * 40)
+    return files
+
+
+def luma(pixels: np.ndarray) -> np.ndarray:
+    """Y in [0, 1] of (H, W) gray or (H, W, 3+) uint8 pixels, with study.color."""
+    x = torch.from_numpy(np.asarray(pixels, dtype=np.float64)) / 255
+    if x.ndim == 2:
+        return x.numpy()
+    return rgb_to_y(x[..., :3].permute(2, 0, 1)[None])[0, 0].numpy()
+
+
+def run(capsys, *argv) -> tuple[int, str, str]:
+    rc = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def trials(study: Path) -> pd.DataFrame:
+    return read_table(str(study), "trials")
+
+
+# ---------------------------------------------------------------- the CLI on a real study
+
+
+def test_colorizes_files_keeping_size_and_luminance_and_reports_bad_inputs(study, inputs, tmp_path, capsys):
+    out = tmp_path / "out"
+    rc, stdout, err = run(capsys, "--study", study, *inputs.values(), "--out", out, "--side-by-side",
+                          "--device", "cpu")
+    assert rc == 1  # some inputs failed, the others were done
+    assert "notes.txt" in err and "broken.png" in err and "not an image" in err
+    for key in ("colour", "gray", "rgba"):
+        source = np.asarray(Image.open(inputs[key]))
+        result = Image.open(out / f"{inputs[key].stem}.png")
+        assert result.size == Image.open(inputs[key]).size
+        pixels = np.asarray(result)
+        # The model only adds colour: the input's full-resolution luminance is kept (uint8 rounding aside).
+        assert np.abs(luma(pixels) - luma(source)).max() <= 1 / 255, key
+        w, h = result.size
+        assert Image.open(out / f"{inputs[key].stem}_side_by_side.png").size == (2 * w, h)
+    rgba = np.asarray(Image.open(out / "chelsea_alpha.png"))
+    assert rgba.shape[-1] == 4 and (rgba[..., 3] == np.asarray(Image.open(inputs["rgba"]))[..., 3]).all()
+    assert not (out / "notes.png").exists() and not (out / "broken.png").exists()
+    assert "3 of 5 inputs" in stdout
+
+
+def test_all_good_inputs_exit_0_and_folders_keep_subpaths(study, inputs, tmp_path, capsys):
+    folder = tmp_path / "photos"
+    (folder / "a").mkdir(parents=True)
+    (folder / "b").mkdir()
+    shutil.copy(inputs["colour"], folder / "a" / "x.png")
+    shutil.copy(inputs["gray"], folder / "b" / "x.png")
+    rc, _, err = run(capsys, "--study", study, folder, "--out", tmp_path / "out")
+    assert rc == 0, err
+    assert (tmp_path / "out" / "a" / "x.png").is_file() and (tmp_path / "out" / "b" / "x.png").is_file()
+
+
+def test_best_trial_by_default_and_trial_option(study, inputs, tmp_path, capsys):
+    table = trials(study)
+    best = table.sort_values("best_val_psnr").iloc[-1]["trial_id"]
+    other = next(t for t in table["trial_id"] if t != best)
+    _, stdout, _ = run(capsys, "--study", study, inputs["colour"], "--out", tmp_path / "best")
+    assert f"trial {best} " in stdout
+    rc, stdout, _ = run(capsys, "--study", study, "--trial", other, inputs["colour"], "--out", tmp_path / "other")
+    assert rc == 0 and f"trial {other} " in stdout
+    assert not np.array_equal(np.asarray(Image.open(tmp_path / "best" / "astronaut.png")),
+                              np.asarray(Image.open(tmp_path / "other" / "astronaut.png")))
+    rc, _, err = run(capsys, "--study", study, "--trial", "nope", inputs["colour"], "--out", tmp_path / "x")
+    assert rc == 2 and "'nope'" in err
+
+
+def test_dataset_option(study, inputs, tmp_path, capsys):
+    rc, _, _ = run(capsys, "--study", study, "--dataset", "samples", inputs["colour"], "--out", tmp_path / "o")
+    assert rc == 0
+    rc, _, err = run(capsys, "--study", study, "--dataset", "flowers102", inputs["colour"], "--out", tmp_path / "o")
+    assert rc == 2 and "flowers102" in err and "samples" in err
+
+
+def test_missing_study_exits_2_naming_it(inputs, tmp_path, capsys):
+    rc, _, err = run(capsys, "--study", tmp_path / "no_study", inputs["colour"], "--out", tmp_path / "out")
+    assert rc == 2 and "no_study" in err and "does not exist" in err
+    assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------- where the checkpoint is
+
+
+def copy_study(study: Path, target: Path, checkpoint_path, checkpoints: bool = True) -> Path:
+    """A copy of the study (with or without its checkpoints) whose trials table records
+    ``checkpoint_path(trial_id)`` instead."""
+    shutil.copytree(study, target, ignore=None if checkpoints else shutil.ignore_patterns("checkpoints"))
+    table = trials(target)
+    table["checkpoint_path"] = [checkpoint_path(t) for t in table["trial_id"]]
+    write_table(str(target), "trials", table)
+    return target
+
+
+def test_study_copied_elsewhere_finds_its_checkpoints(study, inputs, tmp_path, capsys):
+    # Recorded on another machine: an absolute path that does not exist here.
+    moved = copy_study(study, tmp_path / "elsewhere" / study.name,
+                       lambda t: f"/nonexistent/home/{study.name}/checkpoints/{t}")
+    rc, stdout, err = run(capsys, "--study", moved, inputs["colour"], "--out", tmp_path / "out")
+    assert rc == 0, err
+    assert f"checkpoint {moved / 'checkpoints'}" in stdout
+
+
+def test_relative_checkpoint_path_is_relative_to_the_study(study, inputs, tmp_path, capsys, monkeypatch):
+    # As the Ray runner records them; the working directory does not matter.
+    rel = copy_study(study, tmp_path / "rel", lambda t: f"checkpoints/{t}")
+    monkeypatch.chdir(tmp_path)
+    rc, stdout, err = run(capsys, "--study", rel, inputs["colour"], "--out", tmp_path / "out")
+    assert rc == 0, err
+    assert f"checkpoint {rel / 'checkpoints'}" in stdout
+
+
+def test_missing_checkpoint_exits_2_naming_it(study, inputs, tmp_path, capsys):
+    broken = copy_study(study, tmp_path / "broken", lambda t: f"/nonexistent/ckpt_{t}")
+    rc, _, err = run(capsys, "--study", broken, inputs["colour"], "--out", tmp_path / "out")
+    assert rc == 2 and "/nonexistent/ckpt_local_" in err and "does not exist" in err
+
+
+def test_checkpoint_file_uri(study, inputs, tmp_path, capsys):
+    uri = copy_study(study, tmp_path / "uri", lambda t: f"file://{study}/checkpoints/{t}", checkpoints=False)
+    rc, stdout, err = run(capsys, "--study", uri, inputs["colour"], "--out", tmp_path / "out")
+    assert rc == 0, err
+    assert f"checkpoint {study / 'checkpoints'}" in stdout
+
+
+def test_checkpoint_on_s3(study, inputs, tmp_path, capsys, monkeypatch):
+    server = pytest.importorskip("moto.server").ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    try:
+        import pyarrow.fs as pafs
+        host, port = server.get_host_and_port()
+        for k, v in {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1",
+                     "AWS_ENDPOINT_URL": f"http://{host}:{port}"}.items():
+            monkeypatch.setenv(k, v)
+        s3 = pafs.S3FileSystem(endpoint_override=f"{host}:{port}", scheme="http", region="us-east-1",
+                               allow_bucket_creation=True)
+        s3.create_dir("bucket")
+        pafs.copy_files(str(study / "checkpoints"), "bucket/s1/checkpoints", destination_filesystem=s3)
+        remote = copy_study(study, tmp_path / "s3", lambda t: f"s3://bucket/s1/checkpoints/{t}", checkpoints=False)
+        rc, stdout, err = run(capsys, "--study", remote, inputs["colour"], "--out", tmp_path / "out")
+        assert rc == 0, err
+        assert "checkpoint s3://bucket/s1/checkpoints/local_" in stdout
+    finally:
+        server.stop()
+
+
+class Boom:
+    """Unpickling this runs code: it touches a file."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (touch, (self.marker,))
+
+
+def touch(path: str) -> str:
+    Path(path).touch()
+    return path
+
+
+def test_checkpoint_with_pickled_code_is_refused(study, inputs, tmp_path, capsys):
+    marker = tmp_path / "code_ran"
+    state = torch.load(study / "checkpoints" / "local_00000" / CHECKPOINT_FILE, weights_only=True)
+    evil = tmp_path / "evil"
+    evil.mkdir()
+    torch.save({**state, "payload": Boom(marker)}, evil / CHECKPOINT_FILE)
+    # The payload is live: an unsafe load would run it.
+    torch.load(evil / CHECKPOINT_FILE, weights_only=False)
+    assert marker.exists()
+    marker.unlink()
+    fake = copy_study(study, tmp_path / "fake", lambda t: str(evil))
+    rc, _, err = run(capsys, "--study", fake, inputs["colour"], "--out", tmp_path / "out")
+    assert rc == 2 and "refusing" in err and str(evil) in err
+    assert not marker.exists()
+
+
+# ---------------------------------------------------------------- the core, with stand-in models
+
+
+class Constant(torch.nn.Module):
+    """Predicts the same colour everywhere; records the input it saw."""
+
+    def __init__(self, values):
+        super().__init__()
+        self.values = torch.tensor(values, dtype=torch.float32).view(1, -1, 1, 1)
+        self.seen = None
+
+    def forward(self, y):
+        self.seen = y.shape
+        return self.values.expand(y.shape[0], -1, *y.shape[-2:])
+
+
+@pytest.mark.parametrize("output,values", [("uv", (0.1, 0.1)), ("rgb", (0.8, 0.45, 0.2))])
+def test_colorize_image_uses_predicted_chroma_and_input_luminance(output, values):
+    image = np.asarray(Image.fromarray(skdata.astronaut()).resize((61, 45)))
+    cfg = TrialConfig(output=output)
+    model = Constant(values)
+    result = colorize_image(model, cfg, image, "cpu")
+    assert result.shape == image.shape and result.dtype == np.uint8
+    assert model.seen == (1, 1, cfg.image_size, cfg.image_size)
+    assert np.abs(luma(result) - luma(image)).max() <= 1 / 255
+    want = (torch.tensor(values).view(1, 2, 1, 1) if output == "uv"
+            else rgb_to_yuv(torch.tensor(values).view(1, 3, 1, 1))[:, 1:]).flatten().numpy()
+    uv = rgb_to_yuv(torch.from_numpy(result / 255.0).permute(2, 0, 1)[None])[0, 1:].numpy()
+    # Where that chroma fits the gamut (mid-gray luminance), the output has exactly it.
+    mid = (luma(image) > 0.35) & (luma(image) < 0.65)
+    assert mid.sum() > 100
+    assert np.abs(uv[:, mid] - want[:, None]).max() < 0.01
+
+
+def test_grayscale_array_input():
+    gray = np.asarray(Image.fromarray(skdata.camera()).resize((40, 70)))
+    result = colorize_image(Constant((0.05, -0.05)), TrialConfig(output="uv"), gray, "cpu")
+    assert result.shape == (70, 40, 3)
+    assert np.abs(luma(result) - gray / 255).max() <= 1 / 255
+
+
+def test_output_names_do_not_collide(tmp_path):
+    for rel in ("dir/a.png", "dir/a.jpg", "dir/sub/a.png", "top/a.png"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_bytes(b"")
+    jobs, errors = collect_inputs([str(tmp_path / "dir"), str(tmp_path / "top" / "a.png"),
+                                   str(tmp_path / "dir" / "a.png"), str(tmp_path / "missing.png")], True)
+    names = {str(name) for _, name in jobs}
+    assert len(jobs) == 4  # dir/a.png given twice is done once
+    assert names == {"a", "a_png", "sub/a", "a_png_2"}
+    assert errors == [f"{tmp_path / 'missing.png'}: no such file or folder"]

@@ -1,0 +1,97 @@
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import study.data as data
+from study.data import DataError, DeviceImages, folder_splits, load_splits, preview_indices
+
+
+def _folder(root, splits=("train", "test"), per_class=10, size=(40, 30)):
+    rng = np.random.default_rng(0)
+    for split in splits:
+        for cls in ("cat", "dog"):
+            d = root / split / cls
+            d.mkdir(parents=True)
+            for i in range(per_class):
+                arr = rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)
+                Image.fromarray(arr).save(d / f"{i:03d}.png")
+    return root
+
+
+def test_image_folder_splits_resize_and_cache(tmp_path, monkeypatch):
+    root = _folder(tmp_path / "tiny")
+    s = load_splits(str(root), 16, cache_dir=tmp_path / "cache")
+    # No val folder: a seeded 20% of train.
+    assert (len(s.train), len(s.val), len(s.test)) == (16, 4, 20)
+    assert s.train.dtype == np.uint8 and s.train.shape[1:] == (16, 16, 3)
+    assert isinstance(s.train, np.memmap)
+    # Second load comes from the cache: no decoding at all.
+    monkeypatch.setattr(data, "decode_many", lambda *a: pytest.fail("decoded again"))
+    s2 = load_splits(str(root), 16, cache_dir=tmp_path / "cache")
+    assert np.array_equal(s2.val, s.val)
+    # Another resolution is another cache entry.
+    monkeypatch.undo()
+    assert load_splits(str(root), 24, cache_dir=tmp_path / "cache").test.shape[1:] == (24, 24, 3)
+
+
+def test_val_folder_used_and_limits(tmp_path):
+    root = _folder(tmp_path / "withval", splits=("train", "val", "test"))
+    files = folder_splits(root, seed=0)
+    assert {k: len(v) for k, v in files.items()} == {"train": 20, "val": 20, "test": 20}
+    s = load_splits(str(root), 16, cache_dir=tmp_path / "c", train_limit=8, eval_limit=5)
+    assert (len(s.train), len(s.val), len(s.test)) == (8, 5, 5)
+
+
+def test_missing_root_says_where_to_put_data(tmp_path, monkeypatch):
+    monkeypatch.setenv("COLORIZE_OFFLINE", "1")
+    monkeypatch.delenv("COLORIZE_DATA_ROOT", raising=False)
+    with pytest.raises(DataError, match=r"cifar10/<split>/<class>/\*\.jpg.*--data-root"):
+        load_splits("cifar10", 32, cache_dir=tmp_path)
+    with pytest.raises(DataError, match="does not exist under the data root"):
+        load_splits("cifar10", 32, data_root=str(tmp_path / "nowhere"), cache_dir=tmp_path)
+
+
+def test_corrupt_image_is_named_not_skipped(tmp_path):
+    root = _folder(tmp_path / "bad")
+    bad = root / "train" / "dog" / "005.png"
+    bad.write_bytes(b"not an image at all")
+    with pytest.raises(DataError, match="005.png"):
+        load_splits(str(root), 16, cache_dir=tmp_path / "cache")
+
+
+def test_samples_dataset_needs_no_data(tmp_path):
+    s = load_splits("samples", 32, cache_dir=tmp_path, train_limit=64, eval_limit=16)
+    assert s.train.shape == (64, 32, 32, 3) and s.test.shape == (16, 32, 32, 3)
+    assert s.train.std() > 10  # real photos, not blank
+
+
+def test_cifar10_split_sizes_and_slice(shared_data, cache_dir):
+    files = folder_splits(shared_data / "cifar10", seed=0)
+    assert {k: len(v) for k, v in files.items()} == {"train": 40000, "val": 10000, "test": 10000}
+    assert not set(files["train"]) & set(files["val"])
+    s = load_splits("cifar10", 32, data_root=str(shared_data), cache_dir=cache_dir, train_limit=300, eval_limit=100)
+    assert s.train.shape == (300, 32, 32, 3) and s.val.shape == (100, 32, 32, 3)
+
+
+def test_flowers102_official_splits(shared_data, cache_dir):
+    files = folder_splits(shared_data / "flowers102", seed=0)
+    assert {k: len(v) for k, v in files.items()} == {"train": 1020, "val": 1020, "test": 1020}
+
+
+def test_device_batches():
+    imgs = np.random.default_rng(0).integers(0, 256, (10, 8, 8, 3), dtype=np.uint8)
+    dev = DeviceImages(imgs, "cpu")
+    g = torch.Generator().manual_seed(0)
+    batches = list(dev.train_batches(4, g))
+    assert [b.shape[0] for b in batches] == [4, 4]  # last partial batch dropped
+    b = batches[0]
+    assert b.dtype == torch.float32 and b.shape == (4, 3, 8, 8) and 0 <= b.min() and b.max() <= 1
+    assert b.is_contiguous(memory_format=torch.channels_last)
+    seen = torch.cat(batches).mul(255).round().byte().permute(0, 2, 3, 1)
+    assert all(any(torch.equal(s, torch.from_numpy(i)) for i in imgs) for s in seen)
+    evals = list(dev.eval_batches(4))
+    assert [b.shape[0] for b in evals] == [4, 4, 2]
+    aug = next(dev.train_batches(4, g, augment=True))
+    assert aug.shape == (4, 3, 8, 8)
+    assert preview_indices(100, 4) == [0, 33, 66, 99]

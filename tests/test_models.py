@@ -1,0 +1,55 @@
+import pytest
+import torch
+
+from study.models import OUTPUTS, SAMPLINGS, VARIANTS, ConfigError, UNetConfig, build_unet, max_depth_for
+from study.color import UV_MAX
+
+CASES = [(s, o, d) for s in SAMPLINGS for o in OUTPUTS for d in (1, 3)]
+
+
+@pytest.mark.parametrize("sampling,output,depth", CASES)
+def test_variant_shape_range_and_gradients(sampling, output, depth):
+    torch.manual_seed(0)
+    model = build_unet(UNetConfig(depth=depth, sampling=sampling, output=output, base_filters=4, dropout=0.1), 32)
+    y = torch.rand(2, 1, 32, 32)
+    out = model(y)
+    assert out.shape == (2, OUTPUTS[output], 32, 32)
+    assert torch.isfinite(out).all()
+    if output == "rgb":
+        assert out.min() >= 0 and out.max() <= 1
+    else:
+        for c, bound in enumerate(UV_MAX):
+            assert out[:, c].abs().max() <= bound + 1e-6
+    out.square().mean().backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
+    assert not missing, f"parameters without a gradient: {missing}"
+    assert any(p.grad.abs().sum() > 0 for p in model.parameters())
+
+
+@pytest.mark.parametrize("name", sorted(VARIANTS))
+def test_report_variants_build(name):
+    cfg = VARIANTS[name]
+    res = 32 if "cifar10" in name else 256
+    assert build_unet(cfg, res).config.depth == (3 if "cifar10" in name else 4)
+
+
+def test_channels_last_matches_contiguous():
+    model = build_unet(UNetConfig(depth=2, base_filters=4), 32).eval()
+    y = torch.rand(2, 1, 32, 32)
+    ref = model(y)
+    model = model.to(memory_format=torch.channels_last)
+    assert torch.allclose(ref, model(y.contiguous(memory_format=torch.channels_last)), atol=1e-5)
+
+
+def test_invalid_configs_name_the_parameter():
+    assert max_depth_for(32) == 4 and max_depth_for(256) == 7
+    with pytest.raises(ConfigError, match="depth=5 is too deep for 32x32"):
+        build_unet(UNetConfig(depth=5), 32)
+    with pytest.raises(ConfigError, match="sampling='bogus'"):
+        build_unet(UNetConfig(sampling="bogus"))
+    with pytest.raises(ConfigError, match="output='lab'"):
+        build_unet(UNetConfig(output="lab"))
+    with pytest.raises(ConfigError, match="depth=0"):
+        build_unet(UNetConfig(depth=0))
+    with pytest.raises(ConfigError, match="dropout"):
+        build_unet(UNetConfig(dropout=1.5))

@@ -1,0 +1,159 @@
+"""The study end to end with real Ray (a local cluster per run), real Optuna SQLite storage and Parquet."""
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import optuna
+import pandas as pd
+import pytest
+import yaml
+
+from conftest import PYTHON, ROOT, python_env
+
+pytestmark = pytest.mark.slow
+SMOKE = yaml.safe_load((ROOT / "search_spaces" / "smoke.yaml").read_text())
+
+
+def space_file(tmp_path, name, **changes) -> str:
+    raw = yaml.safe_load(yaml.safe_dump(SMOKE))
+    params = changes.pop("params", {})
+    raw.update(changes)
+    raw["params"].update(params)
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return str(path)
+
+
+def run_study(tmp_path, cache_dir, *args, timeout=400, check=True):
+    cmd = [PYTHON, "-m", "study.run", "--storage", str(tmp_path / "studies"), "--cache-dir", str(cache_dir), *args]
+    p = subprocess.run(cmd, cwd=tmp_path, env=python_env(), capture_output=True, text=True, timeout=timeout)
+    if check:
+        assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-5000:]
+    return p
+
+
+def tables(study: Path) -> dict[str, pd.DataFrame]:
+    return {t: pd.read_parquet(study / "results" / f"{t}.parquet") for t in ("trials", "epochs", "previews")}
+
+
+def check_consistent(study: Path, n_trials: int) -> dict[str, pd.DataFrame]:
+    t = tables(study)
+    trials, epochs, previews = t["trials"], t["epochs"], t["previews"]
+    assert len(trials) == n_trials and trials.trial_id.is_unique
+    assert set(trials.status) <= {"DONE", "PRUNED", "ERROR"}, trials.status.tolist()
+    assert not epochs.duplicated(["trial_id", "epoch"]).any()
+    for row in trials.itertuples():
+        got = sorted(epochs.loc[epochs.trial_id == row.trial_id, "epoch"])
+        assert got == list(range(1, row.epochs_run + 1)), (row.trial_id, got)
+        if row.status == "DONE":
+            assert row.epochs_run == row.epochs
+        if row.epochs_run:
+            assert (study / row.checkpoint_path / "checkpoint.pt").exists()
+            pred = previews[(previews.trial_id == row.trial_id) & (previews.kind == "prediction")]
+            assert sorted(pred.epoch.unique()) == got
+            assert pred.png.map(lambda b: b[:8] == b"\x89PNG\r\n\x1a\n").all()
+    assert (previews.kind == "original").any() and (previews.kind == "grayscale").any()
+    # The Optuna study holds every Ray trial once, in the matching state.
+    meta = yaml.safe_load((study / "study.json").read_text())
+    ot = optuna.load_study(study_name=meta["optuna_study_name"], storage=meta["optuna_storage"])
+    by_number = {tr.number: tr for tr in ot.get_trials(deepcopy=False)}
+    states = {"DONE": "COMPLETE", "PRUNED": "PRUNED", "ERROR": "FAIL"}
+    assert trials.optuna_number.is_unique
+    for row in trials.itertuples():
+        tr = by_number[row.optuna_number]
+        assert tr.user_attrs["ray_trial_id"] == row.trial_id
+        assert tr.state.name == states[row.status], (row.trial_id, row.status, tr.state)
+    owned = [tr for tr in by_number.values() if "orphaned" not in tr.user_attrs]
+    assert len(owned) == n_trials
+    return t
+
+
+def test_smoke_study_end_to_end(tmp_path, cache_dir):
+    p = run_study(tmp_path, cache_dir, "--space", "smoke", "--num-cpus", "2")
+    assert "best configuration per dataset x output" in p.stdout and "trials:" in p.stdout
+    t = check_consistent(tmp_path / "studies" / "smoke", 6)
+    assert (t["trials"].device == "cpu").all() and t["trials"].node_id.str.len().gt(0).all()
+    # Same command again refuses to overwrite the study.
+    again = run_study(tmp_path, cache_dir, "--space", "smoke", check=False)
+    assert again.returncode == 2 and "--resume" in again.stderr
+
+
+def test_pruning_prunes_and_divergence_is_an_error(tmp_path, cache_dir):
+    # lr 1e-7 learns nothing (clearly worse); lr 1e30 diverges to NaN.
+    space = space_file(tmp_path, "prune", sampler={"name": "grid"}, num_samples=6, max_concurrent=1,
+                       pruner={"name": "median", "n_startup_trials": 1, "n_warmup_steps": 0},
+                       params={"lr": {"choice": [3e-3, 1e-7, 1e30]}, "output": {"choice": ["rgb", "uv"]},
+                               "depth": 2, "sampling": "maxpool-upsample", "epochs": 4})
+    run_study(tmp_path, cache_dir, "--space", space, "--num-cpus", "2")
+    t = check_consistent(tmp_path / "studies" / "prune", 6)
+    trials = t["trials"]
+    pruned = trials[trials.status == "PRUNED"]
+    assert len(pruned) >= 1 and (pruned.epochs_run < pruned.epochs).all()
+    errors = trials[trials.status == "ERROR"]
+    assert set(errors.lr) == {1e30} and len(errors) == 2
+    assert errors.error.str.contains("NonFiniteLossError").all()
+    # What was pruned was worse than the best finished trial; the best one ran to the end.
+    best = trials.loc[trials.best_val_psnr.idxmax()]
+    assert best.status == "DONE" and (pruned.best_val_psnr < best.best_val_psnr).all()
+
+
+def test_fractional_gpus_share_one_gpu(tmp_path, cache_dir):
+    space = space_file(tmp_path, "frac", pruner={"name": "none"}, num_samples=4, max_concurrent=4,
+                       params={"epochs": 4})
+    run_study(tmp_path, cache_dir, "--space", space, "--num-cpus", "4", "--num-gpus", "1",
+              "--gpus-per-trial", "0.25", "--cpus-per-trial", "1")
+    trials = check_consistent(tmp_path / "studies" / "frac", 4)["trials"]
+    assert (trials.gpu_ids == "0").all()  # every trial was handed the (pretend) GPU
+    spans = list(zip(trials.started_at, trials.finished_at))
+    overlap = max(sum(s <= t < e for s, e in spans) for t, _ in spans)
+    assert overlap == 4, spans
+
+
+def test_killed_driver_resumes_and_completes(tmp_path, cache_dir):
+    space = space_file(tmp_path, "resume", num_samples=6, max_concurrent=2, params={"epochs": 4})
+    study = tmp_path / "studies" / "resume"
+    cmd = [PYTHON, "-m", "study.run", "--space", space, "--storage", str(tmp_path / "studies"),
+           "--cache-dir", str(cache_dir), "--num-cpus", "2"]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=python_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            try:
+                done = tables(study)["trials"].status.isin(["DONE", "PRUNED"]).sum()
+            except (FileNotFoundError, OSError):
+                done = 0
+            if done >= 2:
+                break
+            assert proc.poll() is None, "study ended before it could be killed"
+            time.sleep(0.5)
+        else:
+            pytest.fail("study made no progress")
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray cluster it started
+        proc.wait()
+    before = tables(study)["trials"]
+    assert len(before) < 6 or (before.status == "RUNNING").any(), "killed too late to test resuming"
+    run_study(tmp_path, cache_dir, "--space", space, "--resume")
+    check_consistent(study, 6)
+
+
+def test_resume_without_a_study_is_a_clear_error(tmp_path, cache_dir):
+    p = run_study(tmp_path, cache_dir, "--space", "smoke", "--resume", check=False)
+    assert p.returncode == 2 and "no study at" in p.stderr
+
+
+def test_trial_cli_smoke(tmp_path, cache_dir):
+    p = subprocess.run([PYTHON, "-m", "study.trial", "--dataset", "samples", "--depth", "2", "--sampling",
+                        "pixel-shuffle", "--output", "uv", "--epochs", "1", "--train-limit", "64",
+                        "--eval-limit", "16", "--base-filters", "8", "--cache-dir", str(cache_dir),
+                        "--out", str(tmp_path / "t")], env=python_env(), capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode == 0, p.stderr
+    assert "epoch 1/1" in p.stdout and "val PSNR" in p.stdout
+    assert (tmp_path / "t" / "checkpoint" / "checkpoint.pt").exists()
+    bad = subprocess.run([PYTHON, "-m", "study.trial", "--dataset", "samples", "--depth", "9"],
+                         env=python_env(), capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "depth=9 is too deep" in bad.stderr
