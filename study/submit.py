@@ -183,8 +183,9 @@ def wait(job_id: str, *, address: str = DEFAULT_ADDRESS, token: str | None = Non
         time.sleep(poll_s)
 
 
-def follow(job_id: str, *, address: str = DEFAULT_ADDRESS, token: str | None = None, out=sys.stdout) -> str:
+def follow(job_id: str, *, address: str = DEFAULT_ADDRESS, token: str | None = None, out=None) -> str:
     """Print the job's logs as they come (websocket tail; polling if that fails); returns the final status."""
+    out = out or sys.stdout
     c = client(address, token)
 
     async def tail():
@@ -216,7 +217,8 @@ def parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--address", default=None,
                    help=f"the cluster's dashboard/Jobs API URL (default $RAY_API_SERVER_ADDRESS or {DEFAULT_ADDRESS})")
-    p.add_argument("--follow", action="store_true", help="print the job's logs until it ends; exit 0 only if it succeeded")
+    p.add_argument("--follow", action="store_true",
+                   help="print the job's logs until it ends; exit 0 only if it succeeded")
     p.add_argument("--wait", action="store_true", help="wait for the job to end (no logs); exit 0 only if it succeeded")
     p.add_argument("--submission-id", help="job id to use (default: Ray picks one)")
     p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",

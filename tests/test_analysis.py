@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import matplotlib.image as mpimg
@@ -16,8 +15,8 @@ from analysis.__main__ import main
 from analysis.build import MANIFEST
 from analysis.load import load_study
 from analysis.style import DPI, pixel_size
+from conftest import PYTHON, python_env
 
-ROOT = Path(__file__).resolve().parents[1]
 PREVIEWS = 4
 RESOLUTION = 32   # the samples dataset's native size
 SAMPLINGS = ("maxpool-upsample", "strided-transposed")
@@ -39,7 +38,7 @@ def read_png(path: Path) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def study(tmp_path_factory) -> Path:
+def study(tmp_path_factory, cache_dir) -> Path:
     from study.config import TrialConfig
     from study.local import run_local_study
     import torch
@@ -52,7 +51,7 @@ def study(tmp_path_factory) -> Path:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        run_local_study(folder, configs, log=lambda s: None)
+        run_local_study(folder, configs, cache_dir=cache_dir, log=lambda s: None)
     finally:
         torch.set_num_threads(threads)
     # As an ASHA study would have it: one trial stopped early.
@@ -64,7 +63,7 @@ def study(tmp_path_factory) -> Path:
 
 
 def _add_optuna_study(folder: Path, trials: pd.DataFrame) -> None:
-    """An Optuna SQLite storage mirroring the trials, named in study.json as study.run records it."""
+    """An Optuna SQLite storage mirroring the trials, named in study.json (optuna_storage, optuna_study_name)."""
     import optuna
     from study.results import read_json, write_json
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -200,14 +199,33 @@ def test_importance_comes_from_the_optuna_study(report):
     assert "hyperparameter importance skipped" not in (out / "report.md").read_text()
 
 
-def test_rerun_gives_identical_bytes_and_removes_stale_files(study, report, capsys):
+def test_importance_finds_the_storage_beside_study_json_and_needs_two_trials(study, tmp_path):
+    from analysis.importance import ImportanceSkipped, param_importances
+    meta = json.loads((study / "study.json").read_text())
+    # On a laptop the recorded absolute path is gone; the copied optuna.db sits beside study.json.
+    moved = {**meta, "optuna_storage": "sqlite:////nowhere/optuna.db"}
+    assert param_importances(moved, study) == pytest.approx(param_importances(meta, study))
+    with pytest.raises(ImportanceSkipped, match="not there"):
+        param_importances(moved, tmp_path)
+    import optuna
+    optuna.create_study(study_name="one", storage=f"sqlite:///{tmp_path / 'optuna.db'}").add_trial(
+        optuna.trial.create_trial(params={}, distributions={}, value=1.0))
+    with pytest.raises(ImportanceSkipped, match="1 completed"):
+        param_importances({"optuna_storage": f"sqlite:///{tmp_path / 'optuna.db'}", "name": "one"}, tmp_path)
+
+
+def test_a_rerun_in_a_fresh_process_gives_identical_bytes_without_torch(study, report, tmp_path):
     out, _ = report
     before = {p.name: p.read_bytes() for p in out.iterdir()}
-    # A file an earlier run made and this one no longer makes.
+    # A file an earlier run made and this one no longer makes: the rerun removes it.
     (out / "curves_gone.png").write_bytes(b"stale")
     (out / MANIFEST).write_text((out / MANIFEST).read_text() + "curves_gone.png\n")
-    rc, _ = analyse(study, out, capsys)
-    assert rc == 0
+    # The CLI's own main in a process of its own, which must never have imported torch or Ray.
+    code = ("import sys; from analysis.__main__ import main; rc = main(sys.argv[1:]); "
+            "assert not {'torch', 'ray'} & set(sys.modules), 'torch or ray imported'; sys.exit(rc)")
+    done = subprocess.run([PYTHON, "-c", code, "--study", str(study), "--out", str(out)],
+                          cwd=tmp_path, env=python_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
     after = {p.name: p.read_bytes() for p in out.iterdir()}
     assert after.keys() == before.keys()
     assert [name for name in sorted(after) if after[name] != before[name]] == []
@@ -222,6 +240,9 @@ def test_not_a_study_folder_exits_2(tmp_path, capsys):
         rc, err = analyse(folder, tmp_path / "out", capsys)
         assert rc == 2 and "is not a" in err
     assert not (tmp_path / "out").exists()
+    done = subprocess.run([PYTHON, "-m", "analysis", "--study", str(tmp_path / "empty"), "--out", str(tmp_path / "out")],
+                          cwd=tmp_path, env=python_env(), capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "not a study folder" in done.stderr
 
 
 def test_without_previews_curves_are_made_and_grids_explained(study, tmp_path, capsys):
@@ -275,16 +296,3 @@ def test_trials_without_any_epoch_and_missing_tables(study, tmp_path, capsys):
     rc, err = analyse(tmp_path / "bare", tmp_path / "bare-out", capsys)
     assert rc == 0 and "trials.parquet is missing" in err
     assert "trials.parquet is missing" in (tmp_path / "bare-out/report.md").read_text()
-
-
-def test_the_cli_runs_without_torch_or_ray(study, tmp_path):
-    folder = derived_study(study, tmp_path / "study", ["local_00003"])
-    code = ("import sys; from analysis.__main__ import main; rc = main(sys.argv[1:]); "
-            "assert not {'torch', 'ray'} & set(sys.modules), 'torch or ray imported'; sys.exit(rc)")
-    done = subprocess.run([sys.executable, "-c", code, "--study", str(folder), "--out", str(tmp_path / "out")],
-                          cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr
-    assert (tmp_path / "out/report.md").is_file()
-    done = subprocess.run([sys.executable, "-m", "analysis", "--study", str(tmp_path), "--out", str(tmp_path / "x")],
-                          cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 2 and "not a study folder" in done.stderr

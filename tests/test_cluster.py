@@ -59,11 +59,18 @@ def _strings(obj):
 
 
 def _study_commands(text: str) -> list[list[str]]:
-    """Every ``python -m <module> ...`` command line in a config (YAML folding undone)."""
-    text = re.sub(r"\\\n\s*", " ", text)
+    """Every ``python -m <module> ...`` command in a config or guide, as [module, *args]."""
+    text = re.sub(r"\\\n\s*#?\s*", " ", text)  # shell line continuations, also in comments
     cmds = []
-    for m in re.finditer(r"python3? -m ([\w.]+)([^\n;&|'\"]*)", text):
-        cmds.append([m.group(1), *shlex.split(m.group(2), comments=False)])
+    for line in text.splitlines():
+        for m in re.finditer(r"python3? -m [\w.]+", line):
+            rest = line[m.start():].split("`")[0]
+            try:
+                words = shlex.split(rest)
+            except ValueError:
+                words = rest.split()
+            cut = next((i for i, w in enumerate(words) if w in ("&&", "||", ";", "|", "#")), len(words))
+            cmds.append(words[2:cut])
     return cmds
 
 
@@ -78,11 +85,11 @@ def test_configs_parse():
     aws = _docs(CLUSTER / "aws.yaml")[0]
     assert aws["provider"]["type"] == "aws"
     head = aws["head_node_type"]
-    gpu_types = [n for n, t in aws["available_node_types"].items()
-                 if n != head and "GPU" in json.dumps(t) or "g5" in json.dumps(t) or "g6" in json.dumps(t)]
-    assert gpu_types, "a GPU worker type"
-    worker = aws["available_node_types"][gpu_types[0]]
-    assert 0 <= worker["min_workers"] <= worker["max_workers"]
+    gpu_workers = [t for n, t in aws["available_node_types"].items() if n != head and (
+        t["node_config"]["InstanceType"][0] in "gp" or t.get("resources", {}).get("GPU"))]
+    assert gpu_workers, "a GPU worker type"
+    assert 0 <= gpu_workers[0]["min_workers"] <= gpu_workers[0]["max_workers"]
+    assert aws["available_node_types"][head]["resources"].get("CPU") == 0  # the head takes no trials
     assert "RayCluster" in _kinds(_docs(CLUSTER / "kuberay" / "raycluster.yaml"))
     job = [d for d in _docs(CLUSTER / "kuberay" / "rayjob.yaml") if d["kind"] == "RayJob"][0]
     groups = job["spec"]["rayClusterSpec"]["workerGroupSpecs"]
@@ -98,26 +105,48 @@ def test_aws_config_passes_rays_own_validation():
 
 
 def test_config_commands_exist_in_this_project():
+    """Every `python -m X` in the configs and the guide is a module here, with flags its parser takes."""
     from study.run import parser as run_parser
     from study.space import SPACES_DIR
+    from study.submit import parser as submit_parser
 
-    seen_run = 0
+    runs = 0
     for path in CONFIGS + [CLUSTER / "README.md"]:
         for module, *args in _study_commands(path.read_text()):
-            if module in ("pip", "venv", "ray"):
+            if module in ("pip", "venv") or "--help" in args:
                 continue
-            assert importlib.util.find_spec(module) is not None, f"{path.name}: python -m {module}"
+            spec = importlib.util.find_spec(module)
+            assert spec is not None, f"{path.name}: python -m {module}"
+            if spec.submodule_search_locations is not None:  # a package runs its __main__
+                assert importlib.util.find_spec(f"{module}.__main__"), f"{path.name}: python -m {module}"
             if module == "study.run":
-                seen_run += 1
-                ns = run_parser().parse_args(args)  # SystemExit on an unknown flag
+                runs += 1
+                ns = run_parser().parse_args(args)  # SystemExit on a flag study.run does not take
                 assert (SPACES_DIR / f"{ns.space}.yaml").exists(), f"{path.name}: --space {ns.space}"
-                assert "://" in ns.storage, f"{path.name}: a cluster needs shared --storage, got {ns.storage}"
-            if module == "study.submit":
-                from study.submit import parser as submit_parser
-                submit_parser().parse_args(args)
-    assert seen_run >= 2  # the RayJob entrypoint and the launcher/guide examples
+                if path.suffix == ".yaml":
+                    assert "://" in ns.storage, f"{path.name}: a cluster needs shared --storage, got {ns.storage}"
+            elif module == "study.submit":
+                ns = submit_parser().parse_args(args)
+                run_args = ns.run_args[1:] if ns.run_args[:1] == ["--"] else ns.run_args
+                if run_args:
+                    run_parser().parse_args(run_args)
+    assert runs >= 1
     job = [d for d in _docs(CLUSTER / "kuberay" / "rayjob.yaml") if d["kind"] == "RayJob"][0]
-    assert job["spec"]["entrypoint"].startswith("python -m study.run --space full --storage s3://")
+    module, *args = _study_commands(job["spec"]["entrypoint"])[0]
+    ns = run_parser().parse_args(args)
+    assert module == "study.run" and ns.space == "full" and ns.storage.startswith("s3://") and ns.address == "auto"
+
+
+def test_launcher_commands_are_valid_shell():
+    aws = _docs(CLUSTER / "aws.yaml")[0]
+    for key in ("setup_commands", "head_start_ray_commands", "worker_start_ray_commands"):
+        for cmd in aws[key]:
+            r = subprocess.run(["bash", "-n", "-c", cmd], capture_output=True, text=True)
+            assert r.returncode == 0, (key, cmd, r.stderr)
+    start = " ".join(aws["head_start_ray_commands"] + aws["worker_start_ray_commands"])
+    assert start.count("RAY_AUTH_MODE=token") == 2 and start.count("RAY_AUTH_TOKEN=") == 2
+    assert "pip install -q -e ~/colorize" in aws["setup_commands"]
+    assert any("torch==2.14.1" in c and "torchvision==0.29.1" in c for c in aws["setup_commands"])
 
 
 def _dashboard_hosts(path: Path) -> list[str]:
@@ -213,9 +242,9 @@ def test_configs_hold_no_credentials():
 def test_entrypoint_and_runtime_env():
     from study import submit
 
-    cmd = submit.entrypoint(["--", "--space", "full", "--storage", "s3://bucket/studies?endpoint_override=h:1&scheme=http"])
-    assert shlex.split(cmd) == ["python", "-m", "study.run", "--space", "full", "--storage",
-                                "s3://bucket/studies?endpoint_override=h:1&scheme=http", "--address", "auto"]
+    uri = "s3://bucket/studies?endpoint_override=h:1&scheme=http"
+    cmd = submit.entrypoint(["--", "--space", "full", "--storage", uri])
+    assert shlex.split(cmd) == ["python", "-m", "study.run", "--space", "full", "--storage", uri, "--address", "auto"]
     assert "--address auto" not in submit.entrypoint(["--space", "smoke", "--storage", "/nfs/s", "--address", "x:1"])
     with pytest.raises(submit.SubmitError, match="relative"):
         submit.entrypoint(["--space", "smoke", "--storage", "studies"])
@@ -246,6 +275,11 @@ def test_token_comes_from_the_environment(tmp_path):
     assert submit.auth_headers(None) == {}
     assert submit.is_loopback("http://127.0.0.1:8265") and submit.is_loopback("localhost:8265")
     assert not submit.is_loopback("http://10.0.0.5:8265")
+
+
+def test_submit_cli_help():
+    r = subprocess.run([sys.executable, "-m", "study.submit", "--help"], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0 and "--follow" in r.stdout and "RAY_AUTH_TOKEN" in r.stdout
 
 
 def test_submit_cli_refuses_before_uploading(capsys, monkeypatch):
@@ -314,10 +348,11 @@ class LocalCluster:
     def __init__(self, token: str, env: dict[str, str]):
         self.token = token
         self.tmp = Path(tempfile.mkdtemp(prefix="rtc-", dir="/tmp"))  # short: Ray's socket paths
-        self.temp_dir = self.tmp / "ray"
         self.marker = self.tmp.name
+        (self.tmp / "tmp").mkdir()
         self.env = {**os.environ, **env, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token,
                     MARKER: self.marker, "RAY_USAGE_STATS_ENABLED": "0",
+                    "TMPDIR": str(self.tmp / "tmp"),  # the nodes' temporary files go away with the cluster
                     "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
                     # Notice a dead node within seconds (defaults: 3 s x 5 checks).
                     "RAY_health_check_period_ms": "1000", "RAY_health_check_timeout_ms": "1000",
@@ -339,10 +374,12 @@ class LocalCluster:
         self.procs[name] = proc
         return proc
 
-    def _node_args(self, cpus: int) -> list[str]:
+    def _node_args(self, name: str, cpus: int) -> list[str]:
         agent, grpc, renv, metrics = _free_ports(4)
         lo, hi = _free_range()
-        return [f"--num-cpus={cpus}", "--num-gpus=0", f"--temp-dir={self.temp_dir}", "--disable-usage-stats",
+        # Each node its own temp dir, as on separate machines (nodes sharing one would unpack
+        # the job's working_dir into the same folder, each under the other's feet).
+        return [f"--num-cpus={cpus}", "--num-gpus=0", f"--temp-dir={self.tmp / name}", "--disable-usage-stats",
                 f"--dashboard-agent-listen-port={agent}", f"--dashboard-agent-grpc-port={grpc}",
                 f"--runtime-env-agent-port={renv}", f"--metrics-export-port={metrics}",
                 f"--min-worker-port={lo}", f"--max-worker-port={hi}",
@@ -352,14 +389,14 @@ class LocalCluster:
         self.gcs_port, self.dashboard_port, client, dash_metrics, as_metrics = _free_ports(5)
         self._start("head", ["--head", f"--port={self.gcs_port}", "--dashboard-host=127.0.0.1",
                              f"--dashboard-port={self.dashboard_port}", f"--ray-client-server-port={client}",
-                             *self._node_args(cpus)],
+                             *self._node_args("head", cpus)],
                     {"DASHBOARD_METRIC_PORT": str(dash_metrics), "AUTOSCALER_METRIC_PORT": str(as_metrics)})
         self._wait_nodes(1, "head", timeout)
 
     def add_worker(self, cpus: int = 1, timeout: float = 90, tries: int = 2):
         for attempt in range(tries):
             self._start("worker", [f"--address=127.0.0.1:{self.gcs_port}", "--resources={\"worker_node\": 1}",
-                                   *self._node_args(cpus)])
+                                   *self._node_args("worker", cpus)])
             try:
                 self._wait_nodes(2, "worker", timeout)
                 return
@@ -419,19 +456,21 @@ class LocalCluster:
         proc.wait(timeout=10)
 
     def stop(self):
-        psutil = _psutil()
-
-        for name in list(self.procs):
-            self.kill(name)
-        # Anything our nodes started that left both trees (carries our marker in its environment).
-        strays = []
-        for p in psutil.process_iter():
-            with _suppress():
-                if p.pid != os.getpid() and p.environ().get(MARKER) == self.marker:
-                    p.kill()
-                    strays.append(p)
-        psutil.wait_procs(strays, timeout=10)
-        shutil.rmtree(self.tmp, ignore_errors=True)
+        try:
+            for name in list(self.procs):
+                with _suppress():
+                    self.kill(name)
+            # Anything our nodes started that left both trees (carries our marker in its environment).
+            psutil = _psutil()
+            strays = []
+            for p in psutil.process_iter():
+                with _suppress():
+                    if p.pid != os.getpid() and p.environ().get(MARKER) == self.marker:
+                        p.kill()
+                        strays.append(p)
+            psutil.wait_procs(strays, timeout=10)
+        finally:
+            shutil.rmtree(self.tmp, ignore_errors=True)
 
 
 def _psutil():
@@ -500,16 +539,6 @@ def _study_root(s3, name: str) -> str:
     return f"s3://{BUCKET}/studies/{name}?{s3['query']}"
 
 
-def _submit_and_wait(cluster, run_args: list[str], timeout_s: float = 300) -> tuple[str, str, str]:
-    from study import submit
-
-    job = submit.submit(run_args, address=cluster.dashboard, token=cluster.token,
-                        env_vars={"COLORIZE_CACHE_DIR": str(cluster.tmp / "cache")})
-    status = submit.wait(job, address=cluster.dashboard, token=cluster.token, timeout_s=timeout_s, poll_s=1)
-    logs = submit.client(cluster.dashboard, cluster.token).get_job_logs(job)
-    return job, status, logs
-
-
 def _check_epochs(trials, epochs, n_epochs: int | None = None):
     assert not epochs.duplicated(["trial_id", "epoch"]).any()
     for t in trials.itertuples():
@@ -550,16 +579,24 @@ def test_dashboard_on_loopback_only_and_token_required(cluster):
 
 
 @pytest.mark.slow
-def test_smoke_study_as_a_job_on_two_nodes_with_s3_storage(cluster, s3):
+def test_smoke_study_as_a_job_on_two_nodes_with_s3_storage(cluster, s3, capsys, monkeypatch):
+    """`python -m study.submit --follow -- --space smoke --storage s3://...` on the two-node cluster."""
     import pandas as pd
 
+    from study import submit
     from study.results import read_json, read_table
 
     t0 = time.monotonic()
-    job, status, logs = _submit_and_wait(cluster, [
-        "--space", "smoke", "--name", "smoke2n", "--storage", _storage(s3),
-        "--max-concurrent", "2", "--cpus-per-trial", "1"])
-    assert status == "SUCCEEDED", logs[-4000:]
+    monkeypatch.setenv("RAY_AUTH_TOKEN", cluster.token)       # the CLI's only source of the token
+    rc = submit.main(["--address", cluster.dashboard, "--follow", "--env",
+                      f"COLORIZE_CACHE_DIR={cluster.tmp / 'cache'}", "--",
+                      "--space", "smoke", "--name", "smoke2n", "--storage", _storage(s3),
+                      "--max-concurrent", "2", "--cpus-per-trial", "1"])
+    out = capsys.readouterr().out
+    job = re.search(r"submitted job (\S+):", out).group(1)
+    assert rc == 0 and f"job {job}: SUCCEEDED" in out, out[-4000:]
+    assert "dashboard: http://127.0.0.1:" in out and "ssh -N -L" in out
+    assert "study smoke2n: space smoke, 6 trials" in out and "best configuration" in out  # the followed logs
     root = _study_root(s3, "smoke2n")
     assert read_json(root, "study.json")["space"] == "smoke"
     trials, epochs = read_table(root, "trials"), read_table(root, "epochs")
@@ -591,10 +628,11 @@ def test_worker_node_killed_mid_study(cluster, s3, tmp_path):
     from study import submit
     from study.results import read_table
 
+    # Two trials at once, one per node (1 CPU each); epochs long enough to kill one mid-trial.
     n_epochs = 8
     space = yaml.safe_load((ROOT / "search_spaces" / "smoke.yaml").read_text())
-    space.update(num_samples=3, max_concurrent=2, pruner={"name": "none"}, description="test: node loss")
-    space["params"].update(epochs=n_epochs, train_limit=512)
+    space.update(num_samples=2, max_concurrent=2, pruner={"name": "none"}, description="test: node loss")
+    space["params"].update(epochs=n_epochs, train_limit=384)
     space_file = tmp_path / "nodeloss.yaml"
     space_file.write_text(yaml.safe_dump(space))
     root = _study_root(s3, "nodeloss")
@@ -610,7 +648,10 @@ def test_worker_node_killed_mid_study(cluster, s3, tmp_path):
     deadline = time.monotonic() + 240
     while victim is None and time.monotonic() < deadline:
         assert str(c.get_job_status(job)) not in submit.TERMINAL, c.get_job_logs(job)[-4000:]
-        trials = read_table(root, "trials")
+        try:
+            trials = read_table(root, "trials")
+        except Exception:  # noqa: BLE001 - moto (not S3) may serve an object while it is replaced
+            trials = None
         if trials is not None:
             running = trials[(trials.status == "RUNNING") & (trials.node_id == worker_id)
                              & (trials.epochs_run >= 1) & (trials.epochs_run <= n_epochs - 3)]
@@ -623,16 +664,18 @@ def test_worker_node_killed_mid_study(cluster, s3, tmp_path):
     status = submit.wait(job, address=cluster.dashboard, token=cluster.token, timeout_s=300, poll_s=1)
     logs = c.get_job_logs(job)
     assert status == "SUCCEEDED", logs[-4000:]
+    assert [n["node_id"] for n in cluster.alive_nodes()] == [head_id]   # the worker is gone for good
 
     trials, epochs = read_table(root, "trials"), read_table(root, "epochs")
-    assert len(trials) == 3 and set(trials.status) == {"DONE"}, trials[["trial_id", "status", "error"]]
+    assert len(trials) == 2 and set(trials.status) == {"DONE"}, trials[["trial_id", "status", "error"]]
     _check_epochs(trials, epochs, n_epochs=n_epochs)                 # nothing lost, nothing twice
     row = trials.set_index("trial_id").loc[victim]
     assert row.node_id == head_id                                    # finished on the surviving node
     # ...from its checkpoint, not from scratch: the trial's own log on the head says so.
     resumed = _resume_lines(cluster, victim)
     assert resumed, f"no 'resumed from' line for {victim}"
-    assert max(resumed) >= 1 and max(resumed) <= epochs_at_kill + 1, (resumed, epochs_at_kill)
+    # (the trial may have finished an epoch or two between our read of the table and the kill)
+    assert 1 <= max(resumed) <= epochs_at_kill + 2, (resumed, epochs_at_kill)
     print(f"\nkilled the worker while {victim} had {epochs_at_kill} epochs; resumed after epoch "
           f"{max(resumed)}; job took {time.monotonic() - t0:.0f} s")
 
@@ -640,8 +683,7 @@ def test_worker_node_killed_mid_study(cluster, s3, tmp_path):
 def _resume_lines(cluster, trial_id: str) -> list[int]:
     """'after epoch N' of every resume of ``trial_id`` in the nodes' worker logs."""
     found = []
-    logs = cluster.temp_dir / "session_latest" / "logs"
-    for out in logs.glob("worker-*.out"):
+    for out in cluster.tmp.glob("*/session_latest/logs/worker-*.out"):
         err = out.with_suffix(".err")
         if not err.exists() or f"trainable_{trial_id}_" not in err.read_text(errors="replace"):
             continue
