@@ -113,9 +113,12 @@ def entrypoint(run_args: list[str]) -> str:
 
 def runtime_env(working_dir: str | Path = PROJECT_ROOT, env_vars: dict[str, str] | None = None,
                 excludes: list[str] | None = None) -> dict:
+    if not (Path(working_dir) / "study" / "run.py").is_file():
+        raise SubmitError(f"{working_dir} is not this project's folder (run from a checkout: the folder "
+                          f"is uploaded as the job's working_dir)")
     env = {"COLORIZE_CACHE_DIR": NODE_CACHE_DIR, "PYTHONUNBUFFERED": "1", **(env_vars or {})}
     for key in env:
-        if "TOKEN" in key.upper() or "SECRET" in key.upper() or "PASSWORD" in key.upper():
+        if any(word in key.upper() for word in ("TOKEN", "SECRET", "PASSWORD", "ACCESS_KEY", "CREDENTIAL")):
             raise SubmitError(f"--env {key}: credentials must not travel in a job's runtime_env (it is shown "
                               f"on the dashboard); give them to the cluster's nodes (instance role, "
                               f"Kubernetes secret, environment)")

@@ -175,21 +175,34 @@ class ResultsCallback(Callback):
             node_id=meta.get("node_id", ""), checkpoint_path=meta.get("checkpoint_path", ""),
             optuna_number=self.searcher.optuna_number(trial.trial_id))
             | {k: meta.get(k, d) for k, d in (("gpu_ids", ""), ("started_at", float("nan")),
-                                               ("finished_at", float("nan")))}])
+                                               ("finished_at", float("nan")), ("restarts", 0),
+                                               ("resumed_at_epoch", 0))}])
 
     def on_trial_start(self, iteration, trials, trial, **info):
         existing = self.writer.tables["trials"]
         if existing is not None and (existing.trial_id == trial.trial_id).any():
+            # A restored driver, or a restarted trial: keep what is known, fill in the rest from the table.
             prev = existing[existing.trial_id == trial.trial_id].iloc[0]
-            self._meta.setdefault(trial.trial_id, {}).update(
-                {k: prev[k] for k in ("device", "node_id", "checkpoint_path", "wall_time_s", "gpu_ids", "started_at",
-                                      "finished_at") if k in prev})
+            meta = self._meta.setdefault(trial.trial_id, {})
+            for k in ("device", "node_id", "checkpoint_path", "wall_time_s", "gpu_ids", "started_at",
+                      "finished_at", "restarts", "resumed_at_epoch"):
+                if k in prev and k not in meta:
+                    meta[k] = prev[k]
         self._write_trial(trial, "RUNNING")
+
+    def on_trial_recover(self, iteration, trials, trial, **info):
+        # Its worker died; Ray restarts it from its last checkpoint (FailureConfig.max_failures).
+        meta = self._meta.setdefault(trial.trial_id, {})
+        meta["restarts"] = int(meta.get("restarts", 0)) + 1
+        meta["awaiting_first_result"] = True
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         if ERROR_KEY in result:
             return
         epoch = int(result["epoch"])
+        meta = self._meta.setdefault(trial.trial_id, {})
+        if meta.pop("awaiting_first_result", False):
+            meta["resumed_at_epoch"] = epoch
         # A trial restored from an older checkpoint re-runs later epochs: forget them first.
         self.writer.drop_epochs_after(trial.trial_id, epoch - 1)
         self.writer.upsert("epochs", [epoch_row(trial.trial_id, result)])

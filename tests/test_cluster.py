@@ -629,7 +629,7 @@ def test_worker_node_killed_mid_study(cluster, s3, tmp_path):
     from study.results import read_table
 
     # Two trials at once, one per node (1 CPU each); epochs long enough to kill one mid-trial.
-    n_epochs = 8
+    n_epochs = 6
     space = yaml.safe_load((ROOT / "search_spaces" / "smoke.yaml").read_text())
     space.update(num_samples=2, max_concurrent=2, pruner={"name": "none"}, description="test: node loss")
     space["params"].update(epochs=n_epochs, train_limit=384)
@@ -654,7 +654,7 @@ def test_worker_node_killed_mid_study(cluster, s3, tmp_path):
             trials = None
         if trials is not None:
             running = trials[(trials.status == "RUNNING") & (trials.node_id == worker_id)
-                             & (trials.epochs_run >= 1) & (trials.epochs_run <= n_epochs - 3)]
+                             & (trials.epochs_run >= 1) & (trials.epochs_run <= n_epochs - 2)]
             if len(running):
                 victim, epochs_at_kill = running.trial_id.iloc[0], int(running.epochs_run.iloc[0])
                 break

@@ -34,6 +34,28 @@ def run_study(tmp_path, cache_dir, *args, timeout=400, check=True):
     return p
 
 
+def session_processes(sid: int) -> list[tuple[int, str]]:
+    """(pid, command line) of every process in a session (Ray workers have their own process groups)."""
+    out = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                if os.getsid(int(d.name)) == sid:
+                    out.append((int(d.name), (d / "cmdline").read_bytes().decode(errors="replace")))
+            except (OSError, ProcessLookupError):
+                pass
+    return out
+
+
+def kill_session(sid: int) -> None:
+    """SIGKILL the driver and every Ray process it started: a crash, as far as the study can tell."""
+    for pid, _ in session_processes(sid):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
 def tables(study: Path) -> dict[str, pd.DataFrame]:
     return {t: pd.read_parquet(study / "results" / f"{t}.parquet") for t in ("trials", "epochs", "previews")}
 
@@ -132,7 +154,7 @@ def test_killed_driver_resumes_and_completes(tmp_path, cache_dir):
         else:
             pytest.fail("study made no progress")
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray cluster it started
+        kill_session(proc.pid)  # the driver and the local Ray cluster it started
         proc.wait()
     before = tables(study)["trials"]
     assert len(before) < 6 or (before.status == "RUNNING").any(), "killed too late to test resuming"
@@ -157,3 +179,43 @@ def test_trial_cli_smoke(tmp_path, cache_dir):
     bad = subprocess.run([PYTHON, "-m", "study.trial", "--dataset", "samples", "--depth", "9"],
                          env=python_env(), capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "depth=9 is too deep" in bad.stderr
+
+
+def _trial_workers(sid: int) -> list[int]:
+    """PIDs of Ray worker processes running a trial in the study's session."""
+    return [pid for pid, cmd in session_processes(sid) if cmd.startswith("ray::ImplicitFunc")]
+
+
+def test_dead_trial_worker_restarts_from_checkpoint(tmp_path, cache_dir):
+    space = space_file(tmp_path, "crash", num_samples=2, max_concurrent=2, pruner={"name": "none"},
+                       params={"epochs": 6, "train_limit": 512})
+    study = tmp_path / "studies" / "crash"
+    cmd = [PYTHON, "-m", "study.run", "--space", space, "--storage", str(tmp_path / "studies"),
+           "--cache-dir", str(cache_dir), "--num-cpus", "2"]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=python_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    killed = False
+    try:
+        deadline = time.time() + 300
+        while not killed and time.time() < deadline and proc.poll() is None:
+            try:
+                trials = tables(study)["trials"]
+                running = trials[(trials.status == "RUNNING") & (trials.epochs_run.fillna(0) >= 2)]
+            except (FileNotFoundError, OSError, KeyError):
+                running = []
+            workers = _trial_workers(proc.pid)
+            if len(running) and workers:
+                os.kill(workers[0], signal.SIGKILL)
+                killed = True
+            time.sleep(0.3)
+        out, _ = proc.communicate(timeout=400)
+    finally:
+        kill_session(proc.pid)
+    assert killed, "no trial worker was found to kill"
+    assert proc.returncode == 0, out[-3000:]
+    trials = check_consistent(study, 2)["trials"]
+    restarted = trials[trials.restarts >= 1]
+    assert len(restarted) == 1, trials[["trial_id", "status", "restarts", "epochs_run"]]
+    row = restarted.iloc[0]
+    assert row.status == "DONE" and row.epochs_run == 6
+    assert row.resumed_at_epoch > 1  # continued from its checkpoint, not from scratch
