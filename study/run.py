@@ -39,18 +39,22 @@ def parser() -> argparse.ArgumentParser:
 
 
 def study_root(storage: str, name: str) -> str:
-    if "://" in storage:
-        base, _, query = storage.partition("?")
-        return f"{base.rstrip('/')}/{name}" + (f"?{query}" if query else "")
-    return str(Path(storage).resolve() / name)
+    return under(storage, name) if "://" in storage else str(Path(storage).resolve() / name)
+
+
+def under(root: str, sub: str) -> str:
+    """``root/sub`` for a folder or a URI whose query string must stay at the end."""
+    base, q, query = root.partition("?")
+    return f"{base.rstrip('/')}/{sub}" + (f"?{query}" if q else "")
 
 
 def default_optuna_storage(root: str, name: str) -> str:
     fs, path = resolve(root)
     if "://" not in root:
         return f"sqlite:///{Path(path) / 'optuna.db'}"
-    # SQLite cannot live on an object store: keep it beside the driver.
-    local = Path(".cache/optuna").resolve()
+    # SQLite cannot live on an object store: keep it beside the driver, outside the job's
+    # working directory (on a cluster that is a temporary copy that disappears).
+    local = Path(os.environ.get("COLORIZE_OPTUNA_DIR") or Path.home() / ".cache" / "unet-colorize" / "optuna")
     local.mkdir(parents=True, exist_ok=True)
     print(f"note: the Optuna study is kept in {local / (name + '.db')} (pass --optuna-storage to share it)")
     return f"sqlite:///{local / (name + '.db')}"
@@ -113,7 +117,7 @@ def main(argv=None) -> int:
               file=sys.stderr)
         return 2
     print(f"study {name}: space {space.name}, {meta['num_samples']} trials, {resources} per trial, "
-          f"results in {root}/results, Optuna {meta['optuna_storage']}")
+          f"results in {under(root, 'results')}, Optuna {meta['optuna_storage']}")
     if args.resume and not tb.can_resume(root):
         print(f"error: --resume: Ray Tune has no saved state at {root} yet; start it again without --resume "
               f"after removing {root}/study.json", file=sys.stderr)
@@ -126,7 +130,8 @@ def main(argv=None) -> int:
     tuner.fit()
     print("\nbest configuration per dataset x output (ranked by val PSNR in RGB; losses are not comparable):")
     print(best_table(root))
-    print(f"\nresults: {root}/results/{{trials,epochs,previews}}.parquet;  analysis: python -m analysis --study {root}")
+    print(f"\nresults: {under(root, 'results/trials.parquet')} (and epochs, previews);  "
+          f"analysis: python -m analysis --study {root}")
     return 0
 
 

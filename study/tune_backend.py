@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -296,6 +297,9 @@ def trainable(config: dict, space: Space, data_root: str | None, cache_dir: str 
     except (NonFiniteLossError, torch.OutOfMemoryError) as e:
         # Retrying cannot fix these: end the trial with its reason (the study goes on).
         tune.report({ERROR_KEY: f"{type(e).__name__}: {e}", METRIC: float("nan"), "epoch": -1, **extra})
+    finally:
+        if resume:  # Ray's local copy of the checkpoint we resumed from
+            shutil.rmtree(resume, ignore_errors=True)
 
 
 # ------------------------------------------------------------------ running a study
