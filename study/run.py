@@ -7,6 +7,7 @@ as Parquet in ``<storage>/<name>/results/``.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import sys
 import time
@@ -56,8 +57,10 @@ def default_optuna_storage(root: str, name: str) -> str:
     # working directory (on a cluster that is a temporary copy that disappears).
     local = Path(os.environ.get("COLORIZE_OPTUNA_DIR") or Path.home() / ".cache" / "unet-colorize" / "optuna")
     local.mkdir(parents=True, exist_ok=True)
-    print(f"note: the Optuna study is kept in {local / (name + '.db')} (pass --optuna-storage to share it)")
-    return f"sqlite:///{local / (name + '.db')}"
+    # Keyed by the study's location too: two studies named alike must not share an Optuna study.
+    db = local / f"{name}-{hashlib.sha1(root.encode()).hexdigest()[:8]}.db"
+    print(f"note: the Optuna study is kept in {db} (pass --optuna-storage to share it)")
+    return f"sqlite:///{db}"
 
 
 def best_table(root: str) -> str:
