@@ -13,6 +13,8 @@ import sys
 import time
 from pathlib import Path
 
+from study.config import DEFAULT_RESOLUTION
+from study.data import DataError
 from study.results import read_json, read_table, resolve, write_json
 from study.space import SpaceError, load_space
 
@@ -63,6 +65,25 @@ def default_optuna_storage(root: str, name: str) -> str:
     return f"sqlite:///{db}"
 
 
+def prepare_data(space, data_root: str | None, cache_dir: str) -> None:
+    """Decode each dataset of the space once, here, before trials start.
+
+    Otherwise the first trials would all decode the same images at once; and a
+    missing or corrupt dataset is reported before any trial is scheduled.
+    """
+    from study.data import load_splits
+
+    single = {n: space.possible(n) for n in ("resolution", "train_limit", "eval_limit")}
+    if any(len(v) != 1 for v in single.values()):
+        return  # varied by the space: each trial decodes (and caches) its own
+    for ds in space.possible("dataset"):
+        res = single["resolution"][0] or DEFAULT_RESOLUTION.get(ds, 64)
+        t0 = time.time()
+        s = load_splits(ds, res, data_root, cache_dir, single["train_limit"][0], single["eval_limit"][0])
+        print(f"data {ds} at {res}px: {len(s.train)}/{len(s.val)}/{len(s.test)} train/val/test images "
+              f"from {s.source} ({time.time() - t0:.1f}s)")
+
+
 def best_table(root: str) -> str:
     df = read_table(root, "trials")
     if df is None or "best_val_psnr" not in df or df.best_val_psnr.isna().all():
@@ -95,6 +116,13 @@ def main(argv=None) -> int:
         return 2
     data_root = str(Path(args.data_root).resolve()) if args.data_root else os.environ.get("COLORIZE_DATA_ROOT")
     cache_dir = str(Path(args.cache_dir or os.environ.get("COLORIZE_CACHE_DIR") or ".cache").resolve())
+
+    if not args.address:  # on a cluster each node decodes into its own cache
+        try:
+            prepare_data(space, data_root, cache_dir)
+        except DataError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
 
     # Ray is imported only here: the trial engine does not need it.
     from study import tune_backend as tb

@@ -99,6 +99,15 @@ class Space:
         plain = {k: v for k, v in config.items() if "__" not in k}
         return TrialConfig.from_dict(plain).validate()
 
+    def possible(self, name: str) -> list:
+        """Every value a discrete parameter can take (its default when the space leaves it out)."""
+        p = self.params.get(name)
+        if p is None:
+            return [CONFIG_FIELDS[name].default]
+        if any(d.kind in ("uniform", "loguniform") for d in p.cases.values()):
+            raise ValueError(f"{name} is continuous")
+        return list(dict.fromkeys(v for d in p.cases.values() for v in d.possible()))
+
     def grid(self) -> dict[str, list]:
         return {p.name: p.cases[None].values for p in self.params.values()
                 if not p.by and p.cases[None].kind == "choice"}
