@@ -55,28 +55,36 @@ def _sync(dev):
         torch.cuda.synchronize(dev)
 
 
+def _timed(batches, step, steps: int, warmup: int, dev) -> float:
+    """Seconds taken by ``steps`` calls of ``step(batch)`` after ``warmup`` untimed ones."""
+    done, t0 = 0, 0.0
+    while True:
+        for batch in batches():
+            if done == warmup:
+                _sync(dev)
+                t0 = time.perf_counter()
+            step(batch)
+            done += 1
+            if done == warmup + steps:
+                _sync(dev)
+                return time.perf_counter() - t0
+
+
 def bench_reference(files, dev, steps, warmup, workers) -> float:
     torch.manual_seed(0)
     model = build_unet(MODEL, 32).to(dev)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     loader = DataLoader(NotebookDataset(files), batch_size=64, shuffle=True, num_workers=workers,
                         drop_last=True, persistent_workers=workers > 0)
-    done, t0 = 0, None
-    while done < warmup + steps:
-        for y, uv in loader:
-            if done == warmup:
-                _sync(dev)
-                t0 = time.perf_counter()
-            y, uv = y.to(dev), uv.to(dev)
-            loss = F.mse_loss(model(y), uv)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            done += 1
-            if done == warmup + steps:
-                break
-    _sync(dev)
-    return steps * 64 / (time.perf_counter() - t0)
+
+    def step(batch):
+        y, uv = (t.to(dev) for t in batch)
+        loss = F.mse_loss(model(y), uv)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    return steps * 64 / _timed(lambda: loader, step, steps, warmup, dev)
 
 
 def bench_ours(images: np.ndarray, dev, batch, steps, warmup) -> float:
@@ -85,24 +93,17 @@ def bench_ours(images: np.ndarray, dev, batch, steps, warmup) -> float:
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     data = DeviceImages(images, dev)
     gen = torch.Generator(device=dev).manual_seed(0)
-    done, t0 = 0, None
-    while done < warmup + steps:
-        for x in data.train_batches(batch, gen):  # the same step as study.train.run_trial
-            if done == warmup:
-                _sync(dev)
-                t0 = time.perf_counter()
-            y = rgb_to_y(x)
-            with autocast_for(dev):
-                pred = model(y)
-            loss = F.mse_loss(pred.float(), target_for(x, "uv"))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            done += 1
-            if done == warmup + steps:
-                break
-    _sync(dev)
-    return steps * batch / (time.perf_counter() - t0)
+
+    def step(x):  # the same step as study.train.run_trial
+        y = rgb_to_y(x)
+        with autocast_for(dev):
+            pred = model(y)
+        loss = F.mse_loss(pred.float(), target_for(x, "uv"))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    return steps * batch / _timed(lambda: data.train_batches(batch, gen), step, steps, warmup, dev)
 
 
 def jpeg_files(data_root: str | None, n: int, cache_dir) -> tuple[list[Path], str]:

@@ -135,7 +135,7 @@ def run_trial(cfg: TrialConfig, *, data_root: str | None = None, cache_dir: str 
         opt.load_state_dict(state["optimizer"])
         if sched is not None and state.get("scheduler"):
             sched.load_state_dict(state["scheduler"])
-        gen.set_state(state["generator"].cpu() if dev.type == "cpu" else state["generator"].cpu())
+        gen.set_state(state["generator"].cpu())  # generator states live on the CPU
         start_epoch, history = state["epoch"], list(state["history"])
         log(f"resumed from {resume_from} after epoch {start_epoch}")
 
