@@ -259,17 +259,13 @@ class ResultsCallback(Callback):
 
 
 def _error_text(trial) -> str:
-    for attr in ("error_file", "pickled_error_file"):
-        path = getattr(trial, attr, None)
-        if path and attr == "error_file":
-            try:
-                return Path(path).read_text()[-2000:]
-            except OSError:
-                pass
+    """The end of the trial's traceback (Ray writes it to the trial folder)."""
     try:
+        if trial.error_file and Path(trial.error_file).exists():
+            return Path(trial.error_file).read_text()[-2000:]
         return str(trial.get_error())[-2000:]
-    except Exception:  # noqa: BLE001 - best effort: the status is what matters
-        return "trial failed (no error text available)"
+    except Exception as e:  # noqa: BLE001 - the ERROR status is what matters; the text is best effort
+        return f"trial failed (its error text could not be read: {e})"
 
 
 # ------------------------------------------------------------------ the trainable
