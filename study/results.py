@@ -210,5 +210,4 @@ def trial_row(trial_id: str, config: dict, status: str, history: list[dict], *, 
 
 
 def png_files(folder) -> dict[str, bytes]:
-    from pathlib import Path as _P
-    return {p.name: p.read_bytes() for p in sorted(_P(folder).glob("*.png"))}
+    return {p.name: p.read_bytes() for p in sorted(Path(folder).glob("*.png"))}
