@@ -81,7 +81,7 @@ def load_study(folder: str | Path) -> Study:
                              "(a study folder is what `python -m study.run` or study.local.run_local_study write)")
     warnings: list[str] = []
     meta = _read_meta(folder, warnings)
-    present = {name: (folder / "results" / f"{name}.parquet").is_file() for name in TABLES}
+    present = {name: (folder / "results" / f"{name}.parquet").exists() for name in TABLES}
     tables = {name: _read_table(folder, name, warnings) for name in TABLES}
     return Study(folder, meta, tables["trials"], tables["epochs"], tables["previews"], warnings, present)
 
@@ -102,7 +102,7 @@ def _read_meta(folder: Path, warnings: list[str]) -> dict:
 def _read_table(folder: Path, name: str, warnings: list[str]) -> pd.DataFrame:
     path = folder / "results" / f"{name}.parquet"
     df = None
-    if not path.is_file():
+    if not path.exists():  # previews.parquet is a folder of files (one per trial and epoch)
         warnings.append(f"results/{name}.parquet is missing: {_needs(name)} cannot be made")
     else:
         try:

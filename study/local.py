@@ -33,7 +33,7 @@ def run_local_study(folder: str | Path, configs: list[TrialConfig], *, data_root
         def report(row: dict, ckpt_folder: Path) -> None:
             history.append(row)
             writer.upsert("epochs", [epoch_row(trial_id, row)])
-            writer.upsert("previews", preview_rows(trial_id, config, row["epoch"], png_files(ckpt_folder)))
+            writer.add_previews(preview_rows(trial_id, config, row["epoch"], png_files(ckpt_folder)))
             if row["best_epoch"] == row["epoch"]:  # keep the best epoch's model, as the Ray runner does
                 shutil.rmtree(ckpt, ignore_errors=True)
                 shutil.copytree(ckpt_folder, ckpt)

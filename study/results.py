@@ -17,7 +17,10 @@ Tables (one Parquet file each, replaced atomically on every write):
 ``previews`` one row per (trial_id, epoch, image_index, kind): PNG bytes.
              ``kind`` is ``prediction`` for a trial's output, or ``original`` /
              ``grayscale`` (stored once per dataset+resolution, ``trial_id`` "",
-             ``epoch`` 0).
+             ``epoch`` 0). ``previews.parquet`` is a *folder* of Parquet files,
+             one per (trial, epoch), each written once: rewriting all images
+             on every epoch would cost gigabytes over a large study.
+             ``pd.read_parquet`` reads the folder like a file.
 
 ``study.json`` beside ``results/`` holds the study's metadata (name, space,
 Optuna storage URL and study name).
@@ -98,10 +101,27 @@ def write_table(study: str, name: str, df: pd.DataFrame) -> None:
 
 def read_table(study: str, name: str) -> pd.DataFrame | None:
     fs, root = resolve(study)
-    data = _read_bytes(fs, f"{root}/{RESULTS_DIR}/{name}.parquet")
-    if data is None:
+    path = f"{root}/{RESULTS_DIR}/{name}.parquet"
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.NotFound:
         return None
-    return pq.read_table(io.BytesIO(data)).to_pandas()
+    if info.type == pafs.FileType.Directory:  # previews: one file per (trial, epoch)
+        if not _preview_files(fs, path):
+            return None
+        return pq.read_table(path, filesystem=fs).to_pandas()
+    data = _read_bytes(fs, path)
+    return None if data is None else pq.read_table(io.BytesIO(data)).to_pandas()
+
+
+def _preview_files(fs: pafs.FileSystem, folder: str) -> list[str]:
+    infos = fs.get_file_info(pafs.FileSelector(folder, allow_not_found=True))
+    return sorted(i.base_name for i in infos if i.base_name.endswith(".parquet") and i.base_name[0] not in "._")
+
+
+def _preview_file(row: dict) -> str:
+    if row["kind"] == "prediction":
+        return f"t-{row['trial_id']}-e{int(row['epoch']):04d}.parquet"
+    return f"o-{row['dataset']}-{int(row['resolution'])}.parquet"
 
 
 def write_json(study: str, name: str, obj: dict) -> None:
@@ -128,16 +148,20 @@ def upsert(existing: pd.DataFrame | None, rows: pd.DataFrame, keys: list[str]) -
 
 
 class ResultsWriter:
-    """Keeps the three tables in memory and rewrites a table whenever it changes.
+    """Keeps ``trials`` and ``epochs`` in memory and rewrites a table whenever it changes;
+    writes each (trial, epoch)'s previews once, as its own file.
 
     The only writer of a study's tables is the driver (one process), so an
     in-memory copy plus atomic replacement is consistent; rows are keyed, so a
-    trial that re-reports an epoch after a restore replaces the row.
+    trial that re-reports an epoch after a restore replaces the row (or file).
     """
 
     def __init__(self, study: str):
         self.study = study
-        self.tables = {name: read_table(study, name) for name in TABLES}
+        self.tables = {name: read_table(study, name) for name in ("trials", "epochs")}
+        self.fs, root = resolve(study)
+        self.previews_dir = f"{root}/{RESULTS_DIR}/previews.parquet"
+        self.preview_files = set(_preview_files(self.fs, self.previews_dir))
 
     def upsert(self, name: str, rows: list[dict]) -> None:
         if not rows:
@@ -146,16 +170,32 @@ class ResultsWriter:
         self.tables[name] = upsert(self.tables[name], df, KEYS[name])
         write_table(self.study, name, self.tables[name])
 
+    def add_previews(self, rows: list[dict]) -> None:
+        by_file: dict[str, list[dict]] = {}
+        for row in rows:
+            by_file.setdefault(_preview_file(row), []).append(row)
+        for name, group in sorted(by_file.items()):
+            if name.startswith("o-") and name in self.preview_files:
+                continue  # originals: once per dataset and resolution
+            buf = io.BytesIO()
+            df = pd.DataFrame(group).sort_values(KEYS["previews"], kind="stable")
+            pq.write_table(pa.Table.from_pandas(df, preserve_index=False), buf)
+            _write_bytes(self.fs, f"{self.previews_dir}/{name}", buf.getvalue())
+            self.preview_files.add(name)
+
     def drop_epochs_after(self, trial_id: str, epoch: int) -> None:
         """Forget epochs a restored trial will run again (keeps tables consistent)."""
-        for name in ("epochs", "previews"):
-            df = self.tables[name]
-            if df is None or df.empty:
-                continue
+        df = self.tables["epochs"]
+        if df is not None and not df.empty:
             stale = (df["trial_id"] == trial_id) & (df["epoch"] > epoch)
             if stale.any():
-                self.tables[name] = df[~stale].reset_index(drop=True)
-                write_table(self.study, name, self.tables[name])
+                self.tables["epochs"] = df[~stale].reset_index(drop=True)
+                write_table(self.study, "epochs", self.tables["epochs"])
+        prefix = f"t-{trial_id}-e"
+        for name in sorted(self.preview_files):
+            if name.startswith(prefix) and int(name[len(prefix):-len(".parquet")]) > epoch:
+                self.fs.delete_file(f"{self.previews_dir}/{name}")
+                self.preview_files.discard(name)
 
 
 def new_id() -> str:

@@ -224,7 +224,7 @@ class ResultsCallback(Callback):
             if info_.base_name.endswith(".png"):
                 with fs.open_input_stream(info_.path) as f:
                     files[info_.base_name] = f.read()
-        self.writer.upsert("previews", preview_rows(trial.trial_id, self._config(trial), result["epoch"], files))
+        self.writer.add_previews(preview_rows(trial.trial_id, self._config(trial), result["epoch"], files))
         if result.get("best_epoch") == result["epoch"]:
             # Kept by Ray (scored by val PSNR); stored relative to the study folder so a copied study still works.
             self._meta.setdefault(trial.trial_id, {})["checkpoint_path"] = _relative(path, resolve(self.study)[1])
