@@ -9,8 +9,6 @@ Colourfulness is Hasler & Suesstrunk (2003), M = sigma_rgyb + 0.3 * mu_rgyb.
 """
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 
@@ -63,7 +61,3 @@ def colourfulness(rgb: torch.Tensor) -> torch.Tensor:
     sigma = torch.sqrt(rg.var(1, unbiased=False) + yb.var(1, unbiased=False))
     mu = torch.sqrt(rg.mean(1) ** 2 + yb.mean(1) ** 2)
     return sigma + 0.3 * mu
-
-
-def psnr_from_mse(mse: float) -> float:
-    return 10 * math.log10(1.0 / max(mse, 1e-12))

@@ -5,7 +5,7 @@ as a plain dict and ``build_unet`` rebuilds the same network.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -167,7 +167,3 @@ VARIANTS: dict[str, UNetConfig] = {
     for tech, sampling in (("simple", "maxpool-upsample"), ("complex", "strided-transposed"))
     for out in OUTPUTS
 }
-
-
-def config_dict(config: UNetConfig) -> dict:
-    return asdict(config)

@@ -31,7 +31,6 @@ import io
 import json
 import os
 import tempfile
-import uuid
 from pathlib import Path
 
 import pandas as pd
@@ -196,10 +195,6 @@ class ResultsWriter:
             if name.startswith(prefix) and int(name[len(prefix):-len(".parquet")]) > epoch:
                 self.fs.delete_file(f"{self.previews_dir}/{name}")
                 self.preview_files.discard(name)
-
-
-def new_id() -> str:
-    return uuid.uuid4().hex[:8]
 
 
 # ------------------------------------------------------------ row builders

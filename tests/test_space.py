@@ -1,9 +1,7 @@
-from pathlib import Path
-
 import pytest
 import yaml
 
-from study.space import SPACES_DIR, SpaceError, load_space, parse_space
+from study.space import SpaceError, load_space
 
 
 class Recorder:
