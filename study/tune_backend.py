@@ -134,6 +134,11 @@ def _relative(path: str, root: str) -> str:
     return path[len(root):].lstrip("/") if path.startswith(root.rstrip("/") + "/") else path
 
 
+# What the driver learns about a trial besides its config and epochs (trials-table columns), with defaults.
+TRIAL_META = {"wall_time_s": float("nan"), "device": "", "node_id": "", "checkpoint_path": "", "gpu_ids": "",
+              "started_at": float("nan"), "finished_at": float("nan"), "restarts": 0, "resumed_at_epoch": 0}
+
+
 class ResultsCallback(Callback):
     """Writes trials/epochs/previews while the study runs (the driver is the only writer)."""
 
@@ -169,15 +174,12 @@ class ResultsCallback(Callback):
         return {**cfg.to_dict(), "resolution": cfg.image_size}
 
     def _write_trial(self, trial, status: str, error: str | None = None):
-        meta = self._meta.setdefault(trial.trial_id, {})
+        meta = {**TRIAL_META, **self._meta.setdefault(trial.trial_id, {})}
+        common = {k: meta[k] for k in ("wall_time_s", "device", "node_id", "checkpoint_path")}
         self.writer.upsert("trials", [trial_row(
             trial.trial_id, self._config(trial), status, self._history(trial.trial_id), error=error,
-            wall_time_s=meta.get("wall_time_s", float("nan")), device=meta.get("device", ""),
-            node_id=meta.get("node_id", ""), checkpoint_path=meta.get("checkpoint_path", ""),
-            optuna_number=self.searcher.optuna_number(trial.trial_id))
-            | {k: meta.get(k, d) for k, d in (("gpu_ids", ""), ("started_at", float("nan")),
-                                               ("finished_at", float("nan")), ("restarts", 0),
-                                               ("resumed_at_epoch", 0))}])
+            optuna_number=self.searcher.optuna_number(trial.trial_id), **common)
+            | {k: meta[k] for k in TRIAL_META if k not in common}])
 
     def on_trial_start(self, iteration, trials, trial, **info):
         existing = self.writer.tables["trials"]
@@ -185,8 +187,7 @@ class ResultsCallback(Callback):
             # A restored driver, or a restarted trial: keep what is known, fill in the rest from the table.
             prev = existing[existing.trial_id == trial.trial_id].iloc[0]
             meta = self._meta.setdefault(trial.trial_id, {})
-            for k in ("device", "node_id", "checkpoint_path", "wall_time_s", "gpu_ids", "started_at",
-                      "finished_at", "restarts", "resumed_at_epoch"):
+            for k in TRIAL_META:
                 if k in prev and k not in meta:
                     meta[k] = prev[k]
         self._write_trial(trial, "RUNNING")
@@ -207,7 +208,7 @@ class ResultsCallback(Callback):
         # A trial restored from an older checkpoint re-runs later epochs: forget them first.
         self.writer.drop_epochs_after(trial.trial_id, epoch - 1)
         self.writer.upsert("epochs", [epoch_row(trial.trial_id, result)])
-        self._meta.setdefault(trial.trial_id, {}).update(
+        meta.update(
             device=result.get("device", ""), node_id=result.get("node_id", ""),
             gpu_ids=result.get("gpu_ids", ""), wall_time_s=float(result.get("time_total_s", float("nan"))),
             started_at=float(result.get("started_at", float("nan"))), finished_at=time.time())
