@@ -1,0 +1,135 @@
+"""The results contract: table names, columns, their types, statuses and the best-epoch rule.
+
+The one place these are defined. ``study`` (the writers) and ``analysis`` (the
+readers) both import it, so this module imports only pandas: no torch, no Ray,
+no pyarrow filesystems, nothing at import time but constants.
+
+A study's results are Parquet in ``<study folder>/results/``; each of
+``trials.parquet``, ``epochs.parquet`` and ``previews.parquet`` reads as one
+table with ``pd.read_parquet`` (the last two are folders of files).
+
+``trials``   one row per trial: ``trial_id``, every resolved config value as its
+             own column, ``status`` (one of ``STATUSES``), ``error``,
+             ``epochs_run``, ``best_epoch`` and ``best_*`` metrics (at the
+             epoch chosen by ``best_row``), ``final_*`` metrics (last epoch),
+             the grayscale baselines, and bookkeeping (``BOOKKEEPING``).
+``epochs``   one row per (trial_id, epoch): ``EPOCH_METRICS`` and ``seconds``.
+``previews`` one row per (trial_id, dataset, resolution, epoch, image_index, kind):
+             PNG bytes; originals and grayscale inputs once per (dataset,
+             resolution) with ``trial_id`` "" and ``epoch`` 0.
+"""
+from __future__ import annotations
+
+from typing import Iterable
+
+import pandas as pd
+
+RESULTS_DIR = "results"
+TABLES = ("trials", "epochs", "previews")
+KEYS = {
+    "trials": ["trial_id"],
+    "epochs": ["trial_id", "epoch"],
+    "previews": ["trial_id", "dataset", "resolution", "epoch", "image_index", "kind"],
+}
+
+# RUNNING: started, not finished (or the driver stopped while it ran). PRUNED trials are finished results.
+STATUSES = ("RUNNING", "DONE", "PRUNED", "ERROR")
+FINISHED = ("DONE", "PRUNED")
+
+# What a trial reports after every epoch (besides ``epoch`` and ``seconds``).
+EPOCH_METRICS = (
+    "train_loss", "val_loss", "test_loss",
+    "val_psnr", "val_ssim", "val_colourfulness", "val_gray_psnr",
+    "test_psnr", "test_ssim", "test_colourfulness", "test_gray_psnr",
+)
+# Copied into the trials table at the best epoch (``best_<m>``) and the final epoch (``final_<m>``).
+SUMMARY_METRICS = ("val_psnr", "val_ssim", "val_colourfulness", "test_psnr",
+                   "test_ssim", "test_colourfulness", "val_loss", "test_loss")
+# The metric that chooses a trial's best epoch and ranks trials: PSNR in RGB on the
+# validation split, never a loss (an RGB model's and a UV model's losses live in different spaces).
+BEST_METRIC = "val_psnr"
+TRIAL_SCORE = f"best_{BEST_METRIC}"
+
+# A variant is what the original report compares: dataset x sampling technique x output space.
+VARIANT = ("dataset", "sampling", "output")
+
+# Trials-table columns that are facts about a run, not its configuration: never plotted or
+# ranked as hyperparameters.
+BOOKKEEPING = (
+    "trial_id", "status", "error", "epochs_run", "best_epoch", "val_gray_psnr", "test_gray_psnr",
+    "wall_time_s", "device", "node_id", "gpu_ids", "checkpoint_path", "optuna_number",
+    "started_at", "finished_at", "restarts", "resumed_at_epoch", "pack_id", "pack_size",
+)
+# Configuration that changes what is measured or shown, not the model.
+NOT_HYPERPARAMETERS = ("eval_limit", "preview_count")
+
+# Column types a pandas user expects. Integers are nullable (Int64): a trial that has not
+# finished an epoch has no best_epoch, and NaN would turn the column into floats.
+TIMESTAMP_COLUMNS = ("started_at", "finished_at")          # UTC
+INTEGER_COLUMNS = {
+    "trials": ("epochs_run", "best_epoch", "optuna_number", "restarts", "resumed_at_epoch",
+               "pack_id", "pack_size", "resolution"),
+    "epochs": ("epoch",),
+    "previews": ("resolution", "epoch", "image_index"),
+}
+
+
+def best_row(rows: Iterable[dict]) -> dict:
+    """The best epoch of a history: highest ``val_psnr``, the earliest epoch on ties.
+
+    Rows whose ``val_psnr`` is missing or NaN never win over a real value.
+    """
+    rows = list(rows)
+    if not rows:
+        raise ValueError("best_row needs at least one epoch row")
+
+    def key(r: dict):
+        v = r.get(BEST_METRIC)
+        v = float("-inf") if v is None or v != v else float(v)
+        return (v, -float(r.get("epoch", 0)))
+
+    return max(rows, key=key)
+
+
+def best_trials(df: pd.DataFrame, by: str | Iterable[str] | None = None, score: str = TRIAL_SCORE) -> pd.DataFrame:
+    """The best trial (highest ``best_val_psnr``) of each group of ``by``, sorted by ``by``; with
+    ``by=None`` the single best trial overall. Ties go to the smaller ``trial_id``, so reruns pick the
+    same trial; trials without a score are left out."""
+    if df is None or df.empty or score not in df:
+        return (df if df is not None else pd.DataFrame()).iloc[0:0]
+    by = [] if by is None else [by] if isinstance(by, str) else list(by)
+    ranked = df.dropna(subset=[score]).sort_values([score, "trial_id"], ascending=[False, True], kind="stable")
+    if not by:
+        return ranked.head(1).reset_index(drop=True)
+    best = ranked.groupby(by, sort=False, dropna=False).head(1)
+    return best.sort_values(by, kind="stable").reset_index(drop=True)
+
+
+def gain(df: pd.DataFrame, split: str = "val", at: str = "best") -> pd.Series:
+    """PSNR gain over the grayscale input (dB) of each trial row: ``<at>_<split>_psnr - <split>_gray_psnr``."""
+    return df[f"{at}_{split}_psnr"] - df[f"{split}_gray_psnr"]
+
+
+def coerce(name: str, df: pd.DataFrame) -> pd.DataFrame:
+    """The contract's column types: nullable integers, UTC timestamps (from datetimes or Unix seconds).
+
+    Used by the writer before every write and by readers of old studies, so both see the same types.
+    """
+    df = df.copy()
+    for col in INTEGER_COLUMNS.get(name, ()):
+        if col in df:
+            df[col] = pd.to_numeric(df[col], errors="coerce").round().astype("Int64")
+    if name == "trials":
+        for col in TIMESTAMP_COLUMNS:
+            if col in df and not isinstance(df[col].dtype, pd.DatetimeTZDtype):
+                df[col] = pd.to_datetime(df[col].map(_timestamp), utc=True).dt.as_unit("us")
+    return df
+
+
+def _timestamp(value):
+    """Unix seconds (how drivers record times) or anything pandas reads as a time; missing -> NaT."""
+    if value is None or isinstance(value, str) and not value:
+        return pd.NaT
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return pd.NaT if value != value else pd.Timestamp(value, unit="s", tz="UTC")
+    return pd.Timestamp(value)
