@@ -1,0 +1,138 @@
+"""Fused trial packs reproduce separate trials (real data, real training on the CPU)."""
+import shutil
+
+import pytest
+import torch
+
+from study.config import TrialConfig
+from study.data import DeviceImages, load_splits
+from study.models import SAMPLINGS, ConfigError, UNet, UNetConfig, build_unet
+from study.pack import PACK_FILE, FusedUNet, run_pack
+from study.train import CHECKPOINT_FILE, evaluate, run_trial
+
+BASE = TrialConfig(dataset="samples", train_limit=128, eval_limit=32, base_filters=8, batch_size=32,
+                   epochs=2, preview_count=2)
+# Members differ in lr, loss, seed, schedule, augmentation and epochs.
+CFGS = [BASE.replace(lr=1e-3, seed=0),
+        BASE.replace(lr=3e-3, loss="l1", seed=1, schedule="cosine"),
+        BASE.replace(lr=2e-3, seed=2, schedule="onecycle", augment=True, epochs=3)]
+TOL_DB = 0.05
+
+
+@pytest.fixture(scope="module")
+def splits(cache_dir):
+    return load_splits("samples", 32, cache_dir=cache_dir, train_limit=128, eval_limit=32)
+
+
+@pytest.fixture(scope="module")
+def separate(splits):
+    """The three members as three ordinary trials."""
+    return [run_trial(c, splits=splits, device="cpu", log=lambda s: None) for c in CFGS]
+
+
+@pytest.fixture(scope="module")
+def packed(splits, tmp_path_factory):
+    """The same three as one pack, keeping every checkpoint folder it reports."""
+    kept = tmp_path_factory.mktemp("kept")
+    reports = []
+
+    def report(rows, folder):
+        reports.append((rows, folder))
+        if folder is not None:
+            shutil.copytree(folder, kept / f"epoch-{rows[next(iter(rows))]['epoch']}")
+        return set()
+
+    hist = run_pack(CFGS, splits=splits, device="cpu", report=report, log=lambda s: None,
+                    work_dir=tmp_path_factory.mktemp("work"))
+    return hist, reports, kept
+
+
+def _close(a: list[dict], b: list[dict]) -> None:
+    assert [r["epoch"] for r in a] == [r["epoch"] for r in b]
+    for ra, rb in zip(a, b):
+        for key in ("val_psnr", "test_psnr"):
+            assert abs(ra[key] - rb[key]) < TOL_DB, (key, ra, rb)
+        assert ra["val_gray_psnr"] == pytest.approx(rb["val_gray_psnr"], abs=1e-4)
+        assert ra["lr"] == pytest.approx(rb["lr"], rel=1e-6)
+        assert ra["best_epoch"] == rb["best_epoch"]
+
+
+@pytest.mark.parametrize("sampling", sorted(SAMPLINGS))
+@pytest.mark.parametrize("output", ["rgb", "uv"])
+def test_fused_forward_is_each_members_forward(sampling, output):
+    torch.manual_seed(0)
+    members = [build_unet(UNetConfig(depth=2, sampling=sampling, output=output, base_filters=4, dropout=d))
+               for d in (0.0, 0.2, 0.0)]
+    fused = FusedUNet(members)
+    y = torch.rand(5, 3, 16, 16)
+    for train in (True, False):  # batch statistics, then running statistics
+        fused.train(train)
+        for m in members:
+            m.train(train)
+        out = fused(y)
+        for k in (0, 2):  # member 1's dropout draws differ; the others must be untouched by it
+            assert torch.allclose(out[:, k], members[k](y[:, k:k + 1]), atol=1e-5)
+    # Running statistics went into the fused buffers; sync_members hands them to each member.
+    fresh = [build_unet(m.config) for m in members]
+    fused.sync_members()
+    assert not torch.allclose(members[0].stem[1].running_mean, fresh[0].stem[1].running_mean)
+
+
+def test_pack_reproduces_separate_trials(separate, packed):
+    hist, reports, _ = packed
+    for alone, in_pack in zip(separate, hist):
+        _close(in_pack, alone)
+    # Every active member is reported every epoch; a member leaves after its own epochs.
+    assert [sorted(rows) for rows, _ in reports] == [[0, 1, 2], [0, 1, 2], [2]]
+    assert all("error" not in r for h in hist for r in h)
+
+
+def test_member_checkpoint_loads_into_plain_unet(packed, splits):
+    hist, _, kept = packed
+    folder = kept / "epoch-2"
+    assert sorted(p.name for p in folder.iterdir()) == ["member-0", "member-1", "member-2", PACK_FILE]
+    assert len(list((folder / "member-1").glob("prediction_*.png"))) == 2
+    state = torch.load(folder / "member-1" / CHECKPOINT_FILE, weights_only=True)
+    cfg = TrialConfig.from_dict(state["config"])
+    assert cfg == CFGS[1] and state["epoch"] == 2 and state["history"][-1]["epoch"] == 2
+    model = UNet(cfg.model)
+    model.load_state_dict(state["model"])
+    v = evaluate(model, DeviceImages(splits.val, "cpu"), cfg, 256)
+    assert v["psnr"] == pytest.approx(hist[1][1]["val_psnr"], abs=1e-3)
+
+
+def test_pruned_and_diverged_members_leave_others_unchanged(splits, separate, tmp_path):
+    seen = []
+
+    def report(rows, folder):
+        seen.append(sorted(rows))
+        return {1} if 1 in rows else set()  # prune member 1 after its first epoch
+
+    # Member 3 diverges at once (infinite learning rate): an ERROR row, and it leaves.
+    cfgs = CFGS + [BASE.replace(lr=float("inf"), seed=3)]
+    hist = run_pack(cfgs, splits=splits, device="cpu", report=report, log=lambda s: None, work_dir=tmp_path)
+    assert seen == [[0, 1, 2, 3], [0, 2], [2]]
+    assert len(hist[1]) == 1 and len(hist[3]) == 1 and "error" in hist[3][0]
+    assert "lower the learning rate" in hist[3][0]["error"]
+    _close(hist[0], separate[0])
+    _close(hist[2], separate[2])
+    _close(hist[1], separate[1][:1])
+    assert list(tmp_path.iterdir()) == []  # checkpoint folders are removed after report
+
+
+def test_resume_from_pack_file_is_exact(splits, packed, tmp_path):
+    hist, _, kept = packed
+    epochs = []
+    resumed = run_pack(CFGS, splits=splits, device="cpu", resume_from=kept / "epoch-1", log=lambda s: None,
+                       work_dir=tmp_path, report=lambda rows, folder: epochs.append(rows[2]["epoch"]))
+    assert epochs == [2, 3]  # it continued, not restarted
+
+    def timeless(h):
+        return [[{k: v for k, v in r.items() if k != "seconds"} for r in rows] for rows in h]
+
+    assert timeless(resumed) == timeless(hist)
+
+
+def test_members_must_share_structure(splits):
+    with pytest.raises(ConfigError, match="share depth"):
+        run_pack([BASE, BASE.replace(depth=2)], splits=splits, device="cpu")
