@@ -1,9 +1,9 @@
 """Reading a study folder with pandas alone: the three Parquet tables and study.json.
 
-The tables follow the results contract of ``study/results.py``; this module
-does not import it, so the analysis runs wherever pandas and pyarrow do (a
-laptop with a copied study folder, no torch, no Ray). Tables are replaced
-atomically by the study's writer, so a study that is still running reads fine.
+The tables follow the results contract, ``study.contract`` (pandas only: importing
+it imports no torch and no Ray, so the analysis runs wherever pandas and pyarrow
+do, e.g. a laptop with a copied study folder). Files are replaced atomically by
+the study's writer, so a study that is still running reads fine.
 """
 from __future__ import annotations
 
@@ -14,15 +14,9 @@ from pathlib import Path
 
 import pandas as pd
 
-TABLES = ("trials", "epochs", "previews")
-STATUSES = ("DONE", "PRUNED", "RUNNING", "ERROR")
-FINISHED = ("DONE", "PRUNED")
-# A variant is what the report compares: dataset x sampling technique x output space.
-VARIANT = ("dataset", "sampling", "output")
-SUMMARY_METRICS = ("val_psnr", "val_ssim", "val_colourfulness", "test_psnr",
-                   "test_ssim", "test_colourfulness", "val_loss", "test_loss")
-EPOCH_METRICS = ("train_loss", "val_loss", "test_loss", "val_psnr", "val_ssim", "val_colourfulness",
-                 "val_gray_psnr", "test_psnr", "test_ssim", "test_colourfulness", "test_gray_psnr")
+from study.contract import (BOOKKEEPING, EPOCH_METRICS, FINISHED, NOT_HYPERPARAMETERS, STATUSES,
+                            KEYS, SUMMARY_METRICS, TABLES, VARIANT, best_trials, coerce)
+
 # Columns every table is given, so that a table written before any trial
 # reported an epoch (no best_* columns yet) or a missing table reads the same
 # way as a full one.
@@ -33,12 +27,6 @@ COLUMNS = {
     "epochs": ["trial_id", "epoch", *EPOCH_METRICS, "seconds"],
     "previews": ["trial_id", "dataset", "resolution", "epoch", "image_index", "kind", "png"],
 }
-# Trials-table columns that are outcomes or bookkeeping; every other column is
-# a configuration value (a hyperparameter when it varies).
-OUTCOME_COLUMNS = {"trial_id", "status", "error", "epochs_run", "wall_time_s", "device", "node_id",
-                   "checkpoint_path", "optuna_number", "best_epoch", "val_gray_psnr", "test_gray_psnr"}
-# Configuration that changes what is measured or shown, not the model.
-NOT_HYPERPARAMETERS = {"eval_limit", "preview_count"}
 
 
 class NotAStudyError(Exception):
@@ -67,7 +55,7 @@ class Study:
     def hyperparameters(self) -> list[str]:
         """Configuration columns that take more than one value among trials with results."""
         scored = self.trials.dropna(subset=["best_test_psnr"])
-        config = [c for c in self.trials.columns if c not in OUTCOME_COLUMNS | NOT_HYPERPARAMETERS
+        config = [c for c in self.trials.columns if c not in {*BOOKKEEPING, *NOT_HYPERPARAMETERS}
                   and not c.startswith(("best_", "final_"))]
         return sorted(c for c in config if scored[c].astype(str).nunique() > 1)
 
@@ -115,8 +103,7 @@ def _read_table(folder: Path, name: str, warnings: list[str]) -> pd.DataFrame:
         if column not in df.columns:
             df[column] = pd.Series(dtype=object if column in ("png", "error") else float)
     # Sorted once here so every figure and table iterates in the same order on every run.
-    keys = [k for k in ("trial_id", "dataset", "resolution", "epoch", "image_index", "kind") if k in COLUMNS[name]]
-    return df.sort_values(keys, kind="stable").reset_index(drop=True)
+    return coerce(name, df.sort_values(KEYS[name], kind="stable").reset_index(drop=True))
 
 
 def _needs(name: str) -> str:
@@ -134,10 +121,7 @@ def best_per_variant(trials: pd.DataFrame) -> pd.DataFrame:
     Ranked by PSNR in RGB, never by loss: RGB and UV losses are in different
     spaces. Ties go to the smaller trial id, so reruns pick the same trial.
     """
-    ranked = trials.dropna(subset=["best_val_psnr"]).sort_values(
-        ["best_val_psnr", "trial_id"], ascending=[False, True], kind="stable")
-    best = ranked.groupby(list(VARIANT), sort=False).head(1)
-    return best.sort_values(list(VARIANT), kind="stable").reset_index(drop=True)
+    return best_trials(trials, VARIANT)
 
 
 def variants(trials: pd.DataFrame) -> list[tuple[str, str, str]]:

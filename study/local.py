@@ -10,17 +10,23 @@ import time
 from pathlib import Path
 
 from study.config import TrialConfig
-from study.results import ResultsWriter, epoch_row, png_files, preview_rows, trial_row, write_json
+from study.results import (ResultsWriteError, ResultsWriter, epoch_row, png_files, preview_rows, trial_row,
+                           write_json)
 from study.train import device_name, pick_device, run_trial
 
 
 def run_local_study(folder: str | Path, configs: list[TrialConfig], *, data_root=None, cache_dir=None,
                     device=None, log=print) -> list[str]:
-    """Train each config; checkpoints go to ``<folder>/checkpoints/<trial id>``. Returns trial ids."""
+    """Train each config; checkpoints go to ``<folder>/checkpoints/<trial id>``. Returns trial ids.
+
+    A trial that fails is an ERROR row and the study goes on; a results write that fails
+    (``ResultsWriteError``) stops the study, keeping what was written.
+    """
     folder = Path(folder).resolve()
     writer = ResultsWriter(str(folder))
     write_json(str(folder), "study.json", {"name": folder.name, "space": "local", "runner": "study.local"})
     dev = pick_device(device)
+    splits_by_key: dict[tuple, object] = {}
     ids = []
     for n, cfg in enumerate(configs):
         trial_id = f"local_{n:05d}"
@@ -29,24 +35,55 @@ def run_local_study(folder: str | Path, configs: list[TrialConfig], *, data_root
         ckpt = folder / rel
         history: list[dict] = []
         t0 = time.time()
+        meta = {"device": device_name(dev), "node_id": "local", "started_at": t0}
 
-        def report(row: dict, ckpt_folder: Path) -> None:
+        def report(row: dict, ckpt_folder: Path | None) -> None:
             history.append(row)
-            writer.upsert("epochs", [epoch_row(trial_id, row)])
-            writer.add_previews(preview_rows(trial_id, config, row["epoch"], png_files(ckpt_folder)))
-            if row["best_epoch"] == row["epoch"]:  # keep the best epoch's model, as the Ray runner does
-                shutil.rmtree(ckpt, ignore_errors=True)
-                shutil.copytree(ckpt_folder, ckpt)
-            writer.upsert("trials", [trial_row(trial_id, config, "RUNNING", history, wall_time_s=time.time() - t0,
-                                               device=device_name(dev), node_id="local", checkpoint_path=rel)])
+            writer.add_epochs(trial_id, [epoch_row(trial_id, row)])
+            # No folder: no checkpoint this epoch (study.train writes one only when it matters).
+            if ckpt_folder is not None:
+                writer.add_previews(preview_rows(trial_id, config, row["epoch"], png_files(ckpt_folder)))
+                if row["best_epoch"] == row["epoch"]:  # keep the best epoch's model, as the Ray runner does
+                    shutil.rmtree(ckpt, ignore_errors=True)
+                    shutil.copytree(ckpt_folder, ckpt)
+            writer.stage("trials", [trial_row(trial_id, config, "RUNNING", history, wall_time_s=time.time() - t0,
+                                              checkpoint_path=rel if ckpt.exists() else "",
+                                              finished_at=time.time(), **meta)])
+            writer.flush()
 
         try:
-            run_trial(cfg, data_root=data_root, cache_dir=cache_dir, device=device, report=report, log=log)
+            splits = _splits(splits_by_key, cfg, data_root, cache_dir)
+            _write_originals(writer, config, splits, cfg.preview_count)
+            run_trial(cfg, data_root=data_root, cache_dir=cache_dir, device=device, report=report, log=log,
+                      splits=splits)
             status, error = "DONE", None
+        except ResultsWriteError:
+            raise  # the results cannot be kept: going on would compute what is then lost
         except Exception as e:  # a failed trial is a result, the study goes on
             status, error = "ERROR", f"{type(e).__name__}: {e}"
-        writer.upsert("trials", [trial_row(trial_id, config, status, history, error=error,
-                                           wall_time_s=time.time() - t0, device=device_name(dev),
-                                           node_id="local", checkpoint_path=rel if history else "")])
+        writer.stage("trials", [trial_row(trial_id, config, status, history, error=error,
+                                          wall_time_s=time.time() - t0, finished_at=time.time(),
+                                          checkpoint_path=rel if history and ckpt.exists() else "", **meta)])
+        writer.flush()
         ids.append(trial_id)
     return ids
+
+
+def _splits(cache: dict, cfg: TrialConfig, data_root, cache_dir):
+    """Each dataset decoded once per study, not once per trial."""
+    from study.data import load_splits
+    key = (cfg.dataset, cfg.image_size, cfg.train_limit, cfg.eval_limit)
+    if key not in cache:
+        cache[key] = load_splits(cfg.dataset, cfg.image_size, data_root, cache_dir, cfg.train_limit, cfg.eval_limit)
+    return cache[key]
+
+
+def _write_originals(writer: ResultsWriter, config: dict, splits, count: int) -> None:
+    """The test images and their grayscale inputs, once per (dataset, resolution) (interface 2)."""
+    import study.train
+    if writer.has_originals(config["dataset"], config["resolution"]):
+        return
+    original_previews = getattr(study.train, "original_previews", None)
+    if original_previews is None:  # an engine that still writes them into epoch 1's checkpoint folder
+        return
+    writer.add_previews(preview_rows("", config, 0, original_previews(splits.test, count)))

@@ -1,36 +1,46 @@
-"""The results contract: Parquet tables in ``<study folder>/results/``.
+"""Writing and reading the results contract (``study.contract``) as Parquet in ``<study>/results/``.
 
 Readers need only pandas + pyarrow::
 
     pd.read_parquet(f"{study}/results/trials.parquet")
 
-Tables (one Parquet file each, replaced atomically on every write):
+``trials.parquet`` is one file, replaced atomically. ``epochs.parquet`` and
+``previews.parquet`` are *folders* of Parquet files, one per (trial, epoch),
+each written once (rewriting a whole table on every epoch costs bytes that grow
+with the square of the study's size, and a full PUT each time on s3://);
+``pd.read_parquet`` reads such a folder like a file. A study written before
+epochs became a folder (one ``epochs.parquet`` file) still reads, and its
+first writer converts it.
 
-``trials``   one row per trial: ``trial_id``, every resolved config value as its
-             own column (see ``study.config.TrialConfig``), ``status``
-             (RUNNING/DONE/PRUNED/ERROR), ``error``, ``epochs_run``,
-             ``best_epoch`` and ``best_*`` metrics (at the epoch of best val
-             PSNR), ``final_*`` metrics (last epoch), ``wall_time_s``,
-             ``device``, ``node_id``, ``checkpoint_path``, ``optuna_number``.
-``epochs``   one row per (trial_id, epoch): losses in the model's own space
-             and colour metrics in RGB (``EPOCH_METRICS``), ``seconds``.
-``previews`` one row per (trial_id, epoch, image_index, kind): PNG bytes.
-             ``kind`` is ``prediction`` for a trial's output, or ``original`` /
-             ``grayscale`` (stored once per dataset+resolution, ``trial_id`` "",
-             ``epoch`` 0). ``previews.parquet`` is a *folder* of Parquet files,
-             one per (trial, epoch), each written once: rewriting all images
-             on every epoch would cost gigabytes over a large study.
-             ``pd.read_parquet`` reads the folder like a file.
+``study.json`` beside ``results/`` holds the study's metadata.
 
-``study.json`` beside ``results/`` holds the study's metadata (name, space,
-Optuna storage URL and study name).
+Writing (``ResultsWriter``; the driver is the only writer of a study):
+
+- ``add_epochs(trial_id, rows)`` writes each (trial, epoch) file at once
+  (rows from ``epoch_row``); a re-reported epoch replaces its file.
+- ``stage("trials", rows)`` changes the in-memory trials table only;
+  ``flush()`` writes each table staged since the last flush, once. Call it
+  once at the end of every event (a reported epoch, a finished trial), so
+  ``trials.parquet`` is rewritten at most once per event.
+  ``upsert("trials", rows)`` is ``stage`` + ``flush``.
+- ``add_previews(rows)``: one file per (trial, epoch); originals once per
+  (dataset, resolution).
+- ``drop_epochs_after(trial_id, epoch)``: forget epochs a restored trial will
+  run again (their epoch and preview files).
+- ``history(trial_id)``: the trial's epoch rows, in order.
+
+A failed write (folder unwritable, disk full, bucket gone) raises
+``ResultsWriteError`` naming the file and the cause; the file keeps its last
+good version and no temporary is left behind, so ``--resume`` continues once
+the cause is fixed. Files are created with the process's umask (a team can
+read a shared study).
 """
 from __future__ import annotations
 
 import io
 import json
 import os
-import tempfile
+import secrets
 from pathlib import Path
 
 import pandas as pd
@@ -38,23 +48,25 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-RESULTS_DIR = "results"
-TABLES = ("trials", "epochs", "previews")
-KEYS = {
-    "trials": ["trial_id"],
-    "epochs": ["trial_id", "epoch"],
-    "previews": ["trial_id", "dataset", "resolution", "epoch", "image_index", "kind"],
-}
-# Metrics a trial reports after every epoch (besides ``epoch`` and ``seconds``).
-EPOCH_METRICS = (
-    "train_loss", "val_loss", "test_loss",
-    "val_psnr", "val_ssim", "val_colourfulness", "val_gray_psnr",
-    "test_psnr", "test_ssim", "test_colourfulness", "test_gray_psnr",
-)
-# Copied into the trials table at the best (by val PSNR) and the final epoch.
-SUMMARY_METRICS = ("val_psnr", "val_ssim", "val_colourfulness", "test_psnr",
-                   "test_ssim", "test_colourfulness", "val_loss", "test_loss")
-STATUSES = ("RUNNING", "DONE", "PRUNED", "ERROR")
+from study.contract import EPOCH_METRICS, KEYS, RESULTS_DIR, STATUSES, SUMMARY_METRICS, best_row, coerce
+
+# Every epoch file has this schema, so the folder always reads as one table.
+EPOCH_SCHEMA = pa.schema([("trial_id", pa.string()), ("epoch", pa.int64()),
+                          *((m, pa.float64()) for m in EPOCH_METRICS), ("seconds", pa.float64())])
+
+
+class ResultsError(RuntimeError):
+    """A study's results cannot be read or written; the message names the file and what to do."""
+    exit_status = 2
+
+
+class ResultsWriteError(ResultsError):
+    # Raised mid-study: work was partly done (and kept), hence 1 rather than 2.
+    exit_status = 1
+
+
+class ResultsReadError(ResultsError):
+    pass
 
 
 def resolve(location: str | os.PathLike) -> tuple[pafs.FileSystem, str]:
@@ -66,17 +78,39 @@ def resolve(location: str | os.PathLike) -> tuple[pafs.FileSystem, str]:
 
 
 def _write_bytes(fs: pafs.FileSystem, path: str, data: bytes) -> None:
-    parent = path.rsplit("/", 1)[0]
-    fs.create_dir(parent, recursive=True)
-    if isinstance(fs, pafs.LocalFileSystem):
-        # Write beside the target and rename: readers never see a partial file.
-        fd, tmp = tempfile.mkstemp(dir=parent, prefix=".tmp-")
+    parent, base = path.rsplit("/", 1)
+    try:
+        fs.create_dir(parent, recursive=True)
+        if isinstance(fs, pafs.LocalFileSystem):
+            _write_local(parent, base, data)
+        else:  # An object store's PUT is atomic already.
+            with fs.open_output_stream(path) as f:
+                f.write(data)
+    except OSError as e:
+        cause = e.strerror or str(e)
+        raise ResultsWriteError(
+            f"cannot write {path}: {cause}. The results written so far are kept (this file keeps its last "
+            f"good version); free space or make {parent} writable, then continue the study with --resume") from e
+
+
+def _write_local(parent: str, base: str, data: bytes) -> None:
+    # Written beside the target and renamed: readers never see a partial file. os.open with 0o666
+    # lets the umask decide the mode (mkstemp would make it 0600: unreadable for the rest of a team).
+    # The dot prefix hides the temporary from Parquet dataset readers.
+    tmp = f"{parent}/.tmp-{secrets.token_hex(6)}-{base}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
-        os.replace(tmp, path)
-    else:  # An object store's PUT is atomic already.
-        with fs.open_output_stream(path) as f:
-            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())  # a full disk shows here, before the old version is replaced
+        os.replace(tmp, f"{parent}/{base}")
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
 
 
 def _read_bytes(fs: pafs.FileSystem, path: str) -> bytes | None:
@@ -91,36 +125,74 @@ def _read_bytes(fs: pafs.FileSystem, path: str) -> bytes | None:
         raise
 
 
-def write_table(study: str, name: str, df: pd.DataFrame) -> None:
-    fs, root = resolve(study)
+def _parquet_bytes(df: pd.DataFrame, schema: pa.Schema | None = None) -> bytes:
     buf = io.BytesIO()
-    pq.write_table(pa.Table.from_pandas(df, preserve_index=False), buf)
-    _write_bytes(fs, f"{root}/{RESULTS_DIR}/{name}.parquet", buf.getvalue())
+    pq.write_table(pa.Table.from_pandas(df, schema=schema, preserve_index=False), buf)
+    return buf.getvalue()
+
+
+def _table_path(study: str, name: str) -> tuple[pafs.FileSystem, str]:
+    fs, root = resolve(study)
+    return fs, f"{root}/{RESULTS_DIR}/{name}.parquet"
+
+
+def write_table(study: str, name: str, df: pd.DataFrame) -> None:
+    """Replace a one-file table (``trials``) atomically."""
+    fs, path = _table_path(study, name)
+    _write_bytes(fs, path, _parquet_bytes(coerce(name, df)))
 
 
 def read_table(study: str, name: str) -> pd.DataFrame | None:
-    fs, root = resolve(study)
-    path = f"{root}/{RESULTS_DIR}/{name}.parquet"
-    info = fs.get_file_info(path)
-    if info.type == pafs.FileType.NotFound:
-        return None
-    if info.type == pafs.FileType.Directory:  # previews: one file per (trial, epoch)
-        if not _preview_files(fs, path):
+    """The table as pandas (None when it does not exist yet), in the contract's column types.
+
+    Raises ``ResultsReadError`` naming the file when it is not readable Parquet.
+    """
+    fs, path = _table_path(study, name)
+    try:
+        info = fs.get_file_info(path)
+        if info.type == pafs.FileType.NotFound:
             return None
-        return pq.read_table(path, filesystem=fs).to_pandas()
-    data = _read_bytes(fs, path)
-    return None if data is None else pq.read_table(io.BytesIO(data)).to_pandas()
+        if info.type == pafs.FileType.Directory:  # one file per (trial, epoch)
+            if not _data_files(fs, path):
+                return None
+            df = pq.read_table(path, filesystem=fs).to_pandas()
+        else:
+            data = _read_bytes(fs, path)
+            if data is None:
+                return None
+            df = pq.read_table(io.BytesIO(data)).to_pandas()
+    except (pa.ArrowException, OSError) as e:
+        raise ResultsReadError(
+            f"{path} is not a readable Parquet table ({e}). Restore it from a copy, or move it aside to "
+            f"continue without the rows it held") from e
+    if name in KEYS and not df.empty and all(k in df for k in KEYS[name]):
+        df = df.sort_values(KEYS[name], kind="stable").reset_index(drop=True)
+    return coerce(name, df)
 
 
-def _preview_files(fs: pafs.FileSystem, folder: str) -> list[str]:
+def _data_files(fs: pafs.FileSystem, folder: str) -> list[str]:
     infos = fs.get_file_info(pafs.FileSelector(folder, allow_not_found=True))
     return sorted(i.base_name for i in infos if i.base_name.endswith(".parquet") and i.base_name[0] not in "._")
 
 
+def _epoch_file(trial_id: str, epoch: int) -> str:
+    return f"t-{trial_id}-e{int(epoch):04d}.parquet"
+
+
 def _preview_file(row: dict) -> str:
     if row["kind"] == "prediction":
-        return f"t-{row['trial_id']}-e{int(row['epoch']):04d}.parquet"
+        return _epoch_file(row["trial_id"], row["epoch"])
     return f"o-{row['dataset']}-{int(row['resolution'])}.parquet"
+
+
+def _epoch_of(name: str, trial_id: str) -> int | None:
+    """The epoch of a per-(trial, epoch) file name of this trial, else None."""
+    prefix = f"t-{trial_id}-e"
+    if name.startswith(prefix) and name.endswith(".parquet"):
+        digits = name[len(prefix):-len(".parquet")]
+        if digits.isdigit():
+            return int(digits)
+    return None
 
 
 def write_json(study: str, name: str, obj: dict) -> None:
@@ -147,27 +219,110 @@ def upsert(existing: pd.DataFrame | None, rows: pd.DataFrame, keys: list[str]) -
 
 
 class ResultsWriter:
-    """Keeps ``trials`` and ``epochs`` in memory and rewrites a table whenever it changes;
-    writes each (trial, epoch)'s previews once, as its own file.
+    """The driver's writer of a study's tables (see the module docstring for the API).
 
-    The only writer of a study's tables is the driver (one process), so an
-    in-memory copy plus atomic replacement is consistent; rows are keyed, so a
-    trial that re-reports an epoch after a restore replaces the row (or file).
+    Keeps ``trials`` and ``epochs`` in memory (``tables``): the driver is the only writer,
+    so an in-memory copy plus atomic files is consistent; rows are keyed, so a trial that
+    re-reports an epoch after a restore replaces the row (and file).
     """
 
     def __init__(self, study: str):
         self.study = study
-        self.tables = {name: read_table(study, name) for name in ("trials", "epochs")}
         self.fs, root = resolve(study)
-        self.previews_dir = f"{root}/{RESULTS_DIR}/previews.parquet"
-        self.preview_files = set(_preview_files(self.fs, self.previews_dir))
+        self.results_dir = f"{root}/{RESULTS_DIR}"
+        self.epochs_dir = f"{self.results_dir}/epochs.parquet"
+        self.previews_dir = f"{self.results_dir}/previews.parquet"
+        self.tables = {name: read_table(study, name) for name in ("trials", "epochs")}
+        self._dirty: set[str] = set()
+        if self.fs.get_file_info(self.epochs_dir).type == pafs.FileType.File:
+            self._convert_epochs_file()
+        self.epoch_files = set(_data_files(self.fs, self.epochs_dir))
+        self.preview_files = set(_data_files(self.fs, self.previews_dir))
+
+    def _convert_epochs_file(self) -> None:
+        """A study from before epochs became a folder: write its rows as files, then swap the folder in.
+
+        The folder is complete before the old file is removed, so a crash here loses nothing
+        (the next writer sees the file again, or the finished folder).
+        """
+        staging = f"{self.results_dir}/.epochs-converting"
+        self.fs.delete_dir_contents(staging, missing_dir_ok=True)
+        df = self.tables["epochs"]
+        for (trial_id, epoch), group in ([] if df is None else df.groupby(["trial_id", "epoch"])):
+            _write_bytes(self.fs, f"{staging}/{_epoch_file(trial_id, epoch)}", _parquet_bytes(
+                group[[f.name for f in EPOCH_SCHEMA]], EPOCH_SCHEMA))
+        try:
+            self.fs.delete_file(self.epochs_dir)
+            self.fs.move(staging, self.epochs_dir)
+        except OSError as e:
+            raise ResultsWriteError(f"cannot convert {self.epochs_dir} to a folder: {e}") from e
+
+    # ---------------------------------------------------------------- trials
+
+    def stage(self, name: str, rows: list[dict]) -> None:
+        """Change the in-memory table; nothing is written until ``flush()``."""
+        if not rows:
+            return
+        if name == "epochs":
+            raise ValueError("epochs are written per (trial, epoch): use add_epochs")
+        self.tables[name] = coerce(name, upsert(self.tables[name], pd.DataFrame(rows), KEYS[name]))
+        self._dirty.add(name)
+
+    def flush(self) -> None:
+        """Write every table staged since the last flush, once."""
+        for name in sorted(self._dirty):
+            write_table(self.study, name, self.tables[name])
+            self._dirty.discard(name)
 
     def upsert(self, name: str, rows: list[dict]) -> None:
+        if name == "epochs":
+            for trial_id in dict.fromkeys(r["trial_id"] for r in rows):
+                self.add_epochs(trial_id, [r for r in rows if r["trial_id"] == trial_id])
+            return
+        self.stage(name, rows)
+        self.flush()
+
+    # ---------------------------------------------------------------- epochs
+
+    def add_epochs(self, trial_id: str, rows: list[dict]) -> None:
+        """Write each row (``epoch_row``) as its own (trial, epoch) file; keep it in memory too."""
         if not rows:
             return
         df = pd.DataFrame(rows)
-        self.tables[name] = upsert(self.tables[name], df, KEYS[name])
-        write_table(self.study, name, self.tables[name])
+        assert (df["trial_id"] == trial_id).all(), "rows of another trial"
+        for row in df.to_dict("records"):
+            name = _epoch_file(trial_id, row["epoch"])
+            _write_bytes(self.fs, f"{self.epochs_dir}/{name}",
+                         _parquet_bytes(pd.DataFrame([row])[[f.name for f in EPOCH_SCHEMA]], EPOCH_SCHEMA))
+            self.epoch_files.add(name)
+        self.tables["epochs"] = coerce("epochs", upsert(self.tables["epochs"], df, KEYS["epochs"]))
+
+    def history(self, trial_id: str) -> list[dict]:
+        df = self.tables["epochs"]
+        if df is None or df.empty:
+            return []
+        return df[df.trial_id == trial_id].sort_values("epoch").to_dict("records")
+
+    def drop_epochs_after(self, trial_id: str, epoch: int) -> None:
+        """Forget epochs a restored trial will run again: rows, epoch files and preview files."""
+        df = self.tables["epochs"]
+        if df is not None and not df.empty:
+            stale = (df["trial_id"] == trial_id) & (df["epoch"] > epoch)
+            if stale.any():
+                self.tables["epochs"] = df[~stale].reset_index(drop=True)
+        for folder, names in ((self.epochs_dir, self.epoch_files), (self.previews_dir, self.preview_files)):
+            for name in sorted(names):
+                e = _epoch_of(name, trial_id)
+                if e is not None and e > epoch:
+                    try:
+                        self.fs.delete_file(f"{folder}/{name}")
+                    except FileNotFoundError:
+                        pass
+                    except OSError as err:
+                        raise ResultsWriteError(f"cannot delete {folder}/{name}: {err}") from err
+                    names.discard(name)
+
+    # ---------------------------------------------------------------- previews
 
     def add_previews(self, rows: list[dict]) -> None:
         by_file: dict[str, list[dict]] = {}
@@ -176,25 +331,12 @@ class ResultsWriter:
         for name, group in sorted(by_file.items()):
             if name.startswith("o-") and name in self.preview_files:
                 continue  # originals: once per dataset and resolution
-            buf = io.BytesIO()
             df = pd.DataFrame(group).sort_values(KEYS["previews"], kind="stable")
-            pq.write_table(pa.Table.from_pandas(df, preserve_index=False), buf)
-            _write_bytes(self.fs, f"{self.previews_dir}/{name}", buf.getvalue())
+            _write_bytes(self.fs, f"{self.previews_dir}/{name}", _parquet_bytes(df))
             self.preview_files.add(name)
 
-    def drop_epochs_after(self, trial_id: str, epoch: int) -> None:
-        """Forget epochs a restored trial will run again (keeps tables consistent)."""
-        df = self.tables["epochs"]
-        if df is not None and not df.empty:
-            stale = (df["trial_id"] == trial_id) & (df["epoch"] > epoch)
-            if stale.any():
-                self.tables["epochs"] = df[~stale].reset_index(drop=True)
-                write_table(self.study, "epochs", self.tables["epochs"])
-        prefix = f"t-{trial_id}-e"
-        for name in sorted(self.preview_files):
-            if name.startswith(prefix) and int(name[len(prefix):-len(".parquet")]) > epoch:
-                self.fs.delete_file(f"{self.previews_dir}/{name}")
-                self.preview_files.discard(name)
+    def has_originals(self, dataset: str, resolution: int) -> bool:
+        return f"o-{dataset}-{int(resolution)}.parquet" in self.preview_files
 
 
 # ------------------------------------------------------------ row builders
@@ -210,7 +352,7 @@ def epoch_row(trial_id: str, row: dict) -> dict:
 
 
 def preview_rows(trial_id: str, config: dict, epoch: int, files: dict[str, bytes]) -> list[dict]:
-    """Rows for the PNGs a checkpoint folder holds (``<kind>_<index>.png``).
+    """Rows for PNGs named ``<kind>_<index>.png`` (a checkpoint folder's, or ``study.train.original_previews``).
 
     Originals and grayscale inputs are keyed by dataset+resolution only, so a
     study stores them once however many trials write them.
@@ -227,13 +369,17 @@ def preview_rows(trial_id: str, config: dict, epoch: int, files: dict[str, bytes
 
 def trial_row(trial_id: str, config: dict, status: str, history: list[dict], *, error: str | None = None,
               wall_time_s: float = float("nan"), device: str = "", node_id: str = "",
-              checkpoint_path: str = "", optuna_number: int = -1) -> dict:
-    assert status in STATUSES, status
+              checkpoint_path: str = "", optuna_number: int = -1, **bookkeeping) -> dict:
+    """One trials-table row. ``bookkeeping``: more facts about the run (``started_at``/``finished_at``
+    as Unix seconds or timestamps, ``restarts``, ``pack_id``, ...), stored as given and typed on write."""
+    if status not in STATUSES:
+        raise ValueError(f"status {status!r} is not one of {STATUSES}")
     row = {"trial_id": trial_id, **config, "status": status, "error": error,
            "epochs_run": len(history), "wall_time_s": float(wall_time_s), "device": device,
-           "node_id": node_id, "checkpoint_path": checkpoint_path, "optuna_number": int(optuna_number)}
+           "node_id": node_id, "checkpoint_path": checkpoint_path, "optuna_number": int(optuna_number),
+           **bookkeeping}
     if history:
-        best = max(history, key=lambda r: r["val_psnr"])
+        best = best_row(history)
         final = history[-1]
         row["best_epoch"] = int(best["epoch"])
         for k in SUMMARY_METRICS:
