@@ -41,8 +41,8 @@ from study.models import OUTPUTS, ConfigError, UNet, build_unet
 from study.train import (CHECKPOINT_FILE, NonFiniteLossError, autocast_for, make_scheduler, pick_device,
                          png_bytes)
 
-STRUCTURE = ("dataset", "resolution", "depth", "sampling", "output", "base_filters", "batch_size",
-             "train_limit", "eval_limit")
+STRUCTURE = ("dataset", "resolution", "depth", "sampling", "output", "base_filters", "max_filters",
+             "batch_size", "train_limit", "eval_limit", "precision")
 PACK_FILE = "pack.pt"
 # A resume point at least this often, besides best and last epochs (as run_trial).
 CHECKPOINT_EVERY_EPOCHS = 5
@@ -55,7 +55,7 @@ def check_structure(cfgs: list[TrialConfig]) -> None:
     if not cfgs:
         raise ConfigError("a pack needs at least one trial configuration")
     for name in STRUCTURE:
-        values = [getattr(c, name) for c in cfgs]
+        values = [getattr(c, name, None) for c in cfgs]
         if len(set(values)) > 1:
             raise ConfigError(f"pack members must share {name} (got {values}); "
                               f"put trials that differ in {name} into different packs")
@@ -167,7 +167,7 @@ class FusedUNet(nn.Module):
 # ---------------------------------------------------------------- members
 
 
-class _Member:
+class Member:
     """One trial inside a pack: its own model, optimizer, scheduler, generator and history."""
 
     def __init__(self, index: int, cfg: TrialConfig, dev: torch.device, steps_per_epoch: int):
@@ -202,7 +202,7 @@ class _Member:
                 "history": self.history}
 
 
-def _train_batches(train: DeviceImages, members: list[_Member], batch_size: int):
+def train_batches(train: DeviceImages, members: list[Member], batch_size: int):
     """Per step, each member's batch stacked as (K, B, 3, H, W).
 
     Draws from each member's generator in the order DeviceImages.train_batches
@@ -232,7 +232,7 @@ class _SplitConstants:
 
 
 @torch.no_grad()
-def _evaluate(fused: FusedUNet, members: list[_Member], images: DeviceImages, const: _SplitConstants,
+def _evaluate(fused: FusedUNet, members: list[Member], images: DeviceImages, const: _SplitConstants,
               batch_size: int) -> list[dict]:
     """run_trial's evaluation for every member at once; one sync for all members."""
     fused.eval()
@@ -259,7 +259,7 @@ def _evaluate(fused: FusedUNet, members: list[_Member], images: DeviceImages, co
 
 
 @torch.no_grad()
-def _write_previews(fused: FusedUNet, members: list[_Member], test: DeviceImages, folder: Path) -> None:
+def _write_previews(fused: FusedUNet, members: list[Member], test: DeviceImages, folder: Path) -> None:
     count = members[0].cfg.preview_count
     idx = preview_indices(len(test), count)
     x = test.take(torch.tensor(idx, device=test.device))
@@ -294,7 +294,7 @@ def run_pack(cfgs: list[TrialConfig], *, data_root: str | None = None, cache_dir
     train, val, test = (DeviceImages(splits[s], dev) for s in ("train", "val", "test"))
     batch = cfg0.batch_size
     steps_per_epoch = max(len(train) // batch, 1)
-    members = [_Member(i, c, dev, steps_per_epoch) for i, c in enumerate(cfgs)]
+    members = [Member(i, c, dev, steps_per_epoch) for i, c in enumerate(cfgs)]
     epoch0 = 0
     if resume_from:
         state = torch.load(Path(resume_from) / PACK_FILE, map_location=dev, weights_only=True)
@@ -369,35 +369,44 @@ def run_pack(cfgs: list[TrialConfig], *, data_root: str | None = None, cache_dir
     return [m.history for m in members]
 
 
-def _train_epoch(fused: FusedUNet, active: list[_Member], train: DeviceImages, batch: int, dev: torch.device):
+def _train_epoch(fused: FusedUNet, active: list[Member], train: DeviceImages, batch: int, dev: torch.device):
     """One epoch for every active member; returns each member's mean train loss and final lr (one sync)."""
-    k = len(active)
-    l1 = torch.tensor([m.cfg.loss == "l1" for m in active], device=dev)
-    loss_sum = torch.zeros(k, device=dev)
+    l1 = l1_mask(active, dev)
+    loss_sum = torch.zeros(len(active), device=dev)
     steps = 0
-    for x in _train_batches(train, active, batch):
-        flat = x.flatten(0, 1)                                          # (K*B, 3, H, W)
-        y = rgb_to_y(flat).unflatten(0, (k, -1)).squeeze(2).transpose(0, 1)   # (B, K, H, W)
-        y = y.contiguous(memory_format=torch.channels_last)
-        with autocast_for(dev):
-            pred = fused(y)                                             # (B, K, C, H, W)
-        target = target_for(flat, fused.output).unflatten(0, (k, -1)).transpose(0, 1)
-        diff = pred.float() - target
-        per_member = torch.where(l1.view(1, k, 1, 1, 1), diff.abs(), diff.square()).mean(dim=(0, 2, 3, 4))
-        for m in active:
-            m.opt.zero_grad(set_to_none=True)
-        # Members' parameters are disjoint: the sum's gradient is each member's own loss gradient.
-        per_member.sum().backward()
-        for m in active:
-            m.opt.step()
-            if m.sched is not None:
-                m.sched.step()
-        loss_sum += per_member.detach()
+    for x in train_batches(train, active, batch):
+        loss_sum += train_step(fused, active, x, l1, autocast_for(dev))
         steps += 1
     return (loss_sum / max(steps, 1)).tolist(), [m.opt.param_groups[0]["lr"] for m in active]
 
 
-def _save(folder: Path, members: list[_Member], active: list[_Member], epoch: int, dev: torch.device) -> None:
+def l1_mask(members: list[Member], dev: torch.device) -> torch.Tensor:
+    return torch.tensor([m.cfg.loss == "l1" for m in members], device=dev).view(1, len(members), 1, 1, 1)
+
+
+def train_step(fused: FusedUNet, active: list[Member], x: torch.Tensor, l1: torch.Tensor, autocast) -> torch.Tensor:
+    """One optimizer step of every member on its own batch ``x[k]`` (K, B, 3, H, W); the (K,) losses, unsynced."""
+    k = len(active)
+    flat = x.flatten(0, 1)                                                  # (K*B, 3, H, W)
+    y = rgb_to_y(flat).unflatten(0, (k, -1)).squeeze(2).transpose(0, 1)    # (B, K, H, W)
+    y = y.contiguous(memory_format=torch.channels_last)
+    with autocast:
+        pred = fused(y)                                                     # (B, K, C, H, W)
+    target = target_for(flat, fused.output).unflatten(0, (k, -1)).transpose(0, 1)
+    diff = pred.float() - target
+    per_member = torch.where(l1, diff.abs(), diff.square()).mean(dim=(0, 2, 3, 4))
+    for m in active:
+        m.opt.zero_grad(set_to_none=True)
+    # Members' parameters are disjoint: the sum's gradient is each member's own loss gradient.
+    per_member.sum().backward()
+    for m in active:
+        m.opt.step()
+        if m.sched is not None:
+            m.sched.step()
+    return per_member.detach()
+
+
+def _save(folder: Path, members: list[Member], active: list[Member], epoch: int, dev: torch.device) -> None:
     state = {"members": [m.state() for m in members], "epoch": epoch, "rng": torch.get_rng_state(),
              "cuda_rng": torch.cuda.get_rng_state(dev) if dev.type == "cuda" else None}
     torch.save(state, folder / PACK_FILE)

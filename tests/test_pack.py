@@ -108,8 +108,8 @@ def test_pruned_and_diverged_members_leave_others_unchanged(splits, separate, tm
         seen.append(sorted(rows))
         return {1} if 1 in rows else set()  # prune member 1 after its first epoch
 
-    # Member 3 diverges at once (infinite learning rate): an ERROR row, and it leaves.
-    cfgs = CFGS + [BASE.replace(lr=float("inf"), seed=3)]
+    # Member 3 diverges at once (an absurd learning rate): an ERROR row, and it leaves.
+    cfgs = CFGS + [BASE.replace(lr=1e30, seed=3)]
     hist = run_pack(cfgs, splits=splits, device="cpu", report=report, log=lambda s: None, work_dir=tmp_path)
     assert seen == [[0, 1, 2, 3], [0, 2], [2]]
     assert len(hist[1]) == 1 and len(hist[3]) == 1 and "error" in hist[3][0]
