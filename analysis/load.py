@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from study.contract import (BOOKKEEPING, EPOCH_METRICS, FINISHED, NOT_HYPERPARAMETERS, STATUSES,
-                            KEYS, SUMMARY_METRICS, TABLES, VARIANT, best_trials, coerce)
+from study.contract import (BOOKKEEPING, EPOCH_METRICS, FINISHED, KEYS, NOT_HYPERPARAMETERS, STATUSES,
+                            SUMMARY_METRICS, TABLES, VARIANT, best_trials, coerce)
 
 # Columns every table is given, so that a table written before any trial
 # reported an epoch (no best_* columns yet) or a missing table reads the same

@@ -40,6 +40,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import secrets
 from pathlib import Path
 
@@ -162,8 +163,10 @@ def read_table(study: str, name: str) -> pd.DataFrame | None:
                 return None
             df = pq.read_table(io.BytesIO(data)).to_pandas()
     except (pa.ArrowException, OSError) as e:
+        # pyarrow names the in-memory buffer ('<Buffer>'), not the file: say which file it was.
+        cause = re.sub(r"^.*'<Buffer>':\s*", "", str(e))
         raise ResultsReadError(
-            f"{path} is not a readable Parquet table ({e}). Restore it from a copy, or move it aside to "
+            f"{path} is not a readable Parquet table ({cause}). Restore it from a copy, or move it aside to "
             f"continue without the rows it held") from e
     if name in KEYS and not df.empty and all(k in df for k in KEYS[name]):
         df = df.sort_values(KEYS[name], kind="stable").reset_index(drop=True)

@@ -1,0 +1,197 @@
+"""The results contract on real Parquet files: layout, types, the best-epoch rule, and real write faults."""
+from __future__ import annotations
+
+import math
+import os
+import stat
+import subprocess
+import textwrap
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from conftest import PYTHON, python_env
+from study.contract import best_row, best_trials, coerce
+from study.results import (ResultsReadError, ResultsWriteError, ResultsWriter, epoch_row, read_table,
+                           trial_row, write_json)
+
+METRICS = dict(train_loss=0.1, val_loss=0.1, test_loss=0.1, val_ssim=0.9, val_colourfulness=0.5,
+               val_gray_psnr=25.0, test_psnr=25.5, test_ssim=0.9, test_colourfulness=0.5, test_gray_psnr=25.0)
+CONFIG = {"dataset": "samples", "resolution": 32, "sampling": "maxpool-upsample", "output": "uv", "lr": 1e-3}
+
+
+def row(epoch: int, val_psnr: float) -> dict:
+    return {"epoch": epoch, "val_psnr": val_psnr, **METRICS, "seconds": 1.0}
+
+
+def files(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir()) if folder.exists() else []
+
+
+# ------------------------------------------------------------------ the best-epoch rule
+
+
+def test_best_row_is_highest_val_psnr_earliest_on_ties_and_never_nan():
+    history = [row(1, 20.0), row(2, 21.0), row(3, 21.0), row(4, float("nan"))]
+    assert best_row(history)["epoch"] == 2
+    assert best_row([row(1, float("nan")), row(2, 5.0)])["epoch"] == 2
+    with pytest.raises(ValueError):
+        best_row([])
+
+
+def test_best_trials_per_group_ties_to_smaller_trial_id():
+    df = pd.DataFrame({"trial_id": ["b", "a", "c", "d"], "dataset": ["x", "x", "y", "y"],
+                       "best_val_psnr": [22.0, 22.0, float("nan"), 19.0]})
+    best = best_trials(df, "dataset")
+    assert list(best.trial_id) == ["a", "d"]
+    assert list(best_trials(df).trial_id) == ["a"]
+
+
+# ------------------------------------------------------------------ layout and types
+
+
+def test_epochs_are_one_file_per_trial_and_epoch_and_read_as_one_table(tmp_path):
+    w = ResultsWriter(str(tmp_path))
+    for e, v in ((1, 20.0), (2, 22.0), (3, 21.0)):
+        w.add_epochs("t1", [epoch_row("t1", row(e, v))])
+    w.add_epochs("t2", [epoch_row("t2", row(1, 19.0))])
+    w.add_epochs("t1", [epoch_row("t1", row(3, 23.0))])  # a restored trial re-reports epoch 3: replaced
+    folder = tmp_path / "results/epochs.parquet"
+    assert files(folder) == ["t-t1-e0001.parquet", "t-t1-e0002.parquet", "t-t1-e0003.parquet", "t-t2-e0001.parquet"]
+    df = pd.read_parquet(folder)  # a plain pandas reader gets one table
+    assert len(df) == 4 and df.loc[(df.trial_id == "t1") & (df.epoch == 3), "val_psnr"].item() == 23.0
+    assert [r["epoch"] for r in w.history("t1")] == [1, 2, 3]
+    w.drop_epochs_after("t1", 1)
+    assert files(folder) == ["t-t1-e0001.parquet", "t-t2-e0001.parquet"]
+    assert sorted(map(tuple, read_table(str(tmp_path), "epochs")[["trial_id", "epoch"]].values.tolist())) == \
+        [("t1", 1), ("t2", 1)]
+    assert [r["epoch"] for r in ResultsWriter(str(tmp_path)).history("t1")] == [1]  # a new writer reads it back
+
+
+def test_a_study_with_the_old_single_file_epochs_table_still_reads_and_converts(tmp_path):
+    old = pd.DataFrame([epoch_row("t1", row(e, 20.0 + e)) for e in (1, 2, 3)])
+    (tmp_path / "results").mkdir()
+    old.to_parquet(tmp_path / "results/epochs.parquet", index=False)
+    assert len(read_table(str(tmp_path), "epochs")) == 3
+    w = ResultsWriter(str(tmp_path))
+    assert (tmp_path / "results/epochs.parquet").is_dir()
+    w.drop_epochs_after("t1", 2)
+    w.add_epochs("t1", [epoch_row("t1", row(3, 30.0))])
+    df = pd.read_parquet(tmp_path / "results/epochs.parquet")
+    assert sorted(df.epoch) == [1, 2, 3] and df.val_psnr.max() == 30.0
+    assert not [p for p in (tmp_path / "results").iterdir() if p.name.startswith(".")]
+
+
+def test_trials_are_written_once_per_flush_with_pandas_types(tmp_path):
+    w = ResultsWriter(str(tmp_path))
+    path = tmp_path / "results/trials.parquet"
+    history = [row(1, 20.0), row(2, 22.0), row(3, 22.0)]
+    w.stage("trials", [trial_row("t1", CONFIG, "RUNNING", history[:1], started_at=1.7e9)])
+    w.stage("trials", [trial_row("t1", CONFIG, "DONE", history, started_at=1.7e9, finished_at=1.7e9 + 60)])
+    w.stage("trials", [trial_row("t2", CONFIG, "RUNNING", [], started_at=1.7e9 + 5)])
+    assert not path.exists()  # staged only
+    w.flush()
+    first = path.stat().st_ino
+    w.flush()  # nothing staged: nothing written
+    assert path.stat().st_ino == first
+    df = pd.read_parquet(path).set_index("trial_id")
+    assert df.loc["t1", "status"] == "DONE" and df.loc["t1", "best_epoch"] == 2   # earliest of the tie
+    assert str(df["best_epoch"].dtype) == "Int64" and pd.isna(df.loc["t2", "best_epoch"])
+    assert isinstance(df["started_at"].dtype, pd.DatetimeTZDtype) and str(df["started_at"].dt.tz) == "UTC"
+    assert df.loc["t1", "finished_at"] - df.loc["t1", "started_at"] == pd.Timedelta(seconds=60)
+    assert pd.isna(df.loc["t2", "finished_at"])
+    with pytest.raises(ValueError, match="status"):
+        trial_row("t3", CONFIG, "FINISHED", [])
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002])
+def test_files_respect_the_umask(tmp_path, umask):
+    old = os.umask(umask)
+    try:
+        w = ResultsWriter(str(tmp_path))
+        w.upsert("trials", [trial_row("t1", CONFIG, "DONE", [row(1, 20.0)])])
+        w.add_epochs("t1", [epoch_row("t1", row(1, 20.0))])
+        w.add_previews([{"trial_id": "t1", "dataset": "samples", "resolution": 32, "epoch": 1, "image_index": 0,
+                         "kind": "prediction", "png": b"png"}])
+        write_json(str(tmp_path), "study.json", {"name": "x"})
+    finally:
+        os.umask(old)
+    written = [tmp_path / "study.json", tmp_path / "results/trials.parquet",
+               *(tmp_path / "results/epochs.parquet").iterdir(), *(tmp_path / "results/previews.parquet").iterdir()]
+    assert len(written) == 4
+    for path in written:
+        assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask, path
+
+
+# ------------------------------------------------------------------ faults
+
+
+def test_disk_full_keeps_the_last_good_table_leaves_no_temporary_and_resumes(tmp_path):
+    """A real write failure: the kernel refuses bytes past RLIMIT_FSIZE (EFBIG), as a full disk refuses them."""
+    script = textwrap.dedent(f"""
+        import resource, signal, sys
+        from study.results import ResultsWriteError, ResultsWriter, trial_row
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)   # EFBIG from write() rather than a signal
+        config = {CONFIG!r}
+        w = ResultsWriter(sys.argv[1])
+        w.upsert("trials", [trial_row("t1", config, "DONE", [])])
+        resource.setrlimit(resource.RLIMIT_FSIZE, (2048, resource.RLIM_INFINITY))
+        w.stage("trials", [trial_row(f"t{{i}}", {{**config, "note": "x" * 500}}, "DONE", []) for i in range(2, 60)])
+        try:
+            w.flush()
+        except ResultsWriteError as e:
+            print("ERROR", e)
+            sys.exit(3)
+    """)
+    p = subprocess.run([PYTHON, "-c", script, str(tmp_path)], capture_output=True, text=True, env=python_env(),
+                       timeout=120)
+    assert p.returncode == 3, p.stdout + p.stderr
+    assert "cannot write" in p.stdout and str(tmp_path / "results/trials.parquet") in p.stdout
+    assert "File too large" in p.stdout and "--resume" in p.stdout
+    assert files(tmp_path / "results") == ["trials.parquet"]  # no .tmp-* left behind
+    assert list(read_table(str(tmp_path), "trials").trial_id) == ["t1"]  # the last good version
+    # The cause fixed (no limit), the study continues where it was.
+    w = ResultsWriter(str(tmp_path))
+    w.upsert("trials", [trial_row("t2", CONFIG, "DONE", [])])
+    assert list(read_table(str(tmp_path), "trials").trial_id) == ["t1", "t2"]
+
+
+def test_an_unwritable_results_folder_is_a_clear_error(tmp_path):
+    w = ResultsWriter(str(tmp_path))
+    w.add_epochs("t1", [epoch_row("t1", row(1, 20.0))])
+    if os.geteuid() == 0:
+        # Root writes through a read-only mode; a file where the epochs folder should be fails for anyone.
+        blocked = tmp_path / "results/previews.parquet"
+        blocked.write_bytes(b"not a folder")
+        with pytest.raises(ResultsWriteError, match="previews.parquet"):
+            w.add_previews([{"trial_id": "t1", "dataset": "samples", "resolution": 32, "epoch": 1,
+                             "image_index": 0, "kind": "prediction", "png": b"png"}])
+        return
+    folder = tmp_path / "results/epochs.parquet"
+    folder.chmod(0o555)
+    try:
+        with pytest.raises(ResultsWriteError, match="Permission denied") as e:
+            w.add_epochs("t1", [epoch_row("t1", row(2, 21.0))])
+        assert str(folder) in str(e.value)
+        assert files(folder) == ["t-t1-e0001.parquet"]
+    finally:
+        folder.chmod(0o755)
+
+
+def test_a_corrupt_trials_table_names_the_file(tmp_path):
+    (tmp_path / "results").mkdir()
+    path = tmp_path / "results/trials.parquet"
+    path.write_bytes(b"PAR1 this is not parquet at all")
+    with pytest.raises(ResultsReadError) as e:
+        ResultsWriter(str(tmp_path))   # what --resume does first
+    assert str(path) in str(e.value) and "<Buffer>" not in str(e.value)
+    assert e.value.exit_status == 2
+
+
+def test_coerce_reads_unix_seconds_and_timestamps_alike():
+    df = coerce("trials", pd.DataFrame({"trial_id": ["a", "b", "c"], "started_at": [0.0, pd.Timestamp(0, tz="UTC"),
+                                                                                   float("nan")],
+                                        "best_epoch": [1.0, math.nan, 3.0]}))
+    assert df.started_at[0] == df.started_at[1] == pd.Timestamp(0, tz="UTC") and pd.isna(df.started_at[2])
+    assert df.best_epoch.tolist()[0] == 1 and str(df.best_epoch.dtype) == "Int64"
