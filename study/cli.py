@@ -1,0 +1,109 @@
+"""One way for every entry point to turn the project's own errors into a message and an exit status.
+
+Use it as the last line of a ``__main__`` module::
+
+    if __name__ == "__main__":
+        sys.exit(cli.run(main))
+
+``cli.run`` calls ``main(argv)``; an error the project raises on purpose (a bad
+space file, option, config, dataset, results folder, ...) prints
+``error: <message>`` on stderr and exits with status 2, or 1 once the command
+has started real work (``cli.work_started()``; e.g. a study whose first trials
+ran). No traceback, unless ``--debug`` is on the command line or
+``COLORIZE_DEBUG=1`` is set. Other exceptions are bugs and keep their traceback.
+
+Library code raises these errors (with a message naming the input and the fix);
+it never prints and exits itself. This module imports neither torch nor Ray:
+``analysis`` uses it too, so errors are recognised by the modules that define
+them *if those modules were imported* (an error of a module that was never
+imported cannot have been raised).
+"""
+from __future__ import annotations
+
+import os
+import sys
+from typing import Callable, Sequence
+
+DEBUG_FLAG = "--debug"
+DEBUG_ENV = "COLORIZE_DEBUG"
+
+# (module, class name) of the errors other modules own; looked up lazily so this module stays light.
+KNOWN_ERRORS = (
+    ("study.space", "SpaceError"),
+    ("study.models", "ConfigError"),
+    ("study.config", "ConfigError"),
+    ("study.data", "DataError"),
+    ("study.results", "ResultsError"),
+    ("study.contract", "ContractError"),
+    ("study.submit", "SubmitError"),
+    ("study.colorize", "ColorizeError"),
+    ("study.colorize", "InputError"),
+    ("study.bench", "BenchError"),
+    ("study.pack", "PackError"),
+    ("analysis.load", "NotAStudyError"),
+)
+
+
+class ProjectError(Exception):
+    """Base of this project's own errors: always shown as a message, never as a traceback."""
+
+    exit_status = 2
+
+
+class UsageError(ProjectError, ValueError):
+    """A command-line option or file that cannot work; the message names it and says what to give instead."""
+
+
+_state = {"started": False}
+
+
+def work_started() -> None:
+    """From now on an error means work was partly done: the command exits 1 instead of 2."""
+    _state["started"] = True
+
+
+def debug_enabled() -> bool:
+    return os.environ.get(DEBUG_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def project_errors() -> tuple[type[BaseException], ...]:
+    """The project's error types among the modules imported so far."""
+    found: list[type[BaseException]] = [ProjectError]
+    for module, name in KNOWN_ERRORS:
+        cls = getattr(sys.modules.get(module), name, None)
+        if isinstance(cls, type) and issubclass(cls, BaseException):
+            found.append(cls)
+    return tuple(found)
+
+
+def split_debug(argv: Sequence[str]) -> tuple[list[str], bool]:
+    """``argv`` without ``--debug`` (only before a ``--``: what follows belongs to another command)."""
+    argv = list(argv)
+    end = argv.index("--") if "--" in argv else len(argv)
+    head = [a for a in argv[:end] if a != DEBUG_FLAG]
+    return head + argv[end:], len(head) != end
+
+
+def run(main: Callable[[list[str]], int | None], argv: Sequence[str] | None = None) -> int:
+    """Call ``main(argv)`` and return its exit status, turning the project's errors into messages."""
+    args, flag = split_debug(sys.argv[1:] if argv is None else argv)
+    if flag:
+        os.environ[DEBUG_ENV] = "1"   # child processes (Ray workers) see it too
+    _state["started"] = False
+    try:
+        status = main(args)
+    except KeyboardInterrupt:
+        if debug_enabled():
+            raise
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+    except BaseException as e:  # noqa: BLE001 - filtered right below; anything else is re-raised
+        if isinstance(e, SystemExit) or not isinstance(e, project_errors()) or debug_enabled():
+            raise
+        print(f"error: {message(e)}", file=sys.stderr)
+        return 1 if _state["started"] else getattr(e, "exit_status", 2)
+    return 0 if status is None else int(status)
+
+
+def message(e: BaseException) -> str:
+    return str(e).strip() or type(e).__name__
