@@ -10,8 +10,10 @@ every detail of the input and only gains colour.
 
 Outputs: ``<out>/<input stem>.png`` (inputs found in a folder keep their path
 below it), and with ``--side-by-side`` also ``<stem>_side_by_side.png``
-(input | colorized). Exit status: 0 all inputs done, 1 some inputs failed,
-2 no usable study, trial, checkpoint or model (nothing was done).
+(input | colorized). An ``--out`` that would replace an input (an input folder
+itself, or an output path that is an input file) is refused before anything is
+written. Exit status: 0 all inputs done, 1 some inputs failed, 2 no usable
+study, trial, checkpoint or model, or a refused ``--out`` (nothing was done).
 """
 from __future__ import annotations
 
@@ -32,6 +34,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from study.color import rgb_to_y, rgb_to_yuv, yuv_to_rgb
 from study.config import TrialConfig
+from study.contract import default_trial
 from study.data import list_images
 from study.models import build_unet
 from study.results import read_table, resolve
@@ -146,7 +149,7 @@ def read_trials(study: str) -> pd.DataFrame:
 
 
 def pick_trial(trials: pd.DataFrame, study: str, dataset: str | None, trial_id: str | None) -> pd.Series:
-    """The trial named, else the best by best_val_psnr among those with a checkpoint."""
+    """The trial named, else the best by best_val_psnr among those with a checkpoint (of ``dataset``)."""
     rows = trials
     if trial_id is not None:
         rows = rows[rows["trial_id"] == trial_id]
@@ -157,14 +160,12 @@ def pick_trial(trials: pd.DataFrame, study: str, dataset: str | None, trial_id: 
         if rows.empty:
             raise ColorizeError(f"study {study} has no trial{' ' + trial_id if trial_id else ''} of dataset "
                                 f"{dataset!r}; its datasets: {_some(trials['dataset'].unique())}")
-    rows = rows[rows["checkpoint_path"].fillna("").astype(str) != ""]
-    if rows.empty and trial_id is not None:
+    row = default_trial(rows)   # the contract's rule, which analysis marks in its report too
+    if row is None and trial_id is not None:
         raise ColorizeError(f"trial {trial_id} of study {study} has no checkpoint (it never finished an epoch)")
-    if rows.empty:
+    if row is None:
         raise ColorizeError(f"no {'such ' if dataset else ''}trial of study {study} has a checkpoint")
-    if "best_val_psnr" in rows:
-        rows = rows.sort_values("best_val_psnr", ascending=False, na_position="last", kind="stable")
-    return rows.iloc[0]
+    return row
 
 
 def _some(values, n: int = 10) -> str:
@@ -305,6 +306,26 @@ def _candidates(name: Path, ext: str):
         yield name.with_name(f"{name.name}_{ext}_{k}")
 
 
+def check_out(out: Path, args: list[str], jobs: list[tuple[Path, Path]], side_by_side: bool) -> None:
+    """Refuse an ``--out`` that would replace an input: an input folder itself, or an output file that is an input.
+
+    Checked before anything is written: an overwritten photo cannot be recovered.
+    """
+    target = out.resolve()
+    for arg in args:
+        if Path(arg).is_dir() and Path(arg).resolve() == target:
+            raise ColorizeError(f"--out {out} is the input folder {arg}: the colorized PNGs would be mixed with "
+                                f"(and could replace) the inputs; give another --out folder")
+    inputs = {path.resolve(): path for path, _ in jobs}
+    suffixes = ["", SIDE_BY_SIDE] if side_by_side else [""]
+    for _, name in jobs:
+        for suffix in suffixes:
+            written = (target / name).with_name(name.name + suffix + ".png")
+            if written in inputs:
+                raise ColorizeError(f"--out {out} would overwrite the input {inputs[written]} with its colorized "
+                                    f"version; give another --out folder")
+
+
 def read_image(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
     """(H, W) gray or (H, W, 3) RGB uint8, and the alpha channel (H, W) if the image has one."""
     try:
@@ -381,14 +402,15 @@ def describe(loaded: Loaded, device: torch.device) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    jobs, errors = collect_inputs(args.inputs, args.side_by_side)
     try:
+        check_out(args.out, args.inputs, jobs, args.side_by_side)
         device = choose_device(args.device)
         loaded = load_model(args.study, args.dataset, args.trial, device)
     except ColorizeError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_NO_MODEL
     print(f"colorizing with {describe(loaded, device)}")
-    jobs, errors = collect_inputs(args.inputs, args.side_by_side)
     for message in errors:
         print(f"error: {message}", file=sys.stderr)
     failed = len(errors)

@@ -133,3 +133,15 @@ def _timestamp(value):
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return pd.NaT if value != value else pd.Timestamp(value, unit="s", tz="UTC")
     return pd.Timestamp(value)
+
+
+def default_trial(trials: pd.DataFrame) -> pd.Series | None:
+    """The trial ``study.colorize`` uses when none is named: the best (``best_trials``) of those with a
+    checkpoint; when none has a score, the first with a checkpoint; None when none has one."""
+    if trials is None or trials.empty or "checkpoint_path" not in trials:
+        return None
+    rows = trials[trials["checkpoint_path"].fillna("").astype(str) != ""]
+    best = best_trials(rows)
+    if not best.empty:
+        return best.iloc[0]
+    return rows.iloc[0] if not rows.empty else None

@@ -100,6 +100,31 @@ def test_all_good_inputs_exit_0_and_folders_keep_subpaths(study, inputs, tmp_pat
     assert (tmp_path / "out" / "a" / "x.png").is_file() and (tmp_path / "out" / "b" / "x.png").is_file()
 
 
+def test_out_that_would_replace_an_input_is_refused_before_anything_is_written(study, inputs, tmp_path, capsys):
+    folder = tmp_path / "photos"
+    (folder / "sub").mkdir(parents=True)
+    shutil.copy(inputs["colour"], folder / "a.jpg.png")   # its output name under --out photos/.. is itself
+    shutil.copy(inputs["gray"], folder / "sub" / "b.png")
+    before = {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+    cases = [  # (arguments, the input the message must name)
+        ([folder, "--out", folder], str(folder)),                                  # the input folder itself
+        ([folder / "sub", "--out", folder / "sub" / "."], "sub"),                   # the same folder, spelt otherwise
+        ([folder / "sub" / "b.png", "--out", folder / "sub"], "b.png"),            # an output path equal to an input
+        ([folder / "sub" / "b.png", "--side-by-side", "--out", folder / "sub"], "b.png"),
+        ([folder, "--out", folder.parent / "photos" / "sub" / ".."], str(folder)),
+    ]
+    for argv, named in cases:
+        rc, stdout, err = run(capsys, "--study", study, *argv)
+        assert rc == 2, (argv, err)
+        assert "--out" in err and named in err and "another --out" in err and "Traceback" not in err, err
+        assert "wrote" not in stdout
+    assert {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()} == before
+    # Colorizing a file into its own folder is fine when no input is replaced.
+    rc, _, err = run(capsys, "--study", study, folder / "a.jpg.png", "--out", folder / "sub")
+    assert rc == 0 and (folder / "sub" / "a.jpg.png").is_file() and (folder / "sub" / "b.png").read_bytes() == \
+        before[folder / "sub" / "b.png"], err
+
+
 def test_best_trial_by_default_and_trial_option(study, inputs, tmp_path, capsys):
     table = trials(study)
     best = table.sort_values("best_val_psnr").iloc[-1]["trial_id"]
