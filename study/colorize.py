@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from study.cli import ProjectError
 from study.color import rgb_to_y, rgb_to_yuv, yuv_to_rgb
 from study.config import TrialConfig
 from study.contract import default_trial
@@ -44,11 +45,12 @@ EXIT_OK, EXIT_SOME_FAILED, EXIT_NO_MODEL = 0, 1, 2
 SIDE_BY_SIDE = "_side_by_side"
 
 
-class ColorizeError(RuntimeError):
-    """No usable study, trial, checkpoint or model (exit status 2); the message names it."""
+class ColorizeError(ProjectError, RuntimeError):
+    """No usable study, trial, checkpoint or model, or a refused --out (exit status 2); the message names it."""
+    exit_status = EXIT_NO_MODEL
 
 
-class InputError(RuntimeError):
+class InputError(ProjectError, RuntimeError):
     """One input cannot be colorized; the others still are (exit status 1)."""
 
 
@@ -401,15 +403,12 @@ def describe(loaded: Loaded, device: torch.device) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The command; a ``ColorizeError`` (nothing done) reaches ``study.cli``'s handler: exit status 2."""
     args = parser().parse_args(argv)
     jobs, errors = collect_inputs(args.inputs, args.side_by_side)
-    try:
-        check_out(args.out, args.inputs, jobs, args.side_by_side)
-        device = choose_device(args.device)
-        loaded = load_model(args.study, args.dataset, args.trial, device)
-    except ColorizeError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_NO_MODEL
+    check_out(args.out, args.inputs, jobs, args.side_by_side)
+    device = choose_device(args.device)
+    loaded = load_model(args.study, args.dataset, args.trial, device)
     print(f"colorizing with {describe(loaded, device)}")
     for message in errors:
         print(f"error: {message}", file=sys.stderr)
@@ -429,4 +428,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from study import cli
+    # Run as __main__, this module's errors are __main__.ColorizeError: recognised as ProjectError subclasses.
+    sys.exit(cli.run(main))

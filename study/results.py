@@ -49,6 +49,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from study.cli import ProjectError
 from study.contract import EPOCH_METRICS, KEYS, RESULTS_DIR, STATUSES, SUMMARY_METRICS, best_row, coerce
 
 # Every epoch file has this schema, so the folder always reads as one table.
@@ -56,7 +57,7 @@ EPOCH_SCHEMA = pa.schema([("trial_id", pa.string()), ("epoch", pa.int64()),
                           *((m, pa.float64()) for m in EPOCH_METRICS), ("seconds", pa.float64())])
 
 
-class ResultsError(RuntimeError):
+class ResultsError(ProjectError, RuntimeError):
     """A study's results cannot be read or written; the message names the file and what to do."""
     exit_status = 2
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import shutil
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +12,8 @@ import torch
 from PIL import Image
 from skimage import data as skdata
 
+from conftest import PYTHON, python_env
+from study import cli
 from study.color import rgb_to_y, rgb_to_yuv
 from study.colorize import collect_inputs, colorize_image, main
 from study.config import TrialConfig
@@ -56,7 +59,7 @@ def luma(pixels: np.ndarray) -> np.ndarray:
 
 
 def run(capsys, *argv) -> tuple[int, str, str]:
-    rc = main([str(a) for a in argv])
+    rc = cli.run(main, [str(a) for a in argv])   # as `python -m study.colorize` runs it
     out, err = capsys.readouterr()
     return rc, out, err
 
@@ -118,6 +121,10 @@ def test_out_that_would_replace_an_input_is_refused_before_anything_is_written(s
         assert rc == 2, (argv, err)
         assert "--out" in err and named in err and "another --out" in err and "Traceback" not in err, err
         assert "wrote" not in stdout
+    # The real command line: the message, no traceback, status 2.
+    p = subprocess.run([PYTHON, "-m", "study.colorize", "--study", str(study), str(folder), "--out", str(folder)],
+                       capture_output=True, text=True, env=python_env(), timeout=300)
+    assert p.returncode == 2 and p.stderr.startswith("error: --out") and "Traceback" not in p.stderr, p.stderr
     assert {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()} == before
     # Colorizing a file into its own folder is fine when no input is replaced.
     rc, _, err = run(capsys, "--study", study, folder / "a.jpg.png", "--out", folder / "sub")
