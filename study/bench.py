@@ -1,23 +1,31 @@
-"""Training throughput: the original notebooks' pipeline against this project's loop, in one run.
+"""Training throughput, everything side by side in one run, as text and JSON with the device's name.
 
-``python -m study.bench [--data-root ../shared/data] [--steps N] [--json out.json]``
+``python -m study.bench [--data-root ../shared/data] [--steps N] [--packs 4,8,16,32] [--json out.json]``
 
-Both sides train the report's CIFAR-10 UNet (depth 3, max-pool + upsample, UV
-output) with Adam and MSE for the same number of steps:
-- reference: per-sample PIL decode of the JPEG files + ToTensor + RGB->YUV per
-  sample, DataLoader batch 64, fp32 (as in the seed notebooks);
-- ours: images decoded once into the uint8 cache, resident on the device, converted
-  per batch on the device; bf16 autocast + channels_last on a GPU; batch 64 and 512.
-Prints images/s of each and the ratios, and the same as JSON.
+All rows train with Adam and MSE for the same number of timed steps:
+- reference: the seed notebooks' pipeline: per-sample PIL decode of the JPEG files +
+  ToTensor + RGB->YUV per sample, DataLoader batch 64, fp32, on the report's CIFAR-10
+  UNet (depth 3, max-pool + upsample, UV output);
+- trial: this project's step (images decoded once, resident on the device, converted
+  per batch there) on the same UNet at each ``--batches`` size and ``--precisions``;
+- pack K: K such UNets fused into one grouped-convolution model (``study.pack``), each
+  on its own batch of ``--pack-batch`` images; aggregate model-images/s;
+- flowers: the report's Flowers-102 UNet (depth 4, 256x256): one trial and a pack.
+Ratios are against the reference measured in the same run.
+
+Data: ``--data-root`` must hold ``cifar10/`` (and ``flowers102/`` for the flowers rows);
+without any data root the bundled sample photos stand in, and the output says so.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -25,14 +33,25 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
-from torchvision.transforms.functional import to_tensor
 
 from study.color import rgb_to_y, rgb_to_yuv, target_for
-from study.data import DeviceImages, folder_splits, load_splits
-from study.models import VARIANTS, build_unet
-from study.train import autocast_for, device_name, pick_device
+from study.config import TrialConfig
+from study.data import LAYOUT_HELP, DataError, DeviceImages, default_cache_dir, default_data_root, folder_splits, \
+    load_splits
+from study.models import VARIANTS, UNetConfig, build_unet
+from study.pack import FusedUNet, Member, l1_mask, train_batches, train_step
+from study.train import device_name, pick_device
 
-MODEL = VARIANTS["report-cifar10-simple-uv"]
+CIFAR_MODEL = VARIANTS["report-cifar10-simple-uv"]
+FLOWERS_MODEL = VARIANTS["report-flowers102-simple-uv"]
+PARTS = ("reference", "trial", "pack", "flowers")
+PRECISIONS = ("fp32", "bf16")
+# Defaults sized per device: a CPU takes seconds per pack step, a GPU milliseconds.
+DEFAULTS = {
+    "cuda": {"steps": 200, "packs": "4,8,16,32", "precisions": "fp32,bf16", "flowers_batch": 64,
+             "flowers_pack": 4},
+    "cpu": {"steps": 10, "packs": "2,4", "precisions": "fp32", "flowers_batch": 4, "flowers_pack": 2},
+}
 
 
 class NotebookDataset(Dataset):
@@ -45,6 +64,9 @@ class NotebookDataset(Dataset):
         return len(self.files)
 
     def __getitem__(self, i):
+        # Imported here: torchvision's import costs seconds, and only this row uses it.
+        from torchvision.transforms.functional import to_tensor
+
         rgb = to_tensor(Image.open(self.files[i]).convert("RGB"))
         yuv = rgb_to_yuv(rgb[None])[0]
         return yuv[:1], yuv[1:]
@@ -70,9 +92,13 @@ def _timed(batches, step, steps: int, warmup: int, dev) -> float:
                 return time.perf_counter() - t0
 
 
+def _autocast(dev: torch.device, precision: str):
+    return torch.autocast(dev.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
+
+
 def bench_reference(files, dev, steps, warmup, workers) -> float:
     torch.manual_seed(0)
-    model = build_unet(MODEL, 32).to(dev)
+    model = build_unet(CIFAR_MODEL, 32).to(dev)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     loader = DataLoader(NotebookDataset(files), batch_size=64, shuffle=True, num_workers=workers,
                         drop_last=True, persistent_workers=workers > 0)
@@ -87,18 +113,21 @@ def bench_reference(files, dev, steps, warmup, workers) -> float:
     return steps * 64 / _timed(lambda: loader, step, steps, warmup, dev)
 
 
-def bench_ours(images: np.ndarray, dev, batch, steps, warmup) -> float:
+def bench_trial(images: np.ndarray, model_cfg: UNetConfig, dev, batch, steps, warmup, precision="fp32",
+                compile_model=False) -> float:
+    """One trial's training step (as study.train.run_trial): images/s."""
     torch.manual_seed(0)
-    model = build_unet(MODEL, 32).to(dev, memory_format=torch.channels_last)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    model = build_unet(model_cfg, images.shape[1]).to(dev, memory_format=torch.channels_last)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3, fused=dev.type == "cuda")
+    forward = torch.compile(model) if compile_model else model
     data = DeviceImages(images, dev)
     gen = torch.Generator(device=dev).manual_seed(0)
 
-    def step(x):  # the same step as study.train.run_trial
+    def step(x):
         y = rgb_to_y(x)
-        with autocast_for(dev):
-            pred = model(y)
-        loss = F.mse_loss(pred.float(), target_for(x, "uv"))
+        with _autocast(dev, precision):
+            pred = forward(y)
+        loss = F.mse_loss(pred.float(), target_for(x, model_cfg.output))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -106,55 +135,199 @@ def bench_ours(images: np.ndarray, dev, batch, steps, warmup) -> float:
     return steps * batch / _timed(lambda: data.train_batches(batch, gen), step, steps, warmup, dev)
 
 
-def jpeg_files(data_root: str | None, n: int, cache_dir) -> tuple[list[Path], str]:
-    """CIFAR-10 JPEGs when a data root has them, else JPEGs written from the bundled sample photos."""
-    root = Path(data_root or os.environ.get("COLORIZE_DATA_ROOT") or "") / "cifar10"
-    if data_root or os.environ.get("COLORIZE_DATA_ROOT"):
-        if root.is_dir():
-            return folder_splits(root, seed=0)["train"][:n], f"cifar10 JPEGs from {root}"
-    imgs = load_splits("samples", 32, cache_dir=cache_dir, train_limit=min(n, 1024)).train
-    tmp = Path(tempfile.mkdtemp(prefix="bench-jpeg-"))
+def bench_pack(images: np.ndarray, model_cfg: UNetConfig, dev, k, batch, steps, warmup, precision="fp32") -> float:
+    """K members fused (study.pack's own step), each with its own lr, seed and batch: model-images/s."""
+    data = DeviceImages(images, dev)
+    base = TrialConfig(dataset="bench", resolution=images.shape[1], depth=model_cfg.depth,
+                       sampling=model_cfg.sampling, output=model_cfg.output, base_filters=model_cfg.base_filters,
+                       batch_size=batch, epochs=1)
+    members = [Member(i, base.replace(lr=1e-3 * (1 + i / k), seed=i), dev, max(len(data) // batch, 1))
+               for i in range(k)]
+    fused = FusedUNet([m.model for m in members]).train()
+    l1 = l1_mask(members, dev)
+
+    def step(x):
+        train_step(fused, members, x, l1, _autocast(dev, precision))
+
+    return steps * batch * k / _timed(lambda: train_batches(data, members, batch), step, steps, warmup, dev)
+
+
+# ---------------------------------------------------------------- data
+
+
+def cifar_jpegs(data_root: str | None, n: int, scratch: Path) -> tuple[list[Path], str]:
+    """CIFAR-10 JPEGs from the data root; with no data root at all, JPEGs written from the sample photos."""
+    if data_root:
+        root = Path(data_root) / "cifar10"
+        if not root.is_dir():
+            raise DataError(f"--data-root {data_root}: there is no cifar10/ folder in it, and the benchmark "
+                            f"reads CIFAR-10. " + LAYOUT_HELP.format(name="cifar10")
+                            + " Leave --data-root out to benchmark on the bundled sample photos instead.")
+        return folder_splits(root, seed=0)["train"][:n], f"cifar10 JPEGs from {root}"
+    imgs = load_splits("samples", 32, cache_dir=scratch.parent, train_limit=min(n, 1024)).train
     files = []
     for i, a in enumerate(imgs):
-        files.append(tmp / f"{i:05d}.jpg")
+        files.append(scratch / f"{i:05d}.jpg")
         Image.fromarray(np.asarray(a)).save(files[-1], quality=75)
-    return files, "sample-photo JPEGs (no --data-root given)"
+    return files, "JPEGs written from the bundled sample photos (no --data-root given)"
+
+
+def flowers_images(data_root: str | None, n: int, size: int, cache_dir: Path) -> tuple[np.ndarray, str]:
+    if data_root:
+        if not (Path(data_root) / "flowers102").is_dir():
+            raise DataError(f"--data-root {data_root}: there is no flowers102/ folder in it for the flowers rows. "
+                            + LAYOUT_HELP.format(name="flowers102")
+                            + " Or leave them out with --parts reference,trial,pack.")
+        s = load_splits("flowers102", size, data_root, cache_dir, train_limit=n, eval_limit=1)
+        return np.asarray(s.train), f"Flowers-102 from {Path(data_root) / 'flowers102'}"
+    s = load_splits("samples", size, cache_dir=cache_dir, train_limit=n, eval_limit=1)
+    return np.asarray(s.train), f"{size}x{size} crops of the bundled sample photos (no --data-root given)"
+
+
+# ---------------------------------------------------------------- command line
+
+
+def _count(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"{v} must be > 0 (leave the option out for its default)")
+    return v
+
+
+def _nonnegative(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"{v} must be >= 0")
+    return v
+
+
+def _counts(text: str) -> list[int]:
+    return [_count(s.strip()) for s in text.split(",")]
+
+
+def _choices(options):
+    def parse(text: str) -> list[str]:
+        picked = [s.strip() for s in text.split(",")]
+        bad = [s for s in picked if s not in options]
+        if bad:
+            raise argparse.ArgumentTypeError(f"{bad} unknown; choose from {', '.join(options)}")
+        return picked
+    return parse
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m study.bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data-root", help="folder holding cifar10/ (and flowers102/); default $COLORIZE_DATA_ROOT")
+    p.add_argument("--cache-dir", type=Path, help="decoded-data cache and scratch files (default .cache)")
+    p.add_argument("--device")
+    p.add_argument("--steps", type=_count, help="timed steps per row (default 200 on a GPU, 10 on a CPU)")
+    p.add_argument("--warmup", type=_nonnegative, default=3, help="untimed steps before each row")
+    p.add_argument("--images", type=_count, default=8192, help="CIFAR-10 training images read")
+    p.add_argument("--workers", type=_nonnegative, default=2,
+                   help="reference DataLoader workers (the notebooks used 2)")
+    p.add_argument("--batches", type=_counts, default=[64, 512], help="batch sizes of the single-trial rows")
+    p.add_argument("--precisions", type=_choices(PRECISIONS),
+                   help="single-trial precisions (default fp32,bf16 on a GPU, fp32 on a CPU)")
+    p.add_argument("--compile", action="store_true", help="add single-trial rows with torch.compile")
+    p.add_argument("--packs", type=_counts, help="pack sizes K (default 4,8,16,32 on a GPU, 2,4 on a CPU)")
+    p.add_argument("--pack-batch", type=_count, default=64, help="each pack member's batch size")
+    p.add_argument("--flowers-batch", type=_count, help="default 64 on a GPU, 4 on a CPU")
+    p.add_argument("--flowers-pack", type=_count, help="pack size of the flowers row (default 4 on a GPU, 2 on a CPU)")
+    p.add_argument("--flowers-images", type=_count, default=256, help="Flowers-102 training images decoded")
+    p.add_argument("--flowers-size", type=_count, default=256,
+                   help="flowers image side (the report's 256; smaller only for quick smoke runs)")
+    p.add_argument("--parts", type=_choices(PARTS), default=list(PARTS), help=f"rows to run: {','.join(PARTS)}")
+    p.add_argument("--json", type=Path, help="also write the figures here")
+    return p
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m study.bench", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data-root")
-    p.add_argument("--cache-dir")
-    p.add_argument("--device")
-    p.add_argument("--steps", type=int, help="timed steps per side (default 300 on a GPU, 20 on a CPU)")
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--images", type=int, default=8192, help="training images the reference reads")
-    p.add_argument("--workers", type=int, default=2, help="reference DataLoader workers (the notebooks used 2)")
-    p.add_argument("--batches", default="64,512", help="batch sizes for our loop")
-    p.add_argument("--json", type=Path, help="also write the figures here")
-    args = p.parse_args(argv)
+    args = parser().parse_args(argv)
     dev = pick_device(args.device)
-    steps = args.steps or (300 if dev.type == "cuda" else 20)
+    d = DEFAULTS["cuda" if dev.type == "cuda" else "cpu"]
+    steps = args.steps or d["steps"]
+    packs = args.packs or _counts(d["packs"])
+    precisions = args.precisions or d["precisions"].split(",")
+    flowers_batch = args.flowers_batch or d["flowers_batch"]
+    flowers_pack = args.flowers_pack or d["flowers_pack"]
+    data_root = args.data_root or default_data_root()
+    cache_dir = (args.cache_dir or default_cache_dir()).resolve()
     if dev.type == "cpu":
         torch.set_num_threads(os.cpu_count() or 1)
-    files, source = jpeg_files(args.data_root, args.images, args.cache_dir)
-    t0 = time.perf_counter()
-    images = np.stack([np.asarray(Image.open(f).convert("RGB")) for f in files])  # the one-time decode
-    decode_s = time.perf_counter() - t0
-    out = {"device": device_name(dev), "torch": torch.__version__, "data": source, "images": len(files),
-           "steps": steps, "one_time_decode_s": round(decode_s, 2),
-           "precision_ours": "bf16 autocast" if dev.type == "cuda" else "fp32"}
-    print(f"device {out['device']}; {len(files)} images ({source}); {steps} timed steps each", flush=True)
-    ref = bench_reference(files, dev, steps, args.warmup, args.workers)
-    out["reference_b64_img_s"] = round(ref, 1)
-    print(f"reference (PIL per sample, DataLoader x{args.workers}, fp32, batch 64): {ref:10.1f} img/s", flush=True)
-    for b in (int(s) for s in args.batches.split(",")):
-        ours = bench_ours(images, dev, b, steps, args.warmup)
-        out[f"ours_b{b}_img_s"] = round(ours, 1)
-        out[f"ratio_b{b}"] = round(ours / ref, 2)
-        print(f"ours (device-resident uint8, {out['precision_ours']}, batch {b:3d}):  {ours:10.1f} img/s   "
-              f"x{ours / ref:.2f} the reference", flush=True)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # "fp32" rows use TF32
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    # Scratch JPEGs live in the cache folder this command owns and go when it ends, also on error.
+    scratch = Path(tempfile.mkdtemp(prefix="bench-jpeg-", dir=cache_dir))
+    try:
+        return _run(args, dev, steps, packs, precisions, flowers_batch, flowers_pack, data_root, cache_dir, scratch)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _run(args, dev, steps, packs, precisions, flowers_batch, flowers_pack, data_root, cache_dir, scratch) -> int:
+    parts = set(args.parts)
+    out = {"device": device_name(dev), "torch": torch.__version__, "steps": steps, "warmup": args.warmup}
+    rows = []
+
+    def row(key: str, label: str, rate: float, unit: str = "img/s") -> None:
+        ref = out.get("reference_b64_img_s")
+        out[key] = round(rate, 1)
+        ratio = f"   x{rate / ref:.2f} the reference" if ref else ""
+        if ref:
+            out[key.replace("_img_s", "").replace("_model", "") + "_ratio"] = round(rate / ref, 2)
+        rows.append((label, rate, unit))
+        print(f"{label:<58s} {rate:12.1f} {unit}{ratio}", flush=True)
+
+    if parts & {"reference", "trial", "pack"}:
+        files, source = cifar_jpegs(data_root, args.images, scratch)
+        t0 = time.perf_counter()
+        images = np.stack([np.asarray(Image.open(f).convert("RGB")) for f in files])  # the one-time decode
+        out.update(data=source, images=len(files), one_time_decode_s=round(time.perf_counter() - t0, 2))
+        print(f"device {out['device']}; {len(files)} images ({source}); {steps} timed steps per row", flush=True)
+        if "reference" in parts:
+            row("reference_b64_img_s", f"reference (PIL per sample, DataLoader x{args.workers}, fp32, b64)",
+                bench_reference(files, dev, steps, args.warmup, args.workers))
+        if "trial" in parts:
+            for precision in precisions:
+                for b in args.batches:
+                    rate = bench_trial(images, CIFAR_MODEL, dev, b, steps, args.warmup, precision)
+                    row(f"trial_{precision}_b{b}_img_s", f"one trial, device-resident, {precision}, b{b}", rate)
+                    if precision == precisions[0]:
+                        out[f"ours_b{b}_img_s"] = round(rate, 1)  # the names earlier versions printed
+                        if "reference_b64_img_s" in out:
+                            out[f"ratio_b{b}"] = round(rate / out["reference_b64_img_s"], 2)
+            if args.compile:
+                for b in args.batches:
+                    row(f"trial_compiled_{precisions[0]}_b{b}_img_s",
+                        f"one trial, torch.compile, {precisions[0]}, b{b}",
+                        bench_trial(images, CIFAR_MODEL, dev, b, steps, args.warmup, precisions[0], True))
+        if "pack" in parts:
+            for k in packs:
+                for precision in precisions:
+                    row(f"pack{k}_{precision}_b{args.pack_batch}_model_img_s",
+                        f"pack of {k} fused UNets, {precision}, b{args.pack_batch} each",
+                        bench_pack(images, CIFAR_MODEL, dev, k, args.pack_batch, steps, args.warmup, precision),
+                        "model-img/s")
+    if "flowers" in parts:
+        fl, source = flowers_images(data_root, max(args.flowers_images, flowers_batch), args.flowers_size, cache_dir)
+        out.update(flowers_data=source, flowers_size=args.flowers_size)
+        print(f"flowers: {len(fl)} images {args.flowers_size}x{args.flowers_size} ({source}), depth-4 UNet",
+              flush=True)
+        precision = precisions[-1]
+        row(f"flowers_trial_{precision}_b{flowers_batch}_img_s",
+            f"flowers one trial, {precision}, b{flowers_batch}",
+            bench_trial(fl, FLOWERS_MODEL, dev, flowers_batch, steps, args.warmup, precision))
+        row(f"flowers_pack{flowers_pack}_{precision}_b{flowers_batch}_model_img_s",
+            f"flowers pack of {flowers_pack}, {precision}, b{flowers_batch} each",
+            bench_pack(fl, FLOWERS_MODEL, dev, flowers_pack, flowers_batch, steps, args.warmup, precision),
+            "model-img/s")
     print(json.dumps(out))
     if args.json:
         args.json.write_text(json.dumps(out, indent=2))
@@ -162,4 +335,8 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except DataError as e:  # study.cli will own this handler once it exists
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
