@@ -2,22 +2,41 @@
 
 - ``PruningOptunaSearch``: Ray Tune's OptunaSearch on an RDB-stored Optuna study,
   telling Optuna PRUNED for trials the pruner stopped (stock OptunaSearch runs a
-  NopPruner and reports scheduler-stopped trials as COMPLETE).
-- ``OptunaPruningScheduler``: a Tune scheduler that reports each epoch to the same
-  Optuna trial and stops the Tune trial when the study's pruner says so.
+  NopPruner and reports scheduler-stopped trials as COMPLETE). With packs, one
+  Tune trial is K Optuna trials ("members").
+- ``OptunaPruningScheduler``: reports each epoch's own val PSNR to the member's
+  Optuna trial and stops it when the study's pruner says so.
+- ``PackDecisions``: the Ray actor through which a pack's worker learns, each
+  epoch, which of its members the driver pruned.
 - ``ResultsCallback``: the driver-side, single writer of the Parquet results.
-- ``trainable``: one trial = ``study.train.run_trial`` on the resolved config.
+- ``ColorizeTrial``: one Tune trial = ``study.train.run_trial`` on the resolved
+  config, or ``study.pack.run_pack`` on K member configs.
+
+Where pack pruning is decided: in the driver, which asks Optuna exactly as it does
+for single trials, and hands the answer to the worker through ``PackDecisions``.
+The alternative (workers talking to Optuna through its gRPC storage proxy) would
+need a server and an open port on the driver that every node can reach, and a
+second writer of the study; here Optuna is only ever touched by the driver (an
+SQLite file next to the driver keeps working on a cluster) and the answer travels
+on Ray's own authenticated channels.
 """
 from __future__ import annotations
 
+import asyncio
+import hashlib
 import logging
 import math
 import os
+import pickle
+import re
 import shutil
 import time
+import uuid
+import warnings
 from pathlib import Path
 
 import optuna
+import pandas as pd
 import pyarrow.fs as pafs
 import ray
 import torch
@@ -26,84 +45,201 @@ from ray.tune import Callback, Checkpoint
 from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 from ray.tune.search import ConcurrencyLimiter
 from ray.tune.search.optuna import OptunaSearch
+from ray.tune.trainable import wrap_function
 
-from study.results import (ResultsWriter, epoch_row, preview_rows, resolve, trial_row)
+from study.contract import best_row
+from study.data import DataError
+from study.models import ConfigError
+from study.results import ResultsWriter, epoch_row, preview_rows, resolve, trial_row
 from study.space import Space
 from study.train import NonFiniteLossError, device_name, pick_device, run_trial
 
 log = logging.getLogger("study")
 # A checkpoint per epoch is the point (resume, pruning); Ray's warning about it is noise here.
 os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-METRIC = "best_val_psnr"    # running best val PSNR (RGB, dB): what Optuna maximises and prunes on
+METRIC = "best_val_psnr"    # a trial's value in Optuna: its best epoch's val PSNR (RGB, dB)
+STEP_METRIC = "val_psnr"    # each epoch's intermediate value in Optuna: that epoch's own val PSNR
 ERROR_KEY = "trial_error"   # set in a trial's last report when it failed for a reason a retry cannot fix
+MEMBERS_KEY = "members"     # a pack's report: {str(member index): epoch row} of the members still in it
+STATE_OF = {"COMPLETE": "DONE", "PRUNED": "PRUNED", "FAIL": "ERROR"}   # Optuna state -> results status
+
+
+def masked(url: str) -> str:
+    """A database URL without its password (for output, files and Ray's pickles)."""
+    try:
+        from sqlalchemy.engine import make_url
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # noqa: BLE001 - not a URL sqlalchemy parses: drop any user info by hand
+        return re.sub(r"//[^/@]*@", "//***@", url)
+
+
+def member_id(trial_id: str, k: int, pack: int) -> str:
+    """The results' trial_id of member ``k`` of a Tune trial (the Tune trial's own id without packs)."""
+    return trial_id if pack == 1 else f"{trial_id}_m{k}"
 
 
 # ------------------------------------------------------------------ Optuna side
 
 
 class PruningOptunaSearch(OptunaSearch):
-    """OptunaSearch whose study has a real pruner, and which tells Optuna the truth about each trial."""
+    """OptunaSearch whose study has a real pruner, and which tells Optuna the truth about each trial.
 
-    def __init__(self, *args, pruner: optuna.pruners.BasePruner, **kwargs):
+    Nothing that reaches a database is pickled (Ray writes the searcher to world-readable
+    files, ``tuner.pkl`` and ``searcher-state-*.pkl``): the storage and study are dropped and
+    rebuilt by ``bind_storage`` from the URL the driver holds in memory.
+    """
+
+    def __init__(self, *args, pruner: optuna.pruners.BasePruner, storage_url: str, pack: int = 1, **kwargs):
         self._pruner = pruner
+        self.pack = pack
         self.pruned: set[str] = set()
-        super().__init__(*args, **kwargs)
+        # member id -> (results status, last epoch) once Optuna was told its end
+        self.finished: dict[str, tuple[str, int]] = {}
+        self.storage_shown = masked(storage_url)
+        self._pending_ids: dict[str, int] = {}
+        super().__init__(*args, storage=optuna.storages.RDBStorage(storage_url), **kwargs)
+
+    # ---- pickling without the database
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_storage"] = state["_ot_study"] = None
+        state["_ot_trials"] = {}
+        state["_pending_ids"] = {tid: t._trial_id for tid, t in self._ot_trials.items()}
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+
+    def bind_storage(self, storage_url: str) -> None:
+        """(Re)connect to the Optuna study after unpickling, from the driver's in-memory URL."""
+        self._storage = optuna.storages.RDBStorage(storage_url)
+        self.storage_shown = masked(storage_url)
+        self._setup_study(self._mode)
+        self._ot_trials = {tid: optuna.trial.Trial(self._ot_study, i) for tid, i in self._pending_ids.items()}
+
+    def save(self, checkpoint_path: str):
+        with open(checkpoint_path, "wb") as f:
+            pickle.dump(self.__getstate__(), f)
+
+    def restore(self, checkpoint_path: str):
+        with open(checkpoint_path, "rb") as f:
+            state = pickle.load(f)
+        trials = state.pop("_ot_trials", {}) or {}
+        pending = state.pop("_pending_ids", {}) or {}
+        # An older study's state held the storage itself: never take it over from a file.
+        for k in ("_storage", "_ot_study"):
+            state.pop(k, None)
+        pending.update({tid: t._trial_id for tid, t in trials.items()})
+        self.__dict__.update(state)
+        if self._sampler is not None:  # the sampler as saved (its random state goes on)
+            self._ot_study.sampler = self._sampler
+        self._ot_study.pruner = self._pruner
+        self._pending_ids = pending
+        self._ot_trials = {tid: optuna.trial.Trial(self._ot_study, i) for tid, i in pending.items()}
+        self.fail_orphans()
 
     def _setup_study(self, mode):
         super()._setup_study(mode)
         self._ot_study.pruner = self._pruner
+        if self._ot_study.metric_names is None:
+            with warnings.catch_warnings():  # experimental in Optuna 5, and what optuna-dashboard reads
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                self._ot_study.set_metric_names([METRIC])
 
-    def optuna_number(self, trial_id: str) -> int:
-        t = self._ot_trials.get(trial_id)
+    def describe(self, space: Space) -> None:
+        """Record the space's name and its file's sha256 in the study (read by optuna-dashboard)."""
+        digest = hashlib.sha256(Path(space.path).read_bytes()).hexdigest()
+        attrs = self._ot_study.user_attrs
+        if attrs.get("space_sha256") not in (None, digest):
+            log.warning("space file %s changed since the study started", space.path)
+            self._ot_study.set_user_attr("space_sha256_resumed", digest)
+        else:
+            self._ot_study.set_user_attr("space", space.name)
+            self._ot_study.set_user_attr("space_file", Path(space.path).name)
+            self._ot_study.set_user_attr("space_sha256", digest)
+        self._ot_study.set_user_attr("pack", self.pack)
+
+    # ---- asking
+    def optuna_number(self, mid: str) -> int:
+        t = self._ot_trials.get(mid)
         return -1 if t is None else t.number
 
     def suggest(self, trial_id: str):
         config = super().suggest(trial_id)
+        if config is None:
+            return None
+        first = self._ot_trials[trial_id]
         # Recorded in the study itself, so a resumed driver can tell its trials from orphans.
-        self._ot_trials[trial_id].set_user_attr("ray_trial_id", trial_id)
-        return config
+        first.set_user_attr("ray_trial_id", trial_id)
+        if self.pack == 1:
+            return config
+        # The other members share the first one's structure; the sampler picks the rest
+        # (TPE with constant_liar keeps these back-to-back asks apart).
+        from study.pack import STRUCTURE
+        fixed = {n: v for n, v in first.params.items() if n.split("__")[0] in STRUCTURE}
+        members = [config]
+        self._ot_trials[member_id(trial_id, 0, self.pack)] = self._ot_trials.pop(trial_id)
+        for k in range(1, self.pack):
+            self._ot_study.enqueue_trial(fixed, skip_if_exists=False)
+            ot = self._ot_study.ask()
+            ot.set_user_attr("ray_trial_id", trial_id)
+            self._ot_trials[member_id(trial_id, k, self.pack)] = ot
+            members.append(self._suggest_from_define_by_run_func(self._space, ot))
+        for k in range(self.pack):
+            self._ot_trials[member_id(trial_id, k, self.pack)].set_user_attr("pack_member", k)
+        return {"pack": members}
 
-    def report_and_should_prune(self, trial_id: str, value: float, step: int) -> bool:
-        ot_trial = self._ot_trials.get(trial_id)
-        if ot_trial is None or trial_id in self._completed_trials or not math.isfinite(value):
+    # ---- telling
+    def report_and_should_prune(self, mid: str, value: float, step: int) -> bool:
+        ot_trial = self._ot_trials.get(mid)
+        if ot_trial is None or mid in self.finished or not math.isfinite(value):
             return False
         if step not in self._ot_study._storage.get_trial(ot_trial._trial_id).intermediate_values:
             ot_trial.report(value, step)
-        if ot_trial.should_prune():
-            self.pruned.add(trial_id)
-            return True
-        return False
+        return ot_trial.should_prune()
+
+    def finish(self, mid: str, state: optuna.trial.TrialState, value: float | None, epoch: int) -> None:
+        """Tell Optuna a member's (or single trial's) end, once."""
+        if mid in self.finished or mid not in self._ot_trials:
+            return
+        if state == optuna.trial.TrialState.COMPLETE and (value is None or not math.isfinite(value)):
+            state, value = optuna.trial.TrialState.FAIL, None
+        if state != optuna.trial.TrialState.COMPLETE:
+            value = None
+        try:
+            self._ot_study.tell(self._ot_trials[mid], value, state=state)
+        except (ValueError, RuntimeError) as e:  # e.g. finished before a driver crash
+            log.warning("optuna tell for %s: %s", mid, e)
+        if state == optuna.trial.TrialState.PRUNED:
+            self.pruned.add(mid)
+        self.finished[mid] = (STATE_OF[state.name], int(epoch))
 
     def on_trial_result(self, trial_id: str, result: dict):
         pass  # OptunaPruningScheduler reports each epoch (it runs before this hook)
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False):
-        if trial_id in self._completed_trials or trial_id not in self._ot_trials:
+        if trial_id in self._completed_trials:
             return
         result = result or {}
-        value = result.get(self.metric)
-        if trial_id in self.pruned:
-            state, value = optuna.trial.TrialState.PRUNED, None
-        elif error or result.get(ERROR_KEY) or value is None or not math.isfinite(value):
-            state, value = optuna.trial.TrialState.FAIL, None
-        else:
-            state = optuna.trial.TrialState.COMPLETE
-        try:
-            self._ot_study.tell(self._ot_trials[trial_id], value, state=state)
-        except (ValueError, RuntimeError) as e:  # e.g. finished before a driver crash
-            log.warning("optuna tell for %s: %s", trial_id, e)
+        failed = error or bool(result.get(ERROR_KEY))
+        epoch = int(result.get("epoch", 0) or 0)
+        for k in range(self.pack):
+            mid = member_id(trial_id, k, self.pack)
+            if self.pack == 1 and mid in self.pruned:
+                continue
+            if failed:
+                self.finish(mid, optuna.trial.TrialState.FAIL, None, epoch)
+            else:
+                row = result.get(MEMBERS_KEY, {}).get(str(k), result) if self.pack > 1 else result
+                self.finish(mid, optuna.trial.TrialState.COMPLETE, row.get(METRIC), epoch)
         self._completed_trials.add(trial_id)
-
-    def restore(self, checkpoint_path: str):
-        super().restore(checkpoint_path)
-        self._ot_study.pruner = self._pruner
-        self.fail_orphans()
 
     def fail_orphans(self) -> int:
         """Optuna trials asked for after the driver's last saved state never ran as Tune trials: FAIL them."""
         known = {t.number for t in self._ot_trials.values()}
         n = 0
-        for t in self._ot_study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        for t in self._ot_study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,
+                                                                   optuna.trial.TrialState.WAITING)):
             if t.number not in known:
                 self._ot_study._storage.set_trial_user_attr(t._trial_id, "orphaned",
                                                             "asked before a driver crash; never ran")
@@ -112,18 +248,71 @@ class PruningOptunaSearch(OptunaSearch):
         return n
 
 
+@ray.remote(num_cpus=0)
+class PackDecisions:
+    """Which members of a pack the driver stopped after an epoch; the pack's worker waits for the answer."""
+
+    def __init__(self):
+        self._stops: dict[tuple[str, int], list[int]] = {}
+        self._events: dict[tuple[str, int], asyncio.Event] = {}
+
+    def _event(self, key) -> asyncio.Event:
+        return self._events.setdefault(key, asyncio.Event())
+
+    async def decide(self, trial_id: str, epoch: int, stop: list[int]) -> None:
+        self._stops[(trial_id, epoch)] = stop
+        self._event((trial_id, epoch)).set()
+        for old in [k for k in self._stops if k[0] == trial_id and k[1] < epoch - 2]:
+            self._stops.pop(old, None)
+            self._events.pop(old, None)
+
+    async def wait(self, trial_id: str, epoch: int, timeout_s: float) -> list[int] | None:
+        try:
+            await asyncio.wait_for(self._event((trial_id, epoch)).wait(), timeout_s)
+        except asyncio.TimeoutError:
+            return None
+        return self._stops.get((trial_id, epoch), [])
+
+
 class OptunaPruningScheduler(FIFOScheduler):
-    """Asks the Optuna study's pruner, once per reported epoch, whether to stop a trial."""
+    """Asks the Optuna study's pruner, once per reported epoch, whether to stop a trial (or pack member)."""
 
     def __init__(self, searcher: PruningOptunaSearch):
         super().__init__()
         self.searcher = searcher
+        self.decisions = None   # PackDecisions handle (packs only), set by build_tuner: never pickled
+
+    def __getstate__(self):
+        return {**self.__dict__, "decisions": None}
 
     def on_trial_result(self, tune_controller, trial, result: dict) -> str:
-        if ERROR_KEY in result or METRIC not in result:
+        if ERROR_KEY in result or "epoch" not in result:
             return TrialScheduler.CONTINUE
-        if self.searcher.report_and_should_prune(trial.trial_id, float(result[METRIC]), int(result["epoch"])):
-            return TrialScheduler.STOP
+        epoch = int(result["epoch"])
+        if MEMBERS_KEY not in result:
+            if self.searcher.report_and_should_prune(trial.trial_id, float(result[STEP_METRIC]), epoch):
+                self.searcher.finish(trial.trial_id, optuna.trial.TrialState.PRUNED, None, epoch)
+                return TrialScheduler.STOP
+            return TrialScheduler.CONTINUE
+        stop = []
+        for key, row in result[MEMBERS_KEY].items():
+            k = int(key)
+            mid = member_id(trial.trial_id, k, self.searcher.pack)
+            ended = self.searcher.finished.get(mid)
+            if ended is not None:   # told before (a restored pack re-runs epochs): it leaves where it ended
+                if epoch >= ended[1]:
+                    stop.append(k)
+                continue
+            if row.get("error"):
+                self.searcher.finish(mid, optuna.trial.TrialState.FAIL, None, epoch)
+                stop.append(k)
+            elif self.searcher.report_and_should_prune(mid, float(row[STEP_METRIC]), epoch):
+                self.searcher.finish(mid, optuna.trial.TrialState.PRUNED, None, epoch)
+                stop.append(k)
+            elif epoch >= int(row.get("epochs", 0) or 0) > 0:
+                self.searcher.finish(mid, optuna.trial.TrialState.COMPLETE, row.get(METRIC), epoch)
+        if self.decisions is not None:
+            self.decisions.decide.remote(trial.trial_id, epoch, sorted(stop))
         return TrialScheduler.CONTINUE
 
 
@@ -140,108 +329,213 @@ TRIAL_META = {"wall_time_s": float("nan"), "device": "", "node_id": "", "checkpo
 
 
 class ResultsCallback(Callback):
-    """Writes trials/epochs/previews while the study runs (the driver is the only writer)."""
+    """Writes trials/epochs/previews while the study runs (the driver is the only writer).
 
-    def __init__(self, study: str, searcher: PruningOptunaSearch, space: Space, progress_every_s: float = 10.0):
-        self.study, self.searcher, self.space = study, searcher, space
+    Where the study lives, and where its data is, are bound by the driver at run time
+    (``bind``), never taken from Ray's pickles: a copied or moved study resumes in its
+    new place. Epoch rows are written as they come; the trials table is staged and
+    written once per controller step (``on_step_end``), at once when a trial ends.
+    """
+
+    def __init__(self, searcher: PruningOptunaSearch, space: Space, progress_every_s: float = 10.0):
+        self.searcher, self.space = searcher, space
         self.progress_every_s = progress_every_s
+        self.study: str | None = None
+        self.data_root = self.cache_dir = None
+        self.cluster = False
         self._writer = None
         self._last_progress = 0.0
         self._meta: dict[str, dict] = {}
+        self._noted: set = set()
 
-    def __getstate__(self):  # Tune pickles callbacks with its state; tables are re-read on setup
+    def __getstate__(self):  # Tune pickles callbacks; location and tables are bound again on resume
         d = self.__dict__.copy()
-        d["_writer"] = None
+        d.update(_writer=None, study=None, data_root=None, cache_dir=None, _meta={}, _noted=set())
         return d
+
+    def bind(self, study: str, data_root: str | None, cache_dir: str | None, cluster: bool) -> None:
+        self.study, self.data_root, self.cache_dir, self.cluster = study, data_root, cache_dir, cluster
+        self._writer = None
 
     @property
     def writer(self) -> ResultsWriter:
         if self._writer is None:
+            if self.study is None:
+                raise RuntimeError("ResultsCallback used before bind(): build_tuner binds it")
             self._writer = ResultsWriter(self.study)
         return self._writer
 
     def setup(self, **info):
         self._writer = ResultsWriter(self.study)
 
-    def _history(self, trial_id: str) -> list[dict]:
-        df = self.writer.tables["epochs"]
-        if df is None or df.empty:
-            return []
-        return df[df.trial_id == trial_id].sort_values("epoch").to_dict("records")
+    # ---- what a trial is
+    def _pack(self, trial) -> int:
+        return len(trial.config["pack"]) if "pack" in trial.config else 1
 
-    def _config(self, trial) -> dict:
-        cfg = self.space.resolve(trial.config)
-        return {**cfg.to_dict(), "resolution": cfg.image_size}
+    def _configs(self, trial) -> list[tuple[dict, str | None]]:
+        """(config, error) per member: a config a trial rejects is that trial's ERROR, not the driver's."""
+        raw = trial.config["pack"] if "pack" in trial.config else [trial.config]
+        out = []
+        for c in raw:
+            try:
+                cfg = self.space.resolve(c)
+                out.append(({**cfg.to_dict(), "resolution": cfg.image_size}, None))
+            except (ConfigError, ValueError, TypeError) as e:
+                plain = {k: v for k, v in c.items() if "__" not in k}
+                out.append((plain, f"ConfigError: {e}"))
+        return out
 
-    def _write_trial(self, trial, status: str, error: str | None = None):
+    def _stage_trial(self, trial, status: str | None = None, error: str | None = None):
+        """Stage one trials row per member; ``status`` None: RUNNING unless the member already ended."""
         meta = {**TRIAL_META, **self._meta.setdefault(trial.trial_id, {})}
-        common = {k: meta[k] for k in ("wall_time_s", "device", "node_id", "checkpoint_path")}
-        self.writer.upsert("trials", [trial_row(
-            trial.trial_id, self._config(trial), status, self._history(trial.trial_id), error=error,
-            optuna_number=self.searcher.optuna_number(trial.trial_id), **common)
-            | {k: meta[k] for k in TRIAL_META if k not in common}])
+        k_total = self._pack(trial)
+        rows = []
+        numbers = [self.searcher.optuna_number(member_id(trial.trial_id, k, k_total)) for k in range(k_total)]
+        for k, (config, config_error) in enumerate(self._configs(trial)):
+            mid = member_id(trial.trial_id, k, k_total)
+            ended = self.searcher.finished.get(mid)
+            st, err = status, error
+            if st is None:
+                st = ended[0] if ended else "RUNNING"
+            elif st != "ERROR" and ended:
+                st = ended[0]   # a member that left the pack keeps its own end
+            if st == "ERROR" and err is None:
+                err = config_error or meta.get("member_errors", {}).get(k) or "failed"
+            mm = {**meta, **meta.get("members", {}).get(k, {})}
+            common = {key: mm[key] for key in ("wall_time_s", "device", "node_id", "checkpoint_path")}
+            rows.append(trial_row(
+                mid, config, st, self.writer.history(mid), error=err, optuna_number=numbers[k], **common)
+                | {key: mm[key] for key in TRIAL_META if key not in common}
+                | {"pack_id": numbers[0], "pack_size": k_total})
+        self.writer.stage("trials", rows)
 
+    def _originals(self, trial) -> None:
+        """The test images and their grayscale inputs, once per (dataset, resolution), from the driver's data."""
+        from study.data import load_splits
+        from study.train import original_previews
+        config, error = self._configs(trial)[0]
+        if error:
+            return
+        key = (config["dataset"], int(config["resolution"]))
+        if self.writer.has_originals(*key) or key in self._noted:
+            return
+        self._noted.add(key)
+        if self.cluster and config["dataset"] != "samples" and not (self.data_root and Path(self.data_root).is_dir()):
+            print(f"note: no {key[0]} data on the driver: the study's original/grayscale previews are left out")
+            return
+        try:
+            splits = load_splits(config["dataset"], key[1], self.data_root, self.cache_dir,
+                                 config.get("train_limit", 0), config.get("eval_limit", 0))
+        except (DataError, OSError) as e:
+            print(f"note: original/grayscale previews of {key[0]} left out ({e})")
+            return
+        files = original_previews(splits.test, int(config.get("preview_count", 8)))
+        self.writer.add_previews(preview_rows("", config, 0, files))
+
+    # ---- Tune's events
     def on_trial_start(self, iteration, trials, trial, **info):
         existing = self.writer.tables["trials"]
-        if existing is not None and (existing.trial_id == trial.trial_id).any():
-            # A restored driver, or a restarted trial: keep what is known, fill in the rest from the table.
-            prev = existing[existing.trial_id == trial.trial_id].iloc[0]
+        meta = self._meta.get(trial.trial_id)
+        first = member_id(trial.trial_id, 0, self._pack(trial))
+        if meta is None and existing is not None and (existing.trial_id == first).any():
+            # Known to the study but not to this driver: the driver was restored, and the trial
+            # restarts (from its checkpoint, if it has one). Keep what is known and count it.
+            prev = existing[existing.trial_id == first].iloc[0]
             meta = self._meta.setdefault(trial.trial_id, {})
             for k in TRIAL_META:
-                if k in prev and k not in meta:
+                if k in prev and pd.notna(prev[k]):
                     meta[k] = prev[k]
-        self._write_trial(trial, "RUNNING")
+            for k in range(self._pack(trial)):
+                row = existing[existing.trial_id == member_id(trial.trial_id, k, self._pack(trial))]
+                if len(row) and pd.notna(row.iloc[0].get("checkpoint_path")):
+                    meta.setdefault("members", {}).setdefault(k, {})["checkpoint_path"] = \
+                        row.iloc[0]["checkpoint_path"]
+            meta["restarts"] = int(meta.get("restarts", 0) or 0) + 1
+            meta["awaiting_first_result"] = True
+        self._meta.setdefault(trial.trial_id, {})
+        self._originals(trial)
+        self._stage_trial(trial)
+        self.writer.flush()
 
     def on_trial_recover(self, iteration, trials, trial, **info):
         # Its worker died; Ray restarts it from its last checkpoint (FailureConfig.max_failures).
         meta = self._meta.setdefault(trial.trial_id, {})
-        meta["restarts"] = int(meta.get("restarts", 0)) + 1
+        meta["restarts"] = int(meta.get("restarts", 0) or 0) + 1
         meta["awaiting_first_result"] = True
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
-        if ERROR_KEY in result:
+        if ERROR_KEY in result or "epoch" not in result:
             return
         epoch = int(result["epoch"])
         meta = self._meta.setdefault(trial.trial_id, {})
         if meta.pop("awaiting_first_result", False):
             meta["resumed_at_epoch"] = epoch
-        # A trial restored from an older checkpoint re-runs later epochs: forget them first.
-        self.writer.drop_epochs_after(trial.trial_id, epoch - 1)
-        self.writer.upsert("epochs", [epoch_row(trial.trial_id, result)])
+        k_total = self._pack(trial)
+        members = result.get(MEMBERS_KEY, {"0": result})
+        for key, row in members.items():
+            mid = member_id(trial.trial_id, int(key), k_total)
+            ended = self.searcher.finished.get(mid)
+            if ended is not None and epoch > ended[1]:
+                continue   # a restored pack re-running a member that already left
+            # A trial restored from an older checkpoint re-runs later epochs: forget them first.
+            self.writer.drop_epochs_after(mid, epoch - 1)
+            self.writer.add_epochs(mid, [epoch_row(mid, row)])
+            if row.get("error"):
+                meta.setdefault("member_errors", {})[int(key)] = row["error"]
         meta.update(
             device=result.get("device", ""), node_id=result.get("node_id", ""),
             gpu_ids=result.get("gpu_ids", ""), wall_time_s=float(result.get("time_total_s", float("nan"))),
             started_at=float(result.get("started_at", float("nan"))), finished_at=time.time())
-        self._write_trial(trial, "RUNNING")
+        self._stage_trial(trial)
         self._progress(trials)
 
     def on_checkpoint(self, iteration, trials, trial, checkpoint: Checkpoint, **info):
         result = trial.last_result or {}
-        if "epoch" not in result:
+        if "epoch" not in result or ERROR_KEY in result:
             return
         fs, path = checkpoint.filesystem, checkpoint.path
-        files = {}
-        for info_ in fs.get_file_info(pafs.FileSelector(path)):
-            if info_.base_name.endswith(".png"):
-                with fs.open_input_stream(info_.path) as f:
-                    files[info_.base_name] = f.read()
-        self.writer.add_previews(preview_rows(trial.trial_id, self._config(trial), result["epoch"], files))
-        if result.get("best_epoch") == result["epoch"]:
-            # Kept by Ray (scored by val PSNR); stored relative to the study folder so a copied study still works.
-            self._meta.setdefault(trial.trial_id, {})["checkpoint_path"] = _relative(path, resolve(self.study)[1])
-            self._write_trial(trial, "RUNNING")
+        k_total = self._pack(trial)
+        members = result.get(MEMBERS_KEY, {"0": result})
+        configs = self._configs(trial)
+        meta = self._meta.setdefault(trial.trial_id, {})
+        for key, row in members.items():
+            k = int(key)
+            sub = path if k_total == 1 else f"{path}/member-{k}"
+            mid = member_id(trial.trial_id, k, k_total)
+            files = {}
+            for info_ in fs.get_file_info(pafs.FileSelector(sub, allow_not_found=True)):
+                if info_.base_name.startswith("prediction_") and info_.base_name.endswith(".png"):
+                    with fs.open_input_stream(info_.path) as f:
+                        files[info_.base_name] = f.read()
+            self.writer.add_previews(preview_rows(mid, configs[k][0], result["epoch"], files))
+            if row.get("best_epoch") == result["epoch"]:
+                # Kept by Ray; stored relative to the study folder so a copied study still works.
+                meta.setdefault("members", {}).setdefault(k, {})["checkpoint_path"] = \
+                    _relative(sub, resolve(self.study)[1])
+        self._stage_trial(trial)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         result = trial.last_result or {}
         if result.get(ERROR_KEY):
-            self._write_trial(trial, "ERROR", result[ERROR_KEY])
+            self._stage_trial(trial, "ERROR", result[ERROR_KEY])
+        elif self._pack(trial) == 1:
+            self._stage_trial(trial, "PRUNED" if trial.trial_id in self.searcher.pruned else "DONE")
         else:
-            self._write_trial(trial, "PRUNED" if trial.trial_id in self.searcher.pruned else "DONE")
+            self._stage_trial(trial)   # each member's own end (told to Optuna as it left the pack)
+        self.writer.flush()
         self._progress(trials, force=True)
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        self._write_trial(trial, "ERROR", _error_text(trial))
+        self._stage_trial(trial, "ERROR", _error_text(trial))
+        self.writer.flush()
         self._progress(trials, force=True)
+
+    def on_step_end(self, iteration, trials, **info):
+        if self._writer is not None:
+            self._writer.flush()   # the trials table at most once per step of Tune's loop
+
+    def on_experiment_end(self, trials, **info):
+        self.writer.flush()
 
     def _progress(self, trials, force: bool = False):
         now = time.time()
@@ -272,8 +566,8 @@ def _error_text(trial) -> str:
 # ------------------------------------------------------------------ the trainable
 
 
-def trainable(config: dict, space: Space, data_root: str | None, cache_dir: str | None):
-    cfg = space.resolve(config)
+def trainable(config: dict, space: Space, data_root: str | None, cache_dir: str | None,
+              decisions: str | None = None):
     cpus = max(int(tune.get_context().get_trial_resources().required_resources.get("CPU", 1)), 1)
     torch.set_num_threads(cpus)
     gpu_ids = ray.get_gpu_ids()
@@ -281,22 +575,80 @@ def trainable(config: dict, space: Space, data_root: str | None, cache_dir: str 
     extra = {"node_id": ray.get_runtime_context().get_node_id(), "device": device_name(dev),
              "gpu_ids": ",".join(str(g) for g in gpu_ids), "started_at": time.time()}
     checkpoint = tune.get_checkpoint()
-    resume = None
-    if checkpoint is not None:
-        resume = checkpoint.to_directory()
-
-    def report(row: dict, folder: Path) -> None:
-        tune.report({**row, **extra}, checkpoint=Checkpoint.from_directory(str(folder)))
-
+    resume = checkpoint.to_directory() if checkpoint is not None else None
+    # Ray runs a trial in its own trial folder: temporary checkpoints go there, not to /tmp.
+    common = dict(data_root=data_root, cache_dir=cache_dir, device=str(dev), resume_from=resume,
+                  log=lambda s: print(s, flush=True), work_dir=Path.cwd())
     try:
-        run_trial(cfg, data_root=data_root, cache_dir=cache_dir, device=str(dev), report=report,
-                  resume_from=resume, log=lambda s: print(s, flush=True))
-    except (NonFiniteLossError, torch.OutOfMemoryError) as e:
+        if "pack" in config:
+            _train_pack(config, space, common, extra, decisions)
+        else:
+            cfg = space.resolve(config)
+
+            def report(row: dict, folder: Path | None) -> None:
+                ckpt = Checkpoint.from_directory(str(folder)) if folder is not None else None
+                tune.report({**row, **extra}, checkpoint=ckpt)
+
+            run_trial(cfg, report=report, **common)
+    except (ConfigError, NonFiniteLossError, torch.OutOfMemoryError) as e:
         # Retrying cannot fix these: end the trial with its reason (the study goes on).
         tune.report({ERROR_KEY: f"{type(e).__name__}: {e}", METRIC: float("nan"), "epoch": -1, **extra})
     finally:
         if resume:  # Ray's local copy of the checkpoint we resumed from
             shutil.rmtree(resume, ignore_errors=True)
+
+
+def _train_pack(config: dict, space: Space, common: dict, extra: dict, decisions: str | None) -> None:
+    from study.pack import run_pack
+    cfgs = [space.resolve(c) for c in config["pack"]]
+    trial_id = tune.get_context().get_trial_id()
+    actor = ray.get_actor(decisions) if decisions else None
+
+    def report(rows: dict[int, dict], folder: Path | None) -> set[int]:
+        epoch = next(iter(rows.values()))["epoch"]
+        members = {str(k): {**r, "epochs": cfgs[k].epochs} for k, r in rows.items()}
+        result = {"epoch": epoch, METRIC: max(r["best_val_psnr"] for r in rows.values()),
+                  MEMBERS_KEY: members, **extra}
+        tune.report(result, checkpoint=Checkpoint.from_directory(str(folder)) if folder is not None else None)
+        if actor is None:
+            return set()
+        # The driver reports every member to Optuna and publishes whom it pruned (see module docstring).
+        stop = ray.get(actor.wait.remote(trial_id, epoch, 600.0))
+        return set(stop or ())
+
+    run_pack(cfgs, report=report, **common)
+
+
+def _trial_label(config: dict) -> str:
+    c = config["pack"][0] if "pack" in config else config
+    parts = [str(c.get(k, "")) for k in ("dataset", "sampling", "output")]
+    if "depth" in c:
+        parts.append(f"d{c['depth']}")
+    if "pack" in config:
+        parts.append(f"pack{len(config['pack'])}")
+    return "-".join(p for p in parts if p)
+
+
+def trial_name(trial) -> str:
+    """Tune's name (and folder name) for a trial: its id, dataset and variant, found at a glance."""
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", f"{trial.trial_id}-{_trial_label(trial.config)}")
+
+
+def make_trainable(space: Space, data_root, cache_dir, resources: dict, decisions: str | None):
+    """The Tune trainable: a named class, so the Ray dashboard and ``ps`` show ``ColorizeTrial``
+    actors whose name (repr) is the trial's id, dataset and variant, not anonymous ImplicitFunc."""
+    fn = tune.with_resources(tune.with_parameters(trainable, space=space, data_root=data_root,
+                                                  cache_dir=cache_dir, decisions=decisions),
+                             {"cpu": resources.get("cpu", 1), "gpu": resources.get("gpu", 0)})
+
+    class ColorizeTrial(wrap_function(fn)):
+        _name = "ColorizeTrial"
+
+        def __repr__(self):
+            # Ray shows an actor's repr in the dashboard's actor list and as its log prefix.
+            return f"ColorizeTrial({self.trial_name})"
+
+    return ColorizeTrial
 
 
 # ------------------------------------------------------------------ running a study
@@ -307,7 +659,9 @@ def init_ray(address: str | None, num_cpus: int | None = None, num_gpus: int | N
         if address:
             ray.init(address=address, log_to_driver=False)
         else:
-            ray.init(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False, log_to_driver=False)
+            # "local": a Ray of our own, even when RAY_ADDRESS or a `ray start` cluster is around.
+            ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False,
+                     log_to_driver=False)
     return ray.cluster_resources()
 
 
@@ -318,40 +672,73 @@ def storage_args(study_root: str) -> tuple[str, pafs.FileSystem, str]:
     return parent, fs, name
 
 
+def _experiment_path(study_root: str) -> tuple[str, pafs.FileSystem]:
+    parent, fs, name = storage_args(study_root)
+    return (str(Path(parent) / name) if isinstance(fs, pafs.LocalFileSystem) else f"{parent}/{name}"), fs
+
+
 def build_tuner(*, study_root: str, space: Space, sampler, storage_url: str, optuna_study_name: str,
                 num_samples: int, max_concurrent: int, resources: dict, data_root, cache_dir,
-                resume: bool):
+                resume: bool, pack: int = 1, cluster: bool = False):
+    """A Tuner for the study at ``study_root`` (``num_samples`` counts models: packs of ``pack`` each).
+
+    ``storage_url`` may hold a password: it is used in memory only; what Ray pickles
+    holds none of it. On ``resume`` the study's location, the Optuna storage and the data
+    are those given here, never the ones Ray pickled (a copied study resumes in its new place).
+    """
+    if pack < 1:
+        raise ConfigError(f"pack={pack}: a pack holds at least one trial")
     parent, fs, name = storage_args(study_root)
-    fn = tune.with_resources(tune.with_parameters(trainable, space=space, data_root=data_root,
-                                                  cache_dir=cache_dir),
-                             {"cpu": resources.get("cpu", 1), "gpu": resources.get("gpu", 0)})
-    searcher = PruningOptunaSearch(space=space.define, metric=METRIC, mode="max", sampler=sampler,
-                                   study_name=optuna_study_name,
-                                   storage=optuna.storages.RDBStorage(storage_url),
-                                   pruner=space.make_pruner())
+    decisions = None
+    if pack > 1:
+        decisions = f"colorize-pack-decisions-{uuid.uuid4().hex[:12]}"
+        actor = PackDecisions.options(name=decisions).remote()
+    fn = make_trainable(space, data_root, cache_dir, resources, decisions)
     if resume:
-        tuner = tune.Tuner.restore(f"{parent}/{name}" if not isinstance(fs, pafs.LocalFileSystem) else
-                                   str(Path(parent) / name), trainable=fn, resume_unfinished=True,
-                                   resume_errored=True, storage_filesystem=fs)
+        path, fs = _experiment_path(study_root)
+        tuner = tune.Tuner.restore(path, trainable=fn, resume_unfinished=True, resume_errored=True,
+                                   storage_filesystem=fs)
+        callbacks = [c for c in tuner._local_tuner.get_run_config().callbacks or []
+                     if isinstance(c, ResultsCallback)]
+        if not callbacks:
+            raise RuntimeError(f"{path}: Ray's saved state has no results writer; it was not started by study.run")
+        callback = callbacks[0]
+        searcher = callback.searcher
+        scheduler = tuner._local_tuner._tune_config.scheduler
+    else:
+        searcher = PruningOptunaSearch(space=space.define, metric=METRIC, mode="max", sampler=sampler,
+                                       study_name=optuna_study_name, storage_url=storage_url,
+                                       pruner=space.make_pruner(), pack=pack)
+        callback = ResultsCallback(searcher, space)
+        scheduler = OptunaPruningScheduler(searcher)
+    if resume:
+        searcher.bind_storage(storage_url)
+    searcher.describe(space)
+    callback.bind(study_root, data_root, cache_dir, cluster)
+    if isinstance(scheduler, OptunaPruningScheduler) and decisions:
+        scheduler.decisions = actor
+    if resume:
         return tuner
-    callback = ResultsCallback(study_root, searcher, space)
-    scheduler = OptunaPruningScheduler(searcher)
+    tune_trials = math.ceil(num_samples / pack)
     return tune.Tuner(
         fn,
         tune_config=tune.TuneConfig(search_alg=ConcurrencyLimiter(searcher, max_concurrent=max_concurrent),
-                                    scheduler=scheduler, num_samples=num_samples, reuse_actors=False),
+                                    scheduler=scheduler, num_samples=tune_trials, reuse_actors=False,
+                                    trial_name_creator=trial_name, trial_dirname_creator=trial_name),
         run_config=tune.RunConfig(
             name=name, storage_path=parent, storage_filesystem=fs, verbose=0, callbacks=[callback],
             failure_config=tune.FailureConfig(max_failures=space.max_failures),
             # Keep the best epoch (by val PSNR; colorize uses it) besides the latest (resume uses it).
+            # A pack's members have their best epochs at different times: keep every checkpoint
+            # (the pack writes one only when a member's best, its last epoch, or a resume point).
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1, checkpoint_score_attribute="val_psnr",
-                                                    checkpoint_score_order="max")),
+                                                    checkpoint_score_order="max") if pack == 1
+            else tune.CheckpointConfig()),
     )
 
 
 def can_resume(study_root: str) -> bool:
-    parent, fs, name = storage_args(study_root)
-    path = str(Path(parent) / name) if isinstance(fs, pafs.LocalFileSystem) else f"{parent}/{name}"
+    path, fs = _experiment_path(study_root)
     return tune.Tuner.can_restore(path, storage_filesystem=fs)
 
 

@@ -1,7 +1,12 @@
 """The study end to end with real Ray (a local cluster per run), real Optuna SQLite storage and Parquet."""
+import contextlib
+import hashlib
 import os
+import shutil
 import signal
+import socket
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -26,9 +31,10 @@ def space_file(tmp_path, name, **changes) -> str:
     return str(path)
 
 
-def run_study(tmp_path, cache_dir, *args, timeout=400, check=True):
-    cmd = [PYTHON, "-m", "study.run", "--storage", str(tmp_path / "studies"), "--cache-dir", str(cache_dir), *args]
-    p = subprocess.run(cmd, cwd=tmp_path, env=python_env(), capture_output=True, text=True, timeout=timeout)
+def run_study(tmp_path, cache_dir, *args, timeout=400, check=True, storage="studies", env=None):
+    cmd = [PYTHON, "-m", "study.run", "--storage", str(tmp_path / storage), "--cache-dir", str(cache_dir), *args]
+    p = subprocess.run(cmd, cwd=tmp_path, env=python_env(**(env or {})), capture_output=True, text=True,
+                       timeout=timeout)
     if check:
         assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-5000:]
     return p
@@ -74,29 +80,94 @@ def check_consistent(study: Path, n_trials: int) -> dict[str, pd.DataFrame]:
         if row.epochs_run:
             assert (study / row.checkpoint_path / "checkpoint.pt").exists()
             pred = previews[(previews.trial_id == row.trial_id) & (previews.kind == "prediction")]
-            assert sorted(pred.epoch.unique()) == got
+            # Predictions come with checkpoints: the best epoch's and the last one's at least.
+            assert set(pred.epoch.unique()) <= set(got) and {row.best_epoch, row.epochs_run} <= set(pred.epoch)
             assert pred.png.map(lambda b: b[:8] == b"\x89PNG\r\n\x1a\n").all()
-    assert (previews.kind == "original").any() and (previews.kind == "grayscale").any()
-    # The Optuna study holds every Ray trial once, in the matching state.
-    meta = yaml.safe_load((study / "study.json").read_text())
-    ot = optuna.load_study(study_name=meta["optuna_study_name"], storage=meta["optuna_storage"])
+    originals = previews[previews.kind.isin(["original", "grayscale"])]
+    assert (originals.kind == "original").any() and (originals.kind == "grayscale").any()
+    assert not originals.duplicated(["dataset", "resolution", "image_index", "kind"]).any()  # once per dataset
+    # The Optuna study holds every Ray trial once, in the matching state, with the per-epoch truth:
+    # each epoch's own val PSNR as the intermediate value, the best epoch's as the trial's value.
+    ot = optuna_study(study)
     by_number = {tr.number: tr for tr in ot.get_trials(deepcopy=False)}
     states = {"DONE": "COMPLETE", "PRUNED": "PRUNED", "ERROR": "FAIL"}
     assert trials.optuna_number.is_unique
     for row in trials.itertuples():
         tr = by_number[row.optuna_number]
-        assert tr.user_attrs["ray_trial_id"] == row.trial_id
+        assert tr.user_attrs["ray_trial_id"] == row.trial_id.split("_m")[0]
         assert tr.state.name == states[row.status], (row.trial_id, row.status, tr.state)
+        per_epoch = epochs[epochs.trial_id == row.trial_id].set_index("epoch").val_psnr
+        assert sorted(tr.intermediate_values) == (sorted(per_epoch.index) if row.status != "ERROR"
+                                                  else sorted(tr.intermediate_values))
+        if not (getattr(row, "restarts", 0) or 0):  # a re-run epoch keeps Optuna's first report
+            for e, v in tr.intermediate_values.items():
+                assert v == pytest.approx(per_epoch[e], abs=1e-6), (row.trial_id, e)
+        if row.status == "DONE":
+            assert tr.value == pytest.approx(row.best_val_psnr, abs=1e-6)
     owned = [tr for tr in by_number.values() if "orphaned" not in tr.user_attrs]
     assert len(owned) == n_trials
     return t
 
 
+def optuna_study(study: Path) -> optuna.Study:
+    meta = yaml.safe_load((study / "study.json").read_text())
+    url = meta["optuna_storage"]
+    if url.startswith("sqlite:///") and not Path(url[len("sqlite:///"):]).is_absolute():
+        url = f"sqlite:///{study / url[len('sqlite:///'):]}"  # stored relative to the study folder
+    return optuna.load_study(study_name=meta["optuna_study_name"], storage=url)
+
+
+@contextlib.contextmanager
+def ray_head():
+    """A running `ray start --head` (own port and temp dir, one CPU) and its address; ended by its session."""
+    port = _free_port()
+    temp = tempfile.mkdtemp(prefix="rh")   # short: Ray's socket paths must stay under ~100 characters
+    proc = subprocess.Popen([PYTHON, "-m", "ray.scripts.scripts", "start", "--head", "--block",
+                             f"--port={port}", "--num-cpus=1", "--num-gpus=0", f"--temp-dir={temp}",
+                             "--include-dashboard=false", "--node-ip-address=127.0.0.1"],
+                            env=python_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while True:
+            with socket.socket() as sock:
+                if sock.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            assert proc.poll() is None and time.time() < deadline, "ray start --head did not come up"
+            time.sleep(0.3)
+        yield f"127.0.0.1:{port}"
+    finally:
+        kill_session(proc.pid)
+        proc.wait()
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def test_smoke_study_end_to_end(tmp_path, cache_dir):
-    p = run_study(tmp_path, cache_dir, "--space", "smoke", "--num-cpus", "2")
+    # A Ray cluster already runs on this machine (and RAY_ADDRESS points at it): a local study
+    # still starts its own Ray (with --num-cpus), never joins that one.
+    with ray_head() as address:
+        p = run_study(tmp_path, cache_dir, "--space", "smoke", "--num-cpus", "2", env={"RAY_ADDRESS": address})
     assert "best configuration per dataset x output" in p.stdout and "trials:" in p.stdout
-    t = check_consistent(tmp_path / "studies" / "smoke", 6)
+    study = tmp_path / "studies" / "smoke"
+    t = check_consistent(study, 6)
     assert (t["trials"].device == "cpu").all() and t["trials"].node_id.str.len().gt(0).all()
+    assert (t["trials"].pack_size == 1).all() and (t["trials"].pack_id == t["trials"].optuna_number).all()
+    # optuna-dashboard reads well: a named objective, the space and its file's hash.
+    ot = optuna_study(study)
+    assert ot.metric_names == ["best_val_psnr"]
+    smoke_file = ROOT / "search_spaces" / "smoke.yaml"
+    assert ot.user_attrs["space"] == "smoke"
+    assert ot.user_attrs["space_sha256"] == hashlib.sha256(smoke_file.read_bytes()).hexdigest()
+    # Trials are named by id, dataset and variant (Tune's trial folders, the dashboard's actors).
+    for row in t["trials"].itertuples():
+        folder = study / row.checkpoint_path.split("/")[0]
+        assert folder.name.startswith(row.trial_id) and f"-{row.dataset}-{row.sampling}-{row.output}-" in folder.name
     # Same command again refuses to overwrite the study.
     again = run_study(tmp_path, cache_dir, "--space", "smoke", check=False)
     assert again.returncode == 2 and "--resume" in again.stderr
@@ -158,8 +229,22 @@ def test_killed_driver_resumes_and_completes(tmp_path, cache_dir):
         proc.wait()
     before = tables(study)["trials"]
     assert len(before) < 6 or (before.status == "RUNNING").any(), "killed too late to test resuming"
-    run_study(tmp_path, cache_dir, "--space", space, "--resume")
-    check_consistent(study, 6)
+    # Resume a copy: it continues in its new place and the original stays as it was.
+    shutil.copytree(study, tmp_path / "other" / "resume", symlinks=True)
+    original = fingerprint(study)
+    run_study(tmp_path, cache_dir, "--space", space, "--resume", storage="other")
+    assert fingerprint(study) == original
+    after = check_consistent(tmp_path / "other" / "resume", 6)["trials"].set_index("trial_id")
+    # Trials that ran when the driver died restarted (from their checkpoints): it is recorded.
+    for row in before[before.status == "RUNNING"].itertuples():
+        assert after.loc[row.trial_id, "restarts"] >= 1, after.loc[row.trial_id]
+        assert after.loc[row.trial_id, "resumed_at_epoch"] >= 1
+    assert (after.restarts.fillna(0) == 0).sum() >= 1  # finished before the crash: no restart
+
+
+def fingerprint(folder: Path) -> dict[str, tuple[int, int]]:
+    return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns)
+            for p in folder.rglob("*") if p.is_file()}
 
 
 def test_resume_without_a_study_is_a_clear_error(tmp_path, cache_dir):
@@ -183,7 +268,7 @@ def test_trial_cli_smoke(tmp_path, cache_dir):
 
 def _trial_workers(sid: int) -> list[int]:
     """PIDs of Ray worker processes running a trial in the study's session."""
-    return [pid for pid, cmd in session_processes(sid) if cmd.startswith("ray::ImplicitFunc")]
+    return [pid for pid, cmd in session_processes(sid) if cmd.startswith("ray::ColorizeTrial")]
 
 
 def test_dead_trial_worker_restarts_from_checkpoint(tmp_path, cache_dir):
@@ -219,3 +304,45 @@ def test_dead_trial_worker_restarts_from_checkpoint(tmp_path, cache_dir):
     row = restarted.iloc[0]
     assert row.status == "DONE" and row.epochs_run == 6
     assert row.resumed_at_epoch > 1  # continued from its checkpoint, not from scratch
+
+
+def test_ray_pickles_hold_no_database_and_bad_configs_stay_in_their_trial(tmp_path):
+    import pickle
+
+    from ray.tune.experiment import Trial
+
+    from study import tune_backend as tb
+    from study.space import load_space
+
+    assert "PW" not in tb.masked("postgresql+psycopg://user:PW@db.example:5432/studies")
+    assert tb.masked("sqlite:///x/optuna.db") == "sqlite:///x/optuna.db"
+    space = load_space("smoke")
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    searcher = tb.PruningOptunaSearch(space=space.define, metric=tb.METRIC, mode="max", study_name="s",
+                                      storage_url=url, pruner=space.make_pruner())
+    config = searcher.suggest("t1")
+    blob = pickle.dumps(searcher)
+    # What Ray writes to tuner.pkl and searcher-state-*.pkl: no storage, no engine, no URL but the masked one.
+    searcher.save(str(tmp_path / "state.pkl"))
+    for data in (blob, (tmp_path / "state.pkl").read_bytes()):
+        assert b"RDBStorage" not in data and b"sqlalchemy" not in data
+    assert pickle.loads(blob)._storage is None
+    # Rebuilt from the URL the driver holds: the same Optuna trial, still RUNNING.
+    again = pickle.loads(blob)
+    again.bind_storage(url)
+    again.restore(str(tmp_path / "state.pkl"))
+    assert again.optuna_number("t1") == 0 and again._ot_trials["t1"].params == searcher._ot_trials["t1"].params
+    # A config that a trial rejects is that trial's ERROR; the driver's callback does not raise.
+    callback = tb.ResultsCallback(searcher, space)
+    callback.bind(str(tmp_path / "study"), None, None, cluster=False)
+    bad = Trial("ColorizeTrial", config={**config, "base_filters": 0}, stub=True)
+    (cfg, error), = callback._configs(bad)
+    assert cfg["base_filters"] == 0 and "base_filters" in error
+    callback._stage_trial(bad, "ERROR")
+    callback.writer.flush()
+    row = tables_trials(tmp_path / "study")
+    assert row.status.tolist() == ["ERROR"] and "base_filters" in row.error.iloc[0]
+
+
+def tables_trials(study: Path) -> pd.DataFrame:
+    return pd.read_parquet(study / "results" / "trials.parquet")
