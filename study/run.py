@@ -3,20 +3,41 @@
 Ray Tune schedules the trials on this machine's (or a cluster's) GPUs or CPUs,
 Optuna chooses configurations and prunes bad trials early, and the results land
 as Parquet in ``<storage>/<name>/results/``.
+
+Every option, the space file and the storage are checked before anything is
+written and before Ray starts; a bad one ends the command with ``error: ...``
+and exit status 2 (``study.cli``). ``study.json`` is written only when the study
+really starts, so a run that fails before its first trial leaves the name free.
+One driver per study (``study.lock``). The default Optuna SQLite database is
+recorded relative to the study folder, so a copied or moved study resumes in
+its new place. A password in ``--optuna-storage`` is never printed or stored:
+``study.json`` keeps the URL without it; on ``--resume`` pass the URL again or
+let the database client find the secret (PostgreSQL: ``$PGPASSWORD`` or
+``~/.pgpass``).
 """
 from __future__ import annotations
 
 import argparse
 import hashlib
 import os
+import stat
 import sys
+import tempfile
 import time
 from pathlib import Path
 
+from study import cli
+from study.cli import UsageError
 from study.config import DEFAULT_RESOLUTION
-from study.data import DataError
 from study.results import read_json, read_table, resolve, write_json
-from study.space import SpaceError, load_space
+from study.space import load_space
+
+SQLITE = "sqlite:///"
+DEFAULT_SQLITE = f"{SQLITE}optuna.db"   # study.json's spelling of "optuna.db in this study's folder"
+# Set in a Ray job's driver (``ray job submit``, study.submit): its working directory is a temporary copy.
+RAY_JOB_ENV = ("RAY_JOB_CONFIG_JSON_ENV_VAR", "RAY_JOB_ID")
+# Files Ray unpickles on --resume: code runs from them, so they must be the user's own.
+PICKLE_SUFFIXES = (".pkl", ".pickle")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -28,18 +49,157 @@ def parser() -> argparse.ArgumentParser:
                    help="where studies live: a local folder or a pyarrow URI such as s3://bucket/prefix")
     p.add_argument("--data-root", help="folder holding <dataset>/<split>/<class>/*.jpg (or $COLORIZE_DATA_ROOT)")
     p.add_argument("--cache-dir", help="decoded-image cache on each node (default ./.cache)")
-    p.add_argument("--num-samples", type=int, help="trials to run (default: the space's)")
-    p.add_argument("--max-concurrent", type=int, help="trials at once (default: the space's)")
-    p.add_argument("--gpus-per-trial", type=float, help="GPUs per trial, fractions allowed (default: the space's)")
-    p.add_argument("--cpus-per-trial", type=float, help="CPUs per trial (default: the space's)")
+    p.add_argument("--num-samples", type=int, help="trials to run, >= 1 (default: the space's)")
+    p.add_argument("--max-concurrent", type=int, help="trials at once, >= 1 (default: the space's)")
+    p.add_argument("--gpus-per-trial", type=float,
+                   help="GPUs per trial, >= 0, fractions allowed (default: the space's)")
+    p.add_argument("--cpus-per-trial", type=float, help="CPUs per trial, > 0 (default: the space's)")
+    p.add_argument("--pack", type=int,
+                   help="trials trained together as one fused model, >= 1 (default: the space's `pack`)")
     p.add_argument("--address", help="connect to an existing Ray cluster (e.g. auto, or ray://host:10001)")
     p.add_argument("--num-cpus", type=int, help="CPUs of the local Ray instance (no --address)")
     p.add_argument("--num-gpus", type=int, help="GPUs the local Ray instance advertises (no --address)")
-    p.add_argument("--optuna-storage", help="Optuna RDB URL (default: sqlite file in the study folder)")
+    p.add_argument("--optuna-storage",
+                   help="Optuna RDB URL (default: optuna.db in the study folder); a password in it is never "
+                        "printed or stored: on --resume pass the URL again, or use $PGPASSWORD / ~/.pgpass")
     p.add_argument("--resume", action="store_true", help="continue the study after an interruption")
     p.add_argument("--seed", type=int, default=0, help="seed of Optuna's sampler")
+    p.add_argument("--debug", action="store_true", help="show the traceback of an error")
     return p
 
+
+# ------------------------------------------------------------------ checks before anything is written
+
+
+def check_options(args: argparse.Namespace) -> None:
+    """Numbers that cannot work; 0 is an error, not "use the default" (None is the default)."""
+    import math
+
+    rules = [("num_samples", 1, "trials to run (a negative number would run forever)"),
+             ("max_concurrent", 1, "trials at once"), ("pack", 1, "trials per pack"),
+             ("num_cpus", 1, "CPUs of the local Ray"), ("num_gpus", 0, "GPUs of the local Ray")]
+    for name, low, what in rules:
+        v = getattr(args, name)
+        if v is not None and v < low:
+            raise UsageError(f"--{name.replace('_', '-')} {v}: {what} must be >= {low}"
+                             + ("; leave it out for the space's own value" if v == 0 else ""))
+    for name, positive in (("cpus_per_trial", True), ("gpus_per_trial", False)):
+        v = getattr(args, name)
+        if v is not None and (not math.isfinite(v) or v < 0 or (positive and v == 0)):
+            raise UsageError(f"--{name.replace('_', '-')} {v}: must be a number {'> 0' if positive else '>= 0'}"
+                             + (" (fractions share a GPU, e.g. 0.25)" if not positive else ""))
+    if args.address and (args.num_cpus is not None or args.num_gpus is not None):
+        raise UsageError("--num-cpus/--num-gpus size a local Ray instance; with --address the cluster has its "
+                         "own resources: leave them out")
+    if args.name is not None and (not args.name.strip() or "/" in args.name or "\\" in args.name
+                                  or args.name in (".", "..")):
+        raise UsageError(f"--name {args.name!r}: a study name is one folder name (no '/', not '.' or '..')")
+
+
+def in_ray_job(environ=None) -> bool:
+    env = os.environ if environ is None else environ
+    return any(env.get(k) for k in RAY_JOB_ENV)
+
+
+def check_storage(storage: str, root: str) -> None:
+    """A local storage must be a folder this process can create files in (probed; nothing is left)."""
+    if "://" in storage:
+        if storage.startswith("file://"):
+            raise UsageError(f"--storage {storage}: give a local folder as a plain path")
+        return
+    if not Path(storage).is_absolute() and in_ray_job():
+        raise UsageError(
+            f"--storage {storage!r} is relative, and this runs as a Ray job whose working directory is a "
+            f"temporary copy that disappears: use shared storage every node reaches (s3://bucket/prefix) "
+            f"or an absolute path on a filesystem mounted on every node")
+    target = Path(root)
+    existing = target
+    while not existing.exists():
+        if existing.parent == existing:
+            break
+        existing = existing.parent
+    if existing.exists() and not existing.is_dir():
+        raise UsageError(f"--storage {storage}: {existing} is a file, not a folder; give a folder for studies")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as e:
+        raise UsageError(f"--storage {storage}: cannot create files in {existing} ({e.strerror}); "
+                         f"choose a folder you can write, or fix its permissions") from None
+
+
+def check_pickles(root: str) -> None:
+    """Ray unpickles its state on --resume: refuse files others could have written (as ssh does with keys)."""
+    fs, path = resolve(root)
+    if "://" in root:
+        return   # object stores have no owner/mode bits: trust rests on the bucket's policy
+    me = os.geteuid()
+    folder = Path(path)
+    bad = []
+    for p in [folder, *sorted(q for q in folder.rglob("*") if q.suffix in PICKLE_SUFFIXES)]:
+        st = p.lstat()
+        if stat.S_ISLNK(st.st_mode):
+            bad.append(f"{p} is a symbolic link")
+        elif st.st_uid != me:
+            bad.append(f"{p} is owned by uid {st.st_uid}, not you ({me})")
+        elif st.st_mode & 0o022:
+            bad.append(f"{p} is writable by {'group and others' if st.st_mode & 0o022 == 0o022 else 'group' if st.st_mode & 0o020 else 'others'}")
+        if len(bad) >= 5:
+            break
+    if bad:
+        raise UsageError("--resume would load Ray's pickled state, which runs code, from files someone else "
+                         "could have changed: " + "; ".join(bad) + f". If you trust them, take them over: "
+                         f"chown -R $(id -u) {folder} && chmod -R go-w {folder}")
+
+
+# ------------------------------------------------------------------ Optuna storage URLs
+
+
+def _url(url: str):
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        return make_url(url)
+    except (ArgumentError, ValueError) as e:
+        shown = str(e).replace(url, masked(url))
+        raise UsageError(f"--optuna-storage {masked(url)}: not a database URL ({shown}); e.g. "
+                         f"postgresql://user@host/db or sqlite:////abs/path/optuna.db") from None
+
+
+def masked(url: str) -> str:
+    """For output: the URL with its password shown as ***."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # noqa: BLE001 - unparsable: hide whatever sits between ':' and '@' by hand
+        import re
+        return re.sub(r"//([^/@:]*):[^@]*@", r"//\1:***@", url)
+
+
+def without_password(url: str) -> str:
+    """For files: the URL with no password at all (the secret comes from the environment)."""
+    return _url(url)._replace(password=None).render_as_string(hide_password=False)
+
+
+def runtime_url(recorded: str, root: str, given: str | None) -> str:
+    """The URL to connect with: the recorded one (relative SQLite resolved in the study folder), or the
+    one given again on --resume (for its password)."""
+    if given:
+        if without_password(given) != recorded:
+            raise UsageError(f"--optuna-storage {masked(given)} is not the study's ({masked(recorded)}); "
+                             f"leave it out to use the study's own")
+        return given
+    if recorded.startswith(SQLITE) and not recorded[len(SQLITE):].startswith("/"):
+        if "://" in root:
+            raise UsageError(f"study.json keeps a relative SQLite path {recorded!r}, which cannot live on "
+                             f"{root}: pass --optuna-storage")
+        return f"{SQLITE}{Path(resolve(root)[1]) / recorded[len(SQLITE):]}"
+    return recorded
+
+
+# ------------------------------------------------------------------ the study
 
 def study_root(storage: str, name: str) -> str:
     return under(storage, name) if "://" in storage else str(Path(storage).resolve() / name)
@@ -52,9 +212,8 @@ def under(root: str, sub: str) -> str:
 
 
 def default_optuna_storage(root: str, name: str) -> str:
-    fs, path = resolve(root)
     if "://" not in root:
-        return f"sqlite:///{Path(path) / 'optuna.db'}"
+        return DEFAULT_SQLITE   # resolved in the study folder at run time (runtime_url)
     # SQLite cannot live on an object store: keep it beside the driver, outside the job's
     # working directory (on a cluster that is a temporary copy that disappears).
     local = Path(os.environ.get("COLORIZE_OPTUNA_DIR") or Path.home() / ".cache" / "unet-colorize" / "optuna")
@@ -97,32 +256,40 @@ def best_table(root: str) -> str:
     return best[[c for c in cols if c in best]].to_string(index=False, float_format=lambda v: f"{v:.4g}")
 
 
-def main(argv=None) -> int:
+def _main(argv: list[str]) -> int:
     args = parser().parse_args(argv)
-    try:
-        space = load_space(args.space)
-    except SpaceError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    check_options(args)
+    space = load_space(args.space)
     name = args.name or space.name
     root = study_root(args.storage, name)
+    check_storage(args.storage, root)
+    given_url = args.optuna_storage
+    if given_url:
+        _url(given_url)   # a malformed URL fails here, not in Ray
     meta = read_json(root, "study.json")
     if args.resume and meta is None:
-        print(f"error: --resume: no study at {root}; run without --resume to start it", file=sys.stderr)
-        return 2
-    if not args.resume and meta is not None:
-        print(f"error: a study already exists at {root}; pass --resume to continue it, or --name for a new one "
-              f"(nothing was changed)", file=sys.stderr)
-        return 2
+        raise UsageError(f"--resume: no study at {root}; run without --resume to start it")
+    if meta is not None and meta.get("space") != space.name:
+        raise UsageError(f"{'--resume' if args.resume else 'a study already exists'} with space {space.name!r}, "
+                         f"but the study at {root} was started with {meta.get('space')!r} "
+                         f"({meta.get('space_file')}); give --space {meta.get('space')} (nothing was changed)")
+    if meta is not None and not args.resume:
+        raise UsageError(f"a study already exists at {root}; pass --resume to continue it, or --name for a new "
+                         f"one (nothing was changed)")
+    from study import lock
+    held = lock.holder(root)
+    if held is not None:
+        raise lock.LockError(lock.refusal(root, held))
+    if args.resume:
+        check_pickles(root)
     data_root = str(Path(args.data_root).resolve()) if args.data_root else os.environ.get("COLORIZE_DATA_ROOT")
+    if data_root and not Path(data_root).is_dir() and "://" not in data_root:
+        raise UsageError(f"--data-root {data_root} is not a folder; give the folder holding cifar10/ and "
+                         f"flowers102/ (or leave it out to download them)")
     cache_dir = str(Path(args.cache_dir or os.environ.get("COLORIZE_CACHE_DIR") or ".cache").resolve())
 
     if not args.address:  # on a cluster each node decodes into its own cache
-        try:
-            prepare_data(space, data_root, cache_dir)
-        except DataError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
+        prepare_data(space, data_root, cache_dir)
 
     # Ray is imported only here: the trial engine does not need it.
     from study import tune_backend as tb
@@ -132,38 +299,51 @@ def main(argv=None) -> int:
         resources["gpu"] = args.gpus_per_trial
     if args.cpus_per_trial is not None:
         resources["cpu"] = args.cpus_per_trial
-    cluster = tb.init_ray(args.address, args.num_cpus, args.num_gpus)
-    if resources.get("gpu", 0) and not cluster.get("GPU"):
-        print("note: the Ray cluster has no GPU; trials run on CPUs only")
-        resources["gpu"] = 0
-    if meta is None:
-        meta = {"name": name, "space": space.name, "space_file": str(space.path), "seed": args.seed,
-                "optuna_storage": args.optuna_storage or default_optuna_storage(root, name),
-                "optuna_study_name": name, "metric": tb.METRIC, "created": time.strftime("%Y-%m-%d %H:%M:%S"),
-                "num_samples": args.num_samples or space.num_samples, "resources": resources,
-                "data_root": data_root, "command": " ".join(sys.argv)}
-        write_json(root, "study.json", meta)
-    elif meta.get("space") != space.name:
-        print(f"error: --resume with space {space.name!r}, but the study was started with {meta.get('space')!r}",
-              file=sys.stderr)
-        return 2
-    print(f"study {name}: space {space.name}, {meta['num_samples']} trials, {resources} per trial, "
-          f"results in {under(root, 'results')}, Optuna {meta['optuna_storage']}")
-    if args.resume and not tb.can_resume(root):
-        print(f"error: --resume: Ray Tune has no saved state at {root} yet; start it again without --resume "
-              f"after removing {root}/study.json", file=sys.stderr)
-        return 2
-    tuner = tb.build_tuner(
-        study_root=root, space=space, sampler=space.make_sampler(args.seed), storage_url=meta["optuna_storage"],
-        optuna_study_name=meta["optuna_study_name"], num_samples=meta["num_samples"],
-        max_concurrent=args.max_concurrent or space.max_concurrent, resources=resources, data_root=data_root,
-        cache_dir=cache_dir, resume=args.resume)
-    tuner.fit()
+    with lock.StudyLock(root):
+        if args.resume and not tb.can_resume(root):
+            raise UsageError(f"--resume: the study at {root} never started a trial (Ray Tune saved no state); "
+                             f"run it again without --resume")
+        cluster = tb.init_ray(args.address, args.num_cpus, args.num_gpus)
+        if resources.get("gpu", 0) and not cluster.get("GPU"):
+            print("note: the Ray cluster has no GPU; trials run on CPUs only")
+            resources["gpu"] = 0
+        if meta is None:
+            # Packs pay where one device has parallel work to spare: the space says how many per device kind.
+            pack = args.pack or space.pack_for(gpu=resources.get("gpu", 0) > 0)
+            recorded = without_password(given_url) if given_url else default_optuna_storage(root, name)
+            meta = {"name": name, "space": space.name, "space_file": str(space.path.resolve()), "seed": args.seed,
+                    "optuna_storage": recorded, "optuna_study_name": name, "metric": tb.METRIC,
+                    "created": time.strftime("%Y-%m-%d %H:%M:%S"),
+                    "num_samples": args.num_samples or space.num_samples,
+                    "max_concurrent": args.max_concurrent or space.max_concurrent, "pack": pack,
+                    "resources": resources, "data_root": data_root,
+                    "command": " ".join(masked(a) if "://" in a else a for a in sys.argv)}
+        elif args.pack is not None and args.pack != meta.get("pack", 1):
+            raise UsageError(f"--pack {args.pack}: the study was started with pack {meta.get('pack', 1)}; "
+                             f"a resumed study keeps its pack size (leave --pack out)")
+        storage_url = runtime_url(meta["optuna_storage"], root, given_url)
+        packs = f" in packs of {meta['pack']}" if meta.get("pack", 1) > 1 else ""
+        print(f"study {name}: space {space.name}, {meta['num_samples']} trials{packs}, {resources} per trial, results in {under(root, 'results')}, Optuna {masked(storage_url)}")
+        tuner = tb.build_tuner(
+            study_root=root, space=space, sampler=space.make_sampler(args.seed), storage_url=storage_url,
+            optuna_study_name=meta["optuna_study_name"], num_samples=meta["num_samples"],
+            max_concurrent=args.max_concurrent or meta.get("max_concurrent") or space.max_concurrent,
+            resources=resources, data_root=data_root, cache_dir=cache_dir, resume=args.resume,
+            pack=meta.get("pack", 1), cluster=bool(args.address))
+        if not args.resume:
+            # Only now: a run that failed before this point has not used the study's name up.
+            write_json(root, "study.json", meta)
+        cli.work_started()
+        tuner.fit()
     print("\nbest configuration per dataset x output (ranked by val PSNR in RGB; losses are not comparable):")
     print(best_table(root))
     print(f"\nresults: {under(root, 'results/trials.parquet')} (and epochs, previews);  "
           f"analysis: python -m analysis --study {root}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return cli.run(_main, argv)
 
 
 if __name__ == "__main__":

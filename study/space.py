@@ -6,8 +6,21 @@ A space file holds no computation. Its ``params`` map each TrialConfig field to
   ``{uniform: [lo, hi]}``, ``{loguniform: [lo, hi]}``,
 - or a conditional: ``{by: dataset, cases: {cifar10: <constant or distribution>, ...}}``,
   where ``by`` names an earlier ``choice`` parameter and every choice has a case.
-Loading validates everything and names the file and key of any mistake.
-Optuna is imported only when a sampler or pruner is built.
+
+Top-level keys besides ``params``: ``sampler`` (``{name: tpe|random|grid, <option>: ...}``,
+options as in Optuna's sampler classes; TPE runs with ``constant_liar: true`` unless told
+otherwise, so concurrent trials do not all get the same suggestion), ``pruner``
+(``{name: none|median|successive_halving|hyperband, <option>: ...}``), ``num_samples``
+(trials, >= 1), ``max_concurrent`` (>= 1), ``resources`` (``{cpu: > 0, gpu: >= 0}`` per
+trial; fractional GPUs share one), ``max_failures`` (retries of a crashed trial, >= 0) and
+``pack``: how many trials train together as one fused model on one device (>= 1, default 1).
+``pack: 8`` packs always; ``pack: {gpu: 8, cpu: 1}`` packs 8 when trials get a GPU and runs
+them separately on CPUs (a pack only pays where one device has parallel work to spare).
+``python -m study.run --pack K`` overrides it.
+
+Loading validates everything (every constant, choice and range bound against the
+trial's own rules, sampler and pruner options against Optuna's signatures) and names
+the file and key of any mistake, so a bad space fails before a study folder exists.
 """
 from __future__ import annotations
 
@@ -15,17 +28,21 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+import inspect
+
 import yaml
 
 from study.config import DEFAULT_RESOLUTION, LOSSES, SCHEDULES, TrialConfig
-from study.models import OUTPUTS, SAMPLINGS, max_depth_for
+from study.models import OUTPUTS, SAMPLINGS, ConfigError, max_depth_for
 
 SPACES_DIR = Path(__file__).resolve().parent.parent / "search_spaces"
 DISTRIBUTIONS = ("choice", "int", "uniform", "loguniform")
 PRUNERS = ("none", "median", "successive_halving", "hyperband")
 SAMPLERS = ("tpe", "random", "grid")
 TOP_KEYS = {"description", "params", "sampler", "pruner", "num_samples", "max_concurrent", "resources",
-            "max_failures"}
+            "max_failures", "pack"}
+# Options a space file must not set: the study supplies them (seed, grid) or YAML cannot express them.
+RESERVED_OPTIONS = {"seed", "search_space", "weights", "gamma", "constraints_func", "name"}
 ALLOWED_VALUES = {"sampling": sorted(SAMPLINGS), "output": sorted(OUTPUTS), "loss": list(LOSSES),
                   "schedule": list(SCHEDULES)}
 CONFIG_FIELDS = {f.name: f for f in fields(TrialConfig)}
@@ -79,6 +96,11 @@ class Space:
     resources: dict
     max_failures: int
     description: str = ""
+    pack: dict = field(default_factory=lambda: {"cpu": 1, "gpu": 1})   # pack size by device kind
+
+    def pack_for(self, gpu: bool) -> int:
+        """The pack size when each trial gets a GPU (``gpu``) or runs on CPUs."""
+        return self.pack["gpu" if gpu else "cpu"]
 
     # ---- what Ray Tune's OptunaSearch calls (define-by-run): no computation here
     def define(self, trial) -> dict:
@@ -113,27 +135,30 @@ class Space:
                 if not p.by and p.cases[None].kind == "choice"}
 
     def make_sampler(self, seed: int):
-        import optuna
-
         name = self.sampler.get("name", "tpe")
+        opts = {k: v for k, v in self.sampler.items() if k != "name"}
         if name == "grid":
-            return optuna.samplers.GridSampler(self.grid(), seed=seed)
-        if name == "random":
-            return optuna.samplers.RandomSampler(seed=seed)
-        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=int(self.sampler.get("n_startup_trials", 10)))
+            return _optuna_class("sampler", name)(self.grid(), seed=seed, **opts)
+        if name == "tpe":
+            # Without it concurrent asks see the same history and suggest the same configuration.
+            opts.setdefault("constant_liar", True)
+        return _optuna_class("sampler", name)(seed=seed, **opts)
 
     def make_pruner(self):
-        import optuna
-
         opts = {k: v for k, v in self.pruner.items() if k != "name"}
-        name = self.pruner.get("name", "none")
-        if name == "median":
-            return optuna.pruners.MedianPruner(**opts)
-        if name == "successive_halving":
-            return optuna.pruners.SuccessiveHalvingPruner(**opts)
-        if name == "hyperband":
-            return optuna.pruners.HyperbandPruner(**opts)
-        return optuna.pruners.NopPruner()
+        return _optuna_class("pruner", self.pruner.get("name", "none"))(**opts)
+
+
+def _optuna_class(kind: str, name: str):
+    import optuna
+
+    return {
+        ("sampler", "tpe"): optuna.samplers.TPESampler, ("sampler", "random"): optuna.samplers.RandomSampler,
+        ("sampler", "grid"): optuna.samplers.GridSampler, ("pruner", "none"): optuna.pruners.NopPruner,
+        ("pruner", "median"): optuna.pruners.MedianPruner,
+        ("pruner", "successive_halving"): optuna.pruners.SuccessiveHalvingPruner,
+        ("pruner", "hyperband"): optuna.pruners.HyperbandPruner,
+    }[kind, name]
 
 
 def find_space(name_or_path: str) -> Path:
@@ -141,6 +166,9 @@ def find_space(name_or_path: str) -> Path:
     if p.suffix in (".yaml", ".yml") or p.exists():
         if not p.exists():
             raise SpaceError(f"space file {p} does not exist")
+        if not p.is_file():
+            raise SpaceError(f"--space {p} is a folder, not a space file: give a .yaml file (e.g. "
+                             f"{p / 'mine.yaml'}) or a space name {sorted(q.stem for q in SPACES_DIR.glob('*.yaml'))}")
         return p
     p = SPACES_DIR / f"{name_or_path}.yaml"
     if not p.exists():
@@ -155,6 +183,9 @@ def load_space(name_or_path: str) -> Space:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
         raise SpaceError(f"{path}: not valid YAML: {e}") from e
+    except (OSError, UnicodeDecodeError) as e:
+        raise SpaceError(f"{path}: cannot be read ({e.strerror if isinstance(e, OSError) else e}); "
+                         f"give a readable UTF-8 YAML file") from e
     return parse_space(raw, path)
 
 
@@ -198,12 +229,13 @@ def parse_space(raw: Any, path: Path) -> Space:
         pruner=_named(raw.get("pruner", {"name": "none"}), "pruner", PRUNERS, fail),
         num_samples=_positive_int(raw.get("num_samples", 16), "num_samples", fail),
         max_concurrent=_positive_int(raw.get("max_concurrent", 4), "max_concurrent", fail),
-        resources=raw.get("resources", {"cpu": 1, "gpu": 0}),
-        max_failures=int(raw.get("max_failures", 2)),
+        resources=_resources(raw.get("resources", {"cpu": 1, "gpu": 0}), fail),
+        max_failures=_int_at_least(raw.get("max_failures", 2), 0, "max_failures", fail),
         description=str(raw.get("description", "")),
+        pack=_pack(raw.get("pack", 1), fail),
     )
-    if not isinstance(space.resources, dict) or set(space.resources) - {"cpu", "gpu"}:
-        fail("resources", "a mapping with 'cpu' and/or 'gpu' (fractional gpu allowed, e.g. 0.25)")
+    for kind in ("sampler", "pruner"):
+        _check_options(getattr(space, kind), kind, fail)
     if space.sampler["name"] == "grid":
         for p in params.values():
             if p.by and any(d.kind != "constant" for d in p.cases.values()) or \
@@ -239,9 +271,16 @@ def _dist(spec, key: str, name: str, fail) -> Dist:
         if kind == "int":
             if ftype != "int" or not all(isinstance(v, int) for v in values):
                 fail(key, f"int ranges need integer bounds and an integer parameter ({name} is {ftype})")
-            return Dist("int", [lo, hi], int(spec.get("step", 1)))
+            step = spec.get("step", 1)
+            if not isinstance(step, int) or isinstance(step, bool) or step < 1:
+                fail(f"{key}.step", f"must be a whole number >= 1, got {step!r}")
+            for v in (lo, hi):
+                _check_rule(v, key, name, fail)
+            return Dist("int", [lo, hi], step)
         if ftype != "float":
             fail(key, f"{kind} is for float parameters; {name} is {ftype} (use choice or int)")
+        for v in (lo, hi):
+            _check_rule(v, key, name, fail)
         return Dist(kind, [float(lo), float(hi)])
     if isinstance(spec, list):
         fail(key, "a bare list is ambiguous; write {choice: [...]}")
@@ -257,6 +296,15 @@ def _check_value(v, key: str, name: str, fail) -> None:
         fail(key, f"{v!r} is not a valid {ftype} for {name}")
     if name in ALLOWED_VALUES and v not in ALLOWED_VALUES[name]:
         fail(key, f"{v!r} is not a known {name}; allowed: {ALLOWED_VALUES[name]}")
+    _check_rule(v, key, name, fail)
+
+
+def _check_rule(v, key: str, name: str, fail) -> None:
+    """The trial's own rule for one value (``lr: -0.001``, ``epochs: 0``): caught here, not in a trial."""
+    try:
+        TrialConfig.check_value(name, v)
+    except ConfigError as e:
+        fail(key, str(e))
 
 
 def _named(spec, key: str, allowed, fail) -> dict:
@@ -268,9 +316,52 @@ def _named(spec, key: str, allowed, fail) -> dict:
 
 
 def _positive_int(v, key: str, fail) -> int:
-    if not isinstance(v, int) or v < 1:
-        fail(key, f"must be a positive integer, got {v!r}")
+    return _int_at_least(v, 1, key, fail)
+
+
+def _int_at_least(v, low: int, key: str, fail) -> int:
+    if not isinstance(v, int) or isinstance(v, bool) or v < low:
+        fail(key, f"must be a whole number >= {low}, got {v!r}")
     return v
+
+
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and v == v and v not in (float("inf"), float("-inf"))
+
+
+def _resources(spec, fail) -> dict:
+    if not isinstance(spec, dict) or not spec or set(spec) - {"cpu", "gpu"}:
+        fail("resources", f"a mapping with 'cpu' and/or 'gpu' per trial (e.g. {{cpu: 2, gpu: 0.25}}), got {spec!r}")
+    if "cpu" in spec and not (_number(spec["cpu"]) and spec["cpu"] > 0):
+        fail("resources.cpu", f"CPUs per trial must be a number > 0, got {spec['cpu']!r}")
+    if "gpu" in spec and not (_number(spec["gpu"]) and spec["gpu"] >= 0):
+        fail("resources.gpu", f"GPUs per trial must be a number >= 0 (0.25: four trials share one), "
+                              f"got {spec['gpu']!r}")
+    return {"cpu": spec.get("cpu", 1), "gpu": spec.get("gpu", 0)}
+
+
+def _pack(spec, fail) -> dict:
+    if isinstance(spec, dict):
+        if not spec or set(spec) - {"cpu", "gpu"}:
+            fail("pack", f"a whole number >= 1, or {{gpu: K, cpu: K}} by the device a trial gets; got {spec!r}")
+        return {kind: _int_at_least(spec.get(kind, 1), 1, f"pack.{kind}", fail) for kind in ("cpu", "gpu")}
+    k = _int_at_least(spec, 1, "pack", fail)
+    return {"cpu": k, "gpu": k}
+
+
+def _check_options(spec: dict, kind: str, fail) -> None:
+    """Option names against the Optuna class's signature (``n_startup_trail`` is a typo, not a no-op)."""
+    cls = _optuna_class(kind, spec["name"])
+    allowed = sorted(set(inspect.signature(cls).parameters) - RESERVED_OPTIONS)
+    for option in spec:
+        if option != "name" and option not in allowed:
+            fail(f"{kind}.{option}", f"not an option of {spec['name']} ({cls.__name__}); allowed: {allowed}")
+    opts = {k: v for k, v in spec.items() if k != "name"}
+    if opts:
+        try:
+            cls(**opts)   # Optuna checks the values (n_warmup_steps: -1, reduction_factor: 1, ...)
+        except (TypeError, ValueError) as e:
+            fail(kind, f"{spec['name']} rejects these options: {e}")
 
 
 def _check_depths(space: Space, fail) -> None:

@@ -32,6 +32,9 @@ import time
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from study import cli
+from study.cli import ProjectError
+
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 # Never uploaded with the working_dir (gitignore syntax; the project's .gitignore applies too).
@@ -44,7 +47,7 @@ NODE_CACHE_DIR = "/tmp/colorize-cache"
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 
 
-class SubmitError(RuntimeError):
+class SubmitError(ProjectError, RuntimeError):
     """A submission that cannot work; the message says what to change."""
 
 
@@ -82,8 +85,9 @@ def is_loopback(address: str) -> bool:
 
 
 def run_args_checked(run_args: list[str]) -> argparse.Namespace:
-    """Parse study.run's arguments here, so a typo fails before anything is uploaded."""
-    from study.run import parser
+    """Parse and check study.run's arguments and space here, so a mistake fails before anything is uploaded."""
+    from study.run import check_options, parser
+    from study.space import load_space
 
     if run_args and run_args[0] == "--":
         run_args = run_args[1:]
@@ -97,6 +101,8 @@ def run_args_checked(run_args: list[str]) -> argparse.Namespace:
             f"--storage {args.storage!r} is relative: on the cluster it would land in the job's temporary "
             f"working_dir copy. Use shared storage every node reaches (s3://bucket/prefix, gs://...) or an "
             f"absolute path on a filesystem mounted on every node (NFS)")
+    check_options(args)
+    load_space(args.space)   # the space file travels with the project folder: check it here
     return args
 
 
@@ -155,6 +161,10 @@ def client(address: str, token: str | None = None):
             hint = ("export RAY_AUTH_TOKEN=<the cluster's token>" if not token else
                     "the token in $RAY_AUTH_TOKEN is not this cluster's")
             raise SubmitError(f"{address} refused the request ({hint}): {e}") from e
+        except ConnectionError as e:
+            raise SubmitError(f"--address {address}: no Ray Jobs API answers there ({e}). Is the cluster up, "
+                              f"and the tunnel open (see the dashboard hint in cluster/README.md)? Nothing "
+                              f"was submitted") from None
 
 
 # ------------------------------------------------------------------ actions
@@ -166,8 +176,9 @@ def submit(run_args: list[str], *, address: str = DEFAULT_ADDRESS, token: str | 
            entrypoint_resources: dict[str, float] | None = None, metadata: dict[str, str] | None = None) -> str:
     """Submit ``python -m study.run <run_args> --address auto`` to the cluster; returns the job id."""
     cmd = entrypoint(run_args)
+    env = runtime_env(working_dir, env_vars, excludes)   # refused credentials fail before connecting
     c = client(address, token)
-    return c.submit_job(entrypoint=cmd, runtime_env=runtime_env(working_dir, env_vars, excludes),
+    return c.submit_job(entrypoint=cmd, runtime_env=env,
                         submission_id=submission_id, entrypoint_resources=entrypoint_resources,
                         metadata={"project": "unet-colorize-study", **(metadata or {})})
 
@@ -234,36 +245,32 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv=None) -> int:
+def _main(argv: list[str]) -> int:
     args = parser().parse_args(argv)
     address = args.address or os.environ.get("RAY_API_SERVER_ADDRESS") or DEFAULT_ADDRESS
-    try:
-        token = auth_token()
-        if not is_loopback(address):
-            print(f"warning: {address} is not a loopback address: the Jobs API is plain HTTP (the token travels "
-                  f"in clear) and must not be exposed; use an SSH tunnel or kubectl port-forward to 127.0.0.1",
-                  file=sys.stderr)
-        if args.stop:
-            print(f"stop {args.stop}: {client(address, token).stop_job(args.stop)}")
-            return 0
-        if args.logs:
-            status = follow(args.logs, address=address, token=token)
-            print(f"job {args.logs}: {status}")
-            return 0 if status == "SUCCEEDED" else 1
-        run_args = args.run_args[1:] if args.run_args[:1] == ["--"] else args.run_args
-        if not run_args:
-            print("error: give the study's arguments after --, e.g. -- --space full --storage s3://bucket/studies",
-                  file=sys.stderr)
-            return 2
-        env_vars = {}
-        for item in args.env:
-            key, sep, value = item.partition("=")
-            env_vars[key] = value if sep else os.environ.get(key, "")
-        job_id = submit(run_args, address=address, token=token, env_vars=env_vars, excludes=args.exclude,
-                        submission_id=args.submission_id)
-    except SubmitError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    token = auth_token()
+    if not is_loopback(address):
+        print(f"warning: {address} is not a loopback address: the Jobs API is plain HTTP (the token travels "
+              f"in clear) and must not be exposed; use an SSH tunnel or kubectl port-forward to 127.0.0.1",
+              file=sys.stderr)
+    if args.stop:
+        print(f"stop {args.stop}: {client(address, token).stop_job(args.stop)}")
+        return 0
+    if args.logs:
+        status = follow(args.logs, address=address, token=token)
+        print(f"job {args.logs}: {status}")
+        return 0 if status == "SUCCEEDED" else 1
+    run_args = args.run_args[1:] if args.run_args[:1] == ["--"] else args.run_args
+    if not run_args:
+        raise SubmitError("give the study's arguments after --, e.g. -- --space full --storage "
+                          "s3://bucket/studies")
+    run_args_checked(run_args)   # before connecting: a bad space or option needs no cluster
+    env_vars = {}
+    for item in args.env:
+        key, sep, value = item.partition("=")
+        env_vars[key] = value if sep else os.environ.get(key, "")
+    job_id = submit(run_args, address=address, token=token, env_vars=env_vars, excludes=args.exclude,
+                    submission_id=args.submission_id)
     print(f"submitted job {job_id}: {entrypoint(run_args)}")
     print(dashboard_hint(address))
     print(f"logs: python -m study.submit --address {address} --logs {job_id}    "
@@ -274,6 +281,10 @@ def main(argv=None) -> int:
         print(f"job {job_id}: {status}")
         return 0 if status == "SUCCEEDED" else 1
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return cli.run(_main, argv)
 
 
 if __name__ == "__main__":

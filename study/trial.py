@@ -7,10 +7,10 @@ import sys
 from dataclasses import fields
 from pathlib import Path
 
+from study import cli
+from study.cli import UsageError
 from study.config import TrialConfig
-from study.data import DataError
-from study.models import ConfigError
-from study.train import NonFiniteLossError, keep_checkpoint, run_trial, summarize
+from study.train import NonFiniteLossError, keep_checkpoint, pick_device, run_trial, summarize
 
 
 def parser() -> argparse.ArgumentParser:
@@ -29,17 +29,24 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv=None) -> int:
+def _main(argv: list[str]) -> int:
     args = parser().parse_args(argv)
     values = {f.name: getattr(args, f.name) for f in fields(TrialConfig)}
+    # Everything is checked before the output folder is made or data is read.
+    cfg = TrialConfig.from_dict(values).validate()
+    device = pick_device(args.device)
+    blocker = next((p for p in (args.out, *args.out.parents) if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        raise UsageError(f"--out {args.out}: {blocker} is a file; give a folder for the checkpoint")
+    keep = keep_checkpoint(args.out / "checkpoint")
+
+    def report(row: dict, folder) -> None:
+        cli.work_started()   # an epoch ran: a later error means partly done (exit 1)
+        keep(row, folder)
+
     try:
-        cfg = TrialConfig.from_dict(values).validate()
-        args.out.mkdir(parents=True, exist_ok=True)
-        history = run_trial(cfg, data_root=args.data_root, cache_dir=args.cache_dir, device=args.device,
-                            report=keep_checkpoint(args.out / "checkpoint"))
-    except (ConfigError, DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        history = run_trial(cfg, data_root=args.data_root, cache_dir=args.cache_dir, device=device,
+                            report=report)
     except NonFiniteLossError as e:
         print(f"trial failed: {e}", file=sys.stderr)
         return 1
@@ -51,6 +58,10 @@ def main(argv=None) -> int:
     if args.json:
         print(json.dumps(history))
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return cli.run(_main, argv)
 
 
 if __name__ == "__main__":
