@@ -13,9 +13,10 @@ from typing import Callable
 
 import pandas as pd
 
-from analysis import figures, grids
+from analysis import figures, grids, tradeoffs
 from analysis.importance import ImportanceSkipped, param_importances
 from analysis.load import FINISHED, VARIANT, Study, best_per_variant, slug, variant_label, variants
+from study.contract import default_trial
 from analysis.report import Block, Bullets, Heading, Image, Table, Text, to_html, to_markdown
 from analysis.style import save
 from analysis.tables import EXPLANATION, format_table, results_table
@@ -76,7 +77,8 @@ def write_report(study: Study, out: str | Path, warn: Callable[[str], None] = la
         output.warning(message)
     _check_progress(study, output)
     best = best_per_variant(study.trials)
-    for section in (_results, _failed, _curves, _grids, _side_by_side, _hyperparameters, _pruning, _importance):
+    for section in (_results, _failed, _tradeoff, _helped, _progress, _curves, _grids, _side_by_side,
+                    _hyperparameters, _pruning, _importance):
         try:
             section(study, best, output)
         except Exception as e:  # one broken section still leaves the others and the report
@@ -221,16 +223,87 @@ def _note_missing(grid: grids.Grid, file: str, output: Output) -> None:
 
 
 def _hyperparameters(study: Study, best: pd.DataFrame, output: Output) -> None:
-    output.heading("Test PSNR against hyperparameters")
+    output.heading("Test PSNR by variant")
     if figures.scored(study.trials).empty:
         output.text("No trial has a test PSNR yet.")
         return
     output.figure("psnr_by_variant.png", lambda: figures.psnr_by_variant_figure(study.trials),
                   "Every trial's test PSNR by dataset, output space, sampling technique and depth; "
                   "the dashed line is the grayscale input.")
-    for param in study.hyperparameters():
-        output.figure(f"psnr_vs_{slug(param)}.png", lambda: figures.psnr_vs_param_figure(study.trials, param),
-                      f"Every trial's test PSNR (at its best validation epoch) against `{param}`.")
+
+
+def _tradeoff(study: Study, best: pd.DataFrame, output: Output) -> None:
+    output.heading("Fidelity against vividness")
+    data = tradeoffs.scored(study.trials)
+    if data.empty:
+        output.text("No trial has reported an epoch yet, so no Pareto front.")
+        return
+    chosen = default_trial(study.trials)
+    output.text("Each trial at its best validation epoch: its validation PSNR gain over the grayscale input "
+                "(fidelity) against its colourfulness ratio (vividness; 1 = as colourful as the originals). "
+                "The Pareto front holds the trials no other trial beats on both; the star is the trial "
+                "`python -m study.colorize --dataset <dataset>` uses by default (the best validation PSNR "
+                "among trials with a checkpoint)"
+                + (f"; without `--dataset` it uses {chosen['trial_id']} ({chosen['dataset']})." if chosen is not None
+                   else "; no trial has a checkpoint yet."))
+    output.figure("pareto.png", lambda: tradeoffs.pareto_figure(study.trials),
+                  "Validation PSNR gain over grayscale against colourfulness ratio, one point per trial, per "
+                  "dataset; the front is joined and ringed, the star is colorize's default.")
+    levers = tradeoffs.levers(study.trials, study.hyperparameters())
+    previews = grids.Previews(study.previews) if not study.previews.empty else None
+    for dataset in sorted(data["dataset"].unique()):
+        table = tradeoffs.front_table(study.trials, dataset, levers)
+        output.table(table, f"{dataset}: the Pareto front, from the most faithful to the most vivid",
+                     csv=f"pareto_{slug(dataset)}.csv")
+        if previews is None:
+            continue
+        members = tradeoffs.strip_members(tradeoffs.pareto_front(data[data["dataset"] == dataset]))
+        file = f"pareto_strip_{slug(dataset)}.png"
+
+        def build():
+            labels = [f"{t['trial_id']}\n{t[tradeoffs.FIDELITY]:+.2f} dB, colour {t[tradeoffs.VIVIDNESS]:.2f}"
+                      for _, t in members.iterrows()]
+            grid = grids.strip_grid(previews, members, labels)
+            if grid is None:
+                raise Skip(f"{dataset}: no Pareto front member has previews: no preview strip")
+            _note_missing(grid, file, output)
+            return grids.grid_figure(grid, f"{dataset}: Pareto front members, most faithful first")
+        output.figure(file, build, f"{dataset}: up to four Pareto front members, from the most faithful to the "
+                                   "most vivid, on the fixed preview images.")
+
+
+def _helped(study: Study, best: pd.DataFrame, output: Output) -> None:
+    output.heading("What helped")
+    data = tradeoffs.scored(study.trials)
+    levers = tradeoffs.levers(study.trials, study.hyperparameters())
+    if data.empty or not levers:
+        output.text("Nothing to compare: " + ("no trial has reported an epoch yet." if data.empty else
+                                              "no configuration value varies within a dataset."))
+        return
+    output.text("Each trial's test PSNR gain over the grayscale input (at its best validation epoch) against "
+                "each lever that varies, per dataset. Levers are not varied one at a time in a search, so read "
+                "these as where good trials lie, not as controlled effects.")
+    for dataset in sorted(data["dataset"].unique()):
+        table = tradeoffs.helped_table(study.trials, dataset, levers)
+        if table.empty:
+            output.text(f"{dataset}: no lever varies among its trials.")
+            continue
+        output.figure(f"helped_{slug(dataset)}.png", lambda: tradeoffs.helped_figure(study.trials, dataset, levers),
+                      f"{dataset}: test gain over grayscale against each lever; the bar is the median per value.")
+        output.table(table, f"{dataset}: trials, median and best test gain (dB) per lever value",
+                     csv=f"helped_{slug(dataset)}.csv")
+
+
+def _progress(study: Study, best: pd.DataFrame, output: Output) -> None:
+    output.heading("How fast the study found it")
+    if study.epochs.empty or study.trials.empty:
+        output.text("No epochs reported yet.")
+        return
+    kind = tradeoffs.device_kind(study.trials)
+    output.figure("progress.png", lambda: tradeoffs.progress_figure(study.trials, study.epochs),
+                  f"Per dataset, the best validation gain over grayscale found so far against the {kind} seconds "
+                  "all trials had spent (each epoch's own seconds; a fused pack's epoch counted once), so "
+                  "studies and settings can be compared by cost.")
 
 
 def _pruning(study: Study, best: pd.DataFrame, output: Output) -> None:

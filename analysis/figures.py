@@ -1,4 +1,4 @@
-"""Learning curves and the statistical plots (seaborn): PSNR against hyperparameters, pruning, importance."""
+"""Learning curves and the statistical plots (seaborn): PSNR by variant, pruning, importance."""
 from __future__ import annotations
 
 import numpy as np
@@ -73,38 +73,6 @@ def scored(trials: pd.DataFrame) -> pd.DataFrame:
 
 
 @styled
-def psnr_vs_param_figure(trials: pd.DataFrame, param: str) -> Figure:
-    """Every trial's test PSNR against one hyperparameter, coloured by output space.
-
-    One panel per dataset: PSNR levels (and the grayscale baseline) differ
-    between datasets, so pooling them would mix effects with data.
-    """
-    data = scored(trials)
-    continuous = _continuous(data[param])
-    if not continuous:
-        labels, order = _categories(data[param])
-        data = data.assign(**{param: labels})
-    panels = [("", data)] if param == "dataset" else list(data.groupby("dataset", sort=True))
-    fig = new_figure(1.5 + 5 * len(panels), 4.2)
-    axes = fig.subplots(1, len(panels), squeeze=False)[0]
-    for ax, (dataset, subset) in zip(axes, panels):
-        hue = dict(hue="output", hue_order=sorted(data["output"].unique()), palette=_output_palette(data),
-                   legend=ax is axes[-1])
-        if continuous:
-            sns.scatterplot(subset, x=param, y=PSNR, ax=ax, **hue)
-            if data[param].min() > 0 and data[param].max() / data[param].min() >= 20:
-                ax.set_xscale("log")   # learning rates and the like span decades
-        else:
-            with seeded_numpy():
-                sns.stripplot(subset, x=param, y=PSNR, order=order, dodge=True, jitter=0.15, ax=ax, **hue)
-        _grayscale_lines(ax, subset)
-        ax.set(xlabel=param, ylabel=PSNR_LABEL, title=dataset)
-    _legend_outside(axes[-1])
-    fig.suptitle(f"Test PSNR against {param}")
-    return fig
-
-
-@styled
 def psnr_by_variant_figure(trials: pd.DataFrame) -> Figure:
     """Test PSNR by sampling technique and depth (x), output space (colour), one panel per dataset."""
     data = scored(trials)
@@ -116,7 +84,7 @@ def psnr_by_variant_figure(trials: pd.DataFrame) -> Figure:
     for ax, (dataset, subset) in zip(axes, panels):
         with seeded_numpy():
             sns.stripplot(subset, x="technique", y=PSNR, order=sorted(subset["technique"].unique()), hue="output",
-                          hue_order=sorted(data["output"].unique()), palette=_output_palette(data), dodge=True,
+                          hue_order=sorted(data["output"].unique()), palette=output_palette(data), dodge=True,
                           jitter=0.15, ax=ax, legend=ax is axes[-1])
         _grayscale_lines(ax, subset)
         ax.set(xlabel="", ylabel=PSNR_LABEL, title=dataset)
@@ -130,12 +98,13 @@ def _legend_outside(ax: Axes) -> None:
         sns.move_legend(ax, "upper left", bbox_to_anchor=(1.01, 1), fontsize="small")
 
 
-def _continuous(values: pd.Series) -> bool:
+def continuous(values: pd.Series) -> bool:
+    """Plotted on a numeric axis (else as categories): numbers with enough distinct values."""
     return (pd.api.types.is_numeric_dtype(values) and not pd.api.types.is_bool_dtype(values)
             and values.nunique() >= CONTINUOUS_MIN_VALUES)
 
 
-def _categories(values: pd.Series) -> tuple[list[str], list[str]]:
+def categories(values: pd.Series) -> tuple[list[str], list[str]]:
     """Display labels per row and their order: numeric order for numbers, 1e-3 style for floats."""
     def label(v) -> str:
         return f"{v:g}" if isinstance(v, (float, np.floating)) else str(v)
@@ -147,7 +116,7 @@ def _categories(values: pd.Series) -> tuple[list[str], list[str]]:
     return [label(v) for v in values], list(dict.fromkeys(label(v) for v in unique))
 
 
-def _output_palette(data: pd.DataFrame) -> dict:
+def output_palette(data: pd.DataFrame) -> dict:
     # Fixed colour per output space in every figure.
     return dict(zip(sorted(data["output"].unique()), sns.color_palette("deep")))
 
@@ -166,28 +135,14 @@ def _grayscale_lines(ax: Axes, data: pd.DataFrame) -> None:
 # ------------------------------------------------------------------ pruning
 
 
-def trial_order(trials: pd.DataFrame) -> pd.DataFrame:
-    """Trials in the order the search asked for them (Optuna's number, then id).
-
-    The tables hold no start times, so this is the best stand-in for time.
-    """
-    return trials.sort_values(["optuna_number", "trial_id"], kind="stable").reset_index(drop=True)
-
-
-def best_so_far(trials: pd.DataFrame, epochs: pd.DataFrame) -> pd.DataFrame:
-    """Per dataset, the best val PSNR seen so far against the epochs spent by the whole study."""
-    order = trial_order(trials)[["trial_id", "dataset"]].assign(rank=lambda d: np.arange(len(d)))
-    rows = order.merge(epochs[["trial_id", "epoch", "val_psnr"]], on="trial_id").sort_values(["rank", "epoch"])
-    rows["cumulative_epochs"] = np.arange(1, len(rows) + 1)
-    rows["best_val_psnr"] = rows.groupby("dataset")["val_psnr"].cummax()
-    return rows.reset_index(drop=True)
-
-
 @styled
 def pruning_figure(trials: pd.DataFrame, epochs: pd.DataFrame) -> Figure:
-    """Epochs run per trial by status; best val PSNR against epochs run; best-so-far against budget."""
-    fig = new_figure(15, 4.2)
-    ax_hist, ax_scatter, ax_budget = fig.subplots(1, 3)
+    """Epochs run per trial by status; best val PSNR against epochs run.
+
+    (The best found so far against the seconds spent is ``analysis.tradeoffs.progress_figure``.)
+    """
+    fig = new_figure(10, 4.2)
+    ax_hist, ax_scatter = fig.subplots(1, 2)
     statuses = [s for s in STATUS_COLOURS if s in set(trials["status"])]
     status_style = dict(hue="status", hue_order=statuses, palette=STATUS_COLOURS)
     sns.histplot(trials, x="epochs_run", discrete=True, multiple="stack", ax=ax_hist, **status_style)
@@ -202,13 +157,6 @@ def pruning_figure(trials: pd.DataFrame, epochs: pd.DataFrame) -> Figure:
     for ax in (ax_hist, ax_scatter):
         _epoch_ticks(ax, trials["epochs_run"])
 
-    curve = best_so_far(trials, epochs)
-    for dataset, rows in curve.groupby("dataset"):
-        ax_budget.step(rows["cumulative_epochs"], rows["best_val_psnr"], where="post", label=dataset, linewidth=2)
-    ax_budget.set(xlabel="cumulative epochs (all trials, in search order)", ylabel="best val PSNR so far (dB)",
-                  title="Best so far against budget")
-    if len(curve):
-        ax_budget.legend(fontsize="small")
     counts = ", ".join(f"{int((trials['status'] == s).sum())} {s}" for s in statuses)
     fig.suptitle(f"Pruning: {len(trials)} trials ({counts}), {len(epochs)} epochs")
     return fig

@@ -121,6 +121,25 @@ def side_by_side_grid(previews: Previews, best: pd.DataFrame) -> tuple[Grid, lis
     return compose(rows, indices, labels), left_out
 
 
+def strip_grid(previews: Previews, members: pd.DataFrame, labels: list[str]) -> Grid | None:
+    """Grayscale inputs, originals, then one row per member (its preview epoch), on the images all share.
+
+    ``members`` are trials of one dataset and resolution (e.g. a few Pareto-front members); None when
+    none has previews.
+    """
+    shown = [(t, previews.preview_epoch(t), label) for (_, t), label in zip(members.iterrows(), labels)]
+    shown = [(t, e, label) for t, e, label in shown if e is not None]
+    if not shown:
+        return None
+    predicted = [previews.predictions(t["trial_id"], e) for t, e, _ in shown]
+    indices = sorted(set.intersection(*(set(p) for p in predicted)) or set().union(*predicted))
+    first = shown[0][0]
+    dataset, resolution = first["dataset"], int(first["resolution"])
+    rows = [previews.reference(dataset, resolution, "grayscale"), previews.reference(dataset, resolution, "original"),
+            *predicted]
+    return compose(rows, indices, ["grayscale input", "original", *(f"{label}\nepoch {e}" for _, e, label in shown)])
+
+
 @styled
 def grid_figure(grid: Grid, title: str) -> Figure:
     """The composed image with its rows labelled and its columns numbered by test image index."""

@@ -23,6 +23,8 @@ EXPLANATION = (
     "PSNR against the original, `*_gain_db` the model's PSNR minus it; `beats_grayscale` is `yes` when the "
     "test gain is positive (a model that does not beat its own grayscale input is no colorizer). "
     "Colourfulness is a ratio to the originals' (1 = as colourful). Sorted by validation PSNR.")
+# Columns shown with two decimals (dB, ratios, losses); other numbers are configuration values.
+METRIC_SUFFIXES = ("psnr", "colourfulness", "loss", "_s", "seconds")
 # Integers that turn into floats when a variant without results leaves a gap.
 INTEGER_COLUMNS = ("trials", "depth", "best_epoch", "epochs_run")
 
@@ -55,5 +57,9 @@ def format_table(table: pd.DataFrame) -> pd.DataFrame:
             return str(int(value))
         if column.endswith("gain_db"):
             return f"{value:+.2f}"
-        return f"{value:.3f}" if column.endswith(("ssim", "importance")) else f"{value:.2f}"
+        if column.endswith(("ssim", "importance")):
+            return f"{value:.3f}"
+        if column.endswith(METRIC_SUFFIXES):
+            return f"{value:.2f}"
+        return f"{value:g}"   # a configuration value (lr 0.0003, dropout 0.1): as written, not rounded away
     return pd.DataFrame({c: [fmt(c, v) for v in table[c]] for c in table.columns})

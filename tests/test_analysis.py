@@ -109,10 +109,11 @@ def derived_study(source: Path, folder: Path, trial_ids: list[str] | None = None
 
 def expected_files() -> set[str]:
     per_variant = {f"{kind}_samples_{s}_{o}.png" for kind in ("curves", "grid") for s, o in VARIANTS}
-    varying = ("lr", "output", "sampling")
-    return per_variant | {f"psnr_vs_{p}.png" for p in varying} | {
+    return per_variant | {
         "grid_side_by_side_samples.png", "psnr_by_variant.png", "pruning.png", "importance.png",
-        "importance.csv", "table_samples.csv", "report.md", "report.html"}
+        "importance.csv", "table_samples.csv", "report.md", "report.html",
+        "pareto.png", "pareto_samples.csv", "pareto_strip_samples.png", "helped_samples.png", "helped_samples.csv",
+        "progress.png"}
 
 
 def test_every_expected_file_is_written_and_embedded(report):
@@ -296,3 +297,83 @@ def test_trials_without_any_epoch_and_missing_tables(study, tmp_path, capsys):
     rc, err = analyse(tmp_path / "bare", tmp_path / "bare-out", capsys)
     assert rc == 0 and "trials.parquet is missing" in err
     assert "trials.parquet is missing" in (tmp_path / "bare-out/report.md").read_text()
+
+
+# ------------------------------------------------------------------ issue 13: front, what helped, how fast
+
+
+def test_pareto_front_keeps_exactly_the_undominated_trials(study, report):
+    from analysis import tradeoffs
+    from study.contract import default_trial
+    out, _ = report
+    s = load_study(study)
+    data = tradeoffs.scored(s.trials)
+    front = tradeoffs.pareto_front(data)
+    x, y = tradeoffs.VIVIDNESS, tradeoffs.FIDELITY
+
+    def dominated(r) -> bool:
+        return bool(((data[x] >= r[x]) & (data[y] >= r[y]) & ((data[x] > r[x]) | (data[y] > r[y]))).any())
+    on_front = set(front["trial_id"])
+    assert on_front and all(dominated(r) != (r["trial_id"] in on_front) for _, r in data.iterrows())
+    assert list(front[x]) == sorted(front[x]) and list(front[y]) == sorted(front[y], reverse=True)
+    # A tie: the smaller trial id stands for both; a synthetic point that beats everything is the whole front.
+    tied = pd.concat([data.assign(trial_id="zz_" + data["trial_id"]), data], ignore_index=True)
+    assert set(tradeoffs.pareto_front(tied)["trial_id"]) == on_front
+    top = data.iloc[[0]].assign(trial_id="top", **{x: data[x].max() + 1, y: data[y].max() + 1})
+    assert list(tradeoffs.pareto_front(pd.concat([data, top]))["trial_id"]) == ["top"]
+    # The table marks the trial study.colorize picks (the best val PSNR with a checkpoint).
+    table = pd.read_csv(out / "pareto_samples.csv", keep_default_na=False)
+    assert set(table["trial_id"]) == on_front
+    raw = pd.read_parquet(study / "results/trials.parquet")
+    best = raw.loc[raw["best_val_psnr"].idxmax(), "trial_id"]
+    assert default_trial(s.trials)["trial_id"] == best
+    assert list(table.loc[table["colorize_default"] == "yes", "trial_id"]) == ([best] if best in on_front else [])
+    assert f"without `--dataset` it uses {best}" in (out / "report.md").read_text()
+
+
+def test_what_helped_table_equals_the_parquet_data(study, report):
+    out, _ = report
+    table = pd.read_csv(out / "helped_samples.csv")
+    trials = pd.read_parquet(study / "results/trials.parquet")
+    trials["gain"] = trials["best_test_psnr"] - trials["test_gray_psnr"]
+    assert set(table["lever"]) == {"lr", "output", "sampling"}   # never started_at, finished_at, seed...
+    for _, row in table.iterrows():
+        values = trials[trials[row["lever"]].map(lambda v: f"{v:g}" if isinstance(v, float) else str(v))
+                        == str(row["value"])]["gain"]
+        assert row["trials"] == len(values)
+        assert row["median_test_gain_db"] == pytest.approx(values.median())
+        assert row["best_test_gain_db"] == pytest.approx(values.max())
+
+
+def test_bookkeeping_columns_are_not_hyperparameters(study, tmp_path):
+    def bookkeeping(trials):
+        n = len(trials)
+        return trials.assign(pack_id=np.arange(n) % 2, pack_size=2, restarts=np.arange(n), resumed_at_epoch=1,
+                             gpu_ids=[str(i) for i in range(n)])
+    folder = derived_study(study, tmp_path / "study", edit=bookkeeping)
+    s = load_study(folder)
+    assert s.trials["started_at"].nunique() > 1 and isinstance(s.trials["started_at"].dtype, pd.DatetimeTZDtype)
+    assert s.hyperparameters() == ["lr", "output", "sampling"]
+
+
+def test_progress_counts_every_epoch_once_and_a_pack_epoch_once(study):
+    from analysis import tradeoffs
+    s = load_study(study)
+    curve = tradeoffs.progress(s.trials, s.epochs)
+    assert len(curve) == len(s.epochs)
+    assert curve["cumulative_seconds"].iloc[-1] == pytest.approx(s.epochs["seconds"].sum())
+    assert curve["cumulative_seconds"].is_monotonic_increasing and curve["best_gain_db"].is_monotonic_increasing
+    gains = s.epochs["val_psnr"] - s.epochs["val_gray_psnr"]
+    assert curve["best_gain_db"].iloc[-1] == pytest.approx(gains.max())
+    # Finished in time order: each trial's epochs after its start.
+    assert curve.groupby("trial_id")["epoch"].apply(lambda e: e.is_monotonic_increasing).all()
+    assert tradeoffs.device_kind(s.trials) == "CPU"
+    # Two trials fused in one pack report the same epoch seconds: the device spent them once.
+    packed = s.trials.assign(pack_id=pd.array([0, 0] + [None] * (len(s.trials) - 2), dtype="Int64"))
+    epochs = s.epochs.copy()
+    pair = packed["trial_id"].iloc[:2].tolist()
+    for e in sorted(epochs["epoch"].unique()):
+        rows = epochs["trial_id"].isin(pair) & (epochs["epoch"] == e)
+        epochs.loc[rows, "seconds"] = 3.0
+    total = tradeoffs.progress(packed, epochs)["cumulative_seconds"].iloc[-1]
+    assert total == pytest.approx(epochs["seconds"].sum() - 3.0 * epochs["epoch"].nunique())
