@@ -175,7 +175,11 @@ def read_table(study: str, name: str) -> pd.DataFrame | None:
 
 
 def _data_files(fs: pafs.FileSystem, folder: str) -> list[str]:
-    infos = fs.get_file_info(pafs.FileSelector(folder, allow_not_found=True))
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(folder, allow_not_found=True))
+    except OSError as e:
+        raise ResultsReadError(f"cannot list {folder}: {e.strerror or e}; it must be a folder of Parquet files "
+                               f"(move away whatever is there)") from e
     return sorted(i.base_name for i in infos if i.base_name.endswith(".parquet") and i.base_name[0] not in "._")
 
 

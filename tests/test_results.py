@@ -195,3 +195,25 @@ def test_coerce_reads_unix_seconds_and_timestamps_alike():
                                         "best_epoch": [1.0, math.nan, 3.0]}))
     assert df.started_at[0] == df.started_at[1] == pd.Timestamp(0, tz="UTC") and pd.isna(df.started_at[2])
     assert df.best_epoch.tolist()[0] == 1 and str(df.best_epoch.dtype) == "Int64"
+
+
+def test_a_local_study_stops_on_a_results_fault_keeping_what_was_written(tmp_path, cache_dir):
+    """The epochs folder becomes a file while the second epoch trains: the study stops with the error;
+    the trial is not recorded as a failed trial, and the first epoch's results stay."""
+    from study.config import TrialConfig
+    from study.local import run_local_study
+    folder = tmp_path / "study"
+    epochs_dir = folder / "results/epochs.parquet"
+
+    def log(line: str) -> None:
+        if line.startswith("epoch 2/"):   # the engine logs an epoch before reporting it
+            epochs_dir.rename(folder / "results/moved")
+            epochs_dir.write_bytes(b"in the way")
+    cfg = TrialConfig(dataset="samples", epochs=2, train_limit=32, eval_limit=16, base_filters=8, batch_size=16,
+                      preview_count=2)
+    with pytest.raises(ResultsWriteError, match="epochs.parquet"):
+        run_local_study(folder, [cfg], cache_dir=cache_dir, log=log)
+    trials = read_table(str(folder), "trials")
+    assert list(trials.status) == ["RUNNING"] and trials.epochs_run.tolist() == [1]
+    assert files(folder / "results/moved") == ["t-local_00000-e0001.parquet"]
+    assert not [p for p in (folder / "results").rglob(".tmp-*")]
