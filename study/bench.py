@@ -25,7 +25,6 @@ import shutil
 import sys
 import tempfile
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -39,13 +38,14 @@ from study.config import TrialConfig
 from study.data import LAYOUT_HELP, DataError, DeviceImages, default_cache_dir, default_data_root, folder_splits, \
     load_splits
 from study.models import VARIANTS, UNetConfig, build_unet
-from study.pack import FusedUNet, Member, l1_mask, train_batches, train_step
-from study.train import device_name, pick_device
+from study.pack import FusedUNet, Member, make_pack_loss, train_batches, train_step
+from study.train import device_name, make_loss_step, make_optimizer, pick_device
 
 CIFAR_MODEL = VARIANTS["report-cifar10-simple-uv"]
 FLOWERS_MODEL = VARIANTS["report-flowers102-simple-uv"]
 PARTS = ("reference", "trial", "pack", "flowers")
 PRECISIONS = ("fp32", "bf16")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 # Defaults sized per device: a CPU takes seconds per pack step, a GPU milliseconds.
 DEFAULTS = {
     "cuda": {"steps": 200, "packs": "4,8,16,32", "precisions": "fp32,bf16", "flowers_batch": 64,
@@ -92,10 +92,6 @@ def _timed(batches, step, steps: int, warmup: int, dev) -> float:
                 return time.perf_counter() - t0
 
 
-def _autocast(dev: torch.device, precision: str):
-    return torch.autocast(dev.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
-
-
 def bench_reference(files, dev, steps, warmup, workers) -> float:
     torch.manual_seed(0)
     model = build_unet(CIFAR_MODEL, 32).to(dev)
@@ -113,21 +109,25 @@ def bench_reference(files, dev, steps, warmup, workers) -> float:
     return steps * 64 / _timed(lambda: loader, step, steps, warmup, dev)
 
 
+def _trial_config(model_cfg: UNetConfig, images: np.ndarray, batch: int, precision: str, **changes) -> TrialConfig:
+    return TrialConfig(dataset="bench", resolution=images.shape[1], depth=model_cfg.depth,
+                       sampling=model_cfg.sampling, output=model_cfg.output, base_filters=model_cfg.base_filters,
+                       batch_size=batch, epochs=1, precision=precision, **changes)
+
+
 def bench_trial(images: np.ndarray, model_cfg: UNetConfig, dev, batch, steps, warmup, precision="fp32",
-                compile_model=False) -> float:
-    """One trial's training step (as study.train.run_trial): images/s."""
+                compile_mode=None) -> float:
+    """One trial's training step, study.train.run_trial's own: images/s."""
+    cfg = _trial_config(model_cfg, images, batch, precision)
     torch.manual_seed(0)
-    model = build_unet(model_cfg, images.shape[1]).to(dev, memory_format=torch.channels_last)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3, fused=dev.type == "cuda")
-    forward = torch.compile(model) if compile_model else model
+    model = build_unet(cfg.model, cfg.image_size).to(dev, memory_format=torch.channels_last)
+    opt = make_optimizer(model.parameters(), cfg.lr, dev)
+    loss_step = make_loss_step(model, cfg, dev, precision, compile_mode)
     data = DeviceImages(images, dev)
     gen = torch.Generator(device=dev).manual_seed(0)
 
     def step(x):
-        y = rgb_to_y(x)
-        with _autocast(dev, precision):
-            pred = forward(y)
-        loss = F.mse_loss(pred.float(), target_for(x, model_cfg.output))
+        loss = loss_step(x)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -135,19 +135,18 @@ def bench_trial(images: np.ndarray, model_cfg: UNetConfig, dev, batch, steps, wa
     return steps * batch / _timed(lambda: data.train_batches(batch, gen), step, steps, warmup, dev)
 
 
-def bench_pack(images: np.ndarray, model_cfg: UNetConfig, dev, k, batch, steps, warmup, precision="fp32") -> float:
-    """K members fused (study.pack's own step), each with its own lr, seed and batch: model-images/s."""
+def bench_pack(images: np.ndarray, model_cfg: UNetConfig, dev, k, batch, steps, warmup, precision="fp32",
+               compile_mode=None) -> float:
+    """K members fused, study.pack's own step, each with its own lr, seed and batch: model-images/s."""
     data = DeviceImages(images, dev)
-    base = TrialConfig(dataset="bench", resolution=images.shape[1], depth=model_cfg.depth,
-                       sampling=model_cfg.sampling, output=model_cfg.output, base_filters=model_cfg.base_filters,
-                       batch_size=batch, epochs=1)
+    base = _trial_config(model_cfg, images, batch, precision)
     members = [Member(i, base.replace(lr=1e-3 * (1 + i / k), seed=i), dev, max(len(data) // batch, 1))
                for i in range(k)]
     fused = FusedUNet([m.model for m in members]).train()
-    l1 = l1_mask(members, dev)
+    loss = make_pack_loss(fused, members, dev, precision, compile_mode)
 
     def step(x):
-        train_step(fused, members, x, l1, _autocast(dev, precision))
+        train_step(fused, members, loss, x)
 
     return steps * batch * k / _timed(lambda: train_batches(data, members, batch), step, steps, warmup, dev)
 
@@ -235,7 +234,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--batches", type=_counts, default=[64, 512], help="batch sizes of the single-trial rows")
     p.add_argument("--precisions", type=_choices(PRECISIONS),
                    help="single-trial precisions (default fp32,bf16 on a GPU, fp32 on a CPU)")
-    p.add_argument("--compile", action="store_true", help="add single-trial rows with torch.compile")
+    p.add_argument("--compile", nargs="?", const="default", choices=COMPILE_MODES,
+                   help="add rows with a torch.compile'd step (default mode; reduce-overhead adds CUDA graphs)")
     p.add_argument("--packs", type=_counts, help="pack sizes K (default 4,8,16,32 on a GPU, 2,4 on a CPU)")
     p.add_argument("--pack-batch", type=_count, default=64, help="each pack member's batch size")
     p.add_argument("--flowers-batch", type=_count, help="default 64 on a GPU, 4 on a CPU")
@@ -273,17 +273,23 @@ def main(argv=None) -> int:
 
 def _run(args, dev, steps, packs, precisions, flowers_batch, flowers_pack, data_root, cache_dir, scratch) -> int:
     parts = set(args.parts)
-    out = {"device": device_name(dev), "torch": torch.__version__, "steps": steps, "warmup": args.warmup}
-    rows = []
+    out = {"device": device_name(dev), "torch": torch.__version__, "steps": steps, "warmup": args.warmup,
+           "rows": []}
+    mode = args.compile
 
-    def row(key: str, label: str, rate: float, unit: str = "img/s") -> None:
+    def label(precision: str) -> str:  # "fp32" rows run with TF32 on a GPU, as run_trial's fp32
+        return "tf32" if precision == "fp32" and dev.type == "cuda" else precision
+
+    def row(key: str, text: str, rate: float, unit: str = "img/s") -> None:
         ref = out.get("reference_b64_img_s")
         out[key] = round(rate, 1)
-        ratio = f"   x{rate / ref:.2f} the reference" if ref else ""
-        if ref:
-            out[key.replace("_img_s", "").replace("_model", "") + "_ratio"] = round(rate / ref, 2)
-        rows.append((label, rate, unit))
-        print(f"{label:<58s} {rate:12.1f} {unit}{ratio}", flush=True)
+        entry = {"key": key, "what": text, "rate": round(rate, 1), "unit": unit}
+        ratio = ""
+        if ref and key != "reference_b64_img_s":
+            entry["ratio"] = out[key.replace("_img_s", "").replace("_model", "") + "_ratio"] = round(rate / ref, 2)
+            ratio = f"   x{rate / ref:.2f} the reference"
+        out["rows"].append(entry)
+        print(f"{text:<58s} {rate:12.1f} {unit}{ratio}", flush=True)
 
     if parts & {"reference", "trial", "pack"}:
         files, source = cifar_jpegs(data_root, args.images, scratch)
@@ -297,37 +303,39 @@ def _run(args, dev, steps, packs, precisions, flowers_batch, flowers_pack, data_
         if "trial" in parts:
             for precision in precisions:
                 for b in args.batches:
-                    rate = bench_trial(images, CIFAR_MODEL, dev, b, steps, args.warmup, precision)
-                    row(f"trial_{precision}_b{b}_img_s", f"one trial, device-resident, {precision}, b{b}", rate)
-                    if precision == precisions[0]:
-                        out[f"ours_b{b}_img_s"] = round(rate, 1)  # the names earlier versions printed
-                        if "reference_b64_img_s" in out:
-                            out[f"ratio_b{b}"] = round(rate / out["reference_b64_img_s"], 2)
-            if args.compile:
+                    row(f"trial_{precision}_b{b}_img_s", f"one trial, device-resident, {label(precision)}, b{b}",
+                        bench_trial(images, CIFAR_MODEL, dev, b, steps, args.warmup, precision))
+            if mode:
                 for b in args.batches:
-                    row(f"trial_compiled_{precisions[0]}_b{b}_img_s",
-                        f"one trial, torch.compile, {precisions[0]}, b{b}",
-                        bench_trial(images, CIFAR_MODEL, dev, b, steps, args.warmup, precisions[0], True))
+                    row(f"trial_compiled_{precisions[-1]}_b{b}_img_s",
+                        f"one trial, torch.compile {mode}, {label(precisions[-1])}, b{b}",
+                        bench_trial(images, CIFAR_MODEL, dev, b, steps, args.warmup, precisions[-1], mode))
         if "pack" in parts:
             for k in packs:
                 for precision in precisions:
                     row(f"pack{k}_{precision}_b{args.pack_batch}_model_img_s",
-                        f"pack of {k} fused UNets, {precision}, b{args.pack_batch} each",
+                        f"pack of {k} fused UNets, {label(precision)}, b{args.pack_batch} each",
                         bench_pack(images, CIFAR_MODEL, dev, k, args.pack_batch, steps, args.warmup, precision),
                         "model-img/s")
+            if mode:
+                k = 16 if 16 in packs else max(packs)
+                row(f"pack{k}_compiled_{precisions[-1]}_b{args.pack_batch}_model_img_s",
+                    f"pack of {k}, torch.compile {mode}, {label(precisions[-1])}, b{args.pack_batch} each",
+                    bench_pack(images, CIFAR_MODEL, dev, k, args.pack_batch, steps, args.warmup, precisions[-1],
+                               mode), "model-img/s")
     if "flowers" in parts:
         fl, source = flowers_images(data_root, max(args.flowers_images, flowers_batch), args.flowers_size, cache_dir)
-        out.update(flowers_data=source, flowers_size=args.flowers_size)
-        print(f"flowers: {len(fl)} images {args.flowers_size}x{args.flowers_size} ({source}), depth-4 UNet",
-              flush=True)
-        precision = precisions[-1]
-        row(f"flowers_trial_{precision}_b{flowers_batch}_img_s",
-            f"flowers one trial, {precision}, b{flowers_batch}",
-            bench_trial(fl, FLOWERS_MODEL, dev, flowers_batch, steps, args.warmup, precision))
-        row(f"flowers_pack{flowers_pack}_{precision}_b{flowers_batch}_model_img_s",
-            f"flowers pack of {flowers_pack}, {precision}, b{flowers_batch} each",
-            bench_pack(fl, FLOWERS_MODEL, dev, flowers_pack, flowers_batch, steps, args.warmup, precision),
-            "model-img/s")
+        size = args.flowers_size
+        out.update(flowers_data=source, flowers_size=size)
+        print(f"flowers: {len(fl)} images {size}x{size} ({source}), depth-4 UNet", flush=True)
+        for precision in precisions:
+            row(f"flowers_trial_{precision}_b{flowers_batch}_img_s",
+                f"flowers {size}px one trial, {label(precision)}, b{flowers_batch}",
+                bench_trial(fl, FLOWERS_MODEL, dev, flowers_batch, steps, args.warmup, precision))
+            row(f"flowers_pack{flowers_pack}_{precision}_b{flowers_batch}_model_img_s",
+                f"flowers {size}px pack of {flowers_pack}, {label(precision)}, b{flowers_batch} each",
+                bench_pack(fl, FLOWERS_MODEL, dev, flowers_pack, flowers_batch, steps, args.warmup, precision),
+                "model-img/s")
     print(json.dumps(out))
     if args.json:
         args.json.write_text(json.dumps(out, indent=2))

@@ -38,15 +38,13 @@ from study.contract import best_row
 from study.data import DeviceImages, Splits, _augment, load_splits, preview_indices
 from study.metrics import colourfulness, psnr, ssim
 from study.models import OUTPUTS, ConfigError, UNet, build_unet
-from study.train import (CHECKPOINT_FILE, NonFiniteLossError, autocast_for, make_scheduler, pick_device,
-                         png_bytes)
+from study.train import (CHECKPOINT_FILE, EvalSplit, NonFiniteLossError, _rng_states, _set_rng_states,
+                         autocast_for, checkpoint_due, compile_mode, device_name, eval_batch_size, make_optimizer,
+                         make_scheduler, pick_device, prediction_pngs, resolve_precision)
 
 STRUCTURE = ("dataset", "resolution", "depth", "sampling", "output", "base_filters", "max_filters",
              "batch_size", "train_limit", "eval_limit", "precision")
 PACK_FILE = "pack.pt"
-# A resume point at least this often, besides best and last epochs (as run_trial).
-CHECKPOINT_EVERY_EPOCHS = 5
-CHECKPOINT_EVERY_S = 600.0
 PackReport = Callable[[dict, "Path | None"], "set[int] | None"]
 
 
@@ -84,7 +82,8 @@ class FusedUNet(nn.Module):
             layer = [bns[i] for bns in per_member]
             self.register_buffer(f"bn{i}_mean", torch.cat([b.running_mean for b in layer]).clone())
             self.register_buffer(f"bn{i}_var", torch.cat([b.running_var for b in layer]).clone())
-        self._bn_steps = 0
+        self.steps = 0  # training steps taken, for the members' BatchNorm num_batches_tracked
+        self._keep: dict[tuple, torch.Tensor] = {}
         self.register_buffer("uv_scale", members[0].uv_scale.view(1, 1, 2, 1, 1).clone(), persistent=False)
 
     # ------------------------------------------------------------ layers
@@ -121,7 +120,10 @@ class FusedUNet(nn.Module):
         if not self.training:
             return x
         b, c, h, w = x.shape
-        keep = 1.0 - torch.tensor(p, device=x.device, dtype=x.dtype).view(1, self.k, 1, 1, 1)
+        key = (tuple(p), x.device, x.dtype)
+        if key not in self._keep:  # made once: a host-to-device copy per step would be a sync
+            self._keep[key] = 1.0 - torch.tensor(p, device=x.device, dtype=x.dtype).view(1, self.k, 1, 1, 1)
+        keep = self._keep[key]
         mask = (torch.rand(b, self.k, c // self.k, 1, 1, device=x.device) < keep).to(x.dtype) / keep
         return x * mask.flatten(1, 2)
 
@@ -135,8 +137,6 @@ class FusedUNet(nn.Module):
     def forward(self, y: torch.Tensor) -> torch.Tensor:
         ms = list(self.members)
         x = self._apply([m.stem for m in ms], y)
-        if self.training:
-            self._bn_steps += 1
         skips = []
         for i in range(self.depth):
             skips.append(x)
@@ -160,8 +160,8 @@ class FusedUNet(nn.Module):
                 bn = per_member[k][i]
                 bn.running_mean.copy_(mean)
                 bn.running_var.copy_(var)
-                bn.num_batches_tracked += self._bn_steps
-        self._bn_steps = 0
+                bn.num_batches_tracked += self.steps
+        self.steps = 0
 
 
 # ---------------------------------------------------------------- members
@@ -175,7 +175,7 @@ class Member:
         # Exactly as run_trial: the model is built right after seeding with the trial's seed.
         torch.manual_seed(cfg.seed)
         self.model = build_unet(cfg.model, cfg.image_size).to(dev, memory_format=torch.channels_last)
-        self.opt = torch.optim.Adam(self.model.parameters(), lr=cfg.lr)
+        self.opt = make_optimizer(self.model.parameters(), cfg.lr, dev)
         self.sched = make_scheduler(self.opt, cfg, cfg.epochs * steps_per_epoch)
         self.gen = torch.Generator(device=dev).manual_seed(cfg.seed)
         self.history: list[dict] = []
@@ -220,82 +220,82 @@ def train_batches(train: DeviceImages, members: list[Member], batch_size: int):
         yield x
 
 
-class _SplitConstants:
-    """Per-split numbers that do not depend on the model: computed once per split."""
-
-    def __init__(self, images: DeviceImages, batch_size: int):
-        totals = torch.zeros(2, device=images.device, dtype=torch.float64)
-        for x in images.eval_batches(batch_size):
-            gray = rgb_to_y(x).clamp(0, 1).expand(-1, 3, -1, -1)
-            totals += torch.stack([colourfulness(x).sum(), psnr(gray, x).sum()]).double()
-        self.colourfulness, self.gray_psnr = (totals / len(images)).tolist()
-
-
 @torch.no_grad()
-def _evaluate(fused: FusedUNet, members: list[Member], images: DeviceImages, const: _SplitConstants,
-              batch_size: int) -> list[dict]:
-    """run_trial's evaluation for every member at once; one sync for all members."""
+def _evaluate_sums(fused: FusedUNet, members: list[Member], split: EvalSplit, batch_size: int,
+                   precision: str) -> torch.Tensor:
+    """study.train.batch_sums for every member at once: (K, 4) totals, left on the device (no sync)."""
     fused.eval()
     k = len(members)
-    l1 = torch.tensor([m.cfg.loss == "l1" for m in members], device=images.device).view(k, 1)
-    totals = torch.zeros(4, k, device=images.device, dtype=torch.float64)
-    for x in images.eval_batches(batch_size):
+    dev = split.images.device
+    l1 = torch.tensor([m.cfg.loss == "l1" for m in members], device=dev).view(k, 1)
+    sums = torch.zeros(4, k, device=dev, dtype=torch.float64)
+    for x in split.images.eval_batches(batch_size):
         b = x.shape[0]
         y = rgb_to_y(x)
-        yk = y.expand(-1, k, -1, -1).contiguous(memory_format=torch.channels_last)
-        with autocast_for(images.device):
-            pred = fused(yk)
+        with autocast_for(dev, precision):
+            pred = fused(y.expand(-1, k, -1, -1).contiguous(memory_format=torch.channels_last))
         pred = pred.float().transpose(0, 1).flatten(0, 1)          # (K*B, C, H, W), member-major
         xk = x.unsqueeze(0).expand(k, -1, -1, -1, -1).flatten(0, 1)
         diff = (pred - target_for(xk, fused.output)).flatten(1)
         loss = torch.where(l1, diff.abs().view(k, b, -1).mean(2), diff.square().view(k, b, -1).mean(2))
         rgb = prediction_to_rgb(pred, y.repeat(k, 1, 1, 1), fused.output)
-        totals += torch.stack([loss.sum(1), psnr(rgb, xk).view(k, b).sum(1), ssim(rgb, xk).view(k, b).sum(1),
-                               colourfulness(rgb).view(k, b).sum(1)]).double()
+        sums += torch.stack([loss.sum(1), psnr(rgb, xk).view(k, b).sum(1), ssim(rgb, xk).view(k, b).sum(1),
+                             colourfulness(rgb).view(k, b).sum(1)]).double()
     fused.train()
-    loss, p, s, c = (totals / len(images)).tolist()
-    return [{"loss": loss[i], "psnr": p[i], "ssim": s[i], "colourfulness": c[i] / max(const.colourfulness, 1e-9),
-             "gray_psnr": const.gray_psnr} for i in range(k)]
+    return sums.T
 
 
 @torch.no_grad()
-def _write_previews(fused: FusedUNet, members: list[Member], test: DeviceImages, folder: Path) -> None:
-    count = members[0].cfg.preview_count
-    idx = preview_indices(len(test), count)
+def _write_previews(fused: FusedUNet, members: list[Member], test: DeviceImages, folder: Path,
+                    precision: str) -> None:
+    idx = preview_indices(len(test), members[0].cfg.preview_count)
+    if not idx:
+        return
     x = test.take(torch.tensor(idx, device=test.device))
     y = rgb_to_y(x)
     k = len(members)
     fused.eval()
-    with autocast_for(test.device):
+    with autocast_for(test.device, precision):
         pred = fused(y.expand(-1, k, -1, -1).contiguous(memory_format=torch.channels_last)).float()
     fused.train()
     for j, m in enumerate(members):
-        rgb = prediction_to_rgb(pred[:, j], y, fused.output)
         sub = folder / f"member-{m.index}"
         sub.mkdir(exist_ok=True)
-        for n, i in enumerate(idx):
-            (sub / f"prediction_{i:05d}.png").write_bytes(png_bytes(rgb[n]))
+        for name, data in prediction_pngs(prediction_to_rgb(pred[:, j], y, fused.output), idx).items():
+            (sub / name).write_bytes(data)
 
 
 def run_pack(cfgs: list[TrialConfig], *, data_root: str | None = None, cache_dir: str | Path | None = None,
              device: str | None = None, report: PackReport | None = None, resume_from: Path | str | None = None,
              splits: Splits | None = None, log: Callable[[str], None] = print,
              work_dir: Path | str | None = None) -> list[list[dict]]:
-    """Train the members of ``cfgs`` as one fused model; returns each member's epoch rows."""
+    """Train the members of ``cfgs`` as one fused model; returns each member's epoch rows.
+
+    ``report(rows, folder)`` is called once per epoch with ``{member index: epoch row}`` for every member
+    still in the pack and a temporary checkpoint folder under ``work_dir`` (or None on epochs that write
+    none, see study.train.checkpoint_due); it returns the member indices to stop (pruned). A member also
+    leaves after its own ``epochs``, or with ``"error"`` in its row when its loss stops being finite.
+    """
     for c in cfgs:
         c.validate()
     check_structure(cfgs)
     cfg0 = cfgs[0]
     dev = pick_device(device)
+    mode = compile_mode()
+    precision = resolve_precision(cfg0, dev)  # the same for every member: precision is structure
     if dev.type == "cuda":
         torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = precision == "tf32"
+    work_dir = Path(work_dir) if work_dir is not None else Path.cwd()
     splits = splits or load_splits(cfg0.dataset, cfg0.image_size, data_root, cache_dir,
                                    cfg0.train_limit, cfg0.eval_limit)
     train, val, test = (DeviceImages(splits[s], dev) for s in ("train", "val", "test"))
+    eval_batch = eval_batch_size(cfg0)
+    val_split, test_split = EvalSplit.prepare(val, eval_batch), EvalSplit.prepare(test, eval_batch)
     batch = cfg0.batch_size
     steps_per_epoch = max(len(train) // batch, 1)
     members = [Member(i, c, dev, steps_per_epoch) for i, c in enumerate(cfgs)]
-    epoch0 = 0
+    epoch = 0
     if resume_from:
         state = torch.load(Path(resume_from) / PACK_FILE, map_location=dev, weights_only=True)
         if [m["config"] for m in state["members"]] != [c.to_dict() for c in cfgs]:
@@ -303,61 +303,67 @@ def run_pack(cfgs: list[TrialConfig], *, data_root: str | None = None, cache_dir
                               f"the configurations it was started with")
         for m, s in zip(members, state["members"]):
             m.load(s)
-        epoch0 = state["epoch"]
-        torch.set_rng_state(state["rng"])
-        if dev.type == "cuda" and state.get("cuda_rng") is not None:
-            torch.cuda.set_rng_state(state["cuda_rng"], dev)
-        log(f"pack resumed from {resume_from} after epoch {epoch0}")
+        epoch = state["epoch"]
+        _set_rng_states(state["rng"], dev)
+        log(f"pack resumed from {resume_from} after epoch {epoch}")
     else:
-        torch.manual_seed(cfg0.seed)  # dropout draws from the global generator
-    eval_batch = max(batch, 256 if cfg0.image_size <= 64 else 32)
-    constants = {name: _SplitConstants(split, eval_batch) for name, split in (("val", val), ("test", test))}
-    work_dir = Path(work_dir) if work_dir is not None else Path.cwd()
-    last_checkpoint = time.monotonic()
+        torch.manual_seed(cfg0.seed)  # dropout draws from the global generators
+        log(f"pack of {len(cfgs)} on {device_name(dev)}, precision {precision}, "
+            f"step {'compiled: ' + mode if mode else 'eager'}")
+    last_saved, last_saved_at = epoch, time.monotonic()
 
     active = [m for m in members if m.status == "active"]
-    epoch = epoch0
     while active:
         epoch += 1
         t0 = time.perf_counter()
+        # Rebuilt whenever members leave: a pruned or finished member's slice costs nothing afterwards.
         fused = FusedUNet([m.model for m in active]).train()
-        train_loss, lrs = _train_epoch(fused, active, train, batch, dev)
-        evals = {}
-        # Evaluate in chunks so a big pack's eval batch stays the size of one trial's.
+        loss = make_pack_loss(fused, active, dev, precision, mode)
+        loss_sum = torch.zeros(len(active), device=dev, dtype=torch.float64)
+        steps = 0
+        for x in train_batches(train, active, batch):
+            loss_sum += train_step(fused, active, loss, x)
+            steps += 1
+        # Evaluation batches hold K predictions per image: keep their size near one trial's.
         per_eval = max(eval_batch // len(active), 16)
-        v = _evaluate(fused, active, val, constants["val"], per_eval)
-        t = _evaluate(fused, active, test, constants["test"], per_eval)
+        v_sums = _evaluate_sums(fused, active, val_split, per_eval, precision)
+        t_sums = _evaluate_sums(fused, active, test_split, per_eval, precision)
+        # The one sync of the epoch: every member's training loss and evaluation totals together.
+        fetched = torch.cat([(loss_sum / max(steps, 1))[:, None], v_sums, t_sums], dim=1).tolist()
         seconds = time.perf_counter() - t0
         rows: dict[int, dict] = {}
-        for j, m in enumerate(active):
-            row = {"epoch": epoch, "train_loss": train_loss[j], "lr": lrs[j],
-                   **{f"val_{k}": x for k, x in v[j].items()}, **{f"test_{k}": x for k, x in t[j].items()},
-                   "seconds": seconds}
+        due = False
+        for m, f in zip(active, fetched):
+            v, t = val_split.metrics(f[1:5]), test_split.metrics(f[5:9])
+            row = {"epoch": epoch, "train_loss": f[0], "lr": m.opt.param_groups[0]["lr"],
+                   **{f"val_{k}": x for k, x in v.items()}, **{f"test_{k}": x for k, x in t.items()},
+                   "seconds": seconds, "precision": precision}
             m.history.append(row)
             best = best_row(m.history)
             row.update(best_val_psnr=best["val_psnr"], best_epoch=best["epoch"])
-            if not math.isfinite(train_loss[j]):
+            if not math.isfinite(f[0]):
+                # This member diverged; its slice cannot touch the others (disjoint weights, per-channel
+                # BatchNorm), so only it ends, as ERROR.
                 row["error"] = str(NonFiniteLossError(
-                    f"training loss became {train_loss[j]} in epoch {epoch} (lr={m.cfg.lr}, loss={m.cfg.loss}); "
+                    f"training loss became {f[0]} in epoch {epoch} (lr={m.cfg.lr}, loss={m.cfg.loss}); "
                     f"lower the learning rate"))
                 m.status = "error"
             elif epoch >= m.cfg.epochs:
                 m.status = "done"
+            due = due or checkpoint_due(epoch, m.cfg.epochs, best["epoch"] == epoch, last_saved, last_saved_at)
             rows[m.index] = dict(row)
         log(f"pack epoch {epoch}: " + "  ".join(
             f"[{i}] val PSNR {r['val_psnr']:.2f} dB" + (" ERROR" if "error" in r else "") for i, r in rows.items())
-            + f"  (gray {v[0]['gray_psnr']:.2f})  {seconds:.1f}s")
+            + f"  (gray {val_split.gray_psnr:.2f})  {seconds:.1f}s")
 
         fused.sync_members()
-        wants = (any(r["best_epoch"] == epoch or m.status != "active" for r, m in zip(rows.values(), active))
-                 or epoch % CHECKPOINT_EVERY_EPOCHS == 0 or time.monotonic() - last_checkpoint > CHECKPOINT_EVERY_S)
         folder = None
         try:
-            if wants:
-                folder = Path(tempfile.mkdtemp(prefix=f"ckpt-{epoch:03d}-", dir=work_dir))
+            if due or any(m.status != "active" for m in active):
+                folder = Path(tempfile.mkdtemp(prefix=f".ckpt-{epoch:03d}-", dir=work_dir))
                 _save(folder, members, active, epoch, dev)
-                _write_previews(fused, active, test, folder)
-                last_checkpoint = time.monotonic()
+                _write_previews(fused, active, test, folder, precision)
+                last_saved, last_saved_at = epoch, time.monotonic()
             stop = (report(rows, folder) if report is not None else None) or set()
         finally:
             if folder is not None:
@@ -369,32 +375,36 @@ def run_pack(cfgs: list[TrialConfig], *, data_root: str | None = None, cache_dir
     return [m.history for m in members]
 
 
-def _train_epoch(fused: FusedUNet, active: list[Member], train: DeviceImages, batch: int, dev: torch.device):
-    """One epoch for every active member; returns each member's mean train loss and final lr (one sync)."""
-    l1 = l1_mask(active, dev)
-    loss_sum = torch.zeros(len(active), device=dev)
-    steps = 0
-    for x in train_batches(train, active, batch):
-        loss_sum += train_step(fused, active, x, l1, autocast_for(dev))
-        steps += 1
-    return (loss_sum / max(steps, 1)).tolist(), [m.opt.param_groups[0]["lr"] for m in active]
+def make_pack_loss(fused: FusedUNet, members: list[Member], dev: torch.device, precision: str,
+                   mode: str | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``x (K, B, 3, H, W) -> (K,)`` each member's training loss on its own batch; compiled if asked
+    (study.train.compile_mode), like run_trial's step."""
+    k = len(members)
+    l1 = torch.tensor([m.cfg.loss == "l1" for m in members], device=dev).view(1, k, 1, 1, 1)
+
+    def pack_loss(x: torch.Tensor) -> torch.Tensor:
+        flat = x.flatten(0, 1)                                                  # (K*B, 3, H, W)
+        y = rgb_to_y(flat).unflatten(0, (k, -1)).squeeze(2).transpose(0, 1)    # (B, K, H, W)
+        with autocast_for(dev, precision):
+            pred = fused(y.contiguous(memory_format=torch.channels_last))     # (B, K, C, H, W)
+        target = target_for(flat, fused.output).unflatten(0, (k, -1)).transpose(0, 1)
+        diff = pred.float() - target
+        return torch.where(l1, diff.abs(), diff.square()).mean(dim=(0, 2, 3, 4))
+
+    if mode is None:
+        return pack_loss
+    compiled = torch.compile(pack_loss, mode=mode, dynamic=False)
+    if mode in ("reduce-overhead", "max-autotune"):
+        def graphed(x: torch.Tensor) -> torch.Tensor:
+            torch.compiler.cudagraph_mark_step_begin()
+            return compiled(x)
+        return graphed
+    return compiled
 
 
-def l1_mask(members: list[Member], dev: torch.device) -> torch.Tensor:
-    return torch.tensor([m.cfg.loss == "l1" for m in members], device=dev).view(1, len(members), 1, 1, 1)
-
-
-def train_step(fused: FusedUNet, active: list[Member], x: torch.Tensor, l1: torch.Tensor, autocast) -> torch.Tensor:
-    """One optimizer step of every member on its own batch ``x[k]`` (K, B, 3, H, W); the (K,) losses, unsynced."""
-    k = len(active)
-    flat = x.flatten(0, 1)                                                  # (K*B, 3, H, W)
-    y = rgb_to_y(flat).unflatten(0, (k, -1)).squeeze(2).transpose(0, 1)    # (B, K, H, W)
-    y = y.contiguous(memory_format=torch.channels_last)
-    with autocast:
-        pred = fused(y)                                                     # (B, K, C, H, W)
-    target = target_for(flat, fused.output).unflatten(0, (k, -1)).transpose(0, 1)
-    diff = pred.float() - target
-    per_member = torch.where(l1, diff.abs(), diff.square()).mean(dim=(0, 2, 3, 4))
+def train_step(fused: FusedUNet, active: list[Member], loss: Callable, x: torch.Tensor) -> torch.Tensor:
+    """One optimizer step of every member on its own batch ``x[k]``; the (K,) losses, unsynced."""
+    per_member = loss(x)
     for m in active:
         m.opt.zero_grad(set_to_none=True)
     # Members' parameters are disjoint: the sum's gradient is each member's own loss gradient.
@@ -403,12 +413,12 @@ def train_step(fused: FusedUNet, active: list[Member], x: torch.Tensor, l1: torc
         m.opt.step()
         if m.sched is not None:
             m.sched.step()
+    fused.steps += 1
     return per_member.detach()
 
 
 def _save(folder: Path, members: list[Member], active: list[Member], epoch: int, dev: torch.device) -> None:
-    state = {"members": [m.state() for m in members], "epoch": epoch, "rng": torch.get_rng_state(),
-             "cuda_rng": torch.cuda.get_rng_state(dev) if dev.type == "cuda" else None}
+    state = {"members": [m.state() for m in members], "epoch": epoch, "rng": _rng_states(dev)}
     torch.save(state, folder / PACK_FILE)
     for m in active:
         sub = folder / f"member-{m.index}"
