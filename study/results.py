@@ -242,28 +242,37 @@ class ResultsWriter:
         self.previews_dir = f"{self.results_dir}/previews.parquet"
         self.tables = {name: read_table(study, name) for name in ("trials", "epochs")}
         self._dirty: set[str] = set()
-        if self.fs.get_file_info(self.epochs_dir).type == pafs.FileType.File:
+        kind = self.fs.get_file_info(self.epochs_dir).type
+        if kind == pafs.FileType.File:
             self._convert_epochs_file()
+        elif kind == pafs.FileType.NotFound and isinstance(self.fs, pafs.LocalFileSystem) \
+                and Path(self.results_dir, ".epochs-converting").is_dir():
+            self.fs.move(f"{self.results_dir}/.epochs-converting", self.epochs_dir)   # a conversion cut short
+            self.tables["epochs"] = read_table(study, "epochs")
         self.epoch_files = set(_data_files(self.fs, self.epochs_dir))
         self.preview_files = set(_data_files(self.fs, self.previews_dir))
 
     def _convert_epochs_file(self) -> None:
-        """A study from before epochs became a folder: write its rows as files, then swap the folder in.
+        """A study from before epochs became a folder: write its rows as files, then remove the old file.
 
-        The folder is complete before the old file is removed, so a crash here loses nothing
-        (the next writer sees the file again, or the finished folder).
+        Locally the folder is made beside it and renamed into place; on an object store a key and a
+        "folder" of keys below it can coexist. Either way the rows are all written before the old file
+        goes, so a crash here loses nothing (the next writer converts again).
         """
-        staging = f"{self.results_dir}/.epochs-converting"
-        self.fs.delete_dir_contents(staging, missing_dir_ok=True)
+        local = isinstance(self.fs, pafs.LocalFileSystem)
+        target = f"{self.results_dir}/.epochs-converting" if local else self.epochs_dir
+        if local:
+            self.fs.delete_dir_contents(target, missing_dir_ok=True)
         df = self.tables["epochs"]
         for (trial_id, epoch), group in ([] if df is None else df.groupby(["trial_id", "epoch"])):
-            _write_bytes(self.fs, f"{staging}/{_epoch_file(trial_id, epoch)}", _parquet_bytes(
+            _write_bytes(self.fs, f"{target}/{_epoch_file(trial_id, epoch)}", _parquet_bytes(
                 group[[f.name for f in EPOCH_SCHEMA]], EPOCH_SCHEMA))
         try:
             self.fs.delete_file(self.epochs_dir)
-            self.fs.move(staging, self.epochs_dir)
+            if local:
+                self.fs.move(target, self.epochs_dir)
         except OSError as e:
-            raise ResultsWriteError(f"cannot convert {self.epochs_dir} to a folder: {e}") from e
+            raise ResultsWriteError(f"cannot convert {self.epochs_dir} to a folder of files: {e}") from e
 
     # ---------------------------------------------------------------- trials
 

@@ -81,6 +81,10 @@ def test_a_study_with_the_old_single_file_epochs_table_still_reads_and_converts(
     df = pd.read_parquet(tmp_path / "results/epochs.parquet")
     assert sorted(df.epoch) == [1, 2, 3] and df.val_psnr.max() == 30.0
     assert not [p for p in (tmp_path / "results").iterdir() if p.name.startswith(".")]
+    # A conversion cut short after the old file was removed: the next writer finishes it.
+    (tmp_path / "results/epochs.parquet").rename(tmp_path / "results/.epochs-converting")
+    assert sorted(r["epoch"] for r in ResultsWriter(str(tmp_path)).history("t1")) == [1, 2, 3]
+    assert len(pd.read_parquet(tmp_path / "results/epochs.parquet")) == 3
 
 
 def test_trials_are_written_once_per_flush_with_pandas_types(tmp_path):
