@@ -39,7 +39,10 @@ def param_importances(meta: dict, folder: Path) -> dict[str, float]:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")   # experimental-feature notices are noise in a report
-                importances = optuna.importance.get_param_importances(study)
+                # Several objectives (fidelity and vividness): the importance for the first, the PSNR gain;
+                # optuna needs a target then.
+                target = (lambda t: t.values[0]) if len(study.directions) > 1 else None
+                importances = optuna.importance.get_param_importances(study, target=target)
         except Exception as e:
             raise ImportanceSkipped(f"optuna could not compute importances ({type(e).__name__}: {e})") from None
     # Ties ordered by name so the table and the figure are the same on every run.

@@ -377,3 +377,18 @@ def test_progress_counts_every_epoch_once_and_a_pack_epoch_once(study):
         epochs.loc[rows, "seconds"] = 3.0
     total = tradeoffs.progress(packed, epochs)["cumulative_seconds"].iloc[-1]
     assert total == pytest.approx(epochs["seconds"].sum() - 3.0 * epochs["epoch"].nunique())
+
+
+def test_importance_of_a_two_objective_study_is_for_the_first_objective(tmp_path):
+    import optuna
+    from analysis.importance import param_importances
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    opt = optuna.create_study(study_name="two", storage=storage, directions=["maximize", "maximize"])
+    space = {"lr": optuna.distributions.FloatDistribution(1e-4, 1e-2, log=True),
+             "dropout": optuna.distributions.FloatDistribution(0.0, 0.5)}
+    for i, (lr, dropout) in enumerate([(1e-4, 0.0), (1e-3, 0.4), (1e-2, 0.1), (3e-3, 0.3), (5e-4, 0.2)]):
+        # The first objective depends on lr alone, the second on dropout alone.
+        opt.add_trial(optuna.trial.create_trial(params={"lr": lr, "dropout": dropout}, distributions=space,
+                                                values=[float(np.log10(lr)), dropout]))
+    importances = param_importances({"optuna_storage": storage, "optuna_study_name": "two"}, tmp_path)
+    assert list(importances) == ["lr", "dropout"] and importances["lr"] > 0.5
