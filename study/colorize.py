@@ -1,7 +1,7 @@
 """Colorize image files with a study's best trial (or a chosen one).
 
     python -m study.colorize --study studies/s1 [--dataset flowers102] [--trial ID] \\
-        photos/ old.jpg --out colorized [--side-by-side] [--device cpu|cuda]
+        photos/ old.jpg --out colorized [--side-by-side] [--flip-average] [--device cpu|cuda]
 
 The model sees only a resized copy of the input's luminance (its training
 resolution, square); its colour (UV chroma) is resized back to the input's size
@@ -59,11 +59,11 @@ class InputError(ProjectError, RuntimeError):
 
 @torch.inference_mode()
 def colorize_image(model: torch.nn.Module, cfg: TrialConfig, image: np.ndarray,
-                   device: torch.device | str) -> np.ndarray:
+                   device: torch.device | str, flip_average: bool = False) -> np.ndarray:
     """(H, W, 3) RGB or (H, W) gray uint8 -> (H, W, 3) RGB uint8 with the input's own luminance."""
     device = torch.device(device)
     y = luminance(image, device)
-    uv = predict_uv(model, cfg, y, device)
+    uv = predict_uv(model, cfg, y, device, flip_average)
     # Chroma is smooth, so bilinear upsampling loses little; the detail comes from the full-res Y.
     uv = F.interpolate(uv, size=y.shape[-2:], mode="bilinear", align_corners=False)
     rgb = combine(y, uv)
@@ -80,8 +80,13 @@ def luminance(image: np.ndarray, device: torch.device) -> torch.Tensor:
     return rgb_to_y(x.permute(2, 0, 1)[None])
 
 
-def predict_uv(model: torch.nn.Module, cfg: TrialConfig, y: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """The model's chroma, (1, 2, s, s) at its training resolution s."""
+def predict_uv(model: torch.nn.Module, cfg: TrialConfig, y: torch.Tensor, device: torch.device,
+               flip_average: bool = False) -> torch.Tensor:
+    """The model's chroma, (1, 2, s, s) at its training resolution s.
+
+    ``flip_average``: the mean of the chroma predicted for the input and (unflipped) for its mirror
+    image, a test-time average that costs one more forward pass (batched with the first).
+    """
     s = cfg.image_size
     # A plain resize to the training square, not a crop (which would leave parts of the input
     # without colour) and not a letterbox (padding bars the model never saw in training bleed
@@ -89,12 +94,14 @@ def predict_uv(model: torch.nn.Module, cfg: TrialConfig, y: torch.Tensor, device
     # chroma is resized back, and chroma is low-frequency, so it costs little.
     # Bicubic + antialias, like the PIL bicubic resize the training data went through.
     small = F.interpolate(y, size=(s, s), mode="bicubic", antialias=True, align_corners=False).clamp(0, 1)
+    batch = torch.cat([small, small.flip(-1)]) if flip_average else small
     with autocast_for(device):
-        pred = model(small).float()
-    if cfg.output == "uv":
-        return pred
+        pred = model(batch).float()
     # An RGB model's own luminance is discarded: only its colour is used, like a UV model's.
-    return rgb_to_yuv(pred.clamp(0, 1))[:, 1:]
+    uv = pred if cfg.output == "uv" else rgb_to_yuv(pred.clamp(0, 1))[:, 1:]
+    if flip_average:
+        uv = (uv[:1] + uv[1:].flip(-1)) / 2
+    return uv
 
 
 def combine(y: torch.Tensor, uv: torch.Tensor) -> torch.Tensor:
@@ -355,10 +362,10 @@ def _alpha(im: Image.Image) -> np.ndarray | None:
 
 
 def colorize_file(model: torch.nn.Module, cfg: TrialConfig, path: Path, target: Path,
-                  device: torch.device, side_by_side: bool) -> list[Path]:
+                  device: torch.device, side_by_side: bool, flip_average: bool = False) -> list[Path]:
     """Colorize one file into ``target``.png (and the side-by-side); returns the files written."""
     image, alpha = read_image(path)
-    rgb = colorize_image(model, cfg, image, device)
+    rgb = colorize_image(model, cfg, image, device, flip_average)
     written = [_save(rgb if alpha is None else np.dstack([rgb, alpha]), target, "")]
     if side_by_side:
         shown = np.repeat(image[..., None], 3, axis=2) if image.ndim == 2 else image
@@ -387,6 +394,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, type=Path, help="folder for the PNGs")
     p.add_argument("--side-by-side", action="store_true", help="also write <stem>_side_by_side.png")
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--flip-average", action="store_true",
+                   help="average the colours predicted for each photo and its mirror image (twice the compute)")
     return p
 
 
@@ -409,13 +418,14 @@ def main(argv: list[str] | None = None) -> int:
     check_out(args.out, args.inputs, jobs, args.side_by_side)
     device = choose_device(args.device)
     loaded = load_model(args.study, args.dataset, args.trial, device)
-    print(f"colorizing with {describe(loaded, device)}")
+    print(f"colorizing with {describe(loaded, device)}" + (", averaged with mirror images" if args.flip_average else ""))
     for message in errors:
         print(f"error: {message}", file=sys.stderr)
     failed = len(errors)
     for path, name in jobs:
         try:
-            for out in colorize_file(loaded.model, loaded.cfg, path, args.out / name, device, args.side_by_side):
+            for out in colorize_file(loaded.model, loaded.cfg, path, args.out / name, device, args.side_by_side,
+                                     args.flip_average):
                 print(f"wrote {out}")
         except InputError as e:
             failed += 1

@@ -15,7 +15,7 @@ from skimage import data as skdata
 from conftest import PYTHON, python_env
 from study import cli
 from study.color import rgb_to_y, rgb_to_yuv
-from study.colorize import collect_inputs, colorize_image, main
+from study.colorize import collect_inputs, colorize_image, load_model, main, predict_uv
 from study.config import TrialConfig
 from study.local import run_local_study
 from study.results import read_table, write_table
@@ -306,3 +306,22 @@ def test_output_names_do_not_collide(tmp_path):
     assert len(jobs) == 4  # dir/a.png given twice is done once
     assert names == {"a", "a_png", "sub/a", "a_png_2"}
     assert errors == [f"{tmp_path / 'missing.png'}: no such file or folder"]
+
+
+def test_flip_average_is_mirror_equivariant_and_changes_a_real_models_colours(study, inputs, tmp_path, capsys):
+    loaded = load_model(str(study), None, None, torch.device("cpu"))
+    s = loaded.cfg.image_size
+    y = torch.rand(1, 1, s, s, generator=torch.Generator().manual_seed(0))
+    plain = predict_uv(loaded.model, loaded.cfg, y, torch.device("cpu"))
+    averaged = predict_uv(loaded.model, loaded.cfg, y, torch.device("cpu"), flip_average=True)
+    mirrored = predict_uv(loaded.model, loaded.cfg, y.flip(-1), torch.device("cpu"), flip_average=True)
+    assert torch.allclose(mirrored, averaged.flip(-1), atol=1e-6)      # what a mirror-symmetric colorizer does
+    assert not torch.allclose(plain, averaged, atol=1e-4)              # a trained UNet on its own is not one
+    symmetric = torch.cat([y[..., : s // 2], y[..., : s // 2].flip(-1)], -1)
+    out = predict_uv(loaded.model, loaded.cfg, symmetric, torch.device("cpu"), flip_average=True)
+    assert torch.allclose(out, out.flip(-1), atol=1e-6)
+    rc, stdout, err = run(capsys, "--study", study, inputs["colour"], "--flip-average", "--out", tmp_path / "f")
+    assert rc == 0 and "mirror" in stdout, err
+    rc, _, _ = run(capsys, "--study", study, inputs["colour"], "--out", tmp_path / "p")
+    assert not np.array_equal(np.asarray(Image.open(tmp_path / "f/astronaut.png")),
+                              np.asarray(Image.open(tmp_path / "p/astronaut.png")))
