@@ -262,6 +262,7 @@ def main(argv=None) -> int:
     if dev.type == "cpu":
         torch.set_num_threads(os.cpu_count() or 1)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # "fp32" rows use TF32
+    torch.backends.cudnn.benchmark = True  # as run_trial
     cache_dir.mkdir(parents=True, exist_ok=True)
     # Scratch JPEGs live in the cache folder this command owns and go when it ends, also on error.
     scratch = Path(tempfile.mkdtemp(prefix="bench-jpeg-", dir=cache_dir))
