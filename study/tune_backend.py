@@ -696,6 +696,7 @@ def build_tuner(*, study_root: str, space: Space, sampler, storage_url: str, opt
     fn = make_trainable(space, data_root, cache_dir, resources, decisions)
     if resume:
         path, fs = _experiment_path(study_root)
+        _rebase_search_state(path, fs)
         tuner = tune.Tuner.restore(path, trainable=fn, resume_unfinished=True, resume_errored=True,
                                    storage_filesystem=fs)
         callbacks = [c for c in tuner._local_tuner.get_run_config().callbacks or []
@@ -735,6 +736,30 @@ def build_tuner(*, study_root: str, space: Space, sampler, storage_url: str, opt
                                                     checkpoint_score_order="max") if pack == 1
             else tune.CheckpointConfig()),
     )
+
+
+def _rebase_search_state(path: str, fs: pafs.FileSystem) -> None:
+    """Point the trials Ray creates after a restore at the study's present location.
+
+    Ray 2.60 moves restored trials to the folder given to ``Tuner.restore``, but new trials take
+    their storage from the Experiment pickled in ``search_gen_state-*.json``: the folder the
+    study was started in. A copied study would then write its new trials into the original.
+    """
+    import ray.cloudpickle as cloudpickle
+    parent, name = path.rstrip("/").rsplit("/", 1)
+    for info in fs.get_file_info(pafs.FileSelector(path)):
+        if not (info.base_name.startswith("search_gen_state-") and info.type == pafs.FileType.File):
+            continue
+        with fs.open_input_stream(info.path) as f:
+            state = cloudpickle.loads(f.read())
+        storage = getattr(state.get("experiment"), "storage", None)
+        if storage is None or (storage.storage_fs_path == parent and storage.experiment_dir_name == name):
+            continue
+        storage.storage_filesystem, storage.storage_fs_path, storage.experiment_dir_name = fs, parent, name
+        tmp = f"{parent}/{name}/.{info.base_name}.tmp"
+        with fs.open_output_stream(tmp) as f:
+            f.write(cloudpickle.dumps(state))
+        fs.move(tmp, info.path)
 
 
 def can_resume(study_root: str) -> bool:
