@@ -1,10 +1,12 @@
 """RGB <-> YUV (BT.601, the matrices of ``skimage.color.rgb2yuv``) on whole batches.
 
 A 3x3 matrix product on the device: converting per sample on the CPU (as the
-original notebooks did) was the bottleneck. ``tests/test_color.py`` checks these
-against scikit-image.
+original notebooks did) was the bottleneck. ``tests/test_color_metrics.py`` checks
+these against scikit-image.
 """
 from __future__ import annotations
+
+from functools import lru_cache
 
 import torch
 
@@ -17,11 +19,19 @@ YUV_FROM_RGB = (
 UV_MAX = (0.43601035, 0.61497538)
 
 
-def _matrix(device, dtype, inverse=False) -> torch.Tensor:
+@lru_cache(maxsize=None)
+def _matrix(device: torch.device, dtype: torch.dtype, inverse: bool = False) -> torch.Tensor:
+    # Cached per (device, dtype): building it per call copied a CPU tensor to the GPU
+    # (a host sync) two or three times in every training step.
     m = torch.tensor(YUV_FROM_RGB, dtype=torch.float64)
     if inverse:
         m = torch.linalg.inv(m)
     return m.to(device=device, dtype=dtype)
+
+
+def _rows(x: torch.Tensor, rows: slice | None = None, inverse: bool = False) -> torch.Tensor:
+    m = _matrix(x.device, x.dtype, inverse)
+    return m if rows is None else m[rows]
 
 
 def _per_pixel(m: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -32,17 +42,17 @@ def _per_pixel(m: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 def rgb_to_yuv(rgb: torch.Tensor) -> torch.Tensor:
     """(N, 3, H, W) RGB in [0, 1] -> (N, 3, H, W) YUV."""
-    return _per_pixel(_matrix(rgb.device, rgb.dtype), rgb)
+    return _per_pixel(_rows(rgb), rgb)
 
 
 def yuv_to_rgb(yuv: torch.Tensor) -> torch.Tensor:
     """(N, 3, H, W) YUV -> RGB (not clamped)."""
-    return _per_pixel(_matrix(yuv.device, yuv.dtype, inverse=True), yuv)
+    return _per_pixel(_rows(yuv, inverse=True), yuv)
 
 
 def rgb_to_y(rgb: torch.Tensor) -> torch.Tensor:
     """Luma only, (N, 1, H, W): the model's input."""
-    return _per_pixel(_matrix(rgb.device, rgb.dtype)[:1], rgb)
+    return _per_pixel(_rows(rgb, slice(0, 1)), rgb)
 
 
 def prediction_to_rgb(pred: torch.Tensor, y: torch.Tensor, output: str) -> torch.Tensor:
@@ -54,4 +64,4 @@ def prediction_to_rgb(pred: torch.Tensor, y: torch.Tensor, output: str) -> torch
 
 def target_for(rgb: torch.Tensor, output: str) -> torch.Tensor:
     """What a model with this output space is trained to predict."""
-    return rgb if output == "rgb" else _per_pixel(_matrix(rgb.device, rgb.dtype)[1:], rgb)
+    return rgb if output == "rgb" else _per_pixel(_rows(rgb, slice(1, 3)), rgb)

@@ -304,11 +304,20 @@ class DeviceImages:
 
 
 def _augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Per-image horizontal flips and a per-batch random translation (reflect-padded crop)."""
-    n, _, h, w = x.shape
-    flip = torch.rand(n, 1, 1, 1, device=x.device, generator=generator) < 0.5
+    """Per-image horizontal flips and per-image random translations (reflect-padded crops).
+
+    Offsets are drawn and applied on the device (one gather): reading them back
+    with ``.tolist()`` was a host sync in every training step.
+    """
+    n, c, h, w = x.shape
+    dev = x.device
+    flip = torch.rand(n, 1, 1, 1, device=dev, generator=generator) < 0.5
     x = torch.where(flip, x.flip(3), x)
     pad = max(h // 8, 1)
-    dy, dx = torch.randint(0, 2 * pad + 1, (2,), device=x.device, generator=generator).tolist()
-    x = torch.nn.functional.pad(x, (pad, pad, pad, pad), mode="reflect")
-    return x[:, :, dy:dy + h, dx:dx + w].contiguous(memory_format=torch.channels_last)
+    padded = torch.nn.functional.pad(x, (pad, pad, pad, pad), mode="reflect")
+    offsets = torch.randint(0, 2 * pad + 1, (2, n, 1), device=dev, generator=generator)
+    rows = (offsets[0] + torch.arange(h, device=dev))[:, None, :, None]  # (n, 1, h, 1)
+    cols = (offsets[1] + torch.arange(w, device=dev))[:, None, None, :]  # (n, 1, 1, w)
+    out = padded[torch.arange(n, device=dev)[:, None, None, None], torch.arange(c, device=dev)[None, :, None, None],
+                 rows, cols]
+    return out.contiguous(memory_format=torch.channels_last)

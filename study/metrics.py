@@ -2,12 +2,14 @@
 
 PSNR and SSIM follow scikit-image's definitions (``peak_signal_noise_ratio``,
 ``structural_similarity`` with ``gaussian_weights=True, sigma=1.5,
-use_sample_covariance=False, data_range=1``); ``tests/test_metrics.py`` checks
+use_sample_covariance=False, data_range=1``); ``tests/test_color_metrics.py`` checks
 them against scikit-image. They are reimplemented here only so that evaluation
 stays on the GPU instead of copying every image to NumPy.
 Colourfulness is Hasler & Suesstrunk (2003), M = sigma_rgyb + 0.3 * mu_rgyb.
 """
 from __future__ import annotations
+
+from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
@@ -19,11 +21,13 @@ def psnr(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return 10 * torch.log10(1.0 / mse.clamp_min(1e-12))
 
 
-def _gaussian_window(size: int, sigma: float, device, dtype) -> torch.Tensor:
-    x = torch.arange(size, device=device, dtype=dtype) - (size - 1) / 2
+@lru_cache(maxsize=None)
+def _gaussian_kernels(size: int, sigma: float, channels: int, device: torch.device, dtype: torch.dtype):
+    # Built once per (device, dtype): evaluation runs SSIM on every batch of every epoch.
+    x = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
     g = torch.exp(-(x ** 2) / (2 * sigma ** 2))
-    g = g / g.sum()
-    return g
+    g = (g / g.sum()).to(device=device, dtype=dtype)
+    return g.view(1, 1, size, 1).repeat(channels, 1, 1, 1), g.view(1, 1, 1, size).repeat(channels, 1, 1, 1)
 
 
 def ssim(pred: torch.Tensor, target: torch.Tensor, sigma: float = 1.5) -> torch.Tensor:
@@ -36,9 +40,7 @@ def ssim(pred: torch.Tensor, target: torch.Tensor, sigma: float = 1.5) -> torch.
     size = 2 * radius + 1
     if min(h, w) < size:
         raise ValueError(f"SSIM needs images of at least {size}x{size}, got {h}x{w}")
-    g = _gaussian_window(size, sigma, pred.device, pred.dtype)
-    kh = g.view(1, 1, size, 1).repeat(c, 1, 1, 1)
-    kw = g.view(1, 1, 1, size).repeat(c, 1, 1, 1)
+    kh, kw = _gaussian_kernels(size, float(sigma), c, pred.device, pred.dtype)
 
     def blur(x):
         return F.conv2d(F.conv2d(x, kh, groups=c), kw, groups=c)

@@ -46,6 +46,11 @@ class UNetConfig:
     output: str = "uv"
     base_filters: int = 32
     dropout: float = 0.0
+    max_filters: int = 512  # a cap on width: levels double their channels up to this
+
+    @property
+    def widths(self) -> list[int]:
+        return [min(self.base_filters * 2 ** i, self.max_filters) for i in range(self.depth + 1)]
 
     def validate(self, resolution: int | None = None) -> "UNetConfig":
         if self.sampling not in SAMPLINGS:
@@ -56,6 +61,8 @@ class UNetConfig:
             raise ConfigError(f"depth={self.depth!r} must be an integer >= 1")
         if not isinstance(self.base_filters, int) or self.base_filters < 1:
             raise ConfigError(f"base_filters={self.base_filters!r} must be an integer >= 1")
+        if not isinstance(self.max_filters, int) or self.max_filters < 1:
+            raise ConfigError(f"max_filters={self.max_filters!r} must be an integer >= 1")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"dropout={self.dropout!r} must be in [0, 1)")
         if resolution is not None:
@@ -117,14 +124,14 @@ def _up(kind: str, cin: int, cout: int) -> tuple[nn.Module, int]:
 
 
 class UNet(nn.Module):
-    """Grayscale (Y) in, RGB or UV out. ``depth`` down/up steps, filters double per level."""
+    """Grayscale (Y) in, RGB or UV out. ``depth`` down/up steps, filters double per level up to ``max_filters``."""
 
     def __init__(self, config: UNetConfig):
         super().__init__()
         config.validate()
         self.config = config
         s = SAMPLINGS[config.sampling]
-        widths = [config.base_filters * 2 ** i for i in range(config.depth + 1)]
+        widths = config.widths
         self.stem = DoubleConv(1, widths[0], s.act, 0.0)
         self.downs = nn.ModuleList(_down(s.down, widths[i], s.act) for i in range(config.depth))
         self.encoders = nn.ModuleList(
@@ -155,7 +162,7 @@ class UNet(nn.Module):
 
 def build_unet(config: UNetConfig | dict, resolution: int | None = None) -> UNet:
     if isinstance(config, dict):
-        config = UNetConfig(**config)
+        config = UNetConfig(**config)  # a dict without max_filters (older checkpoints) gets the default
     return UNet(config.validate(resolution))
 
 

@@ -43,21 +43,24 @@ def test_cifar10_slice_one_epoch_loss_falls(shared_data, cache_dir):
 
 
 def test_checkpoint_resume_continues_exactly(tmp_path, cache_dir):
+    # dropout: the global generators are part of what a checkpoint restores.
     cfg = TrialConfig(dataset="samples", epochs=2, train_limit=128, eval_limit=32, base_filters=8,
-                      schedule="cosine", augment=True)
+                      schedule="cosine", augment=True, dropout=0.1)
     kept = {}
 
     def report(row, folder):
+        assert folder is not None  # epoch 1 is the best so far, epoch 2 the last: both write one
         assert {p.name for p in folder.iterdir()} >= {"checkpoint.pt", "prediction_00000.png"}
+        assert not any(p.name.startswith(("original_", "grayscale_")) for p in folder.iterdir())
         kept[row["epoch"]] = load_checkpoint(folder)
         torch.save(kept[row["epoch"]], tmp_path / f"e{row['epoch']}.pt")
 
-    straight = run_trial(cfg, cache_dir=cache_dir, device="cpu", report=report, **QUIET)
+    straight = run_trial(cfg, cache_dir=cache_dir, device="cpu", report=report, work_dir=tmp_path, **QUIET)
     assert kept[1]["epoch"] == 1 and kept[1]["config"] == cfg.to_dict()
     resume_dir = tmp_path / "resume"
     resume_dir.mkdir()
     (tmp_path / "e1.pt").rename(resume_dir / "checkpoint.pt")
-    resumed = run_trial(cfg, cache_dir=cache_dir, device="cpu", resume_from=resume_dir, **QUIET)
+    resumed = run_trial(cfg, cache_dir=cache_dir, device="cpu", resume_from=resume_dir, work_dir=tmp_path, **QUIET)
     assert [r["epoch"] for r in resumed] == [1, 2]
     assert resumed[1]["train_loss"] == pytest.approx(straight[1]["train_loss"], rel=1e-5)
     assert resumed[1]["val_psnr"] == pytest.approx(straight[1]["val_psnr"], rel=1e-5)
