@@ -27,13 +27,26 @@ log() { echo "[$(date -u +%T)] $*"; }
 [ "$part" = figures ] || nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader \
   | tee "$OUT/gpu.txt"
 
-# A timed study of the report space (optionally only some of its datasets); writes $OUT/<name>.json.
-timed_report() {  # name dataset-choice max-concurrent gpus-per-trial limit-seconds
-  local name=$1 datasets=$2 conc=$3 gpus=$4 limit=$5 space=$X/$1.yaml
-  sed "s/dataset: {choice: \[cifar10, flowers102\]}/dataset: {choice: [$datasets]}/" search_spaces/report.yaml \
-    > "$space"
-  grep -q "choice: \[$datasets\]" "$space" || { log "report.yaml changed shape: cannot restrict it"; return 1; }
-  local n; n=$(( $(tr -cd , <<<"$datasets" | wc -c) * 4 + 4 ))
+# A timed study of the report space, or of its cells of some datasets; writes $OUT/<name>.json.
+timed_report() {  # name datasets(comma-separated) max-concurrent gpus-per-trial limit-seconds
+  local name=$1 datasets=$2 conc=$3 gpus=$4 limit=$5 space=$X/$1.yaml n
+  # The space file with only these datasets (a `by: dataset` case list must match the dataset choice).
+  n=$(python3 - "$datasets" "$space" <<'PY'
+import sys, yaml
+keep, out = sys.argv[1].split(","), sys.argv[2]
+space = yaml.safe_load(open("search_spaces/report.yaml"))
+params = space["params"]
+params["dataset"] = {"choice": keep}
+for k, v in list(params.items()):
+    if isinstance(v, dict) and v.get("by") == "dataset":
+        v["cases"] = {d: v["cases"][d] for d in keep}
+        if len(keep) == 1:
+            params[k] = v["cases"][keep[0]]
+space["num_samples"] = 4 * len(keep)  # sampling x output per dataset
+yaml.safe_dump(space, open(out, "w"), sort_keys=False)
+print(space["num_samples"])
+PY
+) || { log "cannot write the space file for $datasets"; return 1; }
   rm -rf "$X/studies/$name"
   log "study $name: $n cells, $conc at once, $gpus GPU each"
   local t0 t1 rc
@@ -54,7 +67,7 @@ try:
     fig["trials"] = len(df)
     fig["status"] = df["status"].value_counts().to_dict()
     cols = [c for c in ("dataset", "sampling", "output", "status", "epochs_run", "best_val_psnr", "best_test_psnr",
-                        "gray_test_psnr", "wall_s") if c in df]
+                        "test_gray_psnr", "wall_time_s", "pack_id", "pack_size") if c in df]
     fig["cells"] = df[cols].to_dict("records")
 except Exception as e:  # a study that did not finish still reports its wall time
     fig["results_error"] = str(e)
@@ -130,7 +143,7 @@ case $part in
     log "bench (Flowers-102 rows)"
     timeout 60 python3 -m study.bench --data-root "$X/data" --cache-dir "$X/cache" --steps "$((steps / 2))" \
       --parts flowers --precisions fp32,bf16 --json "$OUT/bench_flowers.json" 2>&1 | tee "$OUT/bench_flowers.txt"
-    timed_report report_all "cifar10, flowers102" 8 0.125 240
+    timed_report report_all cifar10,flowers102 8 0.125 240
     ;;
   figures) ;;
   *) echo "unknown part $part (cifar, flowers, figures)" >&2; exit 2 ;;
