@@ -18,6 +18,7 @@ import os
 import shutil
 import socket
 import tempfile
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +34,15 @@ CACHE_VERSION = 1
 SAMPLE_PHOTOS = ("astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "motorcycle_left.png",
                  "hubble_deep_field.jpg", "ihc.png", "retina.jpg")
 SAMPLE_COUNTS = {"train": 1024, "val": 256, "test": 256}
+# An image counts as grayscale when fewer than GRAY_PIXELS of its pixels have channels more than
+# GRAY_SPREAD levels apart (JPEG noise on a gray photo stays within a few levels). Real CIFAR-10 has
+# about 1.3% such photos, Flowers-102 none; a split with more than GRAY_MAX_FRACTION is refused:
+# a colorizer learns nothing from them and they inflate the grayscale baseline (42.7 dB instead of ~26).
+GRAY_SPREAD = 6
+GRAY_PIXELS = 0.01
+GRAY_MAX_FRACTION = 0.05
+GRAY_MIN_REFUSED = 5  # tiny subsets of real data (16 images, 1 gray) are not refused by chance
+ALLOW_GRAYSCALE_ENV = "COLORIZE_ALLOW_GRAYSCALE"
 LAYOUT_HELP = ("Put the images at <data root>/{name}/<split>/<class>/*.jpg (splits: train, val, test; "
                "val and test may be missing) and pass --data-root <data root> or set COLORIZE_DATA_ROOT. "
                "In this repository's workplace the data root is ../shared/data.")
@@ -40,6 +50,10 @@ LAYOUT_HELP = ("Put the images at <data root>/{name}/<split>/<class>/*.jpg (spli
 
 class DataError(RuntimeError):
     """Data that cannot be found or read; the message says what and how to fix it."""
+
+
+class DataWarning(UserWarning):
+    """Data that works but is probably not what was meant (grayscale images among colour ones)."""
 
 
 @dataclass
@@ -99,6 +113,35 @@ def decode_many(paths: list[Path], resolution: int) -> np.ndarray:
     return out
 
 
+def grayscale_indices(images: np.ndarray, chunk: int = 256) -> list[int]:
+    """Indices of the (N, H, W, 3) uint8 images that are grayscale (R = G = B, or nearly)."""
+    found = []
+    for start in range(0, len(images), chunk):
+        a = np.asarray(images[start:start + chunk])
+        coloured = (a.max(axis=3) - a.min(axis=3)) > GRAY_SPREAD  # uint8: max >= min, no overflow
+        frac = coloured.reshape(len(a), -1).mean(axis=1)
+        found.extend(int(i) + start for i in np.flatnonzero(frac < GRAY_PIXELS))
+    return found
+
+
+def check_grayscale(dataset: str, source: str, arrays: dict, gray: dict[str, list[int]],
+                    names: dict[str, list[str]] | None = None, allow: bool = False) -> None:
+    """Warn about grayscale images in a split; refuse a split with more than GRAY_MAX_FRACTION of them."""
+    allow = allow or os.environ.get(ALLOW_GRAYSCALE_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+    for split in SPLITS:
+        idx, n = gray.get(split, []), len(arrays[split])
+        if not idx or not n:
+            continue
+        some = [names[split][i] if names else f"#{i}" for i in idx[:5]]
+        what = (f"dataset {dataset!r}: {len(idx)} of {n} {split} images ({len(idx) / n:.1%}) are grayscale "
+                f"(R = G = B), e.g. {', '.join(some)}")
+        if len(idx) / n > GRAY_MAX_FRACTION and len(idx) >= GRAY_MIN_REFUSED and not allow:
+            raise DataError(f"{what}: more than {GRAY_MAX_FRACTION:.0%}, so colorization scores on it would mean "
+                            f"little (the grayscale baseline gets inflated). Remove them from {source}, or set "
+                            f"{ALLOW_GRAYSCALE_ENV}=1 to use them anyway.")
+        warnings.warn(f"{what}; they teach no colour.", DataWarning, stacklevel=3)
+
+
 # ---------------------------------------------------------------- sources
 
 
@@ -135,21 +178,34 @@ def _cache_key(parts: dict) -> str:
     return hashlib.sha1(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
-def _cached(cache_dir: Path, label: str, key_parts: dict, build) -> dict[str, np.ndarray]:
-    """Memory-mapped uint8 arrays, built once by ``build()`` and kept under ``cache_dir``."""
+GRAY_FILE = "grayscale.json"
+
+
+def _cached(cache_dir: Path, label: str, key_parts: dict, build) -> tuple[dict[str, np.ndarray], dict]:
+    """Memory-mapped uint8 arrays, built once by ``build()`` and kept under ``cache_dir``, and the
+    indices of their grayscale images per split (found once, when decoding)."""
     folder = cache_dir / "data" / f"{label}-{_cache_key({**key_parts, 'v': CACHE_VERSION})}"
     if not all((folder / f"{s}.npy").exists() for s in SPLITS):
         arrays = build()
         folder.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=".tmp-"))
-        for s in SPLITS:
-            np.save(tmp / f"{s}.npy", arrays[s])
-        (tmp / "source.json").write_text(json.dumps(key_parts, indent=2, default=str))
         try:
+            for s in SPLITS:
+                np.save(tmp / f"{s}.npy", arrays[s])
+            (tmp / GRAY_FILE).write_text(json.dumps({s: grayscale_indices(arrays[s]) for s in SPLITS}))
+            (tmp / "source.json").write_text(json.dumps(key_parts, indent=2, default=str))
             tmp.rename(folder)
-        except OSError:  # another process finished first: theirs is identical
+        except OSError as e:  # another process finished first (theirs is identical), or the disk is full
             shutil.rmtree(tmp, ignore_errors=True)
-    return {s: np.load(folder / f"{s}.npy", mmap_mode="r") for s in SPLITS}
+            if not folder.is_dir():
+                raise DataError(f"cannot write the decoded-image cache {folder}: {e}. Free some space there or "
+                                f"point --cache-dir (or COLORIZE_CACHE_DIR) at a writable folder.") from e
+    arrays = {s: np.load(folder / f"{s}.npy", mmap_mode="r") for s in SPLITS}
+    try:
+        gray = json.loads((folder / GRAY_FILE).read_text())
+    except (OSError, ValueError):  # a cache from before the grayscale count
+        gray = {s: grayscale_indices(arrays[s]) for s in SPLITS}
+    return arrays, gray
 
 
 def _from_folder(root: Path, resolution: int, limits: dict, seed: int, cache_dir: Path, label: str):
@@ -159,7 +215,9 @@ def _from_folder(root: Path, resolution: int, limits: dict, seed: int, cache_dir
            "files": {s: [len(files[s]), sum(p.stat().st_size for p in files[s]),
                          hashlib.sha1("\n".join(str(p.relative_to(root)) for p in files[s]).encode()).hexdigest()]
                      for s in SPLITS}}
-    return _cached(cache_dir, label, key, lambda: {s: decode_many(files[s], resolution) for s in SPLITS})
+    arrays, gray = _cached(cache_dir, label, key, lambda: {s: decode_many(files[s], resolution) for s in SPLITS})
+    names = {s: [str(p.relative_to(root)) for p in files[s]] for s in SPLITS}
+    return arrays, gray, names
 
 
 def _samples(resolution: int, limits: dict, seed: int, cache_dir: Path):
@@ -189,7 +247,7 @@ def _samples(resolution: int, limits: dict, seed: int, cache_dir: Path):
 
     key = {"source": "skimage-samples", "photos": SAMPLE_PHOTOS, "resolution": resolution,
            "limits": limits, "seed": seed}
-    return _cached(cache_dir, "samples", key, build)
+    return _cached(cache_dir, "samples", key, build)[0]
 
 
 def _torchvision(name: str, resolution: int, limits: dict, seed: int, cache_dir: Path):
@@ -227,36 +285,44 @@ def _torchvision(name: str, resolution: int, limits: dict, seed: int, cache_dir:
         socket.setdefaulttimeout(old_timeout)
     if files is not None:
         files = {s: _subset(files[s], limits[s], seed) for s in SPLITS}
-        return _cached(cache_dir, name, {"source": "torchvision", "resolution": resolution, "limits": limits},
-                       lambda: {s: decode_many(files[s], resolution) for s in SPLITS})
-    return {s: arrays[s][np.sort(np.random.default_rng(seed + 1).permutation(len(arrays[s]))[:limits[s]])]
-            if limits[s] and limits[s] < len(arrays[s]) else arrays[s] for s in SPLITS}
+        arrays, gray = _cached(cache_dir, name, {"source": "torchvision", "resolution": resolution, "limits": limits},
+                               lambda: {s: decode_many(files[s], resolution) for s in SPLITS})
+        return arrays, gray, {s: [Path(p).name for p in files[s]] for s in SPLITS}
+    arrays = {s: arrays[s][np.sort(np.random.default_rng(seed + 1).permutation(len(arrays[s]))[:limits[s]])]
+              if limits[s] and limits[s] < len(arrays[s]) else arrays[s] for s in SPLITS}
+    return arrays, {s: grayscale_indices(arrays[s]) for s in SPLITS}, None
 
 
 def load_splits(dataset: str, resolution: int, data_root: str | None = None, cache_dir: Path | str | None = None,
-                train_limit: int = 0, eval_limit: int = 0, seed: int = 0) -> Splits:
-    """Decoded uint8 splits of ``dataset`` at ``resolution`` (decoded once, then cached)."""
+                train_limit: int = 0, eval_limit: int = 0, seed: int = 0, allow_grayscale: bool = False) -> Splits:
+    """Decoded uint8 splits of ``dataset`` at ``resolution`` (decoded once, then cached).
+
+    Grayscale images in a split are counted and warned about (DataWarning); a split with more than
+    GRAY_MAX_FRACTION of them is refused unless ``allow_grayscale`` or $COLORIZE_ALLOW_GRAYSCALE=1.
+    """
     cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
     data_root = data_root or default_data_root()
     limits = {"train": train_limit, "val": eval_limit, "test": eval_limit}
+    gray, names = {}, None  # the bundled sample photos are known to be colour
     if dataset == "samples":
         arrays, source = _samples(resolution, limits, seed, cache_dir), "scikit-image sample photos"
     elif dataset not in KNOWN and (os.sep in dataset or Path(dataset).is_dir()):
         root = Path(dataset)
-        arrays, source = _from_folder(root, resolution, limits, seed, cache_dir, root.name), str(root)
+        (arrays, gray, names), source = _from_folder(root, resolution, limits, seed, cache_dir, root.name), str(root)
     elif data_root:
         root = Path(data_root) / dataset
         if not root.is_dir():
             raise DataError(f"dataset {dataset!r}: {root} does not exist under the data root {data_root}. "
                             + LAYOUT_HELP.format(name=dataset))
-        arrays, source = _from_folder(root, resolution, limits, seed, cache_dir, dataset), str(root)
+        (arrays, gray, names), source = _from_folder(root, resolution, limits, seed, cache_dir, dataset), str(root)
     elif dataset in KNOWN:
-        arrays, source = _torchvision(dataset, resolution, limits, seed, cache_dir), "torchvision"
+        (arrays, gray, names), source = _torchvision(dataset, resolution, limits, seed, cache_dir), "torchvision"
     else:
         raise DataError(f"dataset {dataset!r} is neither one of {list(KNOWN)} nor an existing image folder")
     for s in SPLITS:
         if len(arrays[s]) == 0:
             raise DataError(f"dataset {dataset!r} has no images in its {s} split ({source})")
+    check_grayscale(dataset, source, arrays, gray, names, allow_grayscale)
     return Splits(dataset, resolution, source, arrays["train"], arrays["val"], arrays["test"])
 
 

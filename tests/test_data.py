@@ -95,3 +95,49 @@ def test_device_batches():
     aug = next(dev.train_batches(4, g, augment=True))
     assert aug.shape == (4, 3, 8, 8)
     assert preview_indices(100, 4) == [0, 33, 66, 99]
+
+
+def _mixed_folder(root, gray: int, colour: int, val_gray: int = 0):
+    """Real JPEGs: colour photos crops plus some saved grayscale (as L, and as RGB with R=G=B)."""
+    import skimage.data
+    photo = skimage.data.astronaut()
+    for split, n_gray, n_colour in (("train", gray, colour), ("val", val_gray, 10), ("test", 0, 10)):
+        d = root / split / "things"
+        d.mkdir(parents=True)
+        for i in range(n_colour + n_gray):
+            crop = photo[i * 7 % 400:][:64, i * 11 % 400:][:, :64]
+            name = f"{'gray' if i < n_gray else 'colour'}_{i:03d}.jpg"
+            if i < n_gray:
+                g = Image.fromarray(crop).convert("L")
+                (g if i % 2 else g.convert("RGB")).save(d / name, quality=90)
+            else:
+                Image.fromarray(crop).save(d / name, quality=90)
+    return root
+
+
+def test_grayscale_images_are_counted_named_and_refused_over_five_percent(tmp_path, monkeypatch):
+    monkeypatch.delenv(data.ALLOW_GRAYSCALE_ENV, raising=False)
+    few = _mixed_folder(tmp_path / "few", gray=1, colour=39)  # 2.5%: a warning that names the file
+    with pytest.warns(data.DataWarning, match=r"1 of 40 train images \(2\.5%\) are grayscale.*gray_000\.jpg"):
+        s = load_splits(str(few), 32, cache_dir=tmp_path / "cache")
+    assert len(s.train) == 40
+    with pytest.warns(data.DataWarning, match="1 of 40 train"):  # from the cache: the count was kept
+        load_splits(str(few), 32, cache_dir=tmp_path / "cache")
+
+    many = _mixed_folder(tmp_path / "many", gray=6, colour=24, val_gray=1)  # 20% of train
+    with pytest.raises(DataError, match=r"6 of 30 train images \(20\.0%\) are grayscale.*gray_00\d\.jpg.*"
+                                        r"COLORIZE_ALLOW_GRAYSCALE=1"):
+        load_splits(str(many), 32, cache_dir=tmp_path / "cache")
+    with pytest.warns(data.DataWarning, match="6 of 30 train"):
+        assert len(load_splits(str(many), 32, cache_dir=tmp_path / "cache", allow_grayscale=True).train) == 30
+    monkeypatch.setenv(data.ALLOW_GRAYSCALE_ENV, "1")
+    with pytest.warns(data.DataWarning, match=r"1 of 11 val images"):
+        load_splits(str(many), 32, cache_dir=tmp_path / "cache")
+
+
+def test_colour_data_has_no_grayscale_warning(tmp_path):
+    import warnings
+    root = _mixed_folder(tmp_path / "colour", gray=0, colour=12)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", data.DataWarning)
+        load_splits(str(root), 32, cache_dir=tmp_path / "cache")
