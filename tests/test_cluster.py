@@ -13,6 +13,8 @@ Ray starts). Nothing here talks to a non-loopback address.
 """
 from __future__ import annotations
 
+import copy
+import gzip
 import importlib.util
 import json
 import os
@@ -139,14 +141,69 @@ def test_config_commands_exist_in_this_project():
 
 def test_launcher_commands_are_valid_shell():
     aws = _docs(CLUSTER / "aws.yaml")[0]
-    for key in ("setup_commands", "head_start_ray_commands", "worker_start_ray_commands"):
+    for key in ("setup_commands", "worker_setup_commands", "head_start_ray_commands", "worker_start_ray_commands"):
         for cmd in aws[key]:
             r = subprocess.run(["bash", "-n", "-c", cmd], capture_output=True, text=True)
             assert r.returncode == 0, (key, cmd, r.stderr)
     start = " ".join(aws["head_start_ray_commands"] + aws["worker_start_ray_commands"])
-    assert start.count("RAY_AUTH_MODE=token") == 2 and start.count("RAY_AUTH_TOKEN=") == 2
-    assert "pip install -q -e ~/colorize" in aws["setup_commands"]
+    assert start.count("RAY_AUTH_MODE=token") == 2
     assert any("torch==2.14.1" in c and "torchvision==0.29.1" in c for c in aws["setup_commands"])
+    assert any(re.search(r"pip install -q -e \S*colorize\[postgres\]", c) for c in aws["setup_commands"])
+
+
+def test_launcher_token_follows_rays_vm_guidance(tmp_path):
+    """Mode in the shell profile, token in ~/.ray/auth_token with mode 600, never in a command line.
+
+    The setup commands run here for real with HOME in a temporary folder and `boto3` replaced by
+    a stand-in module that returns a token, so the profile and the file they leave are checked.
+    """
+    aws = _docs(CLUSTER / "aws.yaml")[0]
+    start = " ".join(aws["head_start_ray_commands"] + aws["worker_start_ray_commands"])
+    assert "RAY_AUTH_TOKEN" not in start  # the token is in no process's environment or arguments
+    token_cmds = [c for c in aws["setup_commands"] if "auth_token" in c or ".bashrc" in c]
+    assert len(token_cmds) == 2
+    fake = tmp_path / "fake"
+    fake.mkdir()
+    (fake / "boto3.py").write_text(
+        "class _C:\n    def get_parameter(self, Name, WithDecryption):\n"
+        "        assert Name == '/colorize/ray-auth-token' and WithDecryption\n"
+        "        return {'Parameter': {'Value': 'tok' * 8}}\n"
+        "def client(name, region_name=None):\n    return _C()\n")
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {**os.environ, "HOME": str(home), "PYTHONPATH": str(fake), "PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin"}
+    for _ in range(2):  # a second `ray up` re-runs the setup: nothing doubles
+        for cmd in token_cmds:
+            r = subprocess.run(["bash", "-c", cmd], env=env, capture_output=True, text=True)
+            assert r.returncode == 0, (cmd, r.stderr)
+    assert (home / ".bashrc").read_text().splitlines() == ["export RAY_AUTH_MODE=token"]
+    token = home / ".ray" / "auth_token"
+    assert token.read_text().strip() == "tok" * 8
+    assert token.stat().st_mode & 0o777 == 0o600 and (home / ".ray").stat().st_mode & 0o077 == 0
+
+
+def test_launcher_mounts_only_the_sources():
+    aws = _docs(CLUSTER / "aws.yaml")[0]
+    mounts = aws["file_mounts"]
+    assert "." not in mounts.values() and "./" not in mounts.values()
+    for remote, local in mounts.items():
+        assert (ROOT / local).exists(), local
+        assert not any(part in (".venv", "studies", ".cache", ".git") for part in Path(local).parts), local
+    # what `pip install -e` needs (pyproject names README.md as the readme) and what runs
+    assert {Path(v).name for v in mounts.values()} >= {"pyproject.toml", "README.md", "study", "analysis",
+                                                       "search_spaces"}
+
+
+def test_images_ship_cuda_once():
+    """Ray's CPU images (no CUDA of their own) under torch's CUDA 13 wheels, and GPUs handed to the workers."""
+    aws = _docs(CLUSTER / "aws.yaml")[0]
+    images = [v for k, v in aws["docker"].items() if k.endswith("image")]
+    assert images and all(i.endswith("-cpu") for i in images), images
+    assert "--gpus all" in aws["docker"]["worker_run_options"]
+    froms = re.findall(r"^FROM\s+(\S+)", (CLUSTER / "Dockerfile").read_text(), re.M)
+    assert froms and all(f.endswith("-cpu") for f in froms), froms
+    for path in (CLUSTER / "aws.yaml", CLUSTER / "README.md", CLUSTER / "Dockerfile"):
+        assert re.search(r"driver\D{0,20}>= ?580", path.read_text()), f"{path.name}: the NVIDIA driver needed"
 
 
 def _dashboard_hosts(path: Path) -> list[str]:
@@ -234,6 +291,192 @@ def test_configs_hold_no_credentials():
     # Token values come from the environment or the platform's secret store, never from the YAML.
     raycluster = (CLUSTER / "kuberay" / "raycluster.yaml").read_text()
     assert "secretKeyRef" in raycluster or "authOptions" in raycluster
+
+
+# ====================================================================== KubeRay CRD schemas (fast)
+
+CRD_SCHEMAS = ROOT / "tests" / "data" / "kuberay"
+KUBERAY = "v1.5.1"   # the oldest KubeRay the manifests support (authOptions); see tests/data/kuberay/README.md
+
+
+def _structural(schema):
+    """A CRD's OpenAPI schema as JSON Schema that rejects unknown fields, as the API server prunes them.
+
+    Kubernetes silently drops a field a structural schema does not name, so a typo ("rayStartParam",
+    "resource") would be lost without an error; here it is an error. Objects that preserve unknown
+    fields, or that list no properties (free-form maps), stay open.
+    """
+    if isinstance(schema, list):
+        return [_structural(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: ({n: _structural(v) for n, v in val.items()} if k == "properties" else _structural(val))
+           for k, val in schema.items()}
+    if ("properties" in out and "additionalProperties" not in out
+            and not out.get("x-kubernetes-preserve-unknown-fields")):
+        out["additionalProperties"] = False
+    return out
+
+
+def _crd_validator(kind: str):
+    import jsonschema
+
+    plural = {"RayCluster": "rayclusters", "RayJob": "rayjobs"}[kind]
+    raw = json.loads(gzip.decompress((CRD_SCHEMAS / f"{plural}-{KUBERAY}.schema.json.gz").read_bytes()))
+    return jsonschema.Draft7Validator(_structural(raw))
+
+
+def _crd_errors(doc: dict) -> list[str]:
+    return [f"{'.'.join(map(str, e.absolute_path))}: {e.message}"
+            for e in _crd_validator(doc["kind"]).iter_errors(doc)]
+
+
+def _ray_resources(path: Path) -> list[dict]:
+    return [d for d in _docs(path) if d.get("apiVersion") == "ray.io/v1"]
+
+
+def test_manifests_match_the_kuberay_crd_schemas():
+    """Every RayCluster/RayJob here validates against KubeRay's own CRD schema, unknown fields rejected."""
+    checked = set()
+    for path in CONFIGS[1:]:
+        for doc in _ray_resources(path):
+            assert _crd_errors(doc) == [], f"{path.name}: {doc['kind']}"
+            checked.add(doc["kind"])
+    assert checked == {"RayCluster", "RayJob"}
+
+
+@pytest.mark.parametrize("typo", [
+    ("rayStartParams", "rayStartParam"),          # a misspelt field
+    ("resources", "resource"),                     # inside the pod template
+    ("authOptions", "authOption"),
+    ("serviceType", "servicetype"),
+])
+def test_a_typo_in_a_manifest_fails_the_schema_check(typo):
+    right, wrong = typo
+    for path in CONFIGS[1:]:
+        for doc in _ray_resources(path):
+            text = json.dumps(doc)
+            assert f'"{right}"' in text, (path.name, right)
+            bad = json.loads(text.replace(f'"{right}"', f'"{wrong}"', 1))
+            errors = _crd_errors(bad)
+            assert any(wrong in e for e in errors), (path.name, wrong, errors)
+
+
+def test_crd_schema_checks_values_too():
+    doc = copy.deepcopy(_ray_resources(CLUSTER / "kuberay" / "raycluster.yaml")[0])
+    doc["spec"]["authOptions"]["mode"] = "tokens"                      # not one of the enum's values
+    doc["spec"]["workerGroupSpecs"][0]["replicas"] = "1"               # a string where an integer goes
+    errors = _crd_errors(doc)
+    assert any("authOptions.mode" in e for e in errors) and any("replicas" in e for e in errors), errors
+
+
+# ====================================================================== KubeRay pods (fast)
+
+# What a node type offers pods (EKS: capacity less kube-reserved and the eviction threshold), less
+# a margin for the DaemonSets (CNI, kube-proxy, NVIDIA device plugin, log agent). The guide names it.
+GIB = 2**30
+NODE_ALLOCATABLE = {"g5.2xlarge": {"cpu": 7.9 - 0.4, "memory": 29.5 * GIB - 1 * GIB, "nvidia.com/gpu": 1}}
+
+
+def _quantity(v) -> float:
+    v = str(v)
+    for suffix, f in (("Ki", 2**10), ("Mi", 2**20), ("Gi", 2**30), ("Ti", 2**40), ("m", 1e-3)):
+        if v.endswith(suffix):
+            return float(v[: -len(suffix)]) * f
+    return float(v)
+
+
+def _pod_groups(doc: dict):
+    """(name, pod template spec, rayStartParams) of the head and every worker group of a RayCluster/RayJob."""
+    spec = doc["spec"].get("rayClusterSpec", doc["spec"])
+    yield "head", spec["headGroupSpec"]["template"]["spec"], spec["headGroupSpec"].get("rayStartParams") or {}
+    for g in spec["workerGroupSpecs"]:
+        yield g["groupName"], g["template"]["spec"], g.get("rayStartParams") or {}
+
+
+def _pod_templates(doc: dict):
+    spec = doc["spec"].get("rayClusterSpec", doc["spec"])
+    return [spec["headGroupSpec"]["template"]] + [g["template"] for g in spec["workerGroupSpecs"]]
+
+
+def test_worker_pods_fit_the_node_type_they_name():
+    for path in CONFIGS[1:]:
+        for doc in _ray_resources(path):
+            groups = [(n, pod) for n, pod, _ in _pod_groups(doc) if n != "head"]
+            assert groups
+            for name, pod in groups:
+                node = pod.get("nodeSelector", {}).get("node.kubernetes.io/instance-type")
+                assert node in NODE_ALLOCATABLE, f"{path.name}/{name}: name a node type the sizes were made for"
+                requests = {}
+                for c in pod["containers"]:
+                    for k, v in c["resources"]["requests"].items():
+                        requests[k] = requests.get(k, 0) + _quantity(v)
+                    limits = c["resources"].get("limits", {})
+                    assert limits.get("memory") == c["resources"]["requests"]["memory"], "memory limit = request"
+                for k, have in NODE_ALLOCATABLE[node].items():
+                    assert 0 < requests.get(k, 0) <= have, f"{path.name}/{name}: {k} {requests.get(k)} > {have}"
+                assert node in (CLUSTER / "README.md").read_text()
+
+
+def test_head_and_workers_have_separate_service_accounts():
+    """KubeRay binds the autoscaler's Role to the head's account; trial code (workers) gets none of it."""
+    for path in CONFIGS[1:]:
+        docs = _docs(path)
+        accounts = {d["metadata"]["name"]: d for d in docs if d["kind"] == "ServiceAccount"}
+        assert not [d for d in docs if d["kind"] in ("Role", "RoleBinding", "ClusterRole", "ClusterRoleBinding")]
+        for doc in _ray_resources(path):
+            used = {n: pod.get("serviceAccountName") for n, pod, _ in _pod_groups(doc)}
+            head = used.pop("head")
+            assert head in accounts and used and all(a in accounts for a in used.values()), (path.name, used)
+            assert head not in used.values(), f"{path.name}: workers share the head's account"
+            for name, pod, _ in _pod_groups(doc):
+                if name != "head":  # no Kubernetes API token where trial code runs
+                    assert pod.get("automountServiceAccountToken") is False
+                    assert accounts[pod["serviceAccountName"]].get("automountServiceAccountToken") is False
+
+
+def test_manifests_are_independent():
+    """Applying or deleting one manifest never touches an object of the other."""
+    def objects(path):
+        return {(d["kind"], d["metadata"]["name"]) for d in _docs(path)}
+
+    def labels(path):
+        return {pod.get("metadata", {}).get("labels", {}).get("app.kubernetes.io/name")
+                for d in _ray_resources(path) for pod in _pod_templates(d)}
+
+    a, b = CLUSTER / "kuberay" / "raycluster.yaml", CLUSTER / "kuberay" / "rayjob.yaml"
+    assert not objects(a) & objects(b), objects(a) & objects(b)
+    assert not labels(a) & labels(b)   # neither NetworkPolicy selects the other's pods
+
+
+def test_pods_have_a_memory_backed_dev_shm():
+    for path in CONFIGS[1:]:
+        for doc in _ray_resources(path):
+            for name, pod, _ in _pod_groups(doc):
+                volumes = {v["name"]: v for v in pod.get("volumes", [])}
+                for c in pod["containers"]:
+                    mount = [m for m in c.get("volumeMounts", []) if m["mountPath"] == "/dev/shm"]
+                    assert mount, f"{path.name}/{name}: /dev/shm"
+                    vol = volumes[mount[0]["name"]]["emptyDir"]
+                    assert vol["medium"] == "Memory"
+                    # room for Ray's object store (30% of the memory limit), within the limit itself
+                    memory = _quantity(c["resources"]["limits"]["memory"])
+                    assert 0.3 * memory < _quantity(vol["sizeLimit"]) < memory, (path.name, name)
+
+
+def test_kuberay_older_than_1_5_1_is_not_offered():
+    """authOptions needs KubeRay >= 1.5.1; the manual fallback missed the autoscaler, so there is none."""
+    for path in CONFIGS[1:] + [CLUSTER / "README.md"]:
+        text = path.read_text()
+        assert ">= 1.5.1" in text, path.name
+        # no recipe for a hand-made token Secret (the old fallback, which missed the autoscaler)
+        assert "create secret generic" not in text and "replace `authOptions`" not in text, path.name
+        if path.suffix == ".yaml":  # the token only through authOptions, never set by hand
+            assert "secretKeyRef" not in text and "RAY_AUTH_TOKEN\n" not in text, path.name
+    for path in CONFIGS[1:]:
+        for doc in _ray_resources(path):
+            spec = doc["spec"].get("rayClusterSpec", doc["spec"])
+            assert spec["authOptions"]["mode"] == "token"
 
 
 # ====================================================================== study.submit (fast)
