@@ -11,6 +11,9 @@ import os
 import sys
 from pathlib import Path
 
+from study import cli
+from study.cli import UsageError
+
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m analysis", description=__doc__,
@@ -21,16 +24,15 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
+def _main(argv: list[str]) -> int:
     args = parser().parse_args(argv)
+    blocker = next((p for p in (args.out, *args.out.parents) if p.exists() and not p.is_dir()), None)
+    if blocker is not None:   # checked before the study is read, so nothing is written
+        raise UsageError(f"--out {args.out}: {blocker} is a file, not a folder; give a folder for the report")
     # Headless by default: the figures are only ever written to files.
     os.environ.setdefault("MPLBACKEND", "Agg")
-    from analysis.load import NotAStudyError, load_study
-    try:
-        study = load_study(args.study)
-    except NotAStudyError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    from analysis.load import load_study
+    study = load_study(args.study)   # NotAStudyError: exit 2 through cli.run
     from analysis.build import write_report   # matplotlib and seaborn: only once there is a study
     result = write_report(study, args.out, warn=lambda message: print(f"warning: {message}", file=sys.stderr))
     figures = sum(f.endswith(".png") for f in result.files)
@@ -38,6 +40,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"wrote {args.out / 'report.md'} and report.html: {figures} figures, {tables} tables, "
           f"{len(result.warnings)} warning(s)")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return cli.run(_main, argv)
 
 
 if __name__ == "__main__":

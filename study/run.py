@@ -28,9 +28,8 @@ from pathlib import Path
 
 from study import cli
 from study.cli import UsageError
-from study.config import DEFAULT_RESOLUTION
-from study.results import read_json, read_table, resolve, write_json
-from study.space import load_space
+# torch (via the space and config), pandas and Ray are imported where needed: a bad option is
+# reported without loading any of them.
 
 SQLITE = "sqlite:///"
 DEFAULT_SQLITE = f"{SQLITE}optuna.db"   # study.json's spelling of "optuna.db in this study's folder"
@@ -130,6 +129,8 @@ def check_storage(storage: str, root: str) -> None:
 
 def check_pickles(root: str) -> None:
     """Ray unpickles its state on --resume: refuse files others could have written (as ssh does with keys)."""
+    from study.results import resolve
+
     fs, path = resolve(root)
     if "://" in root:
         return   # object stores have no owner/mode bits: trust rests on the bucket's policy
@@ -183,6 +184,37 @@ def without_password(url: str) -> str:
     return _url(url)._replace(password=None).render_as_string(hide_password=False)
 
 
+def check_optuna_url(url: str) -> None:
+    """Reach a given Optuna database before Ray starts (SQLite: only its folder, so nothing is created)."""
+    parsed = _url(url)
+    if parsed.drivername.startswith("sqlite"):
+        db = parsed.database or ""
+        folder = Path(db).resolve().parent if db and db != ":memory:" else None
+        if folder is None or not folder.is_dir():
+            raise UsageError(f"--optuna-storage {url}: the folder of the SQLite file does not exist; give "
+                             f"sqlite:////absolute/path/optuna.db in an existing folder (or leave it out)")
+        return
+    from sqlalchemy import create_engine
+    from sqlalchemy.exc import SQLAlchemyError
+
+    shown = masked(url)
+    secret = parsed.password or "\0"
+    try:
+        engine = create_engine(url)
+    except ImportError as e:
+        raise UsageError(f"--optuna-storage {shown}: its database driver is not installed ({e}); install it "
+                         f"(e.g. pip install psycopg2-binary for postgresql://)") from None
+    try:
+        with engine.connect():
+            pass
+    except SQLAlchemyError as e:
+        reason = str(getattr(e, "orig", None) or e).strip().splitlines()[0].replace(secret, "***")
+        raise UsageError(f"--optuna-storage {shown}: cannot connect ({reason}); check the host, the database "
+                         f"and the credentials (a password: $PGPASSWORD or ~/.pgpass rather than the URL)") from None
+    finally:
+        engine.dispose()
+
+
 def runtime_url(recorded: str, root: str, given: str | None) -> str:
     """The URL to connect with: the recorded one (relative SQLite resolved in the study folder), or the
     one given again on --resume (for its password)."""
@@ -195,6 +227,7 @@ def runtime_url(recorded: str, root: str, given: str | None) -> str:
         if "://" in root:
             raise UsageError(f"study.json keeps a relative SQLite path {recorded!r}, which cannot live on "
                              f"{root}: pass --optuna-storage")
+        from study.results import resolve
         return f"{SQLITE}{Path(resolve(root)[1]) / recorded[len(SQLITE):]}"
     return recorded
 
@@ -230,6 +263,7 @@ def prepare_data(space, data_root: str | None, cache_dir: str) -> None:
     Otherwise the first trials would all decode the same images at once; and a
     missing or corrupt dataset is reported before any trial is scheduled.
     """
+    from study.config import DEFAULT_RESOLUTION
     from study.data import load_splits
 
     single = {n: space.possible(n) for n in ("resolution", "train_limit", "eval_limit")}
@@ -244,6 +278,8 @@ def prepare_data(space, data_root: str | None, cache_dir: str) -> None:
 
 
 def best_table(root: str) -> str:
+    from study.results import read_table
+
     df = read_table(root, "trials")
     if df is None or "best_val_psnr" not in df or df.best_val_psnr.isna().all():
         return "no trial finished an epoch"
@@ -259,13 +295,14 @@ def best_table(root: str) -> str:
 def _main(argv: list[str]) -> int:
     args = parser().parse_args(argv)
     check_options(args)
+    from study.results import read_json, write_json
+    from study.space import load_space
+
     space = load_space(args.space)
     name = args.name or space.name
     root = study_root(args.storage, name)
     check_storage(args.storage, root)
     given_url = args.optuna_storage
-    if given_url:
-        _url(given_url)   # a malformed URL fails here, not in Ray
     meta = read_json(root, "study.json")
     if args.resume and meta is None:
         raise UsageError(f"--resume: no study at {root}; run without --resume to start it")
@@ -276,6 +313,8 @@ def _main(argv: list[str]) -> int:
     if meta is not None and not args.resume:
         raise UsageError(f"a study already exists at {root}; pass --resume to continue it, or --name for a new "
                          f"one (nothing was changed)")
+    if given_url:
+        check_optuna_url(runtime_url(meta["optuna_storage"], root, given_url) if meta else given_url)
     from study import lock
     held = lock.holder(root)
     if held is not None:

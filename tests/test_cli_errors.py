@@ -1,0 +1,247 @@
+"""Every bad input of issue 11 through the real command line: exit status, message, nothing written.
+
+Each case runs ``python -m <module> <args>`` in its own folder (which holds the
+storage, the space files and anything the case sets up beforehand) and checks
+the exit status, the ``error:`` message on stderr, that there is no traceback,
+and that the folder's listing is the same after the command as before it. The
+cases fail before Ray starts and before any training, so they run concurrently
+in a small thread pool (about a second of CPU each: importing torch).
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import subprocess
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import pytest
+import yaml
+
+from conftest import PYTHON, python_env
+
+TINY = {"sampler": {"name": "random"}, "num_samples": 2, "max_concurrent": 1, "resources": {"cpu": 1, "gpu": 0},
+        "params": {"dataset": "samples", "depth": 2, "base_filters": 4, "epochs": 1, "train_limit": 64,
+                   "eval_limit": 32, "lr": {"loguniform": [3.0e-4, 3.0e-3]}}}
+SECRET = "S3cr3tPW"
+
+
+def space(**changes) -> Callable[[Path], None]:
+    """Set-up: writes ``space.yaml`` = TINY with top-level keys or params changed (None removes)."""
+    def setup(folder: Path) -> None:
+        raw = json.loads(json.dumps(TINY))
+        for k, v in changes.items():
+            target = raw["params"] if k.startswith("p_") else raw
+            key = k[2:] if k.startswith("p_") else k
+            if v is None:
+                target.pop(key, None)
+            else:
+                target[key] = v
+        (folder / "space.yaml").write_text(yaml.safe_dump(raw))
+    return setup
+
+
+def study_json(space_name: str, name: str = "space") -> Callable[[Path], None]:
+    def setup(folder: Path) -> None:
+        space()(folder)
+        (folder / "st" / name).mkdir(parents=True)
+        (folder / "st" / name / "study.json").write_text(json.dumps({"name": name, "space": space_name}))
+    return setup
+
+
+def live_lock(folder: Path) -> None:
+    space()(folder)
+    (folder / "st" / "space").mkdir(parents=True)
+    (folder / "st" / "space" / "driver.lock").write_text(json.dumps(
+        {"host": socket.gethostname(), "pid": os.getpid(), "token": "x", "heartbeat": time.time() + 3600,
+         "heartbeat_s": 15, "started_at": "earlier"}))
+
+
+def writable_pickle(folder: Path) -> None:
+    study_json("space")(folder)
+    pkl = folder / "st" / "space" / "tuner.pkl"
+    pkl.write_bytes(b"not read")
+    pkl.chmod(0o666)
+
+
+def many(*setups) -> Callable[[Path], None]:
+    def setup(folder: Path) -> None:
+        for s in setups:
+            s(folder)
+    return setup
+
+
+def a_file(folder: Path) -> None:
+    space()(folder)
+    (folder / "afile").write_text("a regular file")
+
+
+def a_folder(folder: Path) -> None:
+    (folder / "spaces").mkdir()
+
+
+def empty_data(folder: Path) -> None:
+    space(p_dataset="cifar10")(folder)
+    (folder / "data").mkdir()
+
+
+@dataclass
+class Case:
+    id: str
+    module: str
+    args: list[str]
+    match: str                       # regex searched in stderr
+    setup: Callable[[Path], None] = space()
+    status: int = 2
+    env: dict = field(default_factory=dict)
+    skip: str | None = None
+
+
+RUN = ["--storage", "st", "--cache-dir", "cache"]
+CUDA = None
+try:   # only for the skip marker; torch is imported by the cases themselves anyway
+    import torch
+    CUDA = torch.cuda.is_available()
+except ImportError:  # pragma: no cover
+    pass
+
+CASES = [
+    # space files
+    Case("space-folder", "study.run", [*RUN, "--space", "spaces"], r"--space spaces is a folder, not a space file",
+         a_folder),
+    Case("max-failures-lots", "study.run", [*RUN, "--space", "space.yaml"],
+         r"space\.yaml: max_failures: must be a whole number >= 0, got 'lots'", space(max_failures="lots")),
+    Case("step-0", "study.run", [*RUN, "--space", "space.yaml"], r"params\.depth\.step: must be a whole number >= 1",
+         space(p_depth={"int": [2, 3], "step": 0})),
+    Case("step-negative", "study.run", [*RUN, "--space", "space.yaml"], r"params\.depth\.step: .* got -1",
+         space(p_depth={"int": [2, 3], "step": -1})),
+    Case("sampler-typo", "study.run", [*RUN, "--space", "space.yaml"],
+         r"sampler\.n_startup_trail: not an option of tpe \(TPESampler\); allowed: \[.*'n_startup_trials'",
+         space(sampler={"name": "tpe", "n_startup_trail": 3})),
+    Case("pruner-typo", "study.run", [*RUN, "--space", "space.yaml"],
+         r"pruner\.n_warmup_step: not an option of median \(MedianPruner\)",
+         space(pruner={"name": "median", "n_warmup_step": 3})),
+    Case("pruner-bad-value", "study.run", [*RUN, "--space", "space.yaml"], r"pruner: median rejects these options",
+         space(pruner={"name": "median", "n_warmup_steps": -1})),
+    Case("resources-cpu-negative", "study.run", [*RUN, "--space", "space.yaml"],
+         r"resources\.cpu: CPUs per trial must be a number > 0, got -1", space(resources={"cpu": -1})),
+    Case("pack-0", "study.run", [*RUN, "--space", "space.yaml"], r"pack: must be a whole number >= 1", space(pack=0)),
+    Case("lr-negative", "study.run", [*RUN, "--space", "space.yaml"], r"params\.lr: lr=-0\.001 must be > 0",
+         space(p_lr=-0.001)),
+    Case("base-filters-0", "study.run", [*RUN, "--space", "space.yaml"], r"params\.base_filters: base_filters=0",
+         space(p_base_filters={"choice": [0, 8]})),
+    Case("dropout-1.5", "study.run", [*RUN, "--space", "space.yaml"], r"params\.dropout: dropout=1\.5 must be in",
+         space(p_dropout={"uniform": [0.0, 1.5]})),
+    Case("epochs-0", "study.run", [*RUN, "--space", "space.yaml"], r"params\.epochs: epochs=0 must be >= 1",
+         space(p_epochs=0)),
+    # options
+    Case("max-concurrent-negative", "study.run", [*RUN, "--space", "space.yaml", "--max-concurrent", "-2"],
+         r"--max-concurrent -2: trials at once must be >= 1"),
+    Case("max-concurrent-0", "study.run", [*RUN, "--space", "space.yaml", "--max-concurrent", "0"],
+         r"--max-concurrent 0: .* leave it out for the space's own value"),
+    Case("num-samples-negative", "study.run", [*RUN, "--space", "space.yaml", "--num-samples", "-1"],
+         r"--num-samples -1: .*would run forever"),
+    Case("num-samples-0", "study.run", [*RUN, "--space", "space.yaml", "--num-samples", "0"],
+         r"--num-samples 0: .* must be >= 1"),
+    Case("cpus-per-trial-0", "study.run", [*RUN, "--space", "space.yaml", "--cpus-per-trial", "0"],
+         r"--cpus-per-trial 0\.0: must be a number > 0"),
+    Case("gpus-per-trial-negative", "study.run", [*RUN, "--space", "space.yaml", "--gpus-per-trial", "-1"],
+         r"--gpus-per-trial -1\.0: must be a number >= 0"),
+    Case("pack-option-0", "study.run", [*RUN, "--space", "space.yaml", "--pack", "0"], r"--pack 0: .* >= 1"),
+    Case("name-with-slash", "study.run", [*RUN, "--space", "space.yaml", "--name", "../elsewhere"],
+         r"--name '\.\./elsewhere': a study name is one folder name"),
+    Case("storage-below-a-file", "study.run", ["--storage", "afile/studies", "--space", "space.yaml"],
+         r"--storage afile/studies: .*afile is a file, not a folder", a_file),
+    Case("storage-unwritable", "study.run", ["--storage", "/proc/colorize-studies", "--space", "space.yaml"],
+         r"--storage /proc/colorize-studies: cannot create files in /proc"),
+    Case("storage-relative-in-ray-job", "study.run", [*RUN, "--space", "space.yaml"],
+         r"--storage 'st' is relative, and this runs as a Ray job", env={"RAY_JOB_CONFIG_JSON_ENV_VAR": "{}"}),
+    Case("optuna-url-unreachable", "study.run",
+         [*RUN, "--space", "space.yaml", "--optuna-storage", f"postgresql://u:{SECRET}@127.0.0.1:9/db"],
+         r"--optuna-storage postgresql://u:\*\*\*@127\.0\.0\.1:9/db: cannot connect"),
+    Case("data-root-without-dataset", "study.run", [*RUN, "--space", "space.yaml", "--data-root", "data"],
+         r"dataset 'cifar10': .*does not exist under the data root", empty_data),
+    # study folders
+    Case("resume-nothing", "study.run", [*RUN, "--space", "space.yaml", "--resume"], r"--resume: no study at"),
+    Case("resume-other-space", "study.run", [*RUN, "--space", "space.yaml", "--resume"],
+         r"--resume with space 'space', but the study at .* was started with 'smoke'", study_json("smoke")),
+    Case("exists-without-resume", "study.run", [*RUN, "--space", "space.yaml"],
+         r"a study already exists at .*; pass --resume", study_json("space")),
+    Case("second-driver", "study.run", [*RUN, "--space", "space.yaml"],
+         r"the study at .* is being run by another driver pid \d+ on", live_lock),
+    Case("resume-writable-pickle", "study.run", [*RUN, "--space", "space.yaml", "--resume"],
+         r"tuner\.pkl is writable by group and others.*chmod -R go-w", writable_pickle),
+    # study.trial
+    Case("trial-cuda-missing", "study.trial", ["--device", "cuda"], r"--device 'cuda': CUDA is not available",
+         skip="this machine has CUDA" if CUDA else None),
+    Case("trial-tpu", "study.trial", ["--device", "tpu"], r"--device 'tpu'"),
+    Case("trial-lr-nan", "study.trial", ["--lr", "nan"], r"lr=nan must be a finite number"),
+    Case("trial-out-file", "study.trial", ["--out", "afile/run"], r"--out afile/run: afile is a file", a_file),
+    # study.submit: checked before connecting, and an unreachable address is one line
+    Case("submit-bad-space", "study.submit", ["--address", "http://127.0.0.1:9", "--", "--space", "nope",
+                                               "--storage", "/abs/studies"], r"no space named 'nope'"),
+    Case("submit-bad-option", "study.submit", ["--address", "http://127.0.0.1:9", "--", "--space", "space.yaml",
+                                                "--storage", "/abs/studies", "--max-concurrent", "0"],
+         r"--max-concurrent 0"),
+    Case("submit-unreachable", "study.submit", ["--address", "http://127.0.0.1:9", "--", "--space", "space.yaml",
+                                                 "--storage", "/abs/studies"],
+         r"--address http://127\.0\.0\.1:9: no Ray Jobs API answers there.*Nothing was submitted"),
+    # analysis
+    Case("analysis-out-file", "analysis", ["--study", "st", "--out", "afile"], r"--out afile: afile is a file", a_file),
+    Case("analysis-not-a-study", "analysis", ["--study", "nowhere", "--out", "report"], r"nowhere"),
+    # the handler itself: --debug shows the traceback (and the error is no longer turned into status 2)
+    Case("debug-shows-traceback", "study.run", [*RUN, "--space", "space.yaml", "--max-concurrent", "0", "--debug"],
+         r"Traceback .*UsageError: --max-concurrent 0", status=1),
+]
+
+
+def listing(folder: Path) -> dict[str, tuple[int, int]]:
+    return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mode) for p in sorted(folder.rglob("*"))
+            if "cache" not in p.relative_to(folder).parts}
+
+
+def run_case(case: Case, root: Path) -> dict:
+    folder = root / case.id
+    folder.mkdir()
+    case.setup(folder)
+    before = listing(folder)
+    env = python_env(**case.env)
+    for k in ("COLORIZE_DEBUG", "RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", *(() if case.env else
+                                                                          ("RAY_JOB_CONFIG_JSON_ENV_VAR", "RAY_JOB_ID"))):
+        if k not in case.env:
+            env.pop(k, None)
+    t0 = time.monotonic()
+    p = subprocess.run([PYTHON, "-m", case.module, *case.args], cwd=folder, env=env, capture_output=True,
+                       text=True, timeout=120)
+    return {"rc": p.returncode, "out": p.stdout, "err": p.stderr, "before": before, "after": listing(folder),
+            "seconds": time.monotonic() - t0}
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli-errors")
+    todo = [c for c in CASES if not c.skip]
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        done = dict(zip((c.id for c in todo), pool.map(lambda c: run_case(c, root), todo)))
+    return done
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_bad_input_is_one_message_exit_2_and_nothing_written(case, results):
+    if case.skip:
+        pytest.skip(case.skip)
+    r = results[case.id]
+    err = r["err"]
+    assert r["rc"] == case.status, (r["rc"], err[-3000:], r["out"][-1000:])
+    assert re.search(case.match, err, re.S), err[-3000:]
+    assert SECRET not in err + r["out"]
+    if case.status == 2:
+        assert "Traceback" not in err, err[-3000:]
+        lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
+        assert len(lines) == 1, err
+    assert r["after"] == r["before"], (sorted(set(r["after"]) ^ set(r["before"])), err[-2000:])
