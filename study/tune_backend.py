@@ -73,6 +73,19 @@ def masked(url: str) -> str:
         return re.sub(r"//[^/@]*@", "//***@", url)
 
 
+def members_of(result: dict) -> dict[str, dict]:
+    """A pack's per-member rows from a result, nested (callbacks) or flattened by Tune (scheduler, searcher)."""
+    if MEMBERS_KEY in result:
+        return result[MEMBERS_KEY]
+    out: dict[str, dict] = {}
+    prefix = MEMBERS_KEY + "/"
+    for key, value in result.items():
+        if key.startswith(prefix):
+            k, name = key[len(prefix):].split("/", 1)
+            out.setdefault(k, {})[name] = value
+    return out
+
+
 def member_id(trial_id: str, k: int, pack: int) -> str:
     """The results' trial_id of member ``k`` of a Tune trial (the Tune trial's own id without packs)."""
     return trial_id if pack == 1 else f"{trial_id}_m{k}"
@@ -230,7 +243,7 @@ class PruningOptunaSearch(OptunaSearch):
             if failed:
                 self.finish(mid, optuna.trial.TrialState.FAIL, None, epoch)
             else:
-                row = result.get(MEMBERS_KEY, {}).get(str(k), result) if self.pack > 1 else result
+                row = members_of(result).get(str(k), {}) if self.pack > 1 else result
                 self.finish(mid, optuna.trial.TrialState.COMPLETE, row.get(METRIC), epoch)
         self._completed_trials.add(trial_id)
 
@@ -289,13 +302,14 @@ class OptunaPruningScheduler(FIFOScheduler):
         if ERROR_KEY in result or "epoch" not in result:
             return TrialScheduler.CONTINUE
         epoch = int(result["epoch"])
-        if MEMBERS_KEY not in result:
+        members = members_of(result)
+        if not members:
             if self.searcher.report_and_should_prune(trial.trial_id, float(result[STEP_METRIC]), epoch):
                 self.searcher.finish(trial.trial_id, optuna.trial.TrialState.PRUNED, None, epoch)
                 return TrialScheduler.STOP
             return TrialScheduler.CONTINUE
         stop = []
-        for key, row in result[MEMBERS_KEY].items():
+        for key, row in members.items():
             k = int(key)
             mid = member_id(trial.trial_id, k, self.searcher.pack)
             ended = self.searcher.finished.get(mid)

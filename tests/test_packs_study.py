@@ -1,0 +1,105 @@
+"""Packs in a study (real Ray, Optuna SQLite, Parquet): Optuna sees one trial per member, each member
+is reported every epoch and pruned on its own, results hold one row per member, and a dead worker or a
+dead driver loses or duplicates no member's (trial, epoch) row."""
+import os
+import signal
+import subprocess
+import time
+
+import pandas as pd
+import pytest
+import torch
+
+from conftest import PYTHON, python_env
+from test_study import (_trial_workers, check_consistent, kill_session, optuna_study, run_study, space_file,
+                        tables)
+
+pytestmark = pytest.mark.slow
+
+
+def check_packs(study, n_members: int, pack: int) -> pd.DataFrame:
+    trials = check_consistent(study, n_members)["trials"]
+    assert (trials.pack_size == pack).all()
+    assert trials.groupby("pack_id").size().eq(pack).all()
+    # Members of a pack share its structure and were sampled apart otherwise.
+    for _, members in trials.groupby("pack_id"):
+        for col in ("dataset", "depth", "sampling", "output", "base_filters", "batch_size"):
+            assert members[col].nunique() == 1, (col, members[col].tolist())
+        assert members.lr.nunique() == pack
+        assert set(members.trial_id.str.rsplit("_m", n=1).str[1].astype(int)) == set(range(pack))
+    return trials
+
+
+def test_packed_study_survives_a_dead_worker(tmp_path, cache_dir):
+    space = space_file(tmp_path, "packs", num_samples=6, max_concurrent=2,
+                       params={"epochs": 5, "train_limit": 512})
+    study = tmp_path / "studies" / "packs"
+    cmd = [PYTHON, "-m", "study.run", "--space", space, "--pack", "3", "--storage", str(tmp_path / "studies"),
+           "--cache-dir", str(cache_dir), "--num-cpus", "2"]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=python_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    killed = None
+    try:
+        deadline = time.time() + 300
+        while killed is None and time.time() < deadline and proc.poll() is None:
+            try:
+                trials = tables(study)["trials"]
+                running = trials[(trials.status == "RUNNING") & (trials.epochs_run.fillna(0) >= 2)]
+            except (FileNotFoundError, OSError, KeyError, AttributeError):
+                running = []
+            workers = _trial_workers(proc.pid)
+            if len(running) and workers:
+                os.kill(workers[0], signal.SIGKILL)
+                killed = set(running.pack_id)
+            time.sleep(0.3)
+        out, _ = proc.communicate(timeout=400)
+    finally:
+        kill_session(proc.pid)
+    assert killed, "no pack worker was found to kill"
+    assert proc.returncode == 0, out[-3000:]
+    trials = check_packs(study, 6, 3)
+    restarted = trials[trials.restarts >= 1]
+    assert len(restarted) and (restarted.groupby("pack_id").size() == 3).all()  # the pack restarted as one
+    # Each member was pruned (or not) on its own: Optuna holds one trial per member, in its own state.
+    ot = {t.number: t for t in optuna_study(study).get_trials()}
+    assert {ot[n].user_attrs["pack_member"] for n in trials.optuna_number} == {0, 1, 2}
+    # A member's best checkpoint is a plain UNet, as colorize loads any trial's.
+    from study.colorize import load_model
+    best = trials.loc[trials.best_val_psnr.idxmax()]
+    loaded = load_model(str(study), None, best.trial_id, torch.device("cpu"))
+    assert loaded.epoch == best.best_epoch and loaded.cfg.lr == pytest.approx(best.lr)
+
+
+def test_packed_study_killed_driver_resumes(tmp_path, cache_dir):
+    space = space_file(tmp_path, "packres", num_samples=4, max_concurrent=1, params={"epochs": 4},
+                       pruner={"name": "none"})
+    study = tmp_path / "studies" / "packres"
+    cmd = [PYTHON, "-m", "study.run", "--space", space, "--pack", "2", "--storage", str(tmp_path / "studies"),
+           "--cache-dir", str(cache_dir), "--num-cpus", "2"]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=python_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            try:
+                trials = tables(study)["trials"]
+                done = trials.status.isin(["DONE", "PRUNED"]).sum()
+                ran = trials[~trials.status.isin(["DONE", "PRUNED"])].epochs_run.dropna()
+                second = int(ran.max()) if len(ran) else 0
+            except (FileNotFoundError, OSError, KeyError, AttributeError):
+                done, second = 0, 0
+            if done >= 2 and second >= 1:   # one pack finished, the other mid-way
+                break
+            assert proc.poll() is None, "study ended before it could be killed"
+            time.sleep(0.3)
+        else:
+            pytest.fail("study made no progress")
+    finally:
+        kill_session(proc.pid)
+        proc.wait()
+    before = tables(study)["trials"]
+    assert (before.status == "RUNNING").any(), "killed too late to test resuming"
+    run_study(tmp_path, cache_dir, "--space", space, "--resume")
+    trials = check_packs(study, 4, 2).set_index("trial_id")
+    for row in before[before.status == "RUNNING"].itertuples():
+        assert trials.loc[row.trial_id, "restarts"] >= 1
