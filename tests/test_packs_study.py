@@ -103,3 +103,47 @@ def test_packed_study_killed_driver_resumes(tmp_path, cache_dir):
     trials = check_packs(study, 4, 2).set_index("trial_id")
     for row in before[before.status == "RUNNING"].itertuples():
         assert trials.loc[row.trial_id, "restarts"] >= 1
+
+
+def test_each_member_is_reported_and_pruned_on_its_own(tmp_path):
+    import optuna
+    from ray.tune.experiment import Trial
+    from ray.tune.schedulers import TrialScheduler
+
+    from study import tune_backend as tb
+    from study.space import load_space
+
+    space = load_space("smoke")
+    searcher = tb.PruningOptunaSearch(space=space.define, metric=tb.METRIC, mode="max", study_name="p",
+                                      storage_url=f"sqlite:///{tmp_path / 'optuna.db'}", pack=3,
+                                      pruner=optuna.pruners.ThresholdPruner(lower=10.0))
+    config = searcher.suggest("t")
+    assert len(config["pack"]) == 3
+    firsts = config["pack"][0]
+    for member in config["pack"][1:]:   # the structure is the first member's; the rest is sampled
+        assert {k: member[k] for k in ("depth", "sampling", "output")} == \
+            {k: firsts[k] for k in ("depth", "sampling", "output")}
+    scheduler = tb.OptunaPruningScheduler(searcher)
+    trial = Trial("ColorizeTrial", config=config, trial_id="t", stub=True)
+
+    def flat(epoch, psnrs):  # as Tune hands results to schedulers: flattened
+        out = {"epoch": epoch, tb.METRIC: max(psnrs.values())}
+        for k, v in psnrs.items():
+            out.update({f"members/{k}/val_psnr": v, f"members/{k}/best_val_psnr": v,
+                        f"members/{k}/epochs": 3})
+        return out
+
+    # Member 1 falls below the threshold in epoch 1: only it is pruned; the pack goes on.
+    assert scheduler.on_trial_result(None, trial, flat(1, {"0": 20.0, "1": 5.0, "2": 21.0})) == \
+        TrialScheduler.CONTINUE
+    assert searcher.finished == {"t_m1": ("PRUNED", 1)}
+    scheduler.on_trial_result(None, trial, flat(2, {"0": 22.0, "2": 23.0}))
+    scheduler.on_trial_result(None, trial, flat(3, {"0": 21.0, "2": 24.0}))   # both reach their epochs
+    study = optuna.load_study(study_name="p", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
+    got = {t.user_attrs["pack_member"]: t for t in study.get_trials()}
+    assert got[1].state.name == "PRUNED" and got[1].intermediate_values == {1: 5.0}
+    assert got[0].state.name == "COMPLETE" and got[0].intermediate_values == {1: 20.0, 2: 22.0, 3: 21.0}
+    assert got[0].value == 21.0 and got[2].value == 24.0   # the last report's best (METRIC) per member
+    # A restored pack re-running epoch 1 stops member 1 again where it ended.
+    scheduler.on_trial_result(None, trial, flat(1, {"0": 20.0, "1": 5.0, "2": 21.0}))
+    assert searcher.finished["t_m1"] == ("PRUNED", 1)

@@ -2,6 +2,7 @@
 import contextlib
 import hashlib
 import os
+import re
 import shutil
 import signal
 import socket
@@ -153,8 +154,17 @@ def _free_port() -> int:
 def test_smoke_study_end_to_end(tmp_path, cache_dir):
     # A Ray cluster already runs on this machine (and RAY_ADDRESS points at it): a local study
     # still starts its own Ray (with --num-cpus), never joins that one.
-    with ray_head() as address:
-        p = run_study(tmp_path, cache_dir, "--space", "smoke", "--num-cpus", "2", env={"RAY_ADDRESS": address})
+    ray_tmp = tempfile.mkdtemp(prefix="rt")  # the study's own Ray session logs, kept apart (short for sockets)
+    try:
+        with ray_head() as address:
+            p = run_study(tmp_path, cache_dir, "--space", "smoke", "--num-cpus", "2",
+                          env={"RAY_ADDRESS": address, "RAY_TMPDIR": ray_tmp})
+        # The dashboard's actor list and Ray's log prefixes show each trial's actor by its repr.
+        names = set()
+        for log in Path(ray_tmp).rglob("worker-*.out"):
+            names |= set(re.findall(r":actor_name:(ColorizeTrial\([^)]*\))", log.read_text(errors="replace")))
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
     assert "best configuration per dataset x output" in p.stdout and "trials:" in p.stdout
     study = tmp_path / "studies" / "smoke"
     t = check_consistent(study, 6)
@@ -170,6 +180,7 @@ def test_smoke_study_end_to_end(tmp_path, cache_dir):
     for row in t["trials"].itertuples():
         folder = study / row.checkpoint_path.split("/")[0]
         assert folder.name.startswith(row.trial_id) and f"-{row.dataset}-{row.sampling}-{row.output}-" in folder.name
+        assert f"ColorizeTrial({folder.name})" in names, names
     # Same command again refuses to overwrite the study.
     again = run_study(tmp_path, cache_dir, "--space", "smoke", check=False)
     assert again.returncode == 2 and "--resume" in again.stderr
