@@ -82,6 +82,24 @@ def _bad(tmp_path, mutate, match):
     (lambda r: r.update(pruner={"name": "patient"}), r"pruner: name must be one of"),
     (lambda r: r.update(schedulr="x"), r"schedulr: unknown key"),
     (lambda r: r["params"].update(output=["rgb", "uv"]), r"a bare list is ambiguous"),
+    # issue 10/11: values a trial would reject, numbers that cannot work, options Optuna does not have
+    (lambda r: r["params"].update(lr=-0.001), r"params\.lr: lr=-0\.001 must be > 0"),
+    (lambda r: r["params"].update(epochs={"int": [0, 3]}), r"params\.epochs: epochs=0 must be >= 1"),
+    (lambda r: r["params"].update(base_filters={"choice": [16, 0]}), r"params\.base_filters: base_filters=0"),
+    (lambda r: r["params"].update(dropout={"uniform": [0.0, 1.5]}), r"params\.dropout: dropout=1\.5 must be in"),
+    (lambda r: r["params"].update(depth={"int": [2, 3], "step": 0}), r"params\.depth\.step: must be a whole"),
+    (lambda r: r.update(max_failures="lots"), r"max_failures: must be a whole number >= 0, got 'lots'"),
+    (lambda r: r.update(num_samples=True), r"num_samples: must be a whole number >= 1, got True"),
+    (lambda r: r.update(resources={"cpu": -1}), r"resources\.cpu: CPUs per trial must be a number > 0"),
+    (lambda r: r.update(resources={"gpu": "lots"}), r"resources\.gpu: GPUs per trial must be a number >= 0"),
+    (lambda r: r.update(resources={"cpus": 2}), r"resources: a mapping with 'cpu' and/or 'gpu'"),
+    (lambda r: r.update(pack=0), r"pack: must be a whole number >= 1"),
+    (lambda r: r.update(pack={"gpu": 8, "tpu": 2}), r"pack: a whole number >= 1, or \{gpu: K, cpu: K\}"),
+    (lambda r: r.update(sampler={"name": "tpe", "n_startup_trail": 3}),
+     r"sampler\.n_startup_trail: not an option of tpe \(TPESampler\); allowed: \[.*'n_startup_trials'"),
+    (lambda r: r.update(sampler={"name": "random", "seed": 3}), r"sampler\.seed: not an option of random"),
+    (lambda r: r.update(pruner={"name": "successive_halving", "reduction_factor": 1}),
+     r"pruner: successive_halving rejects these options: .*reduction_factor >= 2"),
 ])
 def test_space_errors_name_file_key_and_fix(tmp_path, mutate, match):
     _bad(tmp_path, mutate, match)
@@ -97,3 +115,30 @@ def test_invalid_yaml(tmp_path):
     p.write_text("params: {dataset: [unclosed")
     with pytest.raises(SpaceError, match="not valid YAML"):
         load_space(str(p))
+
+
+def test_folder_as_space(tmp_path):
+    with pytest.raises(SpaceError, match=r"is a folder, not a space file"):
+        load_space(str(tmp_path))
+
+
+def test_pack_by_device_kind(tmp_path):
+    full, report = load_space("full"), load_space("report")
+    assert (full.pack_for(gpu=True), full.pack_for(gpu=False)) == (8, 1)
+    assert (report.pack_for(gpu=True), report.pack_for(gpu=False)) == (1, 1)   # the report's 8 separate cells
+    raw = yaml.safe_load(yaml.safe_dump(BASE))
+    raw["pack"] = 4
+    path = tmp_path / "packed.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    assert load_space(str(path)).pack == {"cpu": 4, "gpu": 4}
+
+
+def test_sampler_options_reach_optuna_and_tpe_lies_constantly(tmp_path):
+    raw = yaml.safe_load(yaml.safe_dump(BASE))
+    raw["sampler"] = {"name": "tpe", "n_startup_trials": 5, "n_ei_candidates": 7}
+    path = tmp_path / "tpe.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    sampler = load_space(str(path)).make_sampler(0)
+    # Concurrent asks must not collide: the pending trials count as bad (Optuna's constant liar).
+    assert sampler._constant_liar is True
+    assert sampler._n_startup_trials == 5 and sampler._n_ei_candidates == 7
