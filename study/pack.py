@@ -221,13 +221,13 @@ def train_batches(train: DeviceImages, members: list[Member], batch_size: int):
 
 
 @torch.no_grad()
-def _evaluate_sums(fused: FusedUNet, members: list[Member], split: EvalSplit, batch_size: int,
+def _evaluate_sums(fused: FusedUNet, l1: torch.Tensor, split: EvalSplit, batch_size: int,
                    precision: str) -> torch.Tensor:
     """study.train.batch_sums for every member at once: (K, 4) totals, left on the device (no sync)."""
     fused.eval()
-    k = len(members)
+    k = fused.k
     dev = split.images.device
-    l1 = torch.tensor([m.cfg.loss == "l1" for m in members], device=dev).view(k, 1)
+    l1 = l1.view(k, 1)
     sums = torch.zeros(4, k, device=dev, dtype=torch.float64)
     for x in split.images.eval_batches(batch_size):
         b = x.shape[0]
@@ -313,12 +313,16 @@ def run_pack(cfgs: list[TrialConfig], *, data_root: str | None = None, cache_dir
     last_saved, last_saved_at = epoch, time.monotonic()
 
     active = [m for m in members if m.status == "active"]
+    fused = None
     while active:
         epoch += 1
         t0 = time.perf_counter()
-        # Rebuilt whenever members leave: a pruned or finished member's slice costs nothing afterwards.
-        fused = FusedUNet([m.model for m in active]).train()
-        loss = make_pack_loss(fused, active, dev, precision, mode)
+        if fused is None:
+            # Rebuilt only when members leave (a compiled step recompiles then): a pruned or finished
+            # member's slice costs nothing afterwards.
+            fused = FusedUNet([m.model for m in active]).train()
+            loss = make_pack_loss(fused, active, dev, precision, mode)
+            l1 = _l1_mask(active, dev)
         loss_sum = torch.zeros(len(active), device=dev, dtype=torch.float64)
         steps = 0
         for x in train_batches(train, active, batch):
@@ -326,8 +330,8 @@ def run_pack(cfgs: list[TrialConfig], *, data_root: str | None = None, cache_dir
             steps += 1
         # Evaluation batches hold K predictions per image: keep their size near one trial's.
         per_eval = max(eval_batch // len(active), 16)
-        v_sums = _evaluate_sums(fused, active, val_split, per_eval, precision)
-        t_sums = _evaluate_sums(fused, active, test_split, per_eval, precision)
+        v_sums = _evaluate_sums(fused, l1, val_split, per_eval, precision)
+        t_sums = _evaluate_sums(fused, l1, test_split, per_eval, precision)
         # The one sync of the epoch: every member's training loss and evaluation totals together.
         fetched = torch.cat([(loss_sum / max(steps, 1))[:, None], v_sums, t_sums], dim=1).tolist()
         seconds = time.perf_counter() - t0
@@ -371,7 +375,8 @@ def run_pack(cfgs: list[TrialConfig], *, data_root: str | None = None, cache_dir
         for m in active:
             if m.index in stop and m.status == "active":
                 m.status = "pruned"
-        active = [m for m in active if m.status == "active"]
+        if any(m.status != "active" for m in active):
+            active, fused = [m for m in active if m.status == "active"], None
     return [m.history for m in members]
 
 
@@ -380,7 +385,7 @@ def make_pack_loss(fused: FusedUNet, members: list[Member], dev: torch.device, p
     """``x (K, B, 3, H, W) -> (K,)`` each member's training loss on its own batch; compiled if asked
     (study.train.compile_mode), like run_trial's step."""
     k = len(members)
-    l1 = torch.tensor([m.cfg.loss == "l1" for m in members], device=dev).view(1, k, 1, 1, 1)
+    l1 = _l1_mask(members, dev).view(1, k, 1, 1, 1)
 
     def pack_loss(x: torch.Tensor) -> torch.Tensor:
         flat = x.flatten(0, 1)                                                  # (K*B, 3, H, W)
@@ -400,6 +405,11 @@ def make_pack_loss(fused: FusedUNet, members: list[Member], dev: torch.device, p
             return compiled(x)
         return graphed
     return compiled
+
+
+def _l1_mask(members: list[Member], dev: torch.device) -> torch.Tensor:
+    """(K,) True where a member's loss is L1 (else MSE); made once per membership, not per step."""
+    return torch.tensor([m.cfg.loss == "l1" for m in members], device=dev)
 
 
 def train_step(fused: FusedUNet, active: list[Member], loss: Callable, x: torch.Tensor) -> torch.Tensor:
