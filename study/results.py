@@ -187,20 +187,25 @@ def _epoch_file(trial_id: str, epoch: int) -> str:
     return f"t-{trial_id}-e{int(epoch):04d}.parquet"
 
 
+_EPOCH_FILE = re.compile(r"^t-(.+)-e(\d+)\.parquet$")   # (trial id, epoch) of a per-(trial, epoch) file
+
+
+def _epoch_bytes(row: dict) -> bytes:
+    # Straight to Arrow with the fixed schema and no pandas metadata: a few kB per epoch, not ten.
+    table = pa.Table.from_pylist([{f.name: row.get(f.name) for f in EPOCH_SCHEMA}], schema=EPOCH_SCHEMA)
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    return buf.getvalue()
+
+
+def _records(df: pd.DataFrame | None) -> list[dict]:
+    return [] if df is None else df.to_dict("records")
+
+
 def _preview_file(row: dict) -> str:
     if row["kind"] == "prediction":
         return _epoch_file(row["trial_id"], row["epoch"])
     return f"o-{row['dataset']}-{int(row['resolution'])}.parquet"
-
-
-def _epoch_of(name: str, trial_id: str) -> int | None:
-    """The epoch of a per-(trial, epoch) file name of this trial, else None."""
-    prefix = f"t-{trial_id}-e"
-    if name.startswith(prefix) and name.endswith(".parquet"):
-        digits = name[len(prefix):-len(".parquet")]
-        if digits.isdigit():
-            return int(digits)
-    return None
 
 
 def write_json(study: str, name: str, obj: dict) -> None:
@@ -214,24 +219,13 @@ def read_json(study: str, name: str) -> dict | None:
     return None if data is None else json.loads(data)
 
 
-def upsert(existing: pd.DataFrame | None, rows: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
-    """Rows replace existing rows with the same keys; order is by keys."""
-    if existing is None or existing.empty:
-        out = rows
-    elif rows.empty:
-        out = existing
-    else:
-        out = pd.concat([existing, rows], ignore_index=True)
-    out = out.drop_duplicates(subset=keys, keep="last")
-    return out.sort_values(keys, kind="stable").reset_index(drop=True)
-
-
 class ResultsWriter:
     """The driver's writer of a study's tables (see the module docstring for the API).
 
-    Keeps ``trials`` and ``epochs`` in memory (``tables``): the driver is the only writer,
-    so an in-memory copy plus atomic files is consistent; rows are keyed, so a trial that
-    re-reports an epoch after a restore replaces the row (and file).
+    Keeps ``trials`` and ``epochs`` in memory as rows keyed like the tables (the driver is
+    the only writer, so an in-memory copy plus atomic files is consistent); a trial that
+    re-reports an epoch after a restore replaces the row (and file). Work per event does not
+    grow with the number of epochs already written.
     """
 
     def __init__(self, study: str):
@@ -240,19 +234,32 @@ class ResultsWriter:
         self.results_dir = f"{root}/{RESULTS_DIR}"
         self.epochs_dir = f"{self.results_dir}/epochs.parquet"
         self.previews_dir = f"{self.results_dir}/previews.parquet"
-        self.tables = {name: read_table(study, name) for name in ("trials", "epochs")}
-        self._dirty: set[str] = set()
         kind = self.fs.get_file_info(self.epochs_dir).type
         if kind == pafs.FileType.File:
-            self._convert_epochs_file()
+            self._convert_epochs_file(read_table(study, "epochs"))
         elif kind == pafs.FileType.NotFound and isinstance(self.fs, pafs.LocalFileSystem) \
                 and Path(self.results_dir, ".epochs-converting").is_dir():
             self.fs.move(f"{self.results_dir}/.epochs-converting", self.epochs_dir)   # a conversion cut short
-            self.tables["epochs"] = read_table(study, "epochs")
-        self.epoch_files = set(_data_files(self.fs, self.epochs_dir))
-        self.preview_files = set(_data_files(self.fs, self.previews_dir))
+        self._trials: dict[str, dict] = {}
+        self._epochs: dict[str, dict[int, dict]] = {}
+        for row in _records(read_table(study, "trials")):
+            self._trials[row["trial_id"]] = row
+        for row in _records(read_table(study, "epochs")):
+            self._epochs.setdefault(row["trial_id"], {})[int(row["epoch"])] = row
+        self._frames: dict[str, pd.DataFrame | None] = {}
+        self._dirty = False
+        # (folder, trial id) -> epochs that have a file there, so a restore finds its files at once.
+        self._files: dict[tuple[str, str], set[int]] = {}
+        self.preview_files: set[str] = set()
+        for folder in (self.epochs_dir, self.previews_dir):
+            for name in _data_files(self.fs, folder):
+                if folder == self.previews_dir:
+                    self.preview_files.add(name)
+                match = _EPOCH_FILE.match(name)
+                if match:
+                    self._files.setdefault((folder, match[1]), set()).add(int(match[2]))
 
-    def _convert_epochs_file(self) -> None:
+    def _convert_epochs_file(self, df: pd.DataFrame | None) -> None:
         """A study from before epochs became a folder: write its rows as files, then remove the old file.
 
         Locally the folder is made beside it and renamed into place; on an object store a key and a
@@ -263,10 +270,8 @@ class ResultsWriter:
         target = f"{self.results_dir}/.epochs-converting" if local else self.epochs_dir
         if local:
             self.fs.delete_dir_contents(target, missing_dir_ok=True)
-        df = self.tables["epochs"]
-        for (trial_id, epoch), group in ([] if df is None else df.groupby(["trial_id", "epoch"])):
-            _write_bytes(self.fs, f"{target}/{_epoch_file(trial_id, epoch)}", _parquet_bytes(
-                group[[f.name for f in EPOCH_SCHEMA]], EPOCH_SCHEMA))
+        for row in _records(df):
+            _write_bytes(self.fs, f"{target}/{_epoch_file(row['trial_id'], row['epoch'])}", _epoch_bytes(row))
         try:
             self.fs.delete_file(self.epochs_dir)
             if local:
@@ -274,22 +279,34 @@ class ResultsWriter:
         except OSError as e:
             raise ResultsWriteError(f"cannot convert {self.epochs_dir} to a folder of files: {e}") from e
 
+    @property
+    def tables(self) -> dict[str, pd.DataFrame | None]:
+        """The tables as pandas (None while empty), in the contract's types; built on demand."""
+        for name in ("trials", "epochs"):
+            if name not in self._frames:
+                rows = list(self._trials.values()) if name == "trials" else \
+                    [r for by_epoch in self._epochs.values() for r in by_epoch.values()]
+                self._frames[name] = None if not rows else coerce(name, pd.DataFrame(rows).sort_values(
+                    KEYS[name], kind="stable").reset_index(drop=True))
+        return dict(self._frames)
+
     # ---------------------------------------------------------------- trials
 
     def stage(self, name: str, rows: list[dict]) -> None:
-        """Change the in-memory table; nothing is written until ``flush()``."""
-        if not rows:
-            return
-        if name == "epochs":
-            raise ValueError("epochs are written per (trial, epoch): use add_epochs")
-        self.tables[name] = coerce(name, upsert(self.tables[name], pd.DataFrame(rows), KEYS[name]))
-        self._dirty.add(name)
+        """Change the in-memory trials table; nothing is written until ``flush()``."""
+        if name != "trials":
+            raise ValueError("only trials rows are staged; epochs are written per (trial, epoch) by add_epochs")
+        for row in rows:
+            self._trials[row["trial_id"]] = dict(row)
+        if rows:
+            self._frames.pop("trials", None)
+            self._dirty = True
 
     def flush(self) -> None:
-        """Write every table staged since the last flush, once."""
-        for name in sorted(self._dirty):
-            write_table(self.study, name, self.tables[name])
-            self._dirty.discard(name)
+        """Write the trials table if rows were staged since the last flush: once per event."""
+        if self._dirty:
+            write_table(self.study, "trials", self.tables["trials"])
+            self._dirty = False
 
     def upsert(self, name: str, rows: list[dict]) -> None:
         if name == "epochs":
@@ -303,41 +320,39 @@ class ResultsWriter:
 
     def add_epochs(self, trial_id: str, rows: list[dict]) -> None:
         """Write each row (``epoch_row``) as its own (trial, epoch) file; keep it in memory too."""
-        if not rows:
-            return
-        df = pd.DataFrame(rows)
-        assert (df["trial_id"] == trial_id).all(), "rows of another trial"
-        for row in df.to_dict("records"):
-            name = _epoch_file(trial_id, row["epoch"])
-            _write_bytes(self.fs, f"{self.epochs_dir}/{name}",
-                         _parquet_bytes(pd.DataFrame([row])[[f.name for f in EPOCH_SCHEMA]], EPOCH_SCHEMA))
-            self.epoch_files.add(name)
-        self.tables["epochs"] = coerce("epochs", upsert(self.tables["epochs"], df, KEYS["epochs"]))
+        for row in rows:
+            if row["trial_id"] != trial_id:
+                raise ValueError(f"an epoch row of trial {row['trial_id']} given for trial {trial_id}")
+            epoch = int(row["epoch"])
+            _write_bytes(self.fs, f"{self.epochs_dir}/{_epoch_file(trial_id, epoch)}", _epoch_bytes(row))
+            self._files.setdefault((self.epochs_dir, trial_id), set()).add(epoch)
+            self._epochs.setdefault(trial_id, {})[epoch] = dict(row)
+            self._frames.pop("epochs", None)
 
     def history(self, trial_id: str) -> list[dict]:
-        df = self.tables["epochs"]
-        if df is None or df.empty:
-            return []
-        return df[df.trial_id == trial_id].sort_values("epoch").to_dict("records")
+        """The trial's epoch rows, by epoch."""
+        by_epoch = self._epochs.get(trial_id, {})
+        return [dict(by_epoch[e]) for e in sorted(by_epoch)]
 
     def drop_epochs_after(self, trial_id: str, epoch: int) -> None:
         """Forget epochs a restored trial will run again: rows, epoch files and preview files."""
-        df = self.tables["epochs"]
-        if df is not None and not df.empty:
-            stale = (df["trial_id"] == trial_id) & (df["epoch"] > epoch)
-            if stale.any():
-                self.tables["epochs"] = df[~stale].reset_index(drop=True)
-        for folder, names in ((self.epochs_dir, self.epoch_files), (self.previews_dir, self.preview_files)):
-            for name in sorted(names):
-                e = _epoch_of(name, trial_id)
-                if e is not None and e > epoch:
-                    try:
-                        self.fs.delete_file(f"{folder}/{name}")
-                    except FileNotFoundError:
-                        pass
-                    except OSError as err:
-                        raise ResultsWriteError(f"cannot delete {folder}/{name}: {err}") from err
-                    names.discard(name)
+        by_epoch = self._epochs.get(trial_id, {})
+        for e in [e for e in by_epoch if e > epoch]:
+            del by_epoch[e]
+            self._frames.pop("epochs", None)
+        for folder in (self.epochs_dir, self.previews_dir):
+            known = self._files.get((folder, trial_id), set())
+            for e in sorted(e for e in known if e > epoch):
+                name = _epoch_file(trial_id, e)
+                try:
+                    self.fs.delete_file(f"{folder}/{name}")
+                except FileNotFoundError:
+                    pass
+                except OSError as err:
+                    raise ResultsWriteError(f"cannot delete {folder}/{name}: {err}") from err
+                known.discard(e)
+                if folder == self.previews_dir:
+                    self.preview_files.discard(name)
 
     # ---------------------------------------------------------------- previews
 
@@ -351,6 +366,8 @@ class ResultsWriter:
             df = pd.DataFrame(group).sort_values(KEYS["previews"], kind="stable")
             _write_bytes(self.fs, f"{self.previews_dir}/{name}", _parquet_bytes(df))
             self.preview_files.add(name)
+            if group[0]["kind"] == "prediction":
+                self._files.setdefault((self.previews_dir, group[0]["trial_id"]), set()).add(int(group[0]["epoch"]))
 
     def has_originals(self, dataset: str, resolution: int) -> bool:
         return f"o-{dataset}-{int(resolution)}.parquet" in self.preview_files
