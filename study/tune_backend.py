@@ -62,6 +62,13 @@ STEP_METRIC = "val_psnr"    # each epoch's intermediate value in Optuna: that ep
 ERROR_KEY = "trial_error"   # set in a trial's last report when it failed for a reason a retry cannot fix
 MEMBERS_KEY = "members"     # a pack's report: {str(member index): epoch row} of the members still in it
 STATE_OF = {"COMPLETE": "DONE", "PRUNED": "PRUNED", "FAIL": "ERROR"}   # Optuna state -> results status
+# Objectives a space may ask Optuna to maximise together (a Pareto front), each taken at the trial's
+# best epoch (by val PSNR, as everywhere): fidelity (PSNR gain over the grayscale input, dB) and
+# vividness (colourfulness of the predictions over the originals').
+OBJECTIVES = {
+    "val_psnr_gain": lambda row: float(row["val_psnr"]) - float(row["val_gray_psnr"]),
+    "val_colourfulness": lambda row: float(row["val_colourfulness"]),
+}
 
 
 def masked(url: str) -> str:
@@ -102,9 +109,18 @@ class PruningOptunaSearch(OptunaSearch):
     rebuilt by ``bind_storage`` from the URL the driver holds in memory.
     """
 
-    def __init__(self, *args, pruner: optuna.pruners.BasePruner, storage_url: str, pack: int = 1, **kwargs):
+    def __init__(self, *args, pruner: optuna.pruners.BasePruner, storage_url: str, pack: int = 1,
+                 objectives: tuple[str, ...] = (), **kwargs):
         self._pruner = pruner
         self.pack = pack
+        self.objectives = tuple(objectives)   # () or one: METRIC, single-objective; two or more: a front
+        # member id -> the objectives at its best epoch so far (multi-objective only)
+        self.best_values: dict[str, list[float]] = {}
+        if len(self.objectives) > 1:
+            unknown = [o for o in self.objectives if o not in OBJECTIVES]
+            if unknown:
+                raise ConfigError(f"objectives {unknown} are not known; choose from {sorted(OBJECTIVES)}")
+            kwargs.update(metric=list(self.objectives), mode=["max"] * len(self.objectives))
         self.pruned: set[str] = set()
         # member id -> (results status, last epoch) once Optuna was told its end
         self.finished: dict[str, tuple[str, int]] = {}
@@ -157,7 +173,7 @@ class PruningOptunaSearch(OptunaSearch):
         if self._ot_study.metric_names is None:
             with warnings.catch_warnings():  # experimental in Optuna 5, and what optuna-dashboard reads
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                self._ot_study.set_metric_names([METRIC])
+                self._ot_study.set_metric_names(list(self.objectives) if self.multi else [METRIC])
 
     def describe(self, space: Space) -> None:
         """Record the space's name and its file's sha256 in the study (read by optuna-dashboard)."""
@@ -171,6 +187,18 @@ class PruningOptunaSearch(OptunaSearch):
             self._ot_study.set_user_attr("space_file", Path(space.path).name)
             self._ot_study.set_user_attr("space_sha256", digest)
         self._ot_study.set_user_attr("pack", self.pack)
+
+    @property
+    def multi(self) -> bool:
+        return len(self.objectives) > 1
+
+    def note_epoch(self, mid: str, row: dict) -> None:
+        """Keep the objectives of a member's best epoch (what it is told as at its end)."""
+        if self.multi and row.get("best_epoch") == row.get("epoch") and mid not in self.finished:
+            self.best_values[mid] = [OBJECTIVES[o](row) for o in self.objectives]
+
+    def value_of(self, mid: str, row: dict):
+        return self.best_values.get(mid) if self.multi else row.get(METRIC)
 
     # ---- asking
     def optuna_number(self, mid: str) -> int:
@@ -205,6 +233,8 @@ class PruningOptunaSearch(OptunaSearch):
     # ---- telling
     def report_and_should_prune(self, mid: str, value: float, step: int) -> bool:
         ot_trial = self._ot_trials.get(mid)
+        if self.multi:
+            return False  # Optuna takes no intermediate values, and no pruner works, with several objectives
         if ot_trial is None or mid in self.finished or not math.isfinite(value):
             return False
         if step not in self._ot_study._storage.get_trial(ot_trial._trial_id).intermediate_values:
@@ -215,7 +245,9 @@ class PruningOptunaSearch(OptunaSearch):
         """Tell Optuna a member's (or single trial's) end, once."""
         if mid in self.finished or mid not in self._ot_trials:
             return
-        if state == optuna.trial.TrialState.COMPLETE and (value is None or not math.isfinite(value)):
+        values = value if isinstance(value, list) else [value]
+        if state == optuna.trial.TrialState.COMPLETE and \
+                any(v is None or not math.isfinite(v) for v in values):
             state, value = optuna.trial.TrialState.FAIL, None
         if state != optuna.trial.TrialState.COMPLETE:
             value = None
@@ -244,7 +276,7 @@ class PruningOptunaSearch(OptunaSearch):
                 self.finish(mid, optuna.trial.TrialState.FAIL, None, epoch)
             else:
                 row = members_of(result).get(str(k), {}) if self.pack > 1 else result
-                self.finish(mid, optuna.trial.TrialState.COMPLETE, row.get(METRIC), epoch)
+                self.finish(mid, optuna.trial.TrialState.COMPLETE, self.value_of(mid, row), epoch)
         self._completed_trials.add(trial_id)
 
     def fail_orphans(self) -> int:
@@ -304,6 +336,7 @@ class OptunaPruningScheduler(FIFOScheduler):
         epoch = int(result["epoch"])
         members = members_of(result)
         if not members:
+            self.searcher.note_epoch(trial.trial_id, result)
             if self.searcher.report_and_should_prune(trial.trial_id, float(result[STEP_METRIC]), epoch):
                 self.searcher.finish(trial.trial_id, optuna.trial.TrialState.PRUNED, None, epoch)
                 return TrialScheduler.STOP
@@ -317,6 +350,7 @@ class OptunaPruningScheduler(FIFOScheduler):
                 if epoch >= ended[1]:
                     stop.append(k)
                 continue
+            self.searcher.note_epoch(mid, row)
             if row.get("error"):
                 self.searcher.finish(mid, optuna.trial.TrialState.FAIL, None, epoch)
                 stop.append(k)
@@ -324,7 +358,7 @@ class OptunaPruningScheduler(FIFOScheduler):
                 self.searcher.finish(mid, optuna.trial.TrialState.PRUNED, None, epoch)
                 stop.append(k)
             elif epoch >= int(row.get("epochs", 0) or 0) > 0:
-                self.searcher.finish(mid, optuna.trial.TrialState.COMPLETE, row.get(METRIC), epoch)
+                self.searcher.finish(mid, optuna.trial.TrialState.COMPLETE, self.searcher.value_of(mid, row), epoch)
         if self.decisions is not None:
             self.decisions.decide.remote(trial.trial_id, epoch, sorted(stop))
         return TrialScheduler.CONTINUE
@@ -408,11 +442,8 @@ class ResultsCallback(Callback):
         for k, (config, config_error) in enumerate(self._configs(trial)):
             mid = member_id(trial.trial_id, k, k_total)
             ended = self.searcher.finished.get(mid)
-            st, err = status, error
-            if st is None:
-                st = ended[0] if ended else "RUNNING"
-            elif st != "ERROR" and ended:
-                st = ended[0]   # a member that left the pack keeps its own end
+            # A member that left the pack (or a pruned trial) keeps its own end.
+            st, err = (ended[0] if ended else status or "RUNNING"), error
             if st == "ERROR" and err is None:
                 err = config_error or meta.get("member_errors", {}).get(k) or "failed"
             mm = {**meta, **meta.get("members", {}).get(k, {})}
@@ -601,15 +632,21 @@ def trainable(config: dict, space: Space, data_root: str | None, cache_dir: str 
 
             def report(row: dict, folder: Path | None) -> None:
                 ckpt = Checkpoint.from_directory(str(folder)) if folder is not None else None
-                tune.report({**row, **extra}, checkpoint=ckpt)
+                tune.report({**row, **_objectives(row), **extra}, checkpoint=ckpt)
 
             run_trial(cfg, report=report, **common)
     except (ConfigError, NonFiniteLossError, torch.OutOfMemoryError) as e:
         # Retrying cannot fix these: end the trial with its reason (the study goes on).
-        tune.report({ERROR_KEY: f"{type(e).__name__}: {e}", METRIC: float("nan"), "epoch": -1, **extra})
+        tune.report({ERROR_KEY: f"{type(e).__name__}: {e}", METRIC: float("nan"), "epoch": -1,
+                     **{o: float("nan") for o in OBJECTIVES}, **extra})
     finally:
         if resume:  # Ray's local copy of the checkpoint we resumed from
             shutil.rmtree(resume, ignore_errors=True)
+
+
+def _objectives(row: dict) -> dict:
+    """This epoch's values of every objective a space may choose (the driver keeps the best epoch's)."""
+    return {name: f(row) for name, f in OBJECTIVES.items()}
 
 
 def _train_pack(config: dict, space: Space, common: dict, extra: dict, decisions: str | None) -> None:
@@ -621,7 +658,9 @@ def _train_pack(config: dict, space: Space, common: dict, extra: dict, decisions
     def report(rows: dict[int, dict], folder: Path | None) -> set[int]:
         epoch = next(iter(rows.values()))["epoch"]
         members = {str(k): {**r, "epochs": cfgs[k].epochs} for k, r in rows.items()}
+        # Top-level values are for Tune's bookkeeping only; Optuna gets each member's own.
         result = {"epoch": epoch, METRIC: max(r["best_val_psnr"] for r in rows.values()),
+                  **{o: max(_objectives(r)[o] for r in rows.values()) for o in OBJECTIVES},
                   MEMBERS_KEY: members, **extra}
         tune.report(result, checkpoint=Checkpoint.from_directory(str(folder)) if folder is not None else None)
         if actor is None:
@@ -693,12 +732,15 @@ def _experiment_path(study_root: str) -> tuple[str, pafs.FileSystem]:
 
 def build_tuner(*, study_root: str, space: Space, sampler, storage_url: str, optuna_study_name: str,
                 num_samples: int, max_concurrent: int, resources: dict, data_root, cache_dir,
-                resume: bool, pack: int = 1, cluster: bool = False):
+                resume: bool, pack: int = 1, cluster: bool = False, objectives: tuple[str, ...] = ()):
     """A Tuner for the study at ``study_root`` (``num_samples`` counts models: packs of ``pack`` each).
 
     ``storage_url`` may hold a password: it is used in memory only; what Ray pickles
     holds none of it. On ``resume`` the study's location, the Optuna storage and the data
     are those given here, never the ones Ray pickled (a copied study resumes in its new place).
+    ``objectives``: two or more names of ``OBJECTIVES`` make a multi-objective study (Optuna's
+    multi-objective samplers, e.g. TPE or NSGA-II; no pruning: Optuna's pruners take one objective);
+    empty: maximise METRIC with the space's pruner.
     """
     if pack < 1:
         raise ConfigError(f"pack={pack}: a pack holds at least one trial")
@@ -721,9 +763,14 @@ def build_tuner(*, study_root: str, space: Space, sampler, storage_url: str, opt
         searcher = callback.searcher
         scheduler = tuner._local_tuner._tune_config.scheduler
     else:
+        multi = len(objectives) > 1
+        pruner = optuna.pruners.NopPruner() if multi else space.make_pruner()
+        if multi and space.pruner.get("name", "none") != "none":
+            print(f"note: pruning is off: the space has {len(objectives)} objectives ({', '.join(objectives)}) "
+                  f"and Optuna's pruners take one")
         searcher = PruningOptunaSearch(space=space.define, metric=METRIC, mode="max", sampler=sampler,
                                        study_name=optuna_study_name, storage_url=storage_url,
-                                       pruner=space.make_pruner(), pack=pack)
+                                       pruner=pruner, pack=pack, objectives=objectives)
         callback = ResultsCallback(searcher, space)
         scheduler = OptunaPruningScheduler(searcher)
     if resume:

@@ -147,3 +147,36 @@ def test_each_member_is_reported_and_pruned_on_its_own(tmp_path):
     # A restored pack re-running epoch 1 stops member 1 again where it ended.
     scheduler.on_trial_result(None, trial, flat(1, {"0": 20.0, "1": 5.0, "2": 21.0}))
     assert searcher.finished["t_m1"] == ("PRUNED", 1)
+
+
+def test_two_objectives_make_a_front_without_pruning(tmp_path):
+    import optuna
+    from ray.tune.experiment import Trial
+    from ray.tune.schedulers import TrialScheduler
+
+    from study import tune_backend as tb
+    from study.space import load_space
+
+    space = load_space("smoke")
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    searcher = tb.PruningOptunaSearch(space=space.define, metric=tb.METRIC, mode="max", study_name="mo",
+                                      storage_url=url, pruner=optuna.pruners.NopPruner(),
+                                      objectives=("val_psnr_gain", "val_colourfulness"))
+    scheduler = tb.OptunaPruningScheduler(searcher)
+    trial = Trial("ColorizeTrial", config=searcher.suggest("a"), trial_id="a", stub=True)
+    rows = [(1, 20.0, 0.3, 1), (2, 23.0, 0.5, 2), (3, 22.0, 0.9, 2)]   # epoch, val PSNR, colour, best epoch
+    for epoch, p, c, best in rows:
+        row = {"epoch": epoch, "val_psnr": p, "val_gray_psnr": 21.0, "val_colourfulness": c,
+               "best_epoch": best, tb.METRIC: max(r[1] for r in rows[:epoch])}
+        assert scheduler.on_trial_result(None, trial, row) == TrialScheduler.CONTINUE
+    searcher.on_trial_complete("a", row)
+    ot = optuna.load_study(study_name="mo", storage=url)
+    assert [d.name for d in ot.directions] == ["MAXIMIZE", "MAXIMIZE"]
+    assert ot.metric_names == ["val_psnr_gain", "val_colourfulness"]
+    (t,) = ot.get_trials()
+    # Both objectives at the best epoch (2, by val PSNR): gain 23 - 21 dB, colourfulness 0.5.
+    assert t.state.name == "COMPLETE" and t.values == [2.0, 0.5] and t.intermediate_values == {}
+    with pytest.raises(tb.ConfigError, match="not known"):
+        tb.PruningOptunaSearch(space=space.define, metric=tb.METRIC, mode="max", study_name="x",
+                               storage_url=url, pruner=optuna.pruners.NopPruner(),
+                               objectives=("val_psnr_gain", "sharpness"))
