@@ -15,11 +15,11 @@ import pandas as pd
 
 from analysis import figures, grids, tradeoffs
 from analysis.importance import ImportanceSkipped, param_importances
-from analysis.load import FINISHED, VARIANT, Study, best_per_variant, slug, variant_label, variants
-from study.contract import default_trial
+from analysis.load import VARIANT, Study, best_per_variant, slug, variant_label, variants
 from analysis.report import Block, Bullets, Heading, Image, Table, Text, to_html, to_markdown
 from analysis.style import save
 from analysis.tables import EXPLANATION, format_table, results_table
+from study.contract import FINISHED, default_trial
 
 MANIFEST = ".analysis-files"   # what the last run wrote, so files it no longer makes are removed
 

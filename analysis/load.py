@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from study.contract import (BOOKKEEPING, EPOCH_METRICS, FINISHED, KEYS, NOT_HYPERPARAMETERS, STATUSES,
+from study.contract import (BOOKKEEPING, EPOCH_METRICS, KEYS, NOT_HYPERPARAMETERS, STATUSES,
                             SUMMARY_METRICS, TABLES, VARIANT, best_trials, coerce)
 
 # Columns every table is given, so that a table written before any trial
