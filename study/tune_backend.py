@@ -47,7 +47,6 @@ from ray.tune.search import ConcurrencyLimiter
 from ray.tune.search.optuna import OptunaSearch
 from ray.tune.trainable import wrap_function
 
-from study.contract import best_row
 from study.data import DataError
 from study.models import ConfigError
 from study.results import ResultsWriter, epoch_row, preview_rows, resolve, trial_row
@@ -69,15 +68,6 @@ OBJECTIVES = {
     "val_psnr_gain": lambda row: float(row["val_psnr"]) - float(row["val_gray_psnr"]),
     "val_colourfulness": lambda row: float(row["val_colourfulness"]),
 }
-
-
-def masked(url: str) -> str:
-    """A database URL without its password (for output, files and Ray's pickles)."""
-    try:
-        from sqlalchemy.engine import make_url
-        return make_url(url).render_as_string(hide_password=True)
-    except Exception:  # noqa: BLE001 - not a URL sqlalchemy parses: drop any user info by hand
-        return re.sub(r"//[^/@]*@", "//***@", url)
 
 
 def members_of(result: dict) -> dict[str, dict]:
@@ -105,8 +95,9 @@ class PruningOptunaSearch(OptunaSearch):
     """OptunaSearch whose study has a real pruner, and which tells Optuna the truth about each trial.
 
     Nothing that reaches a database is pickled (Ray writes the searcher to world-readable
-    files, ``tuner.pkl`` and ``searcher-state-*.pkl``): the storage and study are dropped and
-    rebuilt by ``bind_storage`` from the URL the driver holds in memory.
+    files, ``tuner.pkl`` and ``searcher-state-*.pkl``), so neither is its URL, which may hold a
+    password: the storage and study are dropped and rebuilt by ``bind_storage`` from the URL
+    the driver holds in memory.
     """
 
     def __init__(self, *args, pruner: optuna.pruners.BasePruner, storage_url: str, pack: int = 1,
@@ -124,7 +115,6 @@ class PruningOptunaSearch(OptunaSearch):
         self.pruned: set[str] = set()
         # member id -> (results status, last epoch) once Optuna was told its end
         self.finished: dict[str, tuple[str, int]] = {}
-        self.storage_shown = masked(storage_url)
         self._pending_ids: dict[str, int] = {}
         super().__init__(*args, storage=optuna.storages.RDBStorage(storage_url), **kwargs)
 
@@ -136,13 +126,9 @@ class PruningOptunaSearch(OptunaSearch):
         state["_pending_ids"] = {tid: t._trial_id for tid, t in self._ot_trials.items()}
         return state
 
-    def __setstate__(self, state):
-        self.__dict__.update(state)
-
     def bind_storage(self, storage_url: str) -> None:
         """(Re)connect to the Optuna study after unpickling, from the driver's in-memory URL."""
         self._storage = optuna.storages.RDBStorage(storage_url)
-        self.storage_shown = masked(storage_url)
         self._setup_study(self._mode)
         self._ot_trials = {tid: optuna.trial.Trial(self._ot_study, i) for tid, i in self._pending_ids.items()}
 
