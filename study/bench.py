@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import sys
 import tempfile
@@ -33,7 +32,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from study.color import rgb_to_y, rgb_to_yuv, target_for
+from study.color import rgb_to_yuv
 from study.config import TrialConfig
 from study.data import LAYOUT_HELP, DataError, DeviceImages, default_cache_dir, default_data_root, folder_splits, \
     load_splits
@@ -259,8 +258,6 @@ def main(argv=None) -> int:
     flowers_pack = args.flowers_pack or d["flowers_pack"]
     data_root = args.data_root or default_data_root()
     cache_dir = (args.cache_dir or default_cache_dir()).resolve()
-    if dev.type == "cpu":
-        torch.set_num_threads(os.cpu_count() or 1)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # "fp32" rows use TF32
     torch.backends.cudnn.benchmark = True  # as run_trial
     cache_dir.mkdir(parents=True, exist_ok=True)
@@ -344,8 +341,6 @@ def _run(args, dev, steps, packs, precisions, flowers_batch, flowers_pack, data_
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except DataError as e:  # study.cli will own this handler once it exists
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    from study import cli
+
+    sys.exit(cli.run(main))

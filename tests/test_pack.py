@@ -25,9 +25,10 @@ def splits(cache_dir):
 
 
 @pytest.fixture(scope="module")
-def separate(splits):
+def separate(splits, tmp_path_factory):
     """The three members as three ordinary trials."""
-    return [run_trial(c, splits=splits, device="cpu", log=lambda s: None) for c in CFGS]
+    work = tmp_path_factory.mktemp("separate")
+    return [run_trial(c, splits=splits, device="cpu", log=lambda s: None, work_dir=work) for c in CFGS]
 
 
 @pytest.fixture(scope="module")
