@@ -134,17 +134,22 @@ def check_pickles(root: str) -> None:
     fs, path = resolve(root)
     if "://" in root:
         return   # object stores have no owner/mode bits: trust rests on the bucket's policy
-    me = os.geteuid()
+    me, my_group = os.geteuid(), os.getegid()
     folder = Path(path)
     bad = []
     for p in [folder, *sorted(q for q in folder.rglob("*") if q.suffix in PICKLE_SUFFIXES)]:
         st = p.lstat()
+        # Group-writable counts only for a group other than the user's own (umask 002 with
+        # user-private groups makes every file g+w; a shared team group is what could tamper).
+        writers = [who for who, bit in (("others", 0o002), ("group", 0o020)) if st.st_mode & bit
+                   and (who == "others" or st.st_gid != my_group)]
         if stat.S_ISLNK(st.st_mode):
             bad.append(f"{p} is a symbolic link")
         elif st.st_uid != me:
             bad.append(f"{p} is owned by uid {st.st_uid}, not you ({me})")
-        elif st.st_mode & 0o022:
-            bad.append(f"{p} is writable by {'group and others' if st.st_mode & 0o022 == 0o022 else 'group' if st.st_mode & 0o020 else 'others'}")
+        elif writers:
+            bad.append(f"{p} is writable by {' and '.join(reversed(writers))} (gid {st.st_gid})"
+                       if "group" in writers else f"{p} is writable by others")
         if len(bad) >= 5:
             break
     if bad:

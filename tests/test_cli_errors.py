@@ -175,7 +175,7 @@ CASES = [
     Case("second-driver", "study.run", [*RUN, "--space", "space.yaml"],
          r"the study at .* is being run by another driver pid \d+ on", live_lock),
     Case("resume-writable-pickle", "study.run", [*RUN, "--space", "space.yaml", "--resume"],
-         r"tuner\.pkl is writable by group and others.*chmod -R go-w", writable_pickle),
+         r"tuner\.pkl is writable by others.*chmod -R go-w", writable_pickle),
     # study.trial
     Case("trial-cuda-missing", "study.trial", ["--device", "cuda"], r"--device 'cuda': CUDA is not available",
          skip="this machine has CUDA" if CUDA else None),
@@ -223,9 +223,12 @@ def run_case(case: Case, root: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def results(tmp_path_factory):
+def results(tmp_path_factory, request):
     root = tmp_path_factory.mktemp("cli-errors")
-    todo = [c for c in CASES if not c.skip]
+    # Only the cases this session selected (-k), all at once in a small pool.
+    selected = {item.callspec.params["case"].id for item in request.session.items
+                if item.module is request.module and hasattr(item, "callspec")}
+    todo = [c for c in CASES if not c.skip and c.id in selected]
     with ThreadPoolExecutor(max_workers=4) as pool:
         done = dict(zip((c.id for c in todo), pool.map(lambda c: run_case(c, root), todo)))
     return done

@@ -117,12 +117,16 @@ def test_resume_refuses_pickles_others_could_change(tmp_path):
     nested.chmod(0o646)
     with pytest.raises(UsageError, match=r"params\.pkl is writable by others.*chmod -R go-w"):
         check_pickles(str(study))
+    nested.chmod(0o664)   # group-writable by the user's own group (umask 002): fine
+    check_pickles(str(study))
     nested.chmod(0o644)
-    study.chmod(0o775)
-    with pytest.raises(UsageError, match=r"study is writable by group"):
-        check_pickles(str(study))
-    study.chmod(0o755)
     if os.geteuid() == 0:   # only root can give a file away
+        study.chmod(0o775)
+        os.chown(study, -1, 4243)   # a shared group could tamper
+        with pytest.raises(UsageError, match=r"study is writable by group \(gid 4243\)"):
+            check_pickles(str(study))
+        os.chown(study, -1, os.getegid())
+        study.chmod(0o755)
         os.chown(pkl, 4242, -1)
         with pytest.raises(UsageError, match=r"tuner\.pkl is owned by uid 4242, not you"):
             check_pickles(str(study))
