@@ -32,6 +32,7 @@ import inspect
 
 import yaml
 
+from study.cli import ProjectError
 from study.config import DEFAULT_RESOLUTION, LOSSES, SCHEDULES, TrialConfig
 from study.models import OUTPUTS, SAMPLINGS, ConfigError, max_depth_for
 
@@ -48,7 +49,7 @@ ALLOWED_VALUES = {"sampling": sorted(SAMPLINGS), "output": sorted(OUTPUTS), "los
 CONFIG_FIELDS = {f.name: f for f in fields(TrialConfig)}
 
 
-class SpaceError(ValueError):
+class SpaceError(ProjectError, ValueError):
     """A space file that cannot be used; the message names the file, the key and what is allowed."""
 
 
