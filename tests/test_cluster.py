@@ -6,10 +6,12 @@ an S3-compatible server on loopback (moto), and submit studies through the Jobs 
 The cluster and the S3 server are shared by the slow tests of this module (start-up
 is the expensive part); the last test kills the worker node.
 
-Loopback only: ``ray start`` replaces 127.0.0.1 by the machine's outward address, so
-the nodes are started through ``_RAY_CLI`` (Ray's own CLI with that one lookup pinned
-to 127.0.0.1; ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` does the same for the processes
-Ray starts). Nothing here talks to a non-loopback address.
+Loopback only: the head runs the guide's recipe (cluster/README.md), Ray's stock ``ray start``
+with ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` and ``--node-ip-address=127.0.0.1``, which keeps
+every listener on 127.0.0.1 (without them Ray replaces 127.0.0.1 by the machine's outward
+address); the worker joins through ``_RAY_WORKER_CLI`` (that recipe refuses a second node).
+The last test ends the head the guide's way: SIGTERM to its ``ray start --block`` process.
+Nothing here talks to a non-loopback address.
 """
 from __future__ import annotations
 
@@ -537,9 +539,12 @@ def test_submit_cli_refuses_before_uploading(capsys, monkeypatch):
 
 # ====================================================================== a real local cluster (slow)
 
-# Ray ships no `--dashboard-host`-style switch for the node address: it resolves
-# 127.0.0.1 to the outward address. Pin that lookup so every listener stays on loopback.
-_RAY_CLI = (
+# The head: Ray's stock CLI, as the guide's loopback recipe runs it.
+RAY = str(Path(sys.executable).parent / "ray")
+# A worker: Ray refuses to add a node to a cluster when RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 (the
+# guide's loopback recipe is for one node), so this test-only CLI computes Ray's constants
+# before setting it, and pins the node-address lookup to 127.0.0.1.
+_RAY_WORKER_CLI = (
     "import os, sys\n"
     "import ray._private.ray_constants\n"
     "import ray._private.services as services\n"
@@ -595,6 +600,7 @@ class LocalCluster:
         (self.tmp / "tmp").mkdir()
         self.env = {**os.environ, **env, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token,
                     MARKER: self.marker, "RAY_USAGE_STATS_ENABLED": "0",
+                    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",  # with --node-ip-address: all on loopback
                     "TMPDIR": str(self.tmp / "tmp"),  # the nodes' temporary files go away with the cluster
                     "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
                     # Notice a dead node within seconds (defaults: 3 s x 5 checks).
@@ -611,8 +617,14 @@ class LocalCluster:
 
     def _start(self, name: str, args: list[str], extra_env: dict | None = None) -> subprocess.Popen:
         log = open(self.tmp / f"{name}.log", "wb")
-        proc = subprocess.Popen([sys.executable, "-c", _RAY_CLI, "start", "--block", *args],
-                                cwd=self.tmp, env={**self.env, **(extra_env or {})}, stdout=log,
+        env = {**self.env, **(extra_env or {})}
+        if name == "head":
+            cli = [RAY]
+        else:  # the variable must be unset while Ray reads its constants (see _RAY_WORKER_CLI)
+            cli = [sys.executable, "-c", _RAY_WORKER_CLI]
+            env.pop("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")
+        proc = subprocess.Popen([*cli, "start", "--block", "--node-ip-address=127.0.0.1", *args],
+                                cwd=self.tmp, env=env, stdout=log,
                                 stderr=subprocess.STDOUT, start_new_session=True)
         self.procs[name] = proc
         return proc
@@ -852,8 +864,9 @@ def test_smoke_study_as_a_job_on_two_nodes_with_s3_storage(cluster, s3, capsys, 
     # Everything is in the bucket: the tables, the study record, every best checkpoint.
     keys = {o["Key"] for page in s3["client"].get_paginator("list_objects_v2").paginate(
         Bucket=BUCKET, Prefix="studies/smoke2n/") for o in page.get("Contents", [])}
-    for table in ("trials", "epochs"):
-        assert f"studies/smoke2n/results/{table}.parquet" in keys
+    for table in ("trials", "epochs"):  # one file, or a folder of parts (the results writer's choice)
+        name = f"studies/smoke2n/results/{table}.parquet"
+        assert name in keys or any(k.startswith(name + "/") for k in keys), table
     assert any(k.startswith("studies/smoke2n/results/previews.parquet/t-") for k in keys)
     for t in trials.itertuples():
         assert t.checkpoint_path and not t.checkpoint_path.startswith(("/", "s3:")), t.checkpoint_path
@@ -931,7 +944,37 @@ def _resume_lines(cluster, trial_id: str) -> list[int]:
     found = []
     for out in cluster.tmp.glob("*/session_latest/logs/worker-*.out"):
         err = out.with_suffix(".err")
-        if not err.exists() or f"trainable_{trial_id}_" not in err.read_text(errors="replace"):
+        text = out.read_text(errors="replace")
+        # the trial's actor names it (its id) in its log's header or in the checkpoint path it resumed from
+        if trial_id not in text + (err.read_text(errors="replace") if err.exists() else ""):
             continue
-        found += [int(n) for n in re.findall(r"resumed from .* after epoch (\d+)", out.read_text(errors="replace"))]
+        found += [int(n) for n in re.findall(r"resumed from .* after epoch (\d+)", text)]
     return found
+
+
+@pytest.mark.slow
+def test_stop_recipe_ends_exactly_this_node(cluster):
+    """The guide's stop recipe: SIGTERM to the node's `ray start --block` ends everything it started.
+
+    (Runs last: it stops the shared cluster's head. `ray stop` would end every Ray process on
+    the machine by name, other users' included; this touches one process id.)
+    """
+    psutil = _psutil()
+
+    def ours():
+        found = []
+        for p in psutil.process_iter():
+            with _suppress():
+                if p.environ().get(MARKER) == cluster.marker:
+                    found.append(p)
+        return found
+
+    assert "worker" not in cluster.procs or cluster.kill("worker") is None   # the head alone
+    head = cluster.procs.pop("head")
+    before = ours()
+    assert len(before) >= 5, before                   # GCS, raylet, dashboard, agents, ...
+    os.kill(head.pid, signal.SIGTERM)                 # kill "$(cat ray-head.pid)"
+    head.wait(timeout=60)
+    _, alive = psutil.wait_procs(before, timeout=30)
+    assert not alive, [(p.pid, p.name()) for p in alive]
+    assert not ours()
