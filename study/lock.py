@@ -53,12 +53,17 @@ def _alive_here(record: dict) -> bool | None:
     if record.get("host") != socket.gethostname():
         return None
     try:
-        os.kill(int(record.get("pid", -1)), 0)
+        pid = int(record.get("pid", -1))
+        os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except (PermissionError, ValueError, OverflowError):
         return True
-    return True
+    try:   # a killed driver whose parent has not reaped it yet is a zombie: dead for our purpose
+        import psutil
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except Exception:  # noqa: BLE001 - psutil missing or the process just went: the kill(0) answer stands
+        return True
 
 
 def describe(record: dict, now: float | None = None) -> str:
