@@ -7,8 +7,10 @@ import torch
 from study.config import TrialConfig
 from study.data import DeviceImages, load_splits
 from study.models import SAMPLINGS, ConfigError, UNet, UNetConfig, build_unet
-from study.pack import PACK_FILE, FusedUNet, run_pack
-from study.train import CHECKPOINT_FILE, evaluate, run_trial
+from study.pack import PACK_FILE, FusedUNet, Member, _evaluate_sums, _l1_mask, make_pack_loss, run_pack, \
+    train_batches, train_step
+from study.train import CHECKPOINT_FILE, EvalSplit, evaluate, run_trial
+from test_engine_step import _count_syncs
 
 BASE = TrialConfig(dataset="samples", train_limit=128, eval_limit=32, base_filters=8, batch_size=32,
                    epochs=2, preview_count=2)
@@ -62,8 +64,8 @@ def _close(a: list[dict], b: list[dict]) -> None:
 @pytest.mark.parametrize("output", ["rgb", "uv"])
 def test_fused_forward_is_each_members_forward(sampling, output):
     torch.manual_seed(0)
-    members = [build_unet(UNetConfig(depth=2, sampling=sampling, output=output, base_filters=4, dropout=d))
-               for d in (0.0, 0.2, 0.0)]
+    members = [build_unet(UNetConfig(depth=2, sampling=sampling, output=output, base_filters=4, max_filters=6,
+                                     dropout=d)) for d in (0.0, 0.2, 0.0)]
     fused = FusedUNet(members)
     y = torch.rand(5, 3, 16, 16)
     for train in (True, False):  # batch statistics, then running statistics
@@ -137,3 +139,39 @@ def test_resume_from_pack_file_is_exact(splits, packed, tmp_path):
 def test_members_must_share_structure(splits):
     with pytest.raises(ConfigError, match="share depth"):
         run_pack([BASE, BASE.replace(depth=2)], splits=splits, device="cpu")
+
+
+def test_host_syncs_per_epoch_do_not_grow_with_steps(monkeypatch, cache_dir, tmp_path):
+    counts = _count_syncs(monkeypatch)
+    per_run = {}
+    for limit in (32, 128):  # 1 and 4 training steps per epoch
+        splits = load_splits("samples", 32, cache_dir=cache_dir, train_limit=limit, eval_limit=32)
+        cfgs = [c.replace(train_limit=limit, epochs=1) for c in CFGS]
+        counts["n"] = 0
+        run_pack(cfgs, splits=splits, device="cpu", work_dir=tmp_path, log=lambda s: None)
+        per_run[limit] = counts["n"]
+    assert per_run[32] == per_run[128], per_run
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_pack_steps_and_evaluation_never_sync(splits):
+    dev = torch.device("cuda")
+    members = [Member(i, c.replace(precision="bf16"), dev, 4) for i, c in enumerate(CFGS)]
+    fused = FusedUNet([m.model for m in members]).train()
+    loss = make_pack_loss(fused, members, dev, "bf16")
+    l1 = _l1_mask(members, dev)
+    train = DeviceImages(splits.train, dev)
+    split = EvalSplit.prepare(DeviceImages(splits.val, dev), 64)
+    for x in train_batches(train, members, 32):  # warm-up: cuDNN autotuning, lazy init
+        train_step(fused, members, loss, x)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        total = torch.zeros(len(members), device=dev)
+        for _ in range(2):
+            for x in train_batches(train, members, 32):
+                total += train_step(fused, members, loss, x)
+        sums = _evaluate_sums(fused, l1, split, 32, "bf16")
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert torch.isfinite(total).all() and torch.isfinite(sums).all()
