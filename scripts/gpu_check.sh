@@ -4,13 +4,14 @@
 # Then, through the device tool, each with timeout_s 540, the second sent right after the first returns
 # (the machine keeps /tmp/x only while it stays in use):
 #   1. carry [".carry/site.tar.xz", ".carry/cifar10.tar.xz"]:   bash scripts/gpu_check.sh cifar
-#      study.bench on CIFAR-10 with every variant (trials fp32/bf16 at b64 and b512, packs of 4, 8, 16
-#      and 32, torch.compile rows) and a timed `study.run --space report` of the 4 CIFAR-10 cells.
+#      the CUDA-only tests (no host sync in a trial's or a pack's step), study.bench on CIFAR-10 with
+#      every variant (trials fp32/bf16 at b64 and b512, packs of 4, 8, 16 and 32, torch.compile rows)
+#      and a timed `study.run --space report` of the 4 CIFAR-10 cells.
 #   2. carry [".carry/flowers102.tar.xz"]:                       bash scripts/gpu_check.sh flowers
 #      the bench's Flowers-102 rows and a timed `study.run --space report` of all 8 cells.
 # Each part prints the figures the targets need, with the GPU's name, and leaves JSON (and the
 # results tables, not checkpoints) under $OUT. Every step has its own timeout: part 1 ends within about
-# 7 minutes, part 2 within about 5.5, so both and the machine's start fit the 15 minutes of device time.
+# 8 minutes, part 2 within about 5.5, so both and the machine's start fit the 15 minutes of device time.
 # `bash scripts/gpu_check.sh figures` prints the figures again from $OUT.
 # Environment: GPU_CHECK_STEPS (bench steps per row, default 100), GPU_CHECK_COMPILE (torch.compile mode
 # of the bench's compiled rows, default "default"; empty: none).
@@ -130,6 +131,9 @@ case $part in
     tar -C "$X/site" -xJf .carry/site.tar.xz && tar -C "$X/data" -xJf .carry/cifar10.tar.xz || exit 3
     python3 -c "import ray, optuna, torch; print('ray', ray.__version__, 'optuna', optuna.__version__, 'torch', torch.__version__)" \
       || exit 3
+    log "CUDA-only tests: no host sync in a trial's or a pack's steps"
+    timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_engine_step.py tests/test_pack.py -k cuda \
+      2>&1 | tail -n 15 | tee "$OUT/cuda_tests.txt"
     log "bench (CIFAR-10 rows)"
     timeout 240 python3 -m study.bench --data-root "$X/data" --cache-dir "$X/cache" --steps "$steps" \
       --workers 2 --parts reference,trial,pack ${compile:+--compile "$compile"} --json "$OUT/bench_cifar.json" \
