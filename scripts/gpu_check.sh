@@ -11,7 +11,7 @@
 #      the bench's Flowers-102 rows and a timed `study.run --space report` of all 8 cells.
 # Each part prints the figures the targets need, with the GPU's name, and leaves JSON (and the
 # results tables, not checkpoints) under $OUT. Every step has its own timeout: part 1 ends within about
-# 8 minutes, part 2 within about 5.5, so both and the machine's start fit the 15 minutes of device time.
+# 7.5 minutes, part 2 within about 5.5, so both and the machine's start fit the 15 minutes of device time.
 # `bash scripts/gpu_check.sh figures` prints the figures again from $OUT.
 # Environment: GPU_CHECK_STEPS (bench steps per row, default 100), GPU_CHECK_COMPILE (torch.compile mode
 # of the bench's compiled rows, default "default"; empty: none).
@@ -132,10 +132,10 @@ case $part in
     python3 -c "import ray, optuna, torch; print('ray', ray.__version__, 'optuna', optuna.__version__, 'torch', torch.__version__)" \
       || exit 3
     log "CUDA-only tests: no host sync in a trial's or a pack's steps"
-    timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_engine_step.py tests/test_pack.py -k cuda \
+    timeout 90 python3 -m pytest -q -p no:cacheprovider tests/test_engine_step.py tests/test_pack.py -k cuda \
       2>&1 | tail -n 15 | tee "$OUT/cuda_tests.txt"
     log "bench (CIFAR-10 rows)"
-    timeout 240 python3 -m study.bench --data-root "$X/data" --cache-dir "$X/cache" --steps "$steps" \
+    timeout 200 python3 -m study.bench --data-root "$X/data" --cache-dir "$X/cache" --steps "$steps" \
       --workers 2 --parts reference,trial,pack ${compile:+--compile "$compile"} --json "$OUT/bench_cifar.json" \
       2>&1 | tee "$OUT/bench_cifar.txt"
     timed_report report_cifar cifar10 4 0.25 150
