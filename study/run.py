@@ -239,6 +239,10 @@ def runtime_url(recorded: str, root: str, given: str | None) -> str:
 
 # ------------------------------------------------------------------ the study
 
+def space_hash(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
 def study_root(storage: str, name: str) -> str:
     return under(storage, name) if "://" in storage else str(Path(storage).resolve() / name)
 
@@ -283,14 +287,13 @@ def prepare_data(space, data_root: str | None, cache_dir: str) -> None:
 
 
 def best_table(root: str) -> str:
+    from study.contract import best_trials, gain
     from study.results import read_table
 
-    df = read_table(root, "trials")
-    if df is None or "best_val_psnr" not in df or df.best_val_psnr.isna().all():
+    best = best_trials(read_table(root, "trials"), by=["dataset", "output"])
+    if best.empty:
         return "no trial finished an epoch"
-    df = df[df.best_val_psnr.notna()]
-    best = df.loc[df.groupby(["dataset", "output"]).best_val_psnr.idxmax()]
-    best = best.assign(vs_gray=best.best_val_psnr - best.val_gray_psnr)
+    best = best.assign(vs_gray=gain(best))
     cols = ["dataset", "output", "trial_id", "status", "best_val_psnr", "val_gray_psnr", "vs_gray",
             "best_test_psnr", "best_test_ssim", "sampling", "depth", "base_filters", "lr", "batch_size",
             "loss", "epochs_run"]
@@ -315,6 +318,9 @@ def _main(argv: list[str]) -> int:
         raise UsageError(f"{'--resume' if args.resume else 'a study already exists'} with space {space.name!r}, "
                          f"but the study at {root} was started with {meta.get('space')!r} "
                          f"({meta.get('space_file')}); give --space {meta.get('space')} (nothing was changed)")
+    if meta is not None and meta.get("space_sha256") not in (None, space_hash(space.path)):
+        print(f"note: {space.path} changed since the study started; the study goes on with the file as it "
+              f"is now (Optuna keeps its earlier trials)", file=sys.stderr)
     if meta is not None and not args.resume:
         raise UsageError(f"a study already exists at {root}; pass --resume to continue it, or --name for a new "
                          f"one (nothing was changed)")
@@ -355,7 +361,8 @@ def _main(argv: list[str]) -> int:
             # Packs pay where one device has parallel work to spare: the space says how many per device kind.
             pack = args.pack or space.pack_for(gpu=resources.get("gpu", 0) > 0)
             recorded = without_password(given_url) if given_url else default_optuna_storage(root, name)
-            meta = {"name": name, "space": space.name, "space_file": str(space.path.resolve()), "seed": args.seed,
+            meta = {"name": name, "space": space.name, "space_file": str(space.path.resolve()),
+                    "space_sha256": space_hash(space.path), "seed": args.seed,
                     "optuna_storage": recorded, "optuna_study_name": name, "metric": tb.METRIC,
                     "created": time.strftime("%Y-%m-%d %H:%M:%S"),
                     "num_samples": args.num_samples or space.num_samples,
