@@ -76,7 +76,8 @@ def check_options(args: argparse.Namespace) -> None:
 
     rules = [("num_samples", 1, "trials to run (a negative number would run forever)"),
              ("max_concurrent", 1, "trials at once"), ("pack", 1, "trials per pack"),
-             ("num_cpus", 1, "CPUs of the local Ray"), ("num_gpus", 0, "GPUs of the local Ray")]
+             ("num_cpus", 1, "CPUs of the local Ray"), ("num_gpus", 0, "GPUs of the local Ray"),
+             ("seed", 0, "the sampler's seed")]
     for name, low, what in rules:
         v = getattr(args, name)
         if v is not None and v < low:
