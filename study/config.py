@@ -9,7 +9,7 @@ from typing import Any
 from study.models import OUTPUTS, SAMPLINGS, ConfigError, UNetConfig
 
 DEFAULT_RESOLUTION = {"cifar10": 32, "flowers102": 256, "samples": 32}
-LOSSES = ("mse", "l1")
+LOSSES = ("mse", "l1", "huber")
 SCHEDULES = ("none", "cosine", "onecycle")
 # "auto": bf16 autocast on a GPU when a batch is large enough for it to pay, fp32 (TF32) otherwise.
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -30,7 +30,13 @@ class TrialConfig:
     loss: str = "mse"
     epochs: int = 2
     schedule: str = "none"
+    warmup_epochs: int = 0         # linear warm-up of the learning rate before the schedule
+    weight_decay: float = 0.0      # > 0: AdamW with this decoupled decay
+    ema: float = 0.0               # > 0: decay of an exponential moving average of the weights, used for
+                                   # evaluation, previews and the checkpoint's "model"
     augment: bool = False
+    augment_strength: float = 1.0  # with augment: 1 = flips and shifts up to 1/8 of the side; above 1 also
+                                   # random resized crops (zoom up to 1 + (strength - 1) / 2); 0 = off
     seed: int = 0
     train_limit: int = 0           # 0: the whole split; >0 a fixed subset (smoke runs, tests)
     eval_limit: int = 0
@@ -150,6 +156,10 @@ _RULES = {
     "loss": _one_of(LOSSES),
     "epochs": _at_least(1),
     "schedule": _one_of(SCHEDULES),
+    "warmup_epochs": _at_least(0),
+    "weight_decay": lambda v: _finite(v) or (None if v >= 0 else "must be >= 0"),
+    "ema": lambda v: _finite(v) or (None if 0.0 <= v < 1.0 else "must be in [0, 1) (0: off; 0.999 is typical)"),
+    "augment_strength": lambda v: _finite(v) or (None if 0.0 <= v <= 4.0 else "must be in [0, 4]"),
     "seed": _at_least(0),
     "train_limit": _at_least(0),
     "eval_limit": _at_least(0),

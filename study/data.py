@@ -355,35 +355,49 @@ class DeviceImages:
     def take(self, index) -> torch.Tensor:
         return self.to_float(self.images[index])
 
-    def train_batches(self, batch_size: int, generator: torch.Generator, augment: bool = False):
+    def train_batches(self, batch_size: int, generator: torch.Generator, augment: bool | float = False):
+        """Shuffled training batches; ``augment``: a strength (True = 1.0, see ``_augment``), 0 = none."""
+        strength = float(augment)
         n = len(self)
         perm = torch.randperm(n, device=self.device, generator=generator)
         # Drop the last partial batch: tiny batches make BatchNorm statistics noisy.
         stop = max(n - batch_size + 1, 1) if n >= batch_size else 1
         for start in range(0, stop, batch_size):
             x = self.take(perm[start:start + batch_size])
-            yield _augment(x, generator) if augment else x
+            yield _augment(x, generator, strength) if strength > 0 else x
 
     def eval_batches(self, batch_size: int):
         for start in range(0, len(self), batch_size):
             yield self.take(slice(start, start + batch_size))
 
 
-def _augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Per-image horizontal flips and per-image random translations (reflect-padded crops).
+def _augment(x: torch.Tensor, generator: torch.Generator, strength: float = 1.0) -> torch.Tensor:
+    """Per-image horizontal flips and random translations by up to ``strength * side / 8`` pixels
+    (reflect-padded crops); above strength 1 also random resized crops (zoom up to 1 + (strength - 1) / 2).
 
-    Offsets are drawn and applied on the device (one gather): reading them back
-    with ``.tolist()`` was a host sync in every training step.
+    Random values are drawn and applied on the device: reading offsets back with ``.tolist()`` was a
+    host sync in every training step. Input and target both come from the augmented RGB batch, so
+    they stay aligned.
     """
     n, c, h, w = x.shape
     dev = x.device
     flip = torch.rand(n, 1, 1, 1, device=dev, generator=generator) < 0.5
     x = torch.where(flip, x.flip(3), x)
-    pad = max(h // 8, 1)
+    pad = min(max(int(h * strength / 8), 1), h - 1, w - 1)
     padded = torch.nn.functional.pad(x, (pad, pad, pad, pad), mode="reflect")
     offsets = torch.randint(0, 2 * pad + 1, (2, n, 1), device=dev, generator=generator)
     rows = (offsets[0] + torch.arange(h, device=dev))[:, None, :, None]  # (n, 1, h, 1)
     cols = (offsets[1] + torch.arange(w, device=dev))[:, None, None, :]  # (n, 1, 1, w)
-    out = padded[torch.arange(n, device=dev)[:, None, None, None], torch.arange(c, device=dev)[None, :, None, None],
-                 rows, cols]
-    return out.contiguous(memory_format=torch.channels_last)
+    x = padded[torch.arange(n, device=dev)[:, None, None, None], torch.arange(c, device=dev)[None, :, None, None],
+               rows, cols]
+    if strength > 1:
+        # Random resized crop: a window of side 1/zoom anywhere inside the image, resized back.
+        scale = 1 / (1 + (strength - 1) / 2 * torch.rand(n, device=dev, generator=generator))
+        shift = (1 - scale) * (2 * torch.rand(2, n, device=dev, generator=generator) - 1)
+        theta = torch.zeros(n, 2, 3, device=dev, dtype=x.dtype)
+        theta[:, 0, 0] = theta[:, 1, 1] = scale
+        theta[:, 0, 2], theta[:, 1, 2] = shift[0], shift[1]
+        grid = torch.nn.functional.affine_grid(theta, [n, c, h, w], align_corners=False)
+        x = torch.nn.functional.grid_sample(x, grid, mode="bilinear", padding_mode="reflection",
+                                            align_corners=False)
+    return x.contiguous(memory_format=torch.channels_last)

@@ -11,7 +11,10 @@ epoch that fetches the training loss and both evaluations' totals together.
 """
 from __future__ import annotations
 
+import copy
+import functools
 import io
+import itertools
 import math
 import os
 import shutil
@@ -116,24 +119,73 @@ def compile_mode() -> str | None:
     return _COMPILE_MODES[value]
 
 
-def make_optimizer(params, lr: float, device: torch.device) -> torch.optim.Optimizer:
-    # Fused Adam on a GPU: one kernel for all parameters and its step counts stay on the device
+def make_optimizer(params, lr: float, device: torch.device, weight_decay: float = 0.0) -> torch.optim.Optimizer:
+    """Adam, or AdamW with decoupled ``weight_decay`` when it is > 0."""
+    # Fused on a GPU: one kernel for all parameters and its step counts stay on the device
     # (the foreach path reads them back, a sync per step). foreach on the CPU.
-    if device.type == "cuda":
-        return torch.optim.Adam(params, lr=lr, fused=True)
-    return torch.optim.Adam(params, lr=lr, foreach=True)
+    impl = {"fused": True} if device.type == "cuda" else {"foreach": True}
+    if weight_decay > 0:
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, **impl)
+    return torch.optim.Adam(params, lr=lr, **impl)
 
 
-def make_scheduler(opt: torch.optim.Optimizer, cfg: TrialConfig, total_steps: int):
+def make_scheduler(opt: torch.optim.Optimizer, cfg: TrialConfig, total_steps: int, steps_per_epoch: int = 0):
+    """The per-step learning-rate schedule; ``cfg.warmup_epochs`` of linear warm-up come first."""
+    total = max(total_steps, 1)
+    warm = min(cfg.warmup_epochs * steps_per_epoch, total - 1)
+    lrs = torch.optim.lr_scheduler
+    if cfg.schedule == "onecycle":  # its own warm-up phase takes the warm-up's length
+        pct = warm / total if warm > 0 else 0.3
+        return lrs.OneCycleLR(opt, max_lr=cfg.lr, total_steps=total, pct_start=pct)
+    if warm <= 0:
+        return lrs.CosineAnnealingLR(opt, T_max=total) if cfg.schedule == "cosine" else None
+    warmup = lrs.LinearLR(opt, start_factor=1 / (warm + 1), end_factor=1.0, total_iters=warm)
     if cfg.schedule == "cosine":
-        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(total_steps, 1))
-    if cfg.schedule == "onecycle":
-        return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=max(total_steps, 1))
-    return None
+        return lrs.SequentialLR(opt, [warmup, lrs.CosineAnnealingLR(opt, T_max=max(total - warm, 1))],
+                                milestones=[warm])
+    return warmup
+
+
+# Huber's quadratic zone: colour errors in [0, 1] RGB or UV are mostly below 0.1, so delta 1 would be
+# MSE; at 0.1 large errors (ambiguous colours) weigh linearly, as in L1, small ones quadratically.
+HUBER_DELTA = 0.1
 
 
 def loss_fn(name: str):
+    if name == "huber":
+        return functools.partial(F.huber_loss, delta=HUBER_DELTA)
     return F.l1_loss if name == "l1" else F.mse_loss
+
+
+class WeightAverage:
+    """An exponential moving average of a model's weights and BatchNorm statistics, in its own copy of
+    the model (``.model``), updated on the device without a sync (torch's ``AveragedModel`` reads its
+    update count back on every update)."""
+
+    def __init__(self, model: torch.nn.Module, decay: float):
+        self.decay = decay
+        self.model = copy.deepcopy(model).requires_grad_(False)
+        self.updates = 0
+        self._avg, self._src = self._floats(self.model), self._floats(model)
+        self._avg_int, self._src_int = self._ints(self.model), self._ints(model)
+
+    @staticmethod
+    def _floats(m):
+        return [t for t in itertools.chain(m.parameters(), m.buffers()) if t.is_floating_point()]
+
+    @staticmethod
+    def _ints(m):
+        return [t for t in m.buffers() if not t.is_floating_point()]
+
+    @torch.no_grad()
+    def update(self) -> None:
+        # Warm-up of the decay (as in TensorFlow's and timm's EMA): early averages do not drag in
+        # the random initial weights for thousands of steps.
+        self.updates += 1
+        decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        torch._foreach_lerp_(self._avg, self._src, 1 - decay)
+        for a, s in zip(self._avg_int, self._src_int):
+            a.copy_(s)
 
 
 def make_loss_step(model: torch.nn.Module, cfg: TrialConfig, device: torch.device, precision: str,
@@ -337,16 +389,22 @@ def run_trial(cfg: TrialConfig, *, data_root: str | None = None, cache_dir: str 
     val_split, test_split = EvalSplit.prepare(val, eval_batch), EvalSplit.prepare(test, eval_batch)
 
     model = build_unet(cfg.model, cfg.image_size).to(dev, memory_format=torch.channels_last)
-    opt = make_optimizer(model.parameters(), cfg.lr, dev)
+    opt = make_optimizer(model.parameters(), cfg.lr, dev, cfg.weight_decay)
     steps_per_epoch = max(len(train) // cfg.batch_size, 1)
-    sched = make_scheduler(opt, cfg, cfg.epochs * steps_per_epoch)
+    sched = make_scheduler(opt, cfg, cfg.epochs * steps_per_epoch, steps_per_epoch)
     gen = torch.Generator(device=dev).manual_seed(cfg.seed)
     step_loss = make_loss_step(model, cfg, dev, precision, mode)
+    average = WeightAverage(model, cfg.ema) if cfg.ema > 0 else None
+    evaluated = average.model if average else model  # what is evaluated, previewed and kept as "model"
+    augment = cfg.augment_strength if cfg.augment else 0.0
     history: list[dict] = []
     start_epoch = 0
     if resume_from:
         state = load_checkpoint(resume_from, map_location=dev)
-        model.load_state_dict(state["model"])
+        model.load_state_dict(state.get("raw_model") or state["model"])
+        if average:
+            average.model.load_state_dict(state["model"])
+            average.updates = state["epoch"] * steps_per_epoch
         opt.load_state_dict(state["optimizer"])
         if sched is not None and state.get("scheduler"):
             sched.load_state_dict(state["scheduler"])
@@ -363,17 +421,19 @@ def run_trial(cfg: TrialConfig, *, data_root: str | None = None, cache_dir: str 
         model.train()
         loss_sum = torch.zeros((), device=dev, dtype=torch.float64)
         steps = 0
-        for x in train.train_batches(cfg.batch_size, gen, cfg.augment):
+        for x in train.train_batches(cfg.batch_size, gen, augment):
             loss = step_loss(x)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             if sched is not None:
                 sched.step()
+            if average is not None:
+                average.update()
             loss_sum += loss.detach()
             steps += 1
-        v_sums = evaluate_sums(model, val_split, cfg, precision)
-        t_sums = evaluate_sums(model, test_split, cfg, precision)
+        v_sums = evaluate_sums(evaluated, val_split, cfg, precision)
+        t_sums = evaluate_sums(evaluated, test_split, cfg, precision)
         # The one sync of the epoch: the training loss and both splits' totals together.
         fetched = torch.cat([(loss_sum / max(steps, 1)).view(1), v_sums, t_sums]).tolist()
         train_loss = fetched[0]
@@ -398,11 +458,14 @@ def run_trial(cfg: TrialConfig, *, data_root: str | None = None, cache_dir: str 
             continue
         folder = Path(tempfile.mkdtemp(prefix=f".ckpt-{epoch:03d}-", dir=work_dir))
         try:
-            torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(),
+            # "model": the weights to use for inference (the average when ema is on); "raw_model": the
+            # trained weights a resume continues from.
+            torch.save({"model": evaluated.state_dict(), "optimizer": opt.state_dict(),
                         "scheduler": sched.state_dict() if sched is not None else None,
                         "generator": gen.get_state(), "rng": _rng_states(dev), "epoch": epoch,
-                        "history": history, "config": cfg.to_dict()}, folder / CHECKPOINT_FILE)
-            write_previews(model, test, cfg, folder, precision)
+                        "history": history, "config": cfg.to_dict(),
+                        **({"raw_model": model.state_dict()} if average else {})}, folder / CHECKPOINT_FILE)
+            write_previews(evaluated, test, cfg, folder, precision)
             last_saved, last_saved_at = epoch, time.monotonic()
             if report is not None:
                 report(dict(row), folder)

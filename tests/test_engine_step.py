@@ -204,6 +204,11 @@ def test_compile_switch(monkeypatch):
     ("augment", "maybe", "augment='maybe' is not true or false"),
     ("precision", "fp8", "precision='fp8' is unknown"),
     ("colour", 1, "unknown trial parameter 'colour'"),
+    ("ema", 1.0, r"ema=1.0 must be in \[0, 1\)"),
+    ("weight_decay", -0.1, "weight_decay=-0.1 must be >= 0"),
+    ("warmup_epochs", -1, "warmup_epochs=-1 must be >= 0"),
+    ("augment_strength", 9, r"augment_strength=9.0 must be in \[0, 4\]"),
+    ("loss", "lab", "loss='lab' is unknown"),
 ])
 def test_each_value_is_checked_on_its_own(name, value, message):
     with pytest.raises(ConfigError, match=message):

@@ -1,0 +1,111 @@
+"""Issue 13's levers in the trial engine: each does what it says, and the defaults change nothing."""
+import numpy as np
+import pytest
+import torch
+
+from study.color import prediction_to_rgb, rgb_to_y, target_for
+from study.config import TrialConfig
+from study.data import DeviceImages, _augment
+from study.models import UNetConfig, build_unet
+from study.train import (HUBER_DELTA, WeightAverage, evaluate, load_checkpoint, loss_fn, make_optimizer,
+                         make_scheduler, run_trial)
+
+TINY = TrialConfig(dataset="samples", resolution=16, depth=2, base_filters=4, batch_size=16, eval_limit=32,
+                   train_limit=64, epochs=2, preview_count=1)
+
+
+def test_weight_decay_shrinks_weights_and_zero_keeps_adam():
+    p = torch.nn.Parameter(torch.ones(4))
+    assert type(make_optimizer([p], 1e-3, torch.device("cpu"))) is torch.optim.Adam
+    opt = make_optimizer([p], 0.1, torch.device("cpu"), weight_decay=0.5)
+    assert isinstance(opt, torch.optim.AdamW)
+    p.grad = torch.zeros(4)  # no gradient: only the decoupled decay moves the weights
+    opt.step()
+    assert torch.allclose(p.detach(), torch.full((4,), 1 - 0.1 * 0.5))
+
+
+def test_weight_average_follows_the_weights_on_the_device():
+    torch.manual_seed(0)
+    model = build_unet(UNetConfig(depth=1, base_filters=2), 16)
+    avg = WeightAverage(model, decay=0.5)
+    before = [p.detach().clone() for p in avg.model.parameters()]
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    avg.update()  # decay warm-up: min(0.5, 2 / 11)
+    d = 2 / 11
+    for b, a, p in zip(before, avg.model.parameters(), model.parameters()):
+        assert torch.allclose(a, d * b + (1 - d) * p.detach(), atol=1e-6)
+        assert not a.requires_grad
+
+
+def test_ema_weights_are_the_ones_evaluated_and_kept(cache_dir, tmp_path):
+    cfg = TINY.replace(ema=0.9, lr=3e-3)
+    kept = {}
+    rows = run_trial(cfg, cache_dir=cache_dir, device="cpu", work_dir=tmp_path, log=lambda s: None,
+                     report=lambda row, folder: kept.update(ckpt=load_checkpoint(folder)) if folder else None)
+    state = kept["ckpt"]
+    assert state["epoch"] == 2 and set(state) >= {"model", "raw_model"}
+    assert any(not torch.equal(state["model"][k], state["raw_model"][k]) for k in state["model"])
+    from study.data import load_splits
+    val = DeviceImages(load_splits("samples", 16, cache_dir=cache_dir, train_limit=64, eval_limit=32).val, "cpu")
+    averaged, raw = build_unet(cfg.model, 16), build_unet(cfg.model, 16)
+    averaged.load_state_dict(state["model"])
+    raw.load_state_dict(state["raw_model"])
+    assert evaluate(averaged, val, cfg, 256)["psnr"] == pytest.approx(rows[-1]["val_psnr"], rel=1e-6)
+    assert evaluate(raw, val, cfg, 256)["psnr"] != pytest.approx(rows[-1]["val_psnr"], rel=1e-6)
+
+
+def test_augmentation_shifts_and_flips_whole_images_and_zooms_above_one():
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(6, 3, 16, 16)
+    out = _augment(x, g, 1.0)
+    pad = 2
+    padded = torch.nn.functional.pad(x, (pad,) * 4, mode="reflect")
+    for i in range(len(x)):  # every output is one flip + one shift of its own input
+        matches = [(f, dy, dx) for f in (False, True) for dy in range(2 * pad + 1) for dx in range(2 * pad + 1)
+                   if torch.equal(out[i], (padded[i].flip(2) if f else padded[i])[:, dy:dy + 16, dx:dx + 16])]
+        matches += [(True, dy, dx) for dy in range(2 * pad + 1) for dx in range(2 * pad + 1)
+                    if torch.equal(out[i], torch.nn.functional.pad(x[i:i + 1].flip(3), (pad,) * 4,
+                                                                   mode="reflect")[0, :, dy:dy + 16, dx:dx + 16])]
+        assert matches, i
+    zoomed = _augment(x, torch.Generator().manual_seed(0), 3.0)
+    assert zoomed.shape == x.shape and 0 <= zoomed.min() and zoomed.max() <= 1
+    assert not torch.allclose(zoomed, _augment(x, torch.Generator().manual_seed(0), 1.0))
+    # Input and target are both made from the augmented RGB batch: they stay aligned.
+    assert torch.allclose(prediction_to_rgb(target_for(zoomed, "uv"), rgb_to_y(zoomed), "uv"), zoomed, atol=1e-5)
+    imgs = DeviceImages(np.zeros((8, 16, 16, 3), np.uint8), "cpu")
+    assert len(list(imgs.train_batches(4, g, 0.0))) == 2
+
+
+def test_huber_is_quadratic_near_zero_and_linear_far_away():
+    f = loss_fn("huber")
+    small, large = torch.tensor([0.05]), torch.tensor([0.5])
+    zero = torch.zeros(1)
+    assert f(small, zero).item() == pytest.approx(0.5 * 0.05 ** 2)
+    assert f(large, zero).item() == pytest.approx(HUBER_DELTA * (0.5 - 0.5 * HUBER_DELTA))
+
+
+def test_warmup_then_schedule():
+    def lrs(cfg, total=20, per_epoch=5):
+        opt = torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))], lr=cfg.lr)
+        sched = make_scheduler(opt, cfg, total, per_epoch)
+        out = []
+        for _ in range(total):
+            out.append(opt.param_groups[0]["lr"])
+            opt.step()
+            sched.step()
+        return out
+
+    cfg = TrialConfig(lr=1.0, schedule="cosine", warmup_epochs=1, epochs=4)
+    got = lrs(cfg)
+    assert got[0] == pytest.approx(1 / 6) and got[:6] == sorted(got[:6]) and got[5] == pytest.approx(1.0)
+    assert got[6:] == sorted(got[6:], reverse=True) and got[-1] < 0.05
+    flat = lrs(cfg.replace(schedule="none"))
+    assert flat[0] == pytest.approx(1 / 6) and flat[5:] == [pytest.approx(1.0)] * 15
+    one = lrs(cfg.replace(schedule="onecycle"))
+    assert int(np.argmax(one)) == 4  # one-cycle's rise takes the warm-up's 5 steps (peak at the 5th)
+    # Defaults: the schedules as they were.
+    opt = torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    assert type(make_scheduler(opt, cfg.replace(warmup_epochs=0), 20, 5)) is torch.optim.lr_scheduler.CosineAnnealingLR
+    assert make_scheduler(opt, TrialConfig(), 20, 5) is None
