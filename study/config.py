@@ -42,6 +42,7 @@ class TrialConfig:
     eval_limit: int = 0
     preview_count: int = 8
     precision: str = "auto"
+    tta_flip: bool = False         # evaluate (and preview) the average of the prediction and its mirror image's
 
     @classmethod
     def from_dict(cls, values: dict) -> "TrialConfig":

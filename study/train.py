@@ -261,6 +261,16 @@ def batch_sums(pred: torch.Tensor, x: torch.Tensor, y: torch.Tensor, output: str
     return torch.stack([loss.sum(), psnr(rgb, x).sum(), ssim(rgb, x).sum(), colourfulness(rgb).sum()]).double()
 
 
+def predict(model: torch.nn.Module, y: torch.Tensor, precision: str | None = None, flip: bool = False) -> torch.Tensor:
+    """The model's output (float) for luma ``y``; ``flip``: averaged with the un-mirrored output for the
+    mirrored input (test-time flip averaging: colours the model is unsure of by side get averaged)."""
+    with autocast_for(y.device, precision):
+        pred = model(y).float()
+        if flip:
+            pred = (pred + model(y.flip(3)).float().flip(3)) / 2
+    return pred
+
+
 @torch.no_grad()
 def evaluate_sums(model: torch.nn.Module, split: EvalSplit, cfg: TrialConfig,
                   precision: str | None = None) -> torch.Tensor:
@@ -270,9 +280,7 @@ def evaluate_sums(model: torch.nn.Module, split: EvalSplit, cfg: TrialConfig,
     lossf = loss_fn(cfg.loss)
     sums = torch.zeros(4, device=split.images.device, dtype=torch.float64)
     for x, y in split.batches():
-        with autocast_for(split.images.device, precision):
-            pred = model(y)
-        sums += batch_sums(pred, x, y, cfg.output, lossf)
+        sums += batch_sums(predict(model, y, precision, cfg.tta_flip), x, y, cfg.output, lossf)
     model.train(was_training)
     return sums
 
@@ -325,8 +333,7 @@ def write_previews(model, test: DeviceImages, cfg: TrialConfig, folder: Path, pr
     y = rgb_to_y(x)
     was_training = model.training
     model.eval()
-    with autocast_for(test.device, precision):
-        rgb = prediction_to_rgb(model(y).float(), y, cfg.output)
+    rgb = prediction_to_rgb(predict(model, y, precision, cfg.tta_flip), y, cfg.output)
     model.train(was_training)
     for name, data in prediction_pngs(rgb, idx).items():
         (folder / name).write_bytes(data)

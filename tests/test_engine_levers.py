@@ -109,3 +109,21 @@ def test_warmup_then_schedule():
     opt = torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
     assert type(make_scheduler(opt, cfg.replace(warmup_epochs=0), 20, 5)) is torch.optim.lr_scheduler.CosineAnnealingLR
     assert make_scheduler(opt, TrialConfig(), 20, 5) is None
+
+
+def test_flip_averaging_is_exact_for_a_mirror_equivariant_model_and_evaluated():
+    from study.train import predict
+    y = torch.rand(2, 1, 16, 16)
+    conv = torch.nn.Conv2d(1, 2, 3, padding=1)
+    with torch.no_grad():  # a kernel symmetric left-right: conv(mirror(y)) == mirror(conv(y))
+        conv.weight.copy_((conv.weight + conv.weight.flip(3)) / 2)
+    assert torch.allclose(predict(conv, y, flip=True), conv(y), atol=1e-6)
+    torch.manual_seed(0)
+    model = build_unet(UNetConfig(depth=2, base_filters=4), 16).eval()
+    plain, flipped = predict(model, y), predict(model, y, flip=True)
+    assert not torch.allclose(plain, flipped)
+    assert torch.allclose(flipped, (plain + model(y.flip(3)).flip(3)) / 2, atol=1e-6)
+    val = DeviceImages((np.random.default_rng(0).random((8, 16, 16, 3)) * 255).astype(np.uint8), "cpu")
+    with torch.no_grad():
+        a, b = evaluate(model, val, TINY, 8), evaluate(model, val, TINY.replace(tta_flip=True), 8)
+    assert a["gray_psnr"] == b["gray_psnr"] and a["psnr"] != b["psnr"]
