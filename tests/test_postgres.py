@@ -176,3 +176,14 @@ def test_resume_and_two_studies_in_one_database(pg, smoke, cache_dir):
     assert {"smoke", "second"} <= set(optuna.get_all_study_names(pg["url"]))
     first = {tid: (t.state, t.intermediate_values) for tid, t in optuna_trials(pg["url"], "smoke").items()}
     assert first == smoke["optuna"] and not set(first) & set(by_id)
+
+
+def test_no_password_in_the_environment_is_a_clear_error(pg, tmp_path, cache_dir):
+    """Without PGPASSWORD the study stops before Ray starts: exit 2, one line naming the fix, nothing written."""
+    env = python_env(PGPASSFILE=str(tmp_path / "no-pgpass"))
+    env.pop("PGPASSWORD", None)
+    p = subprocess.run(study_cmd(tmp_path / "studies", cache_dir, pg["url"]), cwd=tmp_path, env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2, p.stdout[-2000:] + p.stderr[-3000:]
+    assert "Traceback" not in p.stderr and "error: --optuna-storage" in p.stderr and "PGPASSWORD" in p.stderr
+    assert not (tmp_path / "studies" / "smoke" / "study.json").exists()
