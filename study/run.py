@@ -315,22 +315,27 @@ def _main(argv: list[str]) -> int:
     meta = read_json(root, "study.json")
     if args.resume and meta is None:
         raise UsageError(f"--resume: no study at {root}; run without --resume to start it")
-    if meta is not None and meta.get("space") != space.name:
-        raise UsageError(f"{'--resume' if args.resume else 'a study already exists'} with space {space.name!r}, "
-                         f"but the study at {root} was started with {meta.get('space')!r} "
-                         f"({meta.get('space_file')}); give --space {meta.get('space')} (nothing was changed)")
-    if meta is not None and meta.get("space_sha256") not in (None, space_hash(space.path)):
-        print(f"note: {space.path} changed since the study started; the study goes on with the file as it "
-              f"is now (Optuna keeps its earlier trials)", file=sys.stderr)
-    if meta is not None and not args.resume:
-        raise UsageError(f"a study already exists at {root}; pass --resume to continue it, or --name for a new "
-                         f"one (nothing was changed)")
-    if given_url:
-        check_optuna_url(runtime_url(meta["optuna_storage"], root, given_url) if meta else given_url)
     from study import lock
     held = lock.holder(root)
     if held is not None:
         raise lock.LockError(lock.refusal(root, held))
+    if meta is not None and not args.resume:
+        from study import tune_backend as tb
+        if tb.can_resume(root):
+            raise UsageError(f"a study already exists at {root}; pass --resume to continue it, or --name for a "
+                             f"new one (nothing was changed)")
+        # Its driver died before Ray saved any state: no trial ran, so the name is not used up.
+        print(f"note: the study at {root} never started a trial; starting it afresh")
+        meta = None
+    if meta is not None and meta.get("space") != space.name:
+        raise UsageError(f"--resume with space {space.name!r}, but the study at {root} was started with "
+                         f"{meta.get('space')!r} ({meta.get('space_file')}); give --space {meta.get('space')} "
+                         f"(nothing was changed)")
+    if meta is not None and meta.get("space_sha256") not in (None, space_hash(space.path)):
+        print(f"note: {space.path} changed since the study started; the study goes on with the file as it "
+              f"is now (Optuna keeps its earlier trials)", file=sys.stderr)
+    if given_url:
+        check_optuna_url(runtime_url(meta["optuna_storage"], root, given_url) if meta else given_url)
     if args.resume:
         check_pickles(root)
     data_root = str(Path(args.data_root).resolve()) if args.data_root else os.environ.get("COLORIZE_DATA_ROOT")

@@ -46,11 +46,13 @@ def space(**changes) -> Callable[[Path], None]:
     return setup
 
 
-def study_json(space_name: str, name: str = "space") -> Callable[[Path], None]:
+def study_json(space_name: str, name: str = "space", started: bool = False) -> Callable[[Path], None]:
     def setup(folder: Path) -> None:
         space()(folder)
         (folder / "st" / name).mkdir(parents=True)
         (folder / "st" / name / "study.json").write_text(json.dumps({"name": name, "space": space_name}))
+        if started:   # Ray's saved state, as a started study has it (never read: the command stops first)
+            (folder / "st" / name / "tuner.pkl").write_bytes(b"not read")
     return setup
 
 
@@ -174,7 +176,7 @@ CASES = [
     Case("resume-other-space", "study.run", [*RUN, "--space", "space.yaml", "--resume"],
          r"--resume with space 'space', but the study at .* was started with 'smoke'", study_json("smoke")),
     Case("exists-without-resume", "study.run", [*RUN, "--space", "space.yaml"],
-         r"a study already exists at .*; pass --resume", study_json("space")),
+         r"a study already exists at .*; pass --resume", study_json("space", started=True)),
     Case("second-driver", "study.run", [*RUN, "--space", "space.yaml"],
          r"the study at .* is being run by another driver pid \d+ on", live_lock),
     Case("resume-writable-pickle", "study.run", [*RUN, "--space", "space.yaml", "--resume"],

@@ -35,14 +35,14 @@ def _dead_pid() -> int:
 def test_second_driver_is_refused_and_the_lock_goes_with_the_first(tmp_path):
     root = str(tmp_path / "study")
     notes = []
-    first = lock.StudyLock(root, heartbeat_s=0.05, log=notes.append).acquire()
+    first = lock.StudyLock(root, heartbeat_s=0.25, log=notes.append).acquire()
     path = tmp_path / "study" / lock.LOCK_FILE
     written = json.loads(path.read_text())
     assert written["pid"] == os.getpid() and written["token"] == first.token
     with pytest.raises(lock.LockError, match=r"being run by another driver pid \d+ on .*wait for it to end"):
         lock.StudyLock(root).acquire()
     assert lock.holder(root)["token"] == first.token
-    time.sleep(0.3)   # the heartbeat thread keeps the record fresh
+    time.sleep(0.7)   # the heartbeat thread keeps the record fresh
     assert json.loads(path.read_text())["heartbeat"] > written["heartbeat"]
     first.release()
     assert not path.exists() and lock.holder(root) is None and not notes
@@ -91,7 +91,7 @@ def test_lock_on_s3(monkeypatch):
         s3.create_dir("bucket")
         monkeypatch.setattr(lock, "SETTLE_S", 0.05)
         root = f"s3://bucket/studies/a?{query}"
-        with lock.StudyLock(root, heartbeat_s=0.05) as first:
+        with lock.StudyLock(root, heartbeat_s=2) as first:
             assert s3.get_file_info(f"bucket/studies/a/{lock.LOCK_FILE}").type == pafs.FileType.File
             with pytest.raises(lock.LockError, match="being run by another driver"):
                 lock.StudyLock(root).acquire()
@@ -162,7 +162,8 @@ def test_default_sqlite_is_resolved_in_the_study_folder_where_it_is_now(tmp_path
 
 
 def test_a_study_that_never_started_can_start_and_its_record_keeps_no_machine_path(tmp_path, cache_dir):
-    """A driver that died before its first trial left optuna.db and its lock: the name is not used up."""
+    """A driver that died before its first trial left study.json, optuna.db and its lock: the name is not
+    used up, and the study starts without --resume."""
     space = {"sampler": {"name": "random"}, "num_samples": 2, "max_concurrent": 2,
              "resources": {"cpu": 1, "gpu": 0},
              "params": {"dataset": "samples", "depth": 2, "base_filters": 4, "epochs": 1, "train_limit": 64,
@@ -171,12 +172,14 @@ def test_a_study_that_never_started_can_start_and_its_record_keeps_no_machine_pa
     root = tmp_path / "st" / "tiny"
     root.mkdir(parents=True)
     (root / "optuna.db").write_bytes(b"")
+    (root / "study.json").write_text(json.dumps({"name": "tiny", "space": "tiny", "num_samples": 99}))
     (root / lock.LOCK_FILE).write_text(json.dumps(_record(pid=_dead_pid(), heartbeat=time.time())))
     p = subprocess.run([PYTHON, "-m", "study.run", "--space", "tiny.yaml", "--storage", "st", "--cache-dir",
                         str(cache_dir), "--num-cpus", "2"], cwd=tmp_path, env=python_env(), capture_output=True,
                        text=True, timeout=400)
     assert p.returncode == 0, (p.stdout[-3000:], p.stderr[-3000:])
     assert "taking over a stale lock" in p.stdout and "is gone" in p.stdout
+    assert "never started a trial; starting it afresh" in p.stdout
     meta = json.loads((root / "study.json").read_text())
     assert meta["optuna_storage"] == "sqlite:///optuna.db" and meta["pack"] == 1 and meta["num_samples"] == 2
     assert not (root / lock.LOCK_FILE).exists()
