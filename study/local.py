@@ -12,7 +12,7 @@ from pathlib import Path
 from study.config import TrialConfig
 from study.results import (ResultsWriteError, ResultsWriter, epoch_row, png_files, preview_rows, trial_row,
                            write_json)
-from study.train import device_name, pick_device, run_trial
+from study.train import device_name, original_previews, pick_device, run_trial
 
 
 def run_local_study(folder: str | Path, configs: list[TrialConfig], *, data_root=None, cache_dir=None,
@@ -79,11 +79,6 @@ def _splits(cache: dict, cfg: TrialConfig, data_root, cache_dir):
 
 
 def _write_originals(writer: ResultsWriter, config: dict, splits, count: int) -> None:
-    """The test images and their grayscale inputs, once per (dataset, resolution) (interface 2)."""
-    import study.train
-    if writer.has_originals(config["dataset"], config["resolution"]):
-        return
-    original_previews = getattr(study.train, "original_previews", None)
-    if original_previews is None:  # an engine that still writes them into epoch 1's checkpoint folder
-        return
-    writer.add_previews(preview_rows("", config, 0, original_previews(splits.test, count)))
+    """The test images and their grayscale inputs, once per (dataset, resolution): trials write predictions only."""
+    if not writer.has_originals(config["dataset"], config["resolution"]):
+        writer.add_previews(preview_rows("", config, 0, original_previews(splits.test, count)))
