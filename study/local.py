@@ -54,8 +54,9 @@ def run_local_study(folder: str | Path, configs: list[TrialConfig], *, data_root
         try:
             splits = _splits(splits_by_key, cfg, data_root, cache_dir)
             _write_originals(writer, config, splits, cfg.preview_count)
+            # Temporary checkpoint folders inside the study folder this command owns, not wherever it was started.
             run_trial(cfg, data_root=data_root, cache_dir=cache_dir, device=device, report=report, log=log,
-                      splits=splits)
+                      splits=splits, work_dir=folder)
             status, error = "DONE", None
         except ResultsWriteError:
             raise  # the results cannot be kept: going on would compute what is then lost

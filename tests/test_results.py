@@ -221,3 +221,4 @@ def test_a_local_study_stops_on_a_results_fault_keeping_what_was_written(tmp_pat
     assert list(trials.status) == ["RUNNING"] and trials.epochs_run.tolist() == [1]
     assert files(folder / "results/moved") == ["t-local_00000-e0001.parquet"]
     assert not [p for p in (folder / "results").rglob(".tmp-*")]
+    assert not list(folder.glob(".ckpt-*"))   # the engine's temporary checkpoints, removed on error too
