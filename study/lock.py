@@ -44,8 +44,10 @@ def _read(fs: pafs.FileSystem, path: str) -> dict | None:
             return json.loads(f.read())
     except FileNotFoundError:
         return None
-    except (OSError, ValueError):
-        return {}   # unreadable or half-written: treated as stale below (no heartbeat)
+    except ValueError:
+        return {}   # half-written or not JSON: treated as stale below (no heartbeat)
+    except OSError as e:   # the storage itself failed: never guess that the lock is free
+        raise LockError(f"cannot read the study lock {path}: {e}; check the storage and try again") from None
 
 
 def _alive_here(record: dict) -> bool | None:
@@ -185,5 +187,5 @@ class StudyLock:
                     self.lost = True
                     continue
                 self._write()
-            except OSError as e:   # a storage hiccup: try again next beat; the lock stays ours until stale
+            except (OSError, LockError) as e:   # a storage hiccup: try again next beat; ours until stale
                 self.log(f"warning: could not refresh the study lock {self.path}: {e}")
