@@ -86,7 +86,7 @@ def is_loopback(address: str) -> bool:
 
 def run_args_checked(run_args: list[str]) -> argparse.Namespace:
     """Parse and check study.run's arguments and space here, so a mistake fails before anything is uploaded."""
-    from study.run import check_options, parser
+    from study.run import check_options, masked, parser
     from study.space import load_space
 
     if run_args and run_args[0] == "--":
@@ -102,8 +102,21 @@ def run_args_checked(run_args: list[str]) -> argparse.Namespace:
             f"working_dir copy. Use shared storage every node reaches (s3://bucket/prefix, gs://...) or an "
             f"absolute path on a filesystem mounted on every node (NFS)")
     check_options(args)
+    if args.optuna_storage and _password_in(args.optuna_storage):
+        raise SubmitError(f"--optuna-storage {masked(args.optuna_storage)}: a job's command line is shown on the "
+                          f"dashboard and kept in its records: leave the password out of the URL and give it to "
+                          f"the cluster's nodes (PGPASSWORD or ~/.pgpass, e.g. from a Kubernetes secret)")
     load_space(args.space)   # the space file travels with the project folder: check it here
     return args
+
+
+def _password_in(url: str) -> bool:
+    from study.run import without_password
+
+    try:
+        return without_password(url) != url
+    except ProjectError:
+        return "@" in url.split("//", 1)[-1].split("/", 1)[0]
 
 
 def entrypoint(run_args: list[str]) -> str:
