@@ -162,6 +162,8 @@ CASES = [
          r"--name '\.\./elsewhere': a study name is one folder name"),
     Case("storage-below-a-file", "study.run", ["--storage", "afile/studies", "--space", "space.yaml"],
          r"--storage afile/studies: .*afile is a file, not a folder", a_file),
+    Case("cache-dir-below-a-file", "study.run", ["--storage", "st", "--cache-dir", "afile/cache", "--space",
+                                                  "space.yaml"], r"--cache-dir afile/cache: .*afile is a file", a_file),
     Case("storage-unwritable", "study.run", ["--storage", "/proc/colorize-studies", "--space", "space.yaml"],
          r"--storage /proc/colorize-studies: cannot create files in /proc"),
     Case("storage-relative-in-ray-job", "study.run", [*RUN, "--space", "space.yaml"],
