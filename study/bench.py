@@ -288,6 +288,8 @@ def _run(args, dev, steps, packs, precisions, flowers_batch, flowers_pack, data_
             ratio = f"   x{rate / ref:.2f} the reference"
         out["rows"].append(entry)
         print(f"{text:<58s} {rate:12.1f} {unit}{ratio}", flush=True)
+        if args.json:  # after every row: a run cut short still leaves what it measured
+            args.json.write_text(json.dumps(out, indent=2))
 
     if parts & {"reference", "trial", "pack"}:
         files, source = cifar_jpegs(data_root, args.images, scratch)
@@ -303,11 +305,6 @@ def _run(args, dev, steps, packs, precisions, flowers_batch, flowers_pack, data_
                 for b in args.batches:
                     row(f"trial_{precision}_b{b}_img_s", f"one trial, device-resident, {label(precision)}, b{b}",
                         bench_trial(images, CIFAR_MODEL, dev, b, steps, args.warmup, precision))
-            if mode:
-                for b in args.batches:
-                    row(f"trial_compiled_{precisions[-1]}_b{b}_img_s",
-                        f"one trial, torch.compile {mode}, {label(precisions[-1])}, b{b}",
-                        bench_trial(images, CIFAR_MODEL, dev, b, steps, args.warmup, precisions[-1], mode))
         if "pack" in parts:
             for k in packs:
                 for precision in precisions:
@@ -315,12 +312,17 @@ def _run(args, dev, steps, packs, precisions, flowers_batch, flowers_pack, data_
                         f"pack of {k} fused UNets, {label(precision)}, b{args.pack_batch} each",
                         bench_pack(images, CIFAR_MODEL, dev, k, args.pack_batch, steps, args.warmup, precision),
                         "model-img/s")
-            if mode:
-                k = 16 if 16 in packs else max(packs)
-                row(f"pack{k}_compiled_{precisions[-1]}_b{args.pack_batch}_model_img_s",
-                    f"pack of {k}, torch.compile {mode}, {label(precisions[-1])}, b{args.pack_batch} each",
-                    bench_pack(images, CIFAR_MODEL, dev, k, args.pack_batch, steps, args.warmup, precisions[-1],
-                               mode), "model-img/s")
+        if mode and "trial" in parts:  # last: compiling takes long, and every row before it is kept
+            for b in args.batches:
+                row(f"trial_compiled_{precisions[-1]}_b{b}_img_s",
+                    f"one trial, torch.compile {mode}, {label(precisions[-1])}, b{b}",
+                    bench_trial(images, CIFAR_MODEL, dev, b, steps, args.warmup, precisions[-1], mode))
+        if mode and "pack" in parts:
+            k = 16 if 16 in packs else max(packs)
+            row(f"pack{k}_compiled_{precisions[-1]}_b{args.pack_batch}_model_img_s",
+                f"pack of {k}, torch.compile {mode}, {label(precisions[-1])}, b{args.pack_batch} each",
+                bench_pack(images, CIFAR_MODEL, dev, k, args.pack_batch, steps, args.warmup, precisions[-1], mode),
+                "model-img/s")
     if "flowers" in parts:
         fl, source = flowers_images(data_root, max(args.flowers_images, flowers_batch), args.flowers_size, cache_dir)
         size = args.flowers_size
