@@ -18,6 +18,13 @@ with its own Adam and scheduler; the fused forward concatenates them per layer.
 That keeps per-member learning rates and schedules exact, makes export a plain
 ``state_dict()``, and lets a pruned or finished member leave by rebuilding the fused
 model from the others (its slice then costs nothing), instead of masking it.
+Measured on a 2-core CPU: K Adam steps cost what one Adam over all members'
+parameters costs (about 2% of a step); a rebuild takes 3-5 ms, once per departure.
+
+A pack reproduces its members' separate trials (same seeds: same initial weights,
+data order and augmentation) up to floating-point rounding. Dropout is the exception:
+one mask tensor serves all members, so with dropout > 0 the draws differ from a
+separate trial's (the same distribution, not the same numbers).
 """
 from __future__ import annotations
 
@@ -43,7 +50,7 @@ from study.train import (CHECKPOINT_FILE, EvalSplit, NonFiniteLossError, _rng_st
                          make_scheduler, pick_device, prediction_pngs, resolve_precision)
 
 STRUCTURE = ("dataset", "resolution", "depth", "sampling", "output", "base_filters", "max_filters",
-             "batch_size", "train_limit", "eval_limit", "precision")
+             "batch_size", "train_limit", "eval_limit", "precision", "preview_count")
 PACK_FILE = "pack.pt"
 PackReport = Callable[[dict, "Path | None"], "set[int] | None"]
 
