@@ -157,10 +157,6 @@ def cifar_jpegs(data_root: str | None, n: int, scratch: Path) -> tuple[list[Path
     """CIFAR-10 JPEGs from the data root; with no data root at all, JPEGs written from the sample photos."""
     if data_root:
         root = Path(data_root) / "cifar10"
-        if not root.is_dir():
-            raise DataError(f"--data-root {data_root}: there is no cifar10/ folder in it, and the benchmark "
-                            f"reads CIFAR-10. " + LAYOUT_HELP.format(name="cifar10")
-                            + " Leave --data-root out to benchmark on the bundled sample photos instead.")
         return folder_splits(root, seed=0)["train"][:n], f"cifar10 JPEGs from {root}"
     imgs = load_splits("samples", 32, cache_dir=scratch.parent, train_limit=min(n, 1024)).train
     files = []
@@ -170,12 +166,21 @@ def cifar_jpegs(data_root: str | None, n: int, scratch: Path) -> tuple[list[Path
     return files, "JPEGs written from the bundled sample photos (no --data-root given)"
 
 
+def check_data_root(data_root: str | None, parts: set[str]) -> None:
+    """Before any timing: the data root holds what the chosen rows read (it is never silently replaced)."""
+    if not data_root:
+        return
+    if parts & {"reference", "trial", "pack"} and not (Path(data_root) / "cifar10").is_dir():
+        raise DataError(f"--data-root {data_root}: there is no cifar10/ folder in it, and the benchmark reads "
+                        f"CIFAR-10. " + LAYOUT_HELP.format(name="cifar10")
+                        + " Leave --data-root out to benchmark on the bundled sample photos instead.")
+    if "flowers" in parts and not (Path(data_root) / "flowers102").is_dir():
+        raise DataError(f"--data-root {data_root}: there is no flowers102/ folder in it for the flowers rows. "
+                        + LAYOUT_HELP.format(name="flowers102") + " Or leave them out with --parts reference,trial,pack.")
+
+
 def flowers_images(data_root: str | None, n: int, size: int, cache_dir: Path) -> tuple[np.ndarray, str]:
     if data_root:
-        if not (Path(data_root) / "flowers102").is_dir():
-            raise DataError(f"--data-root {data_root}: there is no flowers102/ folder in it for the flowers rows. "
-                            + LAYOUT_HELP.format(name="flowers102")
-                            + " Or leave them out with --parts reference,trial,pack.")
         s = load_splits("flowers102", size, data_root, cache_dir, train_limit=n, eval_limit=1)
         return np.asarray(s.train), f"Flowers-102 from {Path(data_root) / 'flowers102'}"
     s = load_splits("samples", size, cache_dir=cache_dir, train_limit=n, eval_limit=1)
@@ -258,6 +263,7 @@ def main(argv=None) -> int:
     flowers_pack = args.flowers_pack or d["flowers_pack"]
     data_root = args.data_root or default_data_root()
     cache_dir = (args.cache_dir or default_cache_dir()).resolve()
+    check_data_root(data_root, set(args.parts))
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # "fp32" rows use TF32
     torch.backends.cudnn.benchmark = True  # as run_trial
     cache_dir.mkdir(parents=True, exist_ok=True)

@@ -5,6 +5,7 @@ import pytest
 
 from conftest import PYTHON, python_env
 from study.bench import main
+from study.data import DataError
 
 
 def test_bench_smoke_prints_every_row_and_ratio(tmp_path, cache_dir):
@@ -37,6 +38,13 @@ def test_data_root_without_cifar10_stops(tmp_path):
     assert "no cifar10/ folder" in p.stderr and str(tmp_path) in p.stderr
     assert "Traceback" not in p.stderr
     assert not list((tmp_path / "cache").glob("bench-jpeg-*"))
+
+
+def test_data_root_without_flowers102_stops_before_any_timing(tmp_path, capsys):
+    (tmp_path / "cifar10").mkdir()
+    with pytest.raises(DataError, match="no flowers102/ folder.*--parts reference,trial,pack"):
+        main(["--data-root", str(tmp_path), "--cache-dir", str(tmp_path / "cache"), "--steps", "1"])
+    assert "reference" not in capsys.readouterr().out  # it stopped before the first row
 
 
 @pytest.mark.parametrize("args, message", [
