@@ -1,6 +1,6 @@
 """Training throughput, everything side by side in one run, as text and JSON with the device's name.
 
-``python -m study.bench [--data-root ../shared/data] [--steps N] [--packs 4,8,16,32] [--json out.json]``
+``python -m study.bench [--data-root ../shared/data] [--steps N] [--packs 4,8,16,32] [--parts ...] [--json F]``
 
 All rows train with Adam and MSE for the same number of timed steps:
 - reference: the seed notebooks' pipeline: per-sample PIL decode of the JPEG files +
@@ -176,7 +176,8 @@ def check_data_root(data_root: str | None, parts: set[str]) -> None:
                         + " Leave --data-root out to benchmark on the bundled sample photos instead.")
     if "flowers" in parts and not (Path(data_root) / "flowers102").is_dir():
         raise DataError(f"--data-root {data_root}: there is no flowers102/ folder in it for the flowers rows. "
-                        + LAYOUT_HELP.format(name="flowers102") + " Or leave them out with --parts reference,trial,pack.")
+                        + LAYOUT_HELP.format(name="flowers102")
+                        + " Or leave them out with --parts reference,trial,pack.")
 
 
 def flowers_images(data_root: str | None, n: int, size: int, cache_dir: Path) -> tuple[np.ndarray, str]:
@@ -190,24 +191,21 @@ def flowers_images(data_root: str | None, n: int, size: int, cache_dir: Path) ->
 # ---------------------------------------------------------------- command line
 
 
-def _count(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if v <= 0:
-        raise argparse.ArgumentTypeError(f"{v} must be > 0 (leave the option out for its default)")
-    return v
+def _at_least(low: int):
+    """An argparse type: a whole number >= ``low``; anything else is refused, never replaced by a default."""
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if v < low:
+            raise argparse.ArgumentTypeError(f"{v} must be {'> 0' if low == 1 else f'>= {low}'}"
+                                             + (" (leave the option out for its default)" if low == 1 else ""))
+        return v
+    return parse
 
 
-def _nonnegative(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"{v} must be >= 0")
-    return v
+_count, _nonnegative = _at_least(1), _at_least(0)
 
 
 def _counts(text: str) -> list[int]:
