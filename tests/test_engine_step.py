@@ -57,25 +57,28 @@ def test_cuda_steps_and_evaluation_never_sync():
     images = DeviceImages(rng.integers(0, 256, (256, 32, 32, 3), dtype=np.uint8), dev)
     split = EvalSplit.prepare(DeviceImages(rng.integers(0, 256, (100, 32, 32, 3), dtype=np.uint8), dev), 64)
     model = build_unet(cfg.model, 32).to(dev, memory_format=torch.channels_last)
-    opt = make_optimizer(model.parameters(), 1e-3, dev)
-    sched = train.make_scheduler(opt, cfg.replace(schedule="onecycle"), 100)
+    opt = make_optimizer(model.parameters(), 1e-3, dev, weight_decay=0.01)
+    sched = train.make_scheduler(opt, cfg.replace(schedule="cosine", warmup_epochs=1), 100, 4)
+    average = train.WeightAverage(model, 0.99)
     step = make_loss_step(model, cfg, dev, resolve_precision(cfg, dev))
     gen = torch.Generator(device=dev).manual_seed(0)
-    for x in images.train_batches(64, gen, True):  # warm-up: cuDNN autotuning, lazy init
+    for x in images.train_batches(64, gen, 2.0):  # warm-up: cuDNN autotuning, lazy init
         step(x).backward()
+    evaluate_sums(model, split, cfg.replace(tta_flip=True))  # evaluation's batch shapes too
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
         total = torch.zeros((), device=dev)
         for _ in range(2):
-            for x in images.train_batches(64, gen, True):
+            for x in images.train_batches(64, gen, 2.0):  # shifts, flips and resized crops
                 loss = step(x)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
                 sched.step()
+                average.update()
                 total += loss.detach()
-        sums = evaluate_sums(model, split, cfg)
+        sums = evaluate_sums(average.model, split, cfg.replace(tta_flip=True))
     finally:
         torch.cuda.set_sync_debug_mode(0)
     assert math.isfinite(total.item()) and torch.isfinite(sums).all()
