@@ -113,7 +113,7 @@ except ImportError:  # pragma: no cover
     pass
 
 CASES = [
-    # space files
+    # space files (the rest of the space rules are tested in-process in test_space.py)
     Case("space-folder", "study.run", [*RUN, "--space", "spaces"], r"--space spaces is a folder, not a space file",
          a_folder),
     Case("max-failures-lots", "study.run", [*RUN, "--space", "space.yaml"],
@@ -125,14 +125,8 @@ CASES = [
     Case("sampler-typo", "study.run", [*RUN, "--space", "space.yaml"],
          r"sampler\.n_startup_trail: not an option of tpe \(TPESampler\); allowed: \[.*'n_startup_trials'",
          space(sampler={"name": "tpe", "n_startup_trail": 3})),
-    Case("pruner-typo", "study.run", [*RUN, "--space", "space.yaml"],
-         r"pruner\.n_warmup_step: not an option of median \(MedianPruner\)",
-         space(pruner={"name": "median", "n_warmup_step": 3})),
-    Case("pruner-bad-value", "study.run", [*RUN, "--space", "space.yaml"], r"pruner: median rejects these options",
-         space(pruner={"name": "median", "n_warmup_steps": -1})),
     Case("resources-cpu-negative", "study.run", [*RUN, "--space", "space.yaml"],
          r"resources\.cpu: CPUs per trial must be a number > 0, got -1", space(resources={"cpu": -1})),
-    Case("pack-0", "study.run", [*RUN, "--space", "space.yaml"], r"pack: must be a whole number >= 1", space(pack=0)),
     Case("lr-negative", "study.run", [*RUN, "--space", "space.yaml"], r"params\.lr: lr=-0\.001 must be > 0",
          space(p_lr=-0.001)),
     Case("base-filters-0", "study.run", [*RUN, "--space", "space.yaml"], r"params\.base_filters: base_filters=0",
