@@ -47,11 +47,11 @@ from ray.tune.search import ConcurrencyLimiter
 from ray.tune.search.optuna import OptunaSearch
 from ray.tune.trainable import wrap_function
 
-from study.data import DataError
+from study.data import DataError, load_splits
 from study.models import ConfigError
 from study.results import ResultsWriter, epoch_row, preview_rows, resolve, trial_row
 from study.space import Space
-from study.train import NonFiniteLossError, device_name, pick_device, run_trial
+from study.train import NonFiniteLossError, device_name, original_previews, pick_device, run_trial
 
 log = logging.getLogger("study")
 # A checkpoint per epoch is the point (resume, pruning); Ray's warning about it is noise here.
@@ -442,8 +442,6 @@ class ResultsCallback(Callback):
 
     def _originals(self, trial) -> None:
         """The test images and their grayscale inputs, once per (dataset, resolution), from the driver's data."""
-        from study.data import load_splits
-        from study.train import original_previews
         config, error = self._configs(trial)[0]
         if error:
             return

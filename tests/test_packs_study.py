@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from conftest import PYTHON, python_env
-from test_study import (_trial_workers, check_consistent, kill_session, optuna_study, run_study, space_file,
-                        tables)
+from test_study import (check_consistent, kill_session, optuna_study, run_study, space_file, tables,
+                        trial_worker)
 
 pytestmark = pytest.mark.slow
 
@@ -46,20 +46,23 @@ def test_packed_study_survives_a_dead_worker(tmp_path, cache_dir):
                 trials = tables(study)["trials"]
                 running = trials[(trials.status == "RUNNING") & (trials.epochs_run.fillna(0) >= 2)]
             except (FileNotFoundError, OSError, KeyError, AttributeError):
-                running = []
-            workers = _trial_workers(proc.pid)
-            if len(running) and workers:
-                os.kill(workers[0], signal.SIGKILL)
-                killed = set(running.pack_id)
+                running = None
+            for row in ([] if running is None else running.itertuples()):
+                pid = trial_worker(study, proc.pid, row.trial_id.rsplit("_m", 1)[0])
+                if pid:
+                    os.kill(pid, signal.SIGKILL)
+                    killed = row.pack_id
+                    break
             time.sleep(0.3)
         out, _ = proc.communicate(timeout=400)
     finally:
         kill_session(proc.pid)
-    assert killed, "no pack worker was found to kill"
+    assert killed is not None, "no pack worker was found to kill"
     assert proc.returncode == 0, out[-3000:]
     trials = check_packs(study, 6, 3)
     restarted = trials[trials.restarts >= 1]
-    assert len(restarted) and (restarted.groupby("pack_id").size() == 3).all()  # the pack restarted as one
+    assert set(restarted.pack_id) == {killed} and len(restarted) == 3  # the pack restarted as one
+    assert (restarted.resumed_at_epoch > 1).all()  # from its checkpoint, not from scratch
     # Each member was pruned (or not) on its own: Optuna holds one trial per member, in its own state.
     ot = {t.number: t for t in optuna_study(study).get_trials()}
     assert {ot[n].user_attrs["pack_member"] for n in trials.optuna_number} == {0, 1, 2}

@@ -1,6 +1,7 @@
 """The study end to end with real Ray (a local cluster per run), real Optuna SQLite storage and Parquet."""
 import contextlib
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -284,6 +285,17 @@ def _trial_workers(sid: int) -> list[int]:
     return [pid for pid, cmd in session_processes(sid) if cmd.startswith("ray::ColorizeTrial")]
 
 
+def trial_worker(study: Path, sid: int, trial_id: str) -> int | None:
+    """The PID of the worker running Tune trial ``trial_id`` (Tune records it in each result)."""
+    for result in study.glob(f"{trial_id}-*/result.json"):
+        lines = result.read_text().strip().splitlines()
+        if lines:
+            pid = json.loads(lines[-1]).get("pid")
+            if pid in _trial_workers(sid):
+                return pid
+    return None
+
+
 def test_dead_trial_worker_restarts_from_checkpoint(tmp_path, cache_dir):
     space = space_file(tmp_path, "crash", num_samples=2, max_concurrent=2, pruner={"name": "none"},
                        params={"epochs": 6, "train_limit": 512})
@@ -292,7 +304,7 @@ def test_dead_trial_worker_restarts_from_checkpoint(tmp_path, cache_dir):
            "--cache-dir", str(cache_dir), "--num-cpus", "2"]
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=python_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    killed = False
+    killed = None
     try:
         deadline = time.time() + 300
         while not killed and time.time() < deadline and proc.poll() is None:
@@ -300,11 +312,13 @@ def test_dead_trial_worker_restarts_from_checkpoint(tmp_path, cache_dir):
                 trials = tables(study)["trials"]
                 running = trials[(trials.status == "RUNNING") & (trials.epochs_run.fillna(0) >= 2)]
             except (FileNotFoundError, OSError, KeyError):
-                running = []
-            workers = _trial_workers(proc.pid)
-            if len(running) and workers:
-                os.kill(workers[0], signal.SIGKILL)
-                killed = True
+                running = None
+            for trial_id in ([] if running is None else running.trial_id):   # it has a checkpoint: kill its worker
+                pid = trial_worker(study, proc.pid, trial_id)
+                if pid:
+                    os.kill(pid, signal.SIGKILL)
+                    killed = trial_id
+                    break
             time.sleep(0.3)
         out, _ = proc.communicate(timeout=400)
     finally:
@@ -315,7 +329,7 @@ def test_dead_trial_worker_restarts_from_checkpoint(tmp_path, cache_dir):
     restarted = trials[trials.restarts >= 1]
     assert len(restarted) == 1, trials[["trial_id", "status", "restarts", "epochs_run"]]
     row = restarted.iloc[0]
-    assert row.status == "DONE" and row.epochs_run == 6
+    assert row.trial_id == killed and row.status == "DONE" and row.epochs_run == 6
     assert row.resumed_at_epoch > 1  # continued from its checkpoint, not from scratch
 
 
