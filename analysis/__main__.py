@@ -21,6 +21,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--study", type=Path, required=True,
                    help="the study folder (holding study.json and results/*.parquet); may still be running")
     p.add_argument("--out", type=Path, required=True, help="where the figures, tables and report go")
+    cli.add_debug(p)
     return p
 
 

@@ -81,6 +81,12 @@ def project_error_in(e: BaseException) -> BaseException | None:
     return None
 
 
+def add_debug(parser) -> None:
+    """List ``--debug`` in an entry point's --help (``run`` takes it off the command line first)."""
+    parser.add_argument(DEBUG_FLAG, action="store_true",
+                        help=f"show the traceback of an error (or set {DEBUG_ENV}=1)")
+
+
 def split_debug(argv: Sequence[str]) -> tuple[list[str], bool]:
     """``argv`` without ``--debug`` (only before a ``--``: what follows belongs to another command)."""
     argv = list(argv)

@@ -63,7 +63,7 @@ def parser() -> argparse.ArgumentParser:
                         "printed or stored: on --resume pass the URL again, or use $PGPASSWORD / ~/.pgpass")
     p.add_argument("--resume", action="store_true", help="continue the study after an interruption")
     p.add_argument("--seed", type=int, default=0, help="seed of Optuna's sampler")
-    p.add_argument("--debug", action="store_true", help="show the traceback of an error")
+    cli.add_debug(p)
     return p
 
 

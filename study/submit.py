@@ -254,6 +254,7 @@ def parser() -> argparse.ArgumentParser:
                    help="another path pattern to leave out of the uploaded project folder")
     p.add_argument("--logs", metavar="JOB_ID", help="follow the logs of a submitted job instead of submitting")
     p.add_argument("--stop", metavar="JOB_ID", help="stop a submitted job instead of submitting")
+    cli.add_debug(p)
     p.add_argument("run_args", nargs=argparse.REMAINDER, help="-- then the arguments of python -m study.run")
     return p
 

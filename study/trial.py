@@ -26,6 +26,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="cuda, cpu, ... (default: cuda when available)")
     p.add_argument("--out", type=Path, default=Path("runs/trial"), help="where the last checkpoint is kept")
     p.add_argument("--json", action="store_true", help="print the epoch rows as JSON at the end")
+    cli.add_debug(p)
     return p
 
 
