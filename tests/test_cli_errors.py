@@ -253,3 +253,37 @@ def test_bad_input_is_one_message_exit_2_and_nothing_written(case, results):
         lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
         assert len(lines) == 1, err
     assert r["after"] == r["before"], (sorted(set(r["after"]) ^ set(r["before"])), err[-2000:])
+
+
+# ------------------------------------------------------------------ the handler itself, in-process
+
+
+def test_handler_statuses(capsys, monkeypatch):
+    from study import cli
+
+    monkeypatch.setenv(cli.DEBUG_ENV, "0")   # restored after the test: run() sets it for --debug
+
+    def fails(exc, started=False):
+        def main(argv):
+            if started:
+                cli.work_started()
+            raise exc
+        return main
+
+    assert cli.run(fails(cli.UsageError("--x 0: give 1 or more")), []) == 2
+    assert capsys.readouterr().err == "error: --x 0: give 1 or more\n"
+    assert cli.run(fails(cli.UsageError("results folder went away"), started=True), []) == 1   # partly done
+    assert cli.run(lambda argv: None, []) == 0 and cli.run(lambda argv: 3, []) == 3
+    try:   # a library that wraps our error (raise ... from) still gives the message
+        raise RuntimeError("wrapper") from cli.UsageError("the real reason")
+    except RuntimeError as e:
+        wrapped = e
+    assert cli.run(fails(wrapped), []) == 2 and "error: the real reason" in capsys.readouterr().err
+    assert cli.run(fails(KeyboardInterrupt()), []) == 130
+    with pytest.raises(ZeroDivisionError):   # a bug keeps its traceback
+        cli.run(fails(ZeroDivisionError()), [])
+    seen = []
+    assert cli.run(lambda argv: seen.append(argv), ["--a", "--debug", "--", "--debug"]) == 0
+    assert seen == [["--a", "--", "--debug"]]   # only before "--": what follows belongs to another command
+    with pytest.raises(cli.UsageError):
+        cli.run(fails(cli.UsageError("x")), ["--debug"])
