@@ -54,10 +54,11 @@ PY
   t0=$(date +%s.%N)
   timeout "$limit" python3 -m study.run --space "$space" --name "$name" --num-samples "$n" \
     --max-concurrent "$conc" --gpus-per-trial "$gpus" --num-cpus 16 --num-gpus 1 \
-    --data-root "$X/data" --storage "$X/studies" --cache-dir "$X/cache" > "$OUT/$name.log" 2>&1
+    --data-root "$X/data" --storage "$X/studies" --cache-dir "$X/cache" > "$X/$name.log" 2>&1
   rc=$?
   t1=$(date +%s.%N)
-  tail -n 5 "$OUT/$name.log"
+  tail -n 3000 "$X/$name.log" > "$OUT/$name.log"  # what comes back is size-limited
+  tail -n 5 "$X/$name.log"
   python3 - "$name" "$t0" "$t1" "$rc" "$X/studies/$name/results/trials.parquet" "$OUT/$name.json" <<'PY'
 import json, sys
 name, t0, t1, rc, trials, out = sys.argv[1:]
@@ -75,7 +76,8 @@ except Exception as e:  # a study that did not finish still reports its wall tim
 json.dump(fig, open(out, "w"), indent=2, default=str)
 print(json.dumps({k: v for k, v in fig.items() if k != "cells"}, default=str))
 PY
-  tar -C "$X/studies/$name" -cf "$OUT/$name-results.tar" results 2>/dev/null || true
+  # The tables without the preview PNGs (Flowers previews alone are hundreds of MB).
+  tar -C "$X/studies/$name" --exclude='previews*' -cJf "$OUT/$name-results.tar.xz" results 2>/dev/null || true
 }
 
 targets() {  # prints the issue's targets from whatever JSON this part has written
