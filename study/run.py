@@ -340,6 +340,13 @@ def _main(argv: list[str]) -> int:
         check_optuna_url(runtime_url(meta["optuna_storage"], root, given_url) if meta else given_url)
     if args.resume:
         check_pickles(root)
+        from study import tune_backend as tb
+        if not tb.can_resume(root):
+            raise UsageError(f"--resume: the study at {root} never started a trial (Ray Tune saved no state); "
+                             f"run it again without --resume")
+        if args.pack is not None and args.pack != meta.get("pack", 1):
+            raise UsageError(f"--pack {args.pack}: the study was started with pack {meta.get('pack', 1)}; "
+                             f"a resumed study keeps its pack size (leave --pack out)")
     data_root = str(Path(args.data_root).resolve()) if args.data_root else os.environ.get("COLORIZE_DATA_ROOT")
     if data_root and not Path(data_root).is_dir() and "://" not in data_root:
         raise UsageError(f"--data-root {data_root} is not a folder; give the folder holding cifar10/ and "
@@ -359,9 +366,6 @@ def _main(argv: list[str]) -> int:
     if args.cpus_per_trial is not None:
         resources["cpu"] = args.cpus_per_trial
     with lock.StudyLock(root):
-        if args.resume and not tb.can_resume(root):
-            raise UsageError(f"--resume: the study at {root} never started a trial (Ray Tune saved no state); "
-                             f"run it again without --resume")
         cluster = tb.init_ray(args.address, args.num_cpus, args.num_gpus)
         if resources.get("gpu", 0) and not cluster.get("GPU"):
             print("note: the Ray cluster has no GPU; trials run on CPUs only")
@@ -378,12 +382,10 @@ def _main(argv: list[str]) -> int:
                     "max_concurrent": args.max_concurrent or space.max_concurrent, "pack": pack,
                     "resources": resources, "data_root": data_root,
                     "command": " ".join(masked(a) if "://" in a else a for a in sys.argv)}
-        elif args.pack is not None and args.pack != meta.get("pack", 1):
-            raise UsageError(f"--pack {args.pack}: the study was started with pack {meta.get('pack', 1)}; "
-                             f"a resumed study keeps its pack size (leave --pack out)")
         storage_url = runtime_url(meta["optuna_storage"], root, given_url)
         packs = f" in packs of {meta['pack']}" if meta.get("pack", 1) > 1 else ""
-        print(f"study {name}: space {space.name}, {meta['num_samples']} trials{packs}, {resources} per trial, results in {under(root, 'results')}, Optuna {masked(storage_url)}")
+        print(f"study {name}: space {space.name}, {meta['num_samples']} trials{packs}, {resources} per trial, "
+              f"results in {under(root, 'results')}, Optuna {masked(storage_url)}")
         tuner = tb.build_tuner(
             study_root=root, space=space, sampler=space.make_sampler(args.seed), storage_url=storage_url,
             optuna_study_name=meta["optuna_study_name"], num_samples=meta["num_samples"],
