@@ -1,7 +1,7 @@
 """Colorize image files with a study's best trial (or a chosen one).
 
     python -m study.colorize --study studies/s1 [--dataset flowers102] [--trial ID] \\
-        photos/ old.jpg --out colorized [--side-by-side] [--flip-average] [--device cpu|cuda]
+        photos/ old.jpg --out colorized [--side-by-side] [--[no-]flip-average] [--device cpu|cuda]
 
 The model sees only a resized copy of the input's luminance (its training
 resolution, square); its colour (UV chroma) is resized back to the input's size
@@ -39,7 +39,7 @@ from study.contract import default_trial
 from study.data import list_images
 from study.models import build_unet
 from study.results import read_table, resolve
-from study.train import CHECKPOINT_FILE, autocast_for, load_checkpoint, pick_device
+from study.train import CHECKPOINT_FILE, load_checkpoint, pick_device, predict
 
 EXIT_OK, EXIT_SOME_FAILED, EXIT_NO_MODEL = 0, 1, 2
 SIDE_BY_SIDE = "_side_by_side"
@@ -84,8 +84,8 @@ def predict_uv(model: torch.nn.Module, cfg: TrialConfig, y: torch.Tensor, device
                flip_average: bool = False) -> torch.Tensor:
     """The model's chroma, (1, 2, s, s) at its training resolution s.
 
-    ``flip_average``: the mean of the chroma predicted for the input and (unflipped) for its mirror
-    image, a test-time average that costs one more forward pass (batched with the first).
+    ``flip_average``: the engine's test-time flip averaging (``study.train.predict``), the
+    output for the input averaged with the un-mirrored output for its mirror image.
     """
     s = cfg.image_size
     # A plain resize to the training square, not a crop (which would leave parts of the input
@@ -94,14 +94,11 @@ def predict_uv(model: torch.nn.Module, cfg: TrialConfig, y: torch.Tensor, device
     # chroma is resized back, and chroma is low-frequency, so it costs little.
     # Bicubic + antialias, like the PIL bicubic resize the training data went through.
     small = F.interpolate(y, size=(s, s), mode="bicubic", antialias=True, align_corners=False).clamp(0, 1)
-    batch = torch.cat([small, small.flip(-1)]) if flip_average else small
-    with autocast_for(device):
-        pred = model(batch).float()
+    pred = predict(model, small, flip=flip_average)
+    if cfg.output == "uv":
+        return pred
     # An RGB model's own luminance is discarded: only its colour is used, like a UV model's.
-    uv = pred if cfg.output == "uv" else rgb_to_yuv(pred.clamp(0, 1))[:, 1:]
-    if flip_average:
-        uv = (uv[:1] + uv[1:].flip(-1)) / 2
-    return uv
+    return rgb_to_yuv(pred.clamp(0, 1))[:, 1:]
 
 
 def combine(y: torch.Tensor, uv: torch.Tensor) -> torch.Tensor:
@@ -394,8 +391,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, type=Path, help="folder for the PNGs")
     p.add_argument("--side-by-side", action="store_true", help="also write <stem>_side_by_side.png")
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--flip-average", action="store_true",
-                   help="average the colours predicted for each photo and its mirror image (twice the compute)")
+    p.add_argument("--flip-average", action=argparse.BooleanOptionalAction, default=None,
+                   help="average the colours predicted for each photo and its mirror image (twice the compute); "
+                        "default: as the trial was evaluated (its tta_flip)")
     return p
 
 
@@ -418,14 +416,15 @@ def main(argv: list[str] | None = None) -> int:
     check_out(args.out, args.inputs, jobs, args.side_by_side)
     device = choose_device(args.device)
     loaded = load_model(args.study, args.dataset, args.trial, device)
-    print(f"colorizing with {describe(loaded, device)}" + (", averaged with mirror images" if args.flip_average else ""))
+    flip = loaded.cfg.tta_flip if args.flip_average is None else args.flip_average
+    print(f"colorizing with {describe(loaded, device)}" + (", averaged with mirror images" if flip else ""))
     for message in errors:
         print(f"error: {message}", file=sys.stderr)
     failed = len(errors)
     for path, name in jobs:
         try:
             for out in colorize_file(loaded.model, loaded.cfg, path, args.out / name, device, args.side_by_side,
-                                     args.flip_average):
+                                     flip):
                 print(f"wrote {out}")
         except InputError as e:
             failed += 1

@@ -321,7 +321,8 @@ def test_flip_average_is_mirror_equivariant_and_changes_a_real_models_colours(st
     out = predict_uv(loaded.model, loaded.cfg, symmetric, torch.device("cpu"), flip_average=True)
     assert torch.allclose(out, out.flip(-1), atol=1e-6)
     rc, stdout, err = run(capsys, "--study", study, inputs["colour"], "--flip-average", "--out", tmp_path / "f")
-    assert rc == 0 and "mirror" in stdout, err
-    rc, _, _ = run(capsys, "--study", study, inputs["colour"], "--out", tmp_path / "p")
+    assert rc == 0 and "averaged with mirror images" in stdout, err
+    rc, stdout, _ = run(capsys, "--study", study, inputs["colour"], "--out", tmp_path / "p")
+    assert not loaded.cfg.tta_flip and "averaged with mirror images" not in stdout   # default: as evaluated
     assert not np.array_equal(np.asarray(Image.open(tmp_path / "f/astronaut.png")),
                               np.asarray(Image.open(tmp_path / "p/astronaut.png")))
