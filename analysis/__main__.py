@@ -12,7 +12,6 @@ import sys
 from pathlib import Path
 
 from study import cli
-from study.cli import UsageError
 
 
 def parser() -> argparse.ArgumentParser:
@@ -27,9 +26,7 @@ def parser() -> argparse.ArgumentParser:
 
 def _main(argv: list[str]) -> int:
     args = parser().parse_args(argv)
-    blocker = next((p for p in (args.out, *args.out.parents) if p.exists() and not p.is_dir()), None)
-    if blocker is not None:   # checked before the study is read, so nothing is written
-        raise UsageError(f"--out {args.out}: {blocker} is a file, not a folder; give a folder for the report")
+    cli.check_writable(f"--out {args.out}", args.out, "the report")   # before anything is read or written
     # Headless by default: the figures are only ever written to files.
     os.environ.setdefault("MPLBACKEND", "Agg")
     from analysis.load import load_study

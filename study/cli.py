@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
+from pathlib import Path
 from typing import Callable, Sequence
 
 DEBUG_FLAG = "--debug"
@@ -79,6 +81,24 @@ def project_error_in(e: BaseException) -> BaseException | None:
         seen.add(id(e))
         e = e.__cause__   # not __context__: an error raised while handling one is a bug of its own
     return None
+
+
+def check_writable(option: str, folder: Path | str, what: str) -> None:
+    """``folder`` is, or can become, a folder this process creates files in (probed; nothing is left).
+
+    Checked up front, so a bad output folder fails before any work; ``option`` names it in the message.
+    """
+    existing = Path(folder)
+    while not existing.exists() and existing.parent != existing:
+        existing = existing.parent
+    if existing.exists() and not existing.is_dir():
+        raise UsageError(f"{option}: {existing} is a file, not a folder; give a folder for {what}")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as e:
+        raise UsageError(f"{option}: cannot create files in {existing} ({e.strerror}); "
+                         f"choose a folder you can write, or fix its permissions") from None
 
 
 def add_debug(parser) -> None:

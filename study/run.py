@@ -22,7 +22,6 @@ import hashlib
 import os
 import stat
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -112,22 +111,7 @@ def check_storage(storage: str, root: str) -> None:
             f"--storage {storage!r} is relative, and this runs as a Ray job whose working directory is a "
             f"temporary copy that disappears: use shared storage every node reaches (s3://bucket/prefix) "
             f"or an absolute path on a filesystem mounted on every node")
-    check_writable(f"--storage {storage}", Path(root), "studies")
-
-
-def check_writable(option: str, folder: Path, what: str) -> None:
-    """``folder`` is, or can become, a folder this process creates files in (probed; nothing is left)."""
-    existing = folder
-    while not existing.exists() and existing.parent != existing:
-        existing = existing.parent
-    if existing.exists() and not existing.is_dir():
-        raise UsageError(f"{option}: {existing} is a file, not a folder; give a folder for {what}")
-    try:
-        with tempfile.TemporaryFile(dir=existing):
-            pass
-    except OSError as e:
-        raise UsageError(f"{option}: cannot create files in {existing} ({e.strerror}); "
-                         f"choose a folder you can write, or fix its permissions") from None
+    cli.check_writable(f"--storage {storage}", Path(root), "studies")
 
 
 def check_pickles(root: str) -> None:
@@ -352,7 +336,7 @@ def _main(argv: list[str]) -> int:
         raise UsageError(f"--data-root {data_root} is not a folder; give the folder holding cifar10/ and "
                          f"flowers102/ (or leave it out to download them)")
     cache_dir = str(Path(args.cache_dir or os.environ.get("COLORIZE_CACHE_DIR") or ".cache").resolve())
-    check_writable(f"--cache-dir {args.cache_dir or cache_dir}", Path(cache_dir), "the decoded-image cache")
+    cli.check_writable(f"--cache-dir {args.cache_dir or cache_dir}", Path(cache_dir), "the decoded-image cache")
 
     if not args.address:  # on a cluster each node decodes into its own cache
         prepare_data(space, data_root, cache_dir)

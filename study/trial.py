@@ -8,7 +8,6 @@ from dataclasses import fields
 from pathlib import Path
 
 from study import cli
-from study.cli import UsageError
 from study.config import TrialConfig
 from study.train import NonFiniteLossError, keep_checkpoint, pick_device, run_trial, summarize
 
@@ -36,9 +35,9 @@ def _main(argv: list[str]) -> int:
     # Everything is checked before the output folder is made or data is read.
     cfg = TrialConfig.from_dict(values).validate()
     device = pick_device(args.device)
-    blocker = next((p for p in (args.out, *args.out.parents) if p.exists() and not p.is_dir()), None)
-    if blocker is not None:
-        raise UsageError(f"--out {args.out}: {blocker} is a file; give a folder for the checkpoint")
+    cli.check_writable(f"--out {args.out}", args.out, "the checkpoint")
+    if args.cache_dir:
+        cli.check_writable(f"--cache-dir {args.cache_dir}", Path(args.cache_dir), "the decoded-image cache")
     keep = keep_checkpoint(args.out / "checkpoint")
 
     def report(row: dict, folder) -> None:

@@ -182,7 +182,7 @@ CASES = [
          skip="this machine has CUDA" if CUDA else None),
     Case("trial-tpu", "study.trial", ["--device", "tpu"], r"--device 'tpu'"),
     Case("trial-lr-nan", "study.trial", ["--lr", "nan"], r"lr=nan must be a finite number"),
-    Case("trial-out-file", "study.trial", ["--out", "afile/run"], r"--out afile/run: afile is a file", a_file),
+    Case("trial-out-file", "study.trial", ["--out", "afile/run"], r"--out afile/run: afile is a file, not a folder", a_file),
     # study.submit: checked before connecting, and an unreachable address is one line
     Case("submit-bad-space", "study.submit", ["--address", "http://127.0.0.1:9", "--", "--space", "nope",
                                                "--storage", "/abs/studies"], r"no space named 'nope'"),
