@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 import seaborn as sns
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from analysis.figures import categories, continuous, output_palette
 from analysis.style import new_figure, seeded_numpy, styled
@@ -119,16 +120,19 @@ def helped_figure(trials: pd.DataFrame, dataset: str, lever_names: list[str]) ->
         raise ValueError(f"no lever varies among the {dataset} trials")
     cols = min(len(names), 4)
     rows = -(-len(names) // cols)
-    fig = new_figure(1.0 + 3.6 * cols, 0.8 + 3.1 * rows)
+    fig = new_figure(max(1.6 + 3.6 * cols, 6.0), 1.0 + 3.1 * rows)
     axes = fig.subplots(rows, cols, squeeze=False).ravel()
     palette = output_palette(data)
     for ax, name in zip(axes, names):
         values = data[name]
-        if continuous(values):
+        if _numeric_axis(values):
             sns.scatterplot(data, x=name, y=TEST_GAIN, hue="output", hue_order=sorted(palette), palette=palette,
                             ax=ax, legend=False, s=25)
             if values.min() > 0 and values.max() / values.min() >= 20:
                 ax.set_xscale("log")   # learning rates and weight decays span decades
+            else:
+                ax.xaxis.set_major_locator(MaxNLocator(4))   # 0.00075 0.0010 ... would run together
+            ax.tick_params(axis="x", labelrotation=20)
         else:
             labels, order = categories(values)
             with seeded_numpy():
@@ -145,21 +149,38 @@ def helped_figure(trials: pd.DataFrame, dataset: str, lever_names: list[str]) ->
     for ax in axes[len(names):]:
         ax.set_visible(False)
     handles = [ax.scatter([], [], color=c, label=o) for o, c in palette.items()]
-    fig.legend(handles=handles, title="output", loc="outside right upper", fontsize="small")
-    fig.suptitle(f"What helped on {dataset}: test gain over the grayscale input against each lever "
+    fig.legend(handles=handles, title="output", loc="outside right center", fontsize="small")
+    fig.suptitle(f"What helped on {dataset}\ntest gain over the grayscale input against each lever "
                  "(bar: median per value)")
     return fig
 
 
+def _value_labels(values: pd.Series) -> tuple[list[str], list[str]]:
+    """Per row, the table's label of its value, and the labels' order: a lever on a numeric axis in
+    quartile ranges ("0.0003-0.0008"), so a searched range gives four rows rather than one per trial."""
+    if not _numeric_axis(values):
+        return categories(values)
+    bins = pd.qcut(values, q=min(4, values.nunique()), duplicates="drop")
+    names = {iv: f"{max(iv.left, values.min()):.3g}-{iv.right:.3g}" for iv in bins.cat.categories}
+    return [names[b] for b in bins], [names[iv] for iv in bins.cat.categories]
+
+
+def _numeric_axis(values: pd.Series) -> bool:
+    """A lever drawn on a numeric axis: many values, or a handful of floats drawn from a range (an lr
+    from a log-uniform), whose printed values would crowd a categorical axis."""
+    return continuous(values) or (pd.api.types.is_float_dtype(values) and values.nunique() >= 4)
+
+
 def helped_table(trials: pd.DataFrame, dataset: str, lever_names: list[str]) -> pd.DataFrame:
-    """Per lever and value: trials, median and best test gain (dB), on ``dataset``; largest median first per lever."""
+    """Per lever and value (or quartile range of values): trials, median and best test gain (dB), on ``dataset``;
+    largest median first per lever."""
     data = scored(trials)
     data = data[data["dataset"] == dataset]
     parts = []
     for name in lever_names:
         if data[name].astype(str).nunique() <= 1:
             continue
-        labels, order = categories(data[name])
+        labels, order = _value_labels(data[name])
         g = data.assign(value=labels).groupby("value")[TEST_GAIN]
         part = pd.DataFrame({"lever": name, "value": order}).merge(
             pd.DataFrame({"trials": g.size(), "median_test_gain_db": g.median(), "best_test_gain_db": g.max()})

@@ -345,6 +345,17 @@ def test_what_helped_table_equals_the_parquet_data(study, report):
         assert row["best_test_gain_db"] == pytest.approx(values.max())
 
 
+def test_what_helped_groups_a_searched_range_in_quartiles(study):
+    from analysis import tradeoffs
+    s = load_study(study)
+    trials = s.trials.assign(lr=np.geomspace(3e-4, 3e-3, len(s.trials)))   # as a log-uniform search draws it
+    table = tradeoffs.helped_table(trials, "samples", ["lr", "output"])
+    lr = table[table["lever"] == "lr"]
+    assert 2 <= len(lr) <= 4 and lr["trials"].sum() == len(trials)
+    assert all("-" in v for v in lr["value"]) and set(table[table["lever"] == "output"]["value"]) == {"rgb", "uv"}
+    tradeoffs.helped_figure(trials, "samples", ["lr", "output"])   # drawn on a numeric axis
+
+
 def test_bookkeeping_columns_are_not_hyperparameters(study, tmp_path):
     def bookkeeping(trials):
         n = len(trials)
