@@ -63,12 +63,15 @@ def _snapshot(url: str, folder: Path, tmp: Path) -> str:
 
     Opening an RDB storage may write to it (schema set-up) and the study may
     still be running, so the analysis reads a copy made with SQLite's backup
-    API. The recorded path is absolute on the machine that ran the study; on a
-    laptop that copied the folder the database is looked for beside study.json.
+    API. A relative path is relative to the study folder; an absolute one is of
+    the machine that ran the study, so on a laptop that copied the folder the
+    database is looked for beside study.json.
     """
     if not url.startswith(SQLITE):
         return url
     recorded = Path(url[len(SQLITE):].split("?", 1)[0])
+    if not recorded.is_absolute():   # study.run records its own database relative to the study folder
+        recorded = folder / recorded
     found = next((p for p in (recorded, folder / recorded.name) if p.is_file()), None)
     if found is None:
         raise ImportanceSkipped(f"the Optuna storage {recorded} is not there, nor is {recorded.name} beside study.json")

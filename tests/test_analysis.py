@@ -200,7 +200,7 @@ def test_importance_comes_from_the_optuna_study(report):
     assert "hyperparameter importance skipped" not in (out / "report.md").read_text()
 
 
-def test_importance_finds_the_storage_beside_study_json_and_needs_two_trials(study, tmp_path):
+def test_importance_finds_the_storage_beside_study_json_and_needs_two_trials(study, tmp_path, monkeypatch):
     from analysis.importance import ImportanceSkipped, param_importances
     meta = json.loads((study / "study.json").read_text())
     # On a laptop the recorded absolute path is gone; the copied optuna.db sits beside study.json.
@@ -208,6 +208,12 @@ def test_importance_finds_the_storage_beside_study_json_and_needs_two_trials(stu
     assert param_importances(moved, study) == pytest.approx(param_importances(meta, study))
     with pytest.raises(ImportanceSkipped, match="not there"):
         param_importances(moved, tmp_path)
+    # Recorded relative (study.run's default): the study folder's, never one in the working directory.
+    relative = {**meta, "optuna_storage": "sqlite:///optuna.db"}
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "optuna.db").write_bytes(b"a decoy in the working directory")
+    assert param_importances(relative, study) == pytest.approx(param_importances(meta, study))
+    (tmp_path / "optuna.db").unlink()
     import optuna
     optuna.create_study(study_name="one", storage=f"sqlite:///{tmp_path / 'optuna.db'}").add_trial(
         optuna.trial.create_trial(params={}, distributions={}, value=1.0))
