@@ -9,6 +9,8 @@ Sources, in order:
 
 Splits: ``train``/``val``/``test`` folders are used as they are; a missing
 ``val`` (or ``test``) is a seeded 20% of ``train`` (CIFAR-10: 40,000 / 10,000).
+Grayscale images in a split are counted when it is decoded: a warning names a
+few, and a split with more than 5% of them is refused (see ``check_grayscale``).
 """
 from __future__ import annotations
 
