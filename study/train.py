@@ -350,6 +350,28 @@ def checkpoint_due(epoch: int, epochs: int, is_best: bool, last_epoch: int, last
             or time.monotonic() - last_time >= CHECKPOINT_SECONDS)
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True  # someone else's process, or a platform without signal 0: leave its folder alone
+    return True
+
+
+def sweep_stale_checkpoints(work_dir: Path) -> None:
+    """Remove temporary checkpoint folders (``.ckpt-<epoch>-<pid>-*``) whose process is gone: a killed
+    trial cannot run its ``finally``, so the next run in the same folder (a restarted trial) cleans up."""
+    for folder in work_dir.glob(".ckpt-*-*-*"):
+        try:
+            pid = int(folder.name.split("-")[2])
+        except ValueError:
+            continue
+        if pid != os.getpid() and not _pid_alive(pid):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
 def _rng_states(device: torch.device) -> dict:
     # Dropout draws from the global generators: saved so a resumed run repeats them.
     states = {"cpu": torch.get_rng_state()}
@@ -389,6 +411,7 @@ def run_trial(cfg: TrialConfig, *, data_root: str | None = None, cache_dir: str 
         # TF32 for fp32 convolutions and matmuls (PyTorch leaves matmuls at full fp32 by default).
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = precision == "tf32"
     work_dir = Path(work_dir) if work_dir is not None else Path.cwd()
+    sweep_stale_checkpoints(work_dir)
     splits = splits or load_splits(cfg.dataset, cfg.image_size, data_root, cache_dir,
                                    cfg.train_limit, cfg.eval_limit)
     train, val, test = (DeviceImages(splits[s], dev) for s in ("train", "val", "test"))
@@ -463,7 +486,7 @@ def run_trial(cfg: TrialConfig, *, data_root: str | None = None, cache_dir: str 
             if report is not None:
                 report(dict(row), None)
             continue
-        folder = Path(tempfile.mkdtemp(prefix=f".ckpt-{epoch:03d}-", dir=work_dir))
+        folder = Path(tempfile.mkdtemp(prefix=f".ckpt-{epoch:03d}-{os.getpid()}-", dir=work_dir))
         try:
             # "model": the weights to use for inference (the average when ema is on); "raw_model": the
             # trained weights a resume continues from.

@@ -1,6 +1,7 @@
 """The trial engine's step and epoch bookkeeping: no host sync per step, checkpoints only when they
 matter (in ``work_dir``, always removed), per-split constants, devices, precision, config values."""
 import math
+import os
 import sys
 
 import numpy as np
@@ -239,3 +240,16 @@ def test_width_cap_and_old_checkpoints():
     assert cfg.max_filters == 512 and cfg.precision == "auto"
     model = build_unet(cfg.model, 32)
     model.load_state_dict(build_unet(UNetConfig(), 32).state_dict())
+
+
+def test_folders_of_killed_runs_are_swept_by_the_next_run(cache_dir, tmp_path):
+    import subprocess
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    dead = tmp_path / f".ckpt-003-{gone.pid}-x1y2"     # left by a SIGKILLed trial
+    alive = tmp_path / f".ckpt-003-{os.getppid()}-a1b2"  # a live process's: not ours to remove
+    for folder in (dead, alive):
+        folder.mkdir()
+        (folder / "checkpoint.pt").write_bytes(b"partial")
+    run_trial(TINY, cache_dir=cache_dir, device="cpu", work_dir=tmp_path, **QUIET)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [alive.name]
