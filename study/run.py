@@ -322,6 +322,9 @@ def _main(argv: list[str]) -> int:
               f"is now (Optuna keeps its earlier trials)", file=sys.stderr)
     if given_url:
         check_optuna_url(runtime_url(meta["optuna_storage"], root, given_url) if meta else given_url)
+    if args.pack is not None and args.pack > 1 and space.enqueue:
+        raise UsageError(f"--pack {args.pack}: {space.path} has an `enqueue` list, which needs pack 1 (a pack's "
+                         f"members share one structure); leave --pack out")
     if args.resume:
         check_pickles(root)
         from study import tune_backend as tb
@@ -360,7 +363,9 @@ def _main(argv: list[str]) -> int:
             recorded = without_password(given_url) if given_url else default_optuna_storage(root, name)
             meta = {"name": name, "space": space.name, "space_file": str(space.path.resolve()),
                     "space_sha256": space_hash(space.path), "seed": args.seed,
-                    "optuna_storage": recorded, "optuna_study_name": name, "metric": tb.METRIC,
+                    "optuna_storage": recorded, "optuna_study_name": name,
+                    # several objectives: a Pareto front over them, in this order
+                    "metric": list(space.objectives) if space.objectives else tb.METRIC,
                     "created": time.strftime("%Y-%m-%d %H:%M:%S"),
                     "num_samples": args.num_samples or space.num_samples,
                     "max_concurrent": args.max_concurrent or space.max_concurrent, "pack": pack,
@@ -375,7 +380,7 @@ def _main(argv: list[str]) -> int:
             optuna_study_name=meta["optuna_study_name"], num_samples=meta["num_samples"],
             max_concurrent=args.max_concurrent or meta.get("max_concurrent") or space.max_concurrent,
             resources=resources, data_root=data_root, cache_dir=cache_dir, resume=args.resume,
-            pack=meta.get("pack", 1), cluster=bool(args.address))
+            pack=meta.get("pack", 1), cluster=bool(args.address), objectives=space.objectives)
         if not args.resume:
             # Only now: a run that failed before this point has not used the study's name up.
             write_json(root, "study.json", meta)

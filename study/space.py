@@ -18,6 +18,16 @@ trial; fractional GPUs share one), ``max_failures`` (retries of a crashed trial,
 them separately on CPUs (a pack only pays where one device has parallel work to spare).
 ``python -m study.run --pack K`` overrides it.
 
+``enqueue``: configurations Optuna tries first, in order (Optuna's ``enqueue_trial``), each a
+mapping of searched parameters to values their distributions allow (a conditional one by its
+plain name; the ``by`` parameter decides the case); parameters an entry leaves out are sampled.
+With ``num_samples`` equal to the list's length the study is exactly those configurations (an
+ablation). Not with packs (members of a pack share one structure).
+
+``objectives``: two or more of ``val_psnr_gain`` (fidelity) and ``val_colourfulness``
+(vividness) make a multi-objective study (a Pareto front; sampler ``nsga2`` or ``tpe``).
+Optuna's pruners take one objective, so such a space must say ``pruner: {name: none}``.
+
 Loading validates everything (every constant, choice and range bound against the
 trial's own rules, sampler and pruner options against Optuna's signatures) and names
 the file and key of any mistake, so a bad space fails before a study folder exists.
@@ -39,9 +49,9 @@ from study.models import OUTPUTS, SAMPLINGS, ConfigError, max_depth_for
 SPACES_DIR = Path(__file__).resolve().parent.parent / "search_spaces"
 DISTRIBUTIONS = ("choice", "int", "uniform", "loguniform")
 PRUNERS = ("none", "median", "successive_halving", "hyperband")
-SAMPLERS = ("tpe", "random", "grid")
+SAMPLERS = ("tpe", "random", "grid", "nsga2")
 TOP_KEYS = {"description", "params", "sampler", "pruner", "num_samples", "max_concurrent", "resources",
-            "max_failures", "pack"}
+            "max_failures", "pack", "enqueue", "objectives"}
 # Options a space file must not set: the study supplies them (seed, grid) or YAML cannot express them.
 RESERVED_OPTIONS = {"seed", "search_space", "weights", "gamma", "constraints_func", "name"}
 ALLOWED_VALUES = {"sampling": sorted(SAMPLINGS), "output": sorted(OUTPUTS), "loss": list(LOSSES),
@@ -98,6 +108,8 @@ class Space:
     max_failures: int
     description: str = ""
     pack: dict = field(default_factory=lambda: {"cpu": 1, "gpu": 1})   # pack size by device kind
+    enqueue: list[dict] = field(default_factory=list)   # configurations tried first, plain names
+    objectives: tuple[str, ...] = ()                     # () : maximise val_psnr; 2+: a Pareto front
 
     def pack_for(self, gpu: bool) -> int:
         """The pack size when each trial gets a GPU (``gpu``) or runs on CPUs."""
@@ -116,6 +128,17 @@ class Space:
             if d.kind == "constant" or p.by:
                 constants[p.name] = values[p.name]
         return constants
+
+    def enqueued(self) -> list[dict]:
+        """``enqueue`` in Optuna's parameter names (a conditional axis is ``name__case``)."""
+        out = []
+        for entry in self.enqueue:
+            values = {p.name: p.cases[None].values[0] for p in self.params.values()
+                      if not p.by and p.cases[None].kind == "constant"}
+            values.update(entry)
+            out.append({(f"{n}__{values[self.params[n].by]}" if self.params[n].by else n): v
+                        for n, v in entry.items()})
+        return out
 
     def resolve(self, config: dict) -> TrialConfig:
         """A Tune trial's config (Optuna's names included) as the TrialConfig it means."""
@@ -155,7 +178,8 @@ def _optuna_class(kind: str, name: str):
 
     return {
         ("sampler", "tpe"): optuna.samplers.TPESampler, ("sampler", "random"): optuna.samplers.RandomSampler,
-        ("sampler", "grid"): optuna.samplers.GridSampler, ("pruner", "none"): optuna.pruners.NopPruner,
+        ("sampler", "grid"): optuna.samplers.GridSampler, ("sampler", "nsga2"): optuna.samplers.NSGAIISampler,
+        ("pruner", "none"): optuna.pruners.NopPruner,
         ("pruner", "median"): optuna.pruners.MedianPruner,
         ("pruner", "successive_halving"): optuna.pruners.SuccessiveHalvingPruner,
         ("pruner", "hyperband"): optuna.pruners.HyperbandPruner,
@@ -243,7 +267,68 @@ def parse_space(raw: Any, path: Path) -> Space:
                     (not p.by and p.cases[None].kind not in ("choice", "constant")):
                 fail(f"params.{p.name}", "a grid sampler takes only choices and constants")
     _check_depths(space, fail)
+    space.objectives = _objectives(raw.get("objectives"), space, fail)
+    space.enqueue = _enqueue(raw.get("enqueue", []), space, fail)
     return space
+
+
+def _objectives(spec, space: Space, fail) -> tuple[str, ...]:
+    if spec is None:
+        return ()
+    from study.tune_backend import OBJECTIVES   # Ray is loaded only for a space that asks for objectives
+
+    if not isinstance(spec, list) or len(spec) < 2 or len(set(map(repr, spec))) != len(spec) or \
+            not all(isinstance(o, str) for o in spec):
+        fail("objectives", f"two or more distinct names from {sorted(OBJECTIVES)}, got {spec!r} (for one "
+                           f"objective leave the key out: the study maximises val PSNR)")
+    unknown = [o for o in spec if o not in OBJECTIVES]
+    if unknown:
+        fail("objectives", f"{unknown} unknown; choose from {sorted(OBJECTIVES)}")
+    if space.pruner.get("name", "none") != "none":
+        fail("pruner", f"{space.pruner['name']}: Optuna's pruners take one objective and this space has "
+                       f"{len(spec)} ({', '.join(spec)}); write pruner: {{name: none}} or drop objectives")
+    return tuple(spec)
+
+
+def _enqueue(spec, space: Space, fail) -> list[dict]:
+    """Each entry's values against the distributions they will be drawn from (checked before Ray starts)."""
+    if not isinstance(spec, list):
+        fail("enqueue", f"a list of mappings {{parameter: value}}, got {spec!r}")
+    if spec and max(space.pack.values()) > 1:
+        fail("enqueue", "cannot be combined with pack > 1 (a pack's members share one structure); "
+                        "write pack: 1 or drop enqueue")
+    if len(spec) > space.num_samples:
+        fail("enqueue", f"{len(spec)} configurations but num_samples is {space.num_samples}: "
+                        f"raise num_samples to at least {len(spec)}")
+    searched = [n for n, p in space.params.items() if p.by or p.cases[None].kind != "constant"]
+    out = []
+    for i, entry in enumerate(spec):
+        key = f"enqueue[{i}]"
+        if not isinstance(entry, dict) or not entry:
+            fail(key, f"a non-empty mapping {{parameter: value}}, got {entry!r}")
+        values = {n: p.cases[None].values[0] for n, p in space.params.items()
+                  if not p.by and p.cases[None].kind == "constant"}
+        values.update(entry)
+        for name, v in entry.items():
+            if name not in searched:
+                fail(f"{key}.{name}", f"not a searched parameter of this space (constants cannot be "
+                                      f"enqueued); searched: {searched}")
+            p = space.params[name]
+            if p.by and p.by not in values:
+                fail(f"{key}.{name}", f"depends on {p.by}: give {p.by} in the same entry")
+            d = p.dist_for(values)
+            if d.kind == "constant":
+                if v != d.values[0]:
+                    fail(f"{key}.{name}", f"{v!r}: with {p.by}={values[p.by]!r} it is the constant {d.values[0]!r}")
+                continue
+            _check_value(v, f"{key}.{name}", name, fail)
+            ok = (v in d.values if d.kind == "choice" else
+                  v in d.possible() if d.kind == "int" else d.values[0] <= v <= d.values[1])
+            if not ok:
+                allowed = d.values if d.kind == "choice" else f"{d.kind} {d.values}"
+                fail(f"{key}.{name}", f"{v!r} is outside its distribution ({allowed})")
+        out.append(dict(entry))
+    return out
 
 
 def _dist(spec, key: str, name: str, fail) -> Dist:

@@ -755,6 +755,8 @@ def build_tuner(*, study_root: str, space: Space, sampler, storage_url: str, opt
         searcher = PruningOptunaSearch(space=space.define, metric=METRIC, mode="max", sampler=sampler,
                                        study_name=optuna_study_name, storage_url=storage_url,
                                        pruner=pruner, pack=pack, objectives=objectives)
+        for params in space.enqueued():   # the space's configurations to try first (not again on resume)
+            searcher._ot_study.enqueue_trial(params, skip_if_exists=True)
         callback = ResultsCallback(searcher, space)
         scheduler = OptunaPruningScheduler(searcher)
     if resume:
