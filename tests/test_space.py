@@ -27,7 +27,7 @@ class Recorder:
         return list(self.values)
 
 
-@pytest.mark.parametrize("name", ["full", "report", "smoke"])
+@pytest.mark.parametrize("name", ["full", "report", "smoke", "ablation-cifar", "tradeoff"])
 def test_shipped_spaces_load_and_resolve(name):
     space = load_space(name)
     rec = Recorder()
@@ -142,3 +142,77 @@ def test_sampler_options_reach_optuna_and_tpe_lies_constantly(tmp_path):
     # Concurrent asks must not collide: the pending trials count as bad (Optuna's constant liar).
     assert sampler._constant_liar is True
     assert sampler._n_startup_trials == 5 and sampler._n_ei_candidates == 7
+
+
+# ---- issue 13: enqueued configurations (the ablation) and several objectives
+
+RECIPE = {"weight_decay": 0.0, "ema": 0.0, "loss": "mse", "schedule": "none", "warmup_epochs": 0,
+          "augment": False, "tta_flip": False}
+# docs/ablation.md's rows, in its order: the recipe, each lever alone, all together.
+ABLATION_ROWS = [{}, {"weight_decay": 1e-2}, {"ema": 0.99}, {"loss": "huber"},
+                 {"schedule": "cosine", "warmup_epochs": 1}, {"augment": True}, {"tta_flip": True},
+                 {"weight_decay": 1e-2, "ema": 0.99, "loss": "huber", "schedule": "cosine", "warmup_epochs": 1,
+                  "augment": True, "tta_flip": True}]
+
+
+def test_ablation_space_is_exactly_the_tables_configurations():
+    space = load_space("ablation-cifar")
+    assert space.num_samples == len(space.enqueue) == len(ABLATION_ROWS)
+    assert space.enqueued() == [{**RECIPE, **row} for row in ABLATION_ROWS]
+    constants = space.define(Recorder())
+    for entry in space.enqueue:
+        cfg = space.resolve({**constants, **entry})
+        assert (cfg.dataset, cfg.depth, cfg.sampling, cfg.output, cfg.base_filters, cfg.lr, cfg.batch_size,
+                cfg.epochs, cfg.train_limit, cfg.eval_limit) == \
+            ("cifar10", 3, "maxpool-upsample", "uv", 16, 1e-3, 64, 8, 4096, 1000)
+
+
+def test_enqueue_reaches_optuna_under_conditional_names(tmp_path):
+    import optuna
+
+    raw = yaml.safe_load(yaml.safe_dump(BASE))
+    raw["params"]["depth"] = {"by": "dataset", "cases": {"cifar10": {"int": [2, 4]}, "flowers102": 4}}
+    raw["enqueue"] = [{"dataset": "cifar10", "depth": 2, "lr": 1e-3}, {"dataset": "flowers102", "depth": 4}]
+    path = tmp_path / "enq.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    space = load_space(str(path))
+    assert space.enqueued() == [{"dataset": "cifar10", "depth__cifar10": 2, "lr": 1e-3}, {"dataset": "flowers102"}
+                                | {"depth__flowers102": 4}]
+    study = optuna.create_study(direction="maximize")
+    for params in space.enqueued():
+        study.enqueue_trial(params)
+    first = study.ask()
+    constants = space.define(first)
+    assert space.resolve({**first.params, **constants}).depth == 2 and first.params["lr"] == 1e-3
+
+
+@pytest.mark.parametrize("mutate,match", [
+    (lambda r: r.update(enqueue=[{"lr": 0.5}]), r"enqueue\[0\]\.lr: 0\.5 is outside its distribution"),
+    (lambda r: r.update(enqueue=[{"dataset": "svhn"}]), r"enqueue\[0\]\.dataset: 'svhn'.*allowed|outside"),
+    (lambda r: r.update(enqueue=[{"depth": 3}]), r"enqueue\[0\]\.depth: not a searched parameter"),
+    (lambda r: r.update(enqueue=[{"lrr": 1e-3}]), r"enqueue\[0\]\.lrr: not a searched parameter"),
+    (lambda r: r.update(enqueue={"lr": 1e-3}), r"enqueue: a list of mappings"),
+    (lambda r: r.update(enqueue=[{}]), r"enqueue\[0\]: a non-empty mapping"),
+    (lambda r: r.update(enqueue=[{"lr": 1e-3}] * 3, num_samples=2), r"enqueue: 3 configurations but num_samples is 2"),
+    (lambda r: r.update(enqueue=[{"lr": 1e-3}], pack=4), r"enqueue: cannot be combined with pack > 1"),
+    (lambda r: (r["params"].update(depth={"by": "dataset", "cases": {"cifar10": {"int": [2, 4]}, "flowers102": 4}}),
+                r.update(enqueue=[{"depth": 3}])), r"enqueue\[0\]\.depth: depends on dataset: give dataset"),
+    (lambda r: r.update(objectives=["val_psnr_gain"]), r"objectives: two or more distinct names"),
+    (lambda r: r.update(objectives=["val_psnr_gain", "ssim"]), r"objectives: \['ssim'\] unknown"),
+    (lambda r: r.update(objectives=["val_psnr_gain", "val_colourfulness"], pruner={"name": "median"}),
+     r"pruner: median: Optuna's pruners take one objective .* pruner: \{name: none\}"),
+])
+def test_enqueue_and_objectives_errors(tmp_path, mutate, match):
+    _bad(tmp_path, mutate, match)
+
+
+def test_tradeoff_space_is_multi_objective_with_nsga2():
+    import optuna
+
+    space = load_space("tradeoff")
+    assert space.objectives == ("val_psnr_gain", "val_colourfulness") and space.pruner["name"] == "none"
+    sampler = space.make_sampler(0)
+    assert isinstance(sampler, optuna.samplers.NSGAIISampler) and sampler._population_size == 16
+    rec = Recorder()
+    constants = space.define(rec)
+    assert space.resolve({**rec.values, **constants}).schedule == "cosine"
