@@ -195,7 +195,8 @@ def check_optuna_url(url: str) -> None:
         engine = create_engine(url)
     except ImportError as e:
         raise UsageError(f"--optuna-storage {shown}: its database driver is not installed ({e}); install it "
-                         f"(e.g. pip install psycopg2-binary for postgresql://)") from None
+                         f"(PostgreSQL: pip install -e '.[postgres]' (psycopg 3; postgresql+psycopg://...))"
+                         ) from None
     try:
         with engine.connect():
             pass
@@ -327,6 +328,9 @@ def _main(argv: list[str]) -> int:
                          f"members share one structure); leave --pack out")
     if args.resume:
         check_pickles(root)
+        from study.results import read_table
+        for table in ("trials", "epochs"):   # a corrupt table is named now, not when the driver first writes
+            read_table(root, table)
         from study import tune_backend as tb
         if not tb.can_resume(root):
             raise UsageError(f"--resume: the study at {root} never started a trial (Ray Tune saved no state); "
@@ -389,7 +393,8 @@ def _main(argv: list[str]) -> int:
     print("\nbest configuration per dataset x output (ranked by val PSNR in RGB; losses are not comparable):")
     print(best_table(root))
     print(f"\nresults: {under(root, 'results/trials.parquet')} (and epochs, previews);  "
-          f"analysis: python -m analysis --study {root}")
+          f"analysis: python -m analysis --study {root};  "
+          f"curves: tensorboard --logdir {root}")
     return 0
 
 

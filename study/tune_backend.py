@@ -47,6 +47,7 @@ from ray.tune.search import ConcurrencyLimiter
 from ray.tune.search.optuna import OptunaSearch
 from ray.tune.trainable import wrap_function
 
+from study.contract import best_trials
 from study.data import DataError, load_splits
 from study.models import ConfigError
 from study.results import ResultsWriter, epoch_row, preview_rows, resolve, trial_row
@@ -575,8 +576,9 @@ class ResultsCallback(Callback):
         counts = df.status.value_counts().to_dict() if df is not None else {}
         line = (f"[{time.strftime('%H:%M:%S')}] trials: {len(trials)} started, {counts.get('RUNNING', 0)} running, "
                 f"{counts.get('DONE', 0)} done, {counts.get('PRUNED', 0)} pruned, {counts.get('ERROR', 0)} error")
-        if df is not None and "best_val_psnr" in df and df.best_val_psnr.notna().any():
-            b = df.loc[df.best_val_psnr.idxmax()]
+        best = best_trials(df)   # the contract's best rule (empty while no trial has a score)
+        if not best.empty:
+            b = best.iloc[0]
             line += (f" | best val PSNR {b.best_val_psnr:.2f} dB (gray {b.val_gray_psnr:.2f}): {b.trial_id} "
                      f"{b.dataset} {b.sampling} {b.output} depth {b.depth}")
         print(line, flush=True)

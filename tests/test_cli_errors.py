@@ -71,6 +71,12 @@ def writable_pickle(folder: Path) -> None:
     pkl.chmod(0o666)
 
 
+def corrupt_trials(folder: Path) -> None:
+    study_json("space", started=True)(folder)
+    (folder / "st" / "space" / "results").mkdir()
+    (folder / "st" / "space" / "results" / "trials.parquet").write_bytes(b"PAR1 cut short")
+
+
 def many(*setups) -> Callable[[Path], None]:
     def setup(folder: Path) -> None:
         for s in setups:
@@ -177,6 +183,11 @@ CASES = [
          r"the study at .* is being run by another driver pid \d+ on", live_lock),
     Case("resume-writable-pickle", "study.run", [*RUN, "--space", "space.yaml", "--resume"],
          r"tuner\.pkl is writable by others.*chmod -R go-w", writable_pickle),
+    Case("resume-corrupt-trials", "study.run", [*RUN, "--space", "space.yaml", "--resume"],
+         r"trials\.parquet is not a readable Parquet table .*Restore it from a copy", corrupt_trials),
+    Case("enqueue-with-pack", "study.run", [*RUN, "--space", "space.yaml", "--pack", "2"],
+         r"--pack 2: .*space\.yaml has an `enqueue` list, which needs pack 1",
+         space(enqueue=[{"lr": 1.0e-3}])),
     # study.trial
     Case("trial-cuda-missing", "study.trial", ["--device", "cuda"], r"--device 'cuda': CUDA is not available",
          skip="this machine has CUDA" if CUDA else None),
