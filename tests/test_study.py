@@ -101,13 +101,20 @@ def check_consistent(study: Path, n_trials: int) -> dict[str, pd.DataFrame]:
         assert tr.user_attrs["ray_trial_id"] == row.trial_id.split("_m")[0]
         assert tr.state.name == states[row.status], (row.trial_id, row.status, tr.state)
         per_epoch = epochs[epochs.trial_id == row.trial_id].set_index("epoch").val_psnr
-        assert sorted(tr.intermediate_values) == (sorted(per_epoch.index) if row.status != "ERROR"
-                                                  else sorted(tr.intermediate_values))
+        if len(ot.directions) > 1:   # Optuna takes no intermediate values with several objectives
+            assert tr.intermediate_values == {}
+        else:
+            assert sorted(tr.intermediate_values) == (sorted(per_epoch.index) if row.status != "ERROR"
+                                                      else sorted(tr.intermediate_values))
         if not (getattr(row, "restarts", 0) or 0):  # a re-run epoch keeps Optuna's first report
             for e, v in tr.intermediate_values.items():
                 assert v == pytest.approx(per_epoch[e], abs=1e-6), (row.trial_id, e)
-        if row.status == "DONE":
+        if row.status == "DONE" and len(ot.directions) == 1:
             assert tr.value == pytest.approx(row.best_val_psnr, abs=1e-6)
+        elif row.status == "DONE":   # a front: every objective at the best epoch (by val PSNR)
+            best = epochs[(epochs.trial_id == row.trial_id) & (epochs.epoch == row.best_epoch)].iloc[0]
+            assert tr.values == pytest.approx([best.val_psnr - best.val_gray_psnr, best.val_colourfulness],
+                                              abs=1e-6)
     owned = [tr for tr in by_number.values() if "orphaned" not in tr.user_attrs]
     assert len(owned) == n_trials
     return t
@@ -207,11 +214,23 @@ def test_pruning_prunes_and_divergence_is_an_error(tmp_path, cache_dir):
 
 
 def test_fractional_gpus_share_one_gpu(tmp_path, cache_dir):
+    # Also a two-objective study (NSGA-II, a Pareto front) whose first trials are enqueued ones.
+    first = [{"depth": 2, "sampling": "strided-transposed", "output": "rgb", "lr": 1e-3},
+             {"depth": 3, "sampling": "maxpool-upsample", "output": "uv", "lr": 2e-3}]
     space = space_file(tmp_path, "frac", pruner={"name": "none"}, num_samples=4, max_concurrent=4,
-                       params={"epochs": 4})
+                       params={"epochs": 4}, sampler={"name": "nsga2", "population_size": 4},
+                       objectives=["val_psnr_gain", "val_colourfulness"], enqueue=first)
     run_study(tmp_path, cache_dir, "--space", space, "--num-cpus", "4", "--num-gpus", "1",
               "--gpus-per-trial", "0.25", "--cpus-per-trial", "1")
-    trials = check_consistent(tmp_path / "studies" / "frac", 4)["trials"]
+    study = tmp_path / "studies" / "frac"
+    trials = check_consistent(study, 4)["trials"]
+    assert json.loads((study / "study.json").read_text())["metric"] == ["val_psnr_gain", "val_colourfulness"]
+    ot = optuna_study(study)
+    assert ot.metric_names == ["val_psnr_gain", "val_colourfulness"]
+    assert [ot.trials[i].params for i in (0, 1)] == first
+    for number, want in enumerate(first):
+        row = trials[trials.optuna_number == number].iloc[0]
+        assert {k: row[k] for k in want} == want
     assert (trials.gpu_ids == "0").all()  # every trial was handed the (pretend) GPU
     spans = list(zip(trials.started_at, trials.finished_at))
     overlap = max(sum(s <= t < e for s, e in spans) for t, _ in spans)
