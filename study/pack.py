@@ -45,9 +45,9 @@ from study.contract import best_row
 from study.data import DeviceImages, Splits, _augment, load_splits, preview_indices
 from study.metrics import colourfulness, psnr, ssim
 from study.models import OUTPUTS, ConfigError, UNet, build_unet
-from study.train import (CHECKPOINT_FILE, EvalSplit, NonFiniteLossError, _rng_states, _set_rng_states,
-                         autocast_for, checkpoint_due, compile_mode, device_name, eval_batch_size, make_optimizer,
-                         make_scheduler, pick_device, prediction_pngs, resolve_precision)
+from study.train import (CHECKPOINT_FILE, HUBER_DELTA, EvalSplit, NonFiniteLossError, WeightAverage, _rng_states,
+                         _set_rng_states, autocast_for, checkpoint_due, compile_mode, device_name, eval_batch_size,
+                         make_optimizer, make_scheduler, pick_device, prediction_pngs, resolve_precision)
 
 STRUCTURE = ("dataset", "resolution", "depth", "sampling", "output", "base_filters", "max_filters",
              "batch_size", "train_limit", "eval_limit", "precision", "preview_count")
@@ -157,6 +157,16 @@ class FusedUNet(nn.Module):
             return torch.sigmoid(out)
         return torch.tanh(out) * self.uv_scale
 
+    def live_buffers(self, k: int) -> dict[int, torch.Tensor]:
+        """Member ``k``'s BatchNorm running statistics as views of the fused buffers, where training
+        updates them (keyed by the id of the member's own buffer, which is stale until sync_members)."""
+        bns = [m for m in self.members[k].modules() if isinstance(m, nn.BatchNorm2d)]
+        live = {}
+        for i, bn in enumerate(bns):
+            live[id(bn.running_mean)] = getattr(self, f"bn{i}_mean").chunk(self.k)[k]
+            live[id(bn.running_var)] = getattr(self, f"bn{i}_var").chunk(self.k)[k]
+        return live
+
     @torch.no_grad()
     def sync_members(self) -> None:
         """Copy the fused BatchNorm statistics back into the members (before export or rebuild)."""
@@ -175,27 +185,40 @@ class FusedUNet(nn.Module):
 
 
 class Member:
-    """One trial inside a pack: its own model, optimizer, scheduler, generator and history."""
+    """One trial inside a pack: its own model, optimizer (AdamW with its weight decay), scheduler (with its
+    warm-up), generator, augmentation strength, weight average and history."""
 
     def __init__(self, index: int, cfg: TrialConfig, dev: torch.device, steps_per_epoch: int):
         self.index, self.cfg = index, cfg
         # Exactly as run_trial: the model is built right after seeding with the trial's seed.
         torch.manual_seed(cfg.seed)
         self.model = build_unet(cfg.model, cfg.image_size).to(dev, memory_format=torch.channels_last)
-        self.opt = make_optimizer(self.model.parameters(), cfg.lr, dev)
-        self.sched = make_scheduler(self.opt, cfg, cfg.epochs * steps_per_epoch)
+        self.opt = make_optimizer(self.model.parameters(), cfg.lr, dev, cfg.weight_decay)
+        self.sched = make_scheduler(self.opt, cfg, cfg.epochs * steps_per_epoch, steps_per_epoch)
         self.gen = torch.Generator(device=dev).manual_seed(cfg.seed)
+        self.average = WeightAverage(self.model, cfg.ema) if cfg.ema > 0 else None
+        self.augment = cfg.augment_strength if cfg.augment else 0.0
         self.history: list[dict] = []
         self.status = "active"   # active | done | pruned | error
+
+    @property
+    def evaluated(self) -> UNet:
+        """What is evaluated, previewed and exported as "model": the average when ema is on."""
+        return self.average.model if self.average else self.model
 
     def state(self) -> dict:
         return {"model": self.model.state_dict(), "optimizer": self.opt.state_dict(),
                 "scheduler": self.sched.state_dict() if self.sched is not None else None,
                 "generator": self.gen.get_state(), "history": self.history, "status": self.status,
-                "config": self.cfg.to_dict()}
+                "config": self.cfg.to_dict(),
+                **({"average": self.average.model.state_dict(), "updates": self.average.updates}
+                   if self.average else {})}
 
     def load(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])
+        if self.average:
+            self.average.model.load_state_dict(state["average"])
+            self.average.updates = state["updates"]
         self.opt.load_state_dict(state["optimizer"])
         if self.sched is not None and state.get("scheduler"):
             self.sched.load_state_dict(state["scheduler"])
@@ -203,10 +226,11 @@ class Member:
         self.history, self.status = list(state["history"]), state["status"]
 
     def checkpoint(self) -> dict:
-        """A run_trial-format checkpoint: loads into a plain UNet."""
+        """A run_trial-format checkpoint: loads into a plain UNet ("model": the averaged weights when
+        ema is on, "raw_model": the trained ones)."""
         epoch = self.history[-1]["epoch"] if self.history else 0
-        return {"model": self.model.state_dict(), "config": self.cfg.to_dict(), "epoch": epoch,
-                "history": self.history}
+        return {"model": self.evaluated.state_dict(), "config": self.cfg.to_dict(), "epoch": epoch,
+                "history": self.history, **({"raw_model": self.model.state_dict()} if self.average else {})}
 
 
 def train_batches(train: DeviceImages, members: list[Member], batch_size: int):
@@ -222,29 +246,63 @@ def train_batches(train: DeviceImages, members: list[Member], batch_size: int):
     for start in range(0, stop, batch_size):
         x = train.to_float(train.images[perms[:, start:start + batch_size]].flatten(0, 1))
         x = x.unflatten(0, (len(members), -1))
-        if any(m.cfg.augment for m in members):
-            x = torch.stack([_augment(x[k], m.gen) if m.cfg.augment else x[k] for k, m in enumerate(members)])
+        if any(m.augment > 0 for m in members):
+            x = torch.stack([_augment(x[k], m.gen, m.augment) if m.augment > 0 else x[k]
+                             for k, m in enumerate(members)])
         yield x
 
 
+class PackTerms:
+    """What members may differ in beyond their weights, as (K,) device tensors made once per membership
+    (a copy to the device per step would be a sync): each member's loss and test-time flip averaging."""
+
+    def __init__(self, members: list[Member], dev: torch.device):
+        def mask(flags):
+            return torch.tensor(flags, device=dev) if any(flags) else None
+        self.l1 = mask([m.cfg.loss == "l1" for m in members])
+        self.huber = mask([m.cfg.loss == "huber" for m in members])
+        self.flip = mask([m.cfg.tta_flip for m in members])
+
+    def loss(self, diff: torch.Tensor, shape: tuple) -> torch.Tensor:
+        """Elementwise loss of ``diff`` (prediction - target), each member's own (study.train.loss_fn);
+        ``shape`` puts the (K,) masks on diff's member axis."""
+        out = diff.square()
+        if self.l1 is not None:
+            out = torch.where(self.l1.view(shape), diff.abs(), out)
+        if self.huber is not None:
+            a = diff.abs()  # F.huber_loss's formula
+            out = torch.where(self.huber.view(shape),
+                              torch.where(a < HUBER_DELTA, 0.5 * diff.square(), HUBER_DELTA * (a - 0.5 * HUBER_DELTA)),
+                              out)
+        return out
+
+    def predict(self, fused: FusedUNet, y: torch.Tensor, precision: str) -> torch.Tensor:
+        """Every member's prediction (B, K, C, H, W), float, for luma ``y`` (B, 1, H, W); averaged with the
+        mirrored input's for members with tta_flip, as study.train.predict does."""
+        inp = y.expand(-1, fused.k, -1, -1).contiguous(memory_format=torch.channels_last)
+        with autocast_for(y.device, precision):
+            pred = fused(inp).float()
+            if self.flip is not None:
+                mirrored = fused(inp.flip(3)).float().flip(4)
+                pred = torch.where(self.flip.view(1, -1, 1, 1, 1), (pred + mirrored) / 2, pred)
+        return pred
+
+
 @torch.no_grad()
-def _evaluate_sums(fused: FusedUNet, l1: torch.Tensor, split: EvalSplit, batch_size: int,
+def _evaluate_sums(fused: FusedUNet, terms: PackTerms, split: EvalSplit, batch_size: int,
                    precision: str) -> torch.Tensor:
     """study.train.batch_sums for every member at once: (K, 4) totals, left on the device (no sync)."""
     fused.eval()
     k = fused.k
     dev = split.images.device
-    l1 = l1.view(k, 1)
     sums = torch.zeros(4, k, device=dev, dtype=torch.float64)
     for x in split.images.eval_batches(batch_size):
         b = x.shape[0]
         y = rgb_to_y(x)
-        with autocast_for(dev, precision):
-            pred = fused(y.expand(-1, k, -1, -1).contiguous(memory_format=torch.channels_last))
-        pred = pred.float().transpose(0, 1).flatten(0, 1)          # (K*B, C, H, W), member-major
+        pred = terms.predict(fused, y, precision).transpose(0, 1).flatten(0, 1)   # (K*B, C, H, W), member-major
         xk = x.unsqueeze(0).expand(k, -1, -1, -1, -1).flatten(0, 1)
-        diff = (pred - target_for(xk, fused.output)).flatten(1)
-        loss = torch.where(l1, diff.abs().view(k, b, -1).mean(2), diff.square().view(k, b, -1).mean(2))
+        diff = (pred - target_for(xk, fused.output)).reshape(k, b, -1)
+        loss = terms.loss(diff, (k, 1, 1)).mean(2)
         rgb = prediction_to_rgb(pred, y.repeat(k, 1, 1, 1), fused.output)
         sums += torch.stack([loss.sum(1), psnr(rgb, xk).view(k, b).sum(1), ssim(rgb, xk).view(k, b).sum(1),
                              colourfulness(rgb).view(k, b).sum(1)]).double()
@@ -253,17 +311,15 @@ def _evaluate_sums(fused: FusedUNet, l1: torch.Tensor, split: EvalSplit, batch_s
 
 
 @torch.no_grad()
-def _write_previews(fused: FusedUNet, members: list[Member], test: DeviceImages, folder: Path,
+def _write_previews(fused: FusedUNet, terms: PackTerms, members: list[Member], test: DeviceImages, folder: Path,
                     precision: str) -> None:
     idx = preview_indices(len(test), members[0].cfg.preview_count)
     if not idx:
         return
     x = test.take(torch.tensor(idx, device=test.device))
     y = rgb_to_y(x)
-    k = len(members)
     fused.eval()
-    with autocast_for(test.device, precision):
-        pred = fused(y.expand(-1, k, -1, -1).contiguous(memory_format=torch.channels_last)).float()
+    pred = terms.predict(fused, y, precision)
     fused.train()
     for j, m in enumerate(members):
         sub = folder / f"member-{m.index}"
@@ -328,17 +384,28 @@ def run_pack(cfgs: list[TrialConfig], *, data_root: str | None = None, cache_dir
             # Rebuilt only when members leave (a compiled step recompiles then): a pruned or finished
             # member's slice costs nothing afterwards.
             fused = FusedUNet([m.model for m in active]).train()
-            loss = make_pack_loss(fused, active, dev, precision, mode)
-            l1 = _l1_mask(active, dev)
+            terms = PackTerms(active, dev)
+            loss = make_pack_loss(fused, terms, dev, precision, mode)
+            for k, m in enumerate(active):
+                if m.average:
+                    m.average.follow(fused.live_buffers(k))
         loss_sum = torch.zeros(len(active), device=dev, dtype=torch.float64)
         steps = 0
         for x in train_batches(train, active, batch):
             loss_sum += train_step(fused, active, loss, x)
             steps += 1
+        fused.sync_members()
+        averaged = any(m.average for m in active)
+        if averaged:
+            for m in active:
+                if m.average:
+                    m.average.sync_counts()
+        # With ema, members' averaged weights (and their statistics, current now) are what is evaluated.
+        evaluated = FusedUNet([m.evaluated for m in active]) if averaged else fused
         # Evaluation batches hold K predictions per image: keep their size near one trial's.
         per_eval = max(eval_batch // len(active), 16)
-        v_sums = _evaluate_sums(fused, l1, val_split, per_eval, precision)
-        t_sums = _evaluate_sums(fused, l1, test_split, per_eval, precision)
+        v_sums = _evaluate_sums(evaluated, terms, val_split, per_eval, precision)
+        t_sums = _evaluate_sums(evaluated, terms, test_split, per_eval, precision)
         # The one sync of the epoch: every member's training loss and evaluation totals together.
         fetched = torch.cat([(loss_sum / max(steps, 1))[:, None], v_sums, t_sums], dim=1).tolist()
         seconds = time.perf_counter() - t0
@@ -367,13 +434,12 @@ def run_pack(cfgs: list[TrialConfig], *, data_root: str | None = None, cache_dir
             f"[{i}] val PSNR {r['val_psnr']:.2f} dB" + (" ERROR" if "error" in r else "") for i, r in rows.items())
             + f"  (gray {val_split.gray_psnr:.2f})  {seconds:.1f}s")
 
-        fused.sync_members()
         folder = None
         try:
             if due or any(m.status != "active" for m in active):
                 folder = Path(tempfile.mkdtemp(prefix=f".ckpt-{epoch:03d}-", dir=work_dir))
                 _save(folder, members, active, epoch, dev)
-                _write_previews(fused, active, test, folder, precision)
+                _write_previews(evaluated, terms, active, test, folder, precision)
                 last_saved, last_saved_at = epoch, time.monotonic()
             stop = (report(rows, folder) if report is not None else None) or set()
         finally:
@@ -387,12 +453,11 @@ def run_pack(cfgs: list[TrialConfig], *, data_root: str | None = None, cache_dir
     return [m.history for m in members]
 
 
-def make_pack_loss(fused: FusedUNet, members: list[Member], dev: torch.device, precision: str,
+def make_pack_loss(fused: FusedUNet, terms: PackTerms, dev: torch.device, precision: str,
                    mode: str | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
     """``x (K, B, 3, H, W) -> (K,)`` each member's training loss on its own batch; compiled if asked
     (study.train.compile_mode), like run_trial's step."""
-    k = len(members)
-    l1 = _l1_mask(members, dev).view(1, k, 1, 1, 1)
+    k = fused.k
 
     def pack_loss(x: torch.Tensor) -> torch.Tensor:
         flat = x.flatten(0, 1)                                                  # (K*B, 3, H, W)
@@ -400,8 +465,7 @@ def make_pack_loss(fused: FusedUNet, members: list[Member], dev: torch.device, p
         with autocast_for(dev, precision):
             pred = fused(y.contiguous(memory_format=torch.channels_last))     # (B, K, C, H, W)
         target = target_for(flat, fused.output).unflatten(0, (k, -1)).transpose(0, 1)
-        diff = pred.float() - target
-        return torch.where(l1, diff.abs(), diff.square()).mean(dim=(0, 2, 3, 4))
+        return terms.loss(pred.float() - target, (1, k, 1, 1, 1)).mean(dim=(0, 2, 3, 4))
 
     if mode is None:
         return pack_loss
@@ -412,11 +476,6 @@ def make_pack_loss(fused: FusedUNet, members: list[Member], dev: torch.device, p
             return compiled(x)
         return graphed
     return compiled
-
-
-def _l1_mask(members: list[Member], dev: torch.device) -> torch.Tensor:
-    """(K,) True where a member's loss is L1 (else MSE); made once per membership, not per step."""
-    return torch.tensor([m.cfg.loss == "l1" for m in members], device=dev)
 
 
 def train_step(fused: FusedUNet, active: list[Member], loss: Callable, x: torch.Tensor) -> torch.Tensor:
@@ -430,6 +489,8 @@ def train_step(fused: FusedUNet, active: list[Member], loss: Callable, x: torch.
         m.opt.step()
         if m.sched is not None:
             m.sched.step()
+        if m.average is not None:
+            m.average.update()
     fused.steps += 1
     return per_member.detach()
 

@@ -164,10 +164,22 @@ class WeightAverage:
 
     def __init__(self, model: torch.nn.Module, decay: float):
         self.decay = decay
+        self.source = model
         self.model = copy.deepcopy(model).requires_grad_(False)
         self.updates = 0
         self._avg, self._src = self._floats(self.model), self._floats(model)
         self._avg_int, self._src_int = self._ints(self.model), self._ints(model)
+
+    def follow(self, live: dict[int, torch.Tensor]) -> None:
+        """Average from ``live`` tensors in place of the source model's own (keyed by their id): a fused
+        pack (study.pack) updates its members' BatchNorm statistics in its own buffers during an epoch."""
+        self._src = [live.get(id(t), t) for t in self._floats(self.source)]
+
+    @torch.no_grad()
+    def sync_counts(self) -> None:
+        """Copy the integer buffers (BatchNorm batch counts) again, after a pack has synced them."""
+        for a, s in zip(self._avg_int, self._src_int):
+            a.copy_(s)
 
     @staticmethod
     def _floats(m):

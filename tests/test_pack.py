@@ -7,17 +7,19 @@ import torch
 from study.config import TrialConfig
 from study.data import DeviceImages, load_splits
 from study.models import SAMPLINGS, ConfigError, UNet, UNetConfig, build_unet
-from study.pack import PACK_FILE, FusedUNet, Member, _evaluate_sums, _l1_mask, make_pack_loss, run_pack, \
+from study.pack import PACK_FILE, FusedUNet, Member, PackTerms, _evaluate_sums, make_pack_loss, run_pack, \
     train_batches, train_step
 from study.train import CHECKPOINT_FILE, EvalSplit, evaluate, run_trial
 from test_engine_step import _count_syncs
 
 BASE = TrialConfig(dataset="samples", train_limit=128, eval_limit=32, base_filters=8, batch_size=32,
                    epochs=2, preview_count=2)
-# Members differ in lr, loss, seed, schedule, augmentation and epochs.
-CFGS = [BASE.replace(lr=1e-3, seed=0),
-        BASE.replace(lr=3e-3, loss="l1", seed=1, schedule="cosine"),
-        BASE.replace(lr=2e-3, seed=2, schedule="onecycle", augment=True, epochs=3)]
+# Members differ in lr, loss (mse, l1, huber), seed, schedule, warm-up, weight decay, weight averaging,
+# flip averaging, augmentation strength and epochs.
+CFGS = [BASE.replace(lr=1e-3, seed=0, ema=0.9, tta_flip=True),
+        BASE.replace(lr=3e-3, loss="l1", seed=1, schedule="cosine", warmup_epochs=1, weight_decay=0.05),
+        BASE.replace(lr=2e-3, seed=2, schedule="onecycle", augment=True, augment_strength=2.0, epochs=3,
+                     loss="huber")]
 TOL_DB = 0.05
 
 
@@ -102,6 +104,14 @@ def test_member_checkpoint_loads_into_plain_unet(packed, splits):
     model.load_state_dict(state["model"])
     v = evaluate(model, DeviceImages(splits.val, "cpu"), cfg, 256)
     assert v["psnr"] == pytest.approx(hist[1][1]["val_psnr"], abs=1e-3)
+    assert "raw_model" not in state
+    # With ema, "model" holds the averaged weights: they differ from the trained ones and are the ones
+    # evaluated (with member 0's flip averaging).
+    state = torch.load(folder / "member-0" / CHECKPOINT_FILE, weights_only=True)
+    assert not torch.allclose(state["model"]["head.weight"], state["raw_model"]["head.weight"])
+    model.load_state_dict(state["model"])
+    v = evaluate(model, DeviceImages(splits.val, "cpu"), CFGS[0], 256)
+    assert v["psnr"] == pytest.approx(hist[0][1]["val_psnr"], abs=1e-3)
 
 
 def test_pruned_and_diverged_members_leave_others_unchanged(splits, separate, tmp_path):
@@ -158,8 +168,8 @@ def test_cuda_pack_steps_and_evaluation_never_sync(splits):
     dev = torch.device("cuda")
     members = [Member(i, c.replace(precision="bf16"), dev, 4) for i, c in enumerate(CFGS)]
     fused = FusedUNet([m.model for m in members]).train()
-    loss = make_pack_loss(fused, members, dev, "bf16")
-    l1 = _l1_mask(members, dev)
+    terms = PackTerms(members, dev)
+    loss = make_pack_loss(fused, terms, dev, "bf16")
     train = DeviceImages(splits.train, dev)
     split = EvalSplit.prepare(DeviceImages(splits.val, dev), 64)
     for x in train_batches(train, members, 32):  # warm-up: cuDNN autotuning, lazy init
@@ -171,7 +181,7 @@ def test_cuda_pack_steps_and_evaluation_never_sync(splits):
         for _ in range(2):
             for x in train_batches(train, members, 32):
                 total += train_step(fused, members, loss, x)
-        sums = _evaluate_sums(fused, l1, split, 32, "bf16")
+        sums = _evaluate_sums(fused, terms, split, 32, "bf16")
     finally:
         torch.cuda.set_sync_debug_mode(0)
     assert torch.isfinite(total).all() and torch.isfinite(sums).all()
