@@ -37,7 +37,7 @@ from study.config import TrialConfig
 from study.data import LAYOUT_HELP, DataError, DeviceImages, default_cache_dir, default_data_root, folder_splits, \
     load_splits
 from study.models import VARIANTS, UNetConfig, build_unet
-from study.pack import FusedUNet, Member, make_pack_loss, train_batches, train_step
+from study.pack import FusedUNet, Member, PackTerms, make_pack_loss, train_batches, train_step
 from study.train import device_name, make_loss_step, make_optimizer, pick_device
 
 CIFAR_MODEL = VARIANTS["report-cifar10-simple-uv"]
@@ -142,7 +142,7 @@ def bench_pack(images: np.ndarray, model_cfg: UNetConfig, dev, k, batch, steps, 
     members = [Member(i, base.replace(lr=1e-3 * (1 + i / k), seed=i), dev, max(len(data) // batch, 1))
                for i in range(k)]
     fused = FusedUNet([m.model for m in members]).train()
-    loss = make_pack_loss(fused, members, dev, precision, compile_mode)
+    loss = make_pack_loss(fused, PackTerms(members, dev), dev, precision, compile_mode)
 
     def step(x):
         train_step(fused, members, loss, x)

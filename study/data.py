@@ -29,6 +29,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from study.cli import ProjectError
+
 SPLITS = ("train", "val", "test")
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 KNOWN = ("cifar10", "flowers102", "samples")
@@ -50,7 +52,7 @@ LAYOUT_HELP = ("Put the images at <data root>/{name}/<split>/<class>/*.jpg (spli
                "In this repository's workplace the data root is ../shared/data.")
 
 
-class DataError(RuntimeError):
+class DataError(ProjectError, RuntimeError):
     """Data that cannot be found or read; the message says what and how to fix it."""
 
 
@@ -358,7 +360,7 @@ class DeviceImages:
         return self.to_float(self.images[index])
 
     def train_batches(self, batch_size: int, generator: torch.Generator, augment: bool | float = False):
-        """Shuffled training batches; ``augment``: a strength (True = 1.0, see ``_augment``), 0 = none."""
+        """Shuffled training batches; ``augment``: a strength (True = 1.0, see ``augment_batch``), 0 = none."""
         strength = float(augment)
         n = len(self)
         perm = torch.randperm(n, device=self.device, generator=generator)
@@ -366,14 +368,14 @@ class DeviceImages:
         stop = max(n - batch_size + 1, 1) if n >= batch_size else 1
         for start in range(0, stop, batch_size):
             x = self.take(perm[start:start + batch_size])
-            yield _augment(x, generator, strength) if strength > 0 else x
+            yield augment_batch(x, generator, strength) if strength > 0 else x
 
     def eval_batches(self, batch_size: int):
         for start in range(0, len(self), batch_size):
             yield self.take(slice(start, start + batch_size))
 
 
-def _augment(x: torch.Tensor, generator: torch.Generator, strength: float = 1.0) -> torch.Tensor:
+def augment_batch(x: torch.Tensor, generator: torch.Generator, strength: float = 1.0) -> torch.Tensor:
     """Per-image horizontal flips and random translations by up to ``strength * side / 8`` pixels
     (reflect-padded crops); above strength 1 also random resized crops (zoom up to 1 + (strength - 1) / 2).
 

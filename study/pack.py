@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import math
 import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Callable
@@ -42,12 +41,12 @@ from torch import nn
 from study.color import prediction_to_rgb, rgb_to_y, target_for
 from study.config import TrialConfig
 from study.contract import best_row
-from study.data import DeviceImages, Splits, _augment, load_splits, preview_indices
+from study.data import DeviceImages, Splits, augment_batch, preview_indices
 from study.metrics import colourfulness, psnr, ssim
 from study.models import OUTPUTS, ConfigError, UNet, build_unet
-from study.train import (CHECKPOINT_FILE, HUBER_DELTA, EvalSplit, NonFiniteLossError, WeightAverage, _rng_states,
-                         _set_rng_states, autocast_for, checkpoint_due, compile_mode, device_name, eval_batch_size,
-                         make_optimizer, make_scheduler, pick_device, prediction_pngs, resolve_precision)
+from study.train import (CHECKPOINT_FILE, HUBER_DELTA, EvalSplit, NonFiniteLossError, WeightAverage, autocast_for,
+                         checkpoint_due, checkpoint_folder, compiled, device_name, make_optimizer, make_scheduler,
+                         prediction_pngs, prepare_trial, rng_states, set_rng_states)
 
 STRUCTURE = ("dataset", "resolution", "depth", "sampling", "output", "base_filters", "max_filters",
              "batch_size", "train_limit", "eval_limit", "precision", "preview_count")
@@ -247,7 +246,7 @@ def train_batches(train: DeviceImages, members: list[Member], batch_size: int):
         x = train.to_float(train.images[perms[:, start:start + batch_size]].flatten(0, 1))
         x = x.unflatten(0, (len(members), -1))
         if any(m.augment > 0 for m in members):
-            x = torch.stack([_augment(x[k], m.gen, m.augment) if m.augment > 0 else x[k]
+            x = torch.stack([augment_batch(x[k], m.gen, m.augment) if m.augment > 0 else x[k]
                              for k, m in enumerate(members)])
         yield x
 
@@ -343,21 +342,13 @@ def run_pack(cfgs: list[TrialConfig], *, data_root: str | None = None, cache_dir
         c.validate()
     check_structure(cfgs)
     cfg0 = cfgs[0]
-    dev = pick_device(device)
-    mode = compile_mode()
-    precision = resolve_precision(cfg0, dev)  # the same for every member: precision is structure
-    if dev.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = precision == "tf32"
-    work_dir = Path(work_dir) if work_dir is not None else Path.cwd()
-    splits = splits or load_splits(cfg0.dataset, cfg0.image_size, data_root, cache_dir,
-                                   cfg0.train_limit, cfg0.eval_limit)
-    train, val, test = (DeviceImages(splits[s], dev) for s in ("train", "val", "test"))
-    eval_batch = eval_batch_size(cfg0)
-    val_split, test_split = EvalSplit.prepare(val, eval_batch), EvalSplit.prepare(test, eval_batch)
+    # Everything prepare_trial uses is structure: one setup serves every member.
+    setup = prepare_trial(cfg0, device, data_root, cache_dir, splits, work_dir)
+    dev, mode, precision, work_dir = setup.device, setup.compile_mode, setup.precision, setup.work_dir
+    train, val_split, test_split, eval_batch = setup.train, setup.val, setup.test, setup.eval_batch
+    test = test_split.images
     batch = cfg0.batch_size
-    steps_per_epoch = max(len(train) // batch, 1)
-    members = [Member(i, c, dev, steps_per_epoch) for i, c in enumerate(cfgs)]
+    members = [Member(i, c, dev, setup.steps_per_epoch) for i, c in enumerate(cfgs)]
     epoch = 0
     if resume_from:
         state = torch.load(Path(resume_from) / PACK_FILE, map_location=dev, weights_only=True)
@@ -367,7 +358,7 @@ def run_pack(cfgs: list[TrialConfig], *, data_root: str | None = None, cache_dir
         for m, s in zip(members, state["members"]):
             m.load(s)
         epoch = state["epoch"]
-        _set_rng_states(state["rng"], dev)
+        set_rng_states(state["rng"], dev)
         log(f"pack resumed from {resume_from} after epoch {epoch}")
     else:
         torch.manual_seed(cfg0.seed)  # dropout draws from the global generators
@@ -437,7 +428,7 @@ def run_pack(cfgs: list[TrialConfig], *, data_root: str | None = None, cache_dir
         folder = None
         try:
             if due or any(m.status != "active" for m in active):
-                folder = Path(tempfile.mkdtemp(prefix=f".ckpt-{epoch:03d}-", dir=work_dir))
+                folder = checkpoint_folder(work_dir, epoch)
                 _save(folder, members, active, epoch, dev)
                 _write_previews(evaluated, terms, active, test, folder, precision)
                 last_saved, last_saved_at = epoch, time.monotonic()
@@ -467,15 +458,7 @@ def make_pack_loss(fused: FusedUNet, terms: PackTerms, dev: torch.device, precis
         target = target_for(flat, fused.output).unflatten(0, (k, -1)).transpose(0, 1)
         return terms.loss(pred.float() - target, (1, k, 1, 1, 1)).mean(dim=(0, 2, 3, 4))
 
-    if mode is None:
-        return pack_loss
-    compiled = torch.compile(pack_loss, mode=mode, dynamic=False)
-    if mode in ("reduce-overhead", "max-autotune"):
-        def graphed(x: torch.Tensor) -> torch.Tensor:
-            torch.compiler.cudagraph_mark_step_begin()
-            return compiled(x)
-        return graphed
-    return compiled
+    return compiled(pack_loss, mode)
 
 
 def train_step(fused: FusedUNet, active: list[Member], loss: Callable, x: torch.Tensor) -> torch.Tensor:
@@ -496,7 +479,7 @@ def train_step(fused: FusedUNet, active: list[Member], loss: Callable, x: torch.
 
 
 def _save(folder: Path, members: list[Member], active: list[Member], epoch: int, dev: torch.device) -> None:
-    state = {"members": [m.state() for m in members], "epoch": epoch, "rng": _rng_states(dev)}
+    state = {"members": [m.state() for m in members], "epoch": epoch, "rng": rng_states(dev)}
     torch.save(state, folder / PACK_FILE)
     for m in active:
         sub = folder / f"member-{m.index}"

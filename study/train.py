@@ -211,16 +211,21 @@ def make_loss_step(model: torch.nn.Module, cfg: TrialConfig, device: torch.devic
             pred = model(y)
         return lossf(pred.float(), target_for(x, cfg.output))
 
+    return compiled(forward_loss, mode)
+
+
+def compiled(fn: Callable[[torch.Tensor], torch.Tensor], mode: str | None) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``fn`` (a batch -> loss step) through torch.compile in ``mode`` (see compile_mode); None: ``fn``."""
     if mode is None:
-        return forward_loss
+        return fn
     # dynamic=False: training batches all have one shape (the last partial batch is dropped).
-    compiled = torch.compile(forward_loss, mode=mode, dynamic=False)
+    step = torch.compile(fn, mode=mode, dynamic=False)
     if mode in ("reduce-overhead", "max-autotune"):
         def graphed(x: torch.Tensor) -> torch.Tensor:
             torch.compiler.cudagraph_mark_step_begin()  # last step's graph outputs are no longer needed
-            return compiled(x)
+            return step(x)
         return graphed
-    return compiled
+    return step
 
 
 # ---------------------------------------------------------------- evaluation
@@ -384,7 +389,7 @@ def sweep_stale_checkpoints(work_dir: Path) -> None:
             shutil.rmtree(folder, ignore_errors=True)
 
 
-def _rng_states(device: torch.device) -> dict:
+def rng_states(device: torch.device) -> dict:
     # Dropout draws from the global generators: saved so a resumed run repeats them.
     states = {"cpu": torch.get_rng_state()}
     if device.type == "cuda":
@@ -392,7 +397,7 @@ def _rng_states(device: torch.device) -> dict:
     return states
 
 
-def _set_rng_states(states: dict | None, device: torch.device) -> None:
+def set_rng_states(states: dict | None, device: torch.device) -> None:
     if not states:
         return
     torch.set_rng_state(states["cpu"].cpu())
@@ -400,7 +405,48 @@ def _set_rng_states(states: dict | None, device: torch.device) -> None:
         torch.cuda.set_rng_state(states["cuda"].cpu(), device)
 
 
+def checkpoint_folder(work_dir: Path, epoch: int) -> Path:
+    """A new temporary checkpoint folder; its name carries the pid for sweep_stale_checkpoints."""
+    return Path(tempfile.mkdtemp(prefix=f".ckpt-{epoch:03d}-{os.getpid()}-", dir=work_dir))
+
+
 # ---------------------------------------------------------------- the trial
+
+
+@dataclass
+class TrialSetup:
+    """What a trial and a fused pack (study.pack) both build before training."""
+    device: torch.device
+    compile_mode: str | None
+    precision: str
+    work_dir: Path
+    train: DeviceImages
+    val: EvalSplit
+    test: EvalSplit
+    eval_batch: int
+    steps_per_epoch: int
+
+
+def prepare_trial(cfg: TrialConfig, device: str | torch.device | None, data_root: str | None,
+                  cache_dir: str | Path | None, splits: Splits | None,
+                  work_dir: str | Path | None) -> TrialSetup:
+    """Device, precision and compile mode for ``cfg``, its data on the device, the evaluation splits'
+    constants, and ``work_dir`` (default: the current directory) swept of killed runs' checkpoints."""
+    dev = pick_device(device)
+    mode = compile_mode()
+    precision = resolve_precision(cfg, dev)
+    if dev.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        # TF32 for fp32 convolutions and matmuls (PyTorch leaves matmuls at full fp32 by default).
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = precision == "tf32"
+    work_dir = Path(work_dir) if work_dir is not None else Path.cwd()
+    sweep_stale_checkpoints(work_dir)
+    splits = splits or load_splits(cfg.dataset, cfg.image_size, data_root, cache_dir,
+                                   cfg.train_limit, cfg.eval_limit)
+    train, val, test = (DeviceImages(splits[s], dev) for s in ("train", "val", "test"))
+    eval_batch = eval_batch_size(cfg)
+    return TrialSetup(dev, mode, precision, work_dir, train, EvalSplit.prepare(val, eval_batch),
+                      EvalSplit.prepare(test, eval_batch), eval_batch, max(len(train) // cfg.batch_size, 1))
 
 
 def run_trial(cfg: TrialConfig, *, data_root: str | None = None, cache_dir: str | Path | None = None,
@@ -414,25 +460,13 @@ def run_trial(cfg: TrialConfig, *, data_root: str | None = None, cache_dir: str 
     None. The folder is removed once ``report`` returns, also on error.
     """
     cfg.validate()
-    dev = pick_device(device)
-    mode = compile_mode()
-    precision = resolve_precision(cfg, dev)
+    setup = prepare_trial(cfg, device, data_root, cache_dir, splits, work_dir)
+    dev, mode, precision, work_dir = setup.device, setup.compile_mode, setup.precision, setup.work_dir
+    train, val_split, test_split, steps_per_epoch = setup.train, setup.val, setup.test, setup.steps_per_epoch
+    test = test_split.images
     torch.manual_seed(cfg.seed)
-    if dev.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-        # TF32 for fp32 convolutions and matmuls (PyTorch leaves matmuls at full fp32 by default).
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = precision == "tf32"
-    work_dir = Path(work_dir) if work_dir is not None else Path.cwd()
-    sweep_stale_checkpoints(work_dir)
-    splits = splits or load_splits(cfg.dataset, cfg.image_size, data_root, cache_dir,
-                                   cfg.train_limit, cfg.eval_limit)
-    train, val, test = (DeviceImages(splits[s], dev) for s in ("train", "val", "test"))
-    eval_batch = eval_batch_size(cfg)
-    val_split, test_split = EvalSplit.prepare(val, eval_batch), EvalSplit.prepare(test, eval_batch)
-
     model = build_unet(cfg.model, cfg.image_size).to(dev, memory_format=torch.channels_last)
     opt = make_optimizer(model.parameters(), cfg.lr, dev, cfg.weight_decay)
-    steps_per_epoch = max(len(train) // cfg.batch_size, 1)
     sched = make_scheduler(opt, cfg, cfg.epochs * steps_per_epoch, steps_per_epoch)
     gen = torch.Generator(device=dev).manual_seed(cfg.seed)
     step_loss = make_loss_step(model, cfg, dev, precision, mode)
@@ -451,7 +485,7 @@ def run_trial(cfg: TrialConfig, *, data_root: str | None = None, cache_dir: str 
         if sched is not None and state.get("scheduler"):
             sched.load_state_dict(state["scheduler"])
         gen.set_state(state["generator"].cpu())  # generator states live on the CPU
-        _set_rng_states(state.get("rng"), dev)
+        set_rng_states(state.get("rng"), dev)
         start_epoch, history = state["epoch"], list(state["history"])
         log(f"resumed from {resume_from} after epoch {start_epoch}")
     last_saved, last_saved_at = start_epoch, time.monotonic()
@@ -498,13 +532,13 @@ def run_trial(cfg: TrialConfig, *, data_root: str | None = None, cache_dir: str 
             if report is not None:
                 report(dict(row), None)
             continue
-        folder = Path(tempfile.mkdtemp(prefix=f".ckpt-{epoch:03d}-{os.getpid()}-", dir=work_dir))
+        folder = checkpoint_folder(work_dir, epoch)
         try:
             # "model": the weights to use for inference (the average when ema is on); "raw_model": the
             # trained weights a resume continues from.
             torch.save({"model": evaluated.state_dict(), "optimizer": opt.state_dict(),
                         "scheduler": sched.state_dict() if sched is not None else None,
-                        "generator": gen.get_state(), "rng": _rng_states(dev), "epoch": epoch,
+                        "generator": gen.get_state(), "rng": rng_states(dev), "epoch": epoch,
                         "history": history, "config": cfg.to_dict(),
                         **({"raw_model": model.state_dict()} if average else {})}, folder / CHECKPOINT_FILE)
             write_previews(evaluated, test, cfg, folder, precision)

@@ -5,7 +5,7 @@ import torch
 
 from study.color import prediction_to_rgb, rgb_to_y, target_for
 from study.config import TrialConfig
-from study.data import DeviceImages, _augment
+from study.data import DeviceImages, augment_batch
 from study.models import UNetConfig, build_unet
 from study.train import (HUBER_DELTA, WeightAverage, evaluate, load_checkpoint, loss_fn, make_optimizer,
                          make_scheduler, run_trial)
@@ -56,10 +56,10 @@ def test_ema_weights_are_the_ones_evaluated_and_kept(cache_dir, tmp_path):
     assert evaluate(raw, val, cfg, 256)["psnr"] != pytest.approx(rows[-1]["val_psnr"], rel=1e-6)
 
 
-def test_augmentation_shifts_and_flips_whole_images_and_zooms_above_one():
+def testaugment_batchation_shifts_and_flips_whole_images_and_zooms_above_one():
     g = torch.Generator().manual_seed(0)
     x = torch.rand(6, 3, 16, 16)
-    out = _augment(x, g, 1.0)
+    out = augment_batch(x, g, 1.0)
     pad = 2
     padded = torch.nn.functional.pad(x, (pad,) * 4, mode="reflect")
     for i in range(len(x)):  # every output is one flip + one shift of its own input
@@ -69,9 +69,9 @@ def test_augmentation_shifts_and_flips_whole_images_and_zooms_above_one():
                     if torch.equal(out[i], torch.nn.functional.pad(x[i:i + 1].flip(3), (pad,) * 4,
                                                                    mode="reflect")[0, :, dy:dy + 16, dx:dx + 16])]
         assert matches, i
-    zoomed = _augment(x, torch.Generator().manual_seed(0), 3.0)
+    zoomed = augment_batch(x, torch.Generator().manual_seed(0), 3.0)
     assert zoomed.shape == x.shape and 0 <= zoomed.min() and zoomed.max() <= 1
-    assert not torch.allclose(zoomed, _augment(x, torch.Generator().manual_seed(0), 1.0))
+    assert not torch.allclose(zoomed, augment_batch(x, torch.Generator().manual_seed(0), 1.0))
     # Input and target are both made from the augmented RGB batch: they stay aligned.
     assert torch.allclose(prediction_to_rgb(target_for(zoomed, "uv"), rgb_to_y(zoomed), "uv"), zoomed, atol=1e-5)
     imgs = DeviceImages(np.zeros((8, 16, 16, 3), np.uint8), "cpu")

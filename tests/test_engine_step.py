@@ -16,29 +16,13 @@ from study.data import DeviceImages, load_splits, preview_indices
 from study.models import ConfigError, UNetConfig, build_unet
 from study.train import (EvalSplit, batch_sums, checkpoint_due, evaluate, evaluate_sums, loss_fn, make_loss_step,
                          make_optimizer, original_previews, pick_device, resolve_precision, run_trial)
+from syncs import count_syncs
 
 QUIET = dict(log=lambda s: None)
 TINY = TrialConfig(dataset="samples", resolution=16, depth=2, base_filters=4, batch_size=16, eval_limit=32,
                    train_limit=64, epochs=1, preview_count=2)
-SYNCS = ("item", "tolist", "cpu", "numpy", "__float__", "__int__", "__bool__")
-
-
-def _count_syncs(monkeypatch):
-    """Counts host syncs (reading a tensor's values back) made by the project's own code."""
-    counts = {"n": 0}
-    for name in SYNCS:
-        original = getattr(torch.Tensor, name)
-
-        def counted(self, *a, _original=original, **k):
-            if sys._getframe(1).f_globals.get("__name__", "").startswith("study."):
-                counts["n"] += 1
-            return _original(self, *a, **k)
-        monkeypatch.setattr(torch.Tensor, name, counted)
-    return counts
-
-
 def test_host_syncs_per_epoch_do_not_grow_with_steps(monkeypatch, cache_dir, tmp_path):
-    counts = _count_syncs(monkeypatch)
+    counts = count_syncs(monkeypatch)
     per_run = {}
     for limit in (32, 128):  # 2 and 8 training steps of 16 images
         cfg = TINY.replace(train_limit=limit, augment=True, schedule="cosine")

@@ -10,7 +10,7 @@ from study.models import SAMPLINGS, ConfigError, UNet, UNetConfig, build_unet
 from study.pack import PACK_FILE, FusedUNet, Member, PackTerms, _evaluate_sums, make_pack_loss, run_pack, \
     train_batches, train_step
 from study.train import CHECKPOINT_FILE, EvalSplit, evaluate, run_trial
-from test_engine_step import _count_syncs
+from syncs import count_syncs
 
 BASE = TrialConfig(dataset="samples", train_limit=128, eval_limit=32, base_filters=8, batch_size=32,
                    epochs=2, preview_count=2)
@@ -152,7 +152,7 @@ def test_members_must_share_structure(splits):
 
 
 def test_host_syncs_per_epoch_do_not_grow_with_steps(monkeypatch, cache_dir, tmp_path):
-    counts = _count_syncs(monkeypatch)
+    counts = count_syncs(monkeypatch)
     per_run = {}
     for limit in (32, 128):  # 1 and 4 training steps per epoch
         splits = load_splits("samples", 32, cache_dir=cache_dir, train_limit=limit, eval_limit=32)
