@@ -6,7 +6,7 @@ import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-from study.models import OUTPUTS, SAMPLINGS, ConfigError, UNetConfig
+from study.modelspec import OUTPUTS, SAMPLINGS, ConfigError, UNetConfig
 
 DEFAULT_RESOLUTION = {"cifar10": 32, "flowers102": 256, "samples": 32}
 LOSSES = ("mse", "l1", "huber")

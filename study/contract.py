@@ -20,9 +20,10 @@ table with ``pd.read_parquet`` (the last two are folders of files).
 """
 from __future__ import annotations
 
-from typing import Iterable
+from typing import TYPE_CHECKING, Iterable
 
-import pandas as pd
+if TYPE_CHECKING:  # pandas is imported where a table is touched: best_row's callers (trials) need none
+    import pandas as pd
 
 RESULTS_DIR = "results"
 TABLES = ("trials", "epochs", "previews")
@@ -59,6 +60,9 @@ BOOKKEEPING = (
     "trial_id", "status", "error", "epochs_run", "best_epoch", "val_gray_psnr", "test_gray_psnr",
     "wall_time_s", "device", "node_id", "gpu_ids", "checkpoint_path", "optuna_number",
     "started_at", "finished_at", "restarts", "resumed_at_epoch", "pack_id", "pack_size",
+    # What the trial computed in (bf16, tf32, fp32; from its latest epoch row): the config's own
+    # ``precision`` column keeps what was asked for ("auto" resolves per device).
+    "precision_used",
 )
 # Configuration that changes what is measured or shown, not the model.
 NOT_HYPERPARAMETERS = ("eval_limit", "preview_count")
@@ -96,7 +100,10 @@ def best_trials(df: pd.DataFrame, by: str | Iterable[str] | None = None, score: 
     ``by=None`` the single best trial overall. Ties go to the smaller ``trial_id``, so reruns pick the
     same trial; trials without a score are left out."""
     if df is None or df.empty or score not in df:
-        return (df if df is not None else pd.DataFrame()).iloc[0:0]
+        if df is None:
+            import pandas as pd
+            df = pd.DataFrame()
+        return df.iloc[0:0]
     by = [] if by is None else [by] if isinstance(by, str) else list(by)
     ranked = df.dropna(subset=[score]).sort_values([score, "trial_id"], ascending=[False, True], kind="stable")
     if not by:
@@ -115,6 +122,8 @@ def coerce(name: str, df: pd.DataFrame) -> pd.DataFrame:
 
     Used by the writer before every write and by readers of old studies, so both see the same types.
     """
+    import pandas as pd
+
     df = df.copy()
     for col in INTEGER_COLUMNS.get(name, ()):
         if col in df:
@@ -128,6 +137,8 @@ def coerce(name: str, df: pd.DataFrame) -> pd.DataFrame:
 
 def _timestamp(value):
     """Unix seconds (how drivers record times) or anything pandas reads as a time; missing -> NaT."""
+    import pandas as pd
+
     if value is None or isinstance(value, str) and not value:
         return pd.NaT
     if isinstance(value, (int, float)) and not isinstance(value, bool):

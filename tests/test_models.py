@@ -1,6 +1,11 @@
+import subprocess
+
 import pytest
 import torch
+from conftest import PYTHON, python_env
 
+from study.cli import ProjectError
+from study.data import DataError
 from study.models import OUTPUTS, SAMPLINGS, VARIANTS, ConfigError, UNetConfig, build_unet, max_depth_for
 from study.color import UV_MAX
 
@@ -53,3 +58,13 @@ def test_invalid_configs_name_the_parameter():
         build_unet(UNetConfig(depth=0))
     with pytest.raises(ConfigError, match="dropout"):
         build_unet(UNetConfig(dropout=1.5))
+
+
+def test_config_validation_imports_neither_torch_nor_pandas():
+    # The command-line checks of a space or a configuration must not pay for importing torch (seconds).
+    code = ("import sys, study.config, study.contract, study.modelspec; "
+            "print(sorted(m for m in ('torch', 'pandas') if m in sys.modules))")
+    out = subprocess.run([PYTHON, "-c", code], env=python_env(), capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr
+    assert issubclass(ConfigError, ProjectError) and issubclass(ConfigError, ValueError)
+    assert issubclass(DataError, ProjectError)
