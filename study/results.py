@@ -421,6 +421,8 @@ def trial_row(trial_id: str, config: dict, status: str, history: list[dict], *, 
             row[f"final_{k}"] = float(final[k])
         row["val_gray_psnr"] = float(final["val_gray_psnr"])
         row["test_gray_psnr"] = float(final["test_gray_psnr"])
+        if "precision" in final:
+            row["precision_used"] = str(final["precision"])
     return row
 
 

@@ -440,6 +440,7 @@ def prepare_trial(cfg: TrialConfig, device: str | torch.device | None, data_root
         # TF32 for fp32 convolutions and matmuls (PyTorch leaves matmuls at full fp32 by default).
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = precision == "tf32"
     work_dir = Path(work_dir) if work_dir is not None else Path.cwd()
+    work_dir.mkdir(parents=True, exist_ok=True)  # e.g. study.trial's --out, made before its first checkpoint
     sweep_stale_checkpoints(work_dir)
     splits = splits or load_splits(cfg.dataset, cfg.image_size, data_root, cache_dir,
                                    cfg.train_limit, cfg.eval_limit)

@@ -46,7 +46,7 @@ def _main(argv: list[str]) -> int:
 
     try:
         history = run_trial(cfg, data_root=args.data_root, cache_dir=args.cache_dir, device=device,
-                            report=report)
+                            report=report, work_dir=args.out)
     except NonFiniteLossError as e:
         print(f"trial failed: {e}", file=sys.stderr)
         return 1

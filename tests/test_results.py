@@ -90,7 +90,7 @@ def test_a_study_with_the_old_single_file_epochs_table_still_reads_and_converts(
 def test_trials_are_written_once_per_flush_with_pandas_types(tmp_path):
     w = ResultsWriter(str(tmp_path))
     path = tmp_path / "results/trials.parquet"
-    history = [row(1, 20.0), row(2, 22.0), row(3, 22.0)]
+    history = [{**row(e, v), "precision": "bf16"} for e, v in ((1, 20.0), (2, 22.0), (3, 22.0))]
     w.stage("trials", [trial_row("t1", CONFIG, "RUNNING", history[:1], started_at=1.7e9)])
     w.stage("trials", [trial_row("t1", CONFIG, "DONE", history, started_at=1.7e9, finished_at=1.7e9 + 60)])
     w.stage("trials", [trial_row("t2", CONFIG, "RUNNING", [], started_at=1.7e9 + 5)])
@@ -105,6 +105,8 @@ def test_trials_are_written_once_per_flush_with_pandas_types(tmp_path):
     assert isinstance(df["started_at"].dtype, pd.DatetimeTZDtype) and str(df["started_at"].dt.tz) == "UTC"
     assert df.loc["t1", "finished_at"] - df.loc["t1", "started_at"] == pd.Timedelta(seconds=60)
     assert pd.isna(df.loc["t2", "finished_at"])
+    # What the trial computed in (its epoch rows' precision) is bookkeeping beside the config's own.
+    assert df.loc["t1", "precision_used"] == "bf16" and pd.isna(df.loc["t2", "precision_used"])
     with pytest.raises(ValueError, match="status"):
         trial_row("t3", CONFIG, "FINISHED", [])
 
