@@ -1,8 +1,10 @@
 """Fused trial packs: K trials that share their structure train as one grouped-convolution model.
 
 Members share ``STRUCTURE`` (dataset, resolution, depth, sampling, output, width,
-batch size, data limits) and differ in anything else (lr, schedule, loss, dropout,
-augmentation, seed, epochs). One process, one device-resident copy of the data,
+batch size, data limits, precision, preview count: what the one fused forward and the
+one data pipeline fix) and differ in anything else: lr, schedule and warm-up, loss (mse,
+l1, huber), weight decay, weight averaging (ema), dropout, augmentation and its
+strength, test-time flip averaging, seed, epochs. One process, one device-resident copy of the data,
 one kernel per layer for all members: member k's activations are channel group k
 of one tensor, so every convolution runs with ``groups=K`` and BatchNorm over the
 fused channels is per member by construction.
@@ -14,7 +16,9 @@ batch, the grouped form needs nothing but plain kernels (CPU, CUDA graphs and
 UNets 185k model-images/s, 32 fused 222k, one model 76k).
 
 Each member keeps its own parameter tensors (they ARE a plain ``study.models.UNet``)
-with its own Adam and scheduler; the fused forward concatenates them per layer.
+with its own Adam(W), scheduler and weight average (a member with ema is evaluated,
+previewed and exported through a second fused model of its averaged weights, as
+run_trial does); the fused forward concatenates them per layer.
 That keeps per-member learning rates and schedules exact, makes export a plain
 ``state_dict()``, and lets a pruned or finished member leave by rebuilding the fused
 model from the others (its slice then costs nothing), instead of masking it.
