@@ -220,8 +220,9 @@ class Member:
     def load(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])
         if self.average:
-            self.average.model.load_state_dict(state["average"])
-            self.average.updates = state["updates"]
+            # A pack.pt written before packs averaged weights has none: the average starts from the weights.
+            self.average.model.load_state_dict(state.get("average") or state["model"])
+            self.average.updates = state.get("updates", 0)
         self.opt.load_state_dict(state["optimizer"])
         if self.sched is not None and state.get("scheduler"):
             self.sched.load_state_dict(state["scheduler"])
