@@ -33,8 +33,6 @@ DEBUG_ENV = "COLORIZE_DEBUG"
 # free of this one); looked up lazily so this module imports nothing heavy. New error types
 # should derive from ProjectError instead of joining this list.
 KNOWN_ERRORS = (
-    ("study.models", "ConfigError"),
-    ("study.data", "DataError"),
     ("analysis.load", "NotAStudyError"),
 )
 

@@ -44,7 +44,7 @@ import yaml
 
 from study.cli import ProjectError
 from study.config import DEFAULT_RESOLUTION, LOSSES, SCHEDULES, TrialConfig
-from study.models import OUTPUTS, SAMPLINGS, ConfigError, max_depth_for
+from study.modelspec import OUTPUTS, SAMPLINGS, ConfigError, max_depth_for
 
 SPACES_DIR = Path(__file__).resolve().parent.parent / "search_spaces"
 DISTRIBUTIONS = ("choice", "int", "uniform", "loguniform")
