@@ -12,11 +12,13 @@
 # Each part prints the figures the issue's targets need, with the GPU's name, and leaves JSON (and the
 # results tables, not checkpoints) under $OUT. Every step has its own timeout: part 1 ends within about
 # 7.5 minutes, part 2 within about 5.5, so both and the machine's start fit the 15 minutes of device time.
+# `bash scripts/gpu_check.sh mps` (a third command, after part 2, when device time allows) reruns part 2's
+# study under an NVIDIA MPS daemon of its own and prints MPS against time-slicing.
 # `bash scripts/gpu_check.sh figures` prints the figures again from $OUT.
 # Environment: GPU_CHECK_STEPS (bench steps per row, default 100), GPU_CHECK_COMPILE (torch.compile mode
 # of the bench's compiled rows, default "default"; empty: none).
 set -uo pipefail
-part=${1:?usage: bash scripts/gpu_check.sh cifar|flowers|figures}
+part=${1:?usage: bash scripts/gpu_check.sh cifar|flowers|mps|figures}
 X=/tmp/x
 OUT=${OUT:-$X/out}
 mkdir -p "$OUT" "$X/site" "$X/data" "$X/cache"
@@ -151,8 +153,30 @@ case $part in
       --parts flowers --precisions fp32,bf16 --json "$OUT/bench_flowers.json" 2>&1 | tee "$OUT/bench_flowers.txt"
     timed_report report_all cifar10,flowers102 8 0.125 240
     ;;
+  mps)
+    # NVIDIA MPS against plain time-slicing for the report's 8 concurrent trials (issue 9 item 4): the same
+    # study as part 2 with an MPS daemon of our own (private pipe and log folders, no change to the GPU's
+    # settings), stopped afterwards. Run it after part 2 on the same warm machine when device time allows.
+    test -d "$X/data/flowers102" || { echo "part 2 (flowers) must run first, on the same warm machine" >&2; exit 3; }
+    export CUDA_MPS_PIPE_DIRECTORY=$X/mps-pipe CUDA_MPS_LOG_DIRECTORY=$X/mps-log
+    mkdir -p "$CUDA_MPS_PIPE_DIRECTORY" "$CUDA_MPS_LOG_DIRECTORY"
+    nvidia-cuda-mps-control -d || { echo "cannot start an MPS daemon here" >&2; exit 3; }
+    log "MPS daemon started"
+    timed_report report_all_mps cifar10,flowers102 8 0.125 240
+    echo quit | nvidia-cuda-mps-control
+    log "MPS daemon stopped"
+    python3 - "$OUT" <<'PY'
+import json, pathlib, sys
+out = pathlib.Path(sys.argv[1])
+a, b = (json.loads((out / f).read_text()) for f in ("report_all.json", "report_all_mps.json"))
+line = (f"report space, 8 cells: time-slicing {a['wall_s']:.0f} s, MPS {b['wall_s']:.0f} s "
+        f"(x{a['wall_s'] / b['wall_s']:.2f}; MPS {'wins' if b['wall_s'] < a['wall_s'] else 'does not win'})")
+print(line)
+(out / "mps.txt").write_text(line + "\n")
+PY
+    ;;
   figures) ;;
-  *) echo "unknown part $part (cifar, flowers, figures)" >&2; exit 2 ;;
+  *) echo "unknown part $part (cifar, flowers, mps, figures)" >&2; exit 2 ;;
 esac
 log "figures"
 targets
