@@ -57,6 +57,11 @@ from study.train import NonFiniteLossError, device_name, original_previews, pick
 log = logging.getLogger("study")
 # A checkpoint per epoch is the point (resume, pruning); Ray's warning about it is noise here.
 os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+# Ray saves the experiment state at most every 10 s by default ("auto"): a trial created after the
+# last save and cut off by a driver crash is never resumed, and a new one replaces it (seen with
+# packs in tests/test_packs_study.py). Saving every 2 s keeps that window small; the state is a
+# few small files.
+os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")
 METRIC = "best_val_psnr"    # a trial's value in Optuna: its best epoch's val PSNR (RGB, dB)
 STEP_METRIC = "val_psnr"    # each epoch's intermediate value in Optuna: that epoch's own val PSNR
 ERROR_KEY = "trial_error"   # set in a trial's last report when it failed for a reason a retry cannot fix
