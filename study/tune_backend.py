@@ -781,8 +781,8 @@ def build_tuner(*, study_root: str, space: Space, sampler, storage_url: str, opt
                                     scheduler=scheduler, num_samples=tune_trials,
                                     # Reuse would save a process, torch import and CUDA context per trial
                                     # (smoke study 20.4 -> 13.4 s on 2 CPU cores), but a reused actor keeps
-                                    # its first trial's dashboard name and a resumed pack study then ran
-                                    # extra trials: off until both are solved.
+                                    # its first trial's name in the dashboard: off until actors are named
+                                    # per trial.
                                     reuse_actors=False,
                                     trial_name_creator=trial_name, trial_dirname_creator=trial_name),
         run_config=tune.RunConfig(
