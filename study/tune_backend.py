@@ -407,6 +407,23 @@ class ResultsCallback(Callback):
 
     def setup(self, **info):
         self._writer = ResultsWriter(self.study)
+        self._orphans_checked = False
+
+    def on_step_begin(self, iteration, trials, **info):
+        if getattr(self, "_orphans_checked", True):
+            return
+        self._orphans_checked = True
+        # After a restore: a trial that started after Ray's last saved state is not among the restored
+        # trials and will never run again; its rows must not stay RUNNING (Optuna FAILs it as orphaned).
+        known = {member_id(t.trial_id, k, self._pack(t)) for t in trials for k in range(self._pack(t))}
+        df = self.writer.tables["trials"]
+        if df is None:
+            return
+        orphans = df[(df.status == "RUNNING") & ~df.trial_id.isin(known)].to_dict("records")
+        for row in orphans:
+            row.update(status="ERROR", error="orphaned: started after the driver's last saved state, "
+                                             "so the resumed study could not continue it")
+        self.writer.stage("trials", orphans)
 
     # ---- what a trial is
     def _pack(self, trial) -> int:
