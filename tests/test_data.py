@@ -70,8 +70,12 @@ def test_cifar10_split_sizes_and_slice(shared_data, cache_dir):
     files = folder_splits(shared_data / "cifar10", seed=0)
     assert {k: len(v) for k, v in files.items()} == {"train": 40000, "val": 10000, "test": 10000}
     assert not set(files["train"]) & set(files["val"])
-    s = load_splits("cifar10", 32, data_root=str(shared_data), cache_dir=cache_dir, train_limit=300, eval_limit=100)
-    assert s.train.shape == (300, 32, 32, 3) and s.val.shape == (100, 32, 32, 3)
+    with pytest.warns(data.DataWarning, match="grayscale"):  # real CIFAR-10 holds a few grayscale photos
+        s = load_splits("cifar10", 32, data_root=str(shared_data), cache_dir=cache_dir, train_limit=300,
+                        eval_limit=100)
+    # The limits pick the images; the grayscale ones among them are then left out.
+    assert 280 <= len(s.train) < 300 and 90 <= len(s.val) < 100 and s.val.shape[1:] == (32, 32, 3)
+    assert not data.grayscale_indices(s.train) and not data.grayscale_indices(s.val)
 
 
 def test_flowers102_official_splits(shared_data, cache_dir):
@@ -115,24 +119,51 @@ def _mixed_folder(root, gray: int, colour: int, val_gray: int = 0):
     return root
 
 
-def test_grayscale_images_are_counted_named_and_refused_over_five_percent(tmp_path, monkeypatch):
+def test_grayscale_images_are_named_left_out_and_refused_over_five_percent(tmp_path, monkeypatch):
     monkeypatch.delenv(data.ALLOW_GRAYSCALE_ENV, raising=False)
     few = _mixed_folder(tmp_path / "few", gray=1, colour=39)  # 2.5%: a warning that names the file
-    with pytest.warns(data.DataWarning, match=r"1 of 40 train images \(2\.5%\) are grayscale.*gray_000\.jpg"):
+    with pytest.warns(data.DataWarning, match=r"1 of 40 train images \(2\.5%\) are grayscale.*gray_000\.jpg.*"
+                                              r"left out"):
         s = load_splits(str(few), 32, cache_dir=tmp_path / "cache")
-    assert len(s.train) == 40
+    assert len(s.train) == 39 and not data.grayscale_indices(s.train)
+    assert len(s.val) == len(s.test) == 10
     with pytest.warns(data.DataWarning, match="1 of 40 train"):  # from the cache: the count was kept
-        load_splits(str(few), 32, cache_dir=tmp_path / "cache")
+        assert len(load_splits(str(few), 32, cache_dir=tmp_path / "cache").train) == 39
 
     many = _mixed_folder(tmp_path / "many", gray=6, colour=24, val_gray=1)  # 20% of train
     with pytest.raises(DataError, match=r"6 of 30 train images \(20\.0%\) are grayscale.*gray_00\d\.jpg.*"
                                         r"COLORIZE_ALLOW_GRAYSCALE=1"):
         load_splits(str(many), 32, cache_dir=tmp_path / "cache")
-    with pytest.warns(data.DataWarning, match="6 of 30 train"):
+    with pytest.warns(data.DataWarning, match="6 of 30 train.*kept"):
         assert len(load_splits(str(many), 32, cache_dir=tmp_path / "cache", allow_grayscale=True).train) == 30
     monkeypatch.setenv(data.ALLOW_GRAYSCALE_ENV, "1")
-    with pytest.warns(data.DataWarning, match=r"1 of 11 val images"):
-        load_splits(str(many), 32, cache_dir=tmp_path / "cache")
+    with pytest.warns(data.DataWarning, match=r"1 of 11 val images.*kept"):
+        assert len(load_splits(str(many), 32, cache_dir=tmp_path / "cache").val) == 11
+
+
+def test_grayscale_images_would_hide_a_colorizers_gain():
+    """Why they are left out: on an exact grayscale photo the grayscale input scores ~110 dB, so 2% of
+    them lift its mean PSNR above a colorizer that is better on every colour image."""
+    import torch
+    from study.color import rgb_to_y
+    from study.metrics import psnr
+    g = torch.Generator().manual_seed(0)
+    colour = torch.rand(49, 3, 8, 8, generator=g)
+    photos = torch.cat([colour, torch.rand(1, 1, 8, 8, generator=g).expand(-1, 3, -1, -1)])  # the last is gray
+    gray_input = rgb_to_y(photos).expand(-1, 3, -1, -1)
+    colorizer = photos + 0.9 * (gray_input - photos) + 0.01  # a tenth less colour error, a small bias
+    is_gray = torch.tensor([i == 49 for i in range(50)])
+    assert (psnr(colorizer, photos)[:49] > psnr(gray_input, photos)[:49]).all()
+    assert psnr(gray_input, photos)[49] > 100
+    assert psnr(colorizer, photos).mean() < psnr(gray_input, photos).mean()        # with the gray photo
+    assert psnr(colorizer, photos)[~is_gray].mean() > psnr(gray_input, photos)[~is_gray].mean()  # without it
+
+
+def test_a_split_of_only_grayscale_images_is_refused(tmp_path, monkeypatch):
+    monkeypatch.delenv(data.ALLOW_GRAYSCALE_ENV, raising=False)
+    arrays = {s: np.full((2, 4, 4, 3), 128, np.uint8) for s in data.SPLITS}
+    with pytest.raises(DataError, match="no colour image is left in the train split"):
+        data.check_grayscale("tiny", "here", arrays, {"train": [0, 1]})
 
 
 def test_colour_data_has_no_grayscale_warning(tmp_path):
