@@ -24,6 +24,7 @@ class TrialConfig:
     output: str = "uv"
     base_filters: int = 32
     max_filters: int = 512         # channels per level never exceed it (512: the report's models unchanged)
+    gray_start: bool = False       # the untrained model outputs its grayscale input (see UNetConfig)
     dropout: float = 0.0
     lr: float = 1e-3
     batch_size: int = 64
@@ -76,7 +77,8 @@ class TrialConfig:
     @property
     def model(self) -> UNetConfig:
         return UNetConfig(depth=self.depth, sampling=self.sampling, output=self.output,
-                          base_filters=self.base_filters, dropout=self.dropout, max_filters=self.max_filters)
+                          base_filters=self.base_filters, dropout=self.dropout, max_filters=self.max_filters,
+                          gray_start=self.gray_start)
 
     def validate(self) -> "TrialConfig":
         for f in fields(self):

@@ -77,6 +77,9 @@ class UNet(nn.Module):
             self.ups.append(up)
             self.decoders.append(DoubleConv(up_channels + widths[i], widths[i], s.act, config.dropout))
         self.head = nn.Conv2d(widths[0], OUTPUTS[config.output], 1)
+        if config.gray_start:
+            nn.init.zeros_(self.head.weight)
+            nn.init.zeros_(self.head.bias)
         # Bounded outputs: RGB in [0, 1], U and V within the YUV gamut's range.
         self.register_buffer("uv_scale", torch.tensor(UV_MAX).view(1, 2, 1, 1), persistent=False)
 
@@ -90,7 +93,7 @@ class UNet(nn.Module):
             x = dec(torch.cat([up(x), skips.pop()], dim=1))
         out = self.head(x).float()
         if self.config.output == "rgb":
-            return torch.sigmoid(out)
+            return y.float() + torch.tanh(out) if self.config.gray_start else torch.sigmoid(out)
         return torch.tanh(out) * self.uv_scale
 
 

@@ -44,6 +44,9 @@ class UNetConfig:
     base_filters: int = 32
     dropout: float = 0.0
     max_filters: int = 512  # a cap on width: levels double their channels up to this
+    # The untrained model is its grayscale input: the head starts at zero, and an RGB model predicts a
+    # correction to Y (a UV model's zero is already gray). Training then adds only colour that pays.
+    gray_start: bool = False
 
     @property
     def widths(self) -> list[int]:
@@ -60,6 +63,8 @@ class UNetConfig:
             raise ConfigError(f"base_filters={self.base_filters!r} must be an integer >= 1")
         if not isinstance(self.max_filters, int) or self.max_filters < 1:
             raise ConfigError(f"max_filters={self.max_filters!r} must be an integer >= 1")
+        if not isinstance(self.gray_start, bool):
+            raise ConfigError(f"gray_start={self.gray_start!r} must be true or false")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"dropout={self.dropout!r} must be in [0, 1)")
         if resolution is not None:

@@ -95,6 +95,10 @@ class FusedUNet(nn.Module):
         self.steps = 0  # training steps taken, for the members' BatchNorm num_batches_tracked
         self._keep: dict[tuple, torch.Tensor] = {}
         self.register_buffer("uv_scale", members[0].uv_scale.view(1, 1, 2, 1, 1).clone(), persistent=False)
+        # Per member: RGB members with gray_start predict a correction to their input Y (see UNet.forward).
+        starts = [m.config.gray_start for m in members]
+        self.register_buffer("gray_start", torch.tensor(starts).view(1, self.k, 1, 1, 1), persistent=False)
+        self.any_gray_start, self.all_gray_start = any(starts), all(starts)
 
     # ------------------------------------------------------------ layers
 
@@ -157,7 +161,10 @@ class FusedUNet(nn.Module):
         out = self._apply([m.head for m in ms], x).float()
         out = out.unflatten(1, (self.k, OUTPUTS[self.output]))
         if self.output == "rgb":
-            return torch.sigmoid(out)
+            if not self.any_gray_start:
+                return torch.sigmoid(out)
+            corrected = y.float().unsqueeze(2) + torch.tanh(out)
+            return corrected if self.all_gray_start else torch.where(self.gray_start, corrected, torch.sigmoid(out))
         return torch.tanh(out) * self.uv_scale
 
     def live_buffers(self, k: int) -> dict[int, torch.Tensor]:

@@ -31,6 +31,21 @@ def test_variant_shape_range_and_gradients(sampling, output, depth):
     assert any(p.grad.abs().sum() > 0 for p in model.parameters())
 
 
+@pytest.mark.parametrize("sampling,output,depth", CASES)
+def test_gray_start_model_is_its_grayscale_input_until_trained(sampling, output, depth):
+    from study.color import prediction_to_rgb
+    torch.manual_seed(0)
+    model = build_unet(UNetConfig(depth=depth, sampling=sampling, output=output, base_filters=4, gray_start=True), 32)
+    y = torch.rand(2, 1, 32, 32)
+    rgb = prediction_to_rgb(model(y), y, output)
+    assert torch.allclose(rgb, y.expand(-1, 3, -1, -1), atol=1e-6)
+    # One step away from it: the head gets a gradient (and then the layers below it).
+    (prediction_to_rgb(model(y), y, output) - torch.rand(2, 3, 32, 32)).square().mean().backward()
+    assert model.head.weight.grad.abs().sum() > 0
+    plain = build_unet(UNetConfig(depth=depth, sampling=sampling, output=output, base_filters=4), 32)
+    assert not torch.allclose(prediction_to_rgb(plain(y), y, output), y.expand(-1, 3, -1, -1), atol=1e-3)
+
+
 @pytest.mark.parametrize("name", sorted(VARIANTS))
 def test_report_variants_build(name):
     cfg = VARIANTS[name]

@@ -64,10 +64,13 @@ def _close(a: list[dict], b: list[dict]) -> None:
 
 @pytest.mark.parametrize("sampling", sorted(SAMPLINGS))
 @pytest.mark.parametrize("output", ["rgb", "uv"])
-def test_fused_forward_is_each_members_forward(sampling, output):
+@pytest.mark.parametrize("gray_starts", [(False, False, True), (True, True, True)])
+def test_fused_forward_is_each_members_forward(sampling, output, gray_starts):
     torch.manual_seed(0)
     members = [build_unet(UNetConfig(depth=2, sampling=sampling, output=output, base_filters=4, max_filters=6,
-                                     dropout=d)) for d in (0.0, 0.2, 0.0)]
+                                     dropout=d, gray_start=g)) for d, g in zip((0.0, 0.2, 0.0), gray_starts)]
+    for m in members:  # a trained head: gray_start's zero head would hide the correction path
+        torch.nn.init.normal_(m.head.weight, std=0.3)
     fused = FusedUNet(members)
     y = torch.rand(5, 3, 16, 16)
     for train in (True, False):  # batch statistics, then running statistics
