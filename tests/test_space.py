@@ -147,12 +147,13 @@ def test_sampler_options_reach_optuna_and_tpe_lies_constantly(tmp_path):
 # ---- issue 13: enqueued configurations (the ablation) and several objectives
 
 RECIPE = {"weight_decay": 0.0, "ema": 0.0, "loss": "mse", "schedule": "none", "warmup_epochs": 0,
-          "augment": False, "tta_flip": False}
+          "augment": False, "tta_flip": False, "gray_start": False}
 # docs/ablation.md's rows, in its order: the recipe, each lever alone, all together.
 ABLATION_ROWS = [{}, {"weight_decay": 1e-2}, {"ema": 0.99}, {"loss": "huber"},
                  {"schedule": "cosine", "warmup_epochs": 1}, {"augment": True}, {"tta_flip": True},
+                 {"gray_start": True},
                  {"weight_decay": 1e-2, "ema": 0.99, "loss": "huber", "schedule": "cosine", "warmup_epochs": 1,
-                  "augment": True, "tta_flip": True}]
+                  "augment": True, "tta_flip": True, "gray_start": True}]
 
 
 def test_ablation_space_is_exactly_the_tables_configurations():
