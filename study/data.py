@@ -131,11 +131,21 @@ def grayscale_indices(images: np.ndarray, chunk: int = 256) -> list[int]:
     return found
 
 
+def grayscale_allowed() -> bool:
+    return os.environ.get(ALLOW_GRAYSCALE_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def grayscale_rule() -> str:
+    """What this process does with grayscale images: "left out" of the splits, or "kept" (a study records
+    it: PSNR from one rule cannot be compared with the other's)."""
+    return "kept" if grayscale_allowed() else "left out"
+
+
 def check_grayscale(dataset: str, source: str, arrays: dict, gray: dict[str, list[int]],
                     names: dict[str, list[str]] | None = None, allow: bool = False) -> dict[str, np.ndarray]:
     """``arrays`` without their grayscale images, with a warning naming a few; a split with more than
     GRAY_MAX_FRACTION of them is refused. ``allow`` (or $COLORIZE_ALLOW_GRAYSCALE=1) keeps them all."""
-    allow = allow or os.environ.get(ALLOW_GRAYSCALE_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+    allow = allow or grayscale_allowed()
     kept = dict(arrays)
     for split in SPLITS:
         idx, n = gray.get(split, []), len(arrays[split])

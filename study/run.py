@@ -318,6 +318,17 @@ def _main(argv: list[str]) -> int:
         raise UsageError(f"--resume with space {space.name!r}, but the study at {root} was started with "
                          f"{meta.get('space')!r} ({meta.get('space_file')}); give --space {meta.get('space')} "
                          f"(nothing was changed)")
+    if meta is not None:
+        from study.data import ALLOW_GRAYSCALE_ENV, grayscale_rule
+        # Studies from before the rule was recorded kept their grayscale images.
+        recorded, now = meta.get("grayscale", "kept"), grayscale_rule()
+        if recorded != now:
+            fix = (f"set {ALLOW_GRAYSCALE_ENV}=1 to resume it as it was" if recorded == "kept"
+                   else f"unset {ALLOW_GRAYSCALE_ENV} to resume it")
+            raise UsageError(f"--resume: the study at {root} was started with grayscale images {recorded} of its "
+                             f"data splits, and they would now be {now}; PSNR from the two rules cannot be "
+                             f"compared (grayscale images score ~110 dB as their own input). {fix[0].upper()}"
+                             f"{fix[1:]}, or start a new study with --name (nothing was changed)")
     if meta is not None and meta.get("space_sha256") not in (None, space_hash(space.path)):
         print(f"note: {space.path} changed since the study started; the study goes on with the file as it "
               f"is now (Optuna keeps its earlier trials)", file=sys.stderr)
@@ -362,6 +373,7 @@ def _main(argv: list[str]) -> int:
             print("note: the Ray cluster has no GPU; trials run on CPUs only")
             resources["gpu"] = 0
         if meta is None:
+            from study.data import grayscale_rule
             # Packs pay where one device has parallel work to spare: the space says how many per device kind.
             pack = args.pack or space.pack_for(gpu=resources.get("gpu", 0) > 0)
             recorded = without_password(given_url) if given_url else default_optuna_storage(root, name)
@@ -374,6 +386,7 @@ def _main(argv: list[str]) -> int:
                     "num_samples": args.num_samples or space.num_samples,
                     "max_concurrent": args.max_concurrent or space.max_concurrent, "pack": pack,
                     "resources": resources, "data_root": data_root,
+                    "grayscale": grayscale_rule(),   # left out of the splits, or kept: see study.data
                     "command": " ".join(masked(a) if "://" in a else a for a in sys.argv)}
         storage_url = runtime_url(meta["optuna_storage"], root, given_url)
         packs = f" in packs of {meta['pack']}" if meta.get("pack", 1) > 1 else ""

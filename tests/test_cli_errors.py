@@ -46,11 +46,11 @@ def space(**changes) -> Callable[[Path], None]:
     return setup
 
 
-def study_json(space_name: str, name: str = "space", started: bool = False) -> Callable[[Path], None]:
+def study_json(space_name: str, name: str = "space", started: bool = False, **meta) -> Callable[[Path], None]:
     def setup(folder: Path) -> None:
         space()(folder)
         (folder / "st" / name).mkdir(parents=True)
-        (folder / "st" / name / "study.json").write_text(json.dumps({"name": name, "space": space_name}))
+        (folder / "st" / name / "study.json").write_text(json.dumps({"name": name, "space": space_name, **meta}))
         if started:   # Ray's saved state, as a started study has it (never read: the command stops first)
             (folder / "st" / name / "tuner.pkl").write_bytes(b"not read")
     return setup
@@ -65,14 +65,14 @@ def live_lock(folder: Path) -> None:
 
 
 def writable_pickle(folder: Path) -> None:
-    study_json("space")(folder)
+    study_json("space", grayscale="left out")(folder)
     pkl = folder / "st" / "space" / "tuner.pkl"
     pkl.write_bytes(b"not read")
     pkl.chmod(0o666)
 
 
 def corrupt_trials(folder: Path) -> None:
-    study_json("space", started=True)(folder)
+    study_json("space", started=True, grayscale="left out")(folder)
     (folder / "st" / "space" / "results").mkdir()
     (folder / "st" / "space" / "results" / "trials.parquet").write_bytes(b"PAR1 cut short")
 
@@ -177,6 +177,13 @@ CASES = [
     Case("resume-nothing", "study.run", [*RUN, "--space", "space.yaml", "--resume"], r"--resume: no study at"),
     Case("resume-other-space", "study.run", [*RUN, "--space", "space.yaml", "--resume"],
          r"--resume with space 'space', but the study at .* was started with 'smoke'", study_json("smoke")),
+    Case("resume-study-that-kept-grayscale", "study.run", [*RUN, "--space", "space.yaml", "--resume"],
+         r"started with grayscale images kept of its data splits, and they would now be left out.*"
+         r"Set COLORIZE_ALLOW_GRAYSCALE=1 to resume it as it was",
+         study_json("space", started=True)),   # a study.json from before the rule was recorded
+    Case("resume-study-that-left-grayscale-out", "study.run", [*RUN, "--space", "space.yaml", "--resume"],
+         r"started with grayscale images left out .* Unset COLORIZE_ALLOW_GRAYSCALE to resume it",
+         study_json("space", started=True, grayscale="left out"), env={"COLORIZE_ALLOW_GRAYSCALE": "1"}),
     Case("exists-without-resume", "study.run", [*RUN, "--space", "space.yaml"],
          r"a study already exists at .*; pass --resume", study_json("space", started=True)),
     Case("second-driver", "study.run", [*RUN, "--space", "space.yaml"],
