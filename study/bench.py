@@ -11,7 +11,10 @@ All rows train with Adam and MSE for the same number of timed steps:
 - pack K: K such UNets fused into one grouped-convolution model (``study.pack``), each
   on its own batch of ``--pack-batch`` images; aggregate model-images/s;
 - flowers: the report's Flowers-102 UNet (depth 4, 256x256): one trial and a pack.
-Ratios are against the reference measured in the same run.
+Ratios are against the reference measured in the same run. Beside each rate: the device
+operations one step dispatches (view ops left out), a proxy for kernel launches that a CPU
+can measure too (a small model on a GPU is bound by them), and the scalar reads (``.item()``;
+host syncs when the tensor lives on a GPU).
 
 Data: ``--data-root`` must hold ``cifar10/`` (and ``flowers102/`` for the flowers rows);
 without any data root the bundled sample photos stand in, and the output says so.
@@ -30,6 +33,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.data import DataLoader, Dataset
 
 from study.color import rgb_to_yuv
@@ -76,11 +80,39 @@ def _sync(dev):
         torch.cuda.synchronize(dev)
 
 
-def _timed(batches, step, steps: int, warmup: int, dev) -> float:
-    """Seconds taken by ``steps`` calls of ``step(batch)`` after ``warmup`` untimed ones."""
-    done, t0 = 0, 0.0
+# Ops that only re-describe a tensor's memory: no kernel runs for them.
+VIEW_OPS = frozenset({"view", "_unsafe_view", "as_strided", "slice", "select", "unsqueeze", "squeeze", "expand",
+                      "permute", "t", "transpose", "detach", "alias", "unflatten", "flatten", "split", "chunk",
+                      "narrow", "_reshape_alias", "reshape", "unbind", "split_with_sizes", "lift_fresh"})
+
+
+class OpCount(TorchDispatchMode):
+    """Counts the aten ops dispatched while active: ``ops`` (not views) and ``scalar_reads``."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = self.scalar_reads = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.__name__.split(".")[0]
+        if name == "_local_scalar_dense":
+            self.scalar_reads += 1
+        elif name not in VIEW_OPS:
+            self.ops += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _timed(batches, step, steps: int, warmup: int, dev, counts: dict | None = None) -> float:
+    """Seconds taken by ``steps`` calls of ``step(batch)`` after ``warmup`` untimed ones; with ``counts``,
+    one more step runs under OpCount and its figures land there."""
+    done, t0, seconds = 0, 0.0, None
     while True:
         for batch in batches():
+            if seconds is not None:
+                with OpCount() as c:
+                    step(batch)
+                counts.update(ops_per_step=c.ops, scalar_reads_per_step=c.scalar_reads)
+                return seconds
             if done == warmup:
                 _sync(dev)
                 t0 = time.perf_counter()
@@ -88,7 +120,9 @@ def _timed(batches, step, steps: int, warmup: int, dev) -> float:
             done += 1
             if done == warmup + steps:
                 _sync(dev)
-                return time.perf_counter() - t0
+                seconds = time.perf_counter() - t0
+                if counts is None:
+                    return seconds
 
 
 def bench_reference(files, dev, steps, warmup, workers) -> float:
@@ -115,7 +149,7 @@ def _trial_config(model_cfg: UNetConfig, images: np.ndarray, batch: int, precisi
 
 
 def bench_trial(images: np.ndarray, model_cfg: UNetConfig, dev, batch, steps, warmup, precision="fp32",
-                compile_mode=None) -> float:
+                compile_mode=None, counts: dict | None = None) -> float:
     """One trial's training step, study.train.run_trial's own: images/s."""
     cfg = _trial_config(model_cfg, images, batch, precision)
     torch.manual_seed(0)
@@ -131,11 +165,11 @@ def bench_trial(images: np.ndarray, model_cfg: UNetConfig, dev, batch, steps, wa
         loss.backward()
         opt.step()
 
-    return steps * batch / _timed(lambda: data.train_batches(batch, gen), step, steps, warmup, dev)
+    return steps * batch / _timed(lambda: data.train_batches(batch, gen), step, steps, warmup, dev, counts)
 
 
 def bench_pack(images: np.ndarray, model_cfg: UNetConfig, dev, k, batch, steps, warmup, precision="fp32",
-               compile_mode=None) -> float:
+               compile_mode=None, counts: dict | None = None) -> float:
     """K members fused, study.pack's own step, each with its own lr, seed and batch: model-images/s."""
     data = DeviceImages(images, dev)
     base = _trial_config(model_cfg, images, batch, precision)
@@ -147,7 +181,7 @@ def bench_pack(images: np.ndarray, model_cfg: UNetConfig, dev, k, batch, steps, 
     def step(x):
         train_step(fused, members, loss, x)
 
-    return steps * batch * k / _timed(lambda: train_batches(data, members, batch), step, steps, warmup, dev)
+    return steps * batch * k / _timed(lambda: train_batches(data, members, batch), step, steps, warmup, dev, counts)
 
 
 # ---------------------------------------------------------------- data
@@ -282,16 +316,18 @@ def _run(args, dev, steps, packs, precisions, flowers_batch, flowers_pack, data_
     def label(precision: str) -> str:  # "fp32" rows run with TF32 on a GPU, as run_trial's fp32
         return "tf32" if precision == "fp32" and dev.type == "cuda" else precision
 
-    def row(key: str, text: str, rate: float, unit: str = "img/s") -> None:
+    def row(key: str, text: str, rate: float, unit: str = "img/s", counts: dict | None = None) -> None:
         ref = out.get("reference_b64_img_s")
         out[key] = round(rate, 1)
-        entry = {"key": key, "what": text, "rate": round(rate, 1), "unit": unit}
+        entry = {"key": key, "what": text, "rate": round(rate, 1), "unit": unit, **(counts or {})}
         ratio = ""
         if ref and key != "reference_b64_img_s":
             entry["ratio"] = out[key.replace("_img_s", "").replace("_model", "") + "_ratio"] = round(rate / ref, 2)
             ratio = f"   x{rate / ref:.2f} the reference"
+        ops = (f"   {counts['ops_per_step']} ops/step, {counts['scalar_reads_per_step']} scalar reads"
+               if counts else "")
         out["rows"].append(entry)
-        print(f"{text:<58s} {rate:12.1f} {unit}{ratio}", flush=True)
+        print(f"{text:<58s} {rate:12.1f} {unit}{ratio}{ops}", flush=True)
         if args.json:  # after every row: a run cut short still leaves what it measured
             args.json.write_text(json.dumps(out, indent=2))
 
@@ -307,15 +343,17 @@ def _run(args, dev, steps, packs, precisions, flowers_batch, flowers_pack, data_
         if "trial" in parts:
             for precision in precisions:
                 for b in args.batches:
+                    c = {}
                     row(f"trial_{precision}_b{b}_img_s", f"one trial, device-resident, {label(precision)}, b{b}",
-                        bench_trial(images, CIFAR_MODEL, dev, b, steps, args.warmup, precision))
+                        bench_trial(images, CIFAR_MODEL, dev, b, steps, args.warmup, precision, counts=c), counts=c)
         if "pack" in parts:
             for k in packs:
                 for precision in precisions:
+                    c = {}
                     row(f"pack{k}_{precision}_b{args.pack_batch}_model_img_s",
                         f"pack of {k} fused UNets, {label(precision)}, b{args.pack_batch} each",
-                        bench_pack(images, CIFAR_MODEL, dev, k, args.pack_batch, steps, args.warmup, precision),
-                        "model-img/s")
+                        bench_pack(images, CIFAR_MODEL, dev, k, args.pack_batch, steps, args.warmup, precision,
+                                   counts=c), "model-img/s", c)
         if mode and "trial" in parts:  # last: compiling takes long, and every row before it is kept
             for b in args.batches:
                 row(f"trial_compiled_{precisions[-1]}_b{b}_img_s",

@@ -26,6 +26,11 @@ def test_bench_smoke_prints_every_row_and_ratio(tmp_path, cache_dir):
     for key in ("pack2_fp32_b16_model_img_s", "flowers_trial_fp32_b2_img_s", "flowers_pack2_fp32_b2_model_img_s"):
         assert figures[key] > 0, key
     assert "pack of 2 fused UNets" in p.stdout and "the reference" in p.stdout
+    # Ops per step, the launch-count proxy: a pack of 2 dispatches far fewer than two trials.
+    ops = {r["key"]: r["ops_per_step"] for r in figures["rows"] if "ops_per_step" in r}
+    assert ops["trial_fp32_b16_img_s"] > 50
+    assert ops["pack2_fp32_b16_model_img_s"] < 1.5 * ops["trial_fp32_b16_img_s"], ops
+    assert "ops/step" in p.stdout
     # The JPEGs it wrote lived in its own cache folder and are gone.
     assert not list(scratch.glob("bench-jpeg-*"))
 
