@@ -44,6 +44,11 @@ def test_gray_start_model_is_its_grayscale_input_until_trained(sampling, output,
     assert model.head.weight.grad.abs().sum() > 0
     plain = build_unet(UNetConfig(depth=depth, sampling=sampling, output=output, base_filters=4), 32)
     assert not torch.allclose(prediction_to_rgb(plain(y), y, output), y.expand(-1, 3, -1, -1), atol=1e-3)
+    # A checkpoint's config (a trial's, as a dict) rebuilds the same kind of model for colorize.
+    from study.config import TrialConfig
+    cfg = TrialConfig(depth=depth, sampling=sampling, output=output, base_filters=4, gray_start=True)
+    rebuilt = build_unet(dict(cfg.model.__dict__))
+    assert rebuilt.config.gray_start and rebuilt.config == cfg.model
 
 
 @pytest.mark.parametrize("name", sorted(VARIANTS))
