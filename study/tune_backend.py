@@ -23,6 +23,7 @@ on Ray's own authenticated channels.
 from __future__ import annotations
 
 import asyncio
+import gc
 import hashlib
 import logging
 import math
@@ -30,11 +31,13 @@ import os
 import pickle
 import re
 import shutil
+import sys
 import time
 import uuid
 import warnings
 from pathlib import Path
 
+import numpy as np
 import optuna
 import pandas as pd
 import pyarrow.fs as pafs
@@ -48,7 +51,7 @@ from ray.tune.search.optuna import OptunaSearch
 from ray.tune.trainable import wrap_function
 
 from study.contract import best_trials
-from study.data import DataError, load_splits
+from study.data import DataError, Splits, default_cache_dir, default_data_root, load_splits
 from study.models import ConfigError
 from study.results import ResultsWriter, epoch_row, preview_rows, resolve, trial_row
 from study.space import Space
@@ -62,6 +65,13 @@ os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_
 # packs in tests/test_packs_study.py). Saving every 2 s keeps that window small; the state is a
 # few small files.
 os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")
+# A reused actor (reuse_actors) starts its next trial within a second of the last, inside that period:
+# each new trial is saved at once (OptunaPruningScheduler.on_trial_add) unless saves were asked to be
+# rarer than this (then a trial started since the last save is orphaned by a crash, see fail_orphans).
+SAVE_EACH_NEW_TRIAL_MAX_PERIOD_S = 10.0
+# Tune gives a finished trial's thread 2 s to end before reusing its actor, and fails the next trial
+# if it has not; a trial's cleanup (checkpoint folders, CUDA memory) on a busy machine may take longer.
+os.environ.setdefault("TUNE_FUNCTION_THREAD_TIMEOUT_S", "30")
 METRIC = "best_val_psnr"    # a trial's value in Optuna: its best epoch's val PSNR (RGB, dB)
 STEP_METRIC = "val_psnr"    # each epoch's intermediate value in Optuna: that epoch's own val PSNR
 ERROR_KEY = "trial_error"   # set in a trial's last report when it failed for a reason a retry cannot fix
@@ -322,6 +332,10 @@ class OptunaPruningScheduler(FIFOScheduler):
     def __getstate__(self):
         return {**self.__dict__, "decisions": None}
 
+    def on_trial_add(self, tune_controller, trial):
+        super().on_trial_add(tune_controller, trial)
+        _save_state_after_this_step(tune_controller)
+
     def on_trial_result(self, tune_controller, trial, result: dict) -> str:
         if ERROR_KEY in result or "epoch" not in result:
             return TrialScheduler.CONTINUE
@@ -354,6 +368,25 @@ class OptunaPruningScheduler(FIFOScheduler):
         if self.decisions is not None:
             self.decisions.decide.remote(trial.trial_id, epoch, sorted(stop))
         return TrialScheduler.CONTINUE
+
+
+def _save_state_after_this_step(tune_controller) -> None:
+    """Have Tune save its experiment state at the end of this step of its loop, new trials included.
+
+    So a driver crash right after a trial starts (a reused actor starts one at once) resumes that
+    trial instead of orphaning it. Tune has no public call for this: the scheduler is handed a
+    wrapper of the controller, whose experiment-state manager takes a "force" flag at its next
+    save (Ray 2.60's private names). Without them, Ray's save period alone decides, as before.
+    """
+    period = os.environ.get("TUNE_GLOBAL_CHECKPOINT_S", "auto")
+    try:
+        if period != "auto" and float(period) > SAVE_EACH_NEW_TRIAL_MAX_PERIOD_S:
+            return
+        manager = tune_controller._tune_controller._checkpoint_manager
+        if hasattr(manager, "_should_force_sync_up"):
+            manager._should_force_sync_up = True
+    except (AttributeError, ValueError) as e:
+        log.debug("cannot ask Tune to save the new trial at once: %s", e)
 
 
 # ------------------------------------------------------------------ results
@@ -642,7 +675,7 @@ def trainable(config: dict, space: Space, data_root: str | None, cache_dir: str 
                 ckpt = Checkpoint.from_directory(str(folder)) if folder is not None else None
                 tune.report({**row, **_objectives(row), **extra}, checkpoint=ckpt)
 
-            run_trial(cfg, report=report, **common)
+            run_trial(cfg, report=report, splits=_splits_for(cfg, data_root, cache_dir), **common)
     except (ConfigError, NonFiniteLossError, torch.OutOfMemoryError) as e:
         # Retrying cannot fix these: end the trial with its reason (the study goes on).
         tune.report({ERROR_KEY: f"{type(e).__name__}: {e}", METRIC: float("nan"), "epoch": -1,
@@ -650,6 +683,40 @@ def trainable(config: dict, space: Space, data_root: str | None, cache_dir: str 
     finally:
         if resume:  # Ray's local copy of the checkpoint we resumed from
             shutil.rmtree(resume, ignore_errors=True)
+
+
+# This process's last decoded splits and what they were loaded for. A reused actor (reuse_actors)
+# runs trial after trial in one process: the next trial on the same data skips load_splits (CIFAR-10
+# from the warm disk cache: ~1.3 s of memory-mapping and grayscale filtering per trial). One entry,
+# and only up to KEEP_SPLITS_MAX_BYTES of arrays held in memory (memory-mapped ones cost nothing):
+# between trials an actor holds at most that beside what a fresh one would.
+_last_splits: tuple[tuple, Splits] | None = None
+KEEP_SPLITS_MAX_BYTES = 1 << 30
+
+
+def _splits_for(cfg, data_root: str | None, cache_dir: str | None) -> Splits | None:
+    """``cfg``'s splits as ``study.train.prepare_trial`` would load them, from this process's last ones
+    when they match. None when loading fails: prepare_trial then loads them and raises in its own order."""
+    global _last_splits
+    dataset = cfg.dataset
+    if os.sep in dataset or Path(dataset).is_dir():   # a folder: relative to the trial's working directory
+        dataset = os.path.abspath(dataset)
+    # Everything load_splits reads besides its arguments: the default roots and the grayscale switch.
+    key = (dataset, cfg.image_size, str(Path(cache_dir).resolve()) if cache_dir else str(default_cache_dir()),
+           data_root or default_data_root(), cfg.train_limit, cfg.eval_limit,
+           os.environ.get("COLORIZE_ALLOW_GRAYSCALE", ""))
+    if _last_splits is not None and _last_splits[0] == key:
+        return _last_splits[1]
+    _last_splits = None   # the old arrays go before the new ones come
+    try:
+        # The call prepare_trial makes (study/train.py): keep the two alike.
+        splits = load_splits(cfg.dataset, cfg.image_size, data_root, cache_dir, cfg.train_limit, cfg.eval_limit)
+    except Exception:  # noqa: BLE001 - prepare_trial repeats the load and reports the error as it always did
+        return None
+    held = sum(0 if isinstance(splits[s], np.memmap) else splits[s].nbytes for s in ("train", "val", "test"))
+    if held <= KEEP_SPLITS_MAX_BYTES:
+        _last_splits = (key, splits)
+    return splits
 
 
 def _objectives(row: dict) -> dict:
@@ -677,7 +744,8 @@ def _train_pack(config: dict, space: Space, common: dict, extra: dict, decisions
         stop = ray.get(actor.wait.remote(trial_id, epoch, 600.0))
         return set(stop or ())
 
-    run_pack(cfgs, report=report, **common)
+    run_pack(cfgs, report=report, splits=_splits_for(cfgs[0], data_root=common["data_root"],
+                                                     cache_dir=common["cache_dir"]), **common)
 
 
 def _trial_label(config: dict) -> str:
@@ -709,7 +777,39 @@ def make_trainable(space: Space, data_root, cache_dir, resources: dict, decision
             # Ray shows an actor's repr in the dashboard's actor list and as its log prefix.
             return f"ColorizeTrial({self.trial_name})"
 
+        def reset_config(self, new_config):
+            # Tune reuses this actor for another trial (reuse_actors): Trainable.reset has already
+            # taken the new trial's info, so repr(self) names the new trial.
+            if not super().reset_config(new_config):
+                return False
+            _announce_actor_name(repr(self))
+            # A fresh actor would start with an empty CUDA cache: give back what the last trial's
+            # model and optimizer left cached, for the trials sharing this GPU (fractional GPUs).
+            gc.collect()
+            if torch.cuda.is_initialized():
+                torch.cuda.empty_cache()
+            return True
+
     return ColorizeTrial
+
+
+def _announce_actor_name(name: str) -> None:
+    """Name this worker's log lines (Ray's log prefix, the dashboard's log viewer) after ``name`` from now on.
+
+    Ray 2.60 prints ``:actor_name:<repr>`` once, when the actor is created, and its log monitor takes
+    that line as the prefix of every later line of the worker's stdout/stderr; printing it again
+    renames them. The marker is private to Ray (ray._private.ray_constants): without it the log lines
+    keep the first trial's name, and the trial runs on. The dashboard's actor list keeps the repr
+    it got at creation (the GCS stores it once; Ray 2.60 has no call that changes it).
+    """
+    try:
+        from ray._private import ray_constants
+        token = f"{ray_constants.LOG_PREFIX_ACTOR_NAME}{name}\n"
+        for stream in (sys.stdout, sys.stderr):   # both, as Ray does: .out and .err files are read apart
+            stream.write(token)
+            stream.flush()
+    except Exception as e:  # noqa: BLE001 - a name is cosmetic; never fail a trial for it
+        log.debug("could not rename the actor's log prefix: %s", e)
 
 
 # ------------------------------------------------------------------ running a study
@@ -796,11 +896,10 @@ def build_tuner(*, study_root: str, space: Space, sampler, storage_url: str, opt
         fn,
         tune_config=tune.TuneConfig(search_alg=ConcurrencyLimiter(searcher, max_concurrent=max_concurrent),
                                     scheduler=scheduler, num_samples=tune_trials,
-                                    # Reuse would save a process, torch import and CUDA context per trial
-                                    # (smoke study 20.4 -> 13.4 s on 2 CPU cores), but a reused actor keeps
-                                    # its first trial's name in the dashboard: off until actors are named
-                                    # per trial.
-                                    reuse_actors=False,
+                                    # A reused actor saves a process, torch import and CUDA context per
+                                    # trial, and its last decoded data (_splits_for); ColorizeTrial
+                                    # renames its log prefix per trial.
+                                    reuse_actors=True,
                                     trial_name_creator=trial_name, trial_dirname_creator=trial_name),
         run_config=tune.RunConfig(
             name=name, storage_path=parent, storage_filesystem=fs, verbose=0, callbacks=[callback],

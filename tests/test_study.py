@@ -167,10 +167,13 @@ def test_smoke_study_end_to_end(tmp_path, cache_dir):
         with ray_head() as address:
             p = run_study(tmp_path, cache_dir, "--space", "smoke", "--num-cpus", "2",
                           env={"RAY_ADDRESS": address, "RAY_TMPDIR": ray_tmp})
-        # The dashboard's actor list and Ray's log prefixes show each trial's actor by its repr.
-        names = set()
+        # Ray's log prefixes show each trial's actor by its repr; a reused actor (reuse_actors) renames
+        # its prefix for each trial it runs.
+        names, per_worker = set(), []
         for log in Path(ray_tmp).rglob("worker-*.out"):
-            names |= set(re.findall(r":actor_name:(ColorizeTrial\([^)]*\))", log.read_text(errors="replace")))
+            found = set(re.findall(r":actor_name:(ColorizeTrial\([^)]*\))", log.read_text(errors="replace")))
+            names |= found
+            per_worker.append(len(found))
     finally:
         shutil.rmtree(ray_tmp, ignore_errors=True)
     assert "best configuration per dataset x output" in p.stdout and "trials:" in p.stdout
@@ -189,6 +192,7 @@ def test_smoke_study_end_to_end(tmp_path, cache_dir):
         folder = study / row.checkpoint_path.split("/")[0]
         assert folder.name.startswith(row.trial_id) and f"-{row.dataset}-{row.sampling}-{row.output}-" in folder.name
         assert f"ColorizeTrial({folder.name})" in names, names
+    assert max(per_worker) >= 2, per_worker   # actors were reused: 6 trials, 2 at a time
     # Same command again refuses to overwrite the study.
     again = run_study(tmp_path, cache_dir, "--space", "smoke", check=False)
     assert again.returncode == 2 and "--resume" in again.stderr
