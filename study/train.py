@@ -427,6 +427,11 @@ class TrialSetup:
     steps_per_epoch: int
 
 
+def trial_splits(cfg: TrialConfig, data_root: str | None, cache_dir: str | Path | None) -> Splits:
+    """The decoded splits ``cfg`` trains and is evaluated on (prepare_trial's, and a reused Ray actor's)."""
+    return load_splits(cfg.dataset, cfg.image_size, data_root, cache_dir, cfg.train_limit, cfg.eval_limit)
+
+
 def prepare_trial(cfg: TrialConfig, device: str | torch.device | None, data_root: str | None,
                   cache_dir: str | Path | None, splits: Splits | None,
                   work_dir: str | Path | None) -> TrialSetup:
@@ -442,8 +447,7 @@ def prepare_trial(cfg: TrialConfig, device: str | torch.device | None, data_root
     work_dir = Path(work_dir) if work_dir is not None else Path.cwd()
     work_dir.mkdir(parents=True, exist_ok=True)  # e.g. study.trial's --out, made before its first checkpoint
     sweep_stale_checkpoints(work_dir)
-    splits = splits or load_splits(cfg.dataset, cfg.image_size, data_root, cache_dir,
-                                   cfg.train_limit, cfg.eval_limit)
+    splits = splits or trial_splits(cfg, data_root, cache_dir)
     train, val, test = (DeviceImages(splits[s], dev) for s in ("train", "val", "test"))
     eval_batch = eval_batch_size(cfg)
     return TrialSetup(dev, mode, precision, work_dir, train, EvalSplit.prepare(val, eval_batch),

@@ -55,7 +55,7 @@ from study.data import DataError, Splits, default_cache_dir, default_data_root, 
 from study.models import ConfigError
 from study.results import ResultsWriter, epoch_row, preview_rows, resolve, trial_row
 from study.space import Space
-from study.train import NonFiniteLossError, device_name, original_previews, pick_device, run_trial
+from study.train import NonFiniteLossError, device_name, original_previews, pick_device, run_trial, trial_splits
 
 log = logging.getLogger("study")
 # A checkpoint per epoch is the point (resume, pruning); Ray's warning about it is noise here.
@@ -709,8 +709,7 @@ def _splits_for(cfg, data_root: str | None, cache_dir: str | None) -> Splits | N
         return _last_splits[1]
     _last_splits = None   # the old arrays go before the new ones come
     try:
-        # The call prepare_trial makes (study/train.py): keep the two alike.
-        splits = load_splits(cfg.dataset, cfg.image_size, data_root, cache_dir, cfg.train_limit, cfg.eval_limit)
+        splits = trial_splits(cfg, data_root, cache_dir)   # what prepare_trial would load
     except Exception:  # noqa: BLE001 - prepare_trial repeats the load and reports the error as it always did
         return None
     held = sum(0 if isinstance(splits[s], np.memmap) else splits[s].nbytes for s in ("train", "val", "test"))
