@@ -14,11 +14,15 @@
 # 7.5 minutes, part 2 within about 5.5, so both and the machine's start fit the 15 minutes of device time.
 # `bash scripts/gpu_check.sh mps` (a third command, after part 2, when device time allows) reruns part 2's
 # study under an NVIDIA MPS daemon of its own and prints MPS against time-slicing.
+# `bash scripts/gpu_check.sh quality` (issue 13; a later command or session: it needs most of the device
+# time) runs the `full` space for GPU_CHECK_QUALITY_S seconds (default 420), then `analysis`, and prints the
+# best test gain over grayscale per dataset and the most colourful front member against the goals. After
+# parts 1 and 2 on a warm machine it reuses their unpacked files; alone, carry all three .carry archives.
 # `bash scripts/gpu_check.sh figures` prints the figures again from $OUT.
 # Environment: GPU_CHECK_STEPS (bench steps per row, default 100), GPU_CHECK_COMPILE (torch.compile mode
 # of the bench's compiled rows, default "default"; empty: none).
 set -uo pipefail
-part=${1:?usage: bash scripts/gpu_check.sh cifar|flowers|mps|figures}
+part=${1:?usage: bash scripts/gpu_check.sh cifar|flowers|mps|quality|figures}
 X=/tmp/x
 OUT=${OUT:-$X/out}
 mkdir -p "$OUT" "$X/site" "$X/data" "$X/cache"
@@ -124,6 +128,13 @@ for name, what in (("report_cifar", "report space, 4 CIFAR-10 cells"), ("report_
         lines.append(f"{what}: {s['wall_s']:.0f} s wall, rc {s['rc']}, statuses {s.get('status')}"
                      + (f" (target <= 180 s: {'met' if ok and s['wall_s'] <= 180 else 'NOT met'})"
                         if name == "report_all" else ""))
+q = load("quality.json")
+for ds, r in q.get("datasets", {}).items():
+    goal = {"cifar10": 1.5, "flowers102": 4.0}.get(ds)
+    lines.append(f"quality {ds}: {r['trials']} trials in {q['wall_s']:.0f} s; best test gain {r['best_test_gain']:+.2f} dB"
+                 + (f" (goal >= +{goal}: {'met' if r['best_test_gain'] >= goal else 'NOT met'})" if goal else "")
+                 + f"; most colourful trial above grayscale: ratio {r['max_colourfulness_above_gray']:.2f} "
+                 f"(goal >= 0.8: {'met' if r['max_colourfulness_above_gray'] >= 0.8 else 'NOT met'})")
 print("\n".join(lines))
 (out / "targets.txt").write_text("\n".join(lines) + "\n")
 PY
@@ -175,8 +186,45 @@ print(line)
 (out / "mps.txt").write_text(line + "\n")
 PY
     ;;
+  quality)
+    for pair in site:site cifar10:data flowers102:data; do
+      name=${pair%%:*} into=$X/${pair##*:}
+      if [ ! -d "$into/$name" ] && [ "$name" != site -o ! -d "$X/site/ray" ]; then
+        test -f ".carry/$name.tar.xz" || { echo "quality: no $name (run parts 1 and 2 first, or carry .carry/$name.tar.xz)" >&2; exit 3; }
+        log "unpacking $name"
+        tar -C "$into" -xJf ".carry/$name.tar.xz" || exit 3
+      fi
+    done
+    rm -rf "$X/studies/quality"
+    qs=${GPU_CHECK_QUALITY_S:-420}
+    log "study quality: the full space for $qs s"
+    t0=$(date +%s.%N)
+    timeout "$qs" python3 -m study.run --space full --name quality --num-cpus 16 --num-gpus 1 \
+      --data-root "$X/data" --storage "$X/studies" --cache-dir "$X/cache" > "$X/quality.log" 2>&1
+    rc=$?
+    t1=$(date +%s.%N)
+    tail -n 3000 "$X/quality.log" > "$OUT/quality.log"
+    timeout 120 python3 -m analysis --study "$X/studies/quality" --out "$X/quality_report" > "$OUT/quality_analysis.log" 2>&1
+    tar -C "$X" -cJf "$OUT/quality_report.tar.xz" quality_report 2>/dev/null || true
+    python3 - "$X/studies/quality/results/trials.parquet" "$OUT/quality.json" "$t0" "$t1" "$rc" <<'PY'
+import json, sys
+import pandas as pd
+from study.contract import FINISHED, gain
+trials, out, t0, t1, rc = sys.argv[1:]
+df = pd.read_parquet(trials)
+df = df[df["status"].isin(FINISHED)].assign(test_gain=lambda d: gain(d, "test"))
+fig = {"wall_s": round(float(t1) - float(t0), 1), "rc": int(rc), "datasets": {}}
+for ds, d in df.groupby("dataset"):
+    above = d[d["test_gain"] > 0]
+    fig["datasets"][ds] = {"trials": len(d), "best_test_gain": round(float(d["test_gain"].max()), 3),
+                           "max_colourfulness_above_gray": round(float(above["best_test_colourfulness"].max()), 3)
+                           if len(above) else 0.0}
+json.dump(fig, open(out, "w"), indent=2)
+print(json.dumps(fig))
+PY
+    ;;
   figures) ;;
-  *) echo "unknown part $part (cifar, flowers, mps, figures)" >&2; exit 2 ;;
+  *) echo "unknown part $part (cifar, flowers, mps, quality, figures)" >&2; exit 2 ;;
 esac
 log "figures"
 targets
