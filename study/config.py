@@ -35,6 +35,8 @@ class TrialConfig:
     weight_decay: float = 0.0      # > 0: AdamW with this decoupled decay
     ema: float = 0.0               # > 0: decay of an exponential moving average of the weights, used for
                                    # evaluation, previews and the checkpoint's "model"
+    chroma_weight: float = 0.0     # > 0: saturated pixels weigh more in the training loss (vivid colours;
+                                   # see study.train.chroma_weights)
     augment: bool = False
     augment_strength: float = 1.0  # with augment: 1 = flips and shifts up to 1/8 of the side; above 1 also
                                    # random resized crops (zoom up to 1 + (strength - 1) / 2); 0 = off
@@ -161,6 +163,7 @@ _RULES = {
     "schedule": _one_of(SCHEDULES),
     "warmup_epochs": _at_least(0),
     "weight_decay": lambda v: _finite(v) or (None if v >= 0 else "must be >= 0"),
+    "chroma_weight": lambda v: _finite(v) or (None if 0.0 <= v <= 20.0 else "must be in [0, 20] (0: off)"),
     "ema": lambda v: _finite(v) or (None if 0.0 <= v < 1.0 else "must be in [0, 1) (0: off; 0.999 is typical)"),
     "augment_strength": lambda v: _finite(v) or (None if 0.0 <= v <= 4.0 else "must be in [0, 4]"),
     "seed": _at_least(0),

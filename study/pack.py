@@ -49,8 +49,8 @@ from study.data import DeviceImages, Splits, augment_batch, preview_indices
 from study.metrics import colourfulness, psnr, ssim
 from study.models import OUTPUTS, ConfigError, UNet, build_unet
 from study.train import (CHECKPOINT_FILE, HUBER_DELTA, EvalSplit, NonFiniteLossError, WeightAverage, autocast_for,
-                         checkpoint_due, checkpoint_folder, compiled, device_name, make_optimizer, make_scheduler,
-                         prediction_pngs, prepare_trial, rng_states, set_rng_states)
+                         checkpoint_due, checkpoint_folder, chroma_weights, compiled, device_name, make_optimizer,
+                         make_scheduler, prediction_pngs, prepare_trial, rng_states, set_rng_states)
 
 STRUCTURE = ("dataset", "resolution", "depth", "sampling", "output", "base_filters", "max_filters",
              "batch_size", "train_limit", "eval_limit", "precision", "preview_count")
@@ -265,7 +265,8 @@ def train_batches(train: DeviceImages, members: list[Member], batch_size: int):
 
 class PackTerms:
     """What members may differ in beyond their weights, as (K,) device tensors made once per membership
-    (a copy to the device per step would be a sync): each member's loss and test-time flip averaging."""
+    (a copy to the device per step would be a sync): each member's loss, chroma weighting and test-time flip
+    averaging."""
 
     def __init__(self, members: list[Member], dev: torch.device):
         def mask(flags):
@@ -273,6 +274,8 @@ class PackTerms:
         self.l1 = mask([m.cfg.loss == "l1" for m in members])
         self.huber = mask([m.cfg.loss == "huber" for m in members])
         self.flip = mask([m.cfg.tta_flip for m in members])
+        strengths = [m.cfg.chroma_weight for m in members]
+        self.chroma = torch.tensor(strengths, device=dev).view(1, -1, 1, 1, 1) if any(strengths) else None
 
     def loss(self, diff: torch.Tensor, shape: tuple) -> torch.Tensor:
         """Elementwise loss of ``diff`` (prediction - target), each member's own (study.train.loss_fn);
@@ -468,7 +471,11 @@ def make_pack_loss(fused: FusedUNet, terms: PackTerms, dev: torch.device, precis
         with autocast_for(dev, precision):
             pred = fused(y.contiguous(memory_format=torch.channels_last))     # (B, K, C, H, W)
         target = target_for(flat, fused.output).unflatten(0, (k, -1)).transpose(0, 1)
-        return terms.loss(pred.float() - target, (1, k, 1, 1, 1)).mean(dim=(0, 2, 3, 4))
+        loss = terms.loss(pred.float() - target, (1, k, 1, 1, 1))
+        if terms.chroma is not None:   # members without it get weights of exactly 1
+            uv = target_for(flat, "uv").unflatten(0, (k, -1)).transpose(0, 1)           # (B, K, 2, H, W)
+            loss = loss * chroma_weights(uv, terms.chroma, channel_dim=2, member_dim=1)
+        return loss.mean(dim=(0, 2, 3, 4))
 
     return compiled(pack_loss, mode)
 

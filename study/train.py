@@ -157,6 +157,20 @@ def loss_fn(name: str):
     return F.l1_loss if name == "l1" else F.mse_loss
 
 
+def chroma_weights(uv: torch.Tensor, strength: float | torch.Tensor, channel_dim: int = 1,
+                   member_dim: int | None = None) -> torch.Tensor:
+    """Per-pixel loss weights for target chroma ``uv``: ``(1 + strength * c / mean(c)) / (1 + strength)``,
+    with ``c`` each pixel's |UV|, so they average 1 over the batch (over each member's, with ``member_dim``).
+
+    A per-pixel regression colorizer paints the mean of the plausible colours, which is washed out; weighting
+    saturated pixels more (a regression analogue of Zhang et al. 2016's class rebalancing) trades PSNR for
+    colour. For a pack ``strength`` is a tensor that broadcasts along ``member_dim``.
+    """
+    c = uv.square().sum(channel_dim, keepdim=True).sqrt()
+    dims = [d for d in range(c.dim()) if d != member_dim]
+    return (1 + strength * c / c.mean(dim=dims, keepdim=True).clamp_min(1e-6)) / (1 + strength)
+
+
 class WeightAverage:
     """An exponential moving average of a model's weights and BatchNorm statistics, in its own copy of
     the model (``.model``), updated on the device without a sync (torch's ``AveragedModel`` reads its
@@ -209,6 +223,9 @@ def make_loss_step(model: torch.nn.Module, cfg: TrialConfig, device: torch.devic
         y = rgb_to_y(x)
         with autocast_for(device, precision):
             pred = model(y)
+        if cfg.chroma_weight > 0:
+            return (lossf(pred.float(), target_for(x, cfg.output), reduction="none")
+                    * chroma_weights(target_for(x, "uv"), cfg.chroma_weight)).mean()
         return lossf(pred.float(), target_for(x, cfg.output))
 
     return compiled(forward_loss, mode)

@@ -127,3 +127,25 @@ def test_flip_averaging_is_exact_for_a_mirror_equivariant_model_and_evaluated():
     with torch.no_grad():
         a, b = evaluate(model, val, TINY, 8), evaluate(model, val, TINY.replace(tta_flip=True), 8)
     assert a["gray_psnr"] == b["gray_psnr"] and a["psnr"] != b["psnr"]
+
+
+def test_chroma_weights_average_one_and_favour_saturated_pixels():
+    from study.train import chroma_weights, make_loss_step
+    g = torch.Generator().manual_seed(0)
+    gray = torch.rand(4, 1, 8, 8, generator=g).expand(-1, 3, -1, -1).clone()
+    x = gray.clone()
+    x[:, 0, :4] = 1.0   # saturated red in the top half of each image
+    x[:, 1:, :4] = 0.0
+    w = chroma_weights(target_for(x, "uv"), 3.0)
+    assert w.shape == (4, 1, 8, 8) and w.mean().item() == pytest.approx(1.0, abs=1e-5)
+    assert (w[:, :, :4] > 1).all() and (w[:, :, 4:] < 1).all()
+    assert torch.equal(chroma_weights(target_for(x, "uv"), 0.0), torch.ones_like(w))
+    # Per member in a pack: each member's weights average 1 on its own batch.
+    uv = torch.stack([target_for(x, "uv"), target_for(gray * 0.5 + x * 0.5, "uv")], dim=1)   # (B, K, 2, H, W)
+    wk = chroma_weights(uv, torch.tensor([3.0, 1.0]).view(1, 2, 1, 1, 1), channel_dim=2, member_dim=1)
+    assert wk.mean(dim=(0, 2, 3, 4)).tolist() == pytest.approx([1.0, 1.0], abs=1e-5)
+    # In the training loss: an error on the saturated half costs more than the same error on the gray half.
+    model = build_unet(UNetConfig(depth=1, base_filters=4, gray_start=True), 8)   # predicts U = V = 0
+    plain = make_loss_step(model, TrialConfig(chroma_weight=0.0), torch.device("cpu"), "fp32")
+    vivid = make_loss_step(model, TrialConfig(chroma_weight=3.0), torch.device("cpu"), "fp32")
+    assert vivid(x).item() > 1.5 * plain(x).item()

@@ -197,6 +197,8 @@ def test_compile_switch(monkeypatch):
     ("warmup_epochs", -1, "warmup_epochs=-1 must be >= 0"),
     ("augment_strength", 9, r"augment_strength=9.0 must be in \[0, 4\]"),
     ("loss", "lab", "loss='lab' is unknown"),
+    ("chroma_weight", -1, r"chroma_weight=-1.0 must be in \[0, 20\]"),
+    ("gray_start", "maybe", "gray_start='maybe' is not true or false"),
 ])
 def test_each_value_is_checked_on_its_own(name, value, message):
     with pytest.raises(ConfigError, match=message):

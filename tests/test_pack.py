@@ -15,8 +15,8 @@ from syncs import count_syncs
 BASE = TrialConfig(dataset="samples", train_limit=128, eval_limit=32, base_filters=8, batch_size=32,
                    epochs=2, preview_count=2)
 # Members differ in lr, loss (mse, l1, huber), seed, schedule, warm-up, weight decay, weight averaging,
-# flip averaging, augmentation strength and epochs.
-CFGS = [BASE.replace(lr=1e-3, seed=0, ema=0.9, tta_flip=True),
+# flip averaging, chroma weighting, augmentation strength and epochs.
+CFGS = [BASE.replace(lr=1e-3, seed=0, ema=0.9, tta_flip=True, chroma_weight=2.0),
         BASE.replace(lr=3e-3, loss="l1", seed=1, schedule="cosine", warmup_epochs=1, weight_decay=0.05),
         BASE.replace(lr=2e-3, seed=2, schedule="onecycle", augment=True, augment_strength=2.0, epochs=3,
                      loss="huber")]
