@@ -98,10 +98,16 @@ def write_report(study: Study, out: str | Path, warn: Callable[[str], None] = la
 def _summary(study: Study) -> str:
     counts = ", ".join(f"{n} {s}" for s, n in study.status_counts().items() if n)
     meta = ", ".join(f"{k} `{study.meta[k]}`" for k in ("space", "metric") if study.meta.get(k))
+    # Studies from before study.json recorded the rule kept their grayscale photos (study.data).
+    gray = study.meta.get("grayscale", "kept") if study.meta else None
+    data = {"left out": " Grayscale photos were left out of the data splits, so the grayscale baseline is "
+                        "scored on colour photos only.",
+            "kept": " Grayscale photos were kept in the data splits: the grayscale input scores ~110 dB on each, "
+                    "so its baseline is inflated and gains over it are understated."}.get(gray, "")
     return (f"{len(study.trials)} trials ({counts or 'none'}), {len(study.epochs)} epochs reported"
             + (f"; {meta}" if meta else "") + ". A variant is dataset x sampling technique x output space; each "
             "is represented by its trial with the highest validation PSNR (in RGB, never by loss: RGB and UV "
-            "losses live in different spaces).")
+            "losses live in different spaces)." + data)
 
 
 def _check_progress(study: Study, output: Output) -> None:

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 from study.config import TrialConfig
+from study.data import grayscale_rule
 from study.results import (ResultsWriteError, ResultsWriter, epoch_row, png_files, preview_rows, trial_row,
                            write_json)
 from study.train import device_name, original_previews, pick_device, run_trial
@@ -24,7 +25,8 @@ def run_local_study(folder: str | Path, configs: list[TrialConfig], *, data_root
     """
     folder = Path(folder).resolve()
     writer = ResultsWriter(str(folder))
-    write_json(str(folder), "study.json", {"name": folder.name, "space": "local", "runner": "study.local"})
+    write_json(str(folder), "study.json", {"name": folder.name, "space": "local", "runner": "study.local",
+                                           "grayscale": grayscale_rule()})
     dev = pick_device(device)
     splits_by_key: dict[tuple, object] = {}
     ids = []

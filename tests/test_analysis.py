@@ -409,3 +409,18 @@ def test_importance_of_a_two_objective_study_is_for_the_first_objective(tmp_path
                                                 values=[float(np.log10(lr)), dropout]))
     importances = param_importances({"optuna_storage": storage, "optuna_study_name": "two"}, tmp_path)
     assert list(importances) == ["lr", "dropout"] and importances["lr"] > 0.5
+
+
+def test_the_report_says_how_grayscale_photos_were_treated(study, report, tmp_path):
+    import json
+    import shutil
+    out, rc = report
+    assert rc == 0 and "Grayscale photos were left out" in (out / "report.md").read_text()
+    # A study from before the rule was recorded kept them: the report says its baseline is inflated.
+    old = tmp_path / "old"
+    shutil.copytree(study, old, ignore=shutil.ignore_patterns("checkpoints"))
+    meta = json.loads((old / "study.json").read_text())
+    del meta["grayscale"]
+    (old / "study.json").write_text(json.dumps(meta))
+    assert main(["--study", str(old), "--out", str(tmp_path / "report")]) == 0
+    assert "Grayscale photos were kept" in (tmp_path / "report" / "report.md").read_text()
