@@ -13,7 +13,7 @@ from study.config import TrialConfig
 from study.data import grayscale_rule
 from study.results import (ResultsWriteError, ResultsWriter, epoch_row, png_files, preview_rows, trial_row,
                            write_json)
-from study.train import device_name, original_previews, pick_device, run_trial
+from study.train import device_name, original_previews, pick_device, run_trial, trial_splits
 
 
 def run_local_study(folder: str | Path, configs: list[TrialConfig], *, data_root=None, cache_dir=None,
@@ -74,10 +74,9 @@ def run_local_study(folder: str | Path, configs: list[TrialConfig], *, data_root
 
 def _splits(cache: dict, cfg: TrialConfig, data_root, cache_dir):
     """Each dataset decoded once per study, not once per trial."""
-    from study.data import load_splits
     key = (cfg.dataset, cfg.image_size, cfg.train_limit, cfg.eval_limit)
     if key not in cache:
-        cache[key] = load_splits(cfg.dataset, cfg.image_size, data_root, cache_dir, cfg.train_limit, cfg.eval_limit)
+        cache[key] = trial_splits(cfg, data_root, cache_dir)
     return cache[key]
 
 
