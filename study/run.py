@@ -397,7 +397,8 @@ def _main(argv: list[str]) -> int:
             optuna_study_name=meta["optuna_study_name"], num_samples=meta["num_samples"],
             max_concurrent=args.max_concurrent or meta.get("max_concurrent") or space.max_concurrent,
             resources=resources, data_root=data_root, cache_dir=cache_dir, resume=args.resume,
-            pack=meta.get("pack", 1), cluster=bool(args.address), objectives=space.objectives)
+            pack=meta.get("pack", 1), cluster=bool(args.address), objectives=space.objectives,
+            grayscale=meta.get("grayscale", "kept"))
         if not args.resume:
             # Only now: a run that failed before this point has not used the study's name up.
             write_json(root, "study.json", meta)

@@ -51,7 +51,7 @@ from ray.tune.search.optuna import OptunaSearch
 from ray.tune.trainable import wrap_function
 
 from study.contract import best_trials
-from study.data import DataError, Splits, default_cache_dir, default_data_root, load_splits
+from study.data import ALLOW_GRAYSCALE_ENV, DataError, Splits, default_cache_dir, default_data_root, load_splits
 from study.models import ConfigError
 from study.results import ResultsWriter, epoch_row, preview_rows, resolve, trial_row
 from study.space import Space
@@ -653,7 +653,13 @@ def _error_text(trial) -> str:
 
 
 def trainable(config: dict, space: Space, data_root: str | None, cache_dir: str | None,
-              decisions: str | None = None):
+              decisions: str | None = None, grayscale: str = "left out"):
+    # The study's rule for grayscale photos (study.json), whatever this node's environment says: a worker
+    # that decided otherwise would score its trials on other images than the study's other trials.
+    if grayscale == "kept":
+        os.environ[ALLOW_GRAYSCALE_ENV] = "1"
+    else:
+        os.environ.pop(ALLOW_GRAYSCALE_ENV, None)
     cpus = max(int(tune.get_context().get_trial_resources().required_resources.get("CPU", 1)), 1)
     torch.set_num_threads(cpus)
     gpu_ids = ray.get_gpu_ids()
@@ -704,7 +710,7 @@ def _splits_for(cfg, data_root: str | None, cache_dir: str | None) -> Splits | N
     # Everything load_splits reads besides its arguments: the default roots and the grayscale switch.
     key = (dataset, cfg.image_size, str(Path(cache_dir).resolve()) if cache_dir else str(default_cache_dir()),
            data_root or default_data_root(), cfg.train_limit, cfg.eval_limit,
-           os.environ.get("COLORIZE_ALLOW_GRAYSCALE", ""))
+           os.environ.get(ALLOW_GRAYSCALE_ENV, ""))
     if _last_splits is not None and _last_splits[0] == key:
         return _last_splits[1]
     _last_splits = None   # the old arrays go before the new ones come
@@ -762,11 +768,12 @@ def trial_name(trial) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]", "_", f"{trial.trial_id}-{_trial_label(trial.config)}")
 
 
-def make_trainable(space: Space, data_root, cache_dir, resources: dict, decisions: str | None):
+def make_trainable(space: Space, data_root, cache_dir, resources: dict, decisions: str | None,
+                   grayscale: str = "left out"):
     """The Tune trainable: a named class, so the Ray dashboard and ``ps`` show ``ColorizeTrial``
     actors whose name (repr) is the trial's id, dataset and variant, not anonymous ImplicitFunc."""
     fn = tune.with_resources(tune.with_parameters(trainable, space=space, data_root=data_root,
-                                                  cache_dir=cache_dir, decisions=decisions),
+                                                  cache_dir=cache_dir, decisions=decisions, grayscale=grayscale),
                              {"cpu": resources.get("cpu", 1), "gpu": resources.get("gpu", 0)})
 
     class ColorizeTrial(wrap_function(fn)):
@@ -839,8 +846,12 @@ def _experiment_path(study_root: str) -> tuple[str, pafs.FileSystem]:
 
 def build_tuner(*, study_root: str, space: Space, sampler, storage_url: str, optuna_study_name: str,
                 num_samples: int, max_concurrent: int, resources: dict, data_root, cache_dir,
-                resume: bool, pack: int = 1, cluster: bool = False, objectives: tuple[str, ...] = ()):
+                resume: bool, pack: int = 1, cluster: bool = False, objectives: tuple[str, ...] = (),
+                grayscale: str = "left out"):
     """A Tuner for the study at ``study_root`` (``num_samples`` counts models: packs of ``pack`` each).
+
+    ``grayscale``: the study's rule for grayscale photos ("left out" or "kept", study.data.grayscale_rule),
+    applied in every trial's worker.
 
     ``storage_url`` may hold a password: it is used in memory only; what Ray pickles
     holds none of it. On ``resume`` the study's location, the Optuna storage and the data
@@ -856,7 +867,7 @@ def build_tuner(*, study_root: str, space: Space, sampler, storage_url: str, opt
     if pack > 1:
         decisions = f"colorize-pack-decisions-{uuid.uuid4().hex[:12]}"
         actor = PackDecisions.options(name=decisions).remote()
-    fn = make_trainable(space, data_root, cache_dir, resources, decisions)
+    fn = make_trainable(space, data_root, cache_dir, resources, decisions, grayscale)
     if resume:
         path, fs = _experiment_path(study_root)
         _rebase_search_state(path, fs)
