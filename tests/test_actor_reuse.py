@@ -64,39 +64,18 @@ def test_a_trial_started_on_a_reused_actor_survives_a_driver_crash(tmp_path, cac
     # A reused actor starts the next trial at once, long before Ray's periodic save (8 s here); the
     # driver saves each new trial as it comes, so a crash just after its start resumes it (not orphaned).
     # Packs: their checkpoints do not force a save as single trials' do (CheckpointConfig(num_to_keep=1)).
-    import subprocess
-    import time
-
-    from conftest import PYTHON, python_env
-    from test_study import check_consistent, kill_session, run_study, space_file, tables
+    from test_study import check_consistent, kill_driver_when, run_study, space_file
 
     env = {"TUNE_GLOBAL_CHECKPOINT_S": "8"}
     space = space_file(tmp_path, "reuse", num_samples=6, max_concurrent=1, pruner={"name": "none"},
                        params={"epochs": 6})
     study = tmp_path / "studies" / "reuse"
-    cmd = [PYTHON, "-m", "study.run", "--space", space, "--storage", str(tmp_path / "studies"),
-           "--cache-dir", str(cache_dir), "--num-cpus", "2", "--pack", "2"]
-    proc = subprocess.Popen(cmd, cwd=tmp_path, env=python_env(**env), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
-    try:
-        deadline = time.time() + 300
-        while time.time() < deadline:
-            try:
-                trials = tables(study)["trials"]
-                second = trials[(trials.status == "RUNNING") & (trials.epochs_run.fillna(0) >= 1)]
-                ready = (trials.status == "DONE").sum() >= 2 and len(second) > 0
-            except (FileNotFoundError, OSError, KeyError, AttributeError):
-                ready = False
-            if ready:
-                break
-            assert proc.poll() is None, "study ended before it could be killed"
-            time.sleep(0.2)
-        else:
-            pytest.fail("study made no progress")
-    finally:
-        kill_session(proc.pid)
-        proc.wait()
-    before = tables(study)["trials"]
+
+    def ready(trials) -> bool:   # one pack (two members) done, the next (on a reused actor) past epoch 1
+        second = trials[(trials.status == "RUNNING") & (trials.epochs_run.fillna(0) >= 1)]
+        return (trials.status == "DONE").sum() >= 2 and len(second) > 0
+
+    before = kill_driver_when(tmp_path, cache_dir, space, study, ready, "--pack", "2", env=env, poll_s=0.2)
     running = before[before.status == "RUNNING"]
     assert len(running) == 2 and (before.status == "DONE").sum() == 2, before[["trial_id", "status"]]
     run_study(tmp_path, cache_dir, "--space", space, "--resume", env=env)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from conftest import PYTHON, python_env
-from test_study import (check_consistent, kill_session, optuna_study, run_study, space_file, tables,
+from test_study import (check_consistent, kill_driver_when, kill_session, optuna_study, run_study, space_file, tables,
                         trial_worker)
 
 pytestmark = pytest.mark.slow
@@ -80,31 +80,13 @@ def test_packed_study_killed_driver_resumes(tmp_path, cache_dir, save_every_s):
     space = space_file(tmp_path, "packres", num_samples=4, max_concurrent=1, params={"epochs": 4},
                        pruner={"name": "none"})
     study = tmp_path / "studies" / "packres"
-    cmd = [PYTHON, "-m", "study.run", "--space", space, "--pack", "2", "--storage", str(tmp_path / "studies"),
-           "--cache-dir", str(cache_dir), "--num-cpus", "2"]
-    proc = subprocess.Popen(cmd, cwd=tmp_path, env=python_env(TUNE_GLOBAL_CHECKPOINT_S=save_every_s),
-                            stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
-    try:
-        deadline = time.time() + 300
-        while time.time() < deadline:
-            try:
-                trials = tables(study)["trials"]
-                done = trials.status.isin(["DONE", "PRUNED"]).sum()
-                ran = trials[~trials.status.isin(["DONE", "PRUNED"])].epochs_run.dropna()
-                second = int(ran.max()) if len(ran) else 0
-            except (FileNotFoundError, OSError, KeyError, AttributeError):
-                done, second = 0, 0
-            if done >= 2 and second >= 1:   # one pack finished, the other mid-way
-                break
-            assert proc.poll() is None, "study ended before it could be killed"
-            time.sleep(0.3)
-        else:
-            pytest.fail("study made no progress")
-    finally:
-        kill_session(proc.pid)
-        proc.wait()
-    before = tables(study)["trials"]
+
+    def ready(trials) -> bool:   # one pack finished, the other mid-way
+        ran = trials[~trials.status.isin(["DONE", "PRUNED"])].epochs_run.dropna()
+        return trials.status.isin(["DONE", "PRUNED"]).sum() >= 2 and len(ran) > 0 and int(ran.max()) >= 1
+
+    before = kill_driver_when(tmp_path, cache_dir, space, study, ready, "--pack", "2",
+                              env={"TUNE_GLOBAL_CHECKPOINT_S": save_every_s})
     assert (before.status == "RUNNING").any(), "killed too late to test resuming"
     run_study(tmp_path, cache_dir, "--space", space, "--resume", env={"TUNE_GLOBAL_CHECKPOINT_S": save_every_s})
     if save_every_s == "1000":

@@ -42,6 +42,32 @@ def run_study(tmp_path, cache_dir, *args, timeout=400, check=True, storage="stud
     return p
 
 
+def kill_driver_when(tmp_path, cache_dir, space: str, study: Path, ready, *args, env=None,
+                     poll_s: float = 0.3) -> pd.DataFrame:
+    """Start ``study.run --space space`` (2 CPUs, ``args`` added) and kill its driver and local Ray as
+    soon as ``ready(trials table)`` holds; returns the trials table as the kill left it."""
+    cmd = [PYTHON, "-m", "study.run", "--space", space, "--storage", str(tmp_path / "studies"),
+           "--cache-dir", str(cache_dir), "--num-cpus", "2", *args]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=python_env(**(env or {})), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            try:
+                if ready(tables(study)["trials"]):
+                    break
+            except (FileNotFoundError, OSError, KeyError, AttributeError):   # not written yet, or mid-write
+                pass
+            assert proc.poll() is None, "study ended before it could be killed"
+            time.sleep(poll_s)
+        else:
+            pytest.fail("study made no progress")
+    finally:
+        kill_session(proc.pid)  # the driver and the local Ray cluster it started
+        proc.wait()
+    return tables(study)["trials"]
+
+
 def session_processes(sid: int) -> list[tuple[int, str]]:
     """(pid, command line) of every process in a session (Ray workers have their own process groups)."""
     out = []
@@ -244,27 +270,8 @@ def test_fractional_gpus_share_one_gpu(tmp_path, cache_dir):
 def test_killed_driver_resumes_and_completes(tmp_path, cache_dir):
     space = space_file(tmp_path, "resume", num_samples=6, max_concurrent=2, params={"epochs": 4})
     study = tmp_path / "studies" / "resume"
-    cmd = [PYTHON, "-m", "study.run", "--space", space, "--storage", str(tmp_path / "studies"),
-           "--cache-dir", str(cache_dir), "--num-cpus", "2"]
-    proc = subprocess.Popen(cmd, cwd=tmp_path, env=python_env(), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
-    try:
-        deadline = time.time() + 300
-        while time.time() < deadline:
-            try:
-                done = tables(study)["trials"].status.isin(["DONE", "PRUNED"]).sum()
-            except (FileNotFoundError, OSError):
-                done = 0
-            if done >= 2:
-                break
-            assert proc.poll() is None, "study ended before it could be killed"
-            time.sleep(0.5)
-        else:
-            pytest.fail("study made no progress")
-    finally:
-        kill_session(proc.pid)  # the driver and the local Ray cluster it started
-        proc.wait()
-    before = tables(study)["trials"]
+    before = kill_driver_when(tmp_path, cache_dir, space, study,
+                              lambda trials: trials.status.isin(["DONE", "PRUNED"]).sum() >= 2, poll_s=0.5)
     assert len(before) < 6 or (before.status == "RUNNING").any(), "killed too late to test resuming"
     # Resume a copy: it continues in its new place and the original stays as it was.
     shutil.copytree(study, tmp_path / "other" / "resume", symlinks=True)
