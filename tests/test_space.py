@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 import yaml
 
@@ -27,7 +29,14 @@ class Recorder:
         return list(self.values)
 
 
-@pytest.mark.parametrize("name", ["full", "report", "smoke", "ablation-cifar", "tradeoff"])
+SHIPPED = sorted(p.stem for p in (Path(__file__).resolve().parent.parent / "search_spaces").glob("*.yaml"))
+
+
+def test_every_space_file_is_tested():
+    assert {"full", "report", "smoke", "ablation-cifar", "tradeoff", "tradeoff-cifar"} <= set(SHIPPED)
+
+
+@pytest.mark.parametrize("name", SHIPPED)
 def test_shipped_spaces_load_and_resolve(name):
     space = load_space(name)
     rec = Recorder()
