@@ -24,11 +24,11 @@ from study.train import CHECKPOINT_FILE
 
 @pytest.fixture(scope="module")
 def study(tmp_path_factory, cache_dir) -> Path:
-    """Two real trials (UV and RGB output), trained for one tiny epoch each."""
+    """Three real trials (UV, RGB, and RGB with gray_start), trained for one tiny epoch each."""
     folder = tmp_path_factory.mktemp("colorize") / "study"
     # base_filters=8: a narrow UNet trains in half the time, and these tests need a real model, not a good one.
     cfgs = [TrialConfig(dataset="samples", epochs=1, train_limit=128, eval_limit=32, output=o, preview_count=2,
-                        base_filters=8) for o in ("uv", "rgb")]
+                        base_filters=8, gray_start=g) for o, g in (("uv", False), ("rgb", False), ("rgb", True))]
     run_local_study(folder, cfgs, cache_dir=cache_dir, log=lambda s: None)
     return folder
 
@@ -309,7 +309,10 @@ def test_output_names_do_not_collide(tmp_path):
 
 
 def test_flip_average_is_mirror_equivariant_and_changes_a_real_models_colours(study, inputs, tmp_path, capsys):
-    loaded = load_model(str(study), None, None, torch.device("cpu"))
+    # The UV trial: after one tiny epoch the gray_start trial has barely left gray, so mirroring changes little.
+    table = trials(study)
+    uv = table[table["output"] == "uv"]["trial_id"].item()
+    loaded = load_model(str(study), None, uv, torch.device("cpu"))
     s = loaded.cfg.image_size
     y = torch.rand(1, 1, s, s, generator=torch.Generator().manual_seed(0))
     plain = predict_uv(loaded.model, loaded.cfg, y, torch.device("cpu"))
@@ -320,9 +323,22 @@ def test_flip_average_is_mirror_equivariant_and_changes_a_real_models_colours(st
     symmetric = torch.cat([y[..., : s // 2], y[..., : s // 2].flip(-1)], -1)
     out = predict_uv(loaded.model, loaded.cfg, symmetric, torch.device("cpu"), flip_average=True)
     assert torch.allclose(out, out.flip(-1), atol=1e-6)
-    rc, stdout, err = run(capsys, "--study", study, inputs["colour"], "--flip-average", "--out", tmp_path / "f")
+    rc, stdout, err = run(capsys, "--study", study, "--trial", uv, inputs["colour"], "--flip-average", "--out",
+                          tmp_path / "f")
     assert rc == 0 and "averaged with mirror images" in stdout, err
-    rc, stdout, _ = run(capsys, "--study", study, inputs["colour"], "--out", tmp_path / "p")
+    rc, stdout, _ = run(capsys, "--study", study, "--trial", uv, inputs["colour"], "--out", tmp_path / "p")
     assert not loaded.cfg.tta_flip and "averaged with mirror images" not in stdout   # default: as evaluated
     assert not np.array_equal(np.asarray(Image.open(tmp_path / "f/astronaut.png")),
                               np.asarray(Image.open(tmp_path / "p/astronaut.png")))
+
+
+def test_a_gray_start_rgb_trial_colorizes(study, inputs, tmp_path, capsys):
+    table = trials(study)
+    trial = table[table["gray_start"].astype(bool)]["trial_id"].item()
+    rc, stdout, err = run(capsys, "--study", study, "--trial", trial, inputs["colour"], "--out", tmp_path / "gs")
+    assert rc == 0 and f"trial {trial} " in stdout, err
+    out = np.asarray(Image.open(tmp_path / "gs" / "astronaut.png").convert("RGB")).astype(int)
+    assert out.shape[:2] == Image.open(inputs["colour"]).size[::-1]
+    # One tiny epoch from its grayscale start: a little colour, no more (the plain RGB trial is far off gray).
+    spread = (out.max(axis=2) - out.min(axis=2)).mean()
+    assert 0 < spread < 20
