@@ -1,18 +1,12 @@
 """Packs in a study (real Ray, Optuna SQLite, Parquet): Optuna sees one trial per member, each member
 is reported every epoch and pruned on its own, results hold one row per member, and a dead worker or a
 dead driver loses or duplicates no member's (trial, epoch) row."""
-import os
-import signal
-import subprocess
-import time
-
 import pandas as pd
 import pytest
 import torch
 
-from conftest import PYTHON, python_env
-from test_study import (check_consistent, kill_driver_when, kill_session, optuna_study, run_study, space_file, tables,
-                        trial_worker)
+from test_study import (check_consistent, kill_a_worker_mid_run, kill_driver_when, optuna_study, run_study, space_file,
+                        tables)
 
 pytestmark = pytest.mark.slow
 
@@ -34,34 +28,12 @@ def test_packed_study_survives_a_dead_worker(tmp_path, cache_dir):
     space = space_file(tmp_path, "packs", num_samples=6, max_concurrent=2,
                        params={"epochs": 5, "train_limit": 512})
     study = tmp_path / "studies" / "packs"
-    cmd = [PYTHON, "-m", "study.run", "--space", space, "--pack", "3", "--storage", str(tmp_path / "studies"),
-           "--cache-dir", str(cache_dir), "--num-cpus", "2"]
-    proc = subprocess.Popen(cmd, cwd=tmp_path, env=python_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    killed = None
-    try:
-        deadline = time.time() + 300
-        while killed is None and time.time() < deadline and proc.poll() is None:
-            try:
-                trials = tables(study)["trials"]
-                running = trials[(trials.status == "RUNNING") & (trials.epochs_run.fillna(0) >= 2)]
-            except (FileNotFoundError, OSError, KeyError, AttributeError):
-                running = None
-            for row in ([] if running is None else running.itertuples()):
-                pid = trial_worker(study, proc.pid, row.trial_id.rsplit("_m", 1)[0])
-                if pid:
-                    os.kill(pid, signal.SIGKILL)
-                    killed = row.pack_id
-                    break
-            time.sleep(0.3)
-        out, _ = proc.communicate(timeout=400)
-    finally:
-        kill_session(proc.pid)
+    killed, rc, out = kill_a_worker_mid_run(tmp_path, cache_dir, space, study, "--pack", "3")
     assert killed is not None, "no pack worker was found to kill"
-    assert proc.returncode == 0, out[-3000:]
+    assert rc == 0, out[-3000:]
     trials = check_packs(study, 6, 3)
     restarted = trials[trials.restarts >= 1]
-    assert set(restarted.pack_id) == {killed} and len(restarted) == 3  # the pack restarted as one
+    assert set(restarted.pack_id) == {killed.pack_id} and len(restarted) == 3  # the pack restarted as one
     assert (restarted.resumed_at_epoch > 1).all()  # from its checkpoint, not from scratch
     # Each member was pruned (or not) on its own: Optuna holds one trial per member, in its own state.
     ot = {t.number: t for t in optuna_study(study).get_trials()}

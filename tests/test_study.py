@@ -326,40 +326,49 @@ def trial_worker(study: Path, sid: int, trial_id: str) -> int | None:
     return None
 
 
-def test_dead_trial_worker_restarts_from_checkpoint(tmp_path, cache_dir):
-    space = space_file(tmp_path, "crash", num_samples=2, max_concurrent=2, pruner={"name": "none"},
-                       params={"epochs": 6, "train_limit": 512})
-    study = tmp_path / "studies" / "crash"
+def kill_a_worker_mid_run(tmp_path, cache_dir, space: str, study: Path, *args) -> tuple:
+    """Run ``study.run --space space`` (2 CPUs, ``args`` added) to its end, SIGKILLing the Ray worker of
+    the first trial (or pack) seen RUNNING past epoch 2 (it has a checkpoint by then). Returns that
+    trials-table row as the kill saw it (None if none was found), the driver's exit status and output."""
     cmd = [PYTHON, "-m", "study.run", "--space", space, "--storage", str(tmp_path / "studies"),
-           "--cache-dir", str(cache_dir), "--num-cpus", "2"]
+           "--cache-dir", str(cache_dir), "--num-cpus", "2", *args]
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=python_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
     killed = None
     try:
         deadline = time.time() + 300
-        while not killed and time.time() < deadline and proc.poll() is None:
+        while killed is None and time.time() < deadline and proc.poll() is None:
             try:
                 trials = tables(study)["trials"]
                 running = trials[(trials.status == "RUNNING") & (trials.epochs_run.fillna(0) >= 2)]
-            except (FileNotFoundError, OSError, KeyError):
+            except (FileNotFoundError, OSError, KeyError, AttributeError):   # not written yet, or mid-write
                 running = None
-            for trial_id in ([] if running is None else running.trial_id):   # it has a checkpoint: kill its worker
-                pid = trial_worker(study, proc.pid, trial_id)
+            for row in ([] if running is None else running.itertuples()):
+                # A pack member's row is <Tune trial id>_m<k>: the worker is the pack's.
+                pid = trial_worker(study, proc.pid, row.trial_id.rsplit("_m", 1)[0])
                 if pid:
                     os.kill(pid, signal.SIGKILL)
-                    killed = trial_id
+                    killed = row
                     break
             time.sleep(0.3)
         out, _ = proc.communicate(timeout=400)
     finally:
         kill_session(proc.pid)
-    assert killed, "no trial worker was found to kill"
-    assert proc.returncode == 0, out[-3000:]
+    return killed, proc.returncode, out
+
+
+def test_dead_trial_worker_restarts_from_checkpoint(tmp_path, cache_dir):
+    space = space_file(tmp_path, "crash", num_samples=2, max_concurrent=2, pruner={"name": "none"},
+                       params={"epochs": 6, "train_limit": 512})
+    study = tmp_path / "studies" / "crash"
+    killed, rc, out = kill_a_worker_mid_run(tmp_path, cache_dir, space, study)
+    assert killed is not None, "no trial worker was found to kill"
+    assert rc == 0, out[-3000:]
     trials = check_consistent(study, 2)["trials"]
     restarted = trials[trials.restarts >= 1]
     assert len(restarted) == 1, trials[["trial_id", "status", "restarts", "epochs_run"]]
     row = restarted.iloc[0]
-    assert row.trial_id == killed and row.status == "DONE" and row.epochs_run == 6
+    assert row.trial_id == killed.trial_id and row.status == "DONE" and row.epochs_run == 6
     assert row.resumed_at_epoch > 1  # continued from its checkpoint, not from scratch
 
 
