@@ -112,9 +112,24 @@ def best_trials(df: pd.DataFrame, by: str | Iterable[str] | None = None, score: 
     return best.sort_values(by, kind="stable").reset_index(drop=True)
 
 
+def epoch_gain(row, split: str = "val"):
+    """PSNR gain over the grayscale input (dB) of an epoch row (a dict, or a table of epoch rows):
+    ``<split>_psnr - <split>_gray_psnr``. The one formula of the gain; ``gain`` is it for trial rows."""
+    return row[f"{split}_psnr"] - row[f"{split}_gray_psnr"]
+
+
 def gain(df: pd.DataFrame, split: str = "val", at: str = "best") -> pd.Series:
     """PSNR gain over the grayscale input (dB) of each trial row: ``<at>_<split>_psnr - <split>_gray_psnr``."""
     return df[f"{at}_{split}_psnr"] - df[f"{split}_gray_psnr"]
+
+
+# Objectives a space may ask Optuna to maximise together (a Pareto front), each taken from an epoch row
+# (a study tells Optuna the values of the trial's best epoch, by val PSNR as everywhere): fidelity (PSNR
+# gain over the grayscale input, dB) and vividness (colourfulness of the predictions over the originals').
+OBJECTIVES = {
+    "val_psnr_gain": lambda row: float(epoch_gain(row)),
+    "val_colourfulness": lambda row: float(row["val_colourfulness"]),
+}
 
 
 def coerce(name: str, df: pd.DataFrame) -> pd.DataFrame:

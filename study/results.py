@@ -382,6 +382,8 @@ def epoch_row(trial_id: str, row: dict) -> dict:
     out = {"trial_id": trial_id, "epoch": int(row["epoch"])}
     out.update({k: float(row[k]) for k in EPOCH_METRICS})
     out["seconds"] = float(row.get("seconds", float("nan")))
+    # What the epoch computed in (bf16/tf32/fp32): the trials table's precision_used is the last epoch's.
+    out["precision"] = str(row.get("precision") or "")
     return out
 
 

@@ -275,7 +275,7 @@ def parse_space(raw: Any, path: Path) -> Space:
 def _objectives(spec, space: Space, fail) -> tuple[str, ...]:
     if spec is None:
         return ()
-    from study.tune_backend import OBJECTIVES   # Ray is loaded only for a space that asks for objectives
+    from study.contract import OBJECTIVES
 
     if not isinstance(spec, list) or len(spec) < 2 or len(set(map(repr, spec))) != len(spec) or \
             not all(isinstance(o, str) for o in spec):

@@ -50,7 +50,7 @@ from ray.tune.search import ConcurrencyLimiter
 from ray.tune.search.optuna import OptunaSearch
 from ray.tune.trainable import wrap_function
 
-from study.contract import best_trials
+from study.contract import OBJECTIVES, best_trials
 from study.data import ALLOW_GRAYSCALE_ENV, DataError, Splits, default_cache_dir, default_data_root, load_splits
 from study.models import ConfigError
 from study.results import ResultsWriter, epoch_row, preview_rows, resolve, trial_row
@@ -77,13 +77,6 @@ STEP_METRIC = "val_psnr"    # each epoch's intermediate value in Optuna: that ep
 ERROR_KEY = "trial_error"   # set in a trial's last report when it failed for a reason a retry cannot fix
 MEMBERS_KEY = "members"     # a pack's report: {str(member index): epoch row} of the members still in it
 STATE_OF = {"COMPLETE": "DONE", "PRUNED": "PRUNED", "FAIL": "ERROR"}   # Optuna state -> results status
-# Objectives a space may ask Optuna to maximise together (a Pareto front), each taken at the trial's
-# best epoch (by val PSNR, as everywhere): fidelity (PSNR gain over the grayscale input, dB) and
-# vividness (colourfulness of the predictions over the originals').
-OBJECTIVES = {
-    "val_psnr_gain": lambda row: float(row["val_psnr"]) - float(row["val_gray_psnr"]),
-    "val_colourfulness": lambda row: float(row["val_colourfulness"]),
-}
 
 
 def members_of(result: dict) -> dict[str, dict]:
