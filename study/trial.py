@@ -8,31 +8,44 @@ from dataclasses import fields
 from pathlib import Path
 
 from study import cli
-from study.config import TrialConfig
+from study.config import TrialConfig, choices_of, field_help
+from study.modelspec import ConfigError
 from study.train import NonFiniteLossError, keep_checkpoint, pick_device, run_trial, summarize
 
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m study.trial", description=__doc__)
+    # One option per TrialConfig field; its help, choices and default come from the field itself.
     for f in fields(TrialConfig):
         flag = "--" + f.name.replace("_", "-")
+        text = field_help(f.name).replace("%", "%%")   # argparse formats help with %
         if f.type == "bool":
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=text)
         else:
-            p.add_argument(flag, type={"int": int, "float": float, "str": str}[f.type], default=f.default)
-    p.add_argument("--data-root", help="folder holding <dataset>/<split>/<class>/*.jpg (or $COLORIZE_DATA_ROOT)")
-    p.add_argument("--cache-dir", help="decoded-image cache (default ./.cache or $COLORIZE_CACHE_DIR)")
-    p.add_argument("--device", help="cuda, cpu, ... (default: cuda when available)")
-    p.add_argument("--out", type=Path, default=Path("runs/trial"), help="where the last checkpoint is kept")
-    p.add_argument("--json", action="store_true", help="print the epoch rows as JSON at the end")
+            # Values stay strings here: TrialConfig.check_value converts and checks them with one message.
+            p.add_argument(flag, default=f.default, choices=choices_of(f.name), help=text,
+                           metavar="NAME" if choices_of(f.name) else f.type.upper())
+    p.add_argument("--data-root", help="folder holding <dataset>/<split>/<class>/*.jpg "
+                                       "(default: $COLORIZE_DATA_ROOT; without either, cifar10 and flowers102 "
+                                       "are downloaded)")
+    p.add_argument("--cache-dir", help="decoded-image cache (default: $COLORIZE_CACHE_DIR or ./.cache)")
+    p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available, else cpu)")
+    p.add_argument("--out", type=Path, default=Path("runs/trial"),
+                   help="folder where the last checkpoint is kept, as <out>/checkpoint (default: runs/trial)")
+    p.add_argument("--json", action="store_true", help="print the epoch rows as JSON at the end (default: off)")
     cli.add_debug(p)
     return p
 
 
 def _main(argv: list[str]) -> int:
     args = parser().parse_args(argv)
-    values = {f.name: getattr(args, f.name) for f in fields(TrialConfig)}
-    # Everything is checked before the output folder is made or data is read.
+    # Everything is checked before the output folder is made or data is read; a bad value names its option.
+    values = {}
+    for f in fields(TrialConfig):
+        try:
+            values[f.name] = TrialConfig.check_value(f.name, getattr(args, f.name))
+        except ConfigError as e:
+            raise cli.UsageError(f"--{f.name.replace('_', '-')}: {e}") from None
     cfg = TrialConfig.from_dict(values).validate()
     device = pick_device(args.device)
     cli.check_writable(f"--out {args.out}", args.out, "the checkpoint")
