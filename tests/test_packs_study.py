@@ -47,7 +47,7 @@ def test_packed_study_survives_a_dead_worker(tmp_path, cache_dir):
 
 # "1000": Ray saves its state only at the start, so the pack running at the kill is unknown to the
 # restored driver and can never continue: its rows must end as ERROR (orphaned), not stay RUNNING.
-@pytest.mark.parametrize("save_every_s", ["2", "1000"])
+@pytest.mark.parametrize("save_every_s", [pytest.param("2", marks=pytest.mark.e2e), "1000"])
 def test_packed_study_killed_driver_resumes(tmp_path, cache_dir, save_every_s):
     space = space_file(tmp_path, "packres", num_samples=4, max_concurrent=1, params={"epochs": 4},
                        pruner={"name": "none"})

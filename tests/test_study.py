@@ -185,6 +185,7 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+@pytest.mark.e2e
 def test_smoke_study_end_to_end(tmp_path, cache_dir):
     # A Ray cluster already runs on this machine (and RAY_ADDRESS points at it): a local study
     # still starts its own Ray (with --num-cpus), never joins that one.
@@ -243,6 +244,7 @@ def test_pruning_prunes_and_divergence_is_an_error(tmp_path, cache_dir):
     assert best.status == "DONE" and (pruned.best_val_psnr < best.best_val_psnr).all()
 
 
+@pytest.mark.e2e
 def test_fractional_gpus_share_one_gpu(tmp_path, cache_dir):
     # Also a two-objective study (NSGA-II, a Pareto front) whose first trials are enqueued ones.
     first = [{"depth": 2, "sampling": "strided-transposed", "output": "rgb", "lr": 1e-3},
@@ -267,6 +269,7 @@ def test_fractional_gpus_share_one_gpu(tmp_path, cache_dir):
     assert overlap == 4, spans
 
 
+@pytest.mark.e2e
 def test_killed_driver_resumes_and_completes(tmp_path, cache_dir):
     space = space_file(tmp_path, "resume", num_samples=6, max_concurrent=2, params={"epochs": 4})
     study = tmp_path / "studies" / "resume"
