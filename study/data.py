@@ -51,8 +51,7 @@ GRAY_MAX_FRACTION = 0.05
 GRAY_MIN_REFUSED = 5  # tiny subsets of real data (16 images, 1 gray) are not refused by chance
 ALLOW_GRAYSCALE_ENV = "COLORIZE_ALLOW_GRAYSCALE"
 LAYOUT_HELP = ("Put the images at <data root>/{name}/<split>/<class>/*.jpg (splits: train, val, test; "
-               "val and test may be missing) and pass --data-root <data root> or set COLORIZE_DATA_ROOT. "
-               "In this repository's workplace the data root is ../shared/data.")
+               "val and test may be missing) and pass --data-root <data root> or set COLORIZE_DATA_ROOT.")
 
 
 class DataError(ProjectError, RuntimeError):
@@ -238,12 +237,18 @@ def _cached(cache_dir: Path, label: str, key_parts: dict, build) -> tuple[dict[s
     return arrays, gray
 
 
+def _names_hash(names) -> str:
+    """A hash of file names as the file system stores them: bytes, since a name need not be valid UTF-8
+    (os.fsencode gives back the original bytes of a name Python decoded with surrogate escapes)."""
+    return hashlib.sha1(b"\n".join(os.fsencode(n) for n in names)).hexdigest()
+
+
 def _from_folder(root: Path, resolution: int, limits: dict, seed: int, cache_dir: Path, label: str):
     files = folder_splits(root, seed)
     files = {s: _subset(files[s], limits[s], seed) for s in SPLITS}
     key = {"source": str(root.resolve()), "resolution": resolution, "seed": seed,
            "files": {s: [len(files[s]), sum(p.stat().st_size for p in files[s]),
-                         hashlib.sha1("\n".join(str(p.relative_to(root)) for p in files[s]).encode()).hexdigest()]
+                         _names_hash(p.relative_to(root) for p in files[s])]
                      for s in SPLITS}}
     arrays, gray = _cached(cache_dir, label, key, lambda: {s: decode_many(files[s], resolution) for s in SPLITS})
     names = {s: [str(p.relative_to(root)) for p in files[s]] for s in SPLITS}
