@@ -1,9 +1,10 @@
+import re
 from pathlib import Path
 
 import pytest
 import yaml
 
-from study.space import SpaceError, load_space
+from study.space import MAX_SPACE_BYTES, SpaceError, load_space
 
 
 class Recorder:
@@ -29,21 +30,78 @@ class Recorder:
         return list(self.values)
 
 
-SHIPPED = sorted(p.stem for p in (Path(__file__).resolve().parent.parent / "search_spaces").glob("*.yaml"))
+class LowRecorder(Recorder):
+    """The other corner: the first choice, the lower int bound, the upper float bound."""
+
+    def suggest_categorical(self, name, choices):
+        self.values[name] = choices[0]
+        return choices[0]
+
+    def suggest_int(self, name, lo, hi, step=1):
+        self.values[name] = lo
+        return lo
+
+    def suggest_float(self, name, lo, hi, log=False):
+        self.values[name] = hi
+        return hi
 
 
-def test_every_space_file_is_tested():
-    assert {"full", "report", "smoke", "ablation-cifar", "tradeoff", "tradeoff-cifar"} <= set(SHIPPED)
+SPACES_DIR = Path(__file__).resolve().parent.parent / "search_spaces"
+SHIPPED_FILES = sorted(SPACES_DIR.glob("*.yaml"))
+SHIPPED = [p.stem for p in SHIPPED_FILES]
 
 
-@pytest.mark.parametrize("name", SHIPPED)
-def test_shipped_spaces_load_and_resolve(name):
-    space = load_space(name)
-    rec = Recorder()
-    constants = space.define(rec)
-    # What OptunaSearch hands the trainable: the captured suggestions plus the returned constants.
-    cfg = space.resolve({**rec.values, **constants})
-    assert cfg.validate().dataset in ("cifar10", "flowers102", "samples")
+def test_every_shipped_space_is_known_by_name():
+    # The glob found the folder (an empty list would silently skip every test below), and the names a user
+    # is offered for a mistyped --space are exactly the files shipped.
+    assert SHIPPED, f"no space files found in {SPACES_DIR}"
+    with pytest.raises(SpaceError, match=r"known: (\[.*\])") as e:
+        load_space("no-such-space")
+    assert re.search(r"known: (\[.*?\])", str(e.value)).group(1) == repr(sorted(SHIPPED))
+
+
+def _drawn_from(space, cfg) -> None:
+    """Each searched or constant parameter of ``cfg`` is a value its (case's) distribution allows."""
+    values = cfg.to_dict()
+    for name, p in space.params.items():
+        d, v = p.dist_for(values), values[name]
+        if d.kind in ("constant", "choice"):
+            assert v in d.values, (name, v, d)
+        elif d.kind == "int":
+            assert d.values[0] <= v <= d.values[1] and (v - d.values[0]) % d.step == 0, (name, v, d)
+        else:
+            assert d.values[0] <= v <= d.values[1], (name, v, d)
+
+
+@pytest.mark.parametrize("path", SHIPPED_FILES, ids=SHIPPED)
+def test_shipped_space_runs_in_a_real_optuna_study(path):
+    import optuna
+
+    assert path.stat().st_size <= MAX_SPACE_BYTES
+    space = load_space(path.stem)   # by name, as `study.run --space <name>` finds it
+    assert space.path == path and space.description.strip(), "a shipped space says what it is for"
+    # Both corners of every range and choice list resolve to a valid trial (what OptunaSearch hands the
+    # trainable: the captured suggestions plus the returned constants).
+    for rec in (Recorder(), LowRecorder()):
+        constants = space.define(rec)
+        cfg = space.resolve({**rec.values, **constants})
+        assert cfg.validate().dataset in ("cifar10", "flowers102", "samples")
+        _drawn_from(space, cfg)
+    # The space's own sampler and pruner, built as study.run builds them, drive a real Optuna study.
+    n = max(len(space.objectives), 1)
+    study = optuna.create_study(sampler=space.make_sampler(0), pruner=space.make_pruner(),
+                                directions=["maximize"] * n)
+    for params in space.enqueued():
+        study.enqueue_trial(params)
+    for i in range(max(3, len(space.enqueue))):
+        trial = study.ask()
+        constants = space.define(trial)
+        cfg = space.resolve({**trial.params, **constants})
+        _drawn_from(space, cfg.validate())
+        if i < len(space.enqueue):   # the enqueued configurations come first, in order
+            assert {k: getattr(cfg, k) for k in space.enqueue[i]} == space.enqueue[i]
+        study.tell(trial, [float(i)] * n if n > 1 else float(i))
+    assert len(study.trials) == max(3, len(space.enqueue))
 
 
 def test_report_space_is_the_report_grid():
@@ -108,7 +166,42 @@ def _bad(tmp_path, mutate, match):
      r"sampler\.n_startup_trail: not an option of tpe \(TPESampler\); allowed: \[.*'n_startup_trials'"),
     (lambda r: r.update(sampler={"name": "random", "seed": 3}), r"sampler\.seed: not an option of random"),
     (lambda r: r.update(pruner={"name": "successive_halving", "reduction_factor": 1}),
-     r"pruner: successive_halving rejects these options: .*reduction_factor >= 2"),
+     r"pruner\.reduction_factor: must be a whole number >= 2, got 1"),
+    (lambda r: r.update(pruner={"name": "successive_halving", "bootstrap_count": 2}),
+     r"pruner: successive_halving rejects these options: bootstrap_count > 0 and min_resource == 'auto'"),
+    # issue 18: option types and documented ranges from Optuna's signatures, before anything runs
+    (lambda r: r.update(sampler={"name": "tpe", "n_startup_trials": "three"}),
+     r"sampler\.n_startup_trials: 'three' is not a whole number \(TPESampler\.n_startup_trials: int, default 10\)"),
+    (lambda r: r.update(sampler={"name": "tpe", "n_startup_trials": 2.5}), r"sampler\.n_startup_trials: 2\.5 is not"),
+    (lambda r: r.update(sampler={"name": "tpe", "n_startup_trials": -1}), r"must be a whole number >= 0, got -1"),
+    (lambda r: r.update(sampler={"name": "tpe", "n_ei_candidates": 0}),
+     r"sampler\.n_ei_candidates: must be a whole number >= 1, got 0"),
+    (lambda r: r.update(sampler={"name": "tpe", "n_ei_candidates": 10 ** 9}), r"must be a whole number <= 10000"),
+    (lambda r: r.update(sampler={"name": "tpe", "multivariate": "yes"}),
+     r"sampler\.multivariate: 'yes' is not true or false"),
+    (lambda r: r.update(sampler={"name": "tpe", "constant_liar": 1}), r"sampler\.constant_liar: 1 is not true or false"),
+    (lambda r: r.update(sampler={"name": "tpe", "prior_weight": float("inf")}),
+     r"sampler\.prior_weight: must be a finite number, got inf"),
+    (lambda r: r.update(sampler={"name": "nsga2", "mutation_prob": 1.5}),
+     r"sampler\.mutation_prob: must be in \[0\.0, 1\.0\], got 1\.5"),
+    (lambda r: r.update(sampler={"name": "nsga2", "population_size": 1}), r"population_size: .* >= 2, got 1"),
+    (lambda r: r.update(sampler={"name": "nsga2", "crossover": "uniform"}),
+     r"sampler\.crossover: takes a Python object \(BaseCrossover \| None\), which a space file cannot give"),
+    (lambda r: r.update(pruner={"name": "median", "n_warmup_steps": "3"}), r"pruner\.n_warmup_steps: '3' is not"),
+    (lambda r: r.update(pruner={"name": "hyperband", "max_resource": "lots"}),
+     r"pruner\.max_resource: 'lots' is not allowed; the only word it takes is 'auto'"),
+    # issue 18: sizes, with the limit named
+    (lambda r: r["params"].update(resolution=1000000),
+     r"params\.resolution: resolution=1000000 is above the limit 1024 px \(MAX_RESOLUTION in study/config\.py\)"),
+    (lambda r: r["params"].update(resolution={"choice": [32, 4096]}), r"params\.resolution: .*above the limit 1024"),
+    (lambda r: r["params"].update(batch_size={"int": [16, 100000]}),
+     r"params\.batch_size: batch_size=100000 is above the limit 8192 \(MAX_BATCH_SIZE"),
+    (lambda r: r["params"].update(epochs=100000), r"params\.epochs: epochs=100000 is above the limit 1000 \(MAX_EPOCHS"),
+    (lambda r: r["params"].update(train_limit={"int": [1, 100_000_000_000]}),
+     r"params\.train_limit: int range \[1, 100000000000\] \(step 1\) has 100,000,000,000 values, more than the "
+     r"limit 1,000,000 \(MAX_INT_RANGE_VALUES"),
+    (lambda r: r["params"].update(train_limit={"int": [1, "1e11"]}),
+     r"int needs \[low, high\] numbers, got \[1, '1e11'\] \(YAML reads 1e11 as text: write 1\.0e\+11, with a dot\)"),
 ])
 def test_space_errors_name_file_key_and_fix(tmp_path, mutate, match):
     _bad(tmp_path, mutate, match)
@@ -226,3 +319,63 @@ def test_tradeoff_space_is_multi_objective_with_nsga2():
     rec = Recorder()
     constants = space.define(rec)
     assert space.resolve({**rec.values, **constants}).schedule == "cosine"
+
+
+# ---- issue 18: a space file's size is bounded before and while it is parsed
+
+def _billion_laughs(levels: int = 9) -> str:
+    """The classic alias bomb in ``description``: 9 levels of 9 aliases expand to 9**9 (387 million) strings."""
+    lines = ['  l0: &l0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    lines += [f"  l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 9)}]" for i in range(1, levels)]
+    return "params: {dataset: samples, epochs: 1}\ndescription:\n" + "\n".join(lines) + "\n"
+
+
+def test_alias_bomb_is_refused_without_expanding_it(tmp_path):
+    import time
+
+    path = tmp_path / "bomb.yaml"
+    path.write_text(_billion_laughs())
+    t0 = time.monotonic()
+    with pytest.raises(SpaceError, match=r"bomb\.yaml: expands to more than 100,000 YAML values .*MAX_YAML_NODES"):
+        load_space(str(path))
+    assert time.monotonic() - t0 < 5   # was 119 s and 5.9 GB of memory, expanded by str(description)
+
+
+def test_a_self_referencing_alias_is_refused(tmp_path):
+    path = tmp_path / "loop.yaml"
+    path.write_text("params: {dataset: samples}\ndescription: &d [a, *d]\n")
+    with pytest.raises(SpaceError, match=r"loop\.yaml: expands to an endless number of YAML values"):
+        load_space(str(path))
+
+
+def test_small_aliases_still_work(tmp_path):
+    # An anchor reused by two cases is ordinary YAML, not a bomb.
+    path = tmp_path / "anchors.yaml"
+    path.write_text("params:\n  dataset: {choice: [cifar10, flowers102]}\n"
+                    "  lr: &lr {loguniform: [1.0e-4, 1.0e-2]}\n"
+                    "  weight_decay: {by: dataset, cases: {cifar10: 0.0, flowers102: 1.0e-4}}\n"
+                    "description: &d the same text\nsampler: {name: random}\n")
+    assert load_space(str(path)).params["lr"].cases[None].values == [1e-4, 1e-2]
+
+
+def test_a_file_over_the_size_limit_is_refused_before_parsing(tmp_path):
+    path = tmp_path / "huge.yaml"
+    with path.open("w") as f:   # a valid space, only far too large: 2 MiB of choices
+        f.write("params:\n  dataset: samples\n  seed: {choice: [")
+        f.write(", ".join(str(i) for i in range(300_000)))
+        f.write("]}\n")
+    assert path.stat().st_size > MAX_SPACE_BYTES
+    with pytest.raises(SpaceError, match=r"huge\.yaml: larger than 1024 KiB \(MAX_SPACE_BYTES in study/space\.py\)"):
+        load_space(str(path))
+
+
+def test_deep_nesting_is_one_message(tmp_path):
+    path = tmp_path / "deep.yaml"
+    path.write_text("params: {dataset: samples}\ndescription: " + "[" * 50_000 + "]" * 50_000 + "\n")
+    with pytest.raises(SpaceError, match=r"deep\.yaml: nested too deeply to parse"):
+        load_space(str(path))
+
+
+def test_a_device_is_not_a_space_file():
+    with pytest.raises(SpaceError, match=r"--space /dev/zero is not a regular file"):
+        load_space("/dev/zero")
