@@ -1,19 +1,35 @@
-"""Colorize image files with a study's best trial (or a chosen one).
+"""Colorize image files with a study's best finished trial (or a chosen one).
 
     python -m study.colorize --study studies/s1 [--dataset flowers102] [--trial ID] \\
-        photos/ old.jpg --out colorized [--side-by-side] [--[no-]flip-average] [--device cpu|cuda]
+        photos/ old.jpg --out colorized [--format same|png|jpeg|webp|tiff] [--side-by-side] \\
+        [--[no-]flip-average] [--device cpu|cuda]
 
 The model sees only a resized copy of the input's luminance (its training
 resolution, square); its colour (UV chroma) is resized back to the input's size
 and combined with the input's own full-resolution luminance, so the output keeps
 every detail of the input and only gains colour.
 
-Outputs: ``<out>/<input stem>.png`` (inputs found in a folder keep their path
-below it), and with ``--side-by-side`` also ``<stem>_side_by_side.png``
-(input | colorized). An ``--out`` that would replace an input (an input folder
-itself, or an output path that is an input file) is refused before anything is
-written. Exit status: 0 all inputs done, 1 some inputs failed, 2 no usable
-study, trial, checkpoint or model, or a refused ``--out`` (nothing was done).
+Which trial: without ``--trial``, the DONE trial (of ``--dataset``) with the best
+validation PSNR that has a checkpoint; a PRUNED, RUNNING or ERROR trial is used
+only when ``--trial`` names it.
+
+Outputs: ``<out>/<input stem>.<ext>`` in the input's own format (a JPEG stays a
+JPEG, at quality 95 with full-resolution chroma; a PNG stays a PNG) unless
+``--format`` names one, keeping the input's EXIF (its orientation reset, as the
+pixels are stored upright) and its ICC colour profile; inputs found in a folder
+keep their path below it. ``--side-by-side`` also writes
+``<stem>_side_by_side.<ext>`` (input | colorized). An ``--out`` that would
+replace an input (an input folder itself, or an output path that is an input
+file) is refused before anything is written.
+
+Warnings (stderr, the outputs are still written): the trial does not beat its
+grayscale input (best validation PSNR gain over grayscale <= 0 dB); photos far
+from the size the trial was trained at (more than 4x larger or smaller than its
+square; the dataset a photo resembles cannot be told from its pixels, so the
+first line names the trial's dataset and resolution for the user to judge).
+
+Exit status: 0 all inputs done, 1 some inputs failed, 2 no usable study, trial,
+checkpoint or model, or a refused ``--out`` (nothing was done).
 """
 from __future__ import annotations
 
@@ -24,6 +40,7 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from typing import Callable
 
 import numpy as np
 import pandas as pd
@@ -35,7 +52,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from study.cli import ProjectError
 from study.color import rgb_to_y, rgb_to_yuv, yuv_to_rgb
 from study.config import TrialConfig
-from study.contract import default_trial
+from study.contract import default_trial, gain
 from study.data import list_images
 from study.models import build_unet
 from study.results import read_table, resolve
@@ -43,6 +60,9 @@ from study.train import CHECKPOINT_FILE, load_checkpoint, pick_device, predict
 
 EXIT_OK, EXIT_SOME_FAILED, EXIT_NO_MODEL = 0, 1, 2
 SIDE_BY_SIDE = "_side_by_side"
+# A photo more than this many times larger (shorter side) or smaller (longer side) than the square a trial
+# was trained at gets a warning: its colour comes from a much shrunk or enlarged copy.
+SIZE_FACTOR = 4
 
 
 class ColorizeError(ProjectError, RuntimeError):
@@ -155,7 +175,12 @@ def read_trials(study: str) -> pd.DataFrame:
 
 
 def pick_trial(trials: pd.DataFrame, study: str, dataset: str | None, trial_id: str | None) -> pd.Series:
-    """The trial named, else the best by best_val_psnr among those with a checkpoint (of ``dataset``)."""
+    """The trial named (any status), else the best by best_val_psnr among the DONE trials with a checkpoint
+    (of ``dataset``).
+
+    A PRUNED trial was stopped because it looked worse than others, a RUNNING one has not finished and
+    an ERROR one failed: none is used unless ``--trial`` names it.
+    """
     rows = trials
     if trial_id is not None:
         rows = rows[rows["trial_id"] == trial_id]
@@ -166,12 +191,33 @@ def pick_trial(trials: pd.DataFrame, study: str, dataset: str | None, trial_id: 
         if rows.empty:
             raise ColorizeError(f"study {study} has no trial{' ' + trial_id if trial_id else ''} of dataset "
                                 f"{dataset!r}; its datasets: {_some(trials['dataset'].unique())}")
-    row = default_trial(rows)   # the contract's rule, which analysis marks in its report too
-    if row is None and trial_id is not None:
-        raise ColorizeError(f"trial {trial_id} of study {study} has no checkpoint (it never finished an epoch)")
-    if row is None:
-        raise ColorizeError(f"no {'such ' if dataset else ''}trial of study {study} has a checkpoint")
-    return row
+    if trial_id is not None:
+        row = default_trial(rows)
+        if row is None:
+            raise ColorizeError(f"trial {trial_id} of study {study} has no checkpoint (it never finished an epoch)")
+        return row
+    row = default_trial(rows[rows["status"] == "DONE"])   # the contract's rule, among finished trials only
+    if row is not None:
+        return row
+    of = f" of dataset {dataset}" if dataset else ""
+    counts = ", ".join(f"{n} {s}" for s, n in rows["status"].value_counts().sort_index().items())
+    other = default_trial(rows)
+    if other is None:
+        raise ColorizeError(f"no trial{of} of study {study} has finished (DONE) and none has a checkpoint "
+                            f"({counts}): run the study until a trial finishes")
+    raise ColorizeError(f"no trial{of} of study {study} has finished (DONE) ({counts}): there is no finished model "
+                        f"to use. To use an unfinished one anyway, name it: --trial {other['trial_id']} "
+                        f"(the best with a checkpoint: {other['status']}, {_epochs(other)}, best val PSNR "
+                        f"{_db(other.get('best_val_psnr'))})")
+
+
+def _epochs(row: pd.Series) -> str:
+    n = row.get("epochs_run")
+    return "? epochs" if n is None or pd.isna(n) else f"{int(n)} epoch{'s' * (int(n) != 1)}"
+
+
+def _db(value) -> str:
+    return "n/a" if value is None or pd.isna(value) else f"{float(value):.2f} dB"
 
 
 def _some(values, n: int = 10) -> str:
@@ -256,8 +302,42 @@ def choose_device(name: str | None) -> torch.device:
 # ---------------------------------------------------------------- files
 
 
-def collect_inputs(args: list[str], side_by_side: bool) -> tuple[list[tuple[Path, Path]], list[str]]:
-    """(input file, output path relative to --out without .png) pairs, and errors for bad arguments.
+# Output formats: --format's choices (Pillow format name, extension). "same" follows each input.
+FORMATS = {"png": ("PNG", ".png"), "jpeg": ("JPEG", ".jpg"), "webp": ("WEBP", ".webp"), "tiff": ("TIFF", ".tif")}
+SAME = "same"
+# An input's format, from its extension (its output name must be known before any image is read, to
+# refuse an --out that would overwrite an input); other extensions are written as PNG.
+BY_EXTENSION = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG", ".webp": "WEBP", ".tif": "TIFF", ".tiff": "TIFF",
+                ".bmp": "BMP"}
+JPEG_QUALITY = 95
+ORIENTATION = 0x0112   # EXIF tag
+
+
+@dataclass(frozen=True)
+class Job:
+    path: Path     # the input file
+    name: Path     # its output path below --out, without the extension
+    format: str    # Pillow's name of the output format
+    ext: str       # the output extension, with its dot
+
+    def output(self, out: Path, suffix: str = "") -> Path:
+        # with_name, not with_suffix: a stem such as "scan.v2" keeps its dot.
+        target = out / self.name
+        return target.with_name(target.name + suffix + self.ext)
+
+
+def output_format(path: Path, choice: str = SAME) -> tuple[str, str]:
+    """(Pillow format, extension) of ``path``'s output: the input's own format for "same", else ``choice``'s."""
+    if choice != SAME:
+        return FORMATS[choice]
+    suffix = path.suffix.lower()
+    if suffix in BY_EXTENSION:
+        return BY_EXTENSION[suffix], suffix
+    return FORMATS["png"]
+
+
+def collect_inputs(args: list[str], side_by_side: bool, fmt: str = SAME) -> tuple[list[Job], list[str]]:
+    """A job per input file (output name below --out and format), and errors for bad arguments.
 
     A file given by name is tried whatever its extension (it fails clearly if it is not an
     image); a folder contributes the images below it, keeping their relative paths.
@@ -276,7 +356,7 @@ def collect_inputs(args: list[str], side_by_side: bool) -> tuple[list[tuple[Path
             errors.append(f"{path}: no such file or folder")
             continue
         found.extend(files)
-    return assign_names(_unique_files(found), side_by_side), errors
+    return assign_names(_unique_files(found), side_by_side, fmt), errors
 
 
 def _unique_files(found: list[tuple[Path, Path]]) -> list[tuple[Path, Path]]:
@@ -290,17 +370,19 @@ def _unique_files(found: list[tuple[Path, Path]]) -> list[tuple[Path, Path]]:
     return out
 
 
-def assign_names(found: list[tuple[Path, Path]], side_by_side: bool) -> list[tuple[Path, Path]]:
-    """Distinct output names: a clash (a.jpg and a.png, or two folders' a.jpg) gets the extension, then a number."""
+def assign_names(found: list[tuple[Path, Path]], side_by_side: bool, fmt: str = SAME) -> list[Job]:
+    """Distinct output files: a clash (a.jpg and a.png with --format png, or two folders' a.jpg) gets the
+    input's extension, then a number."""
     taken: set[str] = set()
     out = []
     for path, name in found:
+        pil_format, ext = output_format(path, fmt)
         for candidate in _candidates(name, path.suffix.lstrip(".").lower() or "file"):
             # Lower-case: on case-insensitive file systems A.png and a.png are the same file.
-            keys = {str(candidate).lower() + s for s in (["", SIDE_BY_SIDE] if side_by_side else [""])}
+            keys = {str(candidate).lower() + s + ext for s in (["", SIDE_BY_SIDE] if side_by_side else [""])}
             if not keys & taken:
                 taken |= keys
-                out.append((path, candidate))
+                out.append(Job(path, candidate, pil_format, ext))
                 break
     return out
 
@@ -312,7 +394,7 @@ def _candidates(name: Path, ext: str):
         yield name.with_name(f"{name.name}_{ext}_{k}")
 
 
-def check_out(out: Path, args: list[str], jobs: list[tuple[Path, Path]], side_by_side: bool) -> None:
+def check_out(out: Path, args: list[str], jobs: list[Job], side_by_side: bool) -> None:
     """Refuse an ``--out`` that would replace an input: an input folder itself, or an output file that is an input.
 
     Checked before anything is written: an overwritten photo cannot be recovered.
@@ -320,28 +402,45 @@ def check_out(out: Path, args: list[str], jobs: list[tuple[Path, Path]], side_by
     target = out.resolve()
     for arg in args:
         if Path(arg).is_dir() and Path(arg).resolve() == target:
-            raise ColorizeError(f"--out {out} is the input folder {arg}: the colorized PNGs would be mixed with "
+            raise ColorizeError(f"--out {out} is the input folder {arg}: the colorized images would be mixed with "
                                 f"(and could replace) the inputs; give another --out folder")
-    inputs = {path.resolve(): path for path, _ in jobs}
-    suffixes = ["", SIDE_BY_SIDE] if side_by_side else [""]
-    for _, name in jobs:
-        for suffix in suffixes:
-            written = (target / name).with_name(name.name + suffix + ".png")
+    inputs = {job.path.resolve(): job.path for job in jobs}
+    for job in jobs:
+        for suffix in (["", SIDE_BY_SIDE] if side_by_side else [""]):
+            written = job.output(target, suffix)
             if written in inputs:
                 raise ColorizeError(f"--out {out} would overwrite the input {inputs[written]} with its colorized "
                                     f"version; give another --out folder")
 
 
-def read_image(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
-    """(H, W) gray or (H, W, 3) RGB uint8, and the alpha channel (H, W) if the image has one."""
+@dataclass
+class Photo:
+    pixels: np.ndarray            # (H, W) gray or (H, W, 3) RGB uint8, upright
+    alpha: np.ndarray | None      # (H, W) uint8 when the image has transparency
+    exif: bytes | None            # the input's EXIF, orientation reset (the pixels are upright now)
+    icc: bytes | None             # the input's ICC profile
+
+
+def read_image(path: Path) -> Photo:
+    """The pixels (upright, as image viewers show them), alpha, EXIF and ICC profile of an image file."""
     try:
         with Image.open(path) as im:
-            im = ImageOps.exif_transpose(im)  # upright, as image viewers show it
-            return _pixels(im), _alpha(im)
+            exif = im.getexif()
+            icc = im.info.get("icc_profile") or None
+            im = ImageOps.exif_transpose(im)
+            return Photo(_pixels(im), _alpha(im), _upright_exif(exif), icc)
     except UnidentifiedImageError as e:
         raise InputError(f"{path}: not an image (Pillow does not recognise its format)") from e
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         raise InputError(f"{path}: unreadable image: {type(e).__name__}: {e}") from e
+
+
+def _upright_exif(exif: Image.Exif) -> bytes | None:
+    if not exif:
+        return None
+    # exif_transpose already turned the pixels; a kept orientation tag would make viewers turn them again.
+    exif.pop(ORIENTATION, None)
+    return exif.tobytes()
 
 
 def _pixels(im: Image.Image) -> np.ndarray:
@@ -358,24 +457,55 @@ def _alpha(im: Image.Image) -> np.ndarray | None:
     return None
 
 
-def colorize_file(model: torch.nn.Module, cfg: TrialConfig, path: Path, target: Path,
-                  device: torch.device, side_by_side: bool, flip_average: bool = False) -> list[Path]:
-    """Colorize one file into ``target``.png (and the side-by-side); returns the files written."""
-    image, alpha = read_image(path)
-    rgb = colorize_image(model, cfg, image, device, flip_average)
-    written = [_save(rgb if alpha is None else np.dstack([rgb, alpha]), target, "")]
+def colorize_file(model: torch.nn.Module, cfg: TrialConfig, job: Job, out: Path, device: torch.device,
+                  side_by_side: bool, flip_average: bool = False,
+                  note: Callable[[str], None] = lambda m: None) -> list[Path]:
+    """Colorize one input into its output file below ``out`` (and the side-by-side); returns the files written.
+
+    ``note`` gets a line for each thing of the input the output cannot keep.
+    """
+    photo = read_image(job.path)
+    rgb = colorize_image(model, cfg, photo.pixels, device, flip_average)
+    icc = _rgb_profile(photo.icc, job, note)
+    alpha = photo.alpha
+    if alpha is not None and job.format == "JPEG":
+        note(f"{job.path}: JPEG has no transparency; its alpha channel is dropped (--format png keeps it)")
+        alpha = None
+    pixels = rgb if alpha is None else np.dstack([rgb, alpha])
+    written = [_save(pixels, job.output(out), job.format, photo.exif, icc)]
     if side_by_side:
-        shown = np.repeat(image[..., None], 3, axis=2) if image.ndim == 2 else image
-        written.append(_save(np.concatenate([shown, rgb], axis=1), target, SIDE_BY_SIDE))
+        shown = np.repeat(photo.pixels[..., None], 3, axis=2) if photo.pixels.ndim == 2 else photo.pixels
+        # No EXIF: its size and camera fields describe one photo, not two side by side.
+        written.append(_save(np.concatenate([shown, rgb], axis=1), job.output(out, SIDE_BY_SIDE), job.format,
+                             None, icc))
     return written
 
 
-def _save(pixels: np.ndarray, target: Path, suffix: str) -> Path:
-    # with_name, not with_suffix: a stem such as "scan.v2" keeps its dot.
-    out = target.with_name(target.name + suffix + ".png")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(pixels).save(out)
-    return out
+def _rgb_profile(icc: bytes | None, job: Job, note: Callable[[str], None]) -> bytes | None:
+    """The input's ICC profile when it can describe colour pixels (an RGB profile), else None."""
+    if icc is None:
+        return None
+    # Bytes 16-19 of an ICC header: the colour space of the data it describes.
+    if icc[16:20] == b"RGB ":
+        return icc
+    space = icc[16:20].decode("ascii", "replace").strip() or "unknown"
+    note(f"{job.path}: its ICC profile is for {space} data, which cannot describe the colorized RGB pixels; "
+         "the output has no profile (viewers assume sRGB)")
+    return None
+
+
+def _save(pixels: np.ndarray, path: Path, pil_format: str, exif: bytes | None, icc: bytes | None) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    options: dict = {}
+    if pil_format != "BMP":   # BMP holds neither
+        options.update({k: v for k, v in (("exif", exif), ("icc_profile", icc)) if v})
+    if pil_format == "JPEG":
+        # subsampling 0 (4:4:4): colour is all the model adds, so JPEG's default halving of chroma would cost most.
+        options.update(quality=JPEG_QUALITY, subsampling=0)
+    elif pil_format == "WEBP":
+        options.update(quality=JPEG_QUALITY)
+    Image.fromarray(pixels).save(path, format=pil_format, **options)
+    return path
 
 
 # ---------------------------------------------------------------- CLI
@@ -384,24 +514,31 @@ def _save(pixels: np.ndarray, target: Path, suffix: str) -> Path:
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m study.colorize", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files or folders (searched recursively)")
-    p.add_argument("--study", required=True, help="study folder (or pyarrow URI such as s3://bucket/study)")
-    p.add_argument("--dataset", help="use the best trial of this dataset only (e.g. flowers102)")
-    p.add_argument("--trial", help="use this trial id instead of the best one")
-    p.add_argument("--out", required=True, type=Path, help="folder for the PNGs")
-    p.add_argument("--side-by-side", action="store_true", help="also write <stem>_side_by_side.png")
-    p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    p.add_argument("inputs", nargs="+", metavar="INPUT",
+                   help="image files, or folders searched recursively for jpg, jpeg, png, bmp, webp and tif files")
+    p.add_argument("--study", required=True,
+                   help="study folder, or a pyarrow URI such as s3://bucket/study (required)")
+    p.add_argument("--dataset", help="choose among this dataset's trials only, e.g. cifar10, flowers102 "
+                                     "(default: all datasets)")
+    p.add_argument("--trial", help="use this trial id, whatever its status (default: the DONE trial with the best "
+                                   "val PSNR)")
+    p.add_argument("--out", required=True, type=Path, help="folder for the colorized images (required)")
+    p.add_argument("--format", choices=[SAME, *FORMATS], default=SAME,
+                   help="output format: same (as each input; others as png), png, jpeg, webp, tiff (default: same)")
+    p.add_argument("--side-by-side", action="store_true",
+                   help="also write <stem>_side_by_side.<ext>, input | colorized (default: off)")
+    p.add_argument("--device", help="cpu or cuda (default: cuda when available, else cpu)")
     p.add_argument("--flip-average", action=argparse.BooleanOptionalAction, default=None,
-                   help="average the colours predicted for each photo and its mirror image (twice the compute); "
-                        "default: as the trial was evaluated (its tta_flip)")
+                   help="average the colours predicted for each photo and its mirror image, twice the compute "
+                        "(default: as the trial was evaluated, its tta_flip)")
     return p
 
 
 def describe(loaded: Loaded, device: torch.device) -> str:
     row, cfg = loaded.row, loaded.cfg
-    psnr = row.get("best_val_psnr", float("nan"))
-    text = (f"trial {row['trial_id']} ({cfg.dataset}, {cfg.output} output, {cfg.image_size}px, "
-            f"best val PSNR {psnr:.2f} dB) on {device}; checkpoint {loaded.location}")
+    text = (f"trial {row['trial_id']} ({row.get('status', '?')}, {cfg.dataset} at {cfg.image_size}px, "
+            f"{cfg.output} output, best val PSNR {_db(row.get('best_val_psnr'))}) on {device}; "
+            f"checkpoint {loaded.location}")
     best = row.get("best_epoch")
     if loaded.epoch is not None and pd.notna(best) and int(best) != int(loaded.epoch):
         # The runners keep a trial's latest checkpoint, which need not be its best epoch's.
@@ -409,29 +546,73 @@ def describe(loaded: Loaded, device: torch.device) -> str:
     return text
 
 
+def model_warnings(loaded: Loaded) -> list[str]:
+    """What makes the trial a poor colorizer whatever the photos: it does not beat its grayscale input."""
+    row = loaded.row
+    trial = row["trial_id"]
+    if pd.isna(row.get("best_val_psnr")) or pd.isna(row.get("val_gray_psnr")):
+        return [f"trial {trial} has no validation PSNR against the grayscale input on record: whether it "
+                "colorizes better than leaving the photos gray is unknown"]
+    g = float(gain(row))   # the contract's gain over grayscale of a trial row
+    if g > 0:
+        return []
+    return [f"trial {trial} does not beat its grayscale input: its best val PSNR {_db(row['best_val_psnr'])} is "
+            f"{g:+.2f} dB from the grayscale input's {_db(row['val_gray_psnr'])}, so its colours are likely worse "
+            "than none; train longer, or pick another trial with --trial"]
+
+
+def size_warnings(jobs: list[Job], cfg: TrialConfig, trial: str) -> list[str]:
+    """Photos far from the square the trial was trained at, found from their headers (nothing decoded)."""
+    s = cfg.image_size
+    large, small = [], []
+    for job in jobs:
+        try:
+            with Image.open(job.path) as im:
+                w, h = im.size
+        except Exception:  # reported when the file is colorized
+            continue
+        if min(w, h) > SIZE_FACTOR * s:
+            large.append(f"{job.path.name} {w}x{h}")
+        elif max(w, h) * SIZE_FACTOR < s:
+            small.append(f"{job.path.name} {w}x{h}")
+    said = []
+    for found, how, effect in ((large, "larger", "shrunk, so its colours are coarse; a trial trained at a higher "
+                                               "resolution fits them better"),
+                               (small, "smaller", "enlarged, so its colours are blurred")):
+        if found:
+            said.append(f"{len(found)} of {len(jobs)} inputs are over {SIZE_FACTOR}x {how} than the {s}x{s} px "
+                        f"{cfg.dataset} images trial {trial} was trained on ({_some(found, 3)}): the model sees "
+                        f"each {effect}")
+    return said
+
+
 def main(argv: list[str] | None = None) -> int:
     """The command; a ``ColorizeError`` (nothing done) reaches ``study.cli``'s handler: exit status 2."""
     args = parser().parse_args(argv)
-    jobs, errors = collect_inputs(args.inputs, args.side_by_side)
+    jobs, errors = collect_inputs(args.inputs, args.side_by_side, args.format)
     check_out(args.out, args.inputs, jobs, args.side_by_side)
     device = choose_device(args.device)
     loaded = load_model(args.study, args.dataset, args.trial, device)
     flip = loaded.cfg.tta_flip if args.flip_average is None else args.flip_average
     print(f"colorizing with {describe(loaded, device)}" + (", averaged with mirror images" if flip else ""))
+
+    def warn(message: str) -> None:
+        print(f"warning: {message}", file=sys.stderr)
+    for message in model_warnings(loaded) + size_warnings(jobs, loaded.cfg, loaded.row["trial_id"]):
+        warn(message)
     for message in errors:
         print(f"error: {message}", file=sys.stderr)
     failed = len(errors)
-    for path, name in jobs:
+    for job in jobs:
         try:
-            for out in colorize_file(loaded.model, loaded.cfg, path, args.out / name, device, args.side_by_side,
-                                     flip):
+            for out in colorize_file(loaded.model, loaded.cfg, job, args.out, device, args.side_by_side, flip, warn):
                 print(f"wrote {out}")
         except InputError as e:
             failed += 1
             print(f"error: {e}", file=sys.stderr)
         except Exception as e:  # one bad input (e.g. out of memory, unwritable --out) must not stop the rest
             failed += 1
-            print(f"error: {path}: {type(e).__name__}: {e}", file=sys.stderr)
+            print(f"error: {job.path}: {type(e).__name__}: {e}", file=sys.stderr)
     print(f"{len(jobs) + len(errors) - failed} of {len(jobs) + len(errors)} inputs colorized into {args.out}")
     return EXIT_SOME_FAILED if failed else EXIT_OK
 

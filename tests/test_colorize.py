@@ -1,6 +1,7 @@
 """study.colorize on a real (tiny) study: outputs, luminance kept, bad inputs, trial choice, safe loading."""
 from __future__ import annotations
 
+import functools
 import shutil
 import subprocess
 from pathlib import Path
@@ -300,12 +301,16 @@ def test_output_names_do_not_collide(tmp_path):
     for rel in ("dir/a.png", "dir/a.jpg", "dir/sub/a.png", "top/a.png"):
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / rel).write_bytes(b"")
-    jobs, errors = collect_inputs([str(tmp_path / "dir"), str(tmp_path / "top" / "a.png"),
-                                   str(tmp_path / "dir" / "a.png"), str(tmp_path / "missing.png")], True)
-    names = {str(name) for _, name in jobs}
+    args = [str(tmp_path / "dir"), str(tmp_path / "top" / "a.png"), str(tmp_path / "dir" / "a.png"),
+            str(tmp_path / "missing.png")]
+    jobs, errors = collect_inputs(args, True)
     assert len(jobs) == 4  # dir/a.png given twice is done once
-    assert names == {"a", "a_png", "sub/a", "a_png_2"}
+    # Each output keeps its input's format: a.jpg and a.png no longer clash, two a.png do.
+    assert {str(j.output(Path("o"))) for j in jobs} == {"o/a.png", "o/a.jpg", "o/sub/a.png", "o/a_png.png"}
     assert errors == [f"{tmp_path / 'missing.png'}: no such file or folder"]
+    # One format for all: dir/a.jpg and dir/a.png would both be a.png, so the second gets its extension.
+    jobs, _ = collect_inputs(args, True, "png")
+    assert {str(j.output(Path("o"))) for j in jobs} == {"o/a.png", "o/a_png.png", "o/sub/a.png", "o/a_png_2.png"}
 
 
 def test_flip_average_is_mirror_equivariant_and_changes_a_real_models_colours(study, inputs, tmp_path, capsys):
@@ -342,3 +347,157 @@ def test_a_gray_start_rgb_trial_colorizes(study, inputs, tmp_path, capsys):
     # One tiny epoch from its grayscale start: a little colour, no more (the plain RGB trial is far off gray).
     spread = (out.max(axis=2) - out.min(axis=2)).mean()
     assert 0 < spread < 20
+
+
+# ---------------------------------------------------------------- which trial, and whether to trust it
+
+
+def edited_study(study: Path, target: Path, edit) -> Path:
+    """A copy of the study (checkpoints included) whose trials table is ``edit(table)``."""
+    shutil.copytree(study, target)
+    write_table(str(target), "trials", edit(trials(target)))
+    return target
+
+
+def test_only_done_trials_unless_named(study, inputs, tmp_path, capsys):
+    table = trials(study)
+    ranked = table.sort_values("best_val_psnr", ascending=False)["trial_id"].tolist()
+    best, second = ranked[0], ranked[1]
+
+    def best_pruned(t):
+        return t.assign(status=np.where(t["trial_id"] == best, "PRUNED", "DONE"))
+    mixed = edited_study(study, tmp_path / "mixed", best_pruned)
+    rc, stdout, err = run(capsys, "--study", mixed, inputs["colour"], "--out", tmp_path / "o1")
+    assert rc == 0 and f"trial {second} (DONE" in stdout, err   # the better PRUNED trial is passed over
+    rc, stdout, err = run(capsys, "--study", mixed, "--trial", best, inputs["colour"], "--out", tmp_path / "o2")
+    assert rc == 0 and f"trial {best} (PRUNED" in stdout, err    # named: used whatever its status
+
+    def none_done(t):
+        return t.assign(status=np.where(t["trial_id"] == best, "PRUNED", "RUNNING"))
+    unfinished = edited_study(study, tmp_path / "unfinished", none_done)
+    rc, stdout, err = run(capsys, "--study", unfinished, inputs["colour"], "--out", tmp_path / "o3")
+    assert rc == 2 and "wrote" not in stdout and not (tmp_path / "o3").exists()
+    assert "has finished (DONE)" in err and "1 PRUNED, 2 RUNNING" in err and f"--trial {best}" in err, err
+    # The real command line: one error line, status 2, no traceback.
+    p = subprocess.run([PYTHON, "-m", "study.colorize", "--study", str(unfinished), str(inputs["colour"]), "--out",
+                        str(tmp_path / "o4")], capture_output=True, text=True, env=python_env(), timeout=300)
+    assert p.returncode == 2 and p.stderr.startswith("error: no trial of study") and "Traceback" not in p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1, p.stderr
+
+
+def test_warns_when_the_trial_does_not_beat_grayscale(study, inputs, tmp_path, capsys):
+    from study.contract import gain
+    table = trials(study)
+    # The real one-epoch trials, as recorded: a warning exactly for those whose gain is not positive.
+    for _, row in table.iterrows():
+        _, _, err = run(capsys, "--study", study, "--trial", row["trial_id"], inputs["colour"], "--out",
+                        tmp_path / row["trial_id"])
+        assert ("does not beat its grayscale input" in err) == (gain(row) <= 0), (row["trial_id"], gain(row), err)
+    uv = table[table["output"] == "uv"]["trial_id"].item()
+    for shift, warned in ((+1.0, False), (0.0, True), (-0.5, True)):
+        def edit(t, shift=shift):
+            return t.assign(best_val_psnr=t["val_gray_psnr"] + shift)
+        folder = edited_study(study, tmp_path / f"shift{shift}", edit)
+        rc, stdout, err = run(capsys, "--study", folder, "--trial", uv, inputs["colour"], "--out", tmp_path / "o")
+        assert rc == 0 and "wrote" in stdout
+        assert ("warning: trial" in err and f"{shift:+.2f} dB from the grayscale" in err) == warned, err
+
+
+def test_warns_about_photos_far_from_the_training_size(study, inputs, tmp_path, capsys):
+    big, tiny = tmp_path / "big.png", tmp_path / "tiny.png"
+    Image.fromarray(skdata.astronaut()).resize((300, 200)).save(big)   # 200 px > 4 x 32 px
+    Image.fromarray(skdata.astronaut()).resize((7, 6)).save(tiny)      # 7 px < 32 / 4 px
+    rc, _, err = run(capsys, "--study", study, big, tiny, inputs["colour"], "--out", tmp_path / "o")
+    assert rc == 0
+    lines = [line for line in err.splitlines() if "x32 px samples images" in line]
+    assert len(lines) == 2 and "1 of 3 inputs are over 4x larger" in lines[0] and "big.png 300x200" in lines[0]
+    assert "1 of 3 inputs are over 4x smaller" in lines[1] and "tiny.png 7x6" in lines[1]
+    assert "astronaut.png" not in err   # 50x37 is near 32x32
+    rc, _, err = run(capsys, "--study", study, inputs["colour"], "--out", tmp_path / "o2")
+    assert rc == 0 and "x32 px" not in err
+
+
+# ---------------------------------------------------------------- format and metadata
+
+
+@functools.cache
+def srgb_profile() -> bytes:
+    """One sRGB profile (each one made records its creation time)."""
+    from PIL import ImageCms
+    return ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+
+
+def camera_exif(orientation: int) -> Image.Exif:
+    exif = Image.Exif()
+    exif[0x010F] = "TestMaker"          # Make
+    exif[0x0110] = "TestCam 1"          # Model
+    exif[0x0112] = orientation          # Orientation
+    return exif
+
+
+def test_output_keeps_format_exif_and_icc(study, tmp_path, capsys):
+    from PIL import JpegImagePlugin
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    pixels = Image.fromarray(skdata.astronaut()).resize((60, 40))
+    # A phone photo stored sideways: orientation 6 (turn 90 degrees clockwise to view).
+    pixels.save(photos / "phone.jpg", quality=90, exif=camera_exif(6), icc_profile=srgb_profile())
+    pixels.convert("L").save(photos / "scan.png", exif=camera_exif(1), icc_profile=srgb_profile())
+    rc, stdout, err = run(capsys, "--study", study, photos, "--out", tmp_path / "out", "--side-by-side")
+    assert rc == 0, err
+    jpg, png = Image.open(tmp_path / "out/phone.jpg"), Image.open(tmp_path / "out/scan.png")
+    assert jpg.format == "JPEG" and png.format == "PNG"
+    assert jpg.size == (40, 60)   # stored upright ...
+    assert 0x0112 not in jpg.getexif()   # ... so no orientation that would turn it again
+    for out in (jpg, png):
+        exif = out.getexif()
+        assert (exif[0x010F], exif[0x0110]) == ("TestMaker", "TestCam 1")
+        assert out.info["icc_profile"] == srgb_profile()
+    # High quality: 4:4:4 chroma (the model's whole contribution) and fine quantisation (quality 95's luminance
+    # steps are 1-12; Pillow's default quality 75 goes up to 60).
+    assert JpegImagePlugin.get_sampling(jpg) == 0 and max(jpg.quantization[0]) <= 12
+    side = Image.open(tmp_path / "out/phone_side_by_side.jpg")
+    assert side.format == "JPEG" and side.size == (80, 60) and side.info["icc_profile"] == srgb_profile()
+
+
+def test_format_option_and_what_a_format_cannot_keep(study, inputs, tmp_path, capsys):
+    from PIL import ImageCms
+    photo = tmp_path / "photo.jpg"
+    Image.fromarray(skdata.astronaut()).resize((50, 37)).save(photo, exif=camera_exif(1))
+    rc, stdout, err = run(capsys, "--study", study, photo, inputs["rgba"], "--format", "jpeg", "--out", tmp_path / "j")
+    assert rc == 0, err
+    assert Image.open(tmp_path / "j/photo.jpg").format == "JPEG"
+    converted = Image.open(tmp_path / "j/chelsea_alpha.jpg")
+    assert converted.format == "JPEG" and converted.mode == "RGB"
+    assert "chelsea_alpha.png: JPEG has no transparency" in err
+    rc, _, err = run(capsys, "--study", study, photo, "--format", "png", "--out", tmp_path / "p")
+    assert rc == 0 and Image.open(tmp_path / "p/photo.png").format == "PNG"
+    assert Image.open(tmp_path / "p/photo.png").getexif()[0x010F] == "TestMaker"
+    # A profile for another colour space cannot describe RGB pixels: left out, and said.
+    lab = tmp_path / "lab.png"
+    Image.fromarray(skdata.astronaut()).resize((50, 37)).save(
+        lab, icc_profile=ImageCms.ImageCmsProfile(ImageCms.createProfile("LAB")).tobytes())
+    rc, _, err = run(capsys, "--study", study, lab, "--out", tmp_path / "l")
+    assert rc == 0 and "icc_profile" not in Image.open(tmp_path / "l/lab.png").info
+    assert "ICC profile is for Lab data" in err
+    p = subprocess.run([PYTHON, "-m", "study.colorize", "--study", str(study), str(photo), "--format", "gif",
+                        "--out", str(tmp_path / "g")], capture_output=True, text=True, env=python_env(), timeout=120)
+    assert p.returncode == 2 and "invalid choice: 'gif'" in p.stderr and not (tmp_path / "g").exists()
+
+
+def test_every_option_has_help_with_its_choices_and_default():
+    from study.colorize import parser
+    p = subprocess.run([PYTHON, "-m", "study.colorize", "--help"], capture_output=True, text=True,
+                       env=python_env(), timeout=120)
+    assert p.returncode == 0
+    text = " ".join(p.stdout.split())
+    for action in parser()._actions:
+        if action.dest == "help":
+            continue
+        assert action.help, action.dest
+        help_text = " ".join(action.help.split())
+        assert help_text in text, action.dest
+        if action.option_strings:
+            assert "(default:" in help_text or "(required)" in help_text, action.dest
+        for choice in action.choices or ():
+            assert choice in help_text, (action.dest, choice)
