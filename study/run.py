@@ -393,7 +393,7 @@ def _main(argv: list[str]) -> int:
         print(f"study {name}: space {space.name}, {meta['num_samples']} trials{packs}, {resources} per trial, "
               f"results in {under(root, 'results')}, Optuna {masked(storage_url)}")
         tuner = tb.build_tuner(
-            study_root=root, space=space, sampler=space.make_sampler(args.seed), storage_url=storage_url,
+            study_root=root, space=space, seed=meta.get("seed", args.seed), storage_url=storage_url,
             optuna_study_name=meta["optuna_study_name"], num_samples=meta["num_samples"],
             max_concurrent=args.max_concurrent or meta.get("max_concurrent") or space.max_concurrent,
             resources=resources, data_root=data_root, cache_dir=cache_dir, resume=args.resume,

@@ -1,62 +1,55 @@
-"""What a reused Ray actor carries from one trial to the next (study.tune_backend, reuse_actors=True):
+"""What a reused Ray actor carries from one trial to the next (study.tune_trainable, reuse_actors=True):
 its decoded data when the next trial wants the same, and a log name that follows the trial it runs;
 and a trial it starts at once survives a driver crash. The log names in a whole study are checked by
 tests/test_study.py::test_smoke_study_end_to_end."""
 import numpy as np
 import pytest
 
-from study import tune_backend
+from study import tune_trainable
 from study.config import TrialConfig
 from study.data import load_splits
 
 
 @pytest.fixture()
 def no_last_splits():
-    tune_backend._last_splits = None
+    tune_trainable._last_splits = None
     yield
-    tune_backend._last_splits = None
+    tune_trainable._last_splits = None
 
 
 def test_same_data_is_loaded_once_per_process(tmp_path, cache_dir, no_last_splits, monkeypatch):
     cfg = TrialConfig(dataset="samples", resolution=32, train_limit=64, eval_limit=16)
-    first = tune_backend._splits_for(cfg, None, str(cache_dir))
+    first = tune_trainable._splits_for(cfg, None, str(cache_dir))
     # What prepare_trial would have loaded itself.
     plain = load_splits("samples", 32, None, str(cache_dir), 64, 16)
     for split in ("train", "val", "test"):
         assert np.array_equal(first[split], plain[split])
     # A reused actor's next trial runs in another trial folder: same data, same arrays.
     monkeypatch.chdir(tmp_path)
-    assert tune_backend._splits_for(cfg.replace(lr=1e-2, depth=3), None, str(cache_dir)) is first
+    assert tune_trainable._splits_for(cfg.replace(lr=1e-2, depth=3), None, str(cache_dir)) is first
     # Other limits are other data; only the last is kept.
-    other = tune_backend._splits_for(cfg.replace(train_limit=32), None, str(cache_dir))
+    other = tune_trainable._splits_for(cfg.replace(train_limit=32), None, str(cache_dir))
     assert other is not first and len(other.train) == 32
-    assert tune_backend._last_splits[1] is other
-    assert tune_backend._splits_for(cfg, None, str(cache_dir)) is not first
+    assert tune_trainable._last_splits[1] is other
+    assert tune_trainable._splits_for(cfg, None, str(cache_dir)) is not first
 
 
 @pytest.mark.filterwarnings("ignore::study.data.DataWarning")   # CIFAR-10's few grayscale photos
 def test_large_data_in_memory_is_not_kept(shared_data, cache_dir, no_last_splits, monkeypatch):
     # CIFAR-10 without its grayscale photos is an in-memory copy, not the memory-mapped cache.
     cfg = TrialConfig(dataset="cifar10", train_limit=256, eval_limit=64)
-    monkeypatch.setattr(tune_backend, "KEEP_SPLITS_MAX_BYTES", 256 * 32 * 32 * 3)
-    splits = tune_backend._splits_for(cfg, str(shared_data), str(cache_dir))
-    assert len(splits.train) <= 256 and tune_backend._last_splits is None
-    monkeypatch.setattr(tune_backend, "KEEP_SPLITS_MAX_BYTES", 1 << 30)
-    assert tune_backend._splits_for(cfg, str(shared_data), str(cache_dir)) is tune_backend._last_splits[1]
+    monkeypatch.setattr(tune_trainable, "KEEP_SPLITS_MAX_BYTES", 256 * 32 * 32 * 3)
+    splits = tune_trainable._splits_for(cfg, str(shared_data), str(cache_dir))
+    assert len(splits.train) <= 256 and tune_trainable._last_splits is None
+    monkeypatch.setattr(tune_trainable, "KEEP_SPLITS_MAX_BYTES", 1 << 30)
+    assert tune_trainable._splits_for(cfg, str(shared_data), str(cache_dir)) is tune_trainable._last_splits[1]
 
 
 def test_data_that_cannot_load_is_left_to_the_trial(cache_dir, no_last_splits):
     # None: prepare_trial loads it again and raises its DataError as a trial always did.
     cfg = TrialConfig(dataset="no-such-dataset", resolution=32)
-    assert tune_backend._splits_for(cfg, None, str(cache_dir)) is None
-    assert tune_backend._last_splits is None
-
-
-def test_announced_name_becomes_the_log_prefix(capfd):
-    tune_backend._announce_actor_name("ColorizeTrial(abc-samples)")
-    out, err = capfd.readouterr()
-    # Ray's log monitor reads each of the worker's .out and .err files for this marker line.
-    assert out == err == ":actor_name:ColorizeTrial(abc-samples)\n"
+    assert tune_trainable._splits_for(cfg, None, str(cache_dir)) is None
+    assert tune_trainable._last_splits is None
 
 
 @pytest.mark.slow

@@ -2,6 +2,7 @@
 import contextlib
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
@@ -126,12 +127,15 @@ def check_consistent(study: Path, n_trials: int) -> dict[str, pd.DataFrame]:
         tr = by_number[row.optuna_number]
         assert tr.user_attrs["ray_trial_id"] == row.trial_id.split("_m")[0]
         assert tr.state.name == states[row.status], (row.trial_id, row.status, tr.state)
-        per_epoch = epochs[epochs.trial_id == row.trial_id].set_index("epoch").val_psnr
+        own = epochs[epochs.trial_id == row.trial_id].set_index("epoch")
+        per_epoch = own.val_psnr
         if len(ot.directions) > 1:   # Optuna takes no intermediate values with several objectives
             assert tr.intermediate_values == {}
         else:
-            assert sorted(tr.intermediate_values) == (sorted(per_epoch.index) if row.status != "ERROR"
-                                                      else sorted(tr.intermediate_values))
+            # Every recorded epoch that trained to a finite loss and PSNR was reported, whatever the
+            # trial's end (a pack member that diverged records its last epoch, NaN, but never tells it).
+            told = own[own.train_loss.map(math.isfinite) & own.val_psnr.map(math.isfinite)].index
+            assert sorted(tr.intermediate_values) == sorted(told), (row.trial_id, row.status, sorted(own.index))
         if not (getattr(row, "restarts", 0) or 0):  # a re-run epoch keeps Optuna's first report
             for e, v in tr.intermediate_values.items():
                 assert v == pytest.approx(per_epoch[e], abs=1e-6), (row.trial_id, e)
@@ -373,42 +377,6 @@ def test_dead_trial_worker_restarts_from_checkpoint(tmp_path, cache_dir):
     row = restarted.iloc[0]
     assert row.trial_id == killed.trial_id and row.status == "DONE" and row.epochs_run == 6
     assert row.resumed_at_epoch > 1  # continued from its checkpoint, not from scratch
-
-
-def test_ray_pickles_hold_no_database_and_bad_configs_stay_in_their_trial(tmp_path):
-    import pickle
-
-    from ray.tune.experiment import Trial
-
-    from study import tune_backend as tb
-    from study.space import load_space
-
-    space = load_space("smoke")
-    url = f"sqlite:///{tmp_path / 'optuna.db'}"
-    searcher = tb.PruningOptunaSearch(space=space.define, metric=tb.METRIC, mode="max", study_name="s",
-                                      storage_url=url, pruner=space.make_pruner())
-    config = searcher.suggest("t1")
-    blob = pickle.dumps(searcher)
-    # What Ray writes to tuner.pkl and searcher-state-*.pkl: no storage, no engine, no URL (it may hold a password).
-    searcher.save(str(tmp_path / "state.pkl"))
-    for data in (blob, (tmp_path / "state.pkl").read_bytes()):
-        assert b"RDBStorage" not in data and b"sqlalchemy" not in data and b"optuna.db" not in data
-    assert pickle.loads(blob)._storage is None
-    # Rebuilt from the URL the driver holds: the same Optuna trial, still RUNNING.
-    again = pickle.loads(blob)
-    again.bind_storage(url)
-    again.restore(str(tmp_path / "state.pkl"))
-    assert again.optuna_number("t1") == 0 and again._ot_trials["t1"].params == searcher._ot_trials["t1"].params
-    # A config that a trial rejects is that trial's ERROR; the driver's callback does not raise.
-    callback = tb.ResultsCallback(searcher, space)
-    callback.bind(str(tmp_path / "study"), None, None, cluster=False)
-    bad = Trial("ColorizeTrial", config={**config, "base_filters": 0}, stub=True)
-    (cfg, error), = callback._configs(bad)
-    assert cfg["base_filters"] == 0 and "base_filters" in error
-    callback._stage_trial(bad, "ERROR")
-    callback.writer.flush()
-    row = tables_trials(tmp_path / "study")
-    assert row.status.tolist() == ["ERROR"] and "base_filters" in row.error.iloc[0]
 
 
 def tables_trials(study: Path) -> pd.DataFrame:

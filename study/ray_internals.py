@@ -1,0 +1,101 @@
+"""Every use of Ray's private internals, here and nowhere else (Ray is pinned; these names move).
+
+Each function falls back to Ray's own behaviour when an internal is gone, and
+``tests/test_ray_internals.py`` names each internal it relies on, so a Ray upgrade fails
+loudly there and not in a user's study.
+
+- ``save_state_after_this_step``: Tune has no public call to save the experiment state now.
+- ``announce_actor_name``: Ray's log prefix marker for an actor's lines.
+- ``rebase_search_state``: the storage pickled in Tune's ``search_gen_state-*.json``.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+import pyarrow.fs as pafs
+
+log = logging.getLogger("study")
+
+# A reused actor (reuse_actors) starts its next trial within a second of the last: each new trial is
+# saved at once unless saves were asked to be rarer than this (then a trial started since the last save
+# is orphaned by a crash, and the searcher fails it on resume).
+SAVE_EACH_NEW_TRIAL_MAX_PERIOD_S = 10.0
+
+
+def save_state_after_this_step(tune_controller) -> bool:
+    """Have Tune save its experiment state at the end of this step of its loop, new trials included.
+
+    So a driver crash right after a trial starts resumes that trial instead of orphaning it. The
+    scheduler is handed a wrapper of the controller whose experiment-state manager takes a "force"
+    flag at its next save (Ray 2.60's ``_tune_controller._checkpoint_manager._should_force_sync_up``).
+    Returns whether the flag was set; without it Ray's save period alone decides.
+    """
+    period = os.environ.get("TUNE_GLOBAL_CHECKPOINT_S", "auto")
+    try:
+        if period != "auto" and float(period) > SAVE_EACH_NEW_TRIAL_MAX_PERIOD_S:
+            return False
+        manager = tune_controller._tune_controller._checkpoint_manager
+        if hasattr(manager, "_should_force_sync_up"):
+            manager._should_force_sync_up = True
+            return True
+    except (AttributeError, ValueError) as e:
+        log.debug("cannot ask Tune to save the new trial at once: %s", e)
+    return False
+
+
+def actor_name_marker() -> str | None:
+    """Ray's marker that names an actor's log lines (``ray._private.ray_constants.LOG_PREFIX_ACTOR_NAME``)."""
+    try:
+        from ray._private import ray_constants
+        return ray_constants.LOG_PREFIX_ACTOR_NAME
+    except (ImportError, AttributeError):
+        return None
+
+
+def announce_actor_name(name: str) -> None:
+    """Name this worker's log lines (Ray's log prefix, the dashboard's log viewer) after ``name`` from now on.
+
+    Ray 2.60 prints the marker once, when the actor is created, and its log monitor takes that line as
+    the prefix of every later line of the worker's stdout/stderr; printing it again renames them.
+    Without the marker the log lines keep the first trial's name, and the trial runs on. The
+    dashboard's actor list keeps the repr it got at creation (Ray 2.60 has no call that changes it).
+    """
+    marker = actor_name_marker()
+    if marker is None:
+        return
+    try:
+        for stream in (sys.stdout, sys.stderr):   # both, as Ray does: .out and .err files are read apart
+            stream.write(f"{marker}{name}\n")
+            stream.flush()
+    except Exception as e:  # noqa: BLE001 - a name is cosmetic; never fail a trial for it
+        log.debug("could not rename the actor's log prefix: %s", e)
+
+
+def rebase_search_state(path: str, fs: pafs.FileSystem) -> int:
+    """Point the trials Ray creates after a restore at the study's present location; returns files changed.
+
+    Ray 2.60 moves restored trials to the folder given to ``Tuner.restore``, but new trials take
+    their storage from the Experiment pickled in ``search_gen_state-*.json`` (its ``experiment.storage``
+    with ``storage_filesystem``, ``storage_fs_path`` and ``experiment_dir_name``): the folder the study
+    was started in. A copied study would then write its new trials into the original.
+    """
+    import ray.cloudpickle as cloudpickle
+    parent, name = path.rstrip("/").rsplit("/", 1)
+    changed = 0
+    for info in fs.get_file_info(pafs.FileSelector(path)):
+        if not (info.base_name.startswith("search_gen_state-") and info.type == pafs.FileType.File):
+            continue
+        with fs.open_input_stream(info.path) as f:
+            state = cloudpickle.loads(f.read())
+        storage = getattr(state.get("experiment"), "storage", None)
+        if storage is None or (storage.storage_fs_path == parent and storage.experiment_dir_name == name):
+            continue
+        storage.storage_filesystem, storage.storage_fs_path, storage.experiment_dir_name = fs, parent, name
+        tmp = f"{parent}/{name}/.{info.base_name}.tmp"
+        with fs.open_output_stream(tmp) as f:
+            f.write(cloudpickle.dumps(state))
+        fs.move(tmp, info.path)
+        changed += 1
+    return changed

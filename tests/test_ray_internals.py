@@ -1,0 +1,60 @@
+"""Each of Ray's private internals the study relies on (study.ray_internals), named, so that a Ray upgrade
+that moves one fails here, not in a user's study."""
+import pyarrow.fs as pafs
+import ray
+from ray.tune.execution.tune_controller import TuneController
+
+from study import ray_internals
+
+
+def test_log_prefix_marker_exists_and_renames(capfd):
+    from ray._private import ray_constants   # the internal module
+    assert ray_constants.LOG_PREFIX_ACTOR_NAME == ray_internals.actor_name_marker() == ":actor_name:"
+    ray_internals.announce_actor_name("ColorizeTrial(abc-samples)")
+    out, err = capfd.readouterr()
+    # Ray's log monitor reads each of the worker's .out and .err files for this marker line.
+    assert out == err == ":actor_name:ColorizeTrial(abc-samples)\n"
+
+
+def test_experiment_state_manager_takes_a_force_flag():
+    # Ray 2.60: TuneController._checkpoint_manager (an _ExperimentCheckpointManager) with _should_force_sync_up.
+    from ray.tune.execution.experiment_state import _ExperimentCheckpointManager
+    import inspect
+    assert "_should_force_sync_up" in inspect.getsource(_ExperimentCheckpointManager)
+    assert "_checkpoint_manager" in inspect.getsource(TuneController)
+
+    class Manager:
+        _should_force_sync_up = False
+
+    class Controller:
+        _checkpoint_manager = Manager()
+
+    class Wrapper:   # what Tune hands a scheduler: a wrapper of the controller
+        _tune_controller = Controller()
+
+    w = Wrapper()
+    assert ray_internals.save_state_after_this_step(w) is True
+    assert w._tune_controller._checkpoint_manager._should_force_sync_up is True
+    assert ray_internals.save_state_after_this_step(object()) is False   # gone: Ray's period decides
+
+
+def test_rebase_search_state_moves_a_copied_studys_new_trials(tmp_path):
+    import ray.cloudpickle as cloudpickle
+    from ray.train._internal.storage import StorageContext
+
+    old, new = tmp_path / "old" / "exp", tmp_path / "new" / "exp"
+    new.mkdir(parents=True)
+    storage = StorageContext(storage_path=str(old.parent), experiment_dir_name="exp")
+
+    class Experiment:
+        pass
+
+    exp = Experiment()
+    exp.storage = storage
+    (new / "search_gen_state-2026.json").write_bytes(cloudpickle.dumps({"experiment": exp, "counter": 3}))
+    fs = pafs.LocalFileSystem()
+    assert ray_internals.rebase_search_state(str(new), fs) == 1
+    state = cloudpickle.loads((new / "search_gen_state-2026.json").read_bytes())
+    assert state["experiment"].storage.storage_fs_path == str(new.parent) and state["counter"] == 3
+    assert ray_internals.rebase_search_state(str(new), fs) == 0   # already there
+    assert ray.__version__ == "2.60.0"   # the version these internals were checked against
