@@ -20,6 +20,7 @@ imported cannot have been raised).
 """
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 import tempfile
@@ -97,6 +98,14 @@ def check_writable(option: str, folder: Path | str, what: str) -> None:
     except OSError as e:
         raise UsageError(f"{option}: cannot create files in {existing} ({e.strerror}); "
                          f"choose a folder you can write, or fix its permissions") from None
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, with its usage errors in the project's form: one ``error:`` line naming the option
+    (not the whole usage text first), exit status 2."""
+
+    def error(self, message: str):   # noqa: D401 - argparse's hook
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
 
 
 def add_debug(parser) -> None:

@@ -14,7 +14,7 @@ from study.train import NonFiniteLossError, keep_checkpoint, pick_device, run_tr
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m study.trial", description=__doc__)
+    p = cli.ArgumentParser(prog="python -m study.trial", description=__doc__)
     # One option per TrialConfig field; its help, choices and default come from the field itself.
     for f in fields(TrialConfig):
         flag = "--" + f.name.replace("_", "-")

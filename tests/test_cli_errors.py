@@ -46,6 +46,27 @@ def space(**changes) -> Callable[[Path], None]:
     return setup
 
 
+def space_text(text: str) -> Callable[[Path], None]:
+    """Set-up: writes ``space.yaml`` as this exact text (what yaml.safe_dump cannot write: aliases)."""
+    def setup(folder: Path) -> None:
+        (folder / "space.yaml").write_text(text)
+    return setup
+
+
+def alias_bomb(folder: Path) -> None:
+    """Issue 18's case: 9 levels of 9 aliases in ``description`` (9**9 strings once expanded)."""
+    lines = ['  l0: &l0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    lines += [f"  l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 9)}]" for i in range(1, 9)]
+    space_text(yaml.safe_dump(TINY) + "description:\n" + "\n".join(lines) + "\n")(folder)
+
+
+def huge_space(folder: Path) -> None:
+    """A valid space of 2 MiB of choices (issue 18's was 55 MB and hung)."""
+    raw = json.loads(json.dumps(TINY))
+    raw["params"]["seed"] = {"choice": list(range(300_000))}
+    (folder / "space.yaml").write_text(yaml.safe_dump(raw, default_flow_style=True, width=1 << 30))
+
+
 def study_json(space_name: str, name: str = "space", started: bool = False, **meta) -> Callable[[Path], None]:
     def setup(folder: Path) -> None:
         space()(folder)
@@ -141,6 +162,41 @@ CASES = [
          space(p_dropout={"uniform": [0.0, 1.5]})),
     Case("epochs-0", "study.run", [*RUN, "--space", "space.yaml"], r"params\.epochs: epochs=0 must be >= 1",
          space(p_epochs=0)),
+    # issue 18: sizes bounded before anything is written, each message naming its limit
+    Case("space-alias-bomb", "study.run", [*RUN, "--space", "space.yaml"],
+         r"space\.yaml: expands to more than 100,000 YAML values .*MAX_YAML_NODES", alias_bomb),
+    Case("space-over-1-mib", "study.run", [*RUN, "--space", "space.yaml"],
+         r"space\.yaml: larger than 1024 KiB \(MAX_SPACE_BYTES in study/space\.py\)", huge_space),
+    Case("space-is-a-device", "study.run", [*RUN, "--space", "/dev/zero"], r"--space /dev/zero is not a regular file"),
+    Case("space-int-range-1e11", "study.run", [*RUN, "--space", "space.yaml"],
+         r"params\.train_limit: int range \[1, 100000000000\] .* more than the limit 1,000,000 \(MAX_INT_RANGE_VALUES",
+         space(p_train_limit={"int": [1, 100_000_000_000]})),
+    Case("space-resolution-1000000", "study.run", [*RUN, "--space", "space.yaml"],
+         r"params\.resolution: resolution=1000000 is above the limit 1024 px \(MAX_RESOLUTION in study/config\.py\)",
+         space(p_resolution=1000000)),
+    Case("space-batch-size-over-limit", "study.run", [*RUN, "--space", "space.yaml"],
+         r"params\.batch_size: batch_size=100000 is above the limit 8192 \(MAX_BATCH_SIZE",
+         space(p_batch_size={"choice": [64, 100000]})),
+    Case("space-epochs-over-limit", "study.run", [*RUN, "--space", "space.yaml"],
+         r"params\.epochs: epochs=100000 is above the limit 1000 \(MAX_EPOCHS", space(p_epochs=100000)),
+    # issue 18: sampler and pruner options by type and documented range (this one used to start Ray, then fail)
+    Case("sampler-option-wrong-type", "study.run", [*RUN, "--space", "space.yaml"],
+         r"sampler\.n_startup_trials: 'three' is not a whole number \(TPESampler\.n_startup_trials: int",
+         space(sampler={"name": "tpe", "n_startup_trials": "three"})),
+    Case("sampler-option-out-of-range", "study.run", [*RUN, "--space", "space.yaml"],
+         r"sampler\.mutation_prob: must be in \[0\.0, 1\.0\], got 1\.5",
+         space(sampler={"name": "nsga2", "mutation_prob": 1.5})),
+    Case("sampler-option-python-object", "study.run", [*RUN, "--space", "space.yaml"],
+         r"sampler\.crossover: takes a Python object", space(sampler={"name": "nsga2", "crossover": "uniform"})),
+    Case("pruner-option-wrong-type", "study.run", [*RUN, "--space", "space.yaml"],
+         r"pruner\.n_warmup_steps: 2\.5 is not a whole number \(MedianPruner",
+         space(pruner={"name": "median", "n_warmup_steps": 2.5})),
+    Case("pruner-option-out-of-range", "study.run", [*RUN, "--space", "space.yaml"],
+         r"pruner\.reduction_factor: must be a whole number >= 2, got 1",
+         space(pruner={"name": "hyperband", "reduction_factor": 1})),
+    Case("space-number-read-as-text", "study.run", [*RUN, "--space", "space.yaml"],
+         r"params\.lr: '1e-3' is not a valid float for lr \(YAML reads 1e-3 as text: write 1\.0e-03, with a dot\)",
+         space_text("params: {dataset: samples, epochs: 1, lr: 1e-3}\n")),
     # options
     Case("max-concurrent-negative", "study.run", [*RUN, "--space", "space.yaml", "--max-concurrent", "-2"],
          r"--max-concurrent -2: trials at once must be >= 1"),
@@ -200,6 +256,18 @@ CASES = [
          skip="this machine has CUDA" if CUDA else None),
     Case("trial-tpu", "study.trial", ["--device", "tpu"], r"--device 'tpu'"),
     Case("trial-lr-nan", "study.trial", ["--lr", "nan"], r"lr=nan must be a finite number"),
+    Case("trial-resolution-1000000", "study.trial", ["--resolution", "1000000"],
+         r"--resolution: resolution=1000000 is above the limit 1024 px \(MAX_RESOLUTION in study/config\.py\)"),
+    Case("trial-batch-size-over-limit", "study.trial", ["--batch-size", "100000"],
+         r"--batch-size: batch_size=100000 is above the limit 8192 \(MAX_BATCH_SIZE"),
+    Case("trial-epochs-over-limit", "study.trial", ["--epochs", "5000"],
+         r"--epochs: epochs=5000 is above the limit 1000 \(MAX_EPOCHS"),
+    Case("trial-epochs-not-whole", "study.trial", ["--epochs", "2.5"], r"--epochs: epochs='2\.5' is not a whole number"),
+    Case("trial-unknown-choice", "study.trial", ["--loss", "lab"],
+         r"^error: argument --loss: invalid choice: 'lab' \(choose from 'mse', 'l1', 'huber'\) \(see python -m "
+         r"study\.trial --help\)$"),
+    Case("trial-unknown-option", "study.trial", ["--learning-rate", "0.1"],
+         r"error: unrecognized arguments: --learning-rate 0\.1"),
     Case("trial-out-file", "study.trial", ["--out", "afile/run"], r"--out afile/run: afile is a file, not a folder", a_file),
     # study.submit: checked before connecting, and an unreachable address is one line
     Case("submit-bad-space", "study.submit", ["--address", "http://127.0.0.1:9", "--", "--space", "nope",
@@ -305,3 +373,44 @@ def test_handler_statuses(capsys, monkeypatch):
     assert seen == [["--a", "--", "--debug"]]   # only before "--": what follows belongs to another command
     with pytest.raises(cli.UsageError):
         cli.run(fails(cli.UsageError("x")), ["--debug"])
+
+
+# ------------------------------------------------------------------ issue 18: help that helps
+
+
+def _help_blocks(text: str) -> dict[str, str]:
+    """``--flag`` -> its help text, from argparse's --help output (an option line, then indented lines)."""
+    blocks: dict[str, str] = {}
+    current = None
+    for line in text.split("options:", 1)[1].splitlines():
+        m = re.match(r"^  (-[^ ].*?)(?:  +(.*))?$", line)
+        if m:
+            current = m.group(1).split()[0].rstrip(",")
+            blocks[current] = (m.group(2) or "").strip()
+        elif current and line.startswith("   "):
+            blocks[current] = (blocks[current] + " " + line.strip()).strip()
+    return blocks
+
+
+def test_trial_help_describes_every_option_with_choices_and_default():
+    from dataclasses import fields
+
+    from study.config import TrialConfig, choices_of, show_default
+
+    p = subprocess.run([PYTHON, "-m", "study.trial", "--help"], env=python_env(COLUMNS="100"), capture_output=True,
+                       text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    blocks = _help_blocks(p.stdout)
+    assert len(blocks) >= len(fields(TrialConfig)) + 5, blocks
+    for flag, text in blocks.items():
+        assert text, f"{flag} has no help"
+        if flag not in ("-h", "--debug"):
+            assert "(default: " in text, f"{flag}: {text}"
+    for f in fields(TrialConfig):
+        text = " ".join(blocks["--" + f.name.replace("_", "-")].split())
+        # The field's own metadata is the one source: its words, its choices, its default.
+        assert " ".join(f.metadata["help"].split()) in text, (f.name, text)
+        assert text.endswith(f"(default: {show_default(f.default)})"), (f.name, text)
+        for choice in choices_of(f.name) or ():
+            assert choice in text, (f.name, choice, text)
+    assert blocks["--loss"] == "training loss; one of mse, l1, huber (default: mse)"
