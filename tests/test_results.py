@@ -111,6 +111,25 @@ def test_trials_are_written_once_per_flush_with_pandas_types(tmp_path):
         trial_row("t3", CONFIG, "FINISHED", [])
 
 
+def test_a_real_study_records_what_each_trial_computed_in(tmp_path, cache_dir):
+    """Real trials (study.local, tiny data): each epoch row carries the precision the engine resolved,
+    and each trial's precision_used is it, while its ``precision`` keeps what the config asked for."""
+    from study.config import TrialConfig
+    from study.local import run_local_study
+    tiny = dict(dataset="samples", epochs=2, train_limit=32, eval_limit=16, base_filters=4, batch_size=16,
+                preview_count=1)
+    # On a CPU "auto" resolves to fp32; bf16 is taken as asked (CPU autocast).
+    run_local_study(tmp_path, [TrialConfig(precision="bf16", **tiny), TrialConfig(precision="auto", **tiny)],
+                    cache_dir=cache_dir, device="cpu", log=lambda line: None)
+    epochs = read_table(str(tmp_path), "epochs").sort_values(["trial_id", "epoch"])
+    assert epochs.groupby("trial_id").precision.agg(list).to_dict() == \
+        {"local_00000": ["bf16", "bf16"], "local_00001": ["fp32", "fp32"]}
+    trials = read_table(str(tmp_path), "trials").set_index("trial_id")
+    assert trials.status.tolist() == ["DONE", "DONE"]
+    assert trials.precision_used.to_dict() == {"local_00000": "bf16", "local_00001": "fp32"}
+    assert trials.precision.to_dict() == {"local_00000": "bf16", "local_00001": "auto"}
+
+
 @pytest.mark.parametrize("umask", [0o022, 0o002])
 def test_files_respect_the_umask(tmp_path, umask):
     old = os.umask(umask)
