@@ -172,3 +172,53 @@ def test_colour_data_has_no_grayscale_warning(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error", data.DataWarning)
         load_splits(str(root), 32, cache_dir=tmp_path / "cache")
+
+
+# ---- issue 18: a file name that is not valid UTF-8 (a Latin-1 "café.png" copied from an old disk)
+
+def _latin1_folder(root):
+    """Images whose names hold the byte 0xE9 (Latin-1 é), which no UTF-8 decoder accepts; one gray image, so
+    the warning that names grayscale files has to print such a name too."""
+    import os
+
+    rng = np.random.default_rng(0)
+    for split in ("train", "test"):
+        for cls in ("cat", "dog"):
+            d = root / split / cls
+            d.mkdir(parents=True)
+            for i in range(10):
+                name = os.fsdecode(f"{i:03d}-caf".encode() + b"\xe9.png")   # surrogate-escaped, as os.listdir gives it
+                arr = rng.integers(0, 255, (20, 20, 3), dtype=np.uint8)
+                if split == "train" and cls == "cat" and i == 0:
+                    arr[:] = arr[..., :1]
+                Image.fromarray(arr).save(d / name)
+    return root
+
+
+def test_non_utf8_file_names_load_and_cache(tmp_path):
+    import warnings
+
+    root = _latin1_folder(tmp_path / "latin1")
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        s = load_splits(str(root), 16, cache_dir=tmp_path / "cache")
+        # The cache key hashes the names' bytes: a second load is a cache hit (one cache entry).
+        again = load_splits(str(root), 16, cache_dir=tmp_path / "cache")
+    assert (len(s.train), len(s.val), len(s.test)) == (15, 4, 20)   # 16 train less the gray one, 4 val
+    assert any("000-caf\udce9.png" in str(w.message) for w in seen)
+    assert np.array_equal(again.test, s.test) and len(list((tmp_path / "cache" / "data").iterdir())) == 1
+
+
+def test_non_utf8_file_names_through_the_trial_command(tmp_path):
+    import subprocess
+
+    from conftest import PYTHON, python_env
+
+    root = _latin1_folder(tmp_path / "latin1")
+    p = subprocess.run([PYTHON, "-m", "study.trial", "--dataset", str(root), "--resolution", "16", "--depth", "2",
+                        "--base-filters", "4", "--batch-size", "8", "--epochs", "1", "--preview-count", "2",
+                        "--device", "cpu", "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "out")],
+                       cwd=tmp_path, env=python_env(), capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "Traceback" not in p.stderr and "best val PSNR" in p.stdout
+    assert "000-caf\\udce9.png" in p.stderr   # the grayscale warning names the file, escaped, not a crash
