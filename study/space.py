@@ -29,8 +29,12 @@ ablation). Not with packs (members of a pack share one structure).
 Optuna's pruners take one objective, so such a space must say ``pruner: {name: none}``.
 
 Loading validates everything (every constant, choice and range bound against the
-trial's own rules, sampler and pruner options against Optuna's signatures) and names
-the file and key of any mistake, so a bad space fails before a study folder exists.
+trial's own rules, sampler and pruner options by name, type and documented range against
+Optuna's signatures) and names the file and key of any mistake, so a bad space fails
+before a study folder exists. Sizes are bounded: a file of at most 1 MiB, at most
+100,000 YAML values once aliases are expanded, at most 1,000,000 values in an ``int``
+range, and the trial's own limits (``study.config``: resolution <= 1024, batch_size <=
+8192, epochs <= 1000, ...); each message names the limit it hit.
 """
 from __future__ import annotations
 
