@@ -1,3 +1,4 @@
+import dataclasses
 import subprocess
 
 import pytest
@@ -52,10 +53,29 @@ def test_gray_start_model_is_its_grayscale_input_until_trained(sampling, output,
 
 
 @pytest.mark.parametrize("name", sorted(VARIANTS))
-def test_report_variants_build(name):
-    cfg = VARIANTS[name]
-    res = 32 if "cifar10" in name else 256
-    assert build_unet(cfg, res).config.depth == (3 if "cifar10" in name else 4)
+def test_report_variants_are_the_reports_networks(name):
+    # The report's CIFAR-10 UNet halves 32x32 three times, its Flowers-102 UNet 256x256 four times; its
+    # "complex" UNet learns its resampling (strided convolutions, transposed convolutions), the "simple"
+    # one does not (max pooling, nearest up-sampling).
+    res, halvings = (32, 3) if "cifar10" in name else (256, 4)
+    model = build_unet(VARIANTS[name], res).eval()
+    sides = []
+    for enc in model.encoders:
+        enc.register_forward_hook(lambda module, args, out: sides.append(tuple(out.shape[-2:])))
+    with torch.no_grad():
+        out = model(torch.rand(1, 1, res, res))
+    assert sides == [(res >> k, res >> k) for k in range(1, halvings + 1)]
+    assert out.shape == (1, 3 if name.endswith("-rgb") else 2, res, res)
+
+    def weights(modules) -> int:
+        return sum(p.numel() for p in modules.parameters())
+    if "-complex-" in name:
+        assert weights(model.downs) > 0 and weights(model.ups) > 0
+    else:
+        assert weights(model.downs) + weights(model.ups) == 0
+    # One level less is a smaller network: depth is real capacity, not a label.
+    shallower = build_unet(dataclasses.replace(VARIANTS[name], depth=halvings - 1), res)
+    assert weights(shallower) < weights(model)
 
 
 def test_channels_last_matches_contiguous():
