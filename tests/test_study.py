@@ -212,6 +212,9 @@ def test_smoke_study_end_to_end(tmp_path, cache_dir):
     t = check_consistent(study, 6)
     assert (t["trials"].device == "cpu").all() and t["trials"].node_id.str.len().gt(0).all()
     assert (t["trials"].pack_size == 1).all() and (t["trials"].pack_id == t["trials"].optuna_number).all()
+    # What the trials computed in, per epoch and per trial, as a local study records it (CPU: fp32).
+    assert "precision" in t["epochs"] and set(t["epochs"].precision) == {"fp32"}
+    assert set(t["trials"].precision_used) == {"fp32"}
     # optuna-dashboard reads well: a named objective, the space and its file's hash.
     ot = optuna_study(study)
     assert ot.metric_names == ["best_val_psnr"]
