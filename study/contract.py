@@ -64,6 +64,25 @@ BOOKKEEPING = (
     # ``precision`` column keeps what was asked for ("auto" resolves per device).
     "precision_used",
 )
+# Every column each table has from its first write, by kind ("str", "float", "int": nullable Int64,
+# "time": UTC timestamps), besides the trials table's configuration columns (every TrialConfig field
+# and ``resolution``): a reader's ``df["best_val_psnr"]`` works while no trial has finished an epoch.
+# A pack size, a precision or a best epoch the run does not know yet is missing (NA), never absent.
+EPOCH_COLUMNS = {"trial_id": "str", "epoch": "int", **{m: "float" for m in EPOCH_METRICS}, "seconds": "float",
+                 # what the epoch computed in (bf16, tf32, fp32)
+                 "precision": "str"}
+TRIAL_COLUMNS = {
+    "trial_id": "str", "status": "str", "error": "str", "epochs_run": "int", "best_epoch": "int",
+    **{f"{at}_{m}": "float" for m in SUMMARY_METRICS for at in ("best", "final")},
+    "val_gray_psnr": "float", "test_gray_psnr": "float", "wall_time_s": "float", "device": "str",
+    "node_id": "str", "gpu_ids": "str", "checkpoint_path": "str", "optuna_number": "int",
+    "started_at": "time", "finished_at": "time", "restarts": "int", "resumed_at_epoch": "int",
+    "pack_id": "int", "pack_size": "int", "precision_used": "str",
+}
+PREVIEW_COLUMNS = {"trial_id": "str", "dataset": "str", "resolution": "int", "epoch": "int",
+                   "image_index": "int", "kind": "str", "png": "bytes"}
+COLUMNS = {"trials": TRIAL_COLUMNS, "epochs": EPOCH_COLUMNS, "previews": PREVIEW_COLUMNS}
+
 # Configuration that changes what is measured or shown, not the model.
 NOT_HYPERPARAMETERS = ("eval_limit", "preview_count")
 
@@ -133,13 +152,18 @@ OBJECTIVES = {
 
 
 def coerce(name: str, df: pd.DataFrame) -> pd.DataFrame:
-    """The contract's column types: nullable integers, UTC timestamps (from datetimes or Unix seconds).
+    """The contract's columns (``COLUMNS``: missing ones added, empty) and their types: nullable integers,
+    UTC timestamps (from datetimes or Unix seconds).
 
     Used by the writer before every write and by readers of old studies, so both see the same types.
     """
     import pandas as pd
 
     df = df.copy()
+    for col, kind in COLUMNS.get(name, {}).items():   # the contract's shape, from the first write
+        if col not in df:
+            df[col] = pd.Series([None] * len(df), index=df.index,
+                                dtype={"float": "float64", "int": "Int64"}.get(kind, "object"))
     for col in INTEGER_COLUMNS.get(name, ()):
         if col in df:
             df[col] = pd.to_numeric(df[col], errors="coerce").round().astype("Int64")

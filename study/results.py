@@ -54,7 +54,8 @@ from study.contract import EPOCH_METRICS, KEYS, RESULTS_DIR, STATUSES, SUMMARY_M
 
 # Every epoch file has this schema, so the folder always reads as one table.
 EPOCH_SCHEMA = pa.schema([("trial_id", pa.string()), ("epoch", pa.int64()),
-                          *((m, pa.float64()) for m in EPOCH_METRICS), ("seconds", pa.float64())])
+                          *((m, pa.float64()) for m in EPOCH_METRICS), ("seconds", pa.float64()),
+                          ("precision", pa.string())])
 
 
 class ResultsError(ProjectError, RuntimeError):
@@ -157,7 +158,8 @@ def read_table(study: str, name: str) -> pd.DataFrame | None:
         if info.type == pafs.FileType.Directory:  # one file per (trial, epoch)
             if not _data_files(fs, path):
                 return None
-            df = pq.read_table(path, filesystem=fs).to_pandas()
+            # Epoch files written before a column was added read with it empty (the one schema).
+            df = pq.read_table(path, filesystem=fs, schema=EPOCH_SCHEMA if name == "epochs" else None).to_pandas()
         else:
             data = _read_bytes(fs, path)
             if data is None:

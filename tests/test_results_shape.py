@@ -1,0 +1,73 @@
+"""The tables' shape is the contract's (study.contract.COLUMNS) from their first write, in a real Ray
+study as in study.local, with what each epoch computed in (precision) and each trial's precision_used."""
+from dataclasses import fields
+
+import pandas as pd
+import pytest
+
+from study import contract
+from study.config import TrialConfig
+from study.results import ResultsWriter, epoch_row, read_table, trial_row
+
+
+def kind_of(series: pd.Series) -> str:
+    dt = series.dtype
+    if isinstance(dt, pd.DatetimeTZDtype):
+        return "time"
+    if isinstance(dt, pd.Int64Dtype):
+        return "int"
+    if pd.api.types.is_float_dtype(dt):
+        return "float"
+    values = series.dropna()
+    if len(values) and isinstance(values.iloc[0], bytes):
+        return "bytes"
+    return "str" if dt == object or pd.api.types.is_string_dtype(dt) else str(dt)
+
+
+CONFIG_COLUMNS = {f.name for f in fields(TrialConfig)} | {"resolution"}
+
+
+def check_shape(name: str, df: pd.DataFrame) -> None:
+    want = contract.COLUMNS[name]
+    extra = set(df.columns) - set(want) - (CONFIG_COLUMNS if name == "trials" else set())
+    assert not extra, f"{name}: columns outside the contract: {sorted(extra)}"
+    missing = set(want) - set(df.columns)
+    assert not missing, f"{name}: contract columns missing: {sorted(missing)}"
+    wrong = {c: (kind_of(df[c]), k) for c, k in want.items() if kind_of(df[c]) != k and df[c].notna().any()}
+    assert not wrong, f"{name}: (got, contract) kinds differ: {wrong}"
+    for c, k in want.items():   # an all-missing column still has the contract's dtype where it has one
+        if k in ("int", "time", "float"):
+            assert kind_of(df[c]) == k, (name, c, df[c].dtype)
+
+
+def test_tables_have_every_contract_column_from_their_first_write(tmp_path):
+    cfg = TrialConfig(dataset="samples", resolution=32)
+    config = {**cfg.to_dict(), "resolution": cfg.image_size}
+    writer = ResultsWriter(str(tmp_path))
+    writer.upsert("trials", [trial_row("t1", config, "RUNNING", [])])   # before its first epoch
+    trials = read_table(str(tmp_path), "trials")
+    check_shape("trials", trials)
+    assert trials.best_val_psnr.isna().all() and trials.best_epoch.isna().all()
+    row = {"epoch": 1, "seconds": 1.0, "precision": "fp32", **{m: 20.0 for m in contract.EPOCH_METRICS}}
+    writer.add_epochs("t1", [epoch_row("t1", row)])
+    epochs = read_table(str(tmp_path), "epochs")
+    check_shape("epochs", epochs)
+    assert epochs.precision.tolist() == ["fp32"]
+
+
+@pytest.mark.slow
+def test_a_ray_studys_tables_are_the_contracts(tmp_path, cache_dir):
+    from test_study import run_study, space_file
+
+    space = space_file(tmp_path, "shape", num_samples=2, pruner={"name": "none"}, params={"epochs": 2})
+    run_study(tmp_path, cache_dir, "--space", space, "--num-cpus", "2")
+    study = str(tmp_path / "studies" / "shape")
+    tables = {n: read_table(study, n) for n in contract.TABLES}
+    for name, df in tables.items():
+        check_shape(name, df)
+    epochs, trials = tables["epochs"], tables["trials"]
+    assert (epochs.precision == "fp32").all() and len(epochs) == 4   # CPU trials compute in fp32
+    assert (trials.precision_used == "fp32").all() and (trials.precision == "auto").all()
+    # pandas alone reads the same shape (no study code between the file and the user)
+    raw = pd.read_parquet(f"{study}/results/trials.parquet")
+    assert set(contract.TRIAL_COLUMNS) <= set(raw.columns)
