@@ -291,6 +291,9 @@ def load_space(name_or_path: str) -> Space:
     except RecursionError:
         raise SpaceError(f"{path}: nested too deeply to parse; a space file is a few levels deep "
                          f"(params -> name -> distribution)") from None
+    except (ValueError, OverflowError) as e:   # a scalar YAML cannot turn into Python (a 5,000-digit number)
+        raise SpaceError(f"{path}: a value cannot be read ({str(e).split(';')[0]}); "
+                         f"give numbers of ordinary size and dates as YYYY-MM-DD") from None
     return parse_space(raw, path)
 
 
@@ -579,7 +582,11 @@ def _option_problem(option: str, v, types: list[str], default) -> str | None:
             return f"must be a whole number <= {high}, got {v}"
         return None
     if isinstance(v, (int, float)) and "float" in types:
-        if not math.isfinite(v):
+        try:
+            finite = math.isfinite(v)
+        except OverflowError:   # an int too large for a float
+            finite = False
+        if not finite:
             return f"must be a finite number, got {v!r}"
         lo, hi = OPTION_FLOAT_RANGE.get(option, (-math.inf, math.inf))
         if not lo <= v <= hi:

@@ -379,3 +379,14 @@ def test_deep_nesting_is_one_message(tmp_path):
 def test_a_device_is_not_a_space_file():
     with pytest.raises(SpaceError, match=r"--space /dev/zero is not a regular file"):
         load_space("/dev/zero")
+
+
+@pytest.mark.parametrize("text,match", [
+    ("params: {dataset: samples, epochs: " + "9" * 5000 + "}\n", r"a value cannot be read \(Exceeds the limit"),
+    ("params: {dataset: samples}\ndescription: 2024-13-45\n", r"a value cannot be read \(month must be in 1\.\.12"),
+])
+def test_values_python_cannot_build_are_one_message(tmp_path, text, match):
+    path = tmp_path / "odd.yaml"
+    path.write_text(text)
+    with pytest.raises(SpaceError, match=match):
+        load_space(str(path))
