@@ -7,7 +7,7 @@ import torch
 from study.config import TrialConfig
 from study.data import DeviceImages, load_splits
 from study.models import SAMPLINGS, ConfigError, UNet, UNetConfig, build_unet
-from study.pack import PACK_FILE, FusedUNet, Member, PackTerms, _evaluate_sums, make_pack_loss, run_pack, \
+from study.pack import PACK_FILE, FusedUNet, Member, PackTerms, evaluate_members, make_pack_loss, run_pack, \
     train_batches, train_step
 from study.train import CHECKPOINT_FILE, EvalSplit, evaluate, run_trial
 from syncs import count_syncs
@@ -184,7 +184,7 @@ def test_cuda_pack_steps_and_evaluation_never_sync(splits):
         for _ in range(2):
             for x in train_batches(train, members, 32):
                 total += train_step(fused, members, loss, x)
-        sums = _evaluate_sums(fused, terms, split, 32, "bf16")
+        sums = evaluate_members(fused, terms, split, 32, "bf16")
     finally:
         torch.cuda.set_sync_debug_mode(0)
     assert torch.isfinite(total).all() and torch.isfinite(sums).all()
