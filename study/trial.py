@@ -3,12 +3,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from dataclasses import fields
 from pathlib import Path
 
 from study import cli
 from study.config import TrialConfig, choices_of, field_help
+from study.data import default_cache_dir
 from study.modelspec import ConfigError
 from study.train import NonFiniteLossError, keep_checkpoint, pick_device, run_trial, summarize
 
@@ -49,8 +51,13 @@ def _main(argv: list[str]) -> int:
     cfg = TrialConfig.from_dict(values).validate()
     device = pick_device(args.device)
     cli.check_writable(f"--out {args.out}", args.out, "the checkpoint")
+    # The cache folder as data.load_splits will choose it: the option, else $COLORIZE_CACHE_DIR, else ./.cache.
     if args.cache_dir:
         cli.check_writable(f"--cache-dir {args.cache_dir}", Path(args.cache_dir), "the decoded-image cache")
+    else:
+        where = (f"COLORIZE_CACHE_DIR={os.environ['COLORIZE_CACHE_DIR']}" if os.environ.get("COLORIZE_CACHE_DIR")
+                 else "the default cache ./.cache (or set --cache-dir)")
+        cli.check_writable(where, default_cache_dir(), "the decoded-image cache")
     keep = keep_checkpoint(args.out / "checkpoint")
 
     def report(row: dict, folder) -> None:

@@ -268,6 +268,9 @@ CASES = [
          r"study\.trial --help\)$"),
     Case("trial-unknown-option", "study.trial", ["--learning-rate", "0.1"],
          r"error: unrecognized arguments: --learning-rate 0\.1"),
+    Case("trial-cache-env-unwritable", "study.trial", [],
+         r"COLORIZE_CACHE_DIR=/proc/colorize-cache: cannot create files in /proc",
+         env={"COLORIZE_CACHE_DIR": "/proc/colorize-cache"}),
     Case("trial-out-file", "study.trial", ["--out", "afile/run"], r"--out afile/run: afile is a file, not a folder", a_file),
     # study.submit: checked before connecting, and an unreachable address is one line
     Case("submit-bad-space", "study.submit", ["--address", "http://127.0.0.1:9", "--", "--space", "nope",
