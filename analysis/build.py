@@ -14,12 +14,12 @@ from typing import Callable
 import pandas as pd
 
 from analysis import figures, grids, tradeoffs
-from analysis.importance import ImportanceSkipped, param_importances
+from analysis.importance import MIN_COMPLETED, STABLE_COMPLETED, ImportanceSkipped, param_importances
 from analysis.load import VARIANT, Study, best_per_variant, slug, variant_label, variants
 from analysis.report import Block, Bullets, Heading, Image, Table, Text, to_html, to_markdown
 from analysis.style import save
-from analysis.tables import EXPLANATION, format_table, results_table
-from study.contract import FINISHED, default_trial
+from analysis.tables import EXPLANATION, HTML_COLUMNS, format_table, results_table
+from study.contract import FINISHED
 
 MANIFEST = ".analysis-files"   # what the last run wrote, so files it no longer makes are removed
 
@@ -55,12 +55,14 @@ class Output:
         self.blocks.append(Image(file, caption))
         return True
 
-    def table(self, frame: pd.DataFrame, caption: str, csv: str | None = None) -> None:
+    def table(self, frame: pd.DataFrame, caption: str, csv: str | None = None,
+              html_columns: tuple[str, ...] | None = None) -> None:
+        """A table in both reports (and ``csv``); report.html shows only ``html_columns`` when given."""
         if csv:
             frame.to_csv(self.folder / csv, index=False, lineterminator="\n")
             self.files.append(csv)
             caption += f" (CSV: `{csv}`)"
-        self.blocks.append(Table(format_table(frame), caption))
+        self.blocks.append(Table(format_table(frame), caption, html_columns))
 
     def text(self, text: str) -> None:
         self.blocks.append(Text(text))
@@ -75,6 +77,9 @@ def write_report(study: Study, out: str | Path, warn: Callable[[str], None] = la
     output = Output(out_dir, warn)
     for message in study.warnings:
         output.warning(message)
+    if _grayscale_rule(study) == "kept":
+        output.warning("grayscale photos were kept in the data splits: the grayscale input's baseline is inflated "
+                       "(it scores ~110 dB on each of them) and every gain over it is understated")
     _check_progress(study, output)
     best = best_per_variant(study.trials)
     for section in (_results, _failed, _tradeoff, _helped, _progress, _curves, _grids, _side_by_side,
@@ -98,8 +103,7 @@ def write_report(study: Study, out: str | Path, warn: Callable[[str], None] = la
 def _summary(study: Study) -> str:
     counts = ", ".join(f"{n} {s}" for s, n in study.status_counts().items() if n)
     meta = ", ".join(f"{k} `{study.meta[k]}`" for k in ("space", "metric") if study.meta.get(k))
-    # Studies from before study.json recorded the rule kept their grayscale photos (study.data).
-    gray = study.meta.get("grayscale", "kept") if study.meta else None
+    gray = _grayscale_rule(study)
     data = {"left out": " Grayscale photos were left out of the data splits, so the grayscale baseline is "
                         "scored on colour photos only.",
             "kept": " Grayscale photos were kept in the data splits: the grayscale input scores ~110 dB on each, "
@@ -108,6 +112,12 @@ def _summary(study: Study) -> str:
             + (f"; {meta}" if meta else "") + ". A variant is dataset x sampling technique x output space; each "
             "is represented by its trial with the highest validation PSNR (in RGB, never by loss: RGB and UV "
             "losses live in different spaces)." + data)
+
+
+def _grayscale_rule(study: Study) -> str | None:
+    """"left out" or "kept": what the study did with grayscale photos; None when study.json is missing."""
+    # Studies from before study.json recorded the rule kept their grayscale photos (study.data).
+    return study.meta.get("grayscale", "kept") if study.meta else None
 
 
 def _check_progress(study: Study, output: Output) -> None:
@@ -133,8 +143,9 @@ def _results(study: Study, best: pd.DataFrame, output: Output) -> None:
     output.text(EXPLANATION)
     for dataset in datasets:
         output.heading(dataset, 3)
-        output.table(results_table(study.trials, dataset), f"Best trial per variant on {dataset}",
-                     csv=f"table_{slug(dataset)}.csv")
+        output.table(results_table(study.trials, dataset, ["depth", *study.hyperparameters()]),
+                     f"Best trial per variant on {dataset}", csv=f"table_{slug(dataset)}.csv",
+                     html_columns=HTML_COLUMNS)
 
 
 def _failed(study: Study, best: pd.DataFrame, output: Output) -> None:
@@ -163,8 +174,9 @@ def _curves(study: Study, best: pd.DataFrame, output: Output) -> None:
                            "table: no curves")
             return figures.curves_figure(study.epochs, members, trial["trial_id"])
         output.figure(f"curves_{slug(*variant)}.png", build,
-                      f"{variant_label(variant)}: training, validation and test loss and PSNR against epoch of "
-                      f"trial {trial['trial_id']} (best of {len(members)}; others faint).")
+                      f"{variant_label(variant)}: training, validation and test loss (left) and validation and "
+                      f"test PSNR with the grayscale input's as dashed lines (right) against epoch of trial "
+                      f"{trial['trial_id']} (best of {len(members)}; others faint).")
 
 
 def _variant(trial: pd.Series) -> tuple[str, str, str]:
@@ -244,12 +256,12 @@ def _tradeoff(study: Study, best: pd.DataFrame, output: Output) -> None:
     if data.empty:
         output.text("No trial has reported an epoch yet, so no Pareto front.")
         return
-    chosen = default_trial(study.trials)
+    chosen = tradeoffs.colorize_default(study.trials)
     output.text("Each trial at its best validation epoch: its validation PSNR gain over the grayscale input "
                 "(fidelity) against its colourfulness ratio (vividness; 1 = as colourful as the originals). "
                 "The Pareto front holds the trials no other trial beats on both; the star is the trial "
                 "`python -m study.colorize --dataset <dataset>` uses by default (the best validation PSNR "
-                "among trials with a checkpoint)"
+                "among DONE trials with a checkpoint)"
                 + (f"; without `--dataset` it uses {chosen['trial_id']} ({chosen['dataset']})." if chosen is not None
                    else "; no trial has a checkpoint yet."))
     output.figure("pareto.png", lambda: tradeoffs.pareto_figure(study.trials),
@@ -295,7 +307,8 @@ def _helped(study: Study, best: pd.DataFrame, output: Output) -> None:
             output.text(f"{dataset}: no lever varies among its trials.")
             continue
         output.figure(f"helped_{slug(dataset)}.png", lambda: tradeoffs.helped_figure(study.trials, dataset, levers),
-                      f"{dataset}: test gain over grayscale against each lever; the bar is the median per value.")
+                      f"{dataset}: test gain over grayscale against each lever, one panel per lever, one point "
+                      "per trial; on a panel of categories the bar is the median per value.")
         output.table(table, f"{dataset}: trials, median and best test gain (dB) per lever value",
                      csv=f"helped_{slug(dataset)}.csv")
 
@@ -318,24 +331,32 @@ def _pruning(study: Study, best: pd.DataFrame, output: Output) -> None:
         output.text("No trials, so no pruning picture.")
         return
     output.figure("pruning.png", lambda: figures.pruning_figure(study.trials, study.epochs),
-                  "Epochs run per trial by status, best validation PSNR against epochs run, and the study's "
-                  "best validation PSNR so far against the epochs it has spent.")
+                  "Two panels: epochs run per trial by status (left), and each trial's best validation PSNR "
+                  "against its epochs run, by status (right). The best found against the seconds spent is in "
+                  "\"How fast the study found it\".")
 
 
 def _importance(study: Study, best: pd.DataFrame, output: Output) -> None:
     output.heading("Hyperparameter importance")
     try:
-        importances = param_importances(study.meta, study.folder)
+        importances, completed = param_importances(study.meta, study.folder)
     except ImportanceSkipped as e:
-        output.warning(f"hyperparameter importance skipped: {e}")
-        output.text(f"Skipped: {e}.")
+        output.warning(f"hyperparameter importance not shown: {e}")
+        output.text(f"Not shown: {e}.")
         return
+    basis = f"from {completed} completed Optuna trials"
+    if completed < STABLE_COMPLETED:
+        basis += (f" (fewer than the {STABLE_COMPLETED} Optuna's documentation prefers for a stable ranking: "
+                  "read it with \"What helped\")")
+    output.text(f"Importance {basis}. Importances are shown from {MIN_COMPLETED} completed trials on: Optuna's "
+                f"evaluator (PED-ANOVA) compares the best 10% of trials with all, and with fewer that top set "
+                "is just the 2 best.")
     frame = pd.DataFrame({"parameter": list(importances), "importance": list(importances.values())})
-    output.table(frame, "optuna.importance.get_param_importances on the Optuna study (normalised to sum 1)",
-                 csv="importance.csv")
+    output.table(frame, f"optuna.importance.get_param_importances on the Optuna study, {basis}, normalised to "
+                        "sum 1", csv="importance.csv")
     objective = f" ({study.meta['metric']})" if study.meta.get("metric") else ""
-    output.figure("importance.png", lambda: figures.importance_figure(importances),
-                  f"Hyperparameter importance for the Optuna objective{objective}, from the study's Optuna storage.")
+    output.figure("importance.png", lambda: figures.importance_figure(importances, completed),
+                  f"Hyperparameter importance for the Optuna objective{objective}, {basis}.")
 
 
 def _remove_stale(folder: Path, files: list[str]) -> None:

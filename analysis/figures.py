@@ -47,8 +47,9 @@ def curves_figure(epochs: pd.DataFrame, trials: pd.DataFrame, best_id: str) -> F
                             linestyle="--", linewidth=1, label=f"grayscale input ({SPLIT_NAMES[split]})")
     ax_loss.set(xlabel="epoch", ylabel=f"{best['loss']} loss ({best['output']} space)", title="loss")
     ax_psnr.set(xlabel="epoch", ylabel="PSNR (dB, RGB)", title="PSNR against the original")
+    shown = epochs[epochs["trial_id"].isin(history)]["epoch"]
     for ax in (ax_loss, ax_psnr):
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        _epoch_ticks(ax, shown)
         ax.legend(fontsize="small")
     n = len(trials)
     fig.suptitle(f"{variant_label((best['dataset'], best['sampling'], best['output']))}: trial {best_id}"
@@ -162,11 +163,14 @@ def pruning_figure(trials: pd.DataFrame, epochs: pd.DataFrame) -> Figure:
     return fig
 
 
-def _epoch_ticks(ax: Axes, epochs_run: pd.Series) -> None:
-    """Whole epochs on the x axis; every value when there are few (a locator would show 1.5, 1.65, ...)."""
-    values = sorted(int(v) for v in epochs_run.dropna().unique())
+def _epoch_ticks(ax: Axes, epochs: pd.Series) -> None:
+    """Whole epochs on the x axis. With one epoch the axis spans 0.95-1.05, where MaxNLocator(integer=True)
+    finds no integer and falls back to 0.945, 0.960, ...: so a few values are ticked one by one."""
+    values = sorted(int(v) for v in epochs.dropna().unique())
     if 0 < len(values) <= 12:
         ax.set_xticks(values)
+        if len(values) == 1:
+            ax.set_xlim(values[0] - 0.5, values[0] + 0.5)
     else:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
 
@@ -175,10 +179,10 @@ def _epoch_ticks(ax: Axes, epochs_run: pd.Series) -> None:
 
 
 @styled
-def importance_figure(importances: dict[str, float]) -> Figure:
+def importance_figure(importances: dict[str, float], completed: int) -> Figure:
     data = pd.DataFrame({"parameter": list(importances), "importance": list(importances.values())})
     fig = new_figure(6.4, 1.2 + 0.35 * len(data))
     ax = fig.subplots()
     sns.barplot(data, x="importance", y="parameter", orient="h", color=sns.color_palette("deep")[0], ax=ax)
-    ax.set(xlabel="importance (normalised, Optuna)", ylabel="", title="Hyperparameter importance (Optuna objective)")
+    ax.set(xlabel="importance (normalised, Optuna)", ylabel="", title=f"Hyperparameter importance (Optuna objective), {completed} completed trials")
     return fig

@@ -12,15 +12,23 @@ from contextlib import closing
 from pathlib import Path
 
 SQLITE = "sqlite:///"
-MIN_COMPLETED = 2
+# Below this many completed trials the importances are withheld. Optuna's default evaluator (PED-ANOVA)
+# compares the parameter values of the best 10% of completed trials with those of all, and takes at
+# least 2 as that top set; under ten trials the "top 10%" is just the 2 best, and the ranking is noise
+# (3 trials once ranked lr 0.97 and output 0.003 in a study whose output decided everything). Ten is a
+# floor, not a guarantee (Optuna's docs prefer 5 trials in the top set, i.e. 50): the count is always
+# printed with the importances.
+MIN_COMPLETED = 10
+STABLE_COMPLETED = 50   # 5 trials in the top 10%, as Optuna's PED-ANOVA documentation prefers
 
 
 class ImportanceSkipped(Exception):
     """Importance cannot be computed for this study; the message says why."""
 
 
-def param_importances(meta: dict, folder: Path) -> dict[str, float]:
-    """optuna.importance.get_param_importances of the study named in study.json, largest first."""
+def param_importances(meta: dict, folder: Path, minimum: int = MIN_COMPLETED) -> tuple[dict[str, float], int]:
+    """optuna.importance.get_param_importances of the study named in study.json, largest first, and the
+    number of completed trials it rests on (at least ``minimum``, else ImportanceSkipped)."""
     url = meta.get("optuna_storage")
     if not url:
         raise ImportanceSkipped("study.json names no optuna_storage (the study ran without Optuna)")
@@ -33,9 +41,10 @@ def param_importances(meta: dict, folder: Path) -> dict[str, float]:
     with tempfile.TemporaryDirectory(prefix="analysis-optuna-") as tmp:
         study = _load(optuna, name, _snapshot(url, folder, Path(tmp)))
         completed = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
-        if len(completed) < MIN_COMPLETED:
-            raise ImportanceSkipped(f"{len(completed)} completed Optuna trial(s); importance needs "
-                                    f"at least {MIN_COMPLETED}")
+        if len(completed) < minimum:
+            raise ImportanceSkipped(f"it would rest on {len(completed)} completed Optuna trial(s), and "
+                                    f"under {minimum} the top 10% that Optuna's evaluator (PED-ANOVA) compares "
+                                    "with all trials is just the 2 best, and its ranking is noise")
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")   # experimental-feature notices are noise in a report
@@ -46,7 +55,8 @@ def param_importances(meta: dict, folder: Path) -> dict[str, float]:
         except Exception as e:
             raise ImportanceSkipped(f"optuna could not compute importances ({type(e).__name__}: {e})") from None
     # Ties ordered by name so the table and the figure are the same on every run.
-    return dict(sorted(((k, float(v)) for k, v in importances.items()), key=lambda kv: (-kv[1], kv[0])))
+    ranked = dict(sorted(((k, float(v)) for k, v in importances.items()), key=lambda kv: (-kv[1], kv[0])))
+    return ranked, len(completed)
 
 
 def _load(optuna, name: str | None, url: str):

@@ -34,6 +34,8 @@ class Image:
 class Table:
     frame: pd.DataFrame   # display strings
     caption: str
+    # The columns the page shows, when the page cannot hold them all (report.md shows every column).
+    html_columns: tuple[str, ...] | None = None
 
 
 Block = Heading | Text | Bullets | Image | Table
@@ -53,7 +55,7 @@ def _markdown(block: Block) -> str:
             return "\n".join(f"- {item}" for item in items)
         case Image(file, caption):
             return f"![{file}]({file})\n\n*{caption}*"
-        case Table(frame, caption):
+        case Table(frame, caption, _):
             def row(cells) -> str:
                 return "| " + " | ".join(str(c).replace("|", "\\|").replace("\n", " ") for c in cells) + " |"
             lines = [row(frame.columns), row(["---"] * len(frame.columns)), *(row(r) for r in frame.itertuples(index=False))]
@@ -61,8 +63,9 @@ def _markdown(block: Block) -> str:
     raise TypeError(f"unknown report block {block!r}")
 
 
+# Tables scroll inside themselves (display:block) so a wide one never widens the page past its 1,100 px.
 CSS = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
-table{border-collapse:collapse;font-size:.85em;margin:.5em 0}th,td{border:1px solid #ccc;padding:.2em .5em;text-align:right}
+table{border-collapse:collapse;font-size:.85em;margin:.5em 0;display:block;max-width:100%;overflow-x:auto}th,td{border:1px solid #ccc;padding:.2em .5em;text-align:right}
 th{background:#f3f3f3}figure{margin:1.5em 0}img{max-width:100%}figcaption,.caption{font-style:italic;color:#555}
 code{background:#f3f3f3;padding:0 .2em}"""
 
@@ -89,7 +92,12 @@ def _html(block: Block) -> str:
         case Image(file, caption):
             return (f'<figure><img src="{html.escape(file)}" alt="{html.escape(file)}">'
                     f"<figcaption>{_inline(caption)}</figcaption></figure>")
-        case Table(frame, caption):
+        case Table(frame, caption, html_columns):
+            if html_columns is not None:
+                left_out = len(frame.columns) - len(html_columns)
+                frame = frame[list(html_columns)]
+                if left_out:
+                    caption += f"; {left_out} more columns in report.md and the CSV"
             head = "".join(f"<th>{html.escape(str(c))}</th>" for c in frame.columns)
             rows = "\n".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in r) + "</tr>"
                              for r in frame.itertuples(index=False))

@@ -16,13 +16,20 @@ from matplotlib.ticker import MaxNLocator
 
 from analysis.figures import categories, continuous, output_palette
 from analysis.style import new_figure, seeded_numpy, styled
-from study.contract import default_trial, gain
+from study.contract import default_trial, epoch_gain, gain
 
 FIDELITY = "val_gain_db"
 VIVIDNESS = "best_val_colourfulness"
 FIDELITY_LABEL = "val PSNR gain over grayscale (dB)"
 VIVIDNESS_LABEL = "val colourfulness ratio (1 = originals')"
 TEST_GAIN = "test_gain_db"
+
+
+def colorize_default(trials: pd.DataFrame) -> pd.Series | None:
+    """The trial ``python -m study.colorize`` uses without ``--trial``: the contract's rule among DONE trials."""
+    if trials is None or trials.empty or "status" not in trials:
+        return None
+    return default_trial(trials[trials["status"] == "DONE"])
 
 
 def scored(trials: pd.DataFrame) -> pd.DataFrame:
@@ -69,7 +76,7 @@ def pareto_figure(trials: pd.DataFrame) -> Figure:
         ax.step(front[VIVIDNESS], front[FIDELITY], where="post", color="0.2", linewidth=1, zorder=1)
         ax.scatter(front[VIVIDNESS], front[FIDELITY], s=110, facecolors="none", edgecolors="0.1", linewidths=1.3,
                    label="Pareto front", zorder=3)
-        chosen = default_trial(trials[trials["dataset"] == dataset])
+        chosen = colorize_default(trials[trials["dataset"] == dataset])
         if chosen is not None and chosen["trial_id"] in set(subset["trial_id"]):
             row = subset[subset["trial_id"] == chosen["trial_id"]].iloc[0]
             ax.scatter([row[VIVIDNESS]], [row[FIDELITY]], marker="*", s=260, color="#f2c500", edgecolors="0.1",
@@ -88,7 +95,7 @@ def front_table(trials: pd.DataFrame, dataset: str, levers: list[str]) -> pd.Dat
     """The front of ``dataset`` as a table: objectives, test gain and the levers that vary."""
     data = scored(trials)
     front = pareto_front(data[data["dataset"] == dataset])
-    chosen = default_trial(trials[trials["dataset"] == dataset])
+    chosen = colorize_default(trials[trials["dataset"] == dataset])
     columns = ["trial_id", FIDELITY, VIVIDNESS, TEST_GAIN, "best_test_colourfulness", "best_epoch",
                *[c for c in levers if c != "dataset"]]
     table = front[columns].rename(columns={VIVIDNESS: "val_colourfulness", "best_test_colourfulness":
@@ -231,7 +238,7 @@ def progress(trials: pd.DataFrame, epochs: pd.DataFrame) -> pd.DataFrame:
         rows = rows.assign(_order=rows["trial_id"].map(rank)).sort_values(["_order", "epoch"], kind="stable")
     rows = rows.drop(columns="_order").reset_index(drop=True)
     rows["cumulative_seconds"] = rows["device_seconds"].cumsum()
-    rows["gain_db"] = rows["val_psnr"] - rows["val_gray_psnr"]
+    rows["gain_db"] = epoch_gain(rows, "val")
     rows["best_gain_db"] = rows.groupby("dataset")["gain_db"].cummax()
     return rows
 

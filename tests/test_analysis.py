@@ -13,7 +13,7 @@ import pytest
 from analysis import figures, grids
 from analysis.__main__ import main
 from analysis.build import MANIFEST
-from analysis.load import load_study
+from analysis.load import best_per_variant, load_study
 from analysis.style import DPI, pixel_size
 from conftest import PYTHON, python_env
 
@@ -47,6 +47,9 @@ def study(tmp_path_factory, cache_dir) -> Path:
                        batch_size=16, preview_count=PREVIEWS)
     configs = [base.replace(sampling=s, output=o) for s, o in VARIANTS]
     configs.append(base.replace(sampling="maxpool-upsample", output="uv", lr=3e-3))
+    # Two more learning rates for the other variants: 11 trials, as importance needs 10 (MIN_COMPLETED).
+    configs += [base.replace(sampling=s, output=o, lr=lr) for s, o in VARIANTS if (s, o) != ("maxpool-upsample", "uv")
+                for lr in (3e-3, 5e-4)]
     # One thread: these models are tiny, and two threads on a busy two-core machine mostly wait for each other.
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -126,6 +129,7 @@ def test_every_expected_file_is_written_and_embedded(report):
         assert html.count(f'src="{png}"') == 1, png
     assert "| beats_grayscale |" in md
     assert "<table>" in html
+    assert "## Warnings" not in md and "<h2>Warnings</h2>" not in html
 
 
 def test_pngs_have_the_figure_size_and_are_not_blank(study, report):
@@ -170,8 +174,7 @@ def test_grid_rows_are_grayscale_original_prediction_at_the_best_epoch(study):
                 previews.predictions(trial["trial_id"], epoch)[first]]
         for r, png in enumerate(rows):
             assert np.array_equal(grid.image[r * RESOLUTION:(r + 1) * RESOLUTION, :RESOLUTION], grids.decode(png))
-    best = s.trials[s.trials["trial_id"] != SECOND_TRIAL]
-    side, left_out = grids.side_by_side_grid(previews, best)
+    side, left_out = grids.side_by_side_grid(previews, best_per_variant(s.trials))
     assert side.image.shape == ((2 + len(VARIANTS)) * RESOLUTION, PREVIEWS * RESOLUTION, 3) and left_out == []
 
 
@@ -197,27 +200,41 @@ def test_importance_comes_from_the_optuna_study(report):
     importance = pd.read_csv(out / "importance.csv")
     assert set(importance["parameter"]) <= {"lr", "sampling", "output"}
     assert importance["importance"].sum() == pytest.approx(1.0)
-    assert "hyperparameter importance skipped" not in (out / "report.md").read_text()
+    md = (out / "report.md").read_text()
+    # It says what it rests on: the fixture's 11 trials, each mirrored as a completed Optuna trial.
+    assert "hyperparameter importance not shown" not in md
+    assert md.count("from 11 completed Optuna trials") >= 3   # the text, the table's and the figure's captions
 
 
-def test_importance_finds_the_storage_beside_study_json_and_needs_two_trials(study, tmp_path, monkeypatch):
+def test_importance_is_withheld_below_ten_completed_trials(study, tmp_path, capsys):
+    few = ["local_00001", SECOND_TRIAL]
+    folder = derived_study(study, tmp_path / "study", few)
+    _add_optuna_study(folder, pd.read_parquet(folder / "results/trials.parquet"))
+    rc, err = analyse(folder, tmp_path / "out", capsys)
+    assert rc == 0
+    assert "warning: hyperparameter importance not shown: it would rest on 2 completed Optuna trial(s)" in err
+    assert "under 10" in err and "Not shown: it would rest on 2 completed" in (tmp_path / "out/report.md").read_text()
+    assert not (tmp_path / "out/importance.png").exists() and not (tmp_path / "out/importance.csv").exists()
+
+
+def test_importance_finds_the_storage_beside_study_json_and_needs_ten_trials(study, tmp_path, monkeypatch):
     from analysis.importance import ImportanceSkipped, param_importances
     meta = json.loads((study / "study.json").read_text())
     # On a laptop the recorded absolute path is gone; the copied optuna.db sits beside study.json.
     moved = {**meta, "optuna_storage": "sqlite:////nowhere/optuna.db"}
-    assert param_importances(moved, study) == pytest.approx(param_importances(meta, study))
+    assert param_importances(moved, study)[0] == pytest.approx(param_importances(meta, study)[0])
     with pytest.raises(ImportanceSkipped, match="not there"):
         param_importances(moved, tmp_path)
     # Recorded relative (study.run's default): the study folder's, never one in the working directory.
     relative = {**meta, "optuna_storage": "sqlite:///optuna.db"}
     monkeypatch.chdir(tmp_path)
     (tmp_path / "optuna.db").write_bytes(b"a decoy in the working directory")
-    assert param_importances(relative, study) == pytest.approx(param_importances(meta, study))
+    assert param_importances(relative, study)[0] == pytest.approx(param_importances(meta, study)[0])
     (tmp_path / "optuna.db").unlink()
     import optuna
     optuna.create_study(study_name="one", storage=f"sqlite:///{tmp_path / 'optuna.db'}").add_trial(
         optuna.trial.create_trial(params={}, distributions={}, value=1.0))
-    with pytest.raises(ImportanceSkipped, match="1 completed"):
+    with pytest.raises(ImportanceSkipped, match="rest on 1 completed Optuna trial.*under 10"):
         param_importances({"optuna_storage": f"sqlite:///{tmp_path / 'optuna.db'}", "name": "one"}, tmp_path)
 
 
@@ -359,7 +376,23 @@ def test_what_helped_groups_a_searched_range_in_quartiles(study):
     lr = table[table["lever"] == "lr"]
     assert 2 <= len(lr) <= 4 and lr["trials"].sum() == len(trials)
     assert all("-" in v for v in lr["value"]) and set(table[table["lever"] == "output"]["value"]) == {"rgb", "uv"}
-    tradeoffs.helped_figure(trials, "samples", ["lr", "output"])   # drawn on a numeric axis
+
+    fig = tradeoffs.helped_figure(trials, "samples", ["lr", "output"])
+    panels = [ax for ax in fig.axes if ax.get_visible()]
+    assert [ax.get_xlabel() for ax in panels] == ["lr", "output"]
+    assert all(ax.get_ylabel() == "test gain over grayscale (dB)" for ax in panels)
+    data = tradeoffs.scored(trials)
+    gains = data["best_test_psnr"] - data["test_gray_psnr"]
+    # lr on a numeric axis: one point per trial at (its lr, its gain).
+    points = np.concatenate([c.get_offsets() for c in panels[0].collections if len(c.get_offsets())])
+    assert np.allclose(sorted(map(tuple, points)), sorted(zip(data["lr"], gains)))
+    # output as categories: the ticks are its values, the points the gains, the bars the medians per value.
+    output_ax = panels[1]
+    assert [t.get_text() for t in output_ax.get_xticklabels()] == ["rgb", "uv"]
+    *strips, bars = [c for c in output_ax.collections if len(c.get_offsets())]
+    assert sorted(np.concatenate([c.get_offsets() for c in strips])[:, 1]) == pytest.approx(sorted(gains))
+    medians = gains.groupby(data["output"]).median()
+    assert np.allclose(bars.get_offsets(), [(0, medians["rgb"]), (1, medians["uv"])])
 
 
 def test_bookkeeping_columns_are_not_hyperparameters(study, tmp_path):
@@ -403,12 +436,13 @@ def test_importance_of_a_two_objective_study_is_for_the_first_objective(tmp_path
     opt = optuna.create_study(study_name="two", storage=storage, directions=["maximize", "maximize"])
     space = {"lr": optuna.distributions.FloatDistribution(1e-4, 1e-2, log=True),
              "dropout": optuna.distributions.FloatDistribution(0.0, 0.5)}
-    for i, (lr, dropout) in enumerate([(1e-4, 0.0), (1e-3, 0.4), (1e-2, 0.1), (3e-3, 0.3), (5e-4, 0.2)]):
+    dropouts = np.random.default_rng(0).permutation(np.linspace(0.0, 0.5, 12))
+    for lr, dropout in zip(np.geomspace(1e-4, 1e-2, 12), dropouts):   # 12: importance needs 10 completed trials
         # The first objective depends on lr alone, the second on dropout alone.
-        opt.add_trial(optuna.trial.create_trial(params={"lr": lr, "dropout": dropout}, distributions=space,
-                                                values=[float(np.log10(lr)), dropout]))
-    importances = param_importances({"optuna_storage": storage, "optuna_study_name": "two"}, tmp_path)
-    assert list(importances) == ["lr", "dropout"] and importances["lr"] > 0.5
+        opt.add_trial(optuna.trial.create_trial(params={"lr": float(lr), "dropout": float(dropout)}, distributions=space,
+                                                values=[float(np.log10(lr)), float(dropout)]))
+    importances, completed = param_importances({"optuna_storage": storage, "optuna_study_name": "two"}, tmp_path)
+    assert list(importances) == ["lr", "dropout"] and importances["lr"] > 0.5 and completed == 12
 
 
 def test_the_report_says_how_grayscale_photos_were_treated(study, report, tmp_path):
@@ -424,3 +458,113 @@ def test_the_report_says_how_grayscale_photos_were_treated(study, report, tmp_pa
     (old / "study.json").write_text(json.dumps(meta))
     assert main(["--study", str(old), "--out", str(tmp_path / "report")]) == 0
     assert "Grayscale photos were kept" in (tmp_path / "report" / "report.md").read_text()
+
+
+# ------------------------------------------------------------------ issue 18: a report that does not mislead
+
+
+def test_a_healthy_study_has_no_warnings_and_unhealthy_ones_do(study, tmp_path):
+    from analysis.build import write_report
+    healthy = write_report(load_study(study), tmp_path / "healthy")
+    assert healthy.warnings == []
+    md = (tmp_path / "healthy/report.md").read_text()
+    assert "## Warnings" not in md
+    # Grayscale photos kept (a study from before the rule was recorded): the baseline is inflated.
+    kept = derived_study(study, tmp_path / "kept")
+    meta = json.loads((kept / "study.json").read_text())
+    meta.pop("grayscale")
+    (kept / "study.json").write_text(json.dumps(meta))
+    _add_optuna_study(kept, pd.read_parquet(kept / "results/trials.parquet"))
+    warnings = write_report(load_study(kept), tmp_path / "kept-out").warnings
+    assert [w for w in warnings if "grayscale photos were kept" in w] and len(warnings) == 1, warnings
+    assert "## Warnings" in (tmp_path / "kept-out/report.md").read_text()
+    # Two trials: too few for importance.
+    two = derived_study(study, tmp_path / "two", ["local_00001", SECOND_TRIAL])
+    _add_optuna_study(two, pd.read_parquet(two / "results/trials.parquet"))
+    warnings = write_report(load_study(two), tmp_path / "two-out").warnings
+    assert len(warnings) == 1 and "rest on 2 completed" in warnings[0], warnings
+
+
+def test_captions_match_their_figures(study, report):
+    out, _ = report
+    md = (out / "report.md").read_text()
+    s = load_study(study)
+
+    def caption(png: str) -> str:
+        return md.split(f"]({png})\n\n*", 1)[1].split("*\n", 1)[0]
+    pruning = figures.pruning_figure(s.trials, s.epochs)
+    assert len(pruning.axes) == 2 and "Two panels" in caption("pruning.png")
+    assert "so far" not in caption("pruning.png")   # the third panel it once promised is the progress figure
+    curves = caption("curves_samples_maxpool-upsample_uv.png")
+    assert "(left)" in curves and "(right)" in curves and "validation and test PSNR" in curves
+
+
+def test_epoch_axes_have_whole_epochs_even_for_one_epoch(study):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    s = load_study(study)
+    first = s.epochs[s.epochs["epoch"] == 1]
+    trials = s.trials.assign(epochs_run=1)
+    members = trials[(trials["sampling"] == "maxpool-upsample") & (trials["output"] == "uv")]
+    for fig in (figures.curves_figure(first, members, "local_00001"), figures.pruning_figure(trials, first),
+                figures.curves_figure(s.epochs, members, "local_00001")):
+        FigureCanvasAgg(fig).draw()
+        for ax in fig.axes:
+            labels = [t.get_text() for t in ax.get_xticklabels() if t.get_text()]
+            assert labels and all(label.isdigit() for label in labels), labels
+
+
+def test_results_table_puts_what_matters_first_and_the_page_shows_only_that(report):
+    from analysis.tables import COLUMNS, HTML_COLUMNS
+    out, _ = report
+    table = pd.read_csv(out / "table_samples.csv")
+    assert list(table.columns[:10]) == ["sampling", "output", "test_gain_db", "val_gain_db", "val_psnr",
+                                        "test_psnr", "val_colourfulness", "test_colourfulness", "beats_grayscale",
+                                        "status"]
+    assert list(table.columns) == [*COLUMNS, "depth", "lr"]   # then the best trial's configuration
+    html = (out / "report.html").read_text()
+    first = html.index("<table>")
+    header = html[first:html.index("</tr>", first)]
+    assert header == "<table>\n<tr>" + "".join(f"<th>{c}</th>" for c in HTML_COLUMNS)
+    assert "| test_ssim |" in (out / "report.md").read_text()   # report.md keeps every column
+
+
+def find_browser() -> str | None:
+    import shutil
+    return next((shutil.which(b) for b in ("chromium", "chromium-browser", "google-chrome", "chrome")
+                 if shutil.which(b)), None)
+
+
+MEASURE = """<script>
+document.body.setAttribute('data-measure', JSON.stringify({width: document.documentElement.scrollWidth,
+  height: document.documentElement.scrollHeight,
+  tables: Array.from(document.querySelectorAll('table')).map(t => [t.scrollWidth, t.clientWidth])}));
+</script>
+</body>"""
+
+
+def test_report_fits_a_1300px_window_in_a_real_browser(report, tmp_path):
+    """report.html laid out by headless Chromium in a 1,300 px window: nothing wider than the window, no table
+    that must scroll, and a full-page screenshot (docs/report-check.md runs the same check by hand)."""
+    import html as html_lib
+    import re
+    import shutil
+    browser = find_browser()
+    if browser is None:
+        pytest.skip("no Chromium or Chrome on PATH (Debian: apt-get install chromium): the page's width is unchecked")
+    out, _ = report
+    page = tmp_path / "page"
+    shutil.copytree(out, page)
+    (page / "measure.html").write_text((page / "report.html").read_text().replace("</body>", MEASURE))
+    flags = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars"]
+    dom = subprocess.run([*flags, "--window-size=1300,1000", "--dump-dom", (page / "measure.html").as_uri()],
+                         capture_output=True, text=True, timeout=120).stdout
+    found = re.search(r'data-measure="([^"]*)"', dom)
+    assert found, dom[-2000:]
+    measure = json.loads(html_lib.unescape(found.group(1)))
+    assert measure["width"] <= 1300, measure
+    assert measure["tables"] and all(scroll <= client for scroll, client in measure["tables"]), measure
+    shot = tmp_path / "report.png"
+    subprocess.run([*flags, f"--window-size=1300,{measure['height']}", f"--screenshot={shot}",
+                    (page / "report.html").as_uri()], capture_output=True, timeout=120)
+    pixels = read_png(shot)
+    assert pixels.shape[1] == 1300 and pixels.shape[0] == measure["height"] and pixels.std() > 0
