@@ -39,6 +39,7 @@ CACHE_VERSION = 1
 SAMPLE_PHOTOS = ("astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "motorcycle_left.png",
                  "hubble_deep_field.jpg", "ihc.png", "retina.jpg")
 SAMPLE_COUNTS = {"train": 1024, "val": 256, "test": 256}
+SAMPLE_MAX_BYTES = 4 << 30   # decoded crops per split of the samples dataset
 # An image counts as grayscale when fewer than GRAY_PIXELS of its pixels have channels more than
 # GRAY_SPREAD levels apart (JPEG noise on a gray photo stays within a few levels). Real CIFAR-10 has
 # about 1.3-1.8% such photos, Flowers-102 none. They are left out of every split: a colorizer learns
@@ -255,6 +256,19 @@ def _from_folder(root: Path, resolution: int, limits: dict, seed: int, cache_dir
     return arrays, gray, names
 
 
+def check_samples_size(resolution: int, train_limit: int, eval_limit: int) -> None:
+    """DataError when the samples dataset's crops would not fit SAMPLE_MAX_BYTES per split: they are made,
+    not read, so a typo in a limit (``--train-limit 100000000``) would fill memory before failing."""
+    for split, limit in (("train", train_limit), ("val", eval_limit), ("test", eval_limit)):
+        n = limit or SAMPLE_COUNTS[split]
+        size = n * resolution * resolution * 3
+        if size > SAMPLE_MAX_BYTES:
+            raise DataError(f"dataset 'samples': {n:,} {split} crops of {resolution}x{resolution} would take "
+                            f"{size / 2 ** 30:.1f} GiB, over the limit of {SAMPLE_MAX_BYTES // 2 ** 30} GiB per "
+                            f"split (SAMPLE_MAX_BYTES in study/data.py); lower train_limit / eval_limit or the "
+                            f"resolution")
+
+
 def _samples(resolution: int, limits: dict, seed: int, cache_dir: Path):
     """Seeded crops of scikit-image's bundled colour photos; each split uses its own band of every photo."""
     import skimage
@@ -280,6 +294,7 @@ def _samples(resolution: int, limits: dict, seed: int, cache_dir: Path):
             out[split] = crops
         return out
 
+    check_samples_size(resolution, limits["train"], limits["val"])
     key = {"source": "skimage-samples", "photos": SAMPLE_PHOTOS, "resolution": resolution,
            "limits": limits, "seed": seed}
     return _cached(cache_dir, "samples", key, build)[0]

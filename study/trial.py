@@ -10,7 +10,7 @@ from pathlib import Path
 
 from study import cli
 from study.config import TrialConfig, choices_of, field_help
-from study.data import default_cache_dir
+from study.data import check_samples_size, default_cache_dir
 from study.modelspec import ConfigError
 from study.train import NonFiniteLossError, keep_checkpoint, pick_device, run_trial, summarize
 
@@ -49,6 +49,8 @@ def _main(argv: list[str]) -> int:
         except ConfigError as e:
             raise cli.UsageError(f"--{f.name.replace('_', '-')}: {e}") from None
     cfg = TrialConfig.from_dict(values).validate()
+    if cfg.dataset == "samples":
+        check_samples_size(cfg.image_size, cfg.train_limit, cfg.eval_limit)
     device = pick_device(args.device)
     cli.check_writable(f"--out {args.out}", args.out, "the checkpoint")
     # The cache folder as data.load_splits will choose it: the option, else $COLORIZE_CACHE_DIR, else ./.cache.

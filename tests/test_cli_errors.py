@@ -271,6 +271,9 @@ CASES = [
     Case("trial-cache-env-unwritable", "study.trial", [],
          r"COLORIZE_CACHE_DIR=/proc/colorize-cache: cannot create files in /proc",
          env={"COLORIZE_CACHE_DIR": "/proc/colorize-cache"}),
+    Case("trial-samples-too-many", "study.trial", ["--train-limit", "100000000", "--device", "cpu"],
+         r"dataset 'samples': 100,000,000 train crops of 32x32 would take 286\.1 GiB, over the limit of 4 GiB "
+         r"per split \(SAMPLE_MAX_BYTES"),
     Case("trial-out-file", "study.trial", ["--out", "afile/run"], r"--out afile/run: afile is a file, not a folder", a_file),
     # study.submit: checked before connecting, and an unreachable address is one line
     Case("submit-bad-space", "study.submit", ["--address", "http://127.0.0.1:9", "--", "--space", "nope",
