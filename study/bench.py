@@ -6,11 +6,16 @@ All rows train with Adam and MSE for the same number of timed steps:
 - reference: the seed notebooks' pipeline: per-sample PIL decode of the JPEG files +
   ToTensor + RGB->YUV per sample, DataLoader batch 64, fp32, on the report's CIFAR-10
   UNet (depth 3, max-pool + upsample, UV output);
-- trial: this project's step (images decoded once, resident on the device, converted
-  per batch there) on the same UNet at each ``--batches`` size and ``--precisions``;
-- pack K: K such UNets fused into one grouped-convolution model (``study.pack``), each
-  on its own batch of ``--pack-batch`` images; aggregate model-images/s;
+- trial: a plain single-model step (images decoded once, resident on the device, converted
+  per batch there; study.losses.make_loss_step + Adam) on the same UNet at each ``--batches``
+  size and ``--precisions``;
+- pack K: K such UNets fused into one grouped-convolution model (``study.fused``), each
+  on its own batch of ``--pack-batch`` images; aggregate model-images/s. A pack of 1 is
+  what ``run_trial`` runs (the engine's loop with one member): beside the trial row at the
+  same batch size it shows what the shared loop costs a single trial;
 - flowers: the report's Flowers-102 UNet (depth 4, 256x256): one trial and a pack.
+``--rounds N`` runs the trial and pack rows N times round-robin and keeps each row's median,
+so that a load that comes and goes weighs on every row alike.
 Ratios are against the reference measured in the same run. Beside each rate: the device
 operations one step dispatches (view ops left out), a proxy for kernel launches that a CPU
 can measure too (a small model on a GPU is bound by them), and the scalar reads (``.item()``;
@@ -150,7 +155,7 @@ def _trial_config(model_cfg: UNetConfig, images: np.ndarray, batch: int, precisi
 
 def bench_trial(images: np.ndarray, model_cfg: UNetConfig, dev, batch, steps, warmup, precision="fp32",
                 compile_mode=None, counts: dict | None = None) -> float:
-    """One trial's training step, study.train.run_trial's own: images/s."""
+    """One model's plain training step (what a trial ran before it went through study.engine): images/s."""
     cfg = _trial_config(model_cfg, images, batch, precision)
     torch.manual_seed(0)
     model = build_unet(cfg.model, cfg.image_size).to(dev, memory_format=torch.channels_last)
@@ -170,7 +175,8 @@ def bench_trial(images: np.ndarray, model_cfg: UNetConfig, dev, batch, steps, wa
 
 def bench_pack(images: np.ndarray, model_cfg: UNetConfig, dev, k, batch, steps, warmup, precision="fp32",
                compile_mode=None, counts: dict | None = None) -> float:
-    """K members fused, study.pack's own step, each with its own lr, seed and batch: model-images/s."""
+    """K members, the engine's own step (study.fused; K=1 is run_trial's), each with its own lr, seed and
+    batch: model-images/s."""
     data = DeviceImages(images, dev)
     base = _trial_config(model_cfg, images, batch, precision)
     members = [Member(i, base.replace(lr=1e-3 * (1 + i / k), seed=i), dev, max(len(data) // batch, 1))
@@ -279,6 +285,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--flowers-images", type=_count, default=256, help="Flowers-102 training images decoded")
     p.add_argument("--flowers-size", type=_count, default=256,
                    help="flowers image side (the report's 256; smaller only for quick smoke runs)")
+    p.add_argument("--rounds", type=_count, default=1,
+                   help="run the trial and pack rows this many times, round-robin, and keep each one's median")
     p.add_argument("--parts", type=_choices(PARTS), default=list(PARTS), help=f"rows to run: {','.join(PARTS)}")
     p.add_argument("--json", type=Path, help="also write the figures here")
     return p
@@ -316,10 +324,11 @@ def _run(args, dev, steps, packs, precisions, flowers_batch, flowers_pack, data_
     def label(precision: str) -> str:  # "fp32" rows run with TF32 on a GPU, as run_trial's fp32
         return "tf32" if precision == "fp32" and dev.type == "cuda" else precision
 
-    def row(key: str, text: str, rate: float, unit: str = "img/s", counts: dict | None = None) -> None:
+    def row(key: str, text: str, rate: float, unit: str = "img/s", counts: dict | None = None,
+            extra: dict | None = None) -> None:
         ref = out.get("reference_b64_img_s")
         out[key] = round(rate, 1)
-        entry = {"key": key, "what": text, "rate": round(rate, 1), "unit": unit, **(counts or {})}
+        entry = {"key": key, "what": text, "rate": round(rate, 1), "unit": unit, **(counts or {}), **(extra or {})}
         ratio = ""
         if ref and key != "reference_b64_img_s":
             entry["ratio"] = out[key.replace("_img_s", "").replace("_model", "") + "_ratio"] = round(rate / ref, 2)
@@ -340,20 +349,33 @@ def _run(args, dev, steps, packs, precisions, flowers_batch, flowers_pack, data_
         if "reference" in parts:
             row("reference_b64_img_s", f"reference (PIL per sample, DataLoader x{args.workers}, fp32, b64)",
                 bench_reference(files, dev, steps, args.warmup, args.workers))
+        # The trial and pack rows run round-robin, --rounds times, each keeping its median rate: a load
+        # that comes and goes on a shared machine then weighs on every row alike.
+        jobs = []
         if "trial" in parts:
             for precision in precisions:
                 for b in args.batches:
-                    c = {}
-                    row(f"trial_{precision}_b{b}_img_s", f"one trial, device-resident, {label(precision)}, b{b}",
-                        bench_trial(images, CIFAR_MODEL, dev, b, steps, args.warmup, precision, counts=c), counts=c)
+                    jobs.append((f"trial_{precision}_b{b}_img_s",
+                                 f"one trial, plain model step, {label(precision)}, b{b}", "img/s",
+                                 lambda c, b=b, p=precision: bench_trial(images, CIFAR_MODEL, dev, b, steps,
+                                                                         args.warmup, p, counts=c)))
         if "pack" in parts:
             for k in packs:
                 for precision in precisions:
-                    c = {}
-                    row(f"pack{k}_{precision}_b{args.pack_batch}_model_img_s",
-                        f"pack of {k} fused UNets, {label(precision)}, b{args.pack_batch} each",
-                        bench_pack(images, CIFAR_MODEL, dev, k, args.pack_batch, steps, args.warmup, precision,
-                                   counts=c), "model-img/s", c)
+                    what = ("pack of 1 (run_trial's engine step)" if k == 1 else f"pack of {k} fused UNets")
+                    jobs.append((f"pack{k}_{precision}_b{args.pack_batch}_model_img_s",
+                                 f"{what}, {label(precision)}, b{args.pack_batch} each", "model-img/s",
+                                 lambda c, k=k, p=precision: bench_pack(images, CIFAR_MODEL, dev, k, args.pack_batch,
+                                                                        steps, args.warmup, p, counts=c)))
+        rates: dict[str, list[float]] = {key: [] for key, *_ in jobs}
+        counts: dict[str, dict] = {key: {} for key, *_ in jobs}
+        for _ in range(args.rounds):
+            for key, _text, _unit, run in jobs:
+                rates[key].append(run(counts[key]))
+        for key, text, unit, _run_row in jobs:
+            rate = float(np.median(rates[key]))
+            row(key, text, rate, unit, counts[key],
+                extra={"rates": [round(r, 1) for r in rates[key]]} if args.rounds > 1 else None)
         if mode and "trial" in parts:  # last: compiling takes long, and every row before it is kept
             for b in args.batches:
                 row(f"trial_compiled_{precisions[-1]}_b{b}_img_s",

@@ -13,7 +13,7 @@ def test_bench_smoke_prints_every_row_and_ratio(tmp_path, cache_dir):
     out = tmp_path / "bench.json"
     scratch = tmp_path / "cache"
     p = subprocess.run([PYTHON, "-m", "study.bench", "--steps", "1", "--warmup", "1", "--images", "128",
-                        "--batches", "16", "--packs", "2", "--pack-batch", "16", "--flowers-batch", "2",
+                        "--batches", "16", "--packs", "1,2", "--pack-batch", "16", "--flowers-batch", "2",
                         "--flowers-pack", "2", "--flowers-images", "2", "--flowers-size", "64", "--workers", "0",
                         "--cache-dir", str(scratch), "--json", str(out)],
                        env=python_env(COLORIZE_DATA_ROOT=""), capture_output=True, text=True, timeout=300)
@@ -30,6 +30,8 @@ def test_bench_smoke_prints_every_row_and_ratio(tmp_path, cache_dir):
     ops = {r["key"]: r["ops_per_step"] for r in figures["rows"] if "ops_per_step" in r}
     assert ops["trial_fp32_b16_img_s"] > 50
     assert ops["pack2_fp32_b16_model_img_s"] < 1.5 * ops["trial_fp32_b16_img_s"], ops
+    # A trial runs through the engine as a pack of one: that costs it no op over a plain model step.
+    assert ops["pack1_fp32_b16_model_img_s"] == ops["trial_fp32_b16_img_s"], ops
     assert "ops/step" in p.stdout
     # The JPEGs it wrote lived in its own cache folder and are gone.
     assert not list(scratch.glob("bench-jpeg-*"))

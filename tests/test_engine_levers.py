@@ -86,6 +86,14 @@ def test_huber_is_quadratic_near_zero_and_linear_far_away():
     assert f(large, zero).item() == pytest.approx(HUBER_DELTA * (0.5 - 0.5 * HUBER_DELTA))
 
 
+def test_each_loss_has_one_formula_for_a_model_and_for_a_pack():
+    from study.losses import elementwise_loss
+    diff = torch.linspace(-0.6, 0.6, 49)
+    for name in ("mse", "l1", "huber"):
+        ref = loss_fn(name)(diff, torch.zeros_like(diff), reduction="none")
+        assert torch.allclose(elementwise_loss(diff, name), ref, atol=1e-7), name
+
+
 def test_warmup_then_schedule():
     def lrs(cfg, total=20, per_epoch=5):
         opt = torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))], lr=cfg.lr)

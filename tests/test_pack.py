@@ -95,6 +95,24 @@ def test_pack_reproduces_separate_trials(separate, packed):
     assert all("error" not in r for h in hist for r in h)
 
 
+def test_a_trial_is_a_pack_of_one(splits, separate, tmp_path):
+    """Both runners are one loop: a pack of one member is its trial, row for row, bit for bit."""
+    folders = []
+
+    def report(rows, folder):
+        folders.append(sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*")) if folder else None)
+
+    (alone,) = run_pack(CFGS[1:2], splits=splits, device="cpu", log=lambda s: None, work_dir=tmp_path, report=report)
+
+    def timeless(h):
+        return [{k: v for k, v in r.items() if k != "seconds"} for r in h]
+
+    assert timeless(alone) == timeless(separate[1])
+    # The same member checkpoint as a trial's, in the pack's layout.
+    assert folders[-1] == ["member-0", "member-0/checkpoint.pt", "member-0/prediction_00000.png",
+                           "member-0/prediction_00031.png", PACK_FILE]
+
+
 def test_member_checkpoint_loads_into_plain_unet(packed, splits):
     hist, _, kept = packed
     folder = kept / "epoch-2"
@@ -108,6 +126,9 @@ def test_member_checkpoint_loads_into_plain_unet(packed, splits):
     v = evaluate(model, DeviceImages(splits.val, "cpu"), cfg, 256)
     assert v["psnr"] == pytest.approx(hist[1][1]["val_psnr"], abs=1e-3)
     assert "raw_model" not in state
+    # One checkpoint format: a member's holds what a trial's holds, enough to resume it alone.
+    assert set(state) == {"model", "optimizer", "scheduler", "generator", "rng", "epoch", "history", "config",
+                          "status"}
     # With ema, "model" holds the averaged weights: they differ from the trained ones and are the ones
     # evaluated (with member 0's flip averaging).
     state = torch.load(folder / "member-0" / CHECKPOINT_FILE, weights_only=True)
