@@ -186,11 +186,12 @@ def _timestamp(value):
 
 
 def default_trial(trials: pd.DataFrame) -> pd.Series | None:
-    """The trial ``study.colorize`` uses when none is named: the best (``best_trials``) of those with a
-    checkpoint; when none has a score, the first with a checkpoint; None when none has one."""
+    """The trial ``study.colorize`` uses when none is named: the best (``best_trials``) of the DONE trials
+    with a checkpoint (a pruned or running trial is used only when named); when none has a score, the first
+    such; None when there is none."""
     if trials is None or trials.empty or "checkpoint_path" not in trials:
         return None
-    rows = trials[trials["checkpoint_path"].fillna("").astype(str) != ""]
+    rows = trials[(trials["checkpoint_path"].fillna("").astype(str) != "") & (trials["status"] == "DONE")]
     best = best_trials(rows)
     if not best.empty:
         return best.iloc[0]

@@ -20,7 +20,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
-import stat
+
 import sys
 import time
 from pathlib import Path
@@ -30,12 +30,10 @@ from study.cli import UsageError
 # torch (via the space and config), pandas and Ray are imported where needed: a bad option is
 # reported without loading any of them.
 
-SQLITE = "sqlite:///"
-DEFAULT_SQLITE = f"{SQLITE}optuna.db"   # study.json's spelling of "optuna.db in this study's folder"
-# Set in a Ray job's driver (``ray job submit``, study.submit): its working directory is a temporary copy.
-RAY_JOB_ENV = ("RAY_JOB_CONFIG_JSON_ENV_VAR", "RAY_JOB_ID")
-# Files Ray unpickles on --resume: code runs from them, so they must be the user's own.
-PICKLE_SUFFIXES = (".pkl", ".pickle")
+from study import stopping
+from study.run_checks import (DEFAULT_SQLITE, SQLITE, check_optuna_url, check_options, check_pickles,  # noqa: F401
+                              check_resume_database, check_storage, check_storage_url, in_ray_job, masked,
+                              runtime_url, space_change_problems, without_password)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -64,165 +62,6 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of Optuna's sampler")
     cli.add_debug(p)
     return p
-
-
-# ------------------------------------------------------------------ checks before anything is written
-
-
-def check_options(args: argparse.Namespace) -> None:
-    """Numbers that cannot work; 0 is an error, not "use the default" (None is the default)."""
-    import math
-
-    rules = [("num_samples", 1, "trials to run (a negative number would run forever)"),
-             ("max_concurrent", 1, "trials at once"), ("pack", 1, "trials per pack"),
-             ("num_cpus", 1, "CPUs of the local Ray"), ("num_gpus", 0, "GPUs of the local Ray"),
-             ("seed", 0, "the sampler's seed")]
-    for name, low, what in rules:
-        v = getattr(args, name)
-        if v is not None and v < low:
-            raise UsageError(f"--{name.replace('_', '-')} {v}: {what} must be >= {low}"
-                             + ("; leave it out for the space's own value" if v == 0 else ""))
-    for name, positive in (("cpus_per_trial", True), ("gpus_per_trial", False)):
-        v = getattr(args, name)
-        if v is not None and (not math.isfinite(v) or v < 0 or (positive and v == 0)):
-            raise UsageError(f"--{name.replace('_', '-')} {v}: must be a number {'> 0' if positive else '>= 0'}"
-                             + (" (fractions share a GPU, e.g. 0.25)" if not positive else ""))
-    if args.address and (args.num_cpus is not None or args.num_gpus is not None):
-        raise UsageError("--num-cpus/--num-gpus size a local Ray instance; with --address the cluster has its "
-                         "own resources: leave them out")
-    if args.name is not None and (not args.name.strip() or "/" in args.name or "\\" in args.name
-                                  or args.name in (".", "..")):
-        raise UsageError(f"--name {args.name!r}: a study name is one folder name (no '/', not '.' or '..')")
-
-
-def in_ray_job(environ=None) -> bool:
-    env = os.environ if environ is None else environ
-    return any(env.get(k) for k in RAY_JOB_ENV)
-
-
-def check_storage(storage: str, root: str) -> None:
-    """A local storage must be a folder this process can create files in (probed; nothing is left)."""
-    if "://" in storage:
-        if storage.startswith("file://"):
-            raise UsageError(f"--storage {storage}: give a local folder as a plain path")
-        return
-    if not Path(storage).is_absolute() and in_ray_job():
-        raise UsageError(
-            f"--storage {storage!r} is relative, and this runs as a Ray job whose working directory is a "
-            f"temporary copy that disappears: use shared storage every node reaches (s3://bucket/prefix) "
-            f"or an absolute path on a filesystem mounted on every node")
-    cli.check_writable(f"--storage {storage}", Path(root), "studies")
-
-
-def check_pickles(root: str) -> None:
-    """Ray unpickles its state on --resume: refuse files others could have written (as ssh does with keys)."""
-    from study.results import resolve
-
-    fs, path = resolve(root)
-    if "://" in root:
-        return   # object stores have no owner/mode bits: trust rests on the bucket's policy
-    me, my_group = os.geteuid(), os.getegid()
-    folder = Path(path)
-    bad = []
-    for p in [folder, *sorted(q for q in folder.rglob("*") if q.suffix in PICKLE_SUFFIXES)]:
-        st = p.lstat()
-        # Group-writable counts only for a group other than the user's own (umask 002 with
-        # user-private groups makes every file g+w; a shared team group is what could tamper).
-        writers = [who for who, bit in (("others", 0o002), ("group", 0o020)) if st.st_mode & bit
-                   and (who == "others" or st.st_gid != my_group)]
-        if stat.S_ISLNK(st.st_mode):
-            bad.append(f"{p} is a symbolic link")
-        elif st.st_uid != me:
-            bad.append(f"{p} is owned by uid {st.st_uid}, not you ({me})")
-        elif writers:
-            bad.append(f"{p} is writable by {' and '.join(reversed(writers))} (gid {st.st_gid})"
-                       if "group" in writers else f"{p} is writable by others")
-        if len(bad) >= 5:
-            break
-    if bad:
-        raise UsageError("--resume would load Ray's pickled state, which runs code, from files someone else "
-                         "could have changed: " + "; ".join(bad) + f". If you trust them, take them over: "
-                         f"chown -R $(id -u) {folder} && chmod -R go-w {folder}")
-
-
-# ------------------------------------------------------------------ Optuna storage URLs
-
-
-def _url(url: str):
-    from sqlalchemy.engine import make_url
-    from sqlalchemy.exc import ArgumentError
-
-    try:
-        return make_url(url)
-    except (ArgumentError, ValueError) as e:
-        shown = str(e).replace(url, masked(url))
-        raise UsageError(f"--optuna-storage {masked(url)}: not a database URL ({shown}); e.g. "
-                         f"postgresql://user@host/db or sqlite:////abs/path/optuna.db") from None
-
-
-def masked(url: str) -> str:
-    """For output: the URL with its password shown as ***."""
-    from sqlalchemy.engine import make_url
-
-    try:
-        return make_url(url).render_as_string(hide_password=True)
-    except Exception:  # noqa: BLE001 - unparsable: hide whatever sits between ':' and '@' by hand
-        import re
-        return re.sub(r"//([^/@:]*):[^@]*@", r"//\1:***@", url)
-
-
-def without_password(url: str) -> str:
-    """For files: the URL with no password at all (the secret comes from the environment)."""
-    return _url(url)._replace(password=None).render_as_string(hide_password=False)
-
-
-def check_optuna_url(url: str) -> None:
-    """Reach a given Optuna database before Ray starts (SQLite: only its folder, so nothing is created)."""
-    parsed = _url(url)
-    if parsed.drivername.startswith("sqlite"):
-        db = parsed.database or ""
-        folder = Path(db).resolve().parent if db and db != ":memory:" else None
-        if folder is None or not folder.is_dir():
-            raise UsageError(f"--optuna-storage {url}: the folder of the SQLite file does not exist; give "
-                             f"sqlite:////absolute/path/optuna.db in an existing folder (or leave it out)")
-        return
-    from sqlalchemy import create_engine
-    from sqlalchemy.exc import SQLAlchemyError
-
-    shown = masked(url)
-    secret = parsed.password or "\0"
-    try:
-        engine = create_engine(url)
-    except ImportError as e:
-        raise UsageError(f"--optuna-storage {shown}: its database driver is not installed ({e}); install it "
-                         f"(PostgreSQL: pip install -e '.[postgres]' (psycopg 3; postgresql+psycopg://...))"
-                         ) from None
-    try:
-        with engine.connect():
-            pass
-    except SQLAlchemyError as e:
-        reason = str(getattr(e, "orig", None) or e).strip().splitlines()[0].replace(secret, "***")
-        raise UsageError(f"--optuna-storage {shown}: cannot connect ({reason}); check the host, the database "
-                         f"and the credentials (a password: $PGPASSWORD or ~/.pgpass rather than the URL)") from None
-    finally:
-        engine.dispose()
-
-
-def runtime_url(recorded: str, root: str, given: str | None) -> str:
-    """The URL to connect with: the recorded one (relative SQLite resolved in the study folder), or the
-    one given again on --resume (for its password)."""
-    if given:
-        if without_password(given) != recorded:
-            raise UsageError(f"--optuna-storage {masked(given)} is not the study's ({masked(recorded)}); "
-                             f"leave it out to use the study's own")
-        return given
-    if recorded.startswith(SQLITE) and not recorded[len(SQLITE):].startswith("/"):
-        if "://" in root:
-            raise UsageError(f"study.json keeps a relative SQLite path {recorded!r}, which cannot live on "
-                             f"{root}: pass --optuna-storage")
-        from study.results import resolve
-        return f"{SQLITE}{Path(resolve(root)[1]) / recorded[len(SQLITE):]}"
-    return recorded
 
 
 # ------------------------------------------------------------------ the study
@@ -294,6 +133,7 @@ def _main(argv: list[str]) -> int:
     from study.results import read_json, write_json
     from study.space import load_space
 
+    check_storage_url(args.storage)   # before any path is made from it: never a local folder named "s3:"
     space = load_space(args.space)
     name = args.name or space.name
     root = study_root(args.storage, name)
@@ -329,11 +169,9 @@ def _main(argv: list[str]) -> int:
                              f"data splits, and they would now be {now}; PSNR from the two rules cannot be "
                              f"compared (grayscale images score ~110 dB as their own input). {fix[0].upper()}"
                              f"{fix[1:]}, or start a new study with --name (nothing was changed)")
-    if meta is not None and meta.get("space_sha256") not in (None, space_hash(space.path)):
-        print(f"note: {space.path} changed since the study started; the study goes on with the file as it "
-              f"is now (Optuna keeps its earlier trials)", file=sys.stderr)
     if given_url:
         check_optuna_url(runtime_url(meta["optuna_storage"], root, given_url) if meta else given_url)
+    space_changed = meta is not None and meta.get("space_sha256") not in (None, space_hash(space.path))
     if args.pack is not None and args.pack > 1 and space.enqueue:
         raise UsageError(f"--pack {args.pack}: {space.path} has an `enqueue` list, which needs pack 1 (a pack's "
                          f"members share one structure); leave --pack out")
@@ -349,6 +187,17 @@ def _main(argv: list[str]) -> int:
         if args.pack is not None and args.pack != meta.get("pack", 1):
             raise UsageError(f"--pack {args.pack}: the study was started with pack {meta.get('pack', 1)}; "
                              f"a resumed study keeps its pack size (leave --pack out)")
+        url = runtime_url(meta["optuna_storage"], root, given_url)
+        check_resume_database(url, meta["optuna_study_name"])
+        if space_changed:
+            problems = space_change_problems(space, url, meta["optuna_study_name"])
+            if problems:
+                raise UsageError(f"--resume: {space.path} changed since the study started, and Optuna cannot draw "
+                                 f"new trials from it: {'; '.join(problems)}. Put those back as they were, or "
+                                 f"start a new study with --name (nothing was changed)")
+            print(f"note: {space.path} changed since the study started: trials already started keep their "
+                  f"configuration, and new trials are drawn from the file as it is now (recorded in study.json "
+                  f"under space_changes)", file=sys.stderr)
     data_root = str(Path(args.data_root).resolve()) if args.data_root else os.environ.get("COLORIZE_DATA_ROOT")
     if data_root and not Path(data_root).is_dir() and "://" not in data_root:
         raise UsageError(f"--data-root {data_root} is not a folder; give the folder holding cifar10/ and "
@@ -356,7 +205,14 @@ def _main(argv: list[str]) -> int:
     cache_dir = str(Path(args.cache_dir or os.environ.get("COLORIZE_CACHE_DIR") or ".cache").resolve())
     cli.check_writable(f"--cache-dir {args.cache_dir or cache_dir}", Path(cache_dir), "the decoded-image cache")
 
-    if not args.address:  # on a cluster each node decodes into its own cache
+    # Inside a Ray job (`ray job submit`) the study joins the job's cluster: a private Ray there could not
+    # fetch the job's working directory, and every trial would fail.
+    address = args.address or ("auto" if in_ray_job() else None)
+    if address and (args.num_cpus is not None or args.num_gpus is not None):
+        raise UsageError("--num-cpus/--num-gpus size a local Ray instance; this study joins a Ray cluster "
+                         f"({'a Ray job' if not args.address else '--address'}), which has its own resources: "
+                         f"leave them out")
+    if not address:  # on a cluster each node decodes into its own cache
         prepare_data(space, data_root, cache_dir)
 
     # Ray is imported only here: the trial engine does not need it.
@@ -367,11 +223,13 @@ def _main(argv: list[str]) -> int:
         resources["gpu"] = args.gpus_per_trial
     if args.cpus_per_trial is not None:
         resources["cpu"] = args.cpus_per_trial
-    with lock.StudyLock(root):
-        cluster = tb.init_ray(args.address, args.num_cpus, args.num_gpus)
+    with lock.StudyLock(root), stopping.Signals() as signals:
+        cluster = tb.init_ray(address, args.num_cpus, args.num_gpus)
+        signals.install()   # after Ray's own driver handlers: ours decide how the study stops
         if resources.get("gpu", 0) and not cluster.get("GPU"):
             print("note: the Ray cluster has no GPU; trials run on CPUs only")
             resources["gpu"] = 0
+        stopping.check_capacity(resources, tb.node_resources(), fixed=not address)
         if meta is None:
             from study.data import grayscale_rule
             # Packs pay where one device has parallel work to spare: the space says how many per device kind.
@@ -397,13 +255,27 @@ def _main(argv: list[str]) -> int:
             optuna_study_name=meta["optuna_study_name"], num_samples=meta["num_samples"],
             max_concurrent=args.max_concurrent or meta.get("max_concurrent") or space.max_concurrent,
             resources=resources, data_root=data_root, cache_dir=cache_dir, resume=args.resume,
-            pack=meta.get("pack", 1), cluster=bool(args.address), objectives=space.objectives,
+            pack=meta.get("pack", 1), cluster=bool(address), objectives=space.objectives,
             grayscale=meta.get("grayscale", "kept"))
-        if not args.resume:
+        if space_changed:
+            meta.setdefault("space_changes", []).append(
+                {"sha256": space_hash(space.path), "resumed": time.strftime("%Y-%m-%d %H:%M:%S")})
+        if not args.resume or space_changed:
             # Only now: a run that failed before this point has not used the study's name up.
             write_json(root, "study.json", meta)
         cli.work_started()
         tuner.fit()
+        tb.shutdown()   # no Ray process of ours outlives the study, however it ended
+    resume_cmd = stopping.resume_command(root, args.storage, name, space, given_url)
+    if signals.received:   # not the "best" table of a study that did not finish
+        stopped = stopping.Stopped(signals.received, resume_cmd)
+        print(f"\n{stopped}", file=sys.stderr)
+        return stopped.exit_status
+    try:
+        stopping.check_outcome(root)
+    except stopping.NoTrialFinished as e:   # a Ray job shows FAILED
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_status
     print("\nbest configuration per dataset x output (ranked by val PSNR in RGB; losses are not comparable):")
     print(best_table(root))
     print(f"\nresults: {under(root, 'results/trials.parquet')} (and epochs, previews);  "

@@ -49,6 +49,11 @@ def init_ray(address: str | None, num_cpus: int | None = None, num_gpus: int | N
     return ray.cluster_resources()
 
 
+def node_resources() -> list[dict]:
+    """The resources of each alive node of the Ray this driver is connected to."""
+    return [dict(n.get("Resources", {})) for n in ray.nodes() if n.get("Alive")]
+
+
 def storage_args(study_root: str) -> tuple[str, pafs.FileSystem, str]:
     """(storage_path, filesystem, name) for Ray from the study location (local folder or URI)."""
     fs, path = resolve(study_root)

@@ -1,0 +1,176 @@
+"""study.run tells every outcome truly, through the real command line: storage URLs checked before any
+folder is made, the exit status is the study's outcome, Ctrl-C and SIGTERM stop at a safe point with the
+exact --resume command, a resume uses the space file as it is now, and a resume without the study's own
+Optuna database is refused."""
+import json
+import os
+import shlex
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import optuna
+import pandas as pd
+import pytest
+import yaml
+
+from conftest import PYTHON, python_env
+from test_study import kill_session, run_study, session_processes, space_file
+
+
+def cli(tmp_path, *args, env=None):
+    p = subprocess.run([PYTHON, "-m", "study.run", *args], cwd=tmp_path, env=python_env(**(env or {})),
+                       capture_output=True, text=True, timeout=300)
+    return p.returncode, p.stdout, p.stderr
+
+
+@pytest.mark.parametrize("storage, says", [
+    ("s3://", "no bucket after s3://"),
+    ("s3:///x", "no bucket after s3://"),
+    ("gs://", "no bucket after gs://"),
+    ("foo://bar", "foo:// is not a storage"),
+    ("s3:bucket/studies", "without '//'"),
+    ("file:///tmp/x", "plain path"),
+])
+def test_storage_urls_are_checked_before_any_folder_is_made(tmp_path, storage, says):
+    rc, out, err = cli(tmp_path, "--space", "smoke", "--storage", storage)
+    assert rc == 2 and err.startswith("error: --storage") and says in err, err
+    assert "Traceback" not in err + out
+    assert list(tmp_path.iterdir()) == [], list(tmp_path.iterdir())   # no local "s3:" folder, nothing at all
+
+
+def test_a_trial_no_node_can_hold_is_refused_and_leaves_the_name_free(tmp_path, cache_dir):
+    space = space_file(tmp_path, "huge", resources={"cpu": 64, "gpu": 0})
+    p = run_study(tmp_path, cache_dir, "--space", space, "--num-cpus", "2", check=False)
+    assert p.returncode == 2 and "64 CPU" in p.stderr and "--num-cpus" in p.stderr, p.stderr[-2000:]
+    assert "Traceback" not in p.stderr
+    assert not (tmp_path / "studies" / "huge" / "study.json").exists()
+
+
+@pytest.mark.slow
+def test_every_trial_failing_is_a_failed_run(tmp_path, cache_dir):
+    # Every trial ends as ERROR (an unknown compile mode is each trial's ConfigError): the run exits 3.
+    space = space_file(tmp_path, "fails", num_samples=2, pruner={"name": "none"}, params={"epochs": 1})
+    p = run_study(tmp_path, cache_dir, "--space", space, "--num-cpus", "2", check=False,
+                  env={"COLORIZE_COMPILE": "sideways"})
+    assert p.returncode == 3, p.stdout[-2000:] + p.stderr[-3000:]
+    assert "error: no trial of the study finished (2 ERROR" in p.stderr and "COLORIZE_COMPILE" in p.stderr
+    assert "best configuration" not in p.stdout and "Traceback" not in p.stderr
+
+
+def _start(tmp_path, cache_dir, space, *args):
+    cmd = [PYTHON, "-m", "study.run", "--space", space, "--storage", str(tmp_path / "studies"),
+           "--cache-dir", str(cache_dir), "--num-cpus", "2", *args]
+    return subprocess.Popen(cmd, cwd=tmp_path, env=python_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+
+
+def _stop_when_an_epoch_is_in(proc, study: Path, signum: int) -> tuple[int, str, str]:
+    deadline = time.time() + 240
+    try:
+        while time.time() < deadline:
+            assert proc.poll() is None, proc.communicate()
+            try:
+                trials = pd.read_parquet(study / "results" / "trials.parquet")
+                if (trials.epochs_run.fillna(0) >= 1).any():
+                    break
+            except (FileNotFoundError, OSError, KeyError, AttributeError):
+                pass
+            time.sleep(0.3)
+        else:
+            pytest.fail("the study made no progress")
+        os.kill(proc.pid, signum)
+        out, err = proc.communicate(timeout=180)
+        time.sleep(2)
+        left = [p for p in session_processes(proc.pid) if p[0] != proc.pid]
+        assert not left, left   # no Ray process outlives the driver
+        return proc.returncode, out, err
+    finally:
+        kill_session(proc.pid)
+
+
+@pytest.mark.slow
+def test_ctrl_c_and_sigterm_stop_cleanly_and_resume_uses_the_edited_space(tmp_path, cache_dir):
+    study = tmp_path / "studies" / "stops"
+    space = space_file(tmp_path, "stops", num_samples=6, max_concurrent=1, pruner={"name": "none"},
+                       sampler={"name": "random"}, params={"epochs": 4})
+    rc, out, err = _stop_when_an_epoch_is_in(_start(tmp_path, cache_dir, space), study, signal.SIGINT)
+    assert rc == 130, err[-3000:]
+    assert "stopped by SIGINT" in err and "Tuner.restore" not in out + err and "Traceback" not in err
+    assert "best configuration" not in out
+    command = err.strip().splitlines()[-1].strip()
+    assert command.startswith("python -m study.run") and command.endswith("--resume"), command
+    before = pd.read_parquet(study / "results" / "trials.parquet")
+    assert len(before) < 6
+
+    # Edit the space: a narrower lr range and 2 epochs. New trials are drawn from it, as the note says.
+    raw = yaml.safe_load(Path(space).read_text())
+    raw["params"].update(lr={"loguniform": [1.0e-4, 2.0e-4]}, epochs=2)
+    Path(space).write_text(yaml.safe_dump(raw))
+    argv = shlex.split(command)[3:] + ["--cache-dir", str(cache_dir), "--num-cpus", "2"]
+    proc = subprocess.Popen(
+        [PYTHON, "-m", "study.run", *argv], cwd=tmp_path, env=python_env(), stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True, start_new_session=True)
+    rc, out, err = _stop_when_an_epoch_is_in_new(proc, study, before, signal.SIGTERM)
+    assert rc == 143, err[-3000:]
+    assert "changed since the study started" in err and "new trials are drawn from the file as it is now" in err
+    assert "stopped by SIGTERM" in err and "Traceback" not in err and "core dumped" not in err.lower()
+    meta = json.loads((study / "study.json").read_text())
+    assert len(meta["space_changes"]) == 1
+
+    p = subprocess.run([PYTHON, "-m", "study.run", *argv], cwd=tmp_path, env=python_env(), capture_output=True,
+                       text=True, timeout=400)
+    assert p.returncode == 0, p.stderr[-3000:]
+    after = pd.read_parquet(study / "results" / "trials.parquet")
+    assert len(after) == 6 and set(after.status) == {"DONE"}, after[["trial_id", "status"]]
+    new = after[~after.trial_id.isin(before.trial_id)]
+    started_after_edit = new[new.epochs == 2]
+    assert len(started_after_edit) >= 1
+    assert started_after_edit.lr.between(1.0e-4, 2.0e-4).all(), started_after_edit.lr
+    # Optuna agrees: those trials were drawn from the new range.
+    url = f"sqlite:///{study / 'optuna.db'}"
+    ot = {t.number: t for t in optuna.load_study(study_name="stops", storage=url).get_trials()}
+    for row in started_after_edit.itertuples():
+        assert 1.0e-4 <= ot[row.optuna_number].params["lr"] <= 2.0e-4
+
+
+def _stop_when_an_epoch_is_in_new(proc, study, before, signum):
+    """As _stop_when_an_epoch_is_in, once a trial the first run did not start has an epoch."""
+    deadline = time.time() + 300
+    try:
+        while time.time() < deadline:
+            assert proc.poll() is None, proc.communicate()
+            try:
+                trials = pd.read_parquet(study / "results" / "trials.parquet")
+                new = trials[~trials.trial_id.isin(before.trial_id)]
+                if (new.epochs_run.fillna(0) >= 1).any():
+                    break
+            except (FileNotFoundError, OSError, KeyError, AttributeError):
+                pass
+            time.sleep(0.3)
+        else:
+            pytest.fail("the resumed study started no new trial")
+        os.kill(proc.pid, signum)
+        out, err = proc.communicate(timeout=180)
+        time.sleep(2)
+        assert not [p for p in session_processes(proc.pid) if p[0] != proc.pid]
+        return proc.returncode, out, err
+    finally:
+        kill_session(proc.pid)
+
+
+@pytest.mark.slow
+def test_resume_needs_the_studys_own_optuna_database(tmp_path, cache_dir):
+    space = space_file(tmp_path, "own", num_samples=1, pruner={"name": "none"}, params={"epochs": 1})
+    run_study(tmp_path, cache_dir, "--space", space, "--num-cpus", "2")
+    db = tmp_path / "studies" / "own" / "optuna.db"
+    db.rename(db.with_suffix(".bak"))
+    p = run_study(tmp_path, cache_dir, "--space", space, "--resume", check=False)
+    assert p.returncode == 2 and "optuna.db is missing" in p.stderr and "Traceback" not in p.stderr, p.stderr
+    optuna.create_study(study_name="someone-else", storage=f"sqlite:///{db}")
+    p = run_study(tmp_path, cache_dir, "--space", space, "--resume", check=False)
+    assert p.returncode == 2 and "holds no study 'own'" in p.stderr and "someone-else" in p.stderr, p.stderr
+    db.unlink()
+    db.with_suffix(".bak").rename(db)
+    assert run_study(tmp_path, cache_dir, "--space", space, "--resume").returncode == 0
