@@ -34,7 +34,9 @@ KEYS = {
 }
 
 # RUNNING: started, not finished (or the driver stopped while it ran). PRUNED trials are finished results.
-STATUSES = ("RUNNING", "DONE", "PRUNED", "ERROR")
+# STOPPED: stopped by the study's time budget at an epoch's end with a checkpoint; --resume continues it
+# (not a failure, and not finished: Optuna is told nothing until it ends).
+STATUSES = ("RUNNING", "DONE", "PRUNED", "ERROR", "STOPPED")
 FINISHED = ("DONE", "PRUNED")
 
 # What a trial reports after every epoch (besides ``epoch`` and ``seconds``).

@@ -146,12 +146,15 @@ def epoch_row(m: Member, epoch: int, fetched: list[float], val: EvalSplit, test:
 def run_members(cfgs: list[TrialConfig], *, single: bool, data_root: str | None = None,
                 cache_dir: str | Path | None = None, device: str | None = None, report: RunReport | None = None,
                 resume_from: Path | str | None = None, splits: Splits | None = None,
-                log: Callable[[str], None] = print, work_dir: Path | str | None = None) -> list[Member]:
+                log: Callable[[str], None] = print, work_dir: Path | str | None = None,
+                checkpoint_now: Callable[[], bool] | None = None) -> list[Member]:
     """Train ``cfgs`` (sharing study.pack.STRUCTURE) together until each has run its epochs, diverged
     or been stopped by ``report``; returns the members, with their histories.
 
     ``single``: one trial's layout and rules: its checkpoint at the folder's root, and divergence raises
     NonFiniteLossError (a pack member instead leaves with ``"error"`` in its row).
+    ``checkpoint_now()``: asked after each epoch; True writes a checkpoint whatever else is due (a study's
+    time budget is spent, and the run stops at this epoch's end).
     """
     for c in cfgs:
         c.validate()
@@ -218,7 +221,8 @@ def run_members(cfgs: list[TrialConfig], *, single: bool, data_root: str | None 
                 m.status = "error"
             elif epoch >= m.cfg.epochs:
                 m.status = "done"
-            due = due or checkpoint_due(epoch, m.cfg.epochs, row["best_epoch"] == epoch, last_saved, last_saved_at)
+            due = due or checkpoint_due(epoch, m.cfg.epochs, row["best_epoch"] == epoch, last_saved, last_saved_at) \
+                or (checkpoint_now is not None and checkpoint_now())
             rows[m.index] = dict(row)
         _log_epoch(log, single, epoch, active, rows, val, seconds)
 

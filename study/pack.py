@@ -53,7 +53,8 @@ def check_structure(cfgs: list[TrialConfig]) -> None:
 def run_pack(cfgs: list[TrialConfig], *, data_root: str | None = None, cache_dir: str | Path | None = None,
              device: str | None = None, report: PackReport | None = None, resume_from: Path | str | None = None,
              splits: Splits | None = None, log: Callable[[str], None] = print,
-             work_dir: Path | str | None = None) -> list[list[dict]]:
+             work_dir: Path | str | None = None, checkpoint_now: Callable[[], bool] | None = None
+             ) -> list[list[dict]]:
     """Train the members of ``cfgs`` as one fused model; returns each member's epoch rows.
 
     ``report(rows, folder)`` is called once per epoch with ``{member index: epoch row}`` for every member
@@ -65,5 +66,6 @@ def run_pack(cfgs: list[TrialConfig], *, data_root: str | None = None, cache_dir
         c.validate()
     check_structure(cfgs)
     members = run_members(cfgs, single=False, data_root=data_root, cache_dir=cache_dir, device=device,
-                          report=report, resume_from=resume_from, splits=splits, log=log, work_dir=work_dir)
+                          report=report, resume_from=resume_from, splits=splits, log=log, work_dir=work_dir,
+                          checkpoint_now=checkpoint_now)
     return [m.history for m in members]

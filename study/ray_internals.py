@@ -7,6 +7,7 @@ loudly there and not in a user's study.
 - ``save_state_after_this_step``: Tune has no public call to save the experiment state now.
 - ``announce_actor_name``: Ray's log prefix marker for an actor's lines.
 - ``rebase_search_state``: the storage pickled in Tune's ``search_gen_state-*.json``.
+- ``saved_total_trials`` / ``set_total_trials``: the search's total and "finished" flag in that file.
 """
 from __future__ import annotations
 
@@ -94,6 +95,45 @@ def rebase_search_state(path: str, fs: pafs.FileSystem) -> int:
             continue
         storage.storage_filesystem, storage.storage_fs_path, storage.experiment_dir_name = fs, parent, name
         tmp = f"{parent}/{name}/.{info.base_name}.tmp"
+        with fs.open_output_stream(tmp) as f:
+            f.write(cloudpickle.dumps(state))
+        fs.move(tmp, info.path)
+        changed += 1
+    return changed
+
+
+def _search_gen_states(path: str, fs: pafs.FileSystem):
+    """(file info, state) of Tune's ``search_gen_state-*.json`` files: cloudpickled dicts whose
+    ``counter`` (trials created), ``total_samples`` and ``finished`` are the search's progress."""
+    import ray.cloudpickle as cloudpickle
+    for info in fs.get_file_info(pafs.FileSelector(path)):
+        if info.base_name.startswith("search_gen_state-") and info.type == pafs.FileType.File:
+            with fs.open_input_stream(info.path) as f:
+                yield info, cloudpickle.loads(f.read())
+
+
+def saved_total_trials(path: str, fs: pafs.FileSystem) -> tuple[int, int] | None:
+    """(Tune trials created, Tune trials in all) as Tune saved them; None without a saved search."""
+    newest = max(_search_gen_states(path, fs), key=lambda x: x[0].base_name, default=None)
+    if newest is None:
+        return None
+    state = newest[1]
+    return int(state.get("counter", 0)), int(state.get("total_samples", 0))
+
+
+def set_total_trials(path: str, fs: pafs.FileSystem, total: int) -> int:
+    """Give a restored study ``total`` Tune trials in all: Tune restores its search's total and its
+    "finished" flag from ``search_gen_state-*.json`` and has no public call to raise them, so a finished
+    study could never run more trials. Returns the files changed."""
+    import ray.cloudpickle as cloudpickle
+    changed = 0
+    for info, state in list(_search_gen_states(path, fs)):
+        if state.get("total_samples") == total:
+            continue
+        state["total_samples"] = total
+        state["finished"] = int(state.get("counter", 0)) >= total
+        parent = path.rstrip("/")
+        tmp = f"{parent}/.{info.base_name}.tmp"
         with fs.open_output_stream(tmp) as f:
             f.write(cloudpickle.dumps(state))
         fs.move(tmp, info.path)

@@ -42,24 +42,39 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--space", default="full", help="space name in search_spaces/ or a path to a .yaml file")
     p.add_argument("--name", help="study name (default: the space's name)")
     p.add_argument("--storage", default="studies",
-                   help="where studies live: a local folder or a pyarrow URI such as s3://bucket/prefix")
-    p.add_argument("--data-root", help="folder holding <dataset>/<split>/<class>/*.jpg (or $COLORIZE_DATA_ROOT)")
-    p.add_argument("--cache-dir", help="decoded-image cache on each node (default ./.cache)")
-    p.add_argument("--num-samples", type=int, help="trials to run, >= 1 (default: the space's)")
+                   help="where studies live: a local folder or a URL s3://<bucket>/<prefix>, gs://, hdfs://, "
+                        "abfs:// (default: studies)")
+    p.add_argument("--data-root", help="folder holding <dataset>/<split>/<class>/*.jpg "
+                                       "(default: $COLORIZE_DATA_ROOT, else the datasets are downloaded)")
+    p.add_argument("--cache-dir", help="decoded-image cache on each node (default: $COLORIZE_CACHE_DIR, else ./.cache)")
+    p.add_argument("--num-samples", type=int,
+                   help="trials to run, >= 1 (default: the space's); with --resume, the study's new total "
+                        "(more trials for a finished study)")
+    p.add_argument("--time-budget",
+                   help="the study's running time: 90m, 2h, 1d, 1h30m or seconds, or none; counted across "
+                        "interruptions and resumes; with --resume, a new budget from now (default: the space's "
+                        "time_budget, else none)")
+    p.add_argument("--plan", action="store_true",
+                   help="print the study's plan and an estimate of its time from a short calibration on this "
+                        "machine, then stop: nothing is written and no study starts")
+    p.add_argument("--verbose", action="store_true", help="also show Ray Tune's own progress tables and messages")
     p.add_argument("--max-concurrent", type=int, help="trials at once, >= 1 (default: the space's)")
     p.add_argument("--gpus-per-trial", type=float,
                    help="GPUs per trial, >= 0, fractions allowed (default: the space's)")
     p.add_argument("--cpus-per-trial", type=float, help="CPUs per trial, > 0 (default: the space's)")
     p.add_argument("--pack", type=int,
                    help="trials trained together as one fused model, >= 1 (default: the space's `pack`)")
-    p.add_argument("--address", help="connect to an existing Ray cluster (e.g. auto, or ray://host:10001)")
-    p.add_argument("--num-cpus", type=int, help="CPUs of the local Ray instance (no --address)")
-    p.add_argument("--num-gpus", type=int, help="GPUs the local Ray instance advertises (no --address)")
+    p.add_argument("--address", help="connect to an existing Ray cluster (e.g. auto, or ray://host:10001) "
+                                     "(default: inside a Ray job the job's cluster, else a private local Ray)")
+    p.add_argument("--num-cpus", type=int, help="CPUs of the local Ray instance (no --address) (default: all)")
+    p.add_argument("--num-gpus", type=int,
+                   help="GPUs the local Ray instance advertises (no --address) (default: all)")
     p.add_argument("--optuna-storage",
                    help="Optuna RDB URL (default: optuna.db in the study folder); a password in it is never "
                         "printed or stored: on --resume pass the URL again, or use $PGPASSWORD / ~/.pgpass")
-    p.add_argument("--resume", action="store_true", help="continue the study after an interruption")
-    p.add_argument("--seed", type=int, default=0, help="seed of Optuna's sampler")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the study after an interruption, a time budget or its end (default: off)")
+    p.add_argument("--seed", type=int, default=0, help="seed of Optuna's sampler (default: 0)")
     cli.add_debug(p)
     return p
 
@@ -127,6 +142,73 @@ def best_table(root: str) -> str:
     return best[[c for c in cols if c in best]].to_string(index=False, float_format=lambda v: f"{v:.4g}")
 
 
+STATUS_FILE = "status.json"   # study.tune_progress writes it beside study.json
+
+
+def time_budget(args, meta: dict | None, space, clock, parse_duration) -> dict:
+    """The study's time budget as study.json records it: ``{"seconds": B or None, "granted_at_s": S}``, a
+    budget of B seconds of running time from the study's running time S. ``--time-budget`` on a resume
+    grants a new one from now; without it a resumed study keeps its own, and one already spent is refused."""
+    recorded = (meta or {}).get("time_budget") or {"seconds": None, "granted_at_s": 0.0}
+    if args.time_budget is not None:
+        return {"seconds": parse_duration(args.time_budget), "granted_at_s": clock.spent_before_s}
+    if meta is None or not args.resume:
+        return {"seconds": space.time_budget_s, "granted_at_s": 0.0}
+    clock.budget_s, clock.granted_at_s = recorded.get("seconds"), float(recorded.get("granted_at_s") or 0.0)
+    if clock.expired(clock.started):
+        raise UsageError(f"--resume: the study's time budget ({recorded['seconds']:g} s of running time) is spent; "
+                         f"give it more with --time-budget (e.g. --time-budget 1h, counted from now) or run it "
+                         f"to the end with --time-budget none (nothing was changed)")
+    return recorded
+
+
+def more_trials(root: str, meta: dict, wanted: int, saved: tuple[int, int] | None) -> int:
+    """``--resume --num-samples N``: the study's new total of trials (models); lowering it below what
+    already started is refused."""
+    pack = int(meta.get("pack", 1))
+    started = (saved[0] if saved else 0) * pack
+    if wanted < started:
+        raise UsageError(f"--num-samples {wanted}: the study at {root} already started {started} trials; give "
+                         f"at least {started} (its total is {meta.get('num_samples')}), or leave it out")
+    if wanted != meta.get("num_samples"):
+        print(f"note: the study's total goes from {meta.get('num_samples')} to {wanted} trials; the sampler "
+              f"goes on from everything the study already knows")
+    return wanted
+
+
+def print_plan(args, space, meta: dict | None) -> int:
+    """``--plan``: the study's plan and an estimate of its time, from a short calibration here; nothing is
+    written and no Ray starts."""
+    from study import plan
+
+    resources = dict(space.resources)
+    if args.gpus_per_trial is not None:
+        resources["gpu"] = args.gpus_per_trial
+    if args.cpus_per_trial is not None:
+        resources["cpu"] = args.cpus_per_trial
+    num_samples = args.num_samples or (meta or {}).get("num_samples") or space.num_samples
+    cpus = args.num_cpus or os.cpu_count() or 1
+    try:
+        import torch
+        gpus = args.num_gpus if args.num_gpus is not None else torch.cuda.device_count()
+    except ImportError:
+        gpus = 0
+    if not gpus:
+        resources["gpu"] = 0
+    pack = args.pack or (meta or {}).get("pack") or space.pack_for(gpu=resources.get("gpu", 0) > 0)
+    estimate = plan.estimate(space, num_samples=num_samples,
+                             max_concurrent=args.max_concurrent or space.max_concurrent, resources=resources,
+                             pack=pack, cluster_resources={"CPU": float(cpus), "GPU": float(gpus)},
+                             time_budget_s=parse_budget_arg(args.time_budget, space))
+    print(plan.format_plan(estimate))
+    return 0
+
+
+def parse_budget_arg(text, space) -> float | None:
+    from study.tune_progress import parse_duration
+    return parse_duration(text) if text is not None else space.time_budget_s
+
+
 def _main(argv: list[str]) -> int:
     args = parser().parse_args(argv)
     check_options(args)
@@ -189,6 +271,8 @@ def _main(argv: list[str]) -> int:
                              f"a resumed study keeps its pack size (leave --pack out)")
         url = runtime_url(meta["optuna_storage"], root, given_url)
         check_resume_database(url, meta["optuna_study_name"])
+        if args.num_samples is not None:
+            meta["num_samples"] = more_trials(root, meta, args.num_samples, tb.saved_total_trials(root))
         if space_changed:
             problems = space_change_problems(space, url, meta["optuna_study_name"])
             if problems:
@@ -198,6 +282,14 @@ def _main(argv: list[str]) -> int:
             print(f"note: {space.path} changed since the study started: trials already started keep their "
                   f"configuration, and new trials are drawn from the file as it is now (recorded in study.json "
                   f"under space_changes)", file=sys.stderr)
+    from study.results import read_json as _read
+    from study.tune_progress import StudyClock, parse_duration
+
+    status = (_read(root, STATUS_FILE) or {}) if meta is not None else {}
+    clock = StudyClock(spent_before_s=float(status.get("elapsed_s") or 0.0))
+    budget = time_budget(args, meta, space, clock, parse_duration)
+    if args.plan:
+        return print_plan(args, space, meta)
     data_root = str(Path(args.data_root).resolve()) if args.data_root else os.environ.get("COLORIZE_DATA_ROOT")
     if data_root and not Path(data_root).is_dir() and "://" not in data_root:
         raise UsageError(f"--data-root {data_root} is not a folder; give the folder holding cifar10/ and "
@@ -246,6 +338,9 @@ def _main(argv: list[str]) -> int:
                     "resources": resources, "data_root": data_root,
                     "grayscale": grayscale_rule(),   # left out of the splits, or kept: see study.data
                     "command": " ".join(masked(a) if "://" in a else a for a in sys.argv)}
+        meta["time_budget"] = budget
+        clock.budget_s, clock.granted_at_s = budget["seconds"], budget["granted_at_s"]
+        clock.started = time.time()
         storage_url = runtime_url(meta["optuna_storage"], root, given_url)
         packs = f" in packs of {meta['pack']}" if meta.get("pack", 1) > 1 else ""
         print(f"study {name}: space {space.name}, {meta['num_samples']} trials{packs}, {resources} per trial, "
@@ -256,21 +351,26 @@ def _main(argv: list[str]) -> int:
             max_concurrent=args.max_concurrent or meta.get("max_concurrent") or space.max_concurrent,
             resources=resources, data_root=data_root, cache_dir=cache_dir, resume=args.resume,
             pack=meta.get("pack", 1), cluster=bool(address), objectives=space.objectives,
-            grayscale=meta.get("grayscale", "kept"))
+            grayscale=meta.get("grayscale", "kept"), clock=clock, verbose=args.verbose)
         if space_changed:
             meta.setdefault("space_changes", []).append(
                 {"sha256": space_hash(space.path), "resumed": time.strftime("%Y-%m-%d %H:%M:%S")})
-        if not args.resume or space_changed:
-            # Only now: a run that failed before this point has not used the study's name up.
-            write_json(root, "study.json", meta)
+        # Only now: a run that failed before this point has not used the study's name up.
+        write_json(root, "study.json", meta)
         cli.work_started()
         tuner.fit()
+        budget_stopped = tb.budget_stopped()
+        tb.final_status("stopped" if signals.received else "budget" if budget_stopped else "finished")
         tb.shutdown()   # no Ray process of ours outlives the study, however it ended
     resume_cmd = stopping.resume_command(root, args.storage, name, space, given_url)
     if signals.received:   # not the "best" table of a study that did not finish
         stopped = stopping.Stopped(signals.received, resume_cmd)
         print(f"\n{stopped}", file=sys.stderr)
         return stopped.exit_status
+    if budget_stopped:
+        print(f"\n{stopping.budget_summary(root, clock)}\n  {resume_cmd} --time-budget 1h   "
+              f"(or another budget, or --time-budget none)")
+        return 0
     try:
         stopping.check_outcome(root)
     except stopping.NoTrialFinished as e:   # a Ray job shows FAILED

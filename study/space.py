@@ -24,6 +24,9 @@ plain name; the ``by`` parameter decides the case); parameters an entry leaves o
 With ``num_samples`` equal to the list's length the study is exactly those configurations (an
 ablation). Not with packs (members of a pack share one structure).
 
+``time_budget``: the study's running time (``90m``, ``2h``, ``1d`` or seconds), counted across
+interruptions and resumes; ``python -m study.run --time-budget`` overrides it.
+
 ``objectives``: two or more of ``val_psnr_gain`` (fidelity) and ``val_colourfulness``
 (vividness) make a multi-objective study (a Pareto front; sampler ``nsga2`` or ``tpe``).
 Optuna's pruners take one objective, so such a space must say ``pruner: {name: none}``.
@@ -56,7 +59,7 @@ DISTRIBUTIONS = ("choice", "int", "uniform", "loguniform")
 PRUNERS = ("none", "median", "successive_halving", "hyperband")
 SAMPLERS = ("tpe", "random", "grid", "nsga2")
 TOP_KEYS = {"description", "params", "sampler", "pruner", "num_samples", "max_concurrent", "resources",
-            "max_failures", "pack", "enqueue", "objectives"}
+            "max_failures", "pack", "enqueue", "objectives", "time_budget"}
 # Options a space file must not set: the study supplies them (seed, grid) or YAML cannot express them.
 RESERVED_OPTIONS = {"seed", "search_space", "weights", "gamma", "constraints_func", "name"}
 CONFIG_FIELDS = {f.name: f for f in fields(TrialConfig)}
@@ -120,6 +123,7 @@ class Space:
     pack: dict = field(default_factory=lambda: {"cpu": 1, "gpu": 1})   # pack size by device kind
     enqueue: list[dict] = field(default_factory=list)   # configurations tried first, plain names
     objectives: tuple[str, ...] = ()                     # () : maximise val_psnr; 2+: a Pareto front
+    time_budget_s: float | None = None                   # the study's running time budget (None: none)
 
     def pack_for(self, gpu: bool) -> int:
         """The pack size when each trial gets a GPU (``gpu``) or runs on CPUs."""
@@ -352,6 +356,12 @@ def parse_space(raw: Any, path: Path) -> Space:
     _check_depths(space, fail)
     space.objectives = _objectives(raw.get("objectives"), space, fail)
     space.enqueue = _enqueue(raw.get("enqueue", []), space, fail)
+    if raw.get("time_budget") is not None:
+        from study.tune_progress import parse_duration
+        try:
+            space.time_budget_s = parse_duration(raw["time_budget"], "time_budget")
+        except ValueError as e:
+            fail("time_budget", str(e).removeprefix("time_budget "))
     return space
 
 

@@ -62,6 +62,16 @@ class Signals:
             print(resume_hint_unknown(), file=sys.stderr)
 
 
+def request_graceful_stop() -> bool:
+    """End Ray Tune's loop after its current step, as Ctrl-C would, through Tune's own SIGUSR1 handler
+    (installed while ``Tuner.fit`` runs): Tune saves the experiment state and returns. False outside fit."""
+    handler = signal.getsignal(signal.SIGUSR1) if hasattr(signal, "SIGUSR1") else None
+    if not callable(handler):
+        return False
+    handler(signal.SIGUSR1, None)
+    return True
+
+
 def resume_hint_unknown() -> str:
     return "stopped at once: Ray Tune's last saved state (at most seconds old) is what --resume continues from"
 
@@ -141,3 +151,16 @@ def check_capacity(resources: dict, nodes: list[dict], fixed: bool) -> None:
     print(f"note: each trial asks for {short}, more than any node of the cluster has now (at most {largest}); "
           f"trials wait until the cluster's autoscaler adds such a node. Stop with Ctrl-C if it has none",
           file=sys.stderr)
+
+
+def budget_summary(root: str, clock) -> str:
+    """What a study stopped by its time budget did, and that it can go on."""
+    from study.results import read_table
+    from study.tune_progress import duration
+
+    trials = read_table(root, "trials")
+    counts = trials.status.value_counts().to_dict() if trials is not None else {}
+    account = ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or "no trial"
+    return (f"time budget spent ({duration(clock.budget_s)} of running time; the study has run "
+            f"{duration(clock.spent())} in all): {account}. Stopped trials kept a checkpoint at their last "
+            f"epoch; continue the study with:")

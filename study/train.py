@@ -41,7 +41,7 @@ __all__ = ["BF16_MIN_PIXELS", "CHECKPOINT_EVERY", "CHECKPOINT_FILE", "CHECKPOINT
 def run_trial(cfg: TrialConfig, *, data_root: str | None = None, cache_dir: str | Path | None = None,
               device: str | None = None, report: Report | None = None, resume_from: Path | str | None = None,
               splits: Splits | None = None, log: Callable[[str], None] = print,
-              work_dir: str | Path | None = None) -> list[dict]:
+              work_dir: str | Path | None = None, checkpoint_now: Callable[[], bool] | None = None) -> list[dict]:
     """Train ``cfg`` for ``cfg.epochs`` epochs (continuing from ``resume_from``); returns the epoch rows.
 
     ``report(row, folder)`` is called once per epoch; ``folder`` is a temporary checkpoint folder under
@@ -54,7 +54,7 @@ def run_trial(cfg: TrialConfig, *, data_root: str | None = None, cache_dir: str 
 
     (member,) = run_members([cfg], single=True, data_root=data_root, cache_dir=cache_dir, device=device,
                             report=each if report is not None else None, resume_from=resume_from, splits=splits,
-                            log=log, work_dir=work_dir)
+                            log=log, work_dir=work_dir, checkpoint_now=checkpoint_now)
     return member.history
 
 

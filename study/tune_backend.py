@@ -69,7 +69,7 @@ def _experiment_path(study_root: str) -> tuple[str, pafs.FileSystem]:
 def build_tuner(*, study_root: str, space: Space, seed: int, storage_url: str, optuna_study_name: str,
                 num_samples: int, max_concurrent: int, resources: dict, data_root, cache_dir,
                 resume: bool, pack: int = 1, cluster: bool = False, objectives: tuple[str, ...] = (),
-                grayscale: str = "left out"):
+                grayscale: str = "left out", clock=None, verbose: bool = False):
     """A Tuner for the study at ``study_root`` (``num_samples`` counts models: packs of ``pack`` each).
 
     ``grayscale``: the study's rule for grayscale photos ("left out" or "kept", study.data.grayscale_rule),
@@ -82,17 +82,25 @@ def build_tuner(*, study_root: str, space: Space, seed: int, storage_url: str, o
     ``objectives``: two or more names of ``study.contract.OBJECTIVES`` make a multi-objective study
     (Optuna's multi-objective samplers, e.g. TPE or NSGA-II; no pruning: Optuna's pruners take one
     objective); empty: maximise METRIC with the space's pruner.
+    ``clock``: the study's running time and time budget (study.tune_progress.StudyClock); its deadline
+    reaches every trial, which stops at the first epoch's end past it with a checkpoint.
+    On ``resume`` with a larger ``num_samples`` than Ray's saved state holds, the study gets more trials.
     """
     if pack < 1:
         raise ConfigError(f"pack={pack}: a pack holds at least one trial")
+    if not verbose:
+        # Tune's banner ("View detailed results here", a TensorBoard hint at a temporary folder) and
+        # tables: the study's own progress lines (study.tune_progress) say what matters, in plain text.
+        os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
     parent, fs, name = storage_args(study_root)
     decisions = actor = None
     if pack > 1:
         decisions = f"colorize-pack-decisions-{uuid.uuid4().hex[:12]}"
         actor = PackDecisions.options(name=decisions).remote()
     bind_driver(Driver(storage_url=storage_url, space=space, study_root=study_root, data_root=data_root,
-                       cache_dir=cache_dir, cluster=cluster, decisions=actor))
-    fn = make_trainable(space, data_root, cache_dir, resources, decisions, grayscale)
+                       cache_dir=cache_dir, cluster=cluster, decisions=actor, total=num_samples, clock=clock))
+    fn = make_trainable(space, data_root, cache_dir, resources, decisions, grayscale,
+                        deadline=clock.deadline if clock is not None else None)
     import optuna
     storage = optuna.storages.RDBStorage(storage_url)
     study = open_study(storage, optuna_study_name, space, seed, objectives)
@@ -103,6 +111,7 @@ def build_tuner(*, study_root: str, space: Space, seed: int, storage_url: str, o
     if resume:
         path, fs = _experiment_path(study_root)
         ray_internals.rebase_search_state(path, fs)
+        ray_internals.set_total_trials(path, fs, math.ceil(num_samples / pack))
         return tune.Tuner.restore(path, trainable=fn, resume_unfinished=True, resume_errored=True,
                                   storage_filesystem=fs)
     if len(objectives) > 1 and space.pruner.get("name", "none") != "none":
@@ -120,7 +129,7 @@ def build_tuner(*, study_root: str, space: Space, seed: int, storage_url: str, o
                                     reuse_actors=True,
                                     trial_name_creator=trial_name, trial_dirname_creator=trial_name),
         run_config=tune.RunConfig(
-            name=name, storage_path=parent, storage_filesystem=fs, verbose=0,
+            name=name, storage_path=parent, storage_filesystem=fs, verbose=1 if verbose else 0,
             callbacks=[ResultsCallback(searcher)],
             failure_config=tune.FailureConfig(max_failures=space.max_failures),
             # Keep the best epoch (by val PSNR; colorize uses it) besides the latest (resume uses it).
@@ -130,6 +139,28 @@ def build_tuner(*, study_root: str, space: Space, seed: int, storage_url: str, o
                                                     checkpoint_score_order="max") if pack == 1
             else tune.CheckpointConfig()),
     )
+
+
+def budget_stopped() -> bool:
+    """Whether the study's time budget ended this run (study.tune_results stopped it)."""
+    from study import tune_searcher
+    return bool(tune_searcher._driver is not None and tune_searcher._driver.budget_stopped)
+
+
+def final_status(state: str) -> dict | None:
+    """The study's last progress line and status.json ("finished", "stopped" or "budget")."""
+    results = _driver_results()
+    return results.final_status(state) if results is not None else None
+
+
+def _driver_results():
+    from study import tune_searcher
+    return tune_searcher._driver.results if tune_searcher._driver is not None else None
+
+
+def saved_total_trials(study_root: str) -> int | None:
+    path, fs = _experiment_path(study_root)
+    return ray_internals.saved_total_trials(path, fs)
 
 
 def can_resume(study_root: str) -> bool:

@@ -14,12 +14,12 @@ import pandas as pd
 import pyarrow.fs as pafs
 from ray.tune import Callback, Checkpoint
 
-from study.contract import best_trials
 from study.data import DataError, load_splits
 from study.models import ConfigError
-from study.results import ResultsWriter, epoch_row, preview_rows, resolve, trial_row
+from study.results import ResultsWriter, epoch_row, preview_rows, resolve, trial_row, write_json
 from study.train import original_previews
-from study.tune_searcher import ERROR_KEY, MEMBERS_KEY, OptunaSearcher, driver, member_id
+from study.tune_progress import STATUS_FILE, progress_line, status_record
+from study.tune_searcher import ERROR_KEY, MEMBERS_KEY, PARKED_KEY, OptunaSearcher, driver, member_id
 
 
 def _relative(path: str, root: str) -> str:
@@ -45,6 +45,10 @@ class ResultsCallback(Callback):
     def __getstate__(self):  # Tune pickles callbacks; tables and what is known of trials are read again
         return {**self.__dict__, "_writer": None, "_meta": {}, "_noted": set()}
 
+    # This run's throughput and pace (progress line, status.json), counted from setup.
+    _images = 0.0
+    _ended_in_run = 0
+
     # The driver that runs now: where the study and its data are, and the space as it is now.
     study = property(lambda self: driver().study_root)
     space = property(lambda self: driver().space)
@@ -61,6 +65,8 @@ class ResultsCallback(Callback):
     def setup(self, **info):
         self._writer = ResultsWriter(self.study)
         self._orphans_checked = False
+        self._images, self._ended_in_run, self._run_started = 0.0, 0, time.time()
+        driver().results = self
 
     def on_step_begin(self, iteration, trials, **info):
         if getattr(self, "_orphans_checked", True):
@@ -187,6 +193,10 @@ class ResultsCallback(Callback):
             self.writer.add_epochs(mid, [epoch_row(mid, row)])
             if row.get("error"):
                 meta.setdefault("member_errors", {})[int(key)] = row["error"]
+        # Model-images trained this epoch: every member still in the trial trained on the split once.
+        self._images += float(result.get("train_images", 0) or 0) * len(members)
+        if result.get(PARKED_KEY):
+            meta["parked"] = True   # stopped at this epoch's end by the time budget, its checkpoint saved
         meta.update(
             device=result.get("device", ""), node_id=result.get("node_id", ""),
             gpu_ids=result.get("gpu_ids", ""), wall_time_s=float(result.get("time_total_s", float("nan"))),
@@ -228,35 +238,60 @@ class ResultsCallback(Callback):
         else:
             self._stage_trial(trial)   # each member's own end (told to Optuna as it left the pack)
         self.writer.flush()
+        self._ended_in_run += self._pack(trial)
         self._progress(trials, force=True)
 
     def on_trial_error(self, iteration, trials, trial, **info):
         self._stage_trial(trial, "ERROR", _error_text(trial))
         self.writer.flush()
+        self._ended_in_run += self._pack(trial)
         self._progress(trials, force=True)
 
     def on_step_end(self, iteration, trials, **info):
         if self._writer is not None:
             self._writer.flush()   # the trials table at most once per step of Tune's loop
+        self._check_budget(trials)
+        self._progress(trials)
+
+    def _check_budget(self, trials) -> None:
+        """Once the time budget is spent (no new trial starts then) and every running trial has stopped at
+        an epoch's end with a checkpoint ("parked"), record them as STOPPED and end the study the way
+        Ctrl-C does: Tune saves its state, and --resume continues the stopped trials from their checkpoints."""
+        d = driver()
+        if d.clock is None or d.budget_stopped or not d.clock.expired():
+            return
+        running = [t for t in trials if t.status == "RUNNING"]
+        if not all(self._meta.get(t.trial_id, {}).get("parked") for t in running):
+            return
+        from study import stopping
+        d.budget_stopped = True
+        for t in running:
+            self._stage_trial(t, "STOPPED")
+        self.writer.flush()
+        self._progress(trials, force=True)
+        stopping.request_graceful_stop()
 
     def on_experiment_end(self, trials, **info):
         self.writer.flush()
 
-    def _progress(self, trials, force: bool = False):
+    def _progress(self, trials, force: bool = False, state: str = "running") -> dict | None:
+        """Print the progress line and write status.json (every ``progress_every_s``, or now with ``force``)."""
         now = time.time()
         if not force and now - self._last_progress < self.progress_every_s:
-            return
+            return None
         self._last_progress = now
-        df = self.writer.tables["trials"]
-        counts = df.status.value_counts().to_dict() if df is not None else {}
-        line = (f"[{time.strftime('%H:%M:%S')}] trials: {len(trials)} started, {counts.get('RUNNING', 0)} running, "
-                f"{counts.get('DONE', 0)} done, {counts.get('PRUNED', 0)} pruned, {counts.get('ERROR', 0)} error")
-        best = best_trials(df)   # the contract's best rule (empty while no trial has a score)
-        if not best.empty:
-            b = best.iloc[0]
-            line += (f" | best val PSNR {b.best_val_psnr:.2f} dB (gray {b.val_gray_psnr:.2f}): {b.trial_id} "
-                     f"{b.dataset} {b.sampling} {b.output} depth {b.depth}")
-        print(line, flush=True)
+        d = driver()
+        if d.clock is None:
+            return None
+        rec = status_record(self.writer.tables["trials"], d.total, d.clock, self._images,
+                            now - getattr(self, "_run_started", now), self._ended_in_run, state)
+        print(progress_line(rec), flush=True)
+        write_json(self.study, STATUS_FILE, rec)
+        return rec
+
+    def final_status(self, state: str) -> dict | None:
+        """The study's last progress line and status.json, with how this run ended."""
+        return self._progress([], force=True, state=state)
 
 
 def _error_text(trial) -> str:

@@ -39,6 +39,7 @@ METRIC = "best_val_psnr"    # a trial's value in Optuna: its best epoch's val PS
 STEP_METRIC = "val_psnr"    # each epoch's intermediate value in Optuna: that epoch's own val PSNR
 ERROR_KEY = "trial_error"   # set in a trial's last report when it failed for a reason a retry cannot fix
 MEMBERS_KEY = "members"     # a pack's report: {str(member index): epoch row} of the members still in it
+PARKED_KEY = "budget_parked"   # set in a report when the time budget stopped the trial at this epoch's end
 STATE_OF = {"COMPLETE": "DONE", "PRUNED": "PRUNED", "FAIL": "ERROR"}   # Optuna state -> results status
 COMPLETE, PRUNED, FAIL = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED,
                           optuna.trial.TrialState.FAIL)
@@ -54,6 +55,10 @@ class Driver:
     cache_dir: str | None = None
     cluster: bool = False
     decisions: Any = None           # the PackDecisions actor handle (packs only)
+    total: int = 0                  # the study's trials (models), for progress
+    clock: Any = None               # study.tune_progress.StudyClock: running time and time budget
+    budget_stopped: bool = False    # set when the time budget stopped the study
+    results: Any = None             # the ResultsCallback of this run (set by its setup)
 
 
 _driver: Driver | None = None
@@ -223,6 +228,9 @@ class OptunaSearcher(Searcher):
         return ot, {**ot.params, **constants}
 
     def suggest(self, trial_id: str):
+        clock = driver().clock
+        if clock is not None and clock.expired():
+            return None   # the time budget is spent: no new trial (the driver stops the study)
         first, config = self._ask(trial_id)
         if self.pack == 1:
             self.numbers[trial_id] = first.number

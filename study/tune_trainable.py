@@ -22,11 +22,33 @@ from study.data import ALLOW_GRAYSCALE_ENV, Splits, default_cache_dir, default_d
 from study.models import ConfigError
 from study.space import Space
 from study.train import NonFiniteLossError, device_name, pick_device, run_trial, trial_splits
-from study.tune_searcher import ERROR_KEY, MEMBERS_KEY, METRIC
+from study.tune_searcher import ERROR_KEY, MEMBERS_KEY, METRIC, PARKED_KEY
+
+
+# How long a trial stopped by the time budget waits, its checkpoint saved, for the driver to end the study.
+PARKED_WAIT_S = 900.0
+
+
+def _budget(deadline: float | None):
+    """(checkpoint_now, park) for a trial under a time budget ending at ``deadline`` (wall clock).
+
+    checkpoint_now(): whether the epoch that just ended writes a checkpoint whatever else is due (the
+    budget is spent); park(): wait for the driver, which ends the study once every running trial has
+    reported such an epoch (a trial that would go on training would only be cut off mid-epoch)."""
+    if deadline is None:
+        return None, lambda: None
+
+    def checkpoint_now() -> bool:
+        return time.time() >= deadline
+
+    def park() -> None:
+        time.sleep(PARKED_WAIT_S)   # the driver ends the study (and this actor) long before
+
+    return checkpoint_now, park
 
 
 def trainable(config: dict, space: Space, data_root: str | None, cache_dir: str | None,
-              decisions: str | None = None, grayscale: str = "left out"):
+              decisions: str | None = None, grayscale: str = "left out", deadline: float | None = None):
     # The study's rule for grayscale photos (study.json), whatever this node's environment says: a worker
     # that decided otherwise would score its trials on other images than the study's other trials.
     if grayscale == "kept":
@@ -42,19 +64,27 @@ def trainable(config: dict, space: Space, data_root: str | None, cache_dir: str 
     checkpoint = tune.get_checkpoint()
     resume = checkpoint.to_directory() if checkpoint is not None else None
     # Ray runs a trial in its own trial folder: temporary checkpoints go there, not to /tmp.
+    checkpoint_now, park = _budget(deadline)
     common = dict(data_root=data_root, cache_dir=cache_dir, device=str(dev), resume_from=resume,
-                  log=lambda s: print(s, flush=True), work_dir=Path.cwd())
+                  log=lambda s: print(s, flush=True), work_dir=Path.cwd(), checkpoint_now=checkpoint_now)
     try:
         if "pack" in config:
-            _train_pack(config, space, common, extra, decisions)
+            _train_pack(config, space, common, extra, decisions, park)
         else:
             cfg = space.resolve(config)
+            splits = _splits_for(cfg, data_root, cache_dir)
+            extra["train_images"] = len(splits.train) if splits is not None else 0
 
             def report(row: dict, folder: Path | None) -> None:
                 ckpt = Checkpoint.from_directory(str(folder)) if folder is not None else None
-                tune.report({**row, **_objectives(row), **extra}, checkpoint=ckpt)
+                parked = ckpt is not None and checkpoint_now is not None and checkpoint_now() \
+                    and row["epoch"] < cfg.epochs
+                tune.report({**row, **_objectives(row), **extra, **({PARKED_KEY: True} if parked else {})},
+                            checkpoint=ckpt)
+                if parked:
+                    park()
 
-            run_trial(cfg, report=report, splits=_splits_for(cfg, data_root, cache_dir), **common)
+            run_trial(cfg, report=report, splits=splits, **common)
     except (ConfigError, NonFiniteLossError, torch.OutOfMemoryError) as e:
         # Retrying cannot fix these: end the trial with its reason (the study goes on).
         tune.report({ERROR_KEY: f"{type(e).__name__}: {e}", METRIC: float("nan"), "epoch": -1,
@@ -102,7 +132,7 @@ def _objectives(row: dict) -> dict:
     return {name: f(row) for name, f in OBJECTIVES.items()}
 
 
-def _train_pack(config: dict, space: Space, common: dict, extra: dict, decisions: str | None) -> None:
+def _train_pack(config: dict, space: Space, common: dict, extra: dict, decisions: str | None, park) -> None:
     from study.pack import run_pack
     cfgs = [space.resolve(c) for c in config["pack"]]
     trial_id = tune.get_context().get_trial_id()
@@ -115,15 +145,23 @@ def _train_pack(config: dict, space: Space, common: dict, extra: dict, decisions
         result = {"epoch": epoch, METRIC: max(r["best_val_psnr"] for r in rows.values()),
                   **{o: max(_objectives(r)[o] for r in rows.values()) for o in OBJECTIVES},
                   MEMBERS_KEY: members, **extra}
+        checkpoint_now = common.get("checkpoint_now")
+        parked = folder is not None and checkpoint_now is not None and checkpoint_now() and \
+            any(epoch < cfgs[k].epochs and not r.get("error") for k, r in rows.items())
+        if parked:
+            result[PARKED_KEY] = True
         tune.report(result, checkpoint=Checkpoint.from_directory(str(folder)) if folder is not None else None)
+        if parked:
+            park()
         if actor is None:
             return set()
         # The driver reports every member to Optuna and publishes whom it pruned (see module docstring).
         stop = ray.get(actor.wait.remote(trial_id, epoch, 600.0))
         return set(stop or ())
 
-    run_pack(cfgs, report=report, splits=_splits_for(cfgs[0], data_root=common["data_root"],
-                                                     cache_dir=common["cache_dir"]), **common)
+    splits = _splits_for(cfgs[0], data_root=common["data_root"], cache_dir=common["cache_dir"])
+    extra["train_images"] = len(splits.train) if splits is not None else 0
+    run_pack(cfgs, report=report, splits=splits, **common)
 
 
 def _trial_label(config: dict) -> str:
@@ -142,11 +180,12 @@ def trial_name(trial) -> str:
 
 
 def make_trainable(space: Space, data_root, cache_dir, resources: dict, decisions: str | None,
-                   grayscale: str = "left out"):
+                   grayscale: str = "left out", deadline: float | None = None):
     """The Tune trainable: a named class, so the Ray dashboard and ``ps`` show ``ColorizeTrial``
     actors whose name (repr) is the trial's id, dataset and variant, not anonymous ImplicitFunc."""
     fn = tune.with_resources(tune.with_parameters(trainable, space=space, data_root=data_root,
-                                                  cache_dir=cache_dir, decisions=decisions, grayscale=grayscale),
+                                                  cache_dir=cache_dir, decisions=decisions, grayscale=grayscale,
+                                                  deadline=deadline),
                              {"cpu": resources.get("cpu", 1), "gpu": resources.get("gpu", 0)})
 
     class ColorizeTrial(wrap_function(fn)):
