@@ -161,7 +161,6 @@ def test_default_sqlite_is_resolved_in_the_study_folder_where_it_is_now(tmp_path
 # ------------------------------------------------------------------ a real study
 
 
-@pytest.mark.e2e
 def test_a_study_that_never_started_can_start_and_its_record_keeps_no_machine_path(tmp_path, cache_dir):
     """A driver that died before its first trial left study.json, optuna.db and its lock: the name is not
     used up, and the study starts without --resume."""
