@@ -1,0 +1,413 @@
+"""What a study will cost before it starts: ``python -m study.run --space full --plan``.
+
+``estimate(space, ...)`` lists the structures the space can draw (dataset, resolution, depth,
+sampling, output, widths, batch size: what fixes a trial's cost), times a few training steps and an
+evaluation of the smallest and the largest of them on this device (about 30 s at most, with the
+study's own step: study.engine's members, study.fused's step and evaluation), and models the study
+from there: each structure's per-image cost on a line through the two timed ones by its
+multiply-adds, epochs and images from the space and the datasets' split sizes, the pruner's savings
+(an assumption, stated in the plan), how many trials or packs run at once (``max_concurrent`` and
+what the cluster holds), and the fixed costs of a Ray study measured on this project's runs. It
+writes nothing and starts no Ray. ``format_plan(plan)`` is the text ``--plan`` prints.
+
+``python -m study.plan --space smoke`` prints the plan of a local study on this machine.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+
+from study import cli
+from study.plan_timing import Structure, Timing, on_line, time_structure
+
+# The axes that fix a trial's cost (and a pack's shared structure), besides the dataset.
+AXES = ("resolution", "depth", "sampling", "output", "base_filters", "max_filters", "batch_size")
+# (train, val, test) images of each known dataset as study.data makes them: CIFAR-10's 50,000 training
+# photos less a seeded 20% for val, and its 10,000 test photos; Flowers-102's own three splits; the
+# bundled sample photos' crops (study.data.SAMPLE_COUNTS). Grayscale photos left out (~1.5% of CIFAR-10)
+# are not subtracted. An image folder given as a dataset (or under data_root) is counted instead.
+SPLIT_SIZES = {"cifar10": (40_000, 10_000, 10_000), "flowers102": (1_020, 1_020, 6_149),
+               "samples": (1_024, 256, 256)}
+# Fixed costs of a Ray study besides training and evaluation, measured on smoke studies on a 2-core CPU.
+STARTUP_S = 40.0        # the driver: imports, checks, Ray's start, Tune's first scheduling
+WORKER_START_S = 8.0    # the first trial of each slot: a worker process, torch, the data from the cache
+TRIAL_GAP_S = 1.5       # each further trial on a reused worker: Optuna's ask and tell, results, setup
+EPOCH_OVERHEAD_S = 0.3  # each epoch besides its steps and evaluation: rows, checkpoint, previews
+SHUTDOWN_S = 5.0        # Ray's shutdown and the final table
+CALIBRATION_S = 28.0    # what the timed steps may take in all (model building included)
+# The median (percentile) pruner's assumed effect: after its startup trials, this share of the trials is
+# stopped at the first epoch it may judge (its warm-up).
+PRUNED_SHARE = 0.5
+TOO_LONG_S = 24 * 3600
+MAX_STRUCTURES = 20_000  # a larger grid is sampled (seeded): the mean cost is what matters
+
+
+@dataclass
+class Plan:
+    space: str
+    num_samples: int
+    pack: int
+    units: int                    # Tune trials: packs of `pack` (or single trials)
+    concurrent: int
+    limited_by: str
+    resources: dict               # per unit
+    device: str                   # what was timed
+    threads: int
+    datasets: dict                # dataset -> {axis: values, structures, epochs, train, val, test, trials}
+    structures: int
+    timings: list[Timing]
+    calibration_s: float
+    pruning: str                  # the assumption used
+    epoch_fraction: float         # expected epochs run / epochs allowed
+    unit_s: dict                  # "min", "mean", "max": a unit's full-length seconds
+    eval_share: float             # evaluation's share of an epoch (mean structure)
+    compute_s: float              # all units' seconds
+    wall_s: float
+    device_hours: float
+    device_unit: str
+    budget_s: float | None = None
+    units_in_budget: float | None = None
+    notes: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------- the space's structures
+
+
+def _values(space, name: str, dataset: str) -> list:
+    """Every value ``name`` can take in trials of ``dataset`` (a continuous axis: its bounds)."""
+    from study.space import CONFIG_FIELDS
+
+    p = space.params.get(name)
+    if p is None:
+        return [CONFIG_FIELDS[name].default]
+    dists = [p.cases[dataset]] if p.by == "dataset" and dataset in p.cases else list(p.cases.values())
+    out = []
+    for d in dists:
+        out += d.possible() if d.kind in ("constant", "choice", "int") else [round(v) for v in d.values]
+    return list(dict.fromkeys(out))
+
+
+def _split_sizes(dataset: str, data_root: str | None) -> tuple[tuple[int, int, int], str]:
+    from pathlib import Path
+
+    for folder in ([Path(dataset)] if dataset not in SPLIT_SIZES else []) + \
+                  ([Path(data_root) / dataset] if data_root else []):
+        if folder.is_dir():
+            from study.data import folder_splits
+            files = folder_splits(folder, seed=0)
+            return (len(files["train"]), len(files["val"]), len(files["test"])), f"counted in {folder}"
+    if dataset in SPLIT_SIZES:
+        return SPLIT_SIZES[dataset], "its usual splits"
+    from study.cli import UsageError
+    raise UsageError(f"dataset {dataset!r}: no such folder to count its images in; give an existing image folder")
+
+
+def structures(space, data_root: str | None = None) -> tuple[dict, dict[str, list[Structure]]]:
+    """Per dataset: its facts (axes' values, epochs, split sizes) and the structures trials can have."""
+    import random
+
+    from study.config import DEFAULT_RESOLUTION
+    from study.modelspec import max_depth_for
+
+    facts, grids = {}, {}
+    for ds in space.possible("dataset"):
+        values = {a: _values(space, a, ds) for a in AXES}
+        values["resolution"] = [r or DEFAULT_RESOLUTION.get(ds, 64) for r in values["resolution"]]
+        combos = [c for c in itertools.product(*(values[a] for a in AXES)) if c[1] <= max_depth_for(c[0])]
+        if len(combos) > MAX_STRUCTURES:
+            combos = random.Random(0).sample(combos, MAX_STRUCTURES)
+        grids[ds] = [Structure(ds, *c) for c in combos]
+        (train, val, test), source = _split_sizes(ds, data_root)
+        limit, eval_limit = max(_values(space, "train_limit", ds), key=lambda v: v or math.inf), \
+            max(_values(space, "eval_limit", ds), key=lambda v: v or math.inf)
+        facts[ds] = {**{a: values[a] for a in AXES}, "structures": len(grids[ds]),
+                     "epochs": max(_values(space, "epochs", ds)),
+                     "train": min(limit or train, train), "val": min(eval_limit or val, val),
+                     "test": min(eval_limit or test, test), "sizes_from": source}
+    return facts, grids
+
+
+# ---------------------------------------------------------------- the model of a study
+
+
+def _pruning(space, pack: int):
+    """(the assumption, ``share(i, epochs)``: the expected share of its epochs the i-th unit runs)."""
+    p = dict(space.pruner)
+    name = "none" if len(space.objectives) > 1 else p.get("name", "none")
+    unit = "packs" if pack > 1 else "trials"
+    if name in ("median", "percentile"):
+        startup = math.ceil(int(p.get("n_startup_trials", 5)) / pack)
+        warm = max(int(p.get("n_warmup_steps", 0)), 1)   # epochs count from 1: epoch 1 is the first it may judge
+
+        def share(i: int, epochs: int) -> float:
+            pruned = i >= startup and (i - startup) % round(1 / PRUNED_SHARE) == 0
+            return min(warm, epochs) / epochs if pruned else 1.0
+        return (f"{name} pruner: the first {startup} {unit} run in full, then {PRUNED_SHARE:.0%} of them stop "
+                f"at epoch {warm}, the first it may judge (an assumption)"), share
+    if name in ("successive_halving", "hyperband"):
+        eta = float(p.get("reduction_factor", 4 if name == "successive_halving" else 3))
+        low = p.get("min_resource", 1)
+        rung = (1.0 if low == "auto" else float(low)) * eta ** int(p.get("min_early_stopping_rate", 0))
+
+        def share(i: int, epochs: int) -> float:
+            run, at, survive = min(rung, epochs), rung, 1.0
+            while at < epochs:   # each rung lets 1/eta of the trials go on to the next
+                survive /= eta
+                run += survive * (min(at * eta, epochs) - at)
+                at *= eta
+            return run / epochs
+        return (f"{name.replace('_', ' ')}: every trial runs {rung:g} epoch(s), then 1/{eta:g} of them go on to each "
+                f"next rung (x{eta:g} epochs)" + (", taken as one bracket" if name == "hyperband" else "")), share
+    return "no pruning: every trial runs all its epochs", lambda i, epochs: 1.0
+
+
+def _makespan(durations: list[float], slots: int) -> float:
+    """Seconds until the last unit ends when ``slots`` run at once, each next unit on the first free slot;
+    a slot's first unit pays for its worker's start."""
+    free = [0.0] * max(slots, 1)
+    started = [False] * len(free)
+    for d in durations:
+        i = min(range(len(free)), key=free.__getitem__)
+        free[i] += d + (WORKER_START_S if not started[i] else TRIAL_GAP_S)
+        started[i] = True
+    return max(free)
+
+
+def _concurrency(units: int, max_concurrent: int, resources: dict, cluster: dict) -> tuple[int, str]:
+    cpus = float(cluster.get("CPU", cluster.get("cpu", os.cpu_count() or 1)))
+    gpus = float(cluster.get("GPU", cluster.get("gpu", 0)))
+    fits = {"max_concurrent": max_concurrent, "trials or packs to run": units}
+    fits["CPUs"] = math.floor(cpus / resources.get("cpu", 1) + 1e-9) if resources.get("cpu", 1) > 0 else units
+    if resources.get("gpu", 0) > 0:
+        fits["GPUs"] = math.floor(gpus / resources["gpu"] + 1e-9)
+    limit = min(fits, key=fits.get)
+    return max(fits[limit], 0), limit
+
+
+def estimate(space, *, num_samples: int, max_concurrent: int, resources: dict, pack: int,
+             cluster_resources: dict, device: str | None = None, data_root: str | None = None,
+             time_budget_s: float | None = None, calibration_s: float = CALIBRATION_S) -> Plan:
+    """The plan of a study of ``space``: ``num_samples`` trials in packs of ``pack``, at most
+    ``max_concurrent`` packs at once, each taking ``resources`` ({"cpu": n, "gpu": n}) of
+    ``cluster_resources`` (Ray's {"CPU": n, "GPU": n}). Times the smallest and largest structures on
+    ``device`` (default: a GPU when trials get one and this machine has one, else the CPU, with the
+    threads a trial gets). Writes nothing, starts no Ray."""
+    import torch
+
+    start = time.perf_counter()
+    facts, grids = structures(space, data_root)
+    units = math.ceil(num_samples / pack)
+    concurrent, limited_by = _concurrency(units, max_concurrent, resources, cluster_resources)
+    cpus = float(cluster_resources.get("CPU", cluster_resources.get("cpu", os.cpu_count() or 1)))
+    gpus = float(cluster_resources.get("GPU", cluster_resources.get("gpu", 0)))
+    on_gpu = resources.get("gpu", 0) > 0 and gpus > 0
+    notes, warnings = [], []
+    load, cores = os.getloadavg()[0], os.cpu_count() or 1
+    if load > cores:
+        notes.append(f"this machine was busy while timing (load {load:.1f} on {cores} cores): the times are "
+                     f"slower than on the machine alone, and a study's vary with the load")
+    if resources.get("gpu", 0) > 0 and not gpus:
+        notes.append(f"trials ask for {resources['gpu']:g} GPU each, and there is none: they run on CPUs")
+    device = device or ("cuda" if on_gpu and torch.cuda.is_available() else "cpu")
+    if on_gpu and not device.startswith("cuda"):
+        warnings.append("trials run on GPUs, but this machine has none to time them on: the times below are "
+                        "a CPU's, far above a GPU's; plan on a machine with the cluster's GPU")
+    threads = max(min(int(resources.get("cpu", 1)), os.cpu_count() or 1), 1)
+
+    everything = [s for g in grids.values() for s in g]
+    small = min(everything, key=lambda s: (s.macs(), s.batch_size))
+    large = max(everything, key=lambda s: (s.macs(), s.batch_size))
+    timings = [time_structure(small, pack=pack, device=device, threads=threads,
+                              budget_s=calibration_s / (3 if large != small else 1.5))]
+    if large != small:
+        timings.append(time_structure(large, pack=pack, device=device, threads=threads,
+                                      budget_s=max(calibration_s - (time.perf_counter() - start), 3.0)))
+    lo, hi = timings[0], timings[-1]
+    for t in timings:
+        if t.batch < t.structure.batch_size:
+            notes.append(f"{t.structure.label()}: timed at batch {t.batch} (a full step would take too long), "
+                         f"scaled by images")
+
+    def epoch(s: Structure) -> tuple[float, float]:
+        f, m = facts[s.dataset], s.macs()
+        per_train = on_line(m, (lo.structure.macs(), lo.train_s), (hi.structure.macs(), hi.train_s))
+        per_eval = on_line(m, (lo.structure.macs(), lo.eval_s), (hi.structure.macs(), hi.eval_s))
+        steps = max(f["train"] // s.batch_size, 1)
+        return steps * min(s.batch_size, f["train"]) * per_train, (f["val"] + f["test"]) * per_eval
+
+    # Units sharing a device slow each other: CPU threads past the cores, trials sharing a GPU its throughput.
+    slowdown = (max(1.0, math.ceil(concurrent / gpus)) if on_gpu
+                else max(1.0, concurrent * threads / max(cpus, 1)))
+    per_ds, full = {}, []
+    for ds, grid in grids.items():
+        parts = [epoch(s) for s in grid]
+        train = sum(p[0] for p in parts) / len(parts)
+        ev = sum(p[1] for p in parts) / len(parts)
+        per_ds[ds] = (train + ev + EPOCH_OVERHEAD_S) * slowdown
+        full += [(sum(p) + EPOCH_OVERHEAD_S) * slowdown * facts[ds]["epochs"] for p in parts]
+        facts[ds]["trials"] = num_samples / len(grids)
+        facts[ds]["eval_share"] = ev / max(train + ev, 1e-12)
+    pruning, share = _pruning(space, pack)
+    order = list(grids)   # the datasets taken in turn: drawn evenly
+    durations, whole = [], []
+    for i in range(units):
+        ds = order[i % len(order)]
+        epochs = facts[ds]["epochs"]
+        whole.append(epochs * per_ds[ds])
+        durations.append(share(i, epochs) * whole[-1])
+    full_mean = sum(per_ds[ds] * facts[ds]["epochs"] for ds in order) / len(order)
+    compute = sum(durations)
+    wall = STARTUP_S + _makespan(durations, concurrent) + SHUTDOWN_S if concurrent else math.inf
+    per_unit = resources.get("gpu", 0) if on_gpu else threads
+    plan = Plan(space=space.name, num_samples=num_samples, pack=pack, units=units, concurrent=concurrent,
+                limited_by=limited_by, resources=dict(resources), device=_device_name(device), threads=threads,
+                datasets=facts, structures=len(everything), timings=timings,
+                calibration_s=time.perf_counter() - start, pruning=pruning,
+                epoch_fraction=compute / max(sum(whole), 1e-12),
+                unit_s={"min": min(full), "mean": full_mean, "max": max(full)},
+                eval_share=sum(f["eval_share"] for f in facts.values()) / len(facts), compute_s=compute,
+                wall_s=wall, device_hours=compute * per_unit / 3600,
+                device_unit="GPU-hours" if on_gpu else "CPU-core-hours", budget_s=time_budget_s,
+                notes=notes, warnings=warnings)
+    if not concurrent:
+        warnings.append(f"no trial fits: each takes {resources} and the cluster has {cluster_resources}; lower "
+                        f"--cpus-per-trial / --gpus-per-trial or add nodes")
+    if time_budget_s is not None and concurrent:
+        plan.units_in_budget = min(units, _units_by(durations, concurrent, time_budget_s - STARTUP_S))
+    if wall > TOO_LONG_S:
+        warnings.append(f"this plan does not fit in a day ({_duration(wall)}). Give it --time-budget (e.g. 8h: the "
+                        f"study stops there with checkpoints, and --resume --time-budget goes on), a smaller "
+                        f"space (fewer trials with --num-samples, fewer epochs, smaller structures), or "
+                        + ("more GPUs" if on_gpu else "a GPU"))
+    return plan
+
+
+def _units_by(durations: list[float], slots: int, seconds: float) -> float:
+    """How many units end within ``seconds`` of the first one's start."""
+    free, done = [0.0] * slots, 0
+    for i, d in enumerate(durations):
+        k = min(range(slots), key=free.__getitem__)
+        free[k] += d + (WORKER_START_S if i < slots else TRIAL_GAP_S)
+        done += free[k] <= seconds
+    return done
+
+
+def _device_name(device: str) -> str:
+    from study.device import device_name, pick_device
+    return device_name(pick_device(device))
+
+
+# ---------------------------------------------------------------- text
+
+
+def _duration(s: float) -> str:
+    if not math.isfinite(s):
+        return "never"
+    if s < 120:
+        return f"{s:.0f} s"
+    if s < 7200:
+        return f"{s / 60:.0f} min"
+    if s < 3 * 86400:
+        return f"{s / 3600:.1f} h"
+    return f"{s / 86400:.1f} days"
+
+
+def _values_text(v: list) -> str:
+    return str(v[0]) if len(v) == 1 else "{" + ", ".join(map(str, v)) + "}"
+
+
+def format_plan(plan: Plan) -> str:
+    """The plan as ``--plan`` prints it: what runs, what was timed, the assumptions, the estimate, warnings."""
+    unit = "pack" if plan.pack > 1 else "trial"
+    res = ", ".join(f"{v:g} {k.upper()}" for k, v in plan.resources.items() if v)
+    packs = f" in {plan.units} packs of {plan.pack} (a pack's members share a structure)" if plan.pack > 1 else ""
+    lines = [f"plan of study space {plan.space}: {plan.num_samples} trials{packs}",
+             f"  each {unit} takes {res or 'nothing'}; {plan.concurrent} at once (limited by {plan.limited_by})",
+             (f"  structures: {plan.structures}, drawn evenly (dataset x resolution x depth x sampling x output x "
+              f"width x batch)")]
+    for ds, f in plan.datasets.items():
+        axes = "  ".join(f"{a} {_values_text(f[a])}" for a in ("resolution", "depth", "sampling", "output",
+                                                                 "base_filters", "batch_size"))
+        lines.append(f"    {ds}: ~{f['trials']:.0f} trials; {f['structures']} structures: {axes}")
+        lines.append(f"      {f['epochs']} epochs of {f['train']:,} training images; {f['val']:,} val + "
+                     f"{f['test']:,} test images evaluated each epoch ({f['sizes_from']})")
+    threads = f", {plan.threads} thread(s) as a trial gets" if plan.device == "cpu" else ""
+    lines.append(f"  timed on {plan.device}{threads} in {plan.calibration_s:.0f} s (the study's own step and "
+                 f"evaluation, random images):")
+    for t in plan.timings:
+        lines.append(f"    {t.structure.label()}: {t.train_s * 1e3:.3g} ms per training image (batch {t.batch}, "
+                     f"{t.steps} steps), {t.eval_s * 1e3:.3g} ms per evaluated image")
+    span = f"{_duration(plan.unit_s['min'])} to {_duration(plan.unit_s['max'])}"
+    fixed = (f"{STARTUP_S:.0f} s to start, {WORKER_START_S:.0f} s for each worker's first {unit}, {TRIAL_GAP_S:g} s "
+             f"between {unit}s, {EPOCH_OVERHEAD_S:g} s per epoch, {SHUTDOWN_S:.0f} s to end")
+    lines += [(f"  other structures: on the line between those two by multiply-adds per image; evaluation "
+               f"(val + test, measured) is {plan.eval_share:.0%} of an epoch"),
+              f"  one {unit} in full: {span}, {_duration(plan.unit_s['mean'])} on average",
+              f"  pruning: {plan.pruning}; {plan.epoch_fraction:.0%} of all epochs expected to run",
+              f"  fixed costs: {fixed}",
+              f"estimate: {_duration(plan.wall_s)} wall time, {plan.device_hours:.2f} {plan.device_unit}"]
+    if plan.budget_s is not None and plan.units_in_budget is not None:
+        lines.append(f"  within the time budget of {_duration(plan.budget_s)}: about {plan.units_in_budget:.0f} of "
+                     f"{plan.units} {unit}s finish; --resume goes on with the rest")
+    lines += [f"note: {n}" for n in plan.notes] + [f"warning: {w}" for w in plan.warnings]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- command line
+
+
+def local_resources(num_cpus: int | None = None, num_gpus: int | None = None) -> dict:
+    """What a local Ray of ``study.run --num-cpus/--num-gpus`` would advertise, in Ray's names."""
+    import torch
+    return {"CPU": num_cpus or os.cpu_count() or 1, "GPU": torch.cuda.device_count() if num_gpus is None else num_gpus}
+
+
+def parser() -> argparse.ArgumentParser:
+    p = cli.ArgumentParser(prog="python -m study.plan", description=__doc__,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--space", default="full", help="space name in search_spaces/ or a path to a .yaml file")
+    p.add_argument("--num-samples", type=int, help="trials (default: the space's)")
+    p.add_argument("--max-concurrent", type=int, help="trials or packs at once (default: the space's)")
+    p.add_argument("--pack", type=int, help="trials per pack (default: the space's)")
+    p.add_argument("--num-cpus", type=int, help="CPUs of the local Ray (default: this machine's)")
+    p.add_argument("--num-gpus", type=int, help="GPUs of the local Ray (default: this machine's)")
+    p.add_argument("--data-root", help="folder holding <dataset>/<split>/...: its images are counted")
+    p.add_argument("--device", help="time on this device (default: a GPU when trials get one)")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    cli.add_debug(p)
+    return p
+
+
+def _main(argv: list[str]) -> int:
+    args = parser().parse_args(argv)
+    for name in ("num_samples", "max_concurrent", "pack", "num_cpus"):
+        v = getattr(args, name)
+        if v is not None and v < 1:
+            raise cli.UsageError(f"--{name.replace('_', '-')} {v}: must be >= 1")
+    from study.space import load_space
+    space = load_space(args.space)
+    cluster = local_resources(args.num_cpus, args.num_gpus)
+    resources = dict(space.resources)
+    if resources.get("gpu", 0) and not cluster["GPU"]:
+        resources["gpu"] = 0   # as study.run does: trials run on CPUs
+    plan = estimate(space, num_samples=args.num_samples or space.num_samples,
+                    max_concurrent=args.max_concurrent or space.max_concurrent, resources=resources,
+                    pack=args.pack or space.pack_for(gpu=resources.get("gpu", 0) > 0), cluster_resources=cluster,
+                    device=args.device, data_root=args.data_root or os.environ.get("COLORIZE_DATA_ROOT"))
+    if args.json:
+        import dataclasses
+        import json
+        print(json.dumps(dataclasses.asdict(plan), indent=1, default=str))
+    else:
+        print(format_plan(plan))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli.run(_main))

@@ -1,0 +1,138 @@
+"""The timed part of a plan (study.plan): a structure's cost on this device, with the study's own step.
+
+``Structure``: what fixes a trial's cost (a pack's shared structure) and its multiply-adds per image.
+``time_structure``: seconds per training image and per evaluated image of a structure, from a few
+timed steps and an evaluation on random images, within a time budget; ``on_line`` places the other
+structures between two timed ones.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Structure:
+    dataset: str
+    resolution: int
+    depth: int
+    sampling: str
+    output: str
+    base_filters: int
+    max_filters: int
+    batch_size: int
+
+    def macs(self) -> float:
+        """Multiply-adds of one image's forward pass (convolutions; training is about three times this)."""
+        from study.modelspec import OUTPUTS, SAMPLINGS
+
+        s = SAMPLINGS[self.sampling]
+        w = [min(self.base_filters * 2 ** i, self.max_filters) for i in range(self.depth + 1)]
+        px = [(self.resolution / 2 ** i) ** 2 for i in range(self.depth + 1)]
+        macs = 9 * (w[0] + w[0] ** 2) * px[0] + w[0] * OUTPUTS[self.output] * px[0]   # stem, head
+        for i in range(self.depth):
+            down = {"strided": 9 * w[i] ** 2, "unshuffle": 4 * w[i] ** 2}.get(s.down, 0) * px[i + 1]
+            encoder = 9 * (w[i] * w[i + 1] + w[i + 1] ** 2) * px[i + 1]
+            up, up_c = {"transposed": (4 * w[i + 1] * w[i] * px[i + 1], w[i]),
+                        "shuffle": (4 * w[i + 1] * w[i] * px[i + 1], w[i])}.get(s.up, (0, w[i + 1]))
+            macs += down + encoder + up + 9 * ((up_c + w[i]) * w[i] + w[i] ** 2) * px[i]
+        return macs
+
+    def label(self) -> str:
+        return (f"{self.dataset} {self.resolution}px depth {self.depth} {self.sampling} {self.output} "
+                f"width {self.base_filters} batch {self.batch_size}")
+
+
+@dataclass
+class Timing:
+    """A timed structure: seconds per training image (one step of the pack / batch) and per evaluated image."""
+    structure: Structure
+    batch: int          # the batch timed (smaller than the structure's when a step would not fit the budget)
+    steps: int
+    train_s: float      # per training image, a whole pack's step
+    eval_s: float       # per evaluated image, every member
+    eval_images: int
+
+
+def time_structure(s: Structure, *, pack: int, device: str, threads: int, budget_s: float,
+                   max_steps: int = 8) -> Timing:
+    """Seconds per training image and per evaluated image of ``s`` in a pack of ``pack``, on random images,
+    with the study's own step and evaluation; a batch that would not fit ``budget_s`` is timed smaller."""
+    import numpy as np
+    import torch
+
+    from study.config import TrialConfig
+    from study.data import DeviceImages
+    from study.device import compile_mode, pick_device, resolve_precision
+    from study.engine import Member
+    from study.evaluation import EvalSplit, eval_batch_size
+    from study.fused import (
+        FusedUNet,
+        PackTerms,
+        evaluate_members,
+        make_pack_loss,
+        train_batches,
+        train_step,
+    )
+
+    end = time.perf_counter() + budget_s
+    dev = pick_device(device)
+    old_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        cfg = TrialConfig(dataset=s.dataset, resolution=s.resolution, depth=s.depth, sampling=s.sampling,
+                          output=s.output, base_filters=s.base_filters, max_filters=s.max_filters,
+                          batch_size=s.batch_size, epochs=1)
+        precision = resolve_precision(cfg, dev)
+        members = [Member(i, cfg.replace(seed=i), dev, 1) for i in range(pack)]
+        fused = FusedUNet([m.model for m in members]).train()
+        terms = PackTerms(members, dev)
+        loss = make_pack_loss(fused, terms, dev, precision, compile_mode())
+        rng = np.random.default_rng(0)
+
+        def images(n: int):
+            return DeviceImages(rng.integers(0, 256, (n, s.resolution, s.resolution, 3), dtype=np.uint8), dev)
+
+        def step_seconds(data, b: int) -> float:
+            t0 = time.perf_counter()
+            for x in train_batches(data, members, b):
+                float(train_step(fused, members, loss, x).sum())   # waits for the device
+            return time.perf_counter() - t0
+
+        b = min(s.batch_size, 2)
+        small = images(b)
+        first = step_seconds(small, b)   # warm-up included: an upper bound
+        per_image = (step_seconds(small, b) if first < budget_s / 10 else first) / b
+        # Three timed steps in half of what is left: the structure's own batch when it fits.
+        batch = max(1, min(s.batch_size, int((end - time.perf_counter()) / 2 / (3 * per_image))))
+        data = images(batch)
+        if batch != b:
+            step_seconds(data, batch)   # warm-up at this shape
+        times = []
+        while len(times) < max_steps and (not times or time.perf_counter() + times[-1] < end - budget_s / 4):
+            times.append(step_seconds(data, batch))
+        train_s = float(np.median(times)) / batch if times else per_image
+        # Evaluation, as each epoch runs it on val and test: what fits in the rest (a forward pass is
+        # about a third of a training step).
+        n = max(1, min(eval_batch_size(cfg), int((end - time.perf_counter()) / 2 / max(train_s / 3, 1e-9))))
+        split = EvalSplit.prepare(images(n), n)
+        per_eval = max(eval_batch_size(cfg) // pack, 16)
+        eval_times = []
+        for _ in range(2):
+            t0 = time.perf_counter()
+            evaluate_members(fused, terms, split, per_eval, precision).sum().item()
+            eval_times.append(time.perf_counter() - t0)
+            if time.perf_counter() + eval_times[-1] > end:
+                break
+        return Timing(s, batch, len(times), train_s, min(eval_times) / n, n)
+    finally:
+        torch.set_num_threads(old_threads)
+
+
+def on_line(x: float, a: tuple[float, float], b: tuple[float, float]) -> float:
+    """y at ``x`` on the line through points a and b (x: multiply-adds); never below the cheaper point's
+    rate per multiply-add scaled down, so a noisy pair cannot give a negative cost."""
+    (x0, y0), (x1, y1) = a, b
+    if x1 <= x0:
+        return y0 * x / x0
+    return max(y0 + (y1 - y0) * (x - x0) / (x1 - x0), min(y0, y1) * 0.25)
