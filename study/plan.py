@@ -23,7 +23,7 @@ import time
 from dataclasses import dataclass, field
 
 from study import cli
-from study.plan_timing import Structure, Timing, on_line, time_structure
+from study.plan_timing import Structure, Timing, on_line, scaled, time_structure, within
 
 # The axes that fix a trial's cost (and a pack's shared structure), besides the dataset.
 AXES = ("resolution", "depth", "sampling", "output", "base_filters", "max_filters", "batch_size")
@@ -39,7 +39,7 @@ WORKER_START_S = 8.0    # the first trial of each slot: a worker process, torch,
 TRIAL_GAP_S = 1.5       # each further trial on a reused worker: Optuna's ask and tell, results, setup
 EPOCH_OVERHEAD_S = 0.3  # each epoch besides its steps and evaluation: rows, checkpoint, previews
 SHUTDOWN_S = 5.0        # Ray's shutdown and the final table
-CALIBRATION_S = 28.0    # what the timed steps may take in all (model building included)
+CALIBRATION_S = 20.0    # what the timed steps may take in all (model building included)
 # The median (percentile) pruner's assumed effect: after its startup trials, this share of the trials is
 # stopped at the first epoch it may judge (its warm-up).
 PRUNED_SHARE = 0.5
@@ -226,20 +226,26 @@ def estimate(space, *, num_samples: int, max_concurrent: int, resources: dict, p
     timings = [time_structure(small, pack=pack, device=device, threads=threads,
                               budget_s=calibration_s / (3 if large != small else 1.5))]
     if large != small:
-        timings.append(time_structure(large, pack=pack, device=device, threads=threads,
-                                      budget_s=max(calibration_s - (time.perf_counter() - start), 3.0)))
+        budget = max(calibration_s - (time.perf_counter() - start), 3.0)
+        proxy = within(large, timings[0].train_s / small.macs(), budget)
+        timings.append(scaled(time_structure(proxy, pack=pack, device=device, threads=threads, budget_s=budget),
+                              large))
     lo, hi = timings[0], timings[-1]
     for t in timings:
+        if t.timed_at:
+            notes.append(f"{t.structure.label()}: timed at {t.timed_at}px (a step would not fit the time), "
+                         f"scaled by multiply-adds")
         if t.batch < t.structure.batch_size:
             notes.append(f"{t.structure.label()}: timed at batch {t.batch} (a full step would take too long), "
                          f"scaled by images")
 
     def epoch(s: Structure) -> tuple[float, float]:
-        f, m = facts[s.dataset], s.macs()
+        f, m, w = facts[s.dataset], s.macs(), s.weights()
         per_train = on_line(m, (lo.structure.macs(), lo.train_s), (hi.structure.macs(), hi.train_s))
+        per_step = on_line(w, (lo.structure.weights(), lo.optimizer_s), (hi.structure.weights(), hi.optimizer_s))
         per_eval = on_line(m, (lo.structure.macs(), lo.eval_s), (hi.structure.macs(), hi.eval_s))
         steps = max(f["train"] // s.batch_size, 1)
-        return steps * min(s.batch_size, f["train"]) * per_train, (f["val"] + f["test"]) * per_eval
+        return steps * (per_step + min(s.batch_size, f["train"]) * per_train), (f["val"] + f["test"]) * per_eval
 
     # Units sharing a device slow each other: CPU threads past the cores, trials sharing a GPU its throughput.
     slowdown = (max(1.0, math.ceil(concurrent / gpus)) if on_gpu
@@ -341,12 +347,14 @@ def format_plan(plan: Plan) -> str:
     lines.append(f"  timed on {plan.device}{threads} in {plan.calibration_s:.0f} s (the study's own step and "
                  f"evaluation, random images):")
     for t in plan.timings:
-        lines.append(f"    {t.structure.label()}: {t.train_s * 1e3:.3g} ms per training image (batch {t.batch}, "
-                     f"{t.steps} steps), {t.eval_s * 1e3:.3g} ms per evaluated image")
+        lines.append(f"    {t.structure.label()}: {t.train_s * 1e3:.3g} ms per training image and "
+                     f"{t.optimizer_s * 1e3:.3g} ms per step (batch {t.batch}, {t.steps} steps), "
+                     f"{t.eval_s * 1e3:.3g} ms per evaluated image")
     span = f"{_duration(plan.unit_s['min'])} to {_duration(plan.unit_s['max'])}"
     fixed = (f"{STARTUP_S:.0f} s to start, {WORKER_START_S:.0f} s for each worker's first {unit}, {TRIAL_GAP_S:g} s "
              f"between {unit}s, {EPOCH_OVERHEAD_S:g} s per epoch, {SHUTDOWN_S:.0f} s to end")
-    lines += [(f"  other structures: on the line between those two by multiply-adds per image; evaluation "
+    lines += [(f"  other structures: on the line between those two by multiply-adds per image (the optimizer's "
+               f"step: by weights); evaluation "
                f"(val + test, measured) is {plan.eval_share:.0%} of an epoch"),
               f"  one {unit} in full: {span}, {_duration(plan.unit_s['mean'])} on average",
               f"  pruning: {plan.pruning}; {plan.epoch_fraction:.0%} of all epochs expected to run",

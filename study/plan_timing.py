@@ -8,7 +8,7 @@ structures between two timed ones.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 
 @dataclass(frozen=True)
@@ -24,19 +24,26 @@ class Structure:
 
     def macs(self) -> float:
         """Multiply-adds of one image's forward pass (convolutions; training is about three times this)."""
+        return self._count(per_pixel=True)
+
+    def weights(self) -> float:
+        """Convolution weights: what an optimizer step costs grows with them."""
+        return self._count(per_pixel=False)
+
+    def _count(self, per_pixel: bool) -> float:
         from study.modelspec import OUTPUTS, SAMPLINGS
 
         s = SAMPLINGS[self.sampling]
         w = [min(self.base_filters * 2 ** i, self.max_filters) for i in range(self.depth + 1)]
-        px = [(self.resolution / 2 ** i) ** 2 for i in range(self.depth + 1)]
-        macs = 9 * (w[0] + w[0] ** 2) * px[0] + w[0] * OUTPUTS[self.output] * px[0]   # stem, head
+        px = [(self.resolution / 2 ** i) ** 2 if per_pixel else 1 for i in range(self.depth + 1)]
+        n = 9 * (w[0] + w[0] ** 2) * px[0] + w[0] * OUTPUTS[self.output] * px[0]   # stem, head
         for i in range(self.depth):
             down = {"strided": 9 * w[i] ** 2, "unshuffle": 4 * w[i] ** 2}.get(s.down, 0) * px[i + 1]
             encoder = 9 * (w[i] * w[i + 1] + w[i + 1] ** 2) * px[i + 1]
             up, up_c = {"transposed": (4 * w[i + 1] * w[i] * px[i + 1], w[i]),
                         "shuffle": (4 * w[i + 1] * w[i] * px[i + 1], w[i])}.get(s.up, (0, w[i + 1]))
-            macs += down + encoder + up + 9 * ((up_c + w[i]) * w[i] + w[i] ** 2) * px[i]
-        return macs
+            n += down + encoder + up + 9 * ((up_c + w[i]) * w[i] + w[i] ** 2) * px[i]
+        return n
 
     def label(self) -> str:
         return (f"{self.dataset} {self.resolution}px depth {self.depth} {self.sampling} {self.output} "
@@ -49,9 +56,36 @@ class Timing:
     structure: Structure
     batch: int          # the batch timed (smaller than the structure's when a step would not fit the budget)
     steps: int
-    train_s: float      # per training image, a whole pack's step
+    train_s: float      # per training image, a whole pack's forward and backward
+    optimizer_s: float  # per step: every member's optimizer (its cost follows the weights, not the images)
     eval_s: float       # per evaluated image, every member
     eval_images: int
+    timed_at: int = 0   # the image side timed, when smaller than the structure's (scaled by multiply-adds)
+
+
+def within(s: Structure, seconds_per_mac: float, budget_s: float) -> Structure:
+    """``s``, or ``s`` at a smaller image size when three two-image steps of it would not fit in a third of
+    ``budget_s`` at ``seconds_per_mac`` (a smaller structure's rate: an overestimate for big convolutions,
+    whose rate per multiply-add hardly changes with the image size)."""
+    from study.modelspec import max_depth_for
+
+    while (3 * 2 * s.macs() * seconds_per_mac > budget_s / 3 and s.resolution // 2 >= 16
+           and max_depth_for(s.resolution // 2) >= s.depth):
+        s = replace(s, resolution=s.resolution // 2)
+    return s
+
+
+def scaled(t: Timing, to: Structure) -> Timing:
+    """Timing ``t`` of a smaller image size as ``to``'s, by multiply-adds."""
+    if t.structure == to:
+        return t
+    r = to.macs() / t.structure.macs()
+    return replace(t, structure=to, train_s=t.train_s * r, eval_s=t.eval_s * r, timed_at=t.structure.resolution)
+
+
+def step_seconds(t: Timing, batch: int) -> float:
+    """One training step of ``batch`` images (each member's), from a timing."""
+    return t.optimizer_s + batch * t.train_s
 
 
 def time_structure(s: Structure, *, pack: int, device: str, threads: int, budget_s: float,
@@ -93,40 +127,64 @@ def time_structure(s: Structure, *, pack: int, device: str, threads: int, budget
         def images(n: int):
             return DeviceImages(rng.integers(0, 256, (n, s.resolution, s.resolution, 3), dtype=np.uint8), dev)
 
-        def step_seconds(data, b: int) -> float:
+        def timed(data, b: int) -> float:
             t0 = time.perf_counter()
             for x in train_batches(data, members, b):
                 float(train_step(fused, members, loss, x).sum())   # waits for the device
             return time.perf_counter() - t0
 
+        def left() -> float:
+            return end - time.perf_counter()
+
         b = min(s.batch_size, 2)
         small = images(b)
-        first = step_seconds(small, b)   # warm-up included: an upper bound
-        per_image = (step_seconds(small, b) if first < budget_s / 10 else first) / b
-        # Three timed steps in half of what is left: the structure's own batch when it fits.
-        batch = max(1, min(s.batch_size, int((end - time.perf_counter()) / 2 / (3 * per_image))))
-        data = images(batch)
-        if batch != b:
-            step_seconds(data, batch)   # warm-up at this shape
-        times = []
-        while len(times) < max_steps and (not times or time.perf_counter() + times[-1] < end - budget_s / 4):
-            times.append(step_seconds(data, batch))
-        train_s = float(np.median(times)) / batch if times else per_image
-        # Evaluation, as each epoch runs it on val and test: what fits in the rest (a forward pass is
-        # about a third of a training step).
-        n = max(1, min(eval_batch_size(cfg), int((end - time.perf_counter()) / 2 / max(train_s / 3, 1e-9))))
-        split = EvalSplit.prepare(images(n), n)
-        per_eval = max(eval_batch_size(cfg) // pack, 16)
-        eval_times = []
-        for _ in range(2):
+        first = timed(small, b)   # a new shape's first step also sets up kernels and memory
+        if left() > first * 3:
+            first = timed(small, b)
+        # The optimizer's share of a step, timed apart (the gradients of the last step are still there).
+        optimizer_s = 0.0
+        if left() > first:
             t0 = time.perf_counter()
-            evaluate_members(fused, terms, split, per_eval, precision).sum().item()
-            eval_times.append(time.perf_counter() - t0)
-            if time.perf_counter() + eval_times[-1] > end:
-                break
-        return Timing(s, batch, len(times), train_s, min(eval_times) / n, n)
+            for m in members:
+                m.opt.step()
+            _sync(dev)
+            optimizer_s = min(time.perf_counter() - t0, first)
+        per_image = (first - optimizer_s) / b
+        # Three timed steps in half of what is left: the structure's own batch when it fits.
+        batch = max(1, min(s.batch_size, int(left() / 2 / 3 / max(first / b, 1e-9))))
+        times = []
+        if batch != b and left() > 0:
+            data = images(batch)
+            timed(data, batch)   # warm-up at this shape
+        else:
+            data, batch = small, b
+        while len(times) < max_steps and left() > (times[-1] if times else 0) + budget_s / 4:
+            times.append(timed(data, batch))
+        train_s = max(float(np.median(times)) - optimizer_s, 0.0) / batch if times else per_image
+        batch = batch if times else b
+        # Evaluation, as each epoch runs it on val and test, on what fits in the rest; with no time left,
+        # a third of a training image (a forward pass, no backward).
+        n = max(1, min(eval_batch_size(cfg), int(left() / 2 / max(train_s / 3, 1e-9))))
+        eval_times = []
+        if left() > 0:
+            split = EvalSplit.prepare(images(n), n)
+            per_eval = max(eval_batch_size(cfg) // pack, 16)
+            for _ in range(2):
+                t0 = time.perf_counter()
+                evaluate_members(fused, terms, split, per_eval, precision).sum().item()
+                eval_times.append(time.perf_counter() - t0)
+                if left() < eval_times[-1]:
+                    break
+        eval_s, n = (min(eval_times) / n, n) if eval_times else (train_s / 3, 0)
+        return Timing(s, batch, len(times), train_s, optimizer_s, eval_s, n)
     finally:
         torch.set_num_threads(old_threads)
+
+
+def _sync(dev) -> None:
+    if dev.type == "cuda":
+        import torch
+        torch.cuda.synchronize(dev)
 
 
 def on_line(x: float, a: tuple[float, float], b: tuple[float, float]) -> float:
