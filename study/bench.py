@@ -46,8 +46,11 @@ from study.config import TrialConfig
 from study.data import LAYOUT_HELP, DataError, DeviceImages, default_cache_dir, default_data_root, folder_splits, \
     load_splits
 from study.models import VARIANTS, UNetConfig, build_unet
-from study.pack import FusedUNet, Member, PackTerms, make_pack_loss, train_batches, train_step
-from study.train import device_name, make_loss_step, make_optimizer, pick_device
+from study.device import device_name, pick_device
+from study.engine import Member
+from study.fused import FusedUNet, PackTerms, make_pack_loss, train_batches, train_step
+from study.losses import make_loss_step
+from study.optim import make_optimizer
 
 CIFAR_MODEL = VARIANTS["report-cifar10-simple-uv"]
 FLOWERS_MODEL = VARIANTS["report-flowers102-simple-uv"]

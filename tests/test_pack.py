@@ -157,11 +157,33 @@ def test_pruned_and_diverged_members_leave_others_unchanged(splits, separate, tm
     assert list(tmp_path.iterdir()) == []  # checkpoint folders are removed after report
 
 
-def test_resume_from_pack_file_is_exact(splits, packed, tmp_path):
+def _as_before_the_shared_format(folder, dst):
+    """A pack checkpoint as packs wrote it before they shared the trial's: pack.pt held every member's whole
+    state ("model" the trained weights, "average" the averaged ones), member folders held no optimizer."""
+    pack = torch.load(folder / PACK_FILE, weights_only=True)
+    members = []
+    for k in range(len(pack["members"])):
+        state = torch.load(folder / f"member-{k}" / CHECKPOINT_FILE, weights_only=True)
+        old = {key: state[key] for key in ("optimizer", "scheduler", "generator", "history", "status", "config")}
+        if "raw_model" in state:
+            old.update(model=state["raw_model"], average=state["model"], updates=state["updates"])
+        else:
+            old["model"] = state["model"]
+        members.append(old)
+    dst.mkdir()
+    torch.save({"members": members, "epoch": pack["epoch"], "rng": pack["rng"]}, dst / PACK_FILE)
+    return dst
+
+
+@pytest.mark.parametrize("written_by", ["this version", "packs before the shared format"])
+def test_resume_from_pack_file_is_exact(written_by, splits, packed, tmp_path):
     hist, _, kept = packed
+    folder = kept / "epoch-1"
+    if written_by != "this version":
+        folder = _as_before_the_shared_format(folder, tmp_path / "old")
     epochs = []
-    resumed = run_pack(CFGS, splits=splits, device="cpu", resume_from=kept / "epoch-1", log=lambda s: None,
-                       work_dir=tmp_path, report=lambda rows, folder: epochs.append(rows[2]["epoch"]))
+    resumed = run_pack(CFGS, splits=splits, device="cpu", resume_from=folder, log=lambda s: None,
+                       work_dir=tmp_path / "work", report=lambda rows, folder: epochs.append(rows[2]["epoch"]))
     assert epochs == [2, 3]  # it continued, not restarted
 
     def timeless(h):
