@@ -216,7 +216,8 @@ def check_resume_database(url: str, study_name: str) -> None:
             raise UsageError(f"--resume: the study's Optuna database {path} is missing; it records which "
                              f"configurations were tried. Put the study's own optuna.db back (from a copy), or {fix}")
         try:
-            con = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+            # Read-write, as Optuna opens it: a killed driver may leave a journal that SQLite rolls back.
+            con = sqlite3.connect(str(path))
             try:
                 names = {r[0] for r in con.execute("SELECT study_name FROM studies")}
             finally:

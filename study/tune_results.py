@@ -195,8 +195,6 @@ class ResultsCallback(Callback):
                 meta.setdefault("member_errors", {})[int(key)] = row["error"]
         # Model-images trained this epoch: every member still in the trial trained on the split once.
         self._images += float(result.get("train_images", 0) or 0) * len(members)
-        if result.get(PARKED_KEY):
-            meta["parked"] = True   # stopped at this epoch's end by the time budget, its checkpoint saved
         meta.update(
             device=result.get("device", ""), node_id=result.get("node_id", ""),
             gpu_ids=result.get("gpu_ids", ""), wall_time_s=float(result.get("time_total_s", float("nan"))),
@@ -213,6 +211,10 @@ class ResultsCallback(Callback):
         members = result.get(MEMBERS_KEY, {"0": result})
         configs = self._configs(trial)
         meta = self._meta.setdefault(trial.trial_id, {})
+        if result.get(PARKED_KEY):
+            # Stopped at this epoch's end by the time budget, and Tune has now registered the checkpoint
+            # (it does so after the result, asynchronously): only then may the study stop.
+            meta["parked"] = True
         for key, row in members.items():
             k = int(key)
             sub = path if k_total == 1 else f"{path}/member-{k}"
@@ -261,6 +263,10 @@ class ResultsCallback(Callback):
         if d.clock is None or d.budget_stopped or not d.clock.expired():
             return
         running = [t for t in trials if t.status == "RUNNING"]
+        if not running and any(t.status == "PENDING" for t in trials):
+            # Trials Tune is still starting (a resumed study's): stopping Tune then can lose a trial's
+            # checkpoint, so they start, reach their next epoch's end with a checkpoint, and stop there.
+            return
         if not all(self._meta.get(t.trial_id, {}).get("parked") for t in running):
             return
         from study import stopping
