@@ -15,11 +15,14 @@ from study import cli
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m analysis", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.ArgumentParser(prog="python -m analysis", description=__doc__,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--study", type=Path, required=True,
-                   help="the study folder (holding study.json and results/*.parquet); may still be running")
-    p.add_argument("--out", type=Path, required=True, help="where the figures, tables and report go")
+                   help="the study folder (holding study.json and results/*.parquet); may still be running "
+                        "(required)")
+    p.add_argument("--out", type=Path, required=True,
+                   help="the folder the figures, tables and report.md/report.html go to; made if missing "
+                        "(required)")
     cli.add_debug(p)
     return p
 

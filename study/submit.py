@@ -9,15 +9,19 @@ have the project's dependencies installed (see cluster/README.md).
 Examples::
 
     # a cluster reached through an SSH tunnel or `kubectl port-forward` on 127.0.0.1:8265
-    export RAY_AUTH_TOKEN=...        # the cluster's token (never put it in a file in the repo)
+    export RAY_AUTH_TOKEN=...        # the cluster's token, or keep it in ~/.ray/auth_token (mode 600)
     python -m study.submit --follow -- --space full --storage s3://my-bucket/studies
     python -m study.submit --logs raysubmit_XXXX     # follow a submitted job
     python -m study.submit --stop raysubmit_XXXX
 
 Token authentication (Ray >= 2.52, ``RAY_AUTH_MODE=token`` on the cluster): the
-token is read from ``$RAY_AUTH_TOKEN`` (or the file named by
-``$RAY_AUTH_TOKEN_PATH``, which must lie outside the project folder) and sent
-as ``Authorization: Bearer ...``; it is never sent to the job itself.
+token is found where Ray's own clients look, in this order: ``$RAY_AUTH_TOKEN``,
+the file named by ``$RAY_AUTH_TOKEN_PATH`` (outside the project folder, which is
+uploaded), then Ray's default file ``~/.ray/auth_token``. It is sent as
+``Authorization: Bearer ...`` and never to the job itself. A local study
+(``python -m study.run`` without ``--address``) makes Ray write its own private
+cluster's token to ``~/.ray/auth_token`` if that file is missing, so a refused
+token is reported with the place it came from.
 """
 from __future__ import annotations
 
@@ -39,7 +43,7 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 # Never uploaded with the working_dir (gitignore syntax; the project's .gitignore applies too).
 EXCLUDES = [".git", ".venv", "venv", ".cache", "studies", "ray_results", "runs", ".pytest_cache",
-            "**/__pycache__", "*.pyc", "*.egg-info", "build", "dist", ".carry", ".whl*", ".gl",
+            "**/__pycache__", "*.pyc", "*.egg-info", "build", "dist",
             # credentials must never travel in a job package
             ".env", ".env.*", "*.pem", "*.key", ".aws", ".ray", "auth_token", "*.token"]
 # Node-local cache of decoded images on every node (a path that exists on any Linux node).
@@ -54,20 +58,63 @@ class SubmitError(ProjectError, RuntimeError):
 # ------------------------------------------------------------------ pieces (pure, tested)
 
 
-def auth_token(environ: dict | None = None) -> str | None:
-    """The cluster's token: $RAY_AUTH_TOKEN, else the file $RAY_AUTH_TOKEN_PATH (outside the project)."""
+def find_token(environ: dict | None = None, home: Path | None = None) -> tuple[str | None, str | None]:
+    """The cluster's token and where it came from, in Ray's own order (Ray >= 2.52's token loader):
+    $RAY_AUTH_TOKEN, else the file $RAY_AUTH_TOKEN_PATH (outside the project; unreadable or empty is an
+    error, as it is for Ray), else Ray's default file ~/.ray/auth_token. (None, None) when there is none."""
     env = os.environ if environ is None else environ
     token = (env.get("RAY_AUTH_TOKEN") or "").strip()
     if token:
-        return token
+        return token, "$RAY_AUTH_TOKEN"
     path = env.get("RAY_AUTH_TOKEN_PATH")
     if path:
         p = Path(path).expanduser().resolve()
         if p == PROJECT_ROOT or PROJECT_ROOT in p.parents:
             raise SubmitError(f"RAY_AUTH_TOKEN_PATH={path} lies inside the project folder, which is uploaded "
                               f"to the cluster and committed: keep the token outside it (e.g. ~/.ray/auth_token)")
-        return p.read_text().strip() or None
-    return None
+        try:
+            token = p.read_text().strip()
+        except (OSError, UnicodeDecodeError) as e:
+            raise SubmitError(f"RAY_AUTH_TOKEN_PATH={path}: cannot read the token file "
+                              f"({getattr(e, 'strerror', None) or e}); point it at the file holding the "
+                              f"cluster's token, or unset it") from None
+        if not token:
+            raise SubmitError(f"RAY_AUTH_TOKEN_PATH={path} is empty; put the cluster's token in it, or unset it")
+        return token, f"$RAY_AUTH_TOKEN_PATH ({path})"
+    default = default_token_file(env, home)
+    try:
+        token = default.read_text().strip()
+    except (OSError, UnicodeDecodeError):
+        return None, None   # no default file: no token (a cluster without token auth needs none)
+    return (token, f"~/.ray/auth_token ({default})") if token else (None, None)
+
+
+def default_token_file(environ: dict | None = None, home: Path | None = None) -> Path:
+    """Ray's default token file, ~/.ray/auth_token (where `ray get-auth-token --generate` writes)."""
+    env = os.environ if environ is None else environ
+    return (home if home is not None else Path(env.get("HOME") or Path.home())) / ".ray" / "auth_token"
+
+
+def auth_token(environ: dict | None = None, home: Path | None = None) -> str | None:
+    """The cluster's token (see find_token), or None."""
+    return find_token(environ, home)[0]
+
+
+def _refused_hint(token: str | None) -> str:
+    """What to do when the cluster refuses a request made with ``token``, naming where the token came from."""
+    ways = ("export RAY_AUTH_TOKEN=<the cluster's token>, or RAY_AUTH_TOKEN_PATH=<a file holding it>, or "
+            "put it in ~/.ray/auth_token (mode 600); the first of these that is set is used")
+    if not token:
+        return f"no token was sent: {ways}"
+    try:
+        found, source = find_token()
+    except SubmitError:
+        found, source = None, None
+    if found != token:
+        return "the token given is not this cluster's"
+    note = (" (a local `python -m study.run` or `ray.init()` writes its own private cluster's token there when "
+            "the file is missing)" if source.startswith("~") else "")
+    return f"the token from {source} is not this cluster's{note}: {ways}"
 
 
 def auth_headers(token: str | None) -> dict[str, str]:
@@ -171,9 +218,7 @@ def client(address: str, token: str | None = None):
         try:
             return JobSubmissionClient(address, headers=auth_headers(token))
         except AuthenticationError as e:
-            hint = ("export RAY_AUTH_TOKEN=<the cluster's token>" if not token else
-                    "the token in $RAY_AUTH_TOKEN is not this cluster's")
-            raise SubmitError(f"{address} refused the request ({hint}): {e}") from e
+            raise SubmitError(f"{address} refused the request ({_refused_hint(token)}): {e}") from e
         except ConnectionError as e:
             raise SubmitError(f"--address {address}: no Ray Jobs API answers there ({e}). Is the cluster up, "
                               f"and the tunnel open (see the dashboard hint in cluster/README.md)? Nothing "
@@ -240,13 +285,14 @@ def follow(job_id: str, *, address: str = DEFAULT_ADDRESS, token: str | None = N
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m study.submit", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.ArgumentParser(prog="python -m study.submit", description=__doc__,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--address", default=None,
                    help=f"the cluster's dashboard/Jobs API URL (default $RAY_API_SERVER_ADDRESS or {DEFAULT_ADDRESS})")
     p.add_argument("--follow", action="store_true",
-                   help="print the job's logs until it ends; exit 0 only if it succeeded")
-    p.add_argument("--wait", action="store_true", help="wait for the job to end (no logs); exit 0 only if it succeeded")
+                   help="print the job's logs until it ends; exit 0 only if it succeeded (default: off)")
+    p.add_argument("--wait", action="store_true",
+                   help="wait for the job to end (no logs); exit 0 only if it succeeded (default: off)")
     p.add_argument("--submission-id", help="job id to use (default: Ray picks one)")
     p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
                    help="environment variable for the job (not for credentials: give those to the nodes)")
@@ -262,7 +308,13 @@ def parser() -> argparse.ArgumentParser:
 def _main(argv: list[str]) -> int:
     args = parser().parse_args(argv)
     address = args.address or os.environ.get("RAY_API_SERVER_ADDRESS") or DEFAULT_ADDRESS
-    token = auth_token()
+    token, source = find_token()
+    if source and source.startswith("~"):   # Ray writes its default file readable by all
+        default = default_token_file()
+        with contextlib.suppress(OSError):
+            if default.stat().st_mode & 0o077:
+                print(f"warning: {default} can be read by other users (Ray writes it with mode 644): "
+                      f"chmod 600 {default}", file=sys.stderr)
     if not is_loopback(address):
         print(f"warning: {address} is not a loopback address: the Jobs API is plain HTTP (the token travels "
               f"in clear) and must not be exposed; use an SSH tunnel or kubectl port-forward to 127.0.0.1",

@@ -509,17 +509,42 @@ def test_entrypoint_and_runtime_env():
 def test_token_comes_from_the_environment(tmp_path):
     from study import submit
 
-    assert submit.auth_token({}) is None
-    assert submit.auth_token({"RAY_AUTH_TOKEN": " abc \n"}) == "abc"
+    home = tmp_path / "home"
+    assert submit.auth_token({}, home=home) is None
+    assert submit.auth_token({"RAY_AUTH_TOKEN": " abc \n"}, home=home) == "abc"
     f = tmp_path / "token"
     f.write_text("fromfile\n")
-    assert submit.auth_token({"RAY_AUTH_TOKEN_PATH": str(f)}) == "fromfile"
+    assert submit.auth_token({"RAY_AUTH_TOKEN_PATH": str(f)}, home=home) == "fromfile"
     with pytest.raises(submit.SubmitError, match="inside the project"):
-        submit.auth_token({"RAY_AUTH_TOKEN_PATH": str(ROOT / "token.txt")})
+        submit.auth_token({"RAY_AUTH_TOKEN_PATH": str(ROOT / "token.txt")}, home=home)
     assert submit.auth_headers("abc") == {"Authorization": "Bearer abc"}
     assert submit.auth_headers(None) == {}
     assert submit.is_loopback("http://127.0.0.1:8265") and submit.is_loopback("localhost:8265")
     assert not submit.is_loopback("http://10.0.0.5:8265")
+
+
+def test_token_follows_rays_order_down_to_its_default_file(tmp_path):
+    """Ray's clients look in $RAY_AUTH_TOKEN, then $RAY_AUTH_TOKEN_PATH, then ~/.ray/auth_token; so does submit."""
+    from study import submit
+
+    home = tmp_path / "home"
+    (home / ".ray").mkdir(parents=True)
+    (home / ".ray" / "auth_token").write_text("default\n")
+    f = tmp_path / "token"
+    f.write_text("fromfile\n")
+    assert submit.find_token({}, home=home) == ("default", f"~/.ray/auth_token ({home / '.ray' / 'auth_token'})")
+    assert submit.find_token({"HOME": str(home)}) == submit.find_token({}, home=home)
+    assert submit.find_token({"RAY_AUTH_TOKEN_PATH": str(f)}, home=home)[0] == "fromfile"
+    assert submit.find_token({"RAY_AUTH_TOKEN": "env", "RAY_AUTH_TOKEN_PATH": str(f)}, home=home) == \
+        ("env", "$RAY_AUTH_TOKEN")
+    # a named file that is missing or empty is a mistake (Ray aborts too), not a silent fall-back
+    with pytest.raises(submit.SubmitError, match="cannot read the token file"):
+        submit.find_token({"RAY_AUTH_TOKEN_PATH": str(tmp_path / "missing")}, home=home)
+    f.write_text("\n")
+    with pytest.raises(submit.SubmitError, match="is empty"):
+        submit.find_token({"RAY_AUTH_TOKEN_PATH": str(f)}, home=home)
+    (home / ".ray" / "auth_token").write_text("")
+    assert submit.find_token({}, home=home) == (None, None)
 
 
 def test_submit_cli_help():
