@@ -241,12 +241,16 @@ def read_checkpoint(recorded: str, study: str) -> tuple[dict, str]:
             return load_checkpoint(tmp), location
     except pickle.UnpicklingError as e:
         # torch's message is a page of advice; the line naming the refused global is the news.
-        reason = next((line for line in str(e).splitlines() if "WeightsUnpickler" in line), str(e).splitlines()[0])
+        reason = next((line for line in str(e).splitlines() if "Unsupported global" in line), None)
+        if reason is None:   # not a pickle of objects at all: damaged, or some other file
+            raise ColorizeError(f"{location}/{CHECKPOINT_FILE} is not a checkpoint (it is not a file PyTorch "
+                                f"saved: damaged or replaced); rerun the trial, or name another with --trial") from e
         reason = reason.split(" Please use")[0]
         raise ColorizeError(f"refusing checkpoint {location}/{CHECKPOINT_FILE}: it holds more than tensors and "
                             f"plain values, and loading it would run pickled code ({reason.strip()})") from e
     except Exception as e:
-        raise ColorizeError(f"cannot load checkpoint {location}/{CHECKPOINT_FILE}: {type(e).__name__}: {e}") from e
+        raise ColorizeError(f"{location}/{CHECKPOINT_FILE} is not a checkpoint this project can read "
+                            f"({type(e).__name__}: {e}); rerun the trial, or name another with --trial") from e
 
 
 def locate_checkpoint(recorded: str, study: str) -> tuple[pafs.FileSystem, str]:

@@ -33,7 +33,8 @@ from study.cli import UsageError
 from study import stopping
 from study.run_checks import (DEFAULT_SQLITE, SQLITE, check_optuna_url, check_options, check_pickles,  # noqa: F401
                               check_resume_database, check_storage, check_storage_url, in_ray_job, masked,
-                              runtime_url, space_change_problems, without_password)
+                              missing_epochs, read_study_json, runtime_url, space_change_problems,
+                              without_password)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -212,7 +213,6 @@ def parse_budget_arg(text, space) -> float | None:
 def _main(argv: list[str]) -> int:
     args = parser().parse_args(argv)
     check_options(args)
-    from study.results import read_json, write_json
     from study.space import load_space
 
     check_storage_url(args.storage)   # before any path is made from it: never a local folder named "s3:"
@@ -221,7 +221,7 @@ def _main(argv: list[str]) -> int:
     root = study_root(args.storage, name)
     check_storage(args.storage, root)
     given_url = args.optuna_storage
-    meta = read_json(root, "study.json")
+    meta = read_study_json(root)
     if args.resume and meta is None:
         raise UsageError(f"--resume: no study at {root}; run without --resume to start it")
     from study import lock
@@ -260,8 +260,12 @@ def _main(argv: list[str]) -> int:
     if args.resume:
         check_pickles(root)
         from study.results import read_table
-        for table in ("trials", "epochs"):   # a corrupt table is named now, not when the driver first writes
-            read_table(root, table)
+        # A corrupt table is named now, not when the driver first writes.
+        tables = {table: read_table(root, table) for table in ("trials", "epochs")}
+        for trial_id, gone in missing_epochs(tables["trials"], tables["epochs"]).items():
+            print(f"warning: the epochs table lacks epoch(s) {', '.join(map(str, gone))} of trial {trial_id} (their "
+                  f"files under results/epochs.parquet are gone); its other epochs are kept, and its trials row "
+                  f"counts only the epochs that are there", file=sys.stderr)
         from study import tune_backend as tb
         if not tb.can_resume(root):
             raise UsageError(f"--resume: the study at {root} never started a trial (Ray Tune saved no state); "
@@ -315,6 +319,25 @@ def _main(argv: list[str]) -> int:
         resources["gpu"] = args.gpus_per_trial
     if args.cpus_per_trial is not None:
         resources["cpu"] = args.cpus_per_trial
+    made = [] if "://" in root else [p for p in (Path(root), Path(root).parent) if not p.exists()]
+    try:
+        return _run_study(args, space, name, root, meta, given_url, space_changed, resources, data_root,
+                          cache_dir, address, clock, budget, lock)
+    except UsageError:
+        # Refused before the study started (e.g. resources no node has): leave no folder the lock made.
+        for folder in made:
+            try:
+                folder.rmdir()   # only if empty
+            except OSError:
+                pass
+        raise
+
+
+def _run_study(args, space, name, root, meta, given_url, space_changed, resources, data_root, cache_dir,
+               address, clock, budget, lock) -> int:
+    from study import tune_backend as tb
+    from study.results import write_json
+
     with lock.StudyLock(root), stopping.Signals() as signals:
         cluster = tb.init_ray(address, args.num_cpus, args.num_gpus)
         signals.install()   # after Ray's own driver handlers: ours decide how the study stops

@@ -17,6 +17,9 @@ SQLITE = "sqlite:///"
 DEFAULT_SQLITE = f"{SQLITE}optuna.db"   # study.json's spelling of "optuna.db in this study's folder"
 # Set in a Ray job's driver (``ray job submit``, study.submit): its working directory is a temporary copy.
 RAY_JOB_ENV = ("RAY_JOB_CONFIG_JSON_ENV_VAR", "RAY_JOB_ID")
+MAX_NAME_BYTES = 120
+# What a study.json must hold for --resume (study.run writes all of these).
+STUDY_KEYS = ("name", "space", "optuna_storage", "optuna_study_name", "num_samples")
 # Files Ray unpickles on --resume: code runs from them, so they must be the user's own.
 PICKLE_SUFFIXES = (".pkl", ".pickle")
 
@@ -48,6 +51,9 @@ def check_options(args: argparse.Namespace) -> None:
     if args.name is not None and (not args.name.strip() or "/" in args.name or "\\" in args.name
                                   or args.name in (".", "..")):
         raise UsageError(f"--name {args.name!r}: a study name is one folder name (no '/', not '.' or '..')")
+    if args.name is not None and len(args.name.encode()) > MAX_NAME_BYTES:
+        raise UsageError(f"--name: {len(args.name.encode())} bytes long; a study name is a folder name of at most "
+                         f"{MAX_NAME_BYTES} bytes (file systems allow 255, and Ray adds to it)")
 
 
 def in_ray_job(environ=None) -> bool:
@@ -259,3 +265,39 @@ def space_change_problems(space, url: str, study_name: str) -> list[str]:
         elif was_choice and list(old.choices) != list(dist.values):
             problems.append(f"{name} choices were {list(old.choices)} and are now {list(dist.values)}")
     return problems
+
+
+def read_study_json(root: str) -> dict | None:
+    """``study.json`` of the study at ``root`` (None when there is none); one that is not JSON, or lacks what a
+    resume needs, is named with what to do."""
+    from study.results import read_json
+
+    where = f"{root.rstrip('/')}/study.json"
+    try:
+        meta = read_json(root, "study.json")
+    except (ValueError, UnicodeDecodeError) as e:
+        raise UsageError(f"{where} is not valid JSON ({e}); restore it from a copy of the study, or start a new "
+                         f"study with --name (nothing was changed)") from None
+    if meta is None:
+        return None
+    missing = [k for k in STUDY_KEYS if k not in meta] if isinstance(meta, dict) else list(STUDY_KEYS)
+    if missing:
+        raise UsageError(f"{where} lacks {', '.join(missing)}, which this study needs; restore it from a copy of "
+                         f"the study, or start a new study with --name (nothing was changed)")
+    return meta
+
+
+def missing_epochs(trials, epochs) -> dict[str, list[int]]:
+    """Trial id -> the epochs its trials row says it ran but the epochs table lacks (a deleted file)."""
+    if trials is None or trials.empty:
+        return {}
+    have = {} if epochs is None else epochs.groupby("trial_id")["epoch"].apply(set).to_dict()
+    out = {}
+    for row in trials.itertuples():
+        ran = int(row.epochs_run) if row.epochs_run == row.epochs_run and row.epochs_run is not None else 0
+        got = have.get(row.trial_id, set())
+        last = max([ran, *got]) if got else ran
+        gone = [e for e in range(1, last + 1) if e not in got]
+        if gone:
+            out[row.trial_id] = gone
+    return out

@@ -256,6 +256,17 @@ def test_checkpoint_with_pickled_code_is_refused(study, inputs, tmp_path, capsys
     assert not marker.exists()
 
 
+@pytest.mark.parametrize("content", [b"\x00garbage" * 200, b"not a checkpoint\n"])
+def test_a_garbage_checkpoint_is_said_to_be_no_checkpoint(study, inputs, tmp_path, capsys, content):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / CHECKPOINT_FILE).write_bytes(content)
+    fake = copy_study(study, tmp_path / "fake", lambda t: str(bad))
+    rc, _, err = run(capsys, "--study", fake, inputs["colour"], "--out", tmp_path / "out")
+    assert rc == 2 and "is not a checkpoint" in err and "pickled code" not in err, err
+    assert "Traceback" not in err
+
+
 # ---------------------------------------------------------------- the core, with stand-in models
 
 
