@@ -340,7 +340,7 @@ def format_plan(plan: Plan) -> str:
     for ds, f in plan.datasets.items():
         axes = "  ".join(f"{a} {_values_text(f[a])}" for a in ("resolution", "depth", "sampling", "output",
                                                                  "base_filters", "batch_size"))
-        lines.append(f"    {ds}: ~{f['trials']:.0f} trials; {f['structures']} structures: {axes}")
+        lines.append(f"    {ds}: ~{f['trials']:.0f} trials; {f['structures']} structure(s): {axes}")
         lines.append(f"      {f['epochs']} epochs of {f['train']:,} training images; {f['val']:,} val + "
                      f"{f['test']:,} test images evaluated each epoch ({f['sizes_from']})")
     threads = f", {plan.threads} thread(s) as a trial gets" if plan.device == "cpu" else ""
@@ -353,16 +353,18 @@ def format_plan(plan: Plan) -> str:
     span = f"{_duration(plan.unit_s['min'])} to {_duration(plan.unit_s['max'])}"
     fixed = (f"{STARTUP_S:.0f} s to start, {WORKER_START_S:.0f} s for each worker's first {unit}, {TRIAL_GAP_S:g} s "
              f"between {unit}s, {EPOCH_OVERHEAD_S:g} s per epoch, {SHUTDOWN_S:.0f} s to end")
-    lines += [(f"  other structures: on the line between those two by multiply-adds per image (the optimizer's "
-               f"step: by weights); evaluation "
+    between = ("other structures: on the line between those two by multiply-adds per image (the optimizer's "
+               "step: by weights)" if len(plan.timings) > 1 else "the one structure as timed")
+    lines += [(f"  {between}; evaluation "
                f"(val + test, measured) is {plan.eval_share:.0%} of an epoch"),
               f"  one {unit} in full: {span}, {_duration(plan.unit_s['mean'])} on average",
               f"  pruning: {plan.pruning}; {plan.epoch_fraction:.0%} of all epochs expected to run",
               f"  fixed costs: {fixed}",
               f"estimate: {_duration(plan.wall_s)} wall time, {plan.device_hours:.2f} {plan.device_unit}"]
     if plan.budget_s is not None and plan.units_in_budget is not None:
-        lines.append(f"  within the time budget of {_duration(plan.budget_s)}: about {plan.units_in_budget:.0f} of "
-                     f"{plan.units} {unit}s finish; --resume goes on with the rest")
+        done = (f"all {plan.units} {unit}s finish" if plan.units_in_budget >= plan.units else
+                f"about {plan.units_in_budget:.0f} of {plan.units} {unit}s finish; --resume goes on with the rest")
+        lines.append(f"  within the time budget of {_duration(plan.budget_s)}: {done}")
     lines += [f"note: {n}" for n in plan.notes] + [f"warning: {w}" for w in plan.warnings]
     return "\n".join(lines)
 
