@@ -372,9 +372,12 @@ def _run(args, dev, steps, packs, precisions, flowers_batch, flowers_pack, data_
                                                                         steps, args.warmup, p, counts=c)))
         rates: dict[str, list[float]] = {key: [] for key, *_ in jobs}
         counts: dict[str, dict] = {key: {} for key, *_ in jobs}
-        for _ in range(args.rounds):
+        for r in range(args.rounds):
             for key, _text, _unit, run in jobs:
                 rates[key].append(run(counts[key]))
+                print(f"  round {r + 1}/{args.rounds}: {key} {rates[key][-1]:.1f}", flush=True)
+                if args.json:  # a run cut short still leaves what it measured
+                    args.json.write_text(json.dumps({**out, "rounds_so_far": rates}, indent=2))
         for key, text, unit, _run_row in jobs:
             rate = float(np.median(rates[key]))
             row(key, text, rate, unit, counts[key],
