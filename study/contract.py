@@ -187,13 +187,14 @@ def _timestamp(value):
     return pd.Timestamp(value)
 
 
-def default_trial(trials: pd.DataFrame) -> pd.Series | None:
+def default_trial(trials: pd.DataFrame, done_only: bool = True) -> pd.Series | None:
     """The trial ``study.colorize`` uses when none is named: the best (``best_trials``) of the DONE trials
     with a checkpoint (a pruned or running trial is used only when named); when none has a score, the first
-    such; None when there is none."""
+    such; None when there is none. ``done_only=False``: among trials of any status (one named by the user)."""
     if trials is None or trials.empty or "checkpoint_path" not in trials:
         return None
-    rows = trials[(trials["checkpoint_path"].fillna("").astype(str) != "") & (trials["status"] == "DONE")]
+    rows = trials[(trials["checkpoint_path"].fillna("").astype(str) != "")
+                  & ((trials["status"] == "DONE") if done_only else True)]
     best = best_trials(rows)
     if not best.empty:
         return best.iloc[0]

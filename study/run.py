@@ -182,25 +182,20 @@ def print_plan(args, space, meta: dict | None) -> int:
     written and no Ray starts."""
     from study import plan
 
+    cluster = plan.local_resources(args.num_cpus, args.num_gpus)
     resources = dict(space.resources)
     if args.gpus_per_trial is not None:
         resources["gpu"] = args.gpus_per_trial
     if args.cpus_per_trial is not None:
         resources["cpu"] = args.cpus_per_trial
-    num_samples = args.num_samples or (meta or {}).get("num_samples") or space.num_samples
-    cpus = args.num_cpus or os.cpu_count() or 1
-    try:
-        import torch
-        gpus = args.num_gpus if args.num_gpus is not None else torch.cuda.device_count()
-    except ImportError:
-        gpus = 0
-    if not gpus:
+    if resources.get("gpu", 0) and not cluster["GPU"]:
         resources["gpu"] = 0
-    pack = args.pack or (meta or {}).get("pack") or space.pack_for(gpu=resources.get("gpu", 0) > 0)
-    estimate = plan.estimate(space, num_samples=num_samples,
-                             max_concurrent=args.max_concurrent or space.max_concurrent, resources=resources,
-                             pack=pack, cluster_resources={"CPU": float(cpus), "GPU": float(gpus)},
-                             time_budget_s=parse_budget_arg(args.time_budget, space))
+    data_root = str(Path(args.data_root).resolve()) if args.data_root else os.environ.get("COLORIZE_DATA_ROOT")
+    estimate = plan.estimate(
+        space, num_samples=args.num_samples or (meta or {}).get("num_samples") or space.num_samples,
+        max_concurrent=args.max_concurrent or space.max_concurrent, resources=resources,
+        pack=args.pack or (meta or {}).get("pack") or space.pack_for(gpu=resources.get("gpu", 0) > 0),
+        cluster_resources=cluster, data_root=data_root, time_budget_s=parse_budget_arg(args.time_budget, space))
     print(plan.format_plan(estimate))
     return 0
 
@@ -217,6 +212,8 @@ def _main(argv: list[str]) -> int:
 
     check_storage_url(args.storage)   # before any path is made from it: never a local folder named "s3:"
     space = load_space(args.space)
+    if args.plan:   # before any study folder, lock or record is looked at: --plan writes and starts nothing
+        return print_plan(args, space, None)
     name = args.name or space.name
     root = study_root(args.storage, name)
     check_storage(args.storage, root)
@@ -292,8 +289,6 @@ def _main(argv: list[str]) -> int:
     status = (_read(root, STATUS_FILE) or {}) if meta is not None else {}
     clock = StudyClock(spent_before_s=float(status.get("elapsed_s") or 0.0))
     budget = time_budget(args, meta, space, clock, parse_duration)
-    if args.plan:
-        return print_plan(args, space, meta)
     data_root = str(Path(args.data_root).resolve()) if args.data_root else os.environ.get("COLORIZE_DATA_ROOT")
     if data_root and not Path(data_root).is_dir() and "://" not in data_root:
         raise UsageError(f"--data-root {data_root} is not a folder; give the folder holding cifar10/ and "

@@ -289,12 +289,14 @@ def read_study_json(root: str) -> dict | None:
 
 def missing_epochs(trials, epochs) -> dict[str, list[int]]:
     """Trial id -> the epochs its trials row says it ran but the epochs table lacks (a deleted file)."""
+    import pandas as pd
+
     if trials is None or trials.empty:
         return {}
     have = {} if epochs is None else epochs.groupby("trial_id")["epoch"].apply(set).to_dict()
     out = {}
     for row in trials.itertuples():
-        ran = int(row.epochs_run) if row.epochs_run == row.epochs_run and row.epochs_run is not None else 0
+        ran = 0 if pd.isna(row.epochs_run) else int(row.epochs_run)
         got = have.get(row.trial_id, set())
         last = max([ran, *got]) if got else ran
         gone = [e for e in range(1, last + 1) if e not in got]

@@ -45,14 +45,10 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-import inspect
-import math
-
-import yaml
-
-from study.cli import ProjectError
-from study.config import DEFAULT_RESOLUTION, LOSSES, SCHEDULES, TrialConfig, choices_of
-from study.modelspec import OUTPUTS, SAMPLINGS, ConfigError, max_depth_for
+from study.config import DEFAULT_RESOLUTION, TrialConfig, choices_of
+from study.modelspec import ConfigError, max_depth_for
+from study.space_options import _yaml_number_hint, check_options, optuna_class
+from study.space_yaml import MAX_SPACE_BYTES, MAX_YAML_NODES, SpaceError, read_space_yaml  # noqa: F401
 
 SPACES_DIR = Path(__file__).resolve().parent.parent / "search_spaces"
 DISTRIBUTIONS = ("choice", "int", "uniform", "loguniform")
@@ -60,20 +56,12 @@ PRUNERS = ("none", "median", "successive_halving", "hyperband")
 SAMPLERS = ("tpe", "random", "grid", "nsga2")
 TOP_KEYS = {"description", "params", "sampler", "pruner", "num_samples", "max_concurrent", "resources",
             "max_failures", "pack", "enqueue", "objectives", "time_budget"}
-# Options a space file must not set: the study supplies them (seed, grid) or YAML cannot express them.
-RESERVED_OPTIONS = {"seed", "search_space", "weights", "gamma", "constraints_func", "name"}
 CONFIG_FIELDS = {f.name: f for f in fields(TrialConfig)}
 ALLOWED_VALUES = {name: list(choices_of(name)) for name in CONFIG_FIELDS if choices_of(name)}
 # Bounds on a space file, checked before and while it is parsed: a real space is a few kB and a few hundred
 # YAML values, so these only stop files that would otherwise hang or exhaust memory (a 55 MB list of
 # choices, or an alias "billion laughs" that expands a few lines into billions of values).
-MAX_SPACE_BYTES = 1 << 20        # 1 MiB, refused before parsing
-MAX_YAML_NODES = 100_000         # values after alias expansion (each use of an alias counts in full)
 MAX_INT_RANGE_VALUES = 1_000_000  # values of one {int: [lo, hi]} range (the space enumerates discrete ones)
-
-
-class SpaceError(ProjectError, ValueError):
-    """A space file that cannot be used; the message names the file, the key and what is allowed."""
 
 
 @dataclass
@@ -176,28 +164,15 @@ class Space:
         name = self.sampler.get("name", "tpe")
         opts = {k: v for k, v in self.sampler.items() if k != "name"}
         if name == "grid":
-            return _optuna_class("sampler", name)(self.grid(), seed=seed, **opts)
+            return optuna_class("sampler", name)(self.grid(), seed=seed, **opts)
         if name == "tpe":
             # Without it concurrent asks see the same history and suggest the same configuration.
             opts.setdefault("constant_liar", True)
-        return _optuna_class("sampler", name)(seed=seed, **opts)
+        return optuna_class("sampler", name)(seed=seed, **opts)
 
     def make_pruner(self):
         opts = {k: v for k, v in self.pruner.items() if k != "name"}
-        return _optuna_class("pruner", self.pruner.get("name", "none"))(**opts)
-
-
-def _optuna_class(kind: str, name: str):
-    import optuna
-
-    return {
-        ("sampler", "tpe"): optuna.samplers.TPESampler, ("sampler", "random"): optuna.samplers.RandomSampler,
-        ("sampler", "grid"): optuna.samplers.GridSampler, ("sampler", "nsga2"): optuna.samplers.NSGAIISampler,
-        ("pruner", "none"): optuna.pruners.NopPruner,
-        ("pruner", "median"): optuna.pruners.MedianPruner,
-        ("pruner", "successive_halving"): optuna.pruners.SuccessiveHalvingPruner,
-        ("pruner", "hyperband"): optuna.pruners.HyperbandPruner,
-    }[kind, name]
+        return optuna_class("pruner", self.pruner.get("name", "none"))(**opts)
 
 
 def find_space(name_or_path: str) -> Path:
@@ -218,87 +193,9 @@ def find_space(name_or_path: str) -> Path:
     return p
 
 
-class _BoundedLoader(yaml.SafeLoader):
-    """YAML's safe loader, refusing a document that expands past MAX_YAML_NODES values.
-
-    Aliases stay allowed (``*common`` reuses a case), but each use counts as the whole subtree it
-    names: the composed node graph is measured (memoised, linear in its distinct nodes) before any
-    Python object is constructed, so an alias bomb is refused in milliseconds instead of expanded.
-    """
-
-    def get_single_data(self):
-        node = self.get_single_node()
-        if node is None:
-            return None
-        n = _expanded_size(node)
-        if n > MAX_YAML_NODES:
-            how_many = ("an endless number of" if n == float("inf") else f"more than {MAX_YAML_NODES:,}")
-            raise SpaceError(f"expands to {how_many} YAML values (an alias counts each time it is used, "
-                             f"and one inside the value it names never ends); "
-                             f"the limit is {MAX_YAML_NODES:,} (MAX_YAML_NODES in study/space.py): use fewer "
-                             f"aliases and values")
-        return self.construct_document(node)
-
-
-def _expanded_size(root) -> float:
-    """Values in the document once every alias is expanded (inf for a self-referencing one)."""
-    sizes: dict[int, float] = {}
-    stack = [(root, False)]
-    active: set[int] = set()
-    while stack:   # iterative: nesting depth is the file's to choose
-        node, children_done = stack.pop()
-        key = id(node)
-        if children_done:
-            active.discard(key)
-            kids = _children(node)
-            sizes[key] = min(1 + sum(sizes[id(k)] for k in kids), float("inf"))
-            if sizes[key] > MAX_YAML_NODES:
-                return sizes[key]
-            continue
-        if key in sizes:
-            continue
-        if key in active:   # an alias inside the node it names: expands forever
-            return float("inf")
-        active.add(key)
-        stack.append((node, True))
-        stack.extend((k, False) for k in _children(node) if id(k) not in sizes)
-    return sizes[id(root)]
-
-
-def _children(node) -> list:
-    if isinstance(node, yaml.SequenceNode):
-        return list(node.value)
-    if isinstance(node, yaml.MappingNode):
-        return [x for pair in node.value for x in pair]
-    return []
-
-
 def load_space(name_or_path: str) -> Space:
     path = find_space(name_or_path)
-    try:
-        with path.open("rb") as f:
-            data = f.read(MAX_SPACE_BYTES + 1)   # bounded: the file may be huge, or a pipe that never ends
-        if len(data) > MAX_SPACE_BYTES:
-            raise SpaceError(f"{path}: larger than {MAX_SPACE_BYTES // 1024} KiB (MAX_SPACE_BYTES in "
-                             f"study/space.py); a space file holds ranges, not lists of every value: use "
-                             f"{{int: [lo, hi]}} or {{uniform: [lo, hi]}} instead of long choice lists")
-        text = data.decode("utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise SpaceError(f"{path}: cannot be read ({e.strerror if isinstance(e, OSError) else e}); "
-                         f"give a readable UTF-8 YAML file") from e
-    try:
-        raw = yaml.load(text, Loader=_BoundedLoader)
-    except SpaceError as e:
-        raise SpaceError(f"{path}: {e}") from None
-    except yaml.YAMLError as e:
-        raise SpaceError(f"{path}: not valid YAML: {e}") from e
-    except RecursionError:
-        raise SpaceError(f"{path}: nested too deeply to parse; a space file is a few levels deep "
-                         f"(params -> name -> distribution)") from None
-    except (ValueError, OverflowError) as e:   # a scalar YAML cannot turn into Python (a 5,000-digit number)
-        raise SpaceError(f"{path}: a value cannot be read ({str(e).split(';')[0]}); "
-                         f"give numbers of ordinary size and dates as YYYY-MM-DD") from None
-    return parse_space(raw, path)
+    return parse_space(read_space_yaml(path), path)
 
 
 def parse_space(raw: Any, path: Path) -> Space:
@@ -347,7 +244,7 @@ def parse_space(raw: Any, path: Path) -> Space:
         pack=_pack(raw.get("pack", 1), fail),
     )
     for kind in ("sampler", "pruner"):
-        _check_options(getattr(space, kind), kind, fail)
+        check_options(getattr(space, kind), kind, fail)
     if space.sampler["name"] == "grid":
         for p in params.values():
             if p.by and any(d.kind != "constant" for d in p.cases.values()) or \
@@ -485,18 +382,6 @@ def _check_value(v, key: str, name: str, fail) -> None:
     _check_rule(v, key, name, fail)
 
 
-def _yaml_number_hint(v) -> str:
-    """YAML 1.1 reads ``1e-3`` and ``1e11`` (no dot) as text: say so when that is what happened."""
-    if isinstance(v, str):
-        try:
-            number = float(v)
-        except ValueError:
-            return ""
-        if math.isfinite(number):
-            return f" (YAML reads {v} as text: write {number:.1e}, with a dot)"
-    return ""
-
-
 def _check_rule(v, key: str, name: str, fail) -> None:
     """The trial's own rule for one value (``lr: -0.001``, ``epochs: 0``): caught here, not in a trial."""
     try:
@@ -545,100 +430,6 @@ def _pack(spec, fail) -> dict:
         return {kind: _int_at_least(spec.get(kind, 1), 1, f"pack.{kind}", fail) for kind in ("cpu", "gpu")}
     k = _int_at_least(spec, 1, "pack", fail)
     return {"cpu": k, "gpu": k}
-
-
-# Bounds Optuna documents for its samplers' and pruners' options, where they differ from "a whole number
-# >= 0" or "a finite number"; Optuna checks some of them itself only when a study runs (or never, and fails
-# later with a TypeError), so they are checked here, with the space file, before anything is written.
-OPTION_INT_FLOOR = {"n_ei_candidates": 1, "population_size": 2, "interval_steps": 1, "n_min_trials": 1,
-                    "min_resource": 1, "max_resource": 1, "reduction_factor": 2}
-OPTION_INT_CEILING = {"n_ei_candidates": 10_000}   # candidates drawn per suggestion: more only costs memory
-OPTION_FLOAT_RANGE = {"mutation_prob": (0.0, 1.0), "crossover_prob": (0.0, 1.0), "swapping_prob": (0.0, 1.0)}
-OPTION_FLOAT_POSITIVE = {"prior_weight"}
-_PLAIN_TYPES = ("bool", "int", "float", "str", "None")
-
-
-def _annotation_types(param: inspect.Parameter) -> tuple[list[str], str]:
-    """The plain YAML-expressible types an option's annotation allows, and the annotation as text."""
-    ann = param.annotation
-    if ann is inspect.Parameter.empty:
-        text = type(param.default).__name__ if param.default is not inspect.Parameter.empty else "any"
-    else:
-        text = ann if isinstance(ann, str) else getattr(ann, "__name__", str(ann))
-    parts, depth, current = [], 0, ""
-    for ch in text:   # split on the top-level "|" only (Callable[[A | B], C] | None)
-        depth += ch == "["
-        depth -= ch == "]"
-        if ch == "|" and depth == 0:
-            parts.append(current.strip())
-            current = ""
-        else:
-            current += ch
-    parts.append(current.strip())
-    return [t for t in _PLAIN_TYPES if t in parts], text
-
-
-def _option_problem(option: str, v, types: list[str], default) -> str | None:
-    """Why ``v`` cannot be given for an option whose annotation allows ``types`` (None: it can)."""
-    if v is None:
-        return None if "None" in types else "must not be null"
-    if isinstance(v, bool):
-        return None if "bool" in types else f"{v!r} is true/false, but the option takes {' or '.join(types)}"
-    if isinstance(v, int) and "int" in types:
-        low, high = OPTION_INT_FLOOR.get(option, 0), OPTION_INT_CEILING.get(option)
-        if v < low:
-            return f"must be a whole number >= {low}, got {v}"
-        if high is not None and v > high:
-            return f"must be a whole number <= {high}, got {v}"
-        return None
-    if isinstance(v, (int, float)) and "float" in types:
-        try:
-            finite = math.isfinite(v)
-        except OverflowError:   # an int too large for a float
-            finite = False
-        if not finite:
-            return f"must be a finite number, got {v!r}"
-        lo, hi = OPTION_FLOAT_RANGE.get(option, (-math.inf, math.inf))
-        if not lo <= v <= hi:
-            return f"must be in [{lo}, {hi}], got {v!r}"
-        if option in OPTION_FLOAT_POSITIVE and v <= 0:
-            return f"must be > 0, got {v!r}"
-        return None
-    if isinstance(v, str) and "str" in types:
-        # Optuna's only string values are its documented "auto"s, which are also the defaults.
-        return None if v == default else f"{v!r} is not allowed; the only word it takes is {default!r}"
-    want = {"int": "a whole number", "float": "a number", "bool": "true or false", "str": "a word",
-            "None": "null"}
-    hint = _yaml_number_hint(v)
-    return f"{v!r} is not {' or '.join(want[t] for t in types)}{hint}"
-
-
-def _check_options(spec: dict, kind: str, fail) -> None:
-    """Option names, types and documented ranges against the Optuna class's signature
-    (``n_startup_trail`` is a typo, not a no-op; ``n_startup_trials: three`` would fail only mid-study)."""
-    cls = _optuna_class(kind, spec["name"])
-    params = inspect.signature(cls).parameters
-    allowed = sorted(set(params) - RESERVED_OPTIONS)
-    for option in spec:
-        if option != "name" and option not in allowed:
-            fail(f"{kind}.{option}", f"not an option of {spec['name']} ({cls.__name__}); allowed: {allowed}")
-    for option, v in spec.items():
-        if option == "name":
-            continue
-        types, text = _annotation_types(params[option])
-        if types in ([], ["None"]):
-            fail(f"{kind}.{option}", f"takes a Python object ({text}), which a space file cannot give; "
-                                     f"leave it out")
-        problem = _option_problem(option, v, types, params[option].default)
-        if problem:
-            fail(f"{kind}.{option}", f"{problem} ({cls.__name__}.{option}: {text}, default "
-                                     f"{params[option].default!r})")
-    opts = {k: v for k, v in spec.items() if k != "name"}
-    if opts:
-        try:
-            cls(**opts)   # Optuna checks the values (n_warmup_steps: -1, reduction_factor: 1, ...)
-        except (TypeError, ValueError) as e:
-            fail(kind, f"{spec['name']} rejects these options: {e}")
 
 
 def _check_depths(space: Space, fail) -> None:

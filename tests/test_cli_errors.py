@@ -166,7 +166,7 @@ CASES = [
     Case("space-alias-bomb", "study.run", [*RUN, "--space", "space.yaml"],
          r"space\.yaml: expands to more than 100,000 YAML values .*MAX_YAML_NODES", alias_bomb),
     Case("space-over-1-mib", "study.run", [*RUN, "--space", "space.yaml"],
-         r"space\.yaml: larger than 1024 KiB \(MAX_SPACE_BYTES in study/space\.py\)", huge_space),
+         r"space\.yaml: larger than 1024 KiB \(MAX_SPACE_BYTES in study/space_yaml\.py\)", huge_space),
     Case("space-is-a-device", "study.run", [*RUN, "--space", "/dev/zero"], r"--space /dev/zero is not a regular file"),
     Case("space-int-range-1e11", "study.run", [*RUN, "--space", "space.yaml"],
          r"params\.train_limit: int range \[1, 100000000000\] .* more than the limit 1,000,000 \(MAX_INT_RANGE_VALUES",

@@ -71,3 +71,12 @@ def test_a_ray_studys_tables_are_the_contracts(tmp_path, cache_dir):
     # pandas alone reads the same shape (no study code between the file and the user)
     raw = pd.read_parquet(f"{study}/results/trials.parquet")
     assert set(contract.TRIAL_COLUMNS) <= set(raw.columns)
+
+
+def test_missing_epoch_files_are_found():
+    from study.run_checks import missing_epochs
+
+    trials = pd.DataFrame({"trial_id": ["a", "b", "c"], "epochs_run": pd.array([3, 2, None], dtype="Int64")})
+    epochs = pd.DataFrame({"trial_id": ["a", "a", "b", "b"], "epoch": [1, 3, 1, 2]})
+    assert missing_epochs(trials, epochs) == {"a": [2]}
+    assert missing_epochs(trials, epochs.iloc[:1]) == {"a": [2, 3], "b": [1, 2]}

@@ -365,7 +365,7 @@ def test_a_file_over_the_size_limit_is_refused_before_parsing(tmp_path):
         f.write(", ".join(str(i) for i in range(300_000)))
         f.write("]}\n")
     assert path.stat().st_size > MAX_SPACE_BYTES
-    with pytest.raises(SpaceError, match=r"huge\.yaml: larger than 1024 KiB \(MAX_SPACE_BYTES in study/space\.py\)"):
+    with pytest.raises(SpaceError, match=r"huge\.yaml: larger than 1024 KiB \(MAX_SPACE_BYTES in study/space_yaml\.py\)"):
         load_space(str(path))
 
 
