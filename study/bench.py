@@ -1,6 +1,6 @@
 """Training throughput, everything side by side in one run, as text and JSON with the device's name.
 
-``python -m study.bench [--data-root ../shared/data] [--steps N] [--packs 4,8,16,32] [--parts ...] [--json F]``
+``python -m study.bench [--data-root <data root>] [--steps N] [--packs 4,8,16,32] [--parts ...] [--json F]``
 
 All rows train with Adam and MSE for the same number of timed steps:
 - reference: the seed notebooks' pipeline: per-sample PIL decode of the JPEG files +
@@ -270,28 +270,28 @@ def parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data-root", help="folder holding cifar10/ (and flowers102/); default $COLORIZE_DATA_ROOT")
     p.add_argument("--cache-dir", type=Path, help="decoded-data cache and scratch files (default .cache)")
-    p.add_argument("--device")
+    p.add_argument("--device", help="cpu, cuda or cuda:N (default: a GPU when there is one, else cpu)")
     p.add_argument("--steps", type=_count, help="timed steps per row (default 200 on a GPU, 10 on a CPU)")
-    p.add_argument("--warmup", type=_nonnegative, default=3, help="untimed steps before each row")
-    p.add_argument("--images", type=_count, default=8192, help="CIFAR-10 training images read")
+    p.add_argument("--warmup", type=_nonnegative, default=3, help="untimed steps before each row (default: 3)")
+    p.add_argument("--images", type=_count, default=8192, help="CIFAR-10 training images read (default: 8192)")
     p.add_argument("--workers", type=_nonnegative, default=2,
-                   help="reference DataLoader workers (the notebooks used 2)")
-    p.add_argument("--batches", type=_counts, default=[64, 512], help="batch sizes of the single-trial rows")
+                   help="reference DataLoader workers, as the notebooks used (default: 2)")
+    p.add_argument("--batches", type=_counts, default=[64, 512], help="batch sizes of the single-trial rows (default: 64,512)")
     p.add_argument("--precisions", type=_choices(PRECISIONS),
                    help="single-trial precisions (default fp32,bf16 on a GPU, fp32 on a CPU)")
     p.add_argument("--compile", nargs="?", const="default", choices=COMPILE_MODES,
                    help="add rows with a torch.compile'd step (default mode; reduce-overhead adds CUDA graphs)")
     p.add_argument("--packs", type=_counts, help="pack sizes K (default 4,8,16,32 on a GPU, 2,4 on a CPU)")
-    p.add_argument("--pack-batch", type=_count, default=64, help="each pack member's batch size")
-    p.add_argument("--flowers-batch", type=_count, help="default 64 on a GPU, 4 on a CPU")
+    p.add_argument("--pack-batch", type=_count, default=64, help="each pack member's batch size (default: 64)")
+    p.add_argument("--flowers-batch", type=_count, help="batch size of the flowers rows (default: 64 on a GPU, 4 on a CPU)")
     p.add_argument("--flowers-pack", type=_count, help="pack size of the flowers row (default 4 on a GPU, 2 on a CPU)")
-    p.add_argument("--flowers-images", type=_count, default=256, help="Flowers-102 training images decoded")
+    p.add_argument("--flowers-images", type=_count, default=256, help="Flowers-102 training images decoded (default: 256)")
     p.add_argument("--flowers-size", type=_count, default=256,
-                   help="flowers image side (the report's 256; smaller only for quick smoke runs)")
+                   help="flowers image side, the report's 256; smaller only for quick smoke runs (default: 256)")
     p.add_argument("--rounds", type=_count, default=1,
-                   help="run the trial and pack rows this many times, round-robin, and keep each one's median")
-    p.add_argument("--parts", type=_choices(PARTS), default=list(PARTS), help=f"rows to run: {','.join(PARTS)}")
-    p.add_argument("--json", type=Path, help="also write the figures here")
+                   help="run the trial and pack rows this many times, round-robin, and keep each one's median (default: 1)")
+    p.add_argument("--parts", type=_choices(PARTS), default=list(PARTS), help=f"rows to run, comma-separated from {','.join(PARTS)} (default: all)")
+    p.add_argument("--json", type=Path, help="also write the figures to this JSON file (default: none)")
     return p
 
 
