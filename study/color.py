@@ -56,12 +56,13 @@ def rgb_to_y(rgb: torch.Tensor) -> torch.Tensor:
 
 
 def prediction_to_rgb(pred: torch.Tensor, y: torch.Tensor, output: str) -> torch.Tensor:
-    """A model's output as RGB in [0, 1]; UV models take Y from their input."""
-    if output == "uv":
+    """A model's output as RGB in [0, 1]; UV models take Y from their input (a uv-classes model's output
+    decoded to UV first: study.models.UNet.decode)."""
+    if output in ("uv", "uv-classes"):
         pred = yuv_to_rgb(torch.cat([y.to(pred.dtype), pred], dim=1))
     return pred.clamp(0, 1)
 
 
 def target_for(rgb: torch.Tensor, output: str) -> torch.Tensor:
-    """What a model with this output space is trained to predict."""
+    """What a model with this output space is trained to predict (uv-classes: the UV its classes encode)."""
     return rgb if output == "rgb" else _per_pixel(_rows(rgb, slice(1, 3)), rgb)

@@ -107,6 +107,8 @@ def predict_uv(model: torch.nn.Module, cfg: TrialConfig, y: torch.Tensor, device
     # Bicubic + antialias, like the PIL bicubic resize the training data went through.
     small = F.interpolate(y, size=(s, s), mode="bicubic", antialias=True, align_corners=False).clamp(0, 1)
     pred = predict(model, small, flip=flip_average)
+    if cfg.output == "uv-classes":   # the annealed mean at the trial's temperature
+        return model.decode(pred, cfg.temperature)
     if cfg.output == "uv":
         return pred
     # An RGB model's own luminance is discarded: only its colour is used, like a UV model's.

@@ -15,6 +15,7 @@ import torch
 from study.cli import ProjectError
 from study.config import TrialConfig
 from study.contract import default_trial
+from study.chroma import bins_of
 from study.models import build_unet
 from study.results import read_table, resolve
 from study.train import CHECKPOINT_FILE, load_checkpoint, pick_device
@@ -46,7 +47,8 @@ def load_model(study: str, dataset: str | None, trial_id: str | None, device: to
     state, location = read_checkpoint(row["checkpoint_path"], study)
     try:
         cfg = TrialConfig.from_dict(state["config"])
-        model = build_unet(cfg.model, cfg.image_size)
+        # A classification head's bins are saved with its weights; they size its head.
+        model = build_unet(cfg.model, cfg.image_size, bins_of(state["model"]))
         model.load_state_dict(state["model"])
     except (KeyError, TypeError, ValueError, RuntimeError) as e:
         raise ColorizeError(f"the checkpoint of trial {row['trial_id']} ({row['checkpoint_path']}) does not "

@@ -42,15 +42,15 @@ class TrialConfig:
                                 f"flowers102 256, samples 32, an image folder 64)")
     depth: int = _field(3, "UNet levels, >= 1; each halves the image, and the deepest must stay >= 2 px")
     sampling: str = _field("maxpool-upsample", "how a level goes down and up", sorted(SAMPLINGS))
-    output: str = _field("uv", "what the network predicts: rgb, or the uv chroma added to the input's Y",
-                         sorted(OUTPUTS))
+    output: str = _field("uv", "what the network predicts: rgb, the uv chroma added to the input's Y, or "
+                               "uv-classes (a distribution over UV bins, trained by cross-entropy)", sorted(OUTPUTS))
     base_filters: int = _field(32, f"channels of the first level, 1-{MAX_FILTERS}; each level doubles them")
     max_filters: int = _field(512, f"channels per level never exceed it, 1-{MAX_FILTERS}")
     gray_start: bool = _field(False, "the untrained model outputs its grayscale input (the head starts at zero)")
     dropout: float = _field(0.0, "dropout probability in the UNet's blocks, in [0, 1)")
     lr: float = _field(1e-3, "learning rate of Adam (AdamW with --weight-decay), > 0")
     batch_size: int = _field(64, f"images per training step, 1-{MAX_BATCH_SIZE}")
-    loss: str = _field("mse", "training loss", LOSSES)
+    loss: str = _field("mse", "training loss of rgb and uv outputs (uv-classes: cross-entropy)", LOSSES)
     epochs: int = _field(2, f"passes over the training split, 1-{MAX_EPOCHS}")
     schedule: str = _field("none", "learning-rate schedule after the warm-up", SCHEDULES)
     warmup_epochs: int = _field(0, f"epochs of linear learning-rate warm-up before the schedule, 0-{MAX_EPOCHS}")
@@ -59,6 +59,12 @@ class TrialConfig:
                              "checkpoint, in [0, 1) (0.999 is typical; 0: off)")
     chroma_weight: float = _field(0.0, "> 0: saturated pixels weigh more in the training loss (vivid colours), "
                                        "in [0, 20] (0: off)")
+    temperature: float = _field(0.38, "uv-classes: decoding temperature of the annealed mean, > 0 and <= 10 "
+                                      "(1: the expected colour, towards 0: the most likely one)")
+    rebalance: float = _field(0.5, "uv-classes: class rebalancing of the loss, in [0, 1] (0: none, 1: every "
+                                   "colour bin weighs as if colours were uniform)")
+    adversarial: float = _field(0.0, "> 0: weight of a conditional PatchGAN discriminator's loss beside the "
+                                     "reconstruction loss, in [0, 10] (0: off; 0.01 is a start)")
     augment: bool = _field(False, "random flips and shifts of the training images")
     augment_strength: float = _field(1.0, "with --augment, in [0, 4]: 1 = flips and shifts up to 1/8 of the "
                                           "side; above 1 also random zoomed crops")
@@ -208,6 +214,10 @@ _RULES = {
     "weight_decay": lambda v: _finite(v) or (None if v >= 0 else "must be >= 0"),
     "chroma_weight": lambda v: _finite(v) or (None if 0.0 <= v <= 20.0 else "must be in [0, 20] (0: off)"),
     "ema": lambda v: _finite(v) or (None if 0.0 <= v < 1.0 else "must be in [0, 1) (0: off; 0.999 is typical)"),
+    "temperature": lambda v: _finite(v) or (None if 0.0 < v <= 10.0 else
+                                            "must be in (0, 10] (1: the mean, towards 0: the mode; 0.38 is typical)"),
+    "rebalance": lambda v: _finite(v) or (None if 0.0 <= v <= 1.0 else "must be in [0, 1] (0: none, 1: uniform)"),
+    "adversarial": lambda v: _finite(v) or (None if 0.0 <= v <= 10.0 else "must be in [0, 10] (0: off)"),
     "augment_strength": lambda v: _finite(v) or (None if 0.0 <= v <= 4.0 else "must be in [0, 4]"),
     "seed": _between(0, MAX_SEED, "MAX_SEED"),
     "train_limit": _at_least(0),

@@ -45,6 +45,12 @@ EPOCH_METRICS = (
     "val_psnr", "val_ssim", "val_colourfulness", "val_gray_psnr",
     "test_psnr", "test_ssim", "test_colourfulness", "test_gray_psnr",
 )
+# A uv-classes trial's val metrics at a few decoding temperatures besides its own (one trial gives a
+# curve on the fidelity/vividness front): ``val_psnr_t038`` is val PSNR at T = 0.38. Missing (NA) for
+# the other heads. Not in EPOCH_METRICS, which every epoch row has.
+CURVE_TEMPERATURES = (1.0, 0.6, 0.38, 0.2)
+CURVE_METRICS = tuple(f"val_{m}_t{round(t * 100):03d}" for t in CURVE_TEMPERATURES
+                      for m in ("psnr", "colourfulness"))
 # Copied into the trials table at the best epoch (``best_<m>``) and the final epoch (``final_<m>``).
 SUMMARY_METRICS = ("val_psnr", "val_ssim", "val_colourfulness", "test_psnr",
                    "test_ssim", "test_colourfulness", "val_loss", "test_loss")
@@ -71,6 +77,7 @@ BOOKKEEPING = (
 # and ``resolution``): a reader's ``df["best_val_psnr"]`` works while no trial has finished an epoch.
 # A pack size, a precision or a best epoch the run does not know yet is missing (NA), never absent.
 EPOCH_COLUMNS = {"trial_id": "str", "epoch": "int", **{m: "float" for m in EPOCH_METRICS}, "seconds": "float",
+                 **{m: "float" for m in CURVE_METRICS},
                  # what the epoch computed in (bf16, tf32, fp32)
                  "precision": "str"}
 TRIAL_COLUMNS = {

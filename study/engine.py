@@ -20,6 +20,7 @@ from typing import Callable
 
 import torch
 
+from study.adversarial import Critic
 from study.checkpoints import (checkpoint_due, checkpoint_folder, member_folder, read_run,
                                save_run, set_rng_states, sweep_stale_checkpoints)
 from study.config import TrialConfig
@@ -30,7 +31,8 @@ from study.evaluation import EvalSplit, eval_batch_size
 from study.fused import FusedUNet, PackTerms, evaluate_members, make_pack_loss, member_previews, train_batches, \
     train_step
 from study.losses import divergence
-from study.models import UNet, build_unet
+from study.chroma import used_bins
+from study.models import ConfigError, UNet, build_unet
 from study.optim import WeightAverage, make_optimizer, make_scheduler
 
 # report(rows, folder) -> the member indices to stop (None: none)
@@ -49,6 +51,7 @@ class TrialSetup:
     test: EvalSplit
     eval_batch: int
     steps_per_epoch: int
+    bins: tuple[torch.Tensor, torch.Tensor] | None = None   # a classification head's (study.chroma.used_bins)
 
 
 def trial_splits(cfg: TrialConfig, data_root: str | None, cache_dir: str | Path | None) -> Splits:
@@ -74,20 +77,25 @@ def prepare_trial(cfg: TrialConfig, device: str | torch.device | None, data_root
     splits = splits or trial_splits(cfg, data_root, cache_dir)
     train, val, test = (DeviceImages(splits[s], dev) for s in ("train", "val", "test"))
     eval_batch = eval_batch_size(cfg)
+    # The training split's UV bins: measured at about 20 ms for CIFAR-10's 40,000 images on a CPU (a
+    # strided sample of SAMPLE_PIXELS pixels), so found at every start rather than cached.
+    bins = used_bins(train.images) if cfg.output == "uv-classes" else None
     return TrialSetup(dev, mode, precision, work_dir, train, EvalSplit.prepare(val, eval_batch),
-                      EvalSplit.prepare(test, eval_batch), eval_batch, max(len(train) // cfg.batch_size, 1))
+                      EvalSplit.prepare(test, eval_batch), eval_batch, max(len(train) // cfg.batch_size, 1), bins)
 
 
 class Member:
     """One trial in the loop: its own model, optimizer (AdamW with its weight decay), scheduler (with its
     warm-up), generator, augmentation strength, weight average and history."""
 
-    def __init__(self, index: int, cfg: TrialConfig, dev: torch.device, steps_per_epoch: int):
+    def __init__(self, index: int, cfg: TrialConfig, dev: torch.device, steps_per_epoch: int,
+                 bins: tuple[torch.Tensor, torch.Tensor] | None = None):
         self.index, self.cfg, self.steps_per_epoch = index, cfg, steps_per_epoch
-        # The model is built right after seeding with the trial's seed: the same initial weights alone
-        # or in any pack.
+        # The model (and discriminator) are built right after seeding with the trial's seed: the same
+        # initial weights alone or in any pack.
         torch.manual_seed(cfg.seed)
-        self.model = build_unet(cfg.model, cfg.image_size).to(dev, memory_format=torch.channels_last)
+        self.model = build_unet(cfg.model, cfg.image_size, bins).to(dev, memory_format=torch.channels_last)
+        self.critic = Critic(cfg, dev) if cfg.adversarial > 0 else None
         self.opt = make_optimizer(self.model.parameters(), cfg.lr, dev, cfg.weight_decay)
         self.sched = make_scheduler(self.opt, cfg, cfg.epochs * steps_per_epoch, steps_per_epoch)
         self.gen = torch.Generator(device=dev).manual_seed(cfg.seed)
@@ -109,7 +117,8 @@ class Member:
         return {"model": self.evaluated.state_dict(), "optimizer": self.opt.state_dict(),
                 "scheduler": self.sched.state_dict() if self.sched is not None else None,
                 "generator": self.gen.get_state(), **self.roster(),
-                **({"raw_model": self.model.state_dict(), "updates": self.average.updates} if self.average else {})}
+                **({"raw_model": self.model.state_dict(), "updates": self.average.updates} if self.average else {}),
+                **({"critic": self.critic.state_dict()} if self.critic else {})}
 
     def load(self, state: dict, epoch: int) -> None:
         self.history, self.status = list(state["history"]), state.get("status", "active")
@@ -127,13 +136,20 @@ class Member:
         if self.sched is not None and state.get("scheduler"):
             self.sched.load_state_dict(state["scheduler"])
         self.gen.set_state(state["generator"].cpu())  # generator states live on the CPU
+        if self.critic is not None:
+            if "critic" not in state:
+                raise ConfigError("the checkpoint has no discriminator state (it was trained with adversarial=0); "
+                                  "resume it with the adversarial weight it was started with")
+            self.critic.load_state_dict(state["critic"])
 
 
 def epoch_row(m: Member, epoch: int, fetched: list[float], val: EvalSplit, test: EvalSplit, seconds: float,
               precision: str) -> dict:
-    """Member ``m``'s row of ``epoch`` from its fetched (train loss, 4 val totals, 4 test totals), added
-    to its history with the best epoch so far."""
-    v, t = val.metrics(fetched[1:5]), test.metrics(fetched[5:9])
+    """Member ``m``'s row of ``epoch`` from its fetched (train loss, n val totals, n test totals: n = 4, or
+    with a classification head's temperature curve more), added to its history with the best epoch so far;
+    the curve is recorded for val (contract.CURVE_METRICS)."""
+    n = (len(fetched) - 1) // 2
+    v, t = val.metrics(fetched[1:1 + n], curve=True), test.metrics(fetched[1 + n:1 + 2 * n])
     row = {"epoch": epoch, "train_loss": fetched[0], "lr": m.opt.param_groups[0]["lr"],
            **{f"val_{k}": x for k, x in v.items()}, **{f"test_{k}": x for k, x in t.items()},
            "seconds": seconds, "precision": precision}
@@ -162,7 +178,7 @@ def run_members(cfgs: list[TrialConfig], *, single: bool, data_root: str | None 
     setup = prepare_trial(cfgs[0], device, data_root, cache_dir, splits, work_dir)
     dev, mode, precision, work_dir = setup.device, setup.compile_mode, setup.precision, setup.work_dir
     val, test = setup.val, setup.test
-    members = [Member(i, c, dev, setup.steps_per_epoch) for i, c in enumerate(cfgs)]
+    members = [Member(i, c, dev, setup.steps_per_epoch, setup.bins) for i, c in enumerate(cfgs)]
     epoch = 0
     if resume_from:
         epoch, rng, states = read_run(resume_from, [c.to_dict() for c in cfgs], single, dev)

@@ -13,8 +13,10 @@ import numpy as np
 import torch
 from PIL import Image
 
+from study.chroma import ChromaBins, average_flipped, class_loss
 from study.color import prediction_to_rgb, rgb_to_y, target_for
 from study.config import TrialConfig
+from study.contract import CURVE_TEMPERATURES
 from study.data import DeviceImages, preview_indices
 from study.device import autocast_for
 from study.losses import loss_fn
@@ -48,11 +50,19 @@ class EvalSplit:
         for x in self.images.eval_batches(batch_size or self.batch_size):
             yield x, rgb_to_y(x)
 
-    def metrics(self, sums: Sequence[float]) -> dict:
-        """Metrics from fetched ``batch_sums`` totals (loss, PSNR, SSIM, colourfulness) over the split."""
-        loss, p, s, c = (float(v) / len(self) for v in sums)
-        return {"loss": loss, "psnr": p, "ssim": s, "colourfulness": c / max(self.colourfulness, 1e-9),
-                "gray_psnr": self.gray_psnr}
+    def metrics(self, sums: Sequence[float], curve: bool = False) -> dict:
+        """Metrics from fetched ``batch_sums`` totals (loss, PSNR, SSIM, colourfulness) over the split;
+        ``curve``: also a classification head's PSNR and colourfulness at CURVE_TEMPERATURES (their totals
+        follow the first four: ``class_batch_sums``), as ``psnr_t038`` etc."""
+        loss, p, s, c = (float(v) / len(self) for v in sums[:4])
+        out = {"loss": loss, "psnr": p, "ssim": s, "colourfulness": c / max(self.colourfulness, 1e-9),
+               "gray_psnr": self.gray_psnr}
+        if curve and len(sums) > 4:
+            for i, t in enumerate(CURVE_TEMPERATURES):
+                out[f"psnr_t{round(t * 100):03d}"] = float(sums[4 + 2 * i]) / len(self)
+                out[f"colourfulness_t{round(t * 100):03d}"] = (float(sums[5 + 2 * i]) / len(self)
+                                                               / max(self.colourfulness, 1e-9))
+        return out
 
 
 def eval_batch_size(cfg: TrialConfig) -> int:
@@ -68,26 +78,56 @@ def batch_sums(pred: torch.Tensor, x: torch.Tensor, y: torch.Tensor, output: str
     return torch.stack([loss.sum(), psnr(rgb, x).sum(), ssim(rgb, x).sum(), colourfulness(rgb).sum()]).double()
 
 
+def class_row_metrics(pred: torch.Tensor, x: torch.Tensor, y: torch.Tensor, bins: ChromaBins,
+                      temperature: float | torch.Tensor) -> torch.Tensor:
+    """A classification head's per-image metrics (4 + 2 * len(CURVE_TEMPERATURES), N) for logits ``pred``:
+    the cross-entropy against the soft targets (no rebalancing), PSNR, SSIM and colourfulness of the
+    annealed mean at ``temperature`` (a float, or per image (N, 1, 1, 1)), then PSNR and colourfulness at
+    each of CURVE_TEMPERATURES."""
+    pred = pred.float()
+    loss = class_loss(pred, target_for(x, "uv"), bins, None).flatten(1).mean(1)
+    rgb = prediction_to_rgb(bins.decode(pred, temperature), y, "uv")
+    rows = [loss, psnr(rgb, x), ssim(rgb, x), colourfulness(rgb)]
+    for t in CURVE_TEMPERATURES:
+        at = prediction_to_rgb(bins.decode(pred, t), y, "uv")
+        rows += [psnr(at, x), colourfulness(at)]
+    return torch.stack([r.flatten() for r in rows])
+
+
+def class_batch_sums(pred: torch.Tensor, x: torch.Tensor, y: torch.Tensor, bins: ChromaBins,
+                     temperature: float | torch.Tensor) -> torch.Tensor:
+    """batch_sums for a classification head: class_row_metrics' totals, float64, on the device."""
+    return class_row_metrics(pred, x, y, bins, temperature).sum(1).double()
+
+
 def predict(model: torch.nn.Module, y: torch.Tensor, precision: str | None = None, flip: bool = False) -> torch.Tensor:
     """The model's output (float) for luma ``y``; ``flip``: averaged with the un-mirrored output for the
-    mirrored input (test-time flip averaging: colours the model is unsure of by side get averaged)."""
+    mirrored input (test-time flip averaging: colours the model is unsure of by side get averaged; a
+    classification head's probabilities are averaged, study.chroma.average_flipped)."""
     with autocast_for(y.device, precision):
         pred = model(y).float()
         if flip:
-            pred = (pred + model(y.flip(3)).float().flip(3)) / 2
+            mirrored = model(y.flip(3)).float().flip(3)
+            pred = average_flipped(pred, mirrored) if getattr(model, "classes", None) is not None \
+                else (pred + mirrored) / 2
     return pred
 
 
 @torch.no_grad()
 def evaluate_sums(model: torch.nn.Module, split: EvalSplit, cfg: TrialConfig,
                   precision: str | None = None, batch_size: int | None = None) -> torch.Tensor:
-    """``batch_sums`` over a whole split, left on the device (no sync)."""
+    """``batch_sums`` (``class_batch_sums`` for a classification head) over a whole split, left on the
+    device (no sync)."""
     was_training = model.training
     model.eval()
     lossf = loss_fn(cfg.loss)
-    sums = torch.zeros(4, device=split.images.device, dtype=torch.float64)
+    bins = getattr(model, "classes", None)
+    sums = torch.zeros(4 if bins is None else 4 + 2 * len(CURVE_TEMPERATURES), device=split.images.device,
+                       dtype=torch.float64)
     for x, y in split.batches(batch_size):
-        sums += batch_sums(predict(model, y, precision, cfg.tta_flip), x, y, cfg.output, lossf)
+        pred = predict(model, y, precision, cfg.tta_flip)
+        sums += (batch_sums(pred, x, y, cfg.output, lossf) if bins is None
+                 else class_batch_sums(pred, x, y, bins, cfg.temperature))
     model.train(was_training)
     return sums
 
@@ -97,7 +137,7 @@ def evaluate(model: torch.nn.Module, images: DeviceImages | EvalSplit, cfg: Tria
              precision: str | None = None) -> dict:
     """Loss in the model's own space; PSNR, SSIM, colourfulness in RGB; the grayscale baseline."""
     split = images if isinstance(images, EvalSplit) else EvalSplit.prepare(images, batch_size)
-    return split.metrics(evaluate_sums(model, split, cfg, precision).tolist())
+    return split.metrics(evaluate_sums(model, split, cfg, precision).tolist(), curve=True)
 
 
 # ---------------------------------------------------------------- previews
@@ -141,7 +181,7 @@ def write_previews(model, test: DeviceImages, cfg: TrialConfig, folder: Path, pr
     y = rgb_to_y(x)
     was_training = model.training
     model.eval()
-    rgb = prediction_to_rgb(predict(model, y, precision, cfg.tta_flip), y, cfg.output)
+    rgb = prediction_to_rgb(model.decode(predict(model, y, precision, cfg.tta_flip), cfg.temperature), y, cfg.output)
     model.train(was_training)
     for name, data in prediction_pngs(rgb, idx).items():
         (folder / name).write_bytes(data)

@@ -21,13 +21,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from study.adversarial import AdversarialLoss
+from study.chroma import ChromaBins, average_flipped, class_loss, rebalance_weights
 from study.color import prediction_to_rgb, rgb_to_y, target_for
 from study.data import DeviceImages, augment_batch, preview_indices
 from study.device import autocast_for, compiled
-from study.evaluation import EvalSplit, evaluate_sums, predict, prediction_pngs
+from study.evaluation import EvalSplit, class_row_metrics, evaluate_sums, predict, prediction_pngs
 from study.losses import chroma_weights, elementwise_loss, loss_fn, model_loss
 from study.metrics import colourfulness, psnr, ssim
-from study.models import OUTPUTS, UNet
+from study.models import UNet
 
 if TYPE_CHECKING:
     from study.engine import Member
@@ -65,6 +67,11 @@ class FusedUNet(nn.Module):
         starts = [m.config.gray_start for m in members]
         self.register_buffer("gray_start", torch.tensor(starts).view(1, self.k, 1, 1, 1), persistent=False)
         self.any_gray_start, self.all_gray_start = any(starts), all(starts)
+
+    @property
+    def classes(self) -> ChromaBins | None:
+        """A classification head's bins (the members' are the same: one training split)."""
+        return self.members[0].classes
 
     @property
     def single(self) -> UNet | None:
@@ -134,7 +141,9 @@ class FusedUNet(nn.Module):
             up = self._apply([m.ups[i] for m in ms], x)
             x = self._apply([m.decoders[i] for m in ms], self._cat(up, skips.pop()))
         out = self._apply([m.head for m in ms], x).float()
-        out = out.unflatten(1, (self.k, OUTPUTS[self.output]))
+        out = out.unflatten(1, (self.k, ms[0].head.out_channels))
+        if self.output == "uv-classes":
+            return out   # each member's logits over the bins they share (one training split)
         if self.output == "rgb":
             if not self.any_gray_start:
                 return torch.sigmoid(out)
@@ -212,6 +221,26 @@ class PackTerms:
         strengths = [m.cfg.chroma_weight for m in members]
         self.chroma = (torch.tensor(strengths, device=dev).view(1, -1, 1, 1, 1)
                        if any(strengths) and self.single is None else None)
+        self.strengths = strengths
+        # A classification head: each member's decoding temperature and class weights (K, Q) (None: no
+        # member rebalances); with one member a float and a (Q,) table.
+        self.temperature: float | torch.Tensor = members[0].cfg.temperature
+        self.class_weights = None
+        self.critics = [m.critic for m in members]
+        bins = members[0].model.classes
+        if bins is None:
+            return
+        if self.single is None:
+            self.temperature = torch.tensor([m.cfg.temperature for m in members], device=dev)
+        if any(m.cfg.rebalance > 0 for m in members):
+            table = torch.stack([rebalance_weights(bins.prior.cpu(), bins.centers.cpu(), m.cfg.rebalance)
+                                 for m in members]).to(dev)
+            self.class_weights = table[0] if self.single is not None else table
+
+    def temperatures(self, b: int) -> float | torch.Tensor:
+        """Each row's decoding temperature for member-major rows of ``b`` images per member."""
+        t = self.temperature
+        return t if not torch.is_tensor(t) else t.repeat_interleave(b).view(-1, 1, 1, 1)
 
     def loss(self, diff: torch.Tensor, shape: tuple) -> torch.Tensor:
         """Elementwise loss of ``diff`` (prediction - target), each member's own (study.losses);
@@ -234,36 +263,56 @@ class PackTerms:
             pred = fused(inp).float()
             if self.flip is not None:
                 mirrored = fused(inp.flip(3)).float().flip(4)
-                pred = torch.where(self.flip.view(1, -1, 1, 1, 1), (pred + mirrored) / 2, pred)
+                both = average_flipped(pred, mirrored, 2) if fused.classes is not None else (pred + mirrored) / 2
+                pred = torch.where(self.flip.view(1, -1, 1, 1, 1), both, pred)
         return pred
 
 
 def make_pack_loss(fused: FusedUNet, terms: PackTerms, dev: torch.device, precision: str,
                    mode: str | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
     """``x (K, B, 3, H, W) -> (K,)`` each member's training loss on its own batch (with one member: its
-    scalar loss, study.losses.model_loss); compiled if asked (study.device.compile_mode)."""
-    k = fused.k
+    scalar loss, study.losses.model_loss); compiled if asked (study.device.compile_mode). With adversarial
+    members, an eager AdversarialLoss (study.adversarial) that also trains their discriminators."""
+    if any(c is not None for c in terms.critics):
+        return AdversarialLoss(lambda x: member_losses(fused, terms, x, dev, precision), terms, fused)
     if fused.single is not None:
         model, cfg, lossf = fused.single, terms.single, loss_fn(terms.single.loss)
 
         def one_loss(x: torch.Tensor) -> torch.Tensor:
-            return model_loss(model, cfg, lossf, dev, precision, x[0])
+            return model_loss(model, cfg, lossf, dev, precision, x[0], terms.class_weights)
 
         return compiled(one_loss, mode)
 
     def pack_loss(x: torch.Tensor) -> torch.Tensor:
-        flat = x.flatten(0, 1)                                                  # (K*B, 3, H, W)
-        y = rgb_to_y(flat).unflatten(0, (k, -1)).squeeze(2).transpose(0, 1)    # (B, K, H, W)
-        with autocast_for(dev, precision):
-            pred = fused(y.contiguous(memory_format=torch.channels_last))     # (B, K, C, H, W)
-        target = target_for(flat, fused.output).unflatten(0, (k, -1)).transpose(0, 1)
-        loss = terms.loss(pred.float() - target, (1, k, 1, 1, 1))
-        if terms.chroma is not None:   # members without it get weights of exactly 1
-            uv = target_for(flat, "uv").unflatten(0, (k, -1)).transpose(0, 1)           # (B, K, 2, H, W)
-            loss = loss * chroma_weights(uv, terms.chroma, channel_dim=2, member_dim=1)
-        return loss.mean(dim=(0, 2, 3, 4))
+        return member_losses(fused, terms, x, dev, precision)[0]
 
     return compiled(pack_loss, mode)
+
+
+def member_losses(fused: FusedUNet, terms: PackTerms, x: torch.Tensor, dev: torch.device, precision: str):
+    """(each member's loss (K,), luma (B, K, H, W), predictions (B, K, C, H, W)) on batches ``x``."""
+    k = fused.k
+    flat = x.flatten(0, 1)                                                  # (K*B, 3, H, W)
+    y = rgb_to_y(flat).unflatten(0, (k, -1)).squeeze(2).transpose(0, 1)    # (B, K, H, W)
+    with autocast_for(dev, precision):
+        pred = fused(y.contiguous(memory_format=torch.channels_last))     # (B, K, C, H, W)
+    uv = target_for(flat, "uv").unflatten(0, (k, -1)).transpose(0, 1)   # (B, K, 2, H, W)
+    strength = (terms.chroma if terms.single is None
+                else terms.strengths[0] if terms.strengths[0] > 0 else None)
+    if fused.classes is not None:
+        b = x.shape[1]
+        weights = terms.class_weights
+        if weights is not None and weights.dim() == 2:
+            weights = weights.repeat_interleave(b, 0)                        # each image its member's
+        logits = pred.transpose(0, 1).flatten(0, 1)                         # (K*B, Q, H, W) member-major
+        loss = class_loss(logits, uv.transpose(0, 1).flatten(0, 1), fused.classes, weights)
+        loss = loss.unflatten(0, (k, -1)).transpose(0, 1).unsqueeze(2)     # (B, K, 1, H, W)
+    else:
+        target = target_for(flat, fused.output).unflatten(0, (k, -1)).transpose(0, 1)
+        loss = terms.loss(pred.float() - target, (1, k, 1, 1, 1))
+    if strength is not None:   # members without it get weights of exactly 1
+        loss = loss * chroma_weights(uv, strength, channel_dim=2, member_dim=1)
+    return loss.mean(dim=(0, 2, 3, 4)), y, pred
 
 
 def train_step(fused: FusedUNet, active: list[Member], loss: Callable, x: torch.Tensor) -> torch.Tensor:
@@ -279,6 +328,8 @@ def train_step(fused: FusedUNet, active: list[Member], loss: Callable, x: torch.
             m.sched.step()
         if m.average is not None:
             m.average.update()
+    if isinstance(loss, AdversarialLoss):
+        loss.train_critics()
     fused.steps += 1
     return per_member.detach().view(-1)
 
@@ -289,22 +340,28 @@ def train_step(fused: FusedUNet, active: list[Member], loss: Callable, x: torch.
 @torch.no_grad()
 def evaluate_members(fused: FusedUNet, terms: PackTerms, split: EvalSplit, batch_size: int,
                      precision: str) -> torch.Tensor:
-    """study.evaluation.batch_sums for every member at once: (K, 4) totals, left on the device (no sync)."""
+    """study.evaluation.batch_sums (class_batch_sums for a classification head) for every member at once:
+    (K, 4) or (K, 4 + 2 * len(CURVE_TEMPERATURES)) totals, left on the device (no sync)."""
     if fused.single is not None:
-        return evaluate_sums(fused.single, split, terms.single, precision, batch_size).view(1, 4)
+        return evaluate_sums(fused.single, split, terms.single, precision, batch_size).view(1, -1)
     fused.eval()
     k = fused.k
     dev = split.images.device
-    sums = torch.zeros(4, k, device=dev, dtype=torch.float64)
+    sums = None
     for x, y in split.batches(batch_size):
         b = x.shape[0]
         pred = terms.predict(fused, y, precision).transpose(0, 1).flatten(0, 1)   # (K*B, C, H, W), member-major
         xk = x.unsqueeze(0).expand(k, -1, -1, -1, -1).flatten(0, 1)
-        diff = (pred - target_for(xk, fused.output)).reshape(k, b, -1)
-        loss = terms.loss(diff, (k, 1, 1)).mean(2)
-        rgb = prediction_to_rgb(pred, y.repeat(k, 1, 1, 1), fused.output)
-        sums += torch.stack([loss.sum(1), psnr(rgb, xk).view(k, b).sum(1), ssim(rgb, xk).view(k, b).sum(1),
-                             colourfulness(rgb).view(k, b).sum(1)]).double()
+        yk = y.repeat(k, 1, 1, 1)
+        if fused.classes is not None:
+            rows = class_row_metrics(pred, xk, yk, fused.classes, terms.temperatures(b))
+        else:
+            diff = (pred - target_for(xk, fused.output)).reshape(k, b, -1)
+            rgb = prediction_to_rgb(pred, yk, fused.output)
+            rows = torch.stack([terms.loss(diff, (k, 1, 1)).mean(2).flatten(), psnr(rgb, xk), ssim(rgb, xk),
+                                colourfulness(rgb)])
+        batch = rows.view(rows.shape[0], k, b).sum(2).double()
+        sums = batch if sums is None else sums + batch
     fused.train()
     return sums.T
 
@@ -322,4 +379,8 @@ def member_previews(fused: FusedUNet, terms: PackTerms, test: DeviceImages, coun
     fused.eval()
     pred = terms.predict(fused, y, precision)
     fused.train(was_training)
+    if fused.classes is not None:   # each member's annealed mean at its own temperature
+        t = terms.temperature
+        pred = torch.stack([fused.classes.decode(pred[:, j], t[j] if torch.is_tensor(t) else t)
+                            for j in range(fused.k)], 1)
     return [prediction_pngs(prediction_to_rgb(pred[:, j], y, fused.output), idx) for j in range(fused.k)]

@@ -8,6 +8,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from study.chroma import class_loss, rebalance_weights
 from study.color import rgb_to_y, target_for
 from study.config import TrialConfig
 from study.device import autocast_for, compiled
@@ -62,19 +63,29 @@ def make_loss_step(model: torch.nn.Module, cfg: TrialConfig, device: torch.devic
                    mode: str | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
     """``x (RGB batch) -> scalar training loss``: colour conversion, forward and loss; compiled if asked."""
     lossf = loss_fn(cfg.loss)
+    bins = getattr(model, "classes", None)
+    weights = (rebalance_weights(bins.prior.cpu(), bins.centers.cpu(), cfg.rebalance).to(device)
+               if bins is not None and cfg.rebalance > 0 else None)
 
     def forward_loss(x: torch.Tensor) -> torch.Tensor:
-        return model_loss(model, cfg, lossf, device, precision, x)
+        return model_loss(model, cfg, lossf, device, precision, x, weights)
 
     return compiled(forward_loss, mode)
 
 
 def model_loss(model: torch.nn.Module, cfg: TrialConfig, lossf, device: torch.device, precision: str,
-               x: torch.Tensor) -> torch.Tensor:
-    """One model's training loss on RGB batch ``x``: its forward under autocast, then ``cfg``'s loss."""
+               x: torch.Tensor, class_weights: torch.Tensor | None = None) -> torch.Tensor:
+    """One model's training loss on RGB batch ``x``: its forward under autocast, then ``cfg``'s loss (a
+    classification head's: the cross-entropy against soft targets, rebalanced by ``class_weights``)."""
     y = rgb_to_y(x)
     with autocast_for(device, precision):
         pred = model(y)
+    if cfg.output == "uv-classes":
+        uv = target_for(x, "uv")
+        loss = class_loss(pred, uv, model.classes, class_weights)
+        if cfg.chroma_weight > 0:
+            loss = loss * chroma_weights(uv, cfg.chroma_weight)[:, 0]
+        return loss.mean()
     if cfg.chroma_weight > 0:
         return (lossf(pred.float(), target_for(x, cfg.output), reduction="none")
                 * chroma_weights(target_for(x, "uv"), cfg.chroma_weight)).mean()

@@ -5,9 +5,12 @@ as a plain dict and ``build_unet`` rebuilds the same network.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
+from study.chroma import GRAY_MARGIN, ChromaBins, gamut_bins
 from study.color import UV_MAX
 # Re-exported: the torch-free description of a model lives in study.modelspec.
 from study.modelspec import MIN_BOTTLENECK, OUTPUTS, SAMPLINGS, ConfigError, Sampling, UNetConfig, max_depth_for
@@ -58,9 +61,11 @@ def _up(kind: str, cin: int, cout: int) -> tuple[nn.Module, int]:
 
 
 class UNet(nn.Module):
-    """Grayscale (Y) in, RGB or UV out. ``depth`` down/up steps, filters double per level up to ``max_filters``."""
+    """Grayscale (Y) in, RGB or UV out, or (uv-classes) logits over the UV bins ``bins`` (centres and
+    frequencies, study.chroma; default: every bin RGB can reach). ``depth`` down/up steps, filters double
+    per level up to ``max_filters``."""
 
-    def __init__(self, config: UNetConfig):
+    def __init__(self, config: UNetConfig, bins: tuple[torch.Tensor, torch.Tensor] | None = None):
         super().__init__()
         config.validate()
         self.config = config
@@ -76,10 +81,18 @@ class UNet(nn.Module):
             up, up_channels = _up(s.up, widths[i + 1], widths[i])
             self.ups.append(up)
             self.decoders.append(DoubleConv(up_channels + widths[i], widths[i], s.act, config.dropout))
-        self.head = nn.Conv2d(widths[0], OUTPUTS[config.output], 1)
+        self.classes = None
+        channels = OUTPUTS[config.output]
+        if config.output == "uv-classes":
+            self.classes = ChromaBins(*(bins if bins is not None else gamut_bins()))
+            channels = len(self.classes)
+        self.head = nn.Conv2d(widths[0], channels, 1)
         if config.gray_start:
             nn.init.zeros_(self.head.weight)
             nn.init.zeros_(self.head.bias)
+            if self.classes is not None:   # gray: nearly all probability on the bin nearest (0, 0)
+                with torch.no_grad():
+                    self.head.bias[self.classes.gray] = math.log(channels) + GRAY_MARGIN
         # Bounded outputs: RGB in [0, 1], U and V within the YUV gamut's range.
         self.register_buffer("uv_scale", torch.tensor(UV_MAX).view(1, 2, 1, 1), persistent=False)
 
@@ -94,13 +107,23 @@ class UNet(nn.Module):
         out = self.head(x).float()
         if self.config.output == "rgb":
             return y.float() + torch.tanh(out) if self.config.gray_start else torch.sigmoid(out)
+        if self.classes is not None:
+            return out   # logits; decode() makes them UV
         return torch.tanh(out) * self.uv_scale
 
+    def decode(self, pred: torch.Tensor, temperature: float | torch.Tensor = 1.0) -> torch.Tensor:
+        """A prediction in the space prediction_to_rgb takes: a classification head's annealed mean at
+        ``temperature`` (study.chroma), the others' output as it is."""
+        return pred if self.classes is None else self.classes.decode(pred, temperature)
 
-def build_unet(config: UNetConfig | dict, resolution: int | None = None) -> UNet:
+
+def build_unet(config: UNetConfig | dict, resolution: int | None = None,
+               bins: tuple[torch.Tensor, torch.Tensor] | None = None) -> UNet:
+    """The network ``config`` describes; ``bins``: a uv-classes head's (centres, frequencies), e.g. a
+    checkpoint's (study.chroma.bins_of)."""
     if isinstance(config, dict):
         config = UNetConfig(**config)  # a dict without max_filters (older checkpoints) gets the default
-    return UNet(config.validate(resolution))
+    return UNet(config.validate(resolution), bins)
 
 
 # Named variants of the original report (its CIFAR10 UNet has depth 3, its
@@ -109,5 +132,5 @@ VARIANTS: dict[str, UNetConfig] = {
     f"report-{ds}-{tech}-{out}": UNetConfig(depth=depth, sampling=sampling, output=out)
     for ds, depth in (("cifar10", 3), ("flowers102", 4))
     for tech, sampling in (("simple", "maxpool-upsample"), ("complex", "strided-transposed"))
-    for out in OUTPUTS
+    for out in ("rgb", "uv")
 }

@@ -28,7 +28,11 @@ SAMPLINGS: dict[str, Sampling] = {
     # Lossless space-to-depth down, sub-pixel convolution up.
     "pixel-shuffle": Sampling("unshuffle", "shuffle", "relu"),
 }
-OUTPUTS = {"rgb": 3, "uv": 2}
+# The classification head's UV grid step (study.chroma) and how many of its cells RGB can reach: the
+# channels of a uv-classes head built without a training split's bins (a trial has the cells its split uses).
+UV_GRID = 0.05
+GAMUT_BINS = 347
+OUTPUTS = {"rgb": 3, "uv": 2, "uv-classes": GAMUT_BINS}
 MIN_BOTTLENECK = 2  # smallest feature map side the deepest level may have
 
 

@@ -50,12 +50,12 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from study.cli import ProjectError
-from study.contract import EPOCH_METRICS, KEYS, RESULTS_DIR, STATUSES, SUMMARY_METRICS, best_row, coerce
+from study.contract import CURVE_METRICS, EPOCH_METRICS, KEYS, RESULTS_DIR, STATUSES, SUMMARY_METRICS, best_row, coerce
 
 # Every epoch file has this schema, so the folder always reads as one table.
 EPOCH_SCHEMA = pa.schema([("trial_id", pa.string()), ("epoch", pa.int64()),
                           *((m, pa.float64()) for m in EPOCH_METRICS), ("seconds", pa.float64()),
-                          ("precision", pa.string())])
+                          *((m, pa.float64()) for m in CURVE_METRICS), ("precision", pa.string())])
 
 
 class ResultsError(ProjectError, RuntimeError):
