@@ -26,9 +26,12 @@ HALF = (math.ceil(UV_MAX[0] / UV_GRID - 1e-9), math.ceil(UV_MAX[1] / UV_GRID - 1
 CELLS = (2 * HALF[0] + 1) * (2 * HALF[1] + 1)                                              # 513
 # Pixels sampled to find a split's bins and their frequencies (evenly strided over the split).
 SAMPLE_PIXELS = 1 << 20
-# gray_start: the head's bias on the bin nearest gray; the others start at 0, so the untrained model's
-# probability of gray is about 1 - Q * e^-(ln Q + 8) = 1 - e^-8.
-GRAY_MARGIN = 8.0
+# gray_start: the head's biases are -|c|^2 / (2 GRAY_SPREAD^2), a broad bump on the bin nearest gray (0, 0)
+# whose annealed mean is gray for a centrally symmetric bin set (the gamut's) and within 0.0004 of it for
+# CIFAR-10's bins. A peak on the gray bin alone (a large bias there) would start at gray too, but the
+# other logits would need thousands of Adam steps to catch up; here the common colours within 0.2 of gray
+# start 0.5-2 logits down.
+GRAY_SPREAD = 2 * UV_GRID
 
 
 def cell_of(uv: torch.Tensor, dim: int = 1) -> torch.Tensor:
@@ -109,9 +112,9 @@ class ChromaBins(nn.Module):
     def __len__(self) -> int:
         return self.centers.shape[0]
 
-    @property
-    def gray(self) -> int:
-        return int(torch.linalg.vector_norm(self.centers, dim=1).argmin())
+    def gray_logits(self) -> torch.Tensor:
+        """gray_start's head biases (see GRAY_SPREAD)."""
+        return -self.centers.square().sum(1) / (2 * GRAY_SPREAD ** 2)
 
     def soft_targets(self, uv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(bin indices, weights), each (N, NEIGHBOURS, H, W), for target chroma ``uv`` (N, 2, H, W): the

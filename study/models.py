@@ -5,12 +5,10 @@ as a plain dict and ``build_unet`` rebuilds the same network.
 """
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
-from study.chroma import GRAY_MARGIN, ChromaBins, gamut_bins
+from study.chroma import ChromaBins, gamut_bins
 from study.color import UV_MAX
 # Re-exported: the torch-free description of a model lives in study.modelspec.
 from study.modelspec import MIN_BOTTLENECK, OUTPUTS, SAMPLINGS, ConfigError, Sampling, UNetConfig, max_depth_for
@@ -90,9 +88,9 @@ class UNet(nn.Module):
         if config.gray_start:
             nn.init.zeros_(self.head.weight)
             nn.init.zeros_(self.head.bias)
-            if self.classes is not None:   # gray: nearly all probability on the bin nearest (0, 0)
+            if self.classes is not None:   # gray: a bump on the bin nearest (0, 0), study.chroma.GRAY_SPREAD
                 with torch.no_grad():
-                    self.head.bias[self.classes.gray] = math.log(channels) + GRAY_MARGIN
+                    self.head.bias.copy_(self.classes.gray_logits())
         # Bounded outputs: RGB in [0, 1], U and V within the YUV gamut's range.
         self.register_buffer("uv_scale", torch.tensor(UV_MAX).view(1, 2, 1, 1), persistent=False)
 
