@@ -46,6 +46,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from study import cli
 from study.cli import ProjectError
 from study.color import rgb_to_y, rgb_to_yuv, yuv_to_rgb
 from study.config import TrialConfig
@@ -343,7 +344,7 @@ def _save(pixels: np.ndarray, path: Path, pil_format: str, exif: bytes | None, i
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m study.colorize", description=__doc__,
+    p = cli.ArgumentParser(prog="python -m study.colorize", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("inputs", nargs="+", metavar="INPUT",
                    help="image files, or folders searched recursively for jpg, jpeg, png, bmp, webp and tif files")

@@ -38,7 +38,7 @@ from study.run_checks import (DEFAULT_SQLITE, SQLITE, check_optuna_url, check_op
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m study.run", description=__doc__,
+    p = cli.ArgumentParser(prog="python -m study.run", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--space", default="full", help="space name in search_spaces/ or a path to a .yaml file")
     p.add_argument("--name", help="study name (default: the space's name)")
@@ -397,7 +397,7 @@ def _run_study(args, space, name, root, meta, given_url, space_changed, resource
     print("\nbest configuration per dataset x output (ranked by val PSNR in RGB; losses are not comparable):")
     print(best_table(root))
     print(f"\nresults: {under(root, 'results/trials.parquet')} (and epochs, previews);  "
-          f"analysis: python -m analysis --study {root};  "
+          f"analysis: python -m analysis --study {root} --out report/;  "
           f"curves: tensorboard --logdir {root}")
     return 0
 

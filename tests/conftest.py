@@ -16,7 +16,7 @@ def cache_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     if not (SHARED_DATA / "cifar10" / "train").is_dir():
-        pytest.skip(f"real datasets not found at {SHARED_DATA} (see README: Data)")
+        pytest.skip(f"real datasets not found at {SHARED_DATA} (see README: Your data: the data root)")
     return SHARED_DATA
 
 
