@@ -13,7 +13,11 @@ All rows train with Adam and MSE for the same number of timed steps:
   on its own batch of ``--pack-batch`` images; aggregate model-images/s. A pack of 1 is
   what ``run_trial`` runs (the engine's loop with one member): beside the trial row at the
   same batch size it shows what the shared loop costs a single trial;
-- flowers: the report's Flowers-102 UNet (depth 4, 256x256): one trial and a pack.
+- flowers: the report's Flowers-102 UNet (depth 4, 256x256): one trial and a pack;
+- heads: the engine's step (a pack of 1, as run_trial) of the CIFAR-10 UNet with its UV head, with a
+  classification head over the images' UV bins (``output: uv-classes``) and with a discriminator
+  (``adversarial: 0.01``), side by side (round-robin with the trial and pack rows), and each one's
+  cost per step as a ratio against the UV head's.
 ``--rounds N`` runs the trial and pack rows N times round-robin and keeps each row's median,
 so that a load that comes and goes weighs on every row alike.
 Ratios are against the reference measured in the same run. Beside each rate: the device
@@ -28,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import replace
 import shutil
 import sys
 import tempfile
@@ -41,6 +46,7 @@ from PIL import Image
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.data import DataLoader, Dataset
 
+from study.chroma import used_bins
 from study.color import rgb_to_yuv
 from study.config import TrialConfig
 from study.data import LAYOUT_HELP, DataError, DeviceImages, default_cache_dir, default_data_root, folder_splits, \
@@ -54,7 +60,7 @@ from study.optim import make_optimizer
 
 CIFAR_MODEL = VARIANTS["report-cifar10-simple-uv"]
 FLOWERS_MODEL = VARIANTS["report-flowers102-simple-uv"]
-PARTS = ("reference", "trial", "pack", "flowers")
+PARTS = ("reference", "trial", "pack", "flowers", "heads")
 PRECISIONS = ("fp32", "bf16")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 # Defaults sized per device: a CPU takes seconds per pack step, a GPU milliseconds.
@@ -177,12 +183,13 @@ def bench_trial(images: np.ndarray, model_cfg: UNetConfig, dev, batch, steps, wa
 
 
 def bench_pack(images: np.ndarray, model_cfg: UNetConfig, dev, k, batch, steps, warmup, precision="fp32",
-               compile_mode=None, counts: dict | None = None) -> float:
+               compile_mode=None, counts: dict | None = None, **changes) -> float:
     """K members, the engine's own step (study.fused; K=1 is run_trial's), each with its own lr, seed and
-    batch: model-images/s."""
+    batch: model-images/s. ``changes``: other trial settings (e.g. adversarial)."""
     data = DeviceImages(images, dev)
-    base = _trial_config(model_cfg, images, batch, precision)
-    members = [Member(i, base.replace(lr=1e-3 * (1 + i / k), seed=i), dev, max(len(data) // batch, 1))
+    base = _trial_config(model_cfg, images, batch, precision, **changes)
+    bins = used_bins(data.images) if base.output == "uv-classes" else None   # as prepare_trial finds them
+    members = [Member(i, base.replace(lr=1e-3 * (1 + i / k), seed=i), dev, max(len(data) // batch, 1), bins)
                for i in range(k)]
     fused = FusedUNet([m.model for m in members]).train()
     loss = make_pack_loss(fused, PackTerms(members, dev), dev, precision, compile_mode)
@@ -213,7 +220,7 @@ def check_data_root(data_root: str | None, parts: set[str]) -> None:
     """Before any timing: the data root holds what the chosen rows read (it is never silently replaced)."""
     if not data_root:
         return
-    if parts & {"reference", "trial", "pack"} and not (Path(data_root) / "cifar10").is_dir():
+    if parts & {"reference", "trial", "pack", "heads"} and not (Path(data_root) / "cifar10").is_dir():
         raise DataError(f"--data-root {data_root}: there is no cifar10/ folder in it, and the benchmark reads "
                         f"CIFAR-10. " + LAYOUT_HELP.format(name="cifar10")
                         + " Leave --data-root out to benchmark on the bundled sample photos instead.")
@@ -343,7 +350,7 @@ def _run(args, dev, steps, packs, precisions, flowers_batch, flowers_pack, data_
         if args.json:  # after every row: a run cut short still leaves what it measured
             args.json.write_text(json.dumps(out, indent=2))
 
-    if parts & {"reference", "trial", "pack"}:
+    if parts & {"reference", "trial", "pack", "heads"}:
         files, source = cifar_jpegs(data_root, args.images, scratch)
         t0 = time.perf_counter()
         images = np.stack([np.asarray(Image.open(f).convert("RGB")) for f in files])  # the one-time decode
@@ -370,6 +377,14 @@ def _run(args, dev, steps, packs, precisions, flowers_batch, flowers_pack, data_
                                  f"{what}, {label(precision)}, b{args.pack_batch} each", "model-img/s",
                                  lambda c, k=k, p=precision: bench_pack(images, CIFAR_MODEL, dev, k, args.pack_batch,
                                                                         steps, args.warmup, p, counts=c)))
+        heads = {"uv": ("UV head", CIFAR_MODEL, {}),
+                 "classes": ("uv-classes head", replace(CIFAR_MODEL, output="uv-classes"), {}),
+                 "adversarial": ("UV head + discriminator (adversarial 0.01)", CIFAR_MODEL, {"adversarial": 0.01})}
+        if "heads" in parts:
+            for name, (what, model_cfg, changes) in heads.items():
+                jobs.append((f"head_{name}_b{args.pack_batch}_img_s", f"engine step, {what}, b{args.pack_batch}",
+                             "img/s", lambda c, m=model_cfg, ch=changes: bench_pack(
+                                 images, m, dev, 1, args.pack_batch, steps, args.warmup, "fp32", counts=c, **ch)))
         rates: dict[str, list[float]] = {key: [] for key, *_ in jobs}
         counts: dict[str, dict] = {key: {} for key, *_ in jobs}
         for r in range(args.rounds):
@@ -382,6 +397,11 @@ def _run(args, dev, steps, packs, precisions, flowers_batch, flowers_pack, data_
             rate = float(np.median(rates[key]))
             row(key, text, rate, unit, counts[key],
                 extra={"rates": [round(r, 1) for r in rates[key]]} if args.rounds > 1 else None)
+        if "heads" in parts:   # time per step against the UV head's, from the side-by-side medians
+            uv = out[f"head_uv_b{args.pack_batch}_img_s"]
+            for name in ("classes", "adversarial"):
+                cost = out[f"head_{name}_step_cost_vs_uv"] = round(uv / out[f"head_{name}_b{args.pack_batch}_img_s"], 2)
+                print(f"{heads[name][0]}: x{cost:.2f} the UV head's time per step", flush=True)
         if mode and "trial" in parts:  # last: compiling takes long, and every row before it is kept
             for b in args.batches:
                 row(f"trial_compiled_{precisions[-1]}_b{b}_img_s",
