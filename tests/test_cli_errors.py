@@ -256,6 +256,14 @@ CASES = [
          skip="this machine has CUDA" if CUDA else None),
     Case("trial-tpu", "study.trial", ["--device", "tpu"], r"--device 'tpu'"),
     Case("trial-lr-nan", "study.trial", ["--lr", "nan"], r"lr=nan must be a finite number"),
+    Case("trial-temperature-0", "study.trial", ["--temperature", "0"],
+         r"--temperature: temperature=0\.0 must be in \(0, 10\] \(1: the mean, towards 0: the mode"),
+    Case("trial-temperature-negative", "study.trial", ["--temperature", "-0.5"], r"temperature=-0\.5 must be in \(0, 10\]"),
+    Case("trial-rebalance-over-1", "study.trial", ["--rebalance", "1.5"],
+         r"--rebalance: rebalance=1\.5 must be in \[0, 1\] \(0: none, 1: uniform\)"),
+    Case("trial-rebalance-negative", "study.trial", ["--rebalance", "-0.1"], r"rebalance=-0\.1 must be in \[0, 1\]"),
+    Case("trial-adversarial-negative", "study.trial", ["--adversarial", "-0.01"],
+         r"--adversarial: adversarial=-0\.01 must be in \[0, 10\] \(0: off\)"),
     Case("trial-resolution-1000000", "study.trial", ["--resolution", "1000000"],
          r"--resolution: resolution=1000000 is above the limit 1024 px \(MAX_RESOLUTION in study/config\.py\)"),
     Case("trial-batch-size-over-limit", "study.trial", ["--batch-size", "100000"],
@@ -445,4 +453,5 @@ def test_trial_help_describes_every_option_with_choices_and_default():
         assert text.endswith(f"(default: {show_default(f.default)})"), (f.name, text)
         for choice in choices_of(f.name) or ():
             assert choice in text, (f.name, choice, text)
-    assert blocks["--loss"] == "training loss; one of mse, l1, huber (default: mse)"
+    assert blocks["--loss"] == ("training loss of rgb and uv outputs (uv-classes: cross-entropy); "
+                                "one of mse, l1, huber (default: mse)")
