@@ -384,6 +384,8 @@ def epoch_row(trial_id: str, row: dict) -> dict:
     out = {"trial_id": trial_id, "epoch": int(row["epoch"])}
     out.update({k: float(row[k]) for k in EPOCH_METRICS})
     out["seconds"] = float(row.get("seconds", float("nan")))
+    # A classification head's temperature curve (the other heads have none: missing in the table).
+    out.update({k: float(row[k]) for k in CURVE_METRICS if row.get(k) is not None})
     # What the epoch computed in (bf16/tf32/fp32): the trials table's precision_used is the last epoch's.
     out["precision"] = str(row.get("precision") or "")
     return out

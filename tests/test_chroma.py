@@ -23,6 +23,7 @@ from study.evaluation import predict
 from study.modelspec import GAMUT_BINS, UV_GRID, UNetConfig
 from study.models import build_unet
 from study.pack import run_pack
+from study.results import read_table
 from study.train import load_checkpoint, run_trial
 
 
@@ -223,7 +224,13 @@ def test_trial_cli_trains_both_levers_and_colorize_paints_with_them(tmp_path, ca
     study = tmp_path / "study"
     cfgs = [TrialConfig(dataset="samples", epochs=1, train_limit=64, eval_limit=16, base_filters=8,
                         preview_count=1, output="uv-classes", temperature=t, seed=0) for t in (1.0, 0.2)]
-    ids = run_local_study(study, cfgs, cache_dir=cache_dir, log=lambda s: None)
+    ids = run_local_study(study, cfgs + [cfgs[0].replace(output="uv")], cache_dir=cache_dir, log=lambda s: None)
+    # The epochs table holds each classification trial's temperature curve; the UV trial's is missing.
+    epochs = read_table(str(study), "epochs").set_index("trial_id")
+    assert epochs.loc[ids[:2], list(CURVE_METRICS)].notna().all().all()
+    assert epochs.loc[ids[2], list(CURVE_METRICS)].isna().all()
+    assert epochs.loc[ids[0], "val_psnr"] == pytest.approx(epochs.loc[ids[0], "val_psnr_t100"])
+    ids = ids[:2]
     photo = tmp_path / "astronaut.png"
     Image.fromarray(skdata.astronaut()).resize((48, 40)).save(photo)
     outs = []
