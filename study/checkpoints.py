@@ -3,7 +3,9 @@
 A member's state is one ``checkpoint.pt`` (study.engine.Member.state): ``"model"`` (the weights to use
 for inference: the average when ema is on), ``"raw_model"`` (the trained weights, with ema), ``"config"``,
 ``"epoch"``, ``"history"``, ``"status"``, and what a resume continues from (``"optimizer"``,
-``"scheduler"``, ``"generator"``, ``"rng"``, ``"updates"``). A single trial's checkpoint folder holds it
+``"scheduler"``, ``"generator"``, ``"rng"``, ``"updates"``, and with ``adversarial > 0`` ``"critic"``: the
+discriminator's weights and Adam state, study.adversarial). A classification head's bins are buffers of
+``"model"`` (``classes.centers``, ``classes.prior``), so the weights rebuild alone. A single trial's checkpoint folder holds it
 at its root; a pack's holds ``member-<k>/checkpoint.pt`` for every member still training and ``pack.pt``,
 the roster (each member's configuration, history and status, the epoch, the random generators).
 Previews (``prediction_<index>.png``) sit beside each ``checkpoint.pt``.
