@@ -218,7 +218,7 @@ def _main(argv: list[str]) -> int:
     root = study_root(args.storage, name)
     check_storage(args.storage, root)
     given_url = args.optuna_storage
-    meta = read_study_json(root)
+    meta = read_study_json(root, resume=args.resume)
     if args.resume and meta is None:
         raise UsageError(f"--resume: no study at {root}; run without --resume to start it")
     from study import lock

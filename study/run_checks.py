@@ -267,7 +267,7 @@ def space_change_problems(space, url: str, study_name: str) -> list[str]:
     return problems
 
 
-def read_study_json(root: str) -> dict | None:
+def read_study_json(root: str, resume: bool = True) -> dict | None:
     """``study.json`` of the study at ``root`` (None when there is none); one that is not JSON, or lacks what a
     resume needs, is named with what to do."""
     from study.results import read_json
@@ -280,7 +280,10 @@ def read_study_json(root: str) -> dict | None:
                          f"study with --name (nothing was changed)") from None
     if meta is None:
         return None
-    missing = [k for k in STUDY_KEYS if k not in meta] if isinstance(meta, dict) else list(STUDY_KEYS)
+    if not isinstance(meta, dict):
+        raise UsageError(f"{where} is not a study record (a JSON object); restore it from a copy of the study, "
+                         f"or start a new study with --name (nothing was changed)")
+    missing = [k for k in STUDY_KEYS if k not in meta] if resume else []
     if missing:
         raise UsageError(f"{where} lacks {', '.join(missing)}, which this study needs; restore it from a copy of "
                          f"the study, or start a new study with --name (nothing was changed)")

@@ -71,7 +71,10 @@ def study_json(space_name: str, name: str = "space", started: bool = False, **me
     def setup(folder: Path) -> None:
         space()(folder)
         (folder / "st" / name).mkdir(parents=True)
-        (folder / "st" / name / "study.json").write_text(json.dumps({"name": name, "space": space_name, **meta}))
+        record = {"name": name, "space": space_name, "optuna_storage": "sqlite:///optuna.db",
+                  "optuna_study_name": name, "num_samples": 2, **meta}
+        (folder / "st" / name / "study.json").write_text(json.dumps({k: v for k, v in record.items()
+                                                                    if v is not None}))
         if started:   # Ray's saved state, as a started study has it (never read: the command stops first)
             (folder / "st" / name / "tuner.pkl").write_bytes(b"not read")
     return setup
@@ -314,7 +317,8 @@ CASES = [
          r"st/space/study\.json is not valid JSON", many(space(), lambda f: (f / "st" / "space").mkdir(parents=True),
                                                         lambda f: (f / "st" / "space" / "study.json").write_text("{"))),
     Case("study-json-missing-keys", "study.run", [*RUN, "--space", "space.yaml", "--resume"],
-         r"study\.json lacks optuna_storage, optuna_study_name, num_samples", study_json("space", started=True)),
+         r"study\.json lacks optuna_storage, optuna_study_name, num_samples",
+         study_json("space", started=True, optuna_storage=None, optuna_study_name=None, num_samples=None)),
     Case("resume-without-optuna-db", "study.run", [*RUN, "--space", "space.yaml", "--resume"],
          r"the study's Optuna database .*optuna\.db is missing",
          study_json("space", started=True, grayscale="left out", optuna_storage="sqlite:///optuna.db",
