@@ -4,7 +4,8 @@ Members share ``STRUCTURE`` (dataset, resolution, depth, sampling, output, width
 batch size, data limits, precision, preview count: what the one fused forward and the
 one data pipeline fix) and differ in anything else: lr, schedule and warm-up, loss (mse,
 l1, huber), weight decay, weight averaging (ema), dropout, augmentation and its
-strength, test-time flip averaging, chroma weighting, seed, epochs. One process, one
+strength, test-time flip averaging, chroma weighting, a classification head's temperature and
+rebalancing, the adversarial weight (each member has its own discriminator), seed, epochs. One process, one
 device-resident copy of the data, one kernel per layer for all members (study.fused).
 
 A pack runs the same loop as a single trial (study.engine): each member keeps its own
