@@ -33,9 +33,11 @@ AXES = ("resolution", "depth", "sampling", "output", "base_filters", "max_filter
 # are not subtracted. An image folder given as a dataset (or under data_root) is counted instead.
 SPLIT_SIZES = {"cifar10": (40_000, 10_000, 10_000), "flowers102": (1_020, 1_020, 6_149),
                "samples": (1_024, 256, 256)}
-# Fixed costs of a Ray study besides training and evaluation, measured on smoke studies on a 2-core CPU.
-STARTUP_S = 40.0        # the driver: imports, checks, Ray's start, Tune's first scheduling
-WORKER_START_S = 8.0    # the first trial of each slot: a worker process, torch, the data from the cache
+# Fixed costs of a Ray study besides training and evaluation, measured on smoke studies on a 2-core CPU
+# (docs/plan.md: the start is 10-15 s on a quiet machine, up to 40 s on a busy one; the quiet figure,
+# since the calibration's own timings already carry a busy machine's slowness).
+STARTUP_S = 15.0        # the driver: imports, checks, Ray's start, Tune's first scheduling
+WORKER_START_S = 5.0    # the first trial of each slot: a worker process, torch, the data from the cache
 TRIAL_GAP_S = 1.5       # each further trial on a reused worker: Optuna's ask and tell, results, setup
 EPOCH_OVERHEAD_S = 0.3  # each epoch besides its steps and evaluation: rows, checkpoint, previews
 SHUTDOWN_S = 5.0        # Ray's shutdown and the final table

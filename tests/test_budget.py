@@ -39,35 +39,36 @@ def status(study) -> dict:
 @pytest.mark.slow
 def test_a_budget_stops_at_epoch_ends_and_resumes_count_only_running_time(tmp_path, cache_dir, shared_data):
     study = tmp_path / "studies" / "budget"
+    # Epochs enough that neither budget can finish the trials, whatever this machine's speed.
     space = space_file(tmp_path, "budget", num_samples=2, max_concurrent=2, pruner={"name": "none"},
-                       params={"dataset": "cifar10", "epochs": 5, "train_limit": 2560, "eval_limit": 256,
+                       params={"dataset": "cifar10", "epochs": 12, "train_limit": 2048, "eval_limit": 256,
                                "base_filters": 8, "batch_size": 64, "depth": 2})
     common = ["--space", space, "--data-root", str(shared_data), "--num-cpus", "2"]
     t0 = time.monotonic()
-    p = run_study(tmp_path, cache_dir, *common, "--time-budget", "30s")
+    p = run_study(tmp_path, cache_dir, *common, "--time-budget", "20s")
     took = time.monotonic() - t0
     assert "time budget spent" in p.stdout and "--resume" in p.stdout, p.stdout[-3000:]
     trials = pd.read_parquet(study / "results" / "trials.parquet")
     stopped = trials[trials.status == "STOPPED"]
-    assert len(stopped) >= 1 and (stopped.epochs_run < 5).all(), trials[["trial_id", "status", "epochs_run"]]
+    assert len(stopped) >= 1 and (stopped.epochs_run < 12).all(), trials[["trial_id", "status", "epochs_run"]]
     longest_epoch = pd.read_parquet(study / "results" / "epochs.parquet").seconds.max()
     first = status(study)
-    assert first["state"] == "budget" and 30 <= first["elapsed_s"] <= 30 + 2 * longest_epoch + 20, first
+    assert first["state"] == "budget" and 20 <= first["elapsed_s"] <= 20 + 2 * longest_epoch + 20, first
     # Optuna was told nothing of the stopped trials: they are not scored as if they had finished.
     ot = {t.number: t for t in optuna.load_study(study_name="budget",
                                                  storage=f"sqlite:///{study / 'optuna.db'}").get_trials()}
     assert all(ot[n].state.name == "RUNNING" for n in stopped.optuna_number)
-    print(f"\n30 s budget: the run took {took:.0f} s (epochs up to {longest_epoch:.1f} s, Ray start and stop)")
+    print(f"\n20 s budget: the run took {took:.0f} s (epochs up to {longest_epoch:.1f} s, Ray start and stop)")
 
     # A plain --resume of a study whose budget is spent is refused with both ways on.
     p = run_study(tmp_path, cache_dir, *common, "--resume", check=False)
     assert p.returncode == 2 and "--time-budget 1h" in p.stderr and "--time-budget none" in p.stderr
 
     time.sleep(5)   # downtime: never counted
-    run_study(tmp_path, cache_dir, *common, "--resume", "--time-budget", "15s")
+    run_study(tmp_path, cache_dir, *common, "--resume", "--time-budget", "10s")
     second = status(study)
     ran = second["elapsed_s"] - first["elapsed_s"]
-    assert second["state"] in ("budget", "finished") and 15 <= ran <= 15 + 2 * longest_epoch + 20, (first, second)
+    assert second["state"] == "budget" and 10 <= ran <= 10 + 2 * longest_epoch + 20, (first, second)
 
     p = run_study(tmp_path, cache_dir, *common, "--resume", "--time-budget", "none")
     tables = check_consistent(study, 2)
