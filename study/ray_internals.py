@@ -82,22 +82,14 @@ def rebase_search_state(path: str, fs: pafs.FileSystem) -> int:
     with ``storage_filesystem``, ``storage_fs_path`` and ``experiment_dir_name``): the folder the study
     was started in. A copied study would then write its new trials into the original.
     """
-    import ray.cloudpickle as cloudpickle
     parent, name = path.rstrip("/").rsplit("/", 1)
     changed = 0
-    for info in fs.get_file_info(pafs.FileSelector(path)):
-        if not (info.base_name.startswith("search_gen_state-") and info.type == pafs.FileType.File):
-            continue
-        with fs.open_input_stream(info.path) as f:
-            state = cloudpickle.loads(f.read())
+    for info, state in list(_search_gen_states(path, fs)):
         storage = getattr(state.get("experiment"), "storage", None)
         if storage is None or (storage.storage_fs_path == parent and storage.experiment_dir_name == name):
             continue
         storage.storage_filesystem, storage.storage_fs_path, storage.experiment_dir_name = fs, parent, name
-        tmp = f"{parent}/{name}/.{info.base_name}.tmp"
-        with fs.open_output_stream(tmp) as f:
-            f.write(cloudpickle.dumps(state))
-        fs.move(tmp, info.path)
+        _write_state(fs, info, state)
         changed += 1
     return changed
 
@@ -110,6 +102,15 @@ def _search_gen_states(path: str, fs: pafs.FileSystem):
         if info.base_name.startswith("search_gen_state-") and info.type == pafs.FileType.File:
             with fs.open_input_stream(info.path) as f:
                 yield info, cloudpickle.loads(f.read())
+
+
+def _write_state(fs: pafs.FileSystem, info, state: dict) -> None:
+    """Replace one ``search_gen_state-*.json`` atomically (a temporary beside it, then a move)."""
+    import ray.cloudpickle as cloudpickle
+    tmp = f"{info.path.rsplit('/', 1)[0]}/.{info.base_name}.tmp"
+    with fs.open_output_stream(tmp) as f:
+        f.write(cloudpickle.dumps(state))
+    fs.move(tmp, info.path)
 
 
 def saved_total_trials(path: str, fs: pafs.FileSystem) -> tuple[int, int] | None:
@@ -125,17 +126,12 @@ def set_total_trials(path: str, fs: pafs.FileSystem, total: int) -> int:
     """Give a restored study ``total`` Tune trials in all: Tune restores its search's total and its
     "finished" flag from ``search_gen_state-*.json`` and has no public call to raise them, so a finished
     study could never run more trials. Returns the files changed."""
-    import ray.cloudpickle as cloudpickle
     changed = 0
     for info, state in list(_search_gen_states(path, fs)):
         if state.get("total_samples") == total:
             continue
         state["total_samples"] = total
         state["finished"] = int(state.get("counter", 0)) >= total
-        parent = path.rstrip("/")
-        tmp = f"{parent}/.{info.base_name}.tmp"
-        with fs.open_output_stream(tmp) as f:
-            f.write(cloudpickle.dumps(state))
-        fs.move(tmp, info.path)
+        _write_state(fs, info, state)
         changed += 1
     return changed

@@ -66,14 +66,15 @@ def _start(tmp_path, cache_dir, space, *args):
                             text=True, start_new_session=True)
 
 
-def _stop_when_an_epoch_is_in(proc, study: Path, signum: int) -> tuple[int, str, str]:
-    deadline = time.time() + 240
+def _stop_when(proc, study: Path, ready, signum: int) -> tuple[int, str, str]:
+    """Send ``signum`` to the driver once ``ready(trials table)`` holds; (exit status, stdout, stderr), and
+    no Ray process of the driver's may be left."""
+    deadline = time.time() + 300
     try:
         while time.time() < deadline:
             assert proc.poll() is None, proc.communicate()
             try:
-                trials = pd.read_parquet(study / "results" / "trials.parquet")
-                if (trials.epochs_run.fillna(0) >= 1).any():
+                if ready(pd.read_parquet(study / "results" / "trials.parquet")):
                     break
             except (FileNotFoundError, OSError, KeyError, AttributeError):
                 pass
@@ -95,7 +96,8 @@ def test_ctrl_c_and_sigterm_stop_cleanly_and_resume_uses_the_edited_space(tmp_pa
     study = tmp_path / "studies" / "stops"
     space = space_file(tmp_path, "stops", num_samples=6, max_concurrent=1, pruner={"name": "none"},
                        sampler={"name": "random"}, params={"epochs": 4})
-    rc, out, err = _stop_when_an_epoch_is_in(_start(tmp_path, cache_dir, space), study, signal.SIGINT)
+    rc, out, err = _stop_when(_start(tmp_path, cache_dir, space), study,
+                              lambda t: (t.epochs_run.fillna(0) >= 1).any(), signal.SIGINT)
     assert rc == 130, err[-3000:]
     assert "stopped by SIGINT" in err and "Tuner.restore" not in out + err and "Traceback" not in err
     assert "best configuration" not in out
@@ -112,7 +114,9 @@ def test_ctrl_c_and_sigterm_stop_cleanly_and_resume_uses_the_edited_space(tmp_pa
     proc = subprocess.Popen(
         [PYTHON, "-m", "study.run", *argv], cwd=tmp_path, env=python_env(), stdout=subprocess.PIPE,
         stderr=subprocess.PIPE, text=True, start_new_session=True)
-    rc, out, err = _stop_when_an_epoch_is_in_new(proc, study, before, signal.SIGTERM)
+    # Once a trial the first run did not start has an epoch.
+    rc, out, err = _stop_when(proc, study, lambda t: (t[~t.trial_id.isin(before.trial_id)].epochs_run.fillna(0)
+                                                      >= 1).any(), signal.SIGTERM)
     assert rc == 143, err[-3000:]
     assert "changed since the study started" in err and "new trials are drawn from the file as it is now" in err
     assert "stopped by SIGTERM" in err and "Traceback" not in err and "core dumped" not in err.lower()
@@ -133,31 +137,6 @@ def test_ctrl_c_and_sigterm_stop_cleanly_and_resume_uses_the_edited_space(tmp_pa
     ot = {t.number: t for t in optuna.load_study(study_name="stops", storage=url).get_trials()}
     for row in started_after_edit.itertuples():
         assert 1.0e-4 <= ot[row.optuna_number].params["lr"] <= 2.0e-4
-
-
-def _stop_when_an_epoch_is_in_new(proc, study, before, signum):
-    """As _stop_when_an_epoch_is_in, once a trial the first run did not start has an epoch."""
-    deadline = time.time() + 300
-    try:
-        while time.time() < deadline:
-            assert proc.poll() is None, proc.communicate()
-            try:
-                trials = pd.read_parquet(study / "results" / "trials.parquet")
-                new = trials[~trials.trial_id.isin(before.trial_id)]
-                if (new.epochs_run.fillna(0) >= 1).any():
-                    break
-            except (FileNotFoundError, OSError, KeyError, AttributeError):
-                pass
-            time.sleep(0.3)
-        else:
-            pytest.fail("the resumed study started no new trial")
-        os.kill(proc.pid, signum)
-        out, err = proc.communicate(timeout=180)
-        time.sleep(2)
-        assert not [p for p in session_processes(proc.pid) if p[0] != proc.pid]
-        return proc.returncode, out, err
-    finally:
-        kill_session(proc.pid)
 
 
 @pytest.mark.slow
