@@ -82,7 +82,7 @@ def write_report(study: Study, out: str | Path, warn: Callable[[str], None] = la
                        "(it scores ~110 dB on each of them) and every gain over it is understated")
     _check_progress(study, output)
     best = best_per_variant(study.trials)
-    for section in (_results, _failed, _tradeoff, _helped, _progress, _curves, _grids, _side_by_side,
+    for section in (_results, _failed, _tradeoff, _temperature, _heads, _helped, _progress, _curves, _grids, _side_by_side,
                     _hyperparameters, _pruning, _importance):
         try:
             section(study, best, output)
@@ -288,6 +288,72 @@ def _tradeoff(study: Study, best: pd.DataFrame, output: Output) -> None:
             return grids.grid_figure(grid, f"{dataset}: Pareto front members, most faithful first")
         output.figure(file, build, f"{dataset}: up to four Pareto front members, from the most faithful to the "
                                    "most vivid, on the fixed preview images.")
+
+
+def _temperature(study: Study, best: pd.DataFrame, output: Output) -> None:
+    output.heading("Decoding temperature")
+    if not (study.trials["output"] == tradeoffs.CLASSES).any():
+        output.text(f"No trial uses the classification head (`output: {tradeoffs.CLASSES}`), so there are no "
+                    "temperature curves.")
+        return
+    curves = tradeoffs.temperature_curves(study.trials, study.epochs)
+    if curves.empty:
+        output.text(f"No `{tradeoffs.CLASSES}` trial has metrics at the curve temperatures in the epochs table "
+                    "(none has reported an epoch, or the study predates them), so there are no temperature curves.")
+        return
+    temperatures = ", ".join(f"{t:g}" for t in tradeoffs.CURVE_TEMPERATURES)
+    output.text(f"A classification trial decodes its predicted colour distribution at a temperature T (the "
+                "annealed mean: T = 1 the mean colour, towards 0 the most likely one), and every evaluation also "
+                f"measures it at T = {temperatures}. Without a discriminator, training does not depend on T, so "
+                "each curve is what the same trial would score at those temperatures: one trained model moves "
+                "along the fidelity/vividness trade without retraining. Each trial at its best validation epoch.")
+    output.figure("temperature_curves.png", lambda: tradeoffs.temperature_figure(study.trials, curves),
+                  "Validation PSNR gain over grayscale against colourfulness ratio of each classification trial "
+                  f"decoded at T = {temperatures} (marker per temperature, line per trial, the trial's own "
+                  "temperature ringed), over every trial's point in grey.")
+    for dataset, table in curves.groupby("dataset", sort=True):
+        output.table(table[list(tradeoffs.CURVE_COLUMNS)],
+                     f"{dataset}: each classification trial at its best validation epoch, decoded at each "
+                     "curve temperature (test columns n/a where the study did not record them)",
+                     csv=f"temperature_curves_{slug(dataset)}.csv")
+
+
+def _heads(study: Study, best: pd.DataFrame, output: Output) -> None:
+    data = tradeoffs.scored(study.trials)
+    if data.empty:
+        return
+    output.heading("Heads on the same images")
+    previews = grids.Previews(study.previews) if not study.previews.empty else None
+    for dataset in sorted(data["dataset"].unique()):
+        members = tradeoffs.head_members(study.trials, dataset)
+        groups = ", ".join(f"`{g}`" for g in members["group"])
+        if len(members) < 2:
+            output.text(f"{dataset}: every trial has the same head and adversarial setting ({groups}), so there "
+                        "are no heads to compare.")
+            continue
+        if previews is None:
+            output.text(f"{dataset}: no preview images in the study, so no strip comparing the heads ({groups}).")
+            continue
+        file = f"heads_strip_{slug(dataset)}.png"
+
+        def build():
+            # Short lines: the labels share the figure's fixed left margin.
+            labels = [f"{t['group']}" + (f" {t['adversarial']:g}" if "adversarial" in t['group'] else "")
+                      + f"\n{t['trial_id']}\n{t[tradeoffs.FIDELITY]:+.2f} dB, colour {t[tradeoffs.VIVIDNESS]:.2f}"
+                      for _, t in members.iterrows()]
+            grid = grids.strip_grid(previews, members, labels)
+            if grid is None:
+                raise Skip(f"{dataset}: no head's best trial has previews: no heads strip")
+            shown = len(grid.row_labels) - 2
+            if shown < len(members):
+                output.warning(f"{file}: {len(members) - shown} of the {len(members)} heads' best trials have no "
+                               "previews and are left out")
+            _note_missing(grid, file, output)
+            return grids.grid_figure(grid, f"{dataset}: each head's best trial")
+        output.figure(file, build, f"{dataset}: the same preview images through the best trial (highest validation "
+                                   f"PSNR) of each head and adversarial setting ({groups}), one row each after "
+                                   "the grayscale inputs and the originals; each row gives the trial's validation "
+                                   "gain over grayscale and colourfulness ratio.")
 
 
 def _helped(study: Study, best: pd.DataFrame, output: Output) -> None:

@@ -117,9 +117,18 @@ def categories(values: pd.Series) -> tuple[list[str], list[str]]:
     return [label(v) for v in values], list(dict.fromkeys(label(v) for v in unique))
 
 
+# Each head's place in the "deep" palette, the same in every figure and every study (a study of uv and
+# uv-classes trials paints uv as one of rgb and uv does); other values take the colours after these.
+OUTPUT_ORDER = ("rgb", "uv", "uv-classes")
+
+
 def output_palette(data: pd.DataFrame) -> dict:
-    # Fixed colour per output space in every figure.
-    return dict(zip(sorted(data["output"].unique()), sns.color_palette("deep")))
+    """The colour of each output space present in ``data``, fixed per output (``OUTPUT_ORDER``)."""
+    colours = sns.color_palette("deep")
+    present = sorted(data["output"].dropna().astype(str).unique())
+    others = [o for o in present if o not in OUTPUT_ORDER]
+    place = {o: i for i, o in enumerate([*OUTPUT_ORDER, *others])}
+    return {o: colours[place[o] % len(colours)] for o in present}
 
 
 def _grayscale_lines(ax: Axes, data: pd.DataFrame) -> None:

@@ -16,13 +16,18 @@ from matplotlib.ticker import MaxNLocator
 
 from analysis.figures import categories, continuous, output_palette
 from analysis.style import new_figure, seeded_numpy, styled
-from study.contract import default_trial, epoch_gain, gain
+from study.contract import CURVE_TEMPERATURES, best_row, best_trials, default_trial, epoch_gain, gain
 
 FIDELITY = "val_gain_db"
 VIVIDNESS = "best_val_colourfulness"
 FIDELITY_LABEL = "val PSNR gain over grayscale (dB)"
 VIVIDNESS_LABEL = "val colourfulness ratio (1 = originals')"
 TEST_GAIN = "test_gain_db"
+# What a point's marker says: the levers beside the head that buy colour (the head is the point's hue).
+LEVER = "colour lever"
+LEVER_MARKERS = {"none": "o", "adversarial": "^", "chroma weight": "s", "adversarial + chroma weight": "D"}
+CLASSES = "uv-classes"   # the classification head, whose trials have temperature curves
+TEMPERATURE_MARKERS = ("o", "s", "^", "D")   # one per CURVE_TEMPERATURES entry, in its order
 
 
 def colorize_default(trials: pd.DataFrame) -> pd.Series | None:
@@ -36,6 +41,18 @@ def scored(trials: pd.DataFrame) -> pd.DataFrame:
     """Trials with both objectives, with ``val_gain_db`` and ``test_gain_db`` added."""
     data = trials.assign(**{FIDELITY: gain(trials, "val"), TEST_GAIN: gain(trials, "test")})
     return data.dropna(subset=[FIDELITY, VIVIDNESS]).reset_index(drop=True)
+
+
+def lever_labels(trials: pd.DataFrame) -> pd.Series:
+    """Per trial, the colour levers it used: "adversarial" (a discriminator's weight > 0), "chroma weight"
+    (``chroma_weight`` > 0), both, or "none". A study from before a lever existed did not use it."""
+    def on(column: str) -> pd.Series:
+        values = trials[column] if column in trials else pd.Series(0.0, index=trials.index)
+        return pd.to_numeric(values, errors="coerce").fillna(0.0) > 0
+    adversarial, chroma = on("adversarial"), on("chroma_weight")
+    labels = np.where(adversarial & chroma, "adversarial + chroma weight",
+                      np.where(adversarial, "adversarial", np.where(chroma, "chroma weight", "none")))
+    return pd.Series(labels, index=trials.index, name=LEVER)
 
 
 def pareto_front(data: pd.DataFrame, x: str = VIVIDNESS, y: str = FIDELITY) -> pd.DataFrame:
@@ -65,14 +82,19 @@ def strip_members(front: pd.DataFrame, count: int = 4) -> pd.DataFrame:
 def pareto_figure(trials: pd.DataFrame) -> Figure:
     """Per dataset: every trial's gain against colourfulness, the front joined and ringed, colorize's choice starred."""
     data = scored(trials)
+    data = data.assign(**{LEVER: lever_labels(data)})
     panels = list(data.groupby("dataset", sort=True))
     fig = new_figure(1.5 + 5.2 * len(panels), 4.6)
     axes = fig.subplots(1, len(panels), squeeze=False)[0]
     palette = output_palette(data)
+    # Markers only when some trial used a lever: a study of plain regressions keeps its plain dots.
+    used = [k for k in LEVER_MARKERS if k in set(data[LEVER])]
+    style = dict(style=LEVER, style_order=used, markers={k: LEVER_MARKERS[k] for k in used}) \
+        if used != ["none"] else {}
     for ax, (dataset, subset) in zip(axes, panels):
         front = pareto_front(subset)
         sns.scatterplot(subset, x=VIVIDNESS, y=FIDELITY, hue="output", hue_order=sorted(palette), palette=palette,
-                        ax=ax, legend=ax is axes[-1], s=30, alpha=0.8)
+                        ax=ax, legend=ax is axes[-1], s=30 if not style else 40, alpha=0.8, **style)
         ax.step(front[VIVIDNESS], front[FIDELITY], where="post", color="0.2", linewidth=1, zorder=1)
         ax.scatter(front[VIVIDNESS], front[FIDELITY], s=110, facecolors="none", edgecolors="0.1", linewidths=1.3,
                    label="Pareto front", zorder=3)
@@ -87,7 +109,8 @@ def pareto_figure(trials: pd.DataFrame) -> Figure:
         ax.set(xlabel=VIVIDNESS_LABEL, ylabel=FIDELITY_LABEL, title=f"{dataset}: {len(front)} of {len(subset)} "
                                                                        "trials on the front")
         ax.legend(fontsize="small", loc="best")
-    fig.suptitle("Fidelity against vividness: one point per trial (at its best validation epoch)")
+    fig.suptitle("Fidelity against vividness: one point per trial (at its best validation epoch)"
+                 + ("\ncolour: the output head; marker: the colour lever" if style else ""))
     return fig
 
 
@@ -103,6 +126,114 @@ def front_table(trials: pd.DataFrame, dataset: str, levers: list[str]) -> pd.Dat
     table.insert(1, "colorize_default", ["yes" if chosen is not None and t == chosen["trial_id"] else ""
                                          for t in table["trial_id"]])
     return table
+
+
+# ------------------------------------------------------------------ heads: temperature curves, strips
+
+CURVE_COLUMNS = ("trial_id", "best_epoch", "temperature", "rebalance", "val_gain_db", "val_colourfulness",
+                 "test_gain_db", "test_colourfulness")
+
+
+def curve_column(split: str, metric: str, temperature: float) -> str:
+    """The epochs table's column of ``metric`` on ``split`` decoded at ``temperature`` (``val_psnr_t038``)."""
+    return f"{split}_{metric}_t{round(temperature * 100):03d}"
+
+
+def temperature_curves(trials: pd.DataFrame, epochs: pd.DataFrame) -> pd.DataFrame:
+    """One row per classification trial x curve temperature (``CURVE_TEMPERATURES``), at the trial's best
+    epoch: val and test gain over grayscale and colourfulness ratio, had it decoded at that temperature.
+
+    Columns: ``dataset``, ``CURVE_COLUMNS`` and ``trial_temperature`` (the temperature the trial decodes at).
+    A trial with no epoch rows, or whose rows lack the curve (a study from before it was recorded), has no rows.
+    """
+    heads = trials[trials["output"] == CLASSES].sort_values("trial_id", kind="stable")
+    rows = []
+    for _, trial in heads.iterrows():
+        history = epochs[epochs["trial_id"] == trial["trial_id"]]
+        if history.empty:
+            continue
+        at = history[history["epoch"] == trial.get("best_epoch")] if pd.notna(trial.get("best_epoch")) else history
+        # The trials table's best epoch; a table without one (a running trial) falls back on the contract's rule.
+        best = at.iloc[0].to_dict() if len(at) == 1 else best_row(history.to_dict("records"))
+        for t in CURVE_TEMPERATURES:
+            row = {"dataset": trial["dataset"], "trial_id": trial["trial_id"], "best_epoch": int(best["epoch"]),
+                   "temperature": t, "rebalance": trial.get("rebalance", np.nan),
+                   "trial_temperature": trial.get("temperature", np.nan)}
+            for split in ("val", "test"):
+                at_t = {f"{split}_psnr": best.get(curve_column(split, "psnr", t), np.nan),
+                        f"{split}_gray_psnr": best.get(f"{split}_gray_psnr", np.nan)}
+                row[f"{split}_gain_db"] = float(epoch_gain(at_t, split))
+                row[f"{split}_colourfulness"] = float(best.get(curve_column(split, "colourfulness", t), np.nan))
+            rows.append(row)
+    columns = ["dataset", *CURVE_COLUMNS, "trial_temperature"]
+    table = pd.DataFrame(rows, columns=columns)
+    for column in ("temperature", "rebalance", "trial_temperature", "val_gain_db", "val_colourfulness",
+                   "test_gain_db", "test_colourfulness"):
+        table[column] = pd.to_numeric(table[column], errors="coerce").astype(float)
+    table["best_epoch"] = table["best_epoch"].astype("Int64")
+    # A trial whose epochs table has no curve values (an older study) has no curve: drop all of its rows.
+    if table.empty:
+        return table
+    drawn = table.groupby("trial_id")["val_gain_db"].transform(lambda g: g.notna().any()).astype(bool)
+    return table[drawn].reset_index(drop=True)
+
+
+@styled
+def temperature_figure(trials: pd.DataFrame, curves: pd.DataFrame) -> Figure:
+    """Per dataset: each classification trial's val gain against colourfulness as its decoding temperature moves,
+    over every trial's point (grey); the temperature it decodes at is ringed."""
+    if curves.empty:
+        raise ValueError("no classification trial has a temperature curve")
+    data = scored(trials)
+    panels = list(curves.groupby("dataset", sort=True))
+    fig = new_figure(2.6 + 5.4 * len(panels), 4.8)
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    for ax, (dataset, subset) in zip(axes, panels):
+        others = data[data["dataset"] == dataset]
+        ax.scatter(others[VIVIDNESS], others[FIDELITY], s=18, color="0.75", zorder=1,
+                   label="every trial (its own decoding)")
+        ids = sorted(subset["trial_id"].unique())
+        colours = dict(zip(ids, sns.color_palette("dark", len(ids))))
+        for trial_id in ids:
+            curve = subset[subset["trial_id"] == trial_id].sort_values("temperature", ascending=False)
+            rebalance = curve["rebalance"].iloc[0]
+            ax.plot(curve["val_colourfulness"], curve["val_gain_db"], linewidth=1.3, color=colours[trial_id],
+                    zorder=2, label=f"{trial_id}" + (f" (rebalance {rebalance:g})" if pd.notna(rebalance) else ""))
+            # One marker per temperature (the legend's key) rather than text: close points' labels would collide.
+            for _, point in curve.iterrows():
+                ax.scatter([point["val_colourfulness"]], [point["val_gain_db"]], s=28, color=colours[trial_id],
+                           marker=TEMPERATURE_MARKERS[CURVE_TEMPERATURES.index(point["temperature"])], zorder=3)
+            own = curve[np.isclose(curve["temperature"], curve["trial_temperature"])]
+            ax.scatter(own["val_colourfulness"], own["val_gain_db"], s=110, facecolors="none",
+                       edgecolors=colours[trial_id], linewidths=1.3, zorder=3,
+                       label="_own" if trial_id != ids[0] else "ringed: the trial's own temperature")
+        ax.axhline(0, color="0.35", linestyle="--", linewidth=1)
+        ax.set(xlabel=VIVIDNESS_LABEL, ylabel=FIDELITY_LABEL, title=f"{dataset}: {len(ids)} classification "
+                                                                       f"trial{'s' * (len(ids) > 1)}")
+    handles, labels = axes[-1].get_legend_handles_labels()
+    for marker, t in zip(TEMPERATURE_MARKERS, CURVE_TEMPERATURES):
+        handles.append(axes[-1].scatter([], [], s=28, color="0.3", marker=marker))
+        labels.append(f"T = {t:g}")
+    axes[-1].legend(handles, labels, fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1))
+    fig.suptitle("Decoding temperature: each classification trial at its best validation epoch,\n"
+                 "decoded at T = " + ", ".join(f"{t:g}" for t in CURVE_TEMPERATURES)
+                 + " (T = 1 the mean colour, towards 0 the most likely one)")
+    return fig
+
+
+def head_groups(trials: pd.DataFrame) -> pd.Series:
+    """Per trial, its head and whether the adversarial lever is on: "uv", "uv + adversarial", ..."""
+    adversarial = lever_labels(trials).str.contains("adversarial")
+    return trials["output"].astype(str) + np.where(adversarial, " + adversarial", "")
+
+
+def head_members(trials: pd.DataFrame, dataset: str) -> pd.DataFrame:
+    """The best trial (the contract's rule: highest val PSNR) of each (output, adversarial on/off) group of
+    ``dataset``, in order of output, without the lever first; ``group`` names the group."""
+    rows = trials[trials["dataset"] == dataset]
+    rows = rows.assign(group=head_groups(rows), _adversarial=lever_labels(rows).str.contains("adversarial"))
+    best = best_trials(rows, ["output", "_adversarial"])
+    return scored(best).drop(columns="_adversarial") if len(best) else best.drop(columns="_adversarial")
 
 
 # ------------------------------------------------------------------ what helped
