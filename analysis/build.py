@@ -272,7 +272,7 @@ def _tradeoff(study: Study, best: pd.DataFrame, output: Output) -> None:
     for dataset in sorted(data["dataset"].unique()):
         table = tradeoffs.front_table(study.trials, dataset, levers)
         output.table(table, f"{dataset}: the Pareto front, from the most faithful to the most vivid",
-                     csv=f"pareto_{slug(dataset)}.csv")
+                     csv=f"pareto_{slug(dataset)}.csv", html_columns=_front_html_columns(table))
         if previews is None:
             continue
         members = tradeoffs.strip_members(tradeoffs.pareto_front(data[data["dataset"] == dataset]))
@@ -288,6 +288,21 @@ def _tradeoff(study: Study, best: pd.DataFrame, output: Output) -> None:
             return grids.grid_figure(grid, f"{dataset}: Pareto front members, most faithful first")
         output.figure(file, build, f"{dataset}: up to four Pareto front members, from the most faithful to the "
                                    "most vivid, on the fixed preview images.")
+
+
+# The page holds the front's objectives and four levers at most (it must fit a 1,300 px window), the head
+# and the colour levers first; report.md and the CSV have every lever that varies.
+FRONT_HTML_COLUMNS = ("trial_id", "colorize_default", "val_gain_db", "val_colourfulness", "test_gain_db",
+                      "test_colourfulness")
+FRONT_HTML_LEVERS = 4
+COLOUR_LEVERS = ("output", "adversarial", "chroma_weight", "temperature", "rebalance")
+
+
+def _front_html_columns(table: pd.DataFrame) -> tuple[str, ...]:
+    shown = [c for c in FRONT_HTML_COLUMNS if c in table]
+    levers = [c for c in COLOUR_LEVERS if c in table] + [c for c in table if c not in (*shown, *COLOUR_LEVERS,
+                                                                                       "best_epoch")]
+    return (*shown, *levers[:FRONT_HTML_LEVERS])
 
 
 def _temperature(study: Study, best: pd.DataFrame, output: Output) -> None:

@@ -23,6 +23,10 @@ SAMPLINGS = ("maxpool-upsample", "strided-transposed")
 OUTPUTS = ("rgb", "uv")
 VARIANTS = [(s, o) for s in SAMPLINGS for o in OUTPUTS]
 SECOND_TRIAL = "local_00004"   # a second maxpool-upsample / uv trial, with another lr
+# Issue 20's head and lever, one trial each after the eleven above: a classification head at the paper's
+# temperature and rebalancing, and a maxpool-upsample / uv trial with a discriminator.
+CLASSES_TRIAL, ADVERSARIAL_TRIAL = "local_00011", "local_00012"
+ALL_VARIANTS = [*VARIANTS, ("maxpool-upsample", "uv-classes")]
 
 
 def analyse(study: Path, out: Path, capsys) -> tuple[int, str]:
@@ -50,6 +54,8 @@ def study(tmp_path_factory, cache_dir) -> Path:
     # Two more learning rates for the other variants: 11 trials, as importance needs 10 (MIN_COMPLETED).
     configs += [base.replace(sampling=s, output=o, lr=lr) for s, o in VARIANTS if (s, o) != ("maxpool-upsample", "uv")
                 for lr in (3e-3, 5e-4)]
+    configs += [base.replace(sampling="maxpool-upsample", output="uv-classes", temperature=0.38, rebalance=0.5),
+                base.replace(sampling="maxpool-upsample", output="uv", adversarial=0.05)]
     # One thread: these models are tiny, and two threads on a busy two-core machine mostly wait for each other.
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -74,7 +80,7 @@ def _add_optuna_study(folder: Path, trials: pd.DataFrame) -> None:
     opt = optuna.create_study(study_name="analysis-test", storage=storage, direction="maximize")
     space = {"lr": optuna.distributions.FloatDistribution(1e-4, 1e-2, log=True),
              "sampling": optuna.distributions.CategoricalDistribution(SAMPLINGS),
-             "output": optuna.distributions.CategoricalDistribution(OUTPUTS)}
+             "output": optuna.distributions.CategoricalDistribution((*OUTPUTS, "uv-classes"))}
     for _, t in trials.iterrows():
         opt.add_trial(optuna.trial.create_trial(params={k: t[k] for k in space}, distributions=space,
                                                 value=float(t["best_val_psnr"])))
@@ -111,8 +117,8 @@ def derived_study(source: Path, folder: Path, trial_ids: list[str] | None = None
 
 
 def expected_files() -> set[str]:
-    per_variant = {f"{kind}_samples_{s}_{o}.png" for kind in ("curves", "grid") for s, o in VARIANTS}
-    return per_variant | {
+    per_variant = {f"{kind}_samples_{s}_{o}.png" for kind in ("curves", "grid") for s, o in ALL_VARIANTS}
+    return per_variant | {"temperature_curves.png", "temperature_curves_samples.csv", "heads_strip_samples.png",
         "grid_side_by_side_samples.png", "psnr_by_variant.png", "pruning.png", "importance.png",
         "importance.csv", "table_samples.csv", "report.md", "report.html",
         "pareto.png", "pareto_samples.csv", "pareto_strip_samples.png", "helped_samples.png", "helped_samples.csv",
@@ -175,14 +181,14 @@ def test_grid_rows_are_grayscale_original_prediction_at_the_best_epoch(study):
         for r, png in enumerate(rows):
             assert np.array_equal(grid.image[r * RESOLUTION:(r + 1) * RESOLUTION, :RESOLUTION], grids.decode(png))
     side, left_out = grids.side_by_side_grid(previews, best_per_variant(s.trials))
-    assert side.image.shape == ((2 + len(VARIANTS)) * RESOLUTION, PREVIEWS * RESOLUTION, 3) and left_out == []
+    assert side.image.shape == ((2 + len(ALL_VARIANTS)) * RESOLUTION, PREVIEWS * RESOLUTION, 3) and left_out == []
 
 
 def test_results_table_equals_the_parquet_data(study, report):
     out, _ = report
     table = pd.read_csv(out / "table_samples.csv").set_index(["sampling", "output"])
     trials = pd.read_parquet(study / "results/trials.parquet")
-    assert len(table) == len(VARIANTS)
+    assert len(table) == len(ALL_VARIANTS)
     for (sampling, output), group in trials.groupby(["sampling", "output"]):
         best = group.loc[group["best_val_psnr"].idxmax()]
         row = table.loc[(sampling, output)]
@@ -201,9 +207,9 @@ def test_importance_comes_from_the_optuna_study(report):
     assert set(importance["parameter"]) <= {"lr", "sampling", "output"}
     assert importance["importance"].sum() == pytest.approx(1.0)
     md = (out / "report.md").read_text()
-    # It says what it rests on: the fixture's 11 trials, each mirrored as a completed Optuna trial.
+    # It says what it rests on: the fixture's 13 trials, each mirrored as a completed Optuna trial.
     assert "hyperparameter importance not shown" not in md
-    assert md.count("from 11 completed Optuna trials") >= 3   # the text, the table's and the figure's captions
+    assert md.count("from 13 completed Optuna trials") >= 3   # the text, the table's and the figure's captions
 
 
 def test_importance_is_withheld_below_ten_completed_trials(study, tmp_path, capsys):
@@ -359,7 +365,8 @@ def test_what_helped_table_equals_the_parquet_data(study, report):
     table = pd.read_csv(out / "helped_samples.csv")
     trials = pd.read_parquet(study / "results/trials.parquet")
     trials["gain"] = trials["best_test_psnr"] - trials["test_gray_psnr"]
-    assert set(table["lever"]) == {"lr", "output", "sampling"}   # never started_at, finished_at, seed...
+    # Never started_at, finished_at, seed...; nor temperature and rebalance, which keep their defaults.
+    assert set(table["lever"]) == {"adversarial", "lr", "output", "sampling"}
     for _, row in table.iterrows():
         values = trials[trials[row["lever"]].map(lambda v: f"{v:g}" if isinstance(v, float) else str(v))
                         == str(row["value"])]["gain"]
@@ -375,7 +382,8 @@ def test_what_helped_groups_a_searched_range_in_quartiles(study):
     table = tradeoffs.helped_table(trials, "samples", ["lr", "output"])
     lr = table[table["lever"] == "lr"]
     assert 2 <= len(lr) <= 4 and lr["trials"].sum() == len(trials)
-    assert all("-" in v for v in lr["value"]) and set(table[table["lever"] == "output"]["value"]) == {"rgb", "uv"}
+    assert all("-" in v for v in lr["value"])
+    assert set(table[table["lever"] == "output"]["value"]) == {"rgb", "uv", "uv-classes"}
 
     fig = tradeoffs.helped_figure(trials, "samples", ["lr", "output"])
     panels = [ax for ax in fig.axes if ax.get_visible()]
@@ -388,11 +396,11 @@ def test_what_helped_groups_a_searched_range_in_quartiles(study):
     assert np.allclose(sorted(map(tuple, points)), sorted(zip(data["lr"], gains)))
     # output as categories: the ticks are its values, the points the gains, the bars the medians per value.
     output_ax = panels[1]
-    assert [t.get_text() for t in output_ax.get_xticklabels()] == ["rgb", "uv"]
+    assert [t.get_text() for t in output_ax.get_xticklabels()] == ["rgb", "uv", "uv-classes"]
     *strips, bars = [c for c in output_ax.collections if len(c.get_offsets())]
     assert sorted(np.concatenate([c.get_offsets() for c in strips])[:, 1]) == pytest.approx(sorted(gains))
     medians = gains.groupby(data["output"]).median()
-    assert np.allclose(bars.get_offsets(), [(0, medians["rgb"]), (1, medians["uv"])])
+    assert np.allclose(bars.get_offsets(), [(0, medians["rgb"]), (1, medians["uv"]), (2, medians["uv-classes"])])
 
 
 def test_bookkeeping_columns_are_not_hyperparameters(study, tmp_path):
@@ -403,7 +411,7 @@ def test_bookkeeping_columns_are_not_hyperparameters(study, tmp_path):
     folder = derived_study(study, tmp_path / "study", edit=bookkeeping)
     s = load_study(folder)
     assert s.trials["started_at"].nunique() > 1 and isinstance(s.trials["started_at"].dtype, pd.DatetimeTZDtype)
-    assert s.hyperparameters() == ["lr", "output", "sampling"]
+    assert s.hyperparameters() == ["adversarial", "lr", "output", "sampling"]
 
 
 def test_progress_counts_every_epoch_once_and_a_pack_epoch_once(study):
@@ -520,7 +528,7 @@ def test_results_table_puts_what_matters_first_and_the_page_shows_only_that(repo
     assert list(table.columns[:10]) == ["sampling", "output", "test_gain_db", "val_gain_db", "val_psnr",
                                         "test_psnr", "val_colourfulness", "test_colourfulness", "beats_grayscale",
                                         "status"]
-    assert list(table.columns) == [*COLUMNS, "depth", "lr"]   # then the best trial's configuration
+    assert list(table.columns) == [*COLUMNS, "depth", "adversarial", "lr"]   # then the best trial's configuration
     html = (out / "report.html").read_text()
     first = html.index("<table>")
     header = html[first:html.index("</tr>", first)]
@@ -568,3 +576,124 @@ def test_report_fits_a_1300px_window_in_a_real_browser(report, tmp_path):
                     (page / "report.html").as_uri()], capture_output=True, timeout=120)
     pixels = read_png(shot)
     assert pixels.shape[1] == 1300 and pixels.shape[0] == measure["height"] and pixels.std() > 0
+
+
+# ------------------------------------------------------------------ issue 20: heads and levers
+
+
+def test_temperature_curves_are_the_epochs_table_at_the_best_epoch(study, report):
+    from analysis import tradeoffs
+    from study.contract import CURVE_TEMPERATURES
+    out, _ = report
+    table = pd.read_csv(out / "temperature_curves_samples.csv")
+    trials = pd.read_parquet(study / "results/trials.parquet").set_index("trial_id")
+    epochs = pd.read_parquet(study / "results/epochs.parquet")
+    assert list(table.columns) == ["trial_id", "best_epoch", "temperature", "rebalance", "val_gain_db",
+                                   "val_colourfulness", "test_gain_db", "test_colourfulness"]
+    assert list(table["trial_id"]) == [CLASSES_TRIAL] * len(CURVE_TEMPERATURES)
+    assert list(table["temperature"]) == list(CURVE_TEMPERATURES)
+    history = epochs[epochs["trial_id"] == CLASSES_TRIAL]
+    best = history.loc[history["val_psnr"].idxmax()]
+    assert (table["best_epoch"] == best["epoch"]).all() and best["epoch"] == trials.at[CLASSES_TRIAL, "best_epoch"]
+    assert (table["rebalance"] == trials.at[CLASSES_TRIAL, "rebalance"]).all()
+    for _, row in table.iterrows():
+        t = f"t{round(row['temperature'] * 100):03d}"
+        for split in ("val", "test"):
+            assert row[f"{split}_gain_db"] == pytest.approx(best[f"{split}_psnr_{t}"] - best[f"{split}_gray_psnr"],
+                                                            rel=1e-12)
+            assert row[f"{split}_colourfulness"] == pytest.approx(best[f"{split}_colourfulness_{t}"], rel=1e-12)
+    # At the trial's own temperature the curve is its own score, as the trials table has it.
+    own = table[table["temperature"] == trials.at[CLASSES_TRIAL, "temperature"]].iloc[0]
+    assert own["val_gain_db"] == pytest.approx(trials.at[CLASSES_TRIAL, "best_val_psnr"]
+                                               - trials.at[CLASSES_TRIAL, "val_gray_psnr"], rel=1e-9)
+    assert own["test_colourfulness"] == pytest.approx(trials.at[CLASSES_TRIAL, "best_test_colourfulness"], rel=1e-9)
+    # The figure draws the same four points as one line, the trial's own temperature ringed.
+    s = load_study(study)
+    fig = tradeoffs.temperature_figure(s.trials, tradeoffs.temperature_curves(s.trials, s.epochs))
+    ax = fig.axes[0]
+    line, = [ln for ln in ax.lines if ln.get_label().startswith(CLASSES_TRIAL)]
+    assert np.allclose(line.get_xydata(), table[["val_colourfulness", "val_gain_db"]].to_numpy())
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert [f"T = {t:g}" for t in CURVE_TEMPERATURES] == [x for x in labels if x.startswith("T = ")]
+    md = (out / "report.md").read_text()
+    assert "](temperature_curves.png)" in md and "No trial uses the classification head" not in md
+
+
+def test_the_front_marks_each_trials_head_and_lever(study, report):
+    from analysis import tradeoffs
+    from analysis.figures import output_palette
+    s = load_study(study)
+    data = tradeoffs.scored(s.trials)
+    ax = tradeoffs.pareto_figure(s.trials).axes[0]
+    points = next(c for c in ax.collections if len(c.get_offsets()) == len(data))
+    paths = [p.vertices for p in points.get_paths()]
+    assert len(paths) == len(data)
+
+    def marker_of(trial_id):
+        row = data[data["trial_id"] == trial_id].iloc[0]
+        at, = np.flatnonzero(np.isclose(points.get_offsets(), [row[tradeoffs.VIVIDNESS], row[tradeoffs.FIDELITY]])
+                             .all(axis=1))
+        return paths[at]
+    others = [marker_of(t) for t in data["trial_id"] if t != ADVERSARIAL_TRIAL]
+    assert all(np.array_equal(m, others[0]) for m in others)
+    assert not np.array_equal(marker_of(ADVERSARIAL_TRIAL), others[0])
+    legend = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert legend[:legend.index("Pareto front")] == ["output", "rgb", "uv", "uv-classes", tradeoffs.LEVER, "none",
+                                                     "adversarial"]
+    # Without an adversarial trial, plain dots and no lever in the legend.
+    plain = s.trials[s.trials["trial_id"] != ADVERSARIAL_TRIAL]
+    ax = tradeoffs.pareto_figure(plain).axes[0]
+    assert tradeoffs.LEVER not in [t.get_text() for t in ax.get_legend().get_texts()]
+    assert len(ax.collections[0].get_paths()) == 1
+    # A head keeps its colour in a study that lacks another head.
+    assert output_palette(data[data["output"] != "rgb"]) == {k: v for k, v in output_palette(data).items() if k != "rgb"}
+    # The front table names the head and the levers that vary, temperature and rebalance included when they do.
+    front = pd.read_csv(report[0] / "pareto_samples.csv")
+    assert {"output", "adversarial"} <= set(front.columns) and "temperature" not in front.columns
+    s.trials = s.trials.assign(temperature=np.where(s.trials["output"] == "uv-classes", 1.0, 0.38),
+                               rebalance=np.where(s.trials["output"] == "uv-classes", 0.0, 0.5))
+    table = tradeoffs.front_table(s.trials, "samples", tradeoffs.levers(s.trials, s.hyperparameters()))
+    assert {"output", "adversarial", "temperature", "rebalance"} <= set(table.columns)
+
+
+def test_the_heads_strip_has_the_best_trial_of_each_head(study, report):
+    from analysis import tradeoffs
+    out, _ = report
+    s = load_study(study)
+    members = tradeoffs.head_members(s.trials, "samples")
+    assert list(members["group"]) == ["rgb", "uv", "uv + adversarial", "uv-classes"]
+    raw = pd.read_parquet(study / "results/trials.parquet")
+    for _, member in members.iterrows():
+        group = raw[(raw["output"] == member["output"]) & ((raw["adversarial"] > 0) == ("adversarial" in member["group"]))]
+        assert member["trial_id"] == group.loc[group["best_val_psnr"].idxmax(), "trial_id"]
+    grid = grids.strip_grid(grids.Previews(s.previews), members, list(members["group"]))
+    assert len(grid.row_labels) == len(members) + 2 and grid.missing == 0
+    assert grid.image.shape[:2] == ((len(members) + 2) * RESOLUTION, PREVIEWS * RESOLUTION)
+    png = read_png(out / "heads_strip_samples.png")
+    assert png.shape[:2] == (round((0.6 + (len(members) + 2) * grids.CELL_INCHES) * DPI),
+                             round((2.0 + PREVIEWS * grids.CELL_INCHES) * DPI))
+    assert "(`rgb`, `uv`, `uv + adversarial`, `uv-classes`)" in (out / "report.md").read_text()
+
+
+def test_one_head_and_no_classification_trial_are_said_not_drawn(study, tmp_path, capsys):
+    folder = derived_study(study, tmp_path / "study", ["local_00001", SECOND_TRIAL])
+    rc, err = analyse(folder, tmp_path / "out", capsys)
+    assert rc == 0 and "failed" not in err
+    md = (tmp_path / "out/report.md").read_text()
+    assert "No trial uses the classification head (`output: uv-classes`), so there are no temperature curves" in md
+    assert "samples: every trial has the same head and adversarial setting (`uv`)" in md
+    files = {p.name for p in (tmp_path / "out").iterdir()}
+    assert not {"temperature_curves.png", "temperature_curves_samples.csv", "heads_strip_samples.png"} & files
+
+
+def test_an_epochs_table_without_the_curve_still_analyses(study, tmp_path, capsys):
+    from study.contract import CURVE_METRICS
+    folder = derived_study(study, tmp_path / "study", ["local_00001", CLASSES_TRIAL])
+    epochs = pd.read_parquet(folder / "results/epochs.parquet")
+    epochs.drop(columns=list(CURVE_METRICS)).to_parquet(folder / "results/epochs.parquet", index=False)
+    rc, err = analyse(folder, tmp_path / "out", capsys)
+    assert rc == 0 and "failed" not in err and "could not be made" not in err
+    md = (tmp_path / "out/report.md").read_text()
+    assert "No `uv-classes` trial has metrics at the curve temperatures" in md
+    files = {p.name for p in (tmp_path / "out").iterdir()}
+    assert "temperature_curves.png" not in files and {"pareto.png", "heads_strip_samples.png"} <= files
