@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from study.color import UV_MAX, rgb_to_yuv
-from study.modelspec import GAMUT_BINS, UV_GRID
+from study.modelspec import UV_GRID
 
 SIGMA = UV_GRID / 2          # Zhang's 5 ab units at 10 per cell
 NEIGHBOURS = 5               # soft targets: the 5 nearest bins, Gaussian-weighted

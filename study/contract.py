@@ -45,12 +45,13 @@ EPOCH_METRICS = (
     "val_psnr", "val_ssim", "val_colourfulness", "val_gray_psnr",
     "test_psnr", "test_ssim", "test_colourfulness", "test_gray_psnr",
 )
-# A uv-classes trial's val metrics at a few decoding temperatures besides its own (one trial gives a
-# curve on the fidelity/vividness front): ``val_psnr_t038`` is val PSNR at T = 0.38. Missing (NA) for
-# the other heads. Not in EPOCH_METRICS, which every epoch row has.
+# A uv-classes trial's val and test metrics at a few decoding temperatures besides its own (one trial
+# gives a curve on the fidelity/vividness front): ``val_psnr_t038`` is val PSNR at T = 0.38. Training
+# does not depend on the temperature (without a discriminator), so the curve is what trials at those
+# temperatures would measure. Missing (NA) for the other heads. Not in EPOCH_METRICS, which every epoch row has.
 CURVE_TEMPERATURES = (1.0, 0.6, 0.38, 0.2)
-CURVE_METRICS = tuple(f"val_{m}_t{round(t * 100):03d}" for t in CURVE_TEMPERATURES
-                      for m in ("psnr", "colourfulness"))
+CURVE_METRICS = tuple(f"{split}_{m}_t{round(t * 100):03d}" for split in ("val", "test")
+                      for t in CURVE_TEMPERATURES for m in ("psnr", "colourfulness"))
 # Copied into the trials table at the best epoch (``best_<m>``) and the final epoch (``final_<m>``).
 SUMMARY_METRICS = ("val_psnr", "val_ssim", "val_colourfulness", "test_psnr",
                    "test_ssim", "test_colourfulness", "val_loss", "test_loss")

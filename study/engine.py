@@ -147,9 +147,9 @@ def epoch_row(m: Member, epoch: int, fetched: list[float], val: EvalSplit, test:
               precision: str) -> dict:
     """Member ``m``'s row of ``epoch`` from its fetched (train loss, n val totals, n test totals: n = 4, or
     with a classification head's temperature curve more), added to its history with the best epoch so far;
-    the curve is recorded for val (contract.CURVE_METRICS)."""
+    the curve is recorded for val and test (contract.CURVE_METRICS)."""
     n = (len(fetched) - 1) // 2
-    v, t = val.metrics(fetched[1:1 + n], curve=True), test.metrics(fetched[1 + n:1 + 2 * n])
+    v, t = val.metrics(fetched[1:1 + n], curve=True), test.metrics(fetched[1 + n:1 + 2 * n], curve=True)
     row = {"epoch": epoch, "train_loss": fetched[0], "lr": m.opt.param_groups[0]["lr"],
            **{f"val_{k}": x for k, x in v.items()}, **{f"test_{k}": x for k, x in t.items()},
            "seconds": seconds, "precision": precision}

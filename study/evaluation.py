@@ -86,11 +86,14 @@ def class_row_metrics(pred: torch.Tensor, x: torch.Tensor, y: torch.Tensor, bins
     each of CURVE_TEMPERATURES."""
     pred = pred.float()
     loss = class_loss(pred, target_for(x, "uv"), bins, None).flatten(1).mean(1)
-    rgb = prediction_to_rgb(bins.decode(pred, temperature), y, "uv")
+    decoded = {t: prediction_to_rgb(bins.decode(pred, t), y, "uv") for t in CURVE_TEMPERATURES}
+    # A float temperature on the curve is decoded once: on a CPU each decoding costs about as much
+    # as a training step's share of the epoch.
+    own = decoded.get(temperature) if isinstance(temperature, float) else None
+    rgb = own if own is not None else prediction_to_rgb(bins.decode(pred, temperature), y, "uv")
     rows = [loss, psnr(rgb, x), ssim(rgb, x), colourfulness(rgb)]
     for t in CURVE_TEMPERATURES:
-        at = prediction_to_rgb(bins.decode(pred, t), y, "uv")
-        rows += [psnr(at, x), colourfulness(at)]
+        rows += [psnr(decoded[t], x), colourfulness(decoded[t])]
     return torch.stack([r.flatten() for r in rows])
 
 

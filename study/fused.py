@@ -346,7 +346,6 @@ def evaluate_members(fused: FusedUNet, terms: PackTerms, split: EvalSplit, batch
         return evaluate_sums(fused.single, split, terms.single, precision, batch_size).view(1, -1)
     fused.eval()
     k = fused.k
-    dev = split.images.device
     sums = None
     for x, y in split.batches(batch_size):
         b = x.shape[0]

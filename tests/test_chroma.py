@@ -15,7 +15,7 @@ from skimage import data as skdata
 from study import cli
 from study.chroma import (CELLS, NEIGHBOURS, SIGMA, ChromaBins, _gamut_cells, average_flipped, cell_centers, cell_of,
                           class_loss, gamut_bins, rebalance_weights, smoothed, used_bins)
-from study.color import rgb_to_yuv, yuv_to_rgb
+from study.color import rgb_to_yuv
 from study.config import TrialConfig
 from study.contract import CURVE_METRICS
 from study.data import load_splits

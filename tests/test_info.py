@@ -107,7 +107,7 @@ def test_a_finished_study_counts_best_and_commands(lifecycle):
     assert len(optuna.load_study(study_name="tiny", storage=url).trials) == 4
     for name in ("tensorboard", "analysis", "colorize"):
         assert str(study) in cmds[name], cmds[name]
-    assert cmds["colorize"].endswith("photos/ --out colorized/") and f"commands:\n  resume:" in text
+    assert cmds["colorize"].endswith("photos/ --out colorized/") and "commands:\n  resume:" in text
 
 
 def test_status_file_is_read_and_survives_damage(lifecycle, tmp_path):

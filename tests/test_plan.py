@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from conftest import PYTHON, ROOT, python_env
+from conftest import PYTHON, python_env
 from study.models import build_unet
 from study.modelspec import SAMPLINGS, UNetConfig
 from study.plan import _makespan, _pruning
