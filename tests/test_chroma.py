@@ -167,6 +167,23 @@ def test_a_pack_reproduces_its_members_separate_trials(splits, tmp_path):
     assert row["val_colourfulness"] == pytest.approx(row["val_colourfulness_t038"], abs=1e-6)
 
 
+def test_the_temperature_only_decodes_so_one_trial_gives_the_whole_curve(splits, tmp_path):
+    """Without a discriminator the temperature changes no training step: trials at two temperatures
+    train identically, and each one's curve (val and test) is the other's, which is why the ablation
+    reads its T = 1 and T = 0.38 rows off one trial."""
+    quiet = dict(splits=splits, device="cpu", log=lambda s: None)
+    cfg = BASE.replace(rebalance=0.5, epochs=1)
+    cold, warm = (run_trial(cfg.replace(temperature=t), work_dir=tmp_path / str(t), **quiet)[-1] for t in (1.0, 0.2))
+    assert cold["train_loss"] == warm["train_loss"]
+    assert any(k.startswith("test_") for k in CURVE_METRICS)
+    for key in CURVE_METRICS:
+        assert cold[key] == pytest.approx(warm[key], abs=1e-9), key
+    # Each trial's own figures are its point on the shared curve, and the two points differ.
+    assert cold["test_psnr"] == pytest.approx(cold["test_psnr_t100"], abs=1e-9)
+    assert warm["test_psnr"] == pytest.approx(warm["test_psnr_t020"], abs=1e-9)
+    assert warm["test_colourfulness"] > cold["test_colourfulness"]
+
+
 def _resumed_equals_uninterrupted(cfg: TrialConfig, splits, tmp_path) -> tuple[dict, dict]:
     quiet = dict(splits=splits, device="cpu", log=lambda s: None)
     kept = {}
