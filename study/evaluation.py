@@ -66,6 +66,10 @@ class EvalSplit:
 
 
 def eval_batch_size(cfg: TrialConfig) -> int:
+    if cfg.output == "uv-classes":
+        # Q logits per pixel and five decodings each: 32 images keep each temporary near 32 MB, which a
+        # CPU evaluates 1.6x faster than 256 (fresh large buffers cost their page faults).
+        return 32
     return max(cfg.batch_size, 256 if cfg.image_size <= 64 else 32)
 
 
