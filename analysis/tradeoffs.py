@@ -1,4 +1,4 @@
-"""Issue 13's questions of a study: fidelity against vividness (the Pareto front), what helped, how fast.
+"""A study's trade-off questions: fidelity against vividness (the Pareto front), what helped, how fast.
 
 Fidelity is the validation PSNR gain over the grayscale input (dB), vividness
 the validation colourfulness ratio (1 = as colourful as the originals), both at
