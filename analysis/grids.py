@@ -140,13 +140,21 @@ def strip_grid(previews: Previews, members: pd.DataFrame, labels: list[str]) -> 
     return compose(rows, indices, ["grayscale input", "original", *(f"{label}\nepoch {e}" for _, e, label in shown)])
 
 
+def label_inches(labels: list[str]) -> float:
+    """The width left of the images for the row labels: 2 inches, more for a line over 22 characters
+    ("uv-classes + adversarial 0.1"), which would otherwise be cut at the figure's edge."""
+    longest = max((len(line) for label in labels for line in label.splitlines()), default=0)
+    return max(2.0, 0.35 + 0.075 * longest)
+
+
 @styled
 def grid_figure(grid: Grid, title: str) -> Figure:
     """The composed image with its rows labelled and its columns numbered by test image index."""
     rows, cols = len(grid.row_labels), len(grid.image_indices)
-    fig = new_figure(2.0 + CELL_INCHES * cols, 0.6 + CELL_INCHES * rows)
+    fig = new_figure(label_inches(grid.row_labels) + CELL_INCHES * cols, 0.6 + CELL_INCHES * rows)
     ax = fig.subplots()
     ax.imshow(grid.image, interpolation="nearest")
+    ax.set_anchor("E")   # the images to the right: the width left over goes to the labels
     h, w = grid.image.shape[0] / rows, grid.image.shape[1] / cols
     ax.set_yticks((np.arange(rows) + 0.5) * h, grid.row_labels)
     ax.set_xticks((np.arange(cols) + 0.5) * w, [f"#{i}" for i in grid.image_indices])

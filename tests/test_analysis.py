@@ -673,6 +673,9 @@ def test_the_heads_strip_has_the_best_trial_of_each_head(study, report):
     assert png.shape[:2] == (round((0.6 + (len(members) + 2) * grids.CELL_INCHES) * DPI),
                              round((2.0 + PREVIEWS * grids.CELL_INCHES) * DPI))
     assert "(`rgb`, `uv`, `uv + adversarial`, `uv-classes`)" in (out / "report.md").read_text()
+    # A longer group label widens the label column rather than running off the figure's edge.
+    assert grids.label_inches(["uv-classes + adversarial 0.1\nlocal_00005"]) > 2.0 == grids.label_inches(
+        ["grayscale input", "uv + adversarial 0.05"])
 
 
 def test_one_head_and_no_classification_trial_are_said_not_drawn(study, tmp_path, capsys):
