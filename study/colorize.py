@@ -2,7 +2,7 @@
 
     python -m study.colorize --study studies/s1 [--dataset flowers102] [--trial ID] \\
         photos/ old.jpg --out colorized [--format same|png|jpeg|webp|tiff] [--side-by-side] \\
-        [--[no-]flip-average] [--device cpu|cuda]
+        [--[no-]flip-average] [--temperature T] [--device cpu|cuda]
 
 The model sees only a resized copy of the input's luminance (its training
 resolution, square); its colour (UV chroma) is resized back to the input's size
@@ -363,7 +363,22 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--flip-average", action=argparse.BooleanOptionalAction, default=None,
                    help="average the colours predicted for each photo and its mirror image, twice the compute "
                         "(default: as the trial was evaluated, its tta_flip)")
+    p.add_argument("--temperature", type=float,
+                   help="uv-classes trials: decode at this temperature, > 0 and <= 10 (1: the expected colour, "
+                        "towards 0: the most likely one; lower paints more vivid colours without retraining) "
+                        "(default: the trial's own)")
     return p
+
+
+def with_temperature(loaded: Loaded, temperature: float | None) -> TrialConfig:
+    """The trial's config, decoding at ``temperature`` when given; refused for a head it does not apply to."""
+    if temperature is None:
+        return loaded.cfg
+    if loaded.cfg.output != "uv-classes":
+        raise ColorizeError(f"--temperature applies to uv-classes trials only; trial {loaded.row['trial_id']} "
+                            f"predicts {loaded.cfg.output}: leave --temperature out, or pick a uv-classes trial "
+                            "with --trial")
+    return loaded.cfg.replace(temperature=temperature)
 
 
 def describe(loaded: Loaded, device: torch.device) -> str:
@@ -421,23 +436,28 @@ def size_warnings(jobs: list[Job], cfg: TrialConfig, trial: str) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     """The command; a ``ColorizeError`` (nothing done) reaches ``study.cli``'s handler: exit status 2."""
     args = parser().parse_args(argv)
+    if args.temperature is not None and not (0.0 < args.temperature <= 10.0):   # NaN fails too
+        raise ColorizeError(f"--temperature must be > 0 and <= 10 (1: the expected colour, towards 0: the most "
+                            f"likely one); got {args.temperature}")
     jobs, errors = collect_inputs(args.inputs, args.side_by_side, args.format)
     check_out(args.out, args.inputs, jobs, args.side_by_side)
     device = choose_device(args.device)
     loaded = load_model(args.study, args.dataset, args.trial, device)
-    flip = loaded.cfg.tta_flip if args.flip_average is None else args.flip_average
-    print(f"colorizing with {describe(loaded, device)}" + (", averaged with mirror images" if flip else ""))
+    cfg = with_temperature(loaded, args.temperature)
+    flip = cfg.tta_flip if args.flip_average is None else args.flip_average
+    print(f"colorizing with {describe(loaded, device)}" + (", averaged with mirror images" if flip else "")
+          + (f", decoded at temperature {cfg.temperature:g}" if cfg.output == "uv-classes" else ""))
 
     def warn(message: str) -> None:
         print(f"warning: {message}", file=sys.stderr)
-    for message in model_warnings(loaded) + size_warnings(jobs, loaded.cfg, loaded.row["trial_id"]):
+    for message in model_warnings(loaded) + size_warnings(jobs, cfg, loaded.row["trial_id"]):
         warn(message)
     for message in errors:
         print(f"error: {message}", file=sys.stderr)
     failed = len(errors)
     for job in jobs:
         try:
-            for out in colorize_file(loaded.model, loaded.cfg, job, args.out, device, args.side_by_side, flip, warn):
+            for out in colorize_file(loaded.model, cfg, job, args.out, device, args.side_by_side, flip, warn):
                 print(f"wrote {out}")
         except InputError as e:
             failed += 1

@@ -247,7 +247,7 @@ def test_trial_cli_trains_both_levers_and_colorize_paints_with_them(tmp_path, ca
     assert epochs.loc[ids[:2], list(CURVE_METRICS)].notna().all().all()
     assert epochs.loc[ids[2], list(CURVE_METRICS)].isna().all()
     assert epochs.loc[ids[0], "val_psnr"] == pytest.approx(epochs.loc[ids[0], "val_psnr_t100"])
-    ids = ids[:2]
+    uv_trial, ids = ids[2], ids[:2]
     photo = tmp_path / "astronaut.png"
     Image.fromarray(skdata.astronaut()).resize((48, 40)).save(photo)
     outs = []
@@ -262,3 +262,21 @@ def test_trial_cli_trains_both_levers_and_colorize_paints_with_them(tmp_path, ca
     chroma = [rgb_to_yuv(torch.from_numpy(o / 255).permute(2, 0, 1)[None].float())[:, 1:].norm(dim=1).mean()
               for o in outs]
     assert chroma[1] > chroma[0]
+    # --temperature moves a trained model along the trade: the T = 1 trial decoded at 0.2 paints exactly
+    # what the T = 0.2 trial (same seed, so the same weights) paints.
+    out = tmp_path / "out-at-020"
+    capsys.readouterr()
+    rc = cli.run(colorize_main, ["--study", str(study), "--trial", ids[0], "--temperature", "0.2", str(photo),
+                                 "--out", str(out), "--device", "cpu"])
+    said = capsys.readouterr()
+    assert rc == 0 and "decoded at temperature 0.2" in said.out, said
+    assert np.array_equal(np.asarray(Image.open(out / "astronaut.png")).astype(float), outs[1])
+    # Refused with one message, nothing written: a head without a temperature, and a bad value.
+    for trial, value, words in ((uv_trial, "0.5", "applies to uv-classes trials only"),
+                                (ids[0], "0", "must be > 0 and <= 10"), (ids[0], "nan", "must be > 0 and <= 10")):
+        out = tmp_path / f"refused-{trial}-{value}"
+        rc = cli.run(colorize_main, ["--study", str(study), "--trial", trial, "--temperature", value, str(photo),
+                                     "--out", str(out), "--device", "cpu"])
+        err = capsys.readouterr().err
+        assert rc == 2 and words in err and "Traceback" not in err, err
+        assert len([ln for ln in err.splitlines() if ln.startswith("error:")]) == 1 and not out.exists()
