@@ -16,7 +16,8 @@ from matplotlib.ticker import MaxNLocator
 
 from analysis.figures import categories, continuous, output_palette
 from analysis.style import new_figure, seeded_numpy, styled
-from study.contract import CURVE_TEMPERATURES, best_row, best_trials, default_trial, epoch_gain, gain
+from study.contract import (CURVE_TEMPERATURES, best_row, best_trials, curve_column, default_trial, epoch_gain,
+                            gain)
 
 FIDELITY = "val_gain_db"
 VIVIDNESS = "best_val_colourfulness"
@@ -132,11 +133,6 @@ def front_table(trials: pd.DataFrame, dataset: str, levers: list[str]) -> pd.Dat
 
 CURVE_COLUMNS = ("trial_id", "best_epoch", "temperature", "rebalance", "val_gain_db", "val_colourfulness",
                  "test_gain_db", "test_colourfulness")
-
-
-def curve_column(split: str, metric: str, temperature: float) -> str:
-    """The epochs table's column of ``metric`` on ``split`` decoded at ``temperature`` (``val_psnr_t038``)."""
-    return f"{split}_{metric}_t{round(temperature * 100):03d}"
 
 
 def temperature_curves(trials: pd.DataFrame, epochs: pd.DataFrame) -> pd.DataFrame:

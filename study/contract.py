@@ -50,7 +50,19 @@ EPOCH_METRICS = (
 # does not depend on the temperature (without a discriminator), so the curve is what trials at those
 # temperatures would measure. Missing (NA) for the other heads. Not in EPOCH_METRICS, which every epoch row has.
 CURVE_TEMPERATURES = (1.0, 0.6, 0.38, 0.2)
-CURVE_METRICS = tuple(f"{split}_{m}_t{round(t * 100):03d}" for split in ("val", "test")
+
+
+def curve_key(metric: str, temperature: float) -> str:
+    """``metric`` decoded at ``temperature``, without its split: ``psnr_t038``."""
+    return f"{metric}_t{round(temperature * 100):03d}"
+
+
+def curve_column(split: str, metric: str, temperature: float) -> str:
+    """The epochs table's column of ``metric`` on ``split`` decoded at ``temperature``: ``val_psnr_t038``."""
+    return f"{split}_{curve_key(metric, temperature)}"
+
+
+CURVE_METRICS = tuple(curve_column(split, m, t) for split in ("val", "test")
                       for t in CURVE_TEMPERATURES for m in ("psnr", "colourfulness"))
 # Copied into the trials table at the best epoch (``best_<m>``) and the final epoch (``final_<m>``).
 SUMMARY_METRICS = ("val_psnr", "val_ssim", "val_colourfulness", "test_psnr",

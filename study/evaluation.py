@@ -16,7 +16,7 @@ from PIL import Image
 from study.chroma import ChromaBins, average_flipped, class_loss
 from study.color import prediction_to_rgb, rgb_to_y, target_for
 from study.config import TrialConfig
-from study.contract import CURVE_TEMPERATURES
+from study.contract import CURVE_TEMPERATURES, curve_key
 from study.data import DeviceImages, preview_indices
 from study.device import autocast_for
 from study.losses import loss_fn
@@ -59,9 +59,9 @@ class EvalSplit:
                "gray_psnr": self.gray_psnr}
         if curve and len(sums) > 4:
             for i, t in enumerate(CURVE_TEMPERATURES):
-                out[f"psnr_t{round(t * 100):03d}"] = float(sums[4 + 2 * i]) / len(self)
-                out[f"colourfulness_t{round(t * 100):03d}"] = (float(sums[5 + 2 * i]) / len(self)
-                                                               / max(self.colourfulness, 1e-9))
+                out[curve_key("psnr", t)] = float(sums[4 + 2 * i]) / len(self)
+                out[curve_key("colourfulness", t)] = (float(sums[5 + 2 * i]) / len(self)
+                                                  / max(self.colourfulness, 1e-9))
         return out
 
 
