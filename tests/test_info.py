@@ -104,7 +104,11 @@ def test_a_finished_study_counts_best_and_commands(lifecycle):
     cmds = f["commands"]
     url = cmds["optuna_dashboard"].split()[-1]
     assert url == f"sqlite:///{study}/optuna.db"
-    assert len(optuna.load_study(study_name="tiny", storage=url).trials) == 4
+    # The killed driver may have asked Optuna for a trial Ray never saved; the resume failed it as an orphan.
+    optuna_trials = optuna.load_study(study_name="tiny", storage=url).trials
+    orphans = [t for t in optuna_trials if "orphaned" in t.user_attrs]
+    assert len(optuna_trials) - len(orphans) == 4
+    assert all(t.state == optuna.trial.TrialState.FAIL for t in orphans)
     for name in ("tensorboard", "analysis", "colorize"):
         assert str(study) in cmds[name], cmds[name]
     assert cmds["colorize"].endswith("photos/ --out colorized/") and "commands:\n  resume:" in text
