@@ -10,9 +10,7 @@ from pathlib import Path
 
 from study import cli
 from study.config import TrialConfig, choices_of, field_help
-from study.data import check_samples_size, default_cache_dir
 from study.modelspec import ConfigError
-from study.train import NonFiniteLossError, keep_checkpoint, pick_device, run_trial, summarize
 
 
 def parser() -> argparse.ArgumentParser:
@@ -49,6 +47,9 @@ def _main(argv: list[str]) -> int:
         except ConfigError as e:
             raise cli.UsageError(f"--{f.name.replace('_', '-')}: {e}") from None
     cfg = TrialConfig.from_dict(values).validate()
+    # torch is imported only now: a bad option is answered at once.
+    from study.data import check_samples_size, default_cache_dir
+    from study.train import NonFiniteLossError, keep_checkpoint, pick_device, run_trial, summarize
     if cfg.dataset == "samples":
         check_samples_size(cfg.image_size, cfg.train_limit, cfg.eval_limit)
     device = pick_device(args.device)

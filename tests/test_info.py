@@ -15,7 +15,7 @@ from conftest import PYTHON, python_env
 from study.contract import STATUSES, gain
 from study.results import read_table
 from test_cluster import BUCKET, s3  # noqa: F401 - the moto S3 fixture
-from test_study import kill_session, run_study, space_file
+from test_study import check_consistent, fingerprint, kill_session, run_study, space_file
 
 pytestmark = pytest.mark.slow
 
@@ -32,11 +32,15 @@ def facts(study, cwd=None) -> dict:
     return json.loads(info(study, "--json", cwd=cwd).stdout)
 
 
+N_TRIALS = 6
+
+
 @pytest.fixture(scope="module")
 def lifecycle(tmp_path_factory, cache_dir):
-    """One study seen by study.info while it runs, after its driver was killed, and once resumed to its end."""
+    """One study seen by study.info while it runs, after its driver was killed (two trials ended, others
+    mid-way), and once a copy of it in another folder was resumed to its end (the original left as it was)."""
     tmp = tmp_path_factory.mktemp("info")
-    space = space_file(tmp, "tiny", num_samples=4, params={"epochs": 3})
+    space = space_file(tmp, "tiny", num_samples=N_TRIALS, max_concurrent=2, params={"epochs": 4})
     study = tmp / "studies" / "tiny"
     cmd = [PYTHON, "-m", "study.run", "--space", space, "--storage", str(tmp / "studies"), "--cache-dir",
            str(cache_dir), "--num-cpus", "2"]
@@ -45,20 +49,30 @@ def lifecycle(tmp_path_factory, cache_dir):
     seen = {}
     try:
         deadline = time.time() + 300
-        while time.time() < deadline and "running" not in seen:
-            assert proc.poll() is None, "the study ended before study.info saw it run"
-            trials = read_table(study, "trials") if (study / "results" / "trials.parquet").exists() else None
-            if trials is not None and (trials.epochs_run.fillna(0) >= 1).any():
+        while time.time() < deadline:
+            assert proc.poll() is None, "the study ended before it could be killed"
+            try:
+                trials = read_table(study, "trials")
+            except Exception:  # noqa: BLE001 - not written yet, or mid-write
+                trials = None
+            if trials is not None and "running" not in seen and (trials.epochs_run.fillna(0) >= 1).any():
                 seen["running"] = facts(study)
                 seen["running_text"] = info(study).stdout
+            if "running" in seen and trials is not None and trials.status.isin(["DONE", "PRUNED"]).sum() >= 2:
+                break
             time.sleep(0.5)
     finally:
         kill_session(proc.pid)   # the driver and its local Ray, as a crash would leave them
         proc.wait()
     seen["pid"] = proc.pid
+    seen["before"] = read_table(study, "trials")
     seen["killed"] = facts(study)
     seen["killed_text"] = info(study).stdout
-    run_study(tmp, cache_dir, "--space", space, "--num-cpus", "2", "--resume")
+    # Resume a copy: it continues in its new place and the original stays as it was.
+    shutil.copytree(study, tmp / "other" / "tiny", symlinks=True)
+    seen["original"] = fingerprint(study)
+    run_study(tmp, cache_dir, "--space", space, "--num-cpus", "2", "--resume", storage="other")
+    seen["killed_study"], study = study, tmp / "other" / "tiny"
     seen["finished"] = facts(study, cwd="/")
     seen["finished_text"] = info(study).stdout
     seen["study"], seen["tmp"] = study, tmp
@@ -70,7 +84,7 @@ def test_a_running_study_shows_its_driver(lifecycle):
     assert f["state"] == "running"
     d = f["driver"]
     assert d["pid"] == lifecycle["pid"] and d["host"] == socket.gethostname() and 0 <= d["heartbeat_age_s"] < 60
-    assert f["counts"]["RUNNING"] >= 1 and f["total"] == 4
+    assert f["counts"]["RUNNING"] >= 1 and f["total"] == N_TRIALS
     assert f"state: running: driver pid {lifecycle['pid']} on {socket.gethostname()}" in lifecycle["running_text"]
 
 
@@ -79,18 +93,31 @@ def test_a_killed_study_shows_its_stale_lock_and_how_to_resume(lifecycle):
     assert f["driver"] is None and f["state"] == "stopped (its driver is gone)"
     assert f"process {lifecycle['pid']} on this host is gone" in f["stale_lock"]["reason"]
     assert "stale lock" in lifecycle["killed_text"]
-    # The --resume command it printed is the one that finished the study (from another folder).
+    # The --resume command it printed names the study by absolute paths, so it works from any folder.
     cmd = shlex.split(f["commands"]["resume"])
     assert cmd[:3] == ["python", "-m", "study.run"] and cmd[-1] == "--resume"
     assert cmd[cmd.index("--storage") + 1] == str(lifecycle["tmp"] / "studies")
     assert Path(cmd[cmd.index("--space") + 1]).is_absolute() and cmd[cmd.index("--name") + 1] == "tiny"
 
 
+@pytest.mark.e2e
+def test_killed_driver_resumes_and_completes(lifecycle):
+    before = lifecycle["before"]
+    assert len(before) < N_TRIALS or (before.status == "RUNNING").any(), "killed too late to test resuming"
+    assert fingerprint(lifecycle["killed_study"]) == lifecycle["original"]   # the copy resumed, not it
+    after = check_consistent(lifecycle["study"], N_TRIALS)["trials"].set_index("trial_id")
+    # Trials that ran when the driver died restarted (from their checkpoints): it is recorded.
+    for row in before[before.status == "RUNNING"].itertuples():
+        assert after.loc[row.trial_id, "restarts"] >= 1, after.loc[row.trial_id]
+        assert after.loc[row.trial_id, "resumed_at_epoch"] >= 1
+    assert (after.restarts.fillna(0) == 0).sum() >= 1  # finished before the crash: no restart
+
+
 def test_a_finished_study_counts_best_and_commands(lifecycle):
     f, study = lifecycle["finished"], lifecycle["study"]
     trials = read_table(study, "trials")
     assert f["state"] == "finished" and f["driver"] is None and f["stale_lock"] is None
-    assert f["trials"] == len(trials) == 4 and list(f["counts"])[:len(STATUSES)] == list(STATUSES)
+    assert f["trials"] == len(trials) == N_TRIALS and list(f["counts"])[:len(STATUSES)] == list(STATUSES)
     assert f["counts"] == {s: int((trials.status == s).sum()) for s in f["counts"]}
     assert f["space_sha256"] and f["grayscale"] == "left out" and Path(f["space_file"]).is_file()
     # The best trial per dataset x output with its gain, as the contract computes it.
@@ -107,7 +134,7 @@ def test_a_finished_study_counts_best_and_commands(lifecycle):
     # The killed driver may have asked Optuna for a trial Ray never saved; the resume failed it as an orphan.
     optuna_trials = optuna.load_study(study_name="tiny", storage=url).trials
     orphans = [t for t in optuna_trials if "orphaned" in t.user_attrs]
-    assert len(optuna_trials) - len(orphans) == 4
+    assert len(optuna_trials) - len(orphans) == N_TRIALS
     assert all(t.state == optuna.trial.TrialState.FAIL for t in orphans)
     for name in ("tensorboard", "analysis", "colorize"):
         assert str(study) in cmds[name], cmds[name]
@@ -130,7 +157,7 @@ def test_status_file_is_read_and_survives_damage(lifecycle, tmp_path):
     # Keys missing or of the wrong type, then not JSON at all: still one screen, from what is there.
     (study / "status.json").write_text(json.dumps({"elapsed_s": "soon", "state": 5, "total": "x"}))
     f = facts(study)
-    assert f["time"]["elapsed_s"] is None and f["total"] == 4 and f["state"] == "finished"
+    assert f["time"]["elapsed_s"] is None and f["total"] == N_TRIALS and f["state"] == "finished"
     (study / "status.json").write_text("{half")
     assert facts(study)["time"]["source"] == "trials table"
 

@@ -278,26 +278,6 @@ def test_fractional_gpus_share_one_gpu(tmp_path, cache_dir):
     assert overlap == 4, spans
 
 
-@pytest.mark.e2e
-def test_killed_driver_resumes_and_completes(tmp_path, cache_dir):
-    space = space_file(tmp_path, "resume", num_samples=6, max_concurrent=2, params={"epochs": 4})
-    study = tmp_path / "studies" / "resume"
-    before = kill_driver_when(tmp_path, cache_dir, space, study,
-                              lambda trials: trials.status.isin(["DONE", "PRUNED"]).sum() >= 2, poll_s=0.5)
-    assert len(before) < 6 or (before.status == "RUNNING").any(), "killed too late to test resuming"
-    # Resume a copy: it continues in its new place and the original stays as it was.
-    shutil.copytree(study, tmp_path / "other" / "resume", symlinks=True)
-    original = fingerprint(study)
-    run_study(tmp_path, cache_dir, "--space", space, "--resume", storage="other")
-    assert fingerprint(study) == original
-    after = check_consistent(tmp_path / "other" / "resume", 6)["trials"].set_index("trial_id")
-    # Trials that ran when the driver died restarted (from their checkpoints): it is recorded.
-    for row in before[before.status == "RUNNING"].itertuples():
-        assert after.loc[row.trial_id, "restarts"] >= 1, after.loc[row.trial_id]
-        assert after.loc[row.trial_id, "resumed_at_epoch"] >= 1
-    assert (after.restarts.fillna(0) == 0).sum() >= 1  # finished before the crash: no restart
-
-
 def fingerprint(folder: Path) -> dict[str, tuple[int, int]]:
     return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns)
             for p in folder.rglob("*") if p.is_file()}
