@@ -5,6 +5,7 @@ Optuna database is refused."""
 import json
 import os
 import shlex
+import shutil
 import signal
 import subprocess
 import time
@@ -16,7 +17,7 @@ import pytest
 import yaml
 
 from conftest import PYTHON, python_env
-from test_study import kill_session, run_study, session_processes, space_file
+from test_study import fingerprint, kill_session, run_study, session_processes, space_file
 
 
 def cli(tmp_path, *args, env=None):
@@ -91,20 +92,19 @@ def _stop_when(proc, study: Path, ready, signum: int) -> tuple[int, str, str]:
         kill_session(proc.pid)
 
 
-@pytest.mark.slow
-def test_ctrl_c_and_sigterm_stop_cleanly_and_resume_uses_the_edited_space(tmp_path, cache_dir):
+@pytest.fixture(scope="module")
+def stops(tmp_path_factory, cache_dir) -> dict:
+    """One study stopped by SIGINT, its space edited, resumed and stopped by SIGTERM, then resumed to its end."""
+    tmp_path = tmp_path_factory.mktemp("stops")
     study = tmp_path / "studies" / "stops"
     space = space_file(tmp_path, "stops", num_samples=6, max_concurrent=1, pruner={"name": "none"},
                        sampler={"name": "random"}, params={"epochs": 4})
-    rc, out, err = _stop_when(_start(tmp_path, cache_dir, space), study,
-                              lambda t: (t.epochs_run.fillna(0) >= 1).any(), signal.SIGINT)
-    assert rc == 130, err[-3000:]
-    assert "stopped by SIGINT" in err and "Tuner.restore" not in out + err and "Traceback" not in err
-    assert "best configuration" not in out
-    command = err.strip().splitlines()[-1].strip()
-    assert command.startswith("python -m study.run") and command.endswith("--resume"), command
-    before = pd.read_parquet(study / "results" / "trials.parquet")
-    assert len(before) < 6
+    seen = {"study": study, "space": space}
+    seen["sigint"] = _stop_when(_start(tmp_path, cache_dir, space), study,
+                                lambda t: (t.epochs_run.fillna(0) >= 1).any(), signal.SIGINT)
+    seen["before"] = pd.read_parquet(study / "results" / "trials.parquet")
+    before = seen["before"]
+    seen["command"] = command = seen["sigint"][2].strip().splitlines()[-1].strip()
 
     # Edit the space: a narrower lr range and 2 epochs. New trials are drawn from it, as the note says.
     raw = yaml.safe_load(Path(space).read_text())
@@ -115,16 +115,33 @@ def test_ctrl_c_and_sigterm_stop_cleanly_and_resume_uses_the_edited_space(tmp_pa
         [PYTHON, "-m", "study.run", *argv], cwd=tmp_path, env=python_env(), stdout=subprocess.PIPE,
         stderr=subprocess.PIPE, text=True, start_new_session=True)
     # Once a trial the first run did not start has an epoch.
-    rc, out, err = _stop_when(proc, study, lambda t: (t[~t.trial_id.isin(before.trial_id)].epochs_run.fillna(0)
-                                                      >= 1).any(), signal.SIGTERM)
+    seen["sigterm"] = _stop_when(proc, study, lambda t: (t[~t.trial_id.isin(before.trial_id)].epochs_run.fillna(0)
+                                                         >= 1).any(), signal.SIGTERM)
+    seen["meta"] = json.loads((study / "study.json").read_text())
+    seen["resumed"] = subprocess.run([PYTHON, "-m", "study.run", *argv], cwd=tmp_path, env=python_env(),
+                                     capture_output=True, text=True, timeout=400)
+    return seen
+
+
+@pytest.mark.slow
+def test_ctrl_c_and_sigterm_stop_cleanly_and_resume_uses_the_edited_space(stops):
+    study = stops["study"]
+    rc, out, err = stops["sigint"]
+    assert rc == 130, err[-3000:]
+    assert "stopped by SIGINT" in err and "Tuner.restore" not in out + err and "Traceback" not in err
+    assert "best configuration" not in out
+    command = stops["command"]
+    assert command.startswith("python -m study.run") and command.endswith("--resume"), command
+    before = stops["before"]
+    assert len(before) < 6
+
+    rc, out, err = stops["sigterm"]
     assert rc == 143, err[-3000:]
     assert "changed since the study started" in err and "new trials are drawn from the file as it is now" in err
     assert "stopped by SIGTERM" in err and "Traceback" not in err and "core dumped" not in err.lower()
-    meta = json.loads((study / "study.json").read_text())
-    assert len(meta["space_changes"]) == 1
+    assert len(stops["meta"]["space_changes"]) == 1
 
-    p = subprocess.run([PYTHON, "-m", "study.run", *argv], cwd=tmp_path, env=python_env(), capture_output=True,
-                       text=True, timeout=400)
+    p = stops["resumed"]
     assert p.returncode == 0, p.stderr[-3000:]
     after = pd.read_parquet(study / "results" / "trials.parquet")
     assert len(after) == 6 and set(after.status) == {"DONE"}, after[["trial_id", "status"]]
@@ -140,16 +157,16 @@ def test_ctrl_c_and_sigterm_stop_cleanly_and_resume_uses_the_edited_space(tmp_pa
 
 
 @pytest.mark.slow
-def test_resume_needs_the_studys_own_optuna_database(tmp_path, cache_dir):
-    space = space_file(tmp_path, "own", num_samples=1, pruner={"name": "none"}, params={"epochs": 1})
-    run_study(tmp_path, cache_dir, "--space", space, "--num-cpus", "2")
-    db = tmp_path / "studies" / "own" / "optuna.db"
+def test_resume_needs_the_studys_own_optuna_database(stops, tmp_path, cache_dir):
+    # A copy of the finished study above (its default Optuna database is the one in its folder).
+    shutil.copytree(stops["study"], tmp_path / "studies" / "stops")
+    space = stops["space"]
+    db = tmp_path / "studies" / "stops" / "optuna.db"
     db.rename(db.with_suffix(".bak"))
     p = run_study(tmp_path, cache_dir, "--space", space, "--resume", check=False)
     assert p.returncode == 2 and "optuna.db is missing" in p.stderr and "Traceback" not in p.stderr, p.stderr
     optuna.create_study(study_name="someone-else", storage=f"sqlite:///{db}")
+    files = fingerprint(tmp_path / "studies" / "stops")
     p = run_study(tmp_path, cache_dir, "--space", space, "--resume", check=False)
-    assert p.returncode == 2 and "holds no study 'own'" in p.stderr and "someone-else" in p.stderr, p.stderr
-    db.unlink()
-    db.with_suffix(".bak").rename(db)
-    assert run_study(tmp_path, cache_dir, "--space", space, "--resume").returncode == 0
+    assert p.returncode == 2 and "holds no study 'stops'" in p.stderr and "someone-else" in p.stderr, p.stderr
+    assert fingerprint(tmp_path / "studies" / "stops") == files   # refused before anything was written
