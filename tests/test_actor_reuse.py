@@ -60,7 +60,7 @@ def test_a_trial_started_on_a_reused_actor_survives_a_driver_crash(tmp_path, cac
     from test_study import check_consistent, kill_driver_when, run_study, space_file
 
     env = {"TUNE_GLOBAL_CHECKPOINT_S": "8"}
-    space = space_file(tmp_path, "reuse", num_samples=6, max_concurrent=1, pruner={"name": "none"},
+    space = space_file(tmp_path, "reuse", num_samples=4, max_concurrent=1, pruner={"name": "none"},
                        params={"epochs": 6})
     study = tmp_path / "studies" / "reuse"
 
@@ -72,6 +72,6 @@ def test_a_trial_started_on_a_reused_actor_survives_a_driver_crash(tmp_path, cac
     running = before[before.status == "RUNNING"]
     assert len(running) == 2 and (before.status == "DONE").sum() == 2, before[["trial_id", "status"]]
     run_study(tmp_path, cache_dir, "--space", space, "--resume", env=env)
-    after = check_consistent(study, 6)["trials"].set_index("trial_id")
+    after = check_consistent(study, 4)["trials"].set_index("trial_id")
     assert (after.status == "DONE").all(), after[["status", "error"]]
     assert (after.loc[running.trial_id, "restarts"] >= 1).all()
