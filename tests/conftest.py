@@ -27,3 +27,14 @@ def python_env(**extra) -> dict:
 
 
 PYTHON = sys.executable
+
+
+def pytest_collection_modifyitems(session, config, items):
+    """Files with whole studies first, the longest (most slow tests) first: with -n, the workers
+    start on them and the quick files fill in at the end (no worker left alone on a long file).
+    A file's tests stay together and in their order."""
+    slow: dict[str, int] = {}
+    for item in items:
+        slow[item.fspath] = slow.get(item.fspath, 0) + (item.get_closest_marker("slow") is not None)
+    order = {path: n for n, path in enumerate(dict.fromkeys(item.fspath for item in items))}
+    items.sort(key=lambda item: (-slow[item.fspath], order[item.fspath]))

@@ -51,14 +51,20 @@ def test_a_budget_stops_at_epoch_ends_and_resumes_count_only_running_time(tmp_pa
     trials = pd.read_parquet(study / "results" / "trials.parquet")
     stopped = trials[trials.status == "STOPPED"]
     assert len(stopped) >= 1 and (stopped.epochs_run < 12).all(), trials[["trial_id", "status", "epochs_run"]]
-    longest_epoch = pd.read_parquet(study / "results" / "epochs.parquet").seconds.max()
+    # A trial stops at the first epoch end after the deadline: the overrun is at most two epochs, plus
+    # a trial's time outside its epochs (its actor's start, decoding the data: long on a loaded machine).
+    epochs = pd.read_parquet(study / "results" / "epochs.parquet")
+    longest_epoch = epochs.seconds.max()
+    outside = (trials.set_index("trial_id").wall_time_s - epochs.groupby("trial_id").seconds.sum()).max()
+    slack = 2 * longest_epoch + max(outside, 0) + 20
     first = status(study)
-    assert first["state"] == "budget" and 20 <= first["elapsed_s"] <= 20 + 2 * longest_epoch + 20, first
+    assert first["state"] == "budget" and 20 <= first["elapsed_s"] <= 20 + slack, (first, longest_epoch, outside)
     # Optuna was told nothing of the stopped trials: they are not scored as if they had finished.
     ot = {t.number: t for t in optuna.load_study(study_name="budget",
                                                  storage=f"sqlite:///{study / 'optuna.db'}").get_trials()}
     assert all(ot[n].state.name == "RUNNING" for n in stopped.optuna_number)
-    print(f"\n20 s budget: the run took {took:.0f} s (epochs up to {longest_epoch:.1f} s, Ray start and stop)")
+    print(f"\n20 s budget: the run took {took:.0f} s (epochs up to {longest_epoch:.1f} s, {outside:.1f} s outside "
+          f"them, Ray start and stop)")
 
     # A plain --resume of a study whose budget is spent is refused with both ways on.
     p = run_study(tmp_path, cache_dir, *common, "--resume", check=False)
@@ -68,7 +74,7 @@ def test_a_budget_stops_at_epoch_ends_and_resumes_count_only_running_time(tmp_pa
     run_study(tmp_path, cache_dir, *common, "--resume", "--time-budget", "10s")
     second = status(study)
     ran = second["elapsed_s"] - first["elapsed_s"]
-    assert second["state"] == "budget" and 10 <= ran <= 10 + 2 * longest_epoch + 20, (first, second)
+    assert second["state"] == "budget" and 10 <= ran <= 10 + slack, (first, second, slack)
 
     p = run_study(tmp_path, cache_dir, *common, "--resume", "--time-budget", "none")
     tables = check_consistent(study, 2)
