@@ -50,6 +50,7 @@ from study import cli
 from study.cli import ProjectError
 from study.color import rgb_to_y, rgb_to_yuv, yuv_to_rgb
 from study.config import TrialConfig
+from study.modelspec import ConfigError
 from study.contract import gain
 from study.data import list_images
 from study.train import predict
@@ -436,9 +437,11 @@ def size_warnings(jobs: list[Job], cfg: TrialConfig, trial: str) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     """The command; a ``ColorizeError`` (nothing done) reaches ``study.cli``'s handler: exit status 2."""
     args = parser().parse_args(argv)
-    if args.temperature is not None and not (0.0 < args.temperature <= 10.0):   # NaN fails too
-        raise ColorizeError(f"--temperature must be > 0 and <= 10 (1: the expected colour, towards 0: the most "
-                            f"likely one); got {args.temperature}")
+    if args.temperature is not None:   # the trial parameter's own rule (NaN fails too)
+        try:
+            TrialConfig.check_value("temperature", args.temperature)
+        except ConfigError as e:
+            raise ColorizeError(f"--temperature: {e}") from None
     jobs, errors = collect_inputs(args.inputs, args.side_by_side, args.format)
     check_out(args.out, args.inputs, jobs, args.side_by_side)
     device = choose_device(args.device)

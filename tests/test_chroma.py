@@ -273,7 +273,8 @@ def test_trial_cli_trains_both_levers_and_colorize_paints_with_them(tmp_path, ca
     assert np.array_equal(np.asarray(Image.open(out / "astronaut.png")).astype(float), outs[1])
     # Refused with one message, nothing written: a head without a temperature, and a bad value.
     for trial, value, words in ((uv_trial, "0.5", "applies to uv-classes trials only"),
-                                (ids[0], "0", "must be > 0 and <= 10"), (ids[0], "nan", "must be > 0 and <= 10")):
+                                (ids[0], "0", "--temperature: temperature=0.0 must be in (0, 10]"),
+                                (ids[0], "nan", "--temperature: temperature=nan must be a finite number")):
         out = tmp_path / f"refused-{trial}-{value}"
         rc = cli.run(colorize_main, ["--study", str(study), "--trial", trial, "--temperature", value, str(photo),
                                      "--out", str(out), "--device", "cpu"])
