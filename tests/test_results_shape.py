@@ -1,9 +1,9 @@
-"""The tables' shape is the contract's (study.contract.COLUMNS) from their first write, in a real Ray
-study as in study.local, with what each epoch computed in (precision) and each trial's precision_used."""
+"""The tables' shape is the contract's (study.contract.COLUMNS) from their first write, with what each
+epoch computed in (precision) and each trial's precision_used. A real Ray study's tables are checked
+with ``check_shape`` by tests/test_study.py::test_smoke_study_end_to_end."""
 from dataclasses import fields
 
 import pandas as pd
-import pytest
 
 from study import contract
 from study.config import TrialConfig
@@ -53,24 +53,6 @@ def test_tables_have_every_contract_column_from_their_first_write(tmp_path):
     epochs = read_table(str(tmp_path), "epochs")
     check_shape("epochs", epochs)
     assert epochs.precision.tolist() == ["fp32"]
-
-
-@pytest.mark.slow
-def test_a_ray_studys_tables_are_the_contracts(tmp_path, cache_dir):
-    from test_study import run_study, space_file
-
-    space = space_file(tmp_path, "shape", num_samples=2, pruner={"name": "none"}, params={"epochs": 2})
-    run_study(tmp_path, cache_dir, "--space", space, "--num-cpus", "2")
-    study = str(tmp_path / "studies" / "shape")
-    tables = {n: read_table(study, n) for n in contract.TABLES}
-    for name, df in tables.items():
-        check_shape(name, df)
-    epochs, trials = tables["epochs"], tables["trials"]
-    assert (epochs.precision == "fp32").all() and len(epochs) == 4   # CPU trials compute in fp32
-    assert (trials.precision_used == "fp32").all() and (trials.precision == "auto").all()
-    # pandas alone reads the same shape (no study code between the file and the user)
-    raw = pd.read_parquet(f"{study}/results/trials.parquet")
-    assert set(contract.TRIAL_COLUMNS) <= set(raw.columns)
 
 
 def test_missing_epoch_files_are_found():

@@ -216,7 +216,14 @@ def test_smoke_study_end_to_end(tmp_path, cache_dir):
     assert (t["trials"].pack_size == 1).all() and (t["trials"].pack_id == t["trials"].optuna_number).all()
     # What the trials computed in, per epoch and per trial, as a local study records it (CPU: fp32).
     assert "precision" in t["epochs"] and set(t["epochs"].precision) == {"fp32"}
-    assert set(t["trials"].precision_used) == {"fp32"}
+    assert set(t["trials"].precision_used) == {"fp32"} and set(t["trials"].precision) == {"auto"}
+    # The tables are the results contract's, as the study's reader and pandas alone read them.
+    from test_results_shape import check_shape
+    from study import contract
+    from study.results import read_table
+    for name in contract.TABLES:
+        check_shape(name, read_table(study, name))
+    assert set(contract.TRIAL_COLUMNS) <= set(t["trials"].columns)
     # optuna-dashboard reads well: a named objective, the space and its file's hash.
     ot = optuna_study(study)
     assert ot.metric_names == ["best_val_psnr"]
