@@ -8,6 +8,7 @@ loudly there and not in a user's study.
 - ``announce_actor_name``: Ray's log prefix marker for an actor's lines.
 - ``rebase_search_state``: the storage pickled in Tune's ``search_gen_state-*.json``.
 - ``saved_total_trials`` / ``set_total_trials``: the search's total and "finished" flag in that file.
+- ``newest_searcher_state``: which ``searcher-state-*.pkl`` file Tune's restore hands the searcher.
 """
 from __future__ import annotations
 
@@ -135,3 +136,23 @@ def set_total_trials(path: str, fs: pafs.FileSystem, total: int) -> int:
         _write_state(fs, info, state)
         changed += 1
     return changed
+
+
+def newest_searcher_state(path: str, fs: pafs.FileSystem) -> tuple[str, bytes] | None:
+    """(name, bytes) of the searcher state Tune's restore will hand the study's searcher; None if none.
+
+    Ray 2.60's ``Searcher.restore_from_dir`` takes the greatest name matching ``Searcher.CKPT_FILE_TMPL``
+    (``searcher-state-{}.pkl``). When that restore fails, Tune logs the error and starts the whole
+    experiment afresh, so the driver reads the file first and refuses what the searcher cannot use.
+    """
+    import fnmatch
+
+    from ray.tune.search import Searcher
+    pattern = getattr(Searcher, "CKPT_FILE_TMPL", "searcher-state-{}.pkl").format("*")
+    names = [info for info in fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+             if info.type == pafs.FileType.File and fnmatch.fnmatch(info.base_name, pattern)]
+    if not names:
+        return None
+    newest = max(names, key=lambda info: info.base_name)
+    with fs.open_input_stream(newest.path) as f:
+        return newest.base_name, f.read()

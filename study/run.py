@@ -267,6 +267,12 @@ def _main(argv: list[str]) -> int:
         if not tb.can_resume(root):
             raise UsageError(f"--resume: the study at {root} never started a trial (Ray Tune saved no state); "
                              f"run it again without --resume")
+        problem = tb.searcher_state_problem(root)
+        if problem:
+            raise UsageError(f"--resume: the study at {root} cannot be resumed by this version of the project: "
+                             f"{problem}. It was most likely started by an older version; resume it with that "
+                             f"version, or start a new study with --name (nothing was changed; python -m analysis "
+                             f"--study {root} still reads its results)")
         if args.pack is not None and args.pack != meta.get("pack", 1):
             raise UsageError(f"--pack {args.pack}: the study was started with pack {meta.get('pack', 1)}; "
                              f"a resumed study keeps its pack size (leave --pack out)")

@@ -168,6 +168,23 @@ def can_resume(study_root: str) -> bool:
     return tune.Tuner.can_restore(path, storage_filesystem=fs)
 
 
+def searcher_state_problem(study_root: str) -> str | None:
+    """Why the study's saved search state cannot be resumed by this version (None: it can).
+
+    Checked before Ray restores it: a searcher that fails to restore makes Tune start the study afresh."""
+    from study.tune_searcher import load_state
+    path, fs = _experiment_path(study_root)
+    saved = ray_internals.newest_searcher_state(path, fs)
+    if saved is None:
+        return None   # Tune saved no search state yet: its restore starts the search afresh, as it should
+    name, blob = saved
+    try:
+        load_state(blob)
+    except ValueError as e:
+        return f"its search state {name}: {e}"
+    return None
+
+
 def shutdown():
     if ray.is_initialized():
         ray.shutdown()

@@ -138,6 +138,17 @@ def describe_study(study: optuna.Study, space, pack: int) -> str | None:
     return None
 
 
+def load_state(blob: bytes) -> dict:
+    """The searcher's saved state (``OptunaSearcher.save``); ValueError saying why this version cannot use it."""
+    try:
+        state = pickle.loads(blob)
+    except Exception as e:  # noqa: BLE001 - unpickling fails in many ways (a class since removed, a cut file)
+        raise ValueError(f"it cannot be read ({type(e).__name__}: {e})") from e
+    if not isinstance(state, dict) or "numbers" not in state:
+        raise ValueError("it was written by another version's searcher")
+    return state
+
+
 class OptunaSearcher(Searcher):
     """Ray Tune's searcher for the study: asks and tells the Optuna study ``study_name``."""
 
@@ -183,10 +194,10 @@ class OptunaSearcher(Searcher):
 
     def restore(self, checkpoint_path: str):
         with open(checkpoint_path, "rb") as f:
-            state = pickle.load(f)
-        if not isinstance(state, dict) or "numbers" not in state:
-            raise RuntimeError(f"{checkpoint_path} was not written by this version's searcher; the study "
-                               f"cannot be resumed by it")
+            try:
+                state = load_state(f.read())
+            except ValueError as e:
+                raise RuntimeError(f"{checkpoint_path}: {e}; the study cannot be resumed by this version") from e
         self.set_state(state)
         self.fail_orphans()
 

@@ -58,3 +58,17 @@ def test_rebase_search_state_moves_a_copied_studys_new_trials(tmp_path):
     assert state["experiment"].storage.storage_fs_path == str(new.parent) and state["counter"] == 3
     assert ray_internals.rebase_search_state(str(new), fs) == 0   # already there
     assert ray.__version__ == "2.60.0"   # the version these internals were checked against
+
+
+def test_newest_searcher_state_is_the_file_tunes_restore_takes(tmp_path):
+    # Ray 2.60: Searcher.restore_from_dir loads max(glob(CKPT_FILE_TMPL.format("*"))).
+    from ray.tune.search import Searcher
+    assert Searcher.CKPT_FILE_TMPL == "searcher-state-{}.pkl"
+    fs = pafs.LocalFileSystem()
+    assert ray_internals.newest_searcher_state(str(tmp_path), fs) is None
+    assert ray_internals.newest_searcher_state(str(tmp_path / "gone"), fs) is None
+    for stamp, body in (("2026-12-03_10-00-00", b"old"), ("2026-12-03_11-00-00", b"new")):
+        (tmp_path / f"searcher-state-{stamp}.pkl").write_bytes(body)
+    (tmp_path / "search_gen_state-2026-12-03_12-00-00.json").write_bytes(b"not the searcher's")
+    assert ray_internals.newest_searcher_state(str(tmp_path), fs) == ("searcher-state-2026-12-03_11-00-00.pkl",
+                                                                      b"new")

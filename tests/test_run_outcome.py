@@ -1,9 +1,10 @@
 """study.run tells every outcome truly, through the real command line: storage URLs checked before any
 folder is made, the exit status is the study's outcome, Ctrl-C and SIGTERM stop at a safe point with the
 exact --resume command, a resume uses the space file as it is now, and a resume without the study's own
-Optuna database is refused."""
+Optuna database, or with a search state this version cannot read, is refused."""
 import json
 import os
+import pickle
 import shlex
 import shutil
 import signal
@@ -170,3 +171,20 @@ def test_resume_needs_the_studys_own_optuna_database(stops, tmp_path, cache_dir)
     p = run_study(tmp_path, cache_dir, "--space", space, "--resume", check=False)
     assert p.returncode == 2 and "holds no study 'stops'" in p.stderr and "someone-else" in p.stderr, p.stderr
     assert fingerprint(tmp_path / "studies" / "stops") == files   # refused before anything was written
+
+
+@pytest.mark.slow
+def test_a_search_state_this_version_cannot_read_is_refused(stops, tmp_path, cache_dir):
+    # Tune would log the searcher's failed restore and start the study afresh: the driver refuses first.
+    shutil.copytree(stops["study"], tmp_path / "studies" / "stops")
+    state = sorted((tmp_path / "studies" / "stops").glob("searcher-state-*.pkl"))[-1]
+    # An older version's searcher pickled its own class, which this version no longer has.
+    old = b"\x80\x04\x95\x00\x00\x00\x00\x00\x00\x00\x00\x8c\x12study.tune_backend\x8c\x13PruningOptunaSearch\x93)\x81."
+    for blob, says in ((old, "AttributeError"), (pickle.dumps({"_ot_study": None}), "another version's searcher"),
+                       (state.read_bytes()[:20], "cannot be read")):
+        state.write_bytes(blob)
+        files = fingerprint(tmp_path / "studies" / "stops")
+        p = run_study(tmp_path, cache_dir, "--space", stops["space"], "--resume", check=False)
+        assert p.returncode == 2 and "cannot be resumed by this version" in p.stderr and says in p.stderr, p.stderr
+        assert "--name" in p.stderr and "Traceback" not in p.stderr and p.stderr.count("\n") == 1, p.stderr
+        assert fingerprint(tmp_path / "studies" / "stops") == files
