@@ -37,6 +37,9 @@ class Signals:
         os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
         # Tune's "interrupted ... Tuner.restore(...)" and "Trials did not complete" lines: ours replace them.
         logging.getLogger("ray.tune.tune").setLevel(logging.CRITICAL)
+        # "Failed to fetch metrics ... FileNotFoundError" for a trial stopped (budget, signal) before its first
+        # epoch: it has no Ray result files yet, and the study's own tables say what each trial did.
+        logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
         return self
 
     def install(self) -> None:
