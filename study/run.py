@@ -271,8 +271,8 @@ def _main(argv: list[str]) -> int:
         if problem:
             raise UsageError(f"--resume: the study at {root} cannot be resumed by this version of the project: "
                              f"{problem}. It was most likely started by an older version; resume it with that "
-                             f"version, or start a new study with --name (nothing was changed; python -m analysis "
-                             f"--study {root} still reads its results)")
+                             f"version, or start a new study with --name (nothing was changed: its results stay in "
+                             f"{root}/results)")
         if args.pack is not None and args.pack != meta.get("pack", 1):
             raise UsageError(f"--pack {args.pack}: the study was started with pack {meta.get('pack', 1)}; "
                              f"a resumed study keeps its pack size (leave --pack out)")
