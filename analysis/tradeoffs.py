@@ -85,7 +85,7 @@ def pareto_figure(trials: pd.DataFrame) -> Figure:
     data = scored(trials)
     data = data.assign(**{LEVER: lever_labels(data)})
     panels = list(data.groupby("dataset", sort=True))
-    fig = new_figure(1.5 + 5.2 * len(panels), 4.6)
+    fig = new_figure(3.5 + 5.2 * len(panels), 4.6)
     axes = fig.subplots(1, len(panels), squeeze=False)[0]
     palette = output_palette(data)
     # Markers only when some trial used a lever: a study of plain regressions keeps its plain dots.
@@ -109,7 +109,8 @@ def pareto_figure(trials: pd.DataFrame) -> Figure:
         ax.axhline(0, color="0.35", linestyle="--", linewidth=1)
         ax.set(xlabel=VIVIDNESS_LABEL, ylabel=FIDELITY_LABEL, title=f"{dataset}: {len(front)} of {len(subset)} "
                                                                        "trials on the front")
-        ax.legend(fontsize="small", loc="best")
+        if ax is axes[-1]:   # beside the panels: inside, a dozen entries hid the most faithful points
+            ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1))
     fig.suptitle("Fidelity against vividness: one point per trial (at its best validation epoch)"
                  + ("\ncolour: the output head; marker: the colour lever" if style else ""))
     return fig

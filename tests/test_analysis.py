@@ -624,7 +624,11 @@ def test_the_front_marks_each_trials_head_and_lever(study, report):
     from analysis.figures import output_palette
     s = load_study(study)
     data = tradeoffs.scored(s.trials)
-    ax = tradeoffs.pareto_figure(s.trials).axes[0]
+    fig = tradeoffs.pareto_figure(s.trials)
+    ax = fig.axes[0]
+    fig.draw_without_rendering()   # lays it out: the legend stands beside the panel, hiding no point
+    assert ax.get_legend().get_window_extent().x0 >= ax.get_window_extent().x1
+    assert ax.get_legend().get_window_extent().x1 <= fig.bbox.x1 + 1
     points = next(c for c in ax.collections if len(c.get_offsets()) == len(data))
     paths = [p.vertices for p in points.get_paths()]
     assert len(paths) == len(data)
