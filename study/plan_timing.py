@@ -118,7 +118,9 @@ def time_structure(s: Structure, *, pack: int, device: str, threads: int, budget
                           output=s.output, base_filters=s.base_filters, max_filters=s.max_filters,
                           batch_size=s.batch_size, epochs=1)
         precision = resolve_precision(cfg, dev)
-        members = [Member(i, cfg.replace(seed=i), dev, 1) for i in range(pack)]
+        from study.chroma import photo_bins
+        bins = photo_bins() if cfg.output == "uv-classes" else None   # random images would use every bin
+        members = [Member(i, cfg.replace(seed=i), dev, 1, bins) for i in range(pack)]
         fused = FusedUNet([m.model for m in members]).train()
         terms = PackTerms(members, dev)
         loss = make_pack_loss(fused, terms, dev, precision, compile_mode())

@@ -14,7 +14,7 @@ from skimage import data as skdata
 
 from study import cli
 from study.chroma import (CELLS, NEIGHBOURS, SIGMA, ChromaBins, _gamut_cells, average_flipped, cell_centers, cell_of,
-                          class_loss, gamut_bins, rebalance_weights, smoothed, used_bins)
+                          class_loss, gamut_bins, photo_bins, rebalance_weights, smoothed, used_bins)
 from study.color import rgb_to_yuv
 from study.config import TrialConfig
 from study.contract import CURVE_METRICS
@@ -50,6 +50,16 @@ def test_used_bins_of_known_colours():
     got = {tuple(c): p for c, p in zip(centers.tolist(), prior.tolist())}
     assert got == pytest.approx({tuple(expect[0].tolist()): 0.5, tuple(expect[1].tolist()): 0.25,
                                  tuple(expect[2].tolist()): 0.25})
+
+
+def test_plan_times_a_head_the_size_a_photo_dataset_gives():
+    # --plan times on random images, which reach every gamut cell; a photo split uses the low-chroma ones.
+    centers, prior = photo_bins()
+    gamut, _ = gamut_bins()
+    assert len(centers) == 244 < len(gamut) and prior.sum().item() == pytest.approx(1.0)
+    assert {tuple(c) for c in centers.tolist()} <= {tuple(c) for c in gamut.tolist()}
+    assert centers.norm(dim=1).max() < gamut.norm(dim=1).max()
+    assert centers.norm(dim=1).min() == gamut.norm(dim=1).min()   # the gray bin is among them
 
 
 def _uv(*pairs) -> torch.Tensor:
