@@ -34,7 +34,7 @@ def _main(argv: list[str]) -> int:
     os.environ.setdefault("MPLBACKEND", "Agg")
     from analysis.load import load_study
     study = load_study(args.study)   # NotAStudyError: exit 2 through cli.run
-    from analysis.build import write_report   # matplotlib and seaborn: only once there is a study
+    from analysis.build import write_report  # matplotlib and seaborn: only once there is a study
     result = write_report(study, args.out, warn=lambda message: print(f"warning: {message}", file=sys.stderr))
     figures = sum(f.endswith(".png") for f in result.files)
     tables = sum(f.endswith(".csv") for f in result.files)

@@ -19,7 +19,7 @@ from analysis.load import VARIANT, Study, best_per_variant, slug, variant_label,
 from analysis.report import Block, Bullets, Heading, Image, Table, Text, to_html, to_markdown
 from analysis.style import save
 from analysis.tables import EXPLANATION, HTML_COLUMNS, format_table, results_table
-from study.contract import FINISHED
+from study.results import FINISHED
 
 MANIFEST = ".analysis-files"   # what the last run wrote, so files it no longer makes are removed
 
@@ -116,7 +116,7 @@ def _summary(study: Study) -> str:
 
 def _grayscale_rule(study: Study) -> str | None:
     """"left out" or "kept": what the study did with grayscale photos; None when study.json is missing."""
-    # Studies from before study.json recorded the rule kept their grayscale photos (study.data).
+    # Studies from before study.json recorded the rule kept their grayscale photos (study.engine.data).
     return study.meta.get("grayscale", "kept") if study.meta else None
 
 

@@ -25,7 +25,7 @@ class Grid:
 
 
 class Previews:
-    """Look-ups into the previews table (PNG bytes keyed as in study/results.py)."""
+    """Look-ups into the previews table (PNG bytes keyed as in study/results/store.py)."""
 
     def __init__(self, df: pd.DataFrame):
         self.df = df

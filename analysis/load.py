@@ -1,6 +1,6 @@
 """Reading a study folder with pandas alone: the three Parquet tables and study.json.
 
-The tables follow the results contract, ``study.contract`` (pandas only: importing
+The tables follow the results contract, ``study.results.contract`` (pandas only: importing
 it imports no torch and no Ray, so the analysis runs wherever pandas and pyarrow
 do, e.g. a laptop with a copied study folder). Files are replaced atomically by
 the study's writer, so a study that is still running reads fine.
@@ -14,8 +14,18 @@ from pathlib import Path
 
 import pandas as pd
 
-from study.contract import (BOOKKEEPING, EPOCH_METRICS, KEYS, NOT_HYPERPARAMETERS, STATUSES,
-                            SUMMARY_METRICS, TABLES, VARIANT, best_trials, coerce)
+from study.results import (
+    BOOKKEEPING,
+    EPOCH_METRICS,
+    KEYS,
+    NOT_HYPERPARAMETERS,
+    STATUSES,
+    SUMMARY_METRICS,
+    TABLES,
+    VARIANT,
+    best_trials,
+    coerce,
+)
 
 # Columns every table is given, so that a table written before any trial
 # reported an epoch (no best_* columns yet) or a missing table reads the same

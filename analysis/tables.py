@@ -5,7 +5,7 @@ import numpy as np
 import pandas as pd
 
 from analysis.load import best_per_variant
-from study.contract import gain
+from study.results import gain
 
 # (column in the results table, column of the best trial's row in the trials table)
 FROM_TRIAL = (

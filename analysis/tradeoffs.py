@@ -2,7 +2,7 @@
 
 Fidelity is the validation PSNR gain over the grayscale input (dB), vividness
 the validation colourfulness ratio (1 = as colourful as the originals), both at
-each trial's best epoch (``study.contract.best_row``). A regression colorizer
+each trial's best epoch (``study.results.contract.best_row``). A regression colorizer
 that maximises PSNR paints washed-out colours; the front shows what a study
 found between the two.
 """
@@ -16,8 +16,7 @@ from matplotlib.ticker import MaxNLocator
 
 from analysis.figures import categories, continuous, output_palette
 from analysis.style import new_figure, seeded_numpy, styled
-from study.contract import (CURVE_TEMPERATURES, best_row, best_trials, curve_column, default_trial, epoch_gain,
-                            gain)
+from study.results import CURVE_TEMPERATURES, best_row, best_trials, curve_column, default_trial, epoch_gain, gain
 
 FIDELITY = "val_gain_db"
 VIVIDNESS = "best_val_colourfulness"

@@ -255,7 +255,7 @@ PY
       "$PY" - "$OUT/studies/quality/results/trials.parquet" "$OUT/quality.json" "$t0" "$t1" "$rc" <<'PY'
 import json, sys
 import pandas as pd
-from study.contract import FINISHED, gain
+from study.results.contract import FINISHED, gain
 trials, out, t0, t1, rc = sys.argv[1:]
 df = pd.read_parquet(trials)
 # STOPPED: trials the time budget ended at an epoch's end; their metrics so far are real

@@ -7,9 +7,9 @@ All rows train with Adam and MSE for the same number of timed steps:
   ToTensor + RGB->YUV per sample, DataLoader batch 64, fp32, on the report's CIFAR-10
   UNet (depth 3, max-pool + upsample, UV output);
 - trial: a plain single-model step (images decoded once, resident on the device, converted
-  per batch there; study.losses.make_loss_step + Adam) on the same UNet at each ``--batches``
+  per batch there; study.engine.losses.make_loss_step + Adam) on the same UNet at each ``--batches``
   size and ``--precisions``;
-- pack K: K such UNets fused into one grouped-convolution model (``study.fused``), each
+- pack K: K such UNets fused into one grouped-convolution model (``study.engine.fused``), each
   on its own batch of ``--pack-batch`` images; aggregate model-images/s. A pack of 1 is
   what ``run_trial`` runs (the engine's loop with one member): beside the trial row at the
   same batch size it shows what the shared loop costs a single trial;
@@ -32,11 +32,11 @@ from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import replace
 import shutil
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -46,17 +46,30 @@ from PIL import Image
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.data import DataLoader, Dataset
 
-from study.chroma import used_bins
-from study.color import rgb_to_yuv
-from study.config import TrialConfig
-from study.data import LAYOUT_HELP, DataError, DeviceImages, default_cache_dir, default_data_root, folder_splits, \
-    load_splits
-from study.models import VARIANTS, UNetConfig, build_unet
-from study.device import device_name, pick_device
-from study.engine import Member
-from study.fused import FusedUNet, PackTerms, make_pack_loss, train_batches, train_step
-from study.losses import make_loss_step
-from study.optim import make_optimizer
+from study.config import TrialConfig, UNetConfig
+from study.engine import (
+    LAYOUT_HELP,
+    VARIANTS,
+    DataError,
+    DeviceImages,
+    FusedUNet,
+    Member,
+    PackTerms,
+    build_unet,
+    default_cache_dir,
+    default_data_root,
+    device_name,
+    folder_splits,
+    load_splits,
+    make_loss_step,
+    make_optimizer,
+    make_pack_loss,
+    pick_device,
+    rgb_to_yuv,
+    train_batches,
+    train_step,
+    used_bins,
+)
 
 CIFAR_MODEL = VARIANTS["report-cifar10-simple-uv"]
 FLOWERS_MODEL = VARIANTS["report-flowers102-simple-uv"]
@@ -184,7 +197,7 @@ def bench_trial(images: np.ndarray, model_cfg: UNetConfig, dev, batch, steps, wa
 
 def bench_pack(images: np.ndarray, model_cfg: UNetConfig, dev, k, batch, steps, warmup, precision="fp32",
                compile_mode=None, counts: dict | None = None, **changes) -> float:
-    """K members, the engine's own step (study.fused; K=1 is run_trial's), each with its own lr, seed and
+    """K members, the engine's own step (study.engine.fused; K=1 is run_trial's), each with its own lr, seed and
     batch: model-images/s. ``changes``: other trial settings (e.g. adversarial)."""
     data = DeviceImages(images, dev)
     base = _trial_config(model_cfg, images, batch, precision, **changes)

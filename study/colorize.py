@@ -48,14 +48,17 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from study import cli
 from study.cli import ProjectError
-from study.color import rgb_to_y, rgb_to_yuv, yuv_to_rgb
-from study.config import TrialConfig
-from study.modelspec import ConfigError
-from study.contract import gain
-from study.data import list_images
-from study.train import predict
-from study.colorize_model import (EXIT_NO_MODEL, ColorizeError, Loaded, _db, _some, choose_device,  # noqa: F401
-                                  load_model, read_checkpoint)
+from study.colorize_model import (
+    ColorizeError,
+    Loaded,
+    _db,
+    _some,
+    choose_device,
+    load_model,
+)
+from study.config import ConfigError, TrialConfig
+from study.engine import list_images, predict, rgb_to_y, rgb_to_yuv, yuv_to_rgb
+from study.results import gain
 
 EXIT_OK, EXIT_SOME_FAILED = 0, 1
 SIDE_BY_SIDE = "_side_by_side"
@@ -98,7 +101,7 @@ def predict_uv(model: torch.nn.Module, cfg: TrialConfig, y: torch.Tensor, device
                flip_average: bool = False) -> torch.Tensor:
     """The model's chroma, (1, 2, s, s) at its training resolution s.
 
-    ``flip_average``: the engine's test-time flip averaging (``study.train.predict``), the
+    ``flip_average``: the engine's test-time flip averaging (``study.engine.trial.predict``), the
     output for the input averaged with the un-mirrored output for its mirror image.
     """
     s = cfg.image_size

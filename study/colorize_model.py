@@ -14,11 +14,8 @@ import torch
 
 from study.cli import ProjectError
 from study.config import TrialConfig
-from study.contract import default_trial
-from study.chroma import bins_of
-from study.models import build_unet
-from study.results import read_table, resolve
-from study.train import CHECKPOINT_FILE, load_checkpoint, pick_device
+from study.engine import CHECKPOINT_FILE, bins_of, build_unet, load_checkpoint, pick_device
+from study.results import default_trial, read_table, resolve
 
 EXIT_NO_MODEL = 2
 

@@ -77,9 +77,8 @@ def _num(d: dict, key: str) -> float | None:
 
 def facts(study: str, now: float | None = None) -> dict:
     """Everything ``study.info`` shows, as plain JSON-ready values."""
-    from study import lock
-    from study.contract import STATUSES, best_trials, gain
-    from study.results import read_table
+    from study.driver import lock
+    from study.results import STATUSES, best_trials, gain, read_table
 
     now = time.time() if now is None else now
     root = _root(study)
@@ -177,8 +176,7 @@ def _state(out: dict, status: dict) -> str:
 
 
 def _commands(root: str, meta: dict) -> dict:
-    from study.run_checks import masked, runtime_url
-    from study.stopping import resume_command
+    from study.driver import masked, resume_command, runtime_url
 
     q = shlex.quote
     space = SimpleNamespace(name=meta.get("space"), path=meta.get("space_file") or meta.get("space"))

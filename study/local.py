@@ -10,10 +10,8 @@ import time
 from pathlib import Path
 
 from study.config import TrialConfig
-from study.data import grayscale_rule
-from study.results import (ResultsWriteError, ResultsWriter, epoch_row, png_files, preview_rows, trial_row,
-                           write_json)
-from study.train import device_name, original_previews, pick_device, run_trial, trial_splits
+from study.engine import device_name, grayscale_rule, original_previews, pick_device, run_trial, trial_splits
+from study.results import ResultsWriteError, ResultsWriter, epoch_row, png_files, preview_rows, trial_row, write_json
 
 
 def run_local_study(folder: str | Path, configs: list[TrialConfig], *, data_root=None, cache_dir=None,
@@ -42,7 +40,7 @@ def run_local_study(folder: str | Path, configs: list[TrialConfig], *, data_root
         def report(row: dict, ckpt_folder: Path | None) -> None:
             history.append(row)
             writer.add_epochs(trial_id, [epoch_row(trial_id, row)])
-            # No folder: no checkpoint this epoch (study.train writes one only when it matters).
+            # No folder: no checkpoint this epoch (study.engine.trial writes one only when it matters).
             if ckpt_folder is not None:
                 writer.add_previews(preview_rows(trial_id, config, row["epoch"], png_files(ckpt_folder)))
                 if row["best_epoch"] == row["epoch"]:  # keep the best epoch's model, as the Ray runner does

@@ -3,7 +3,7 @@
 ``estimate(space, ...)`` lists the structures the space can draw (dataset, resolution, depth,
 sampling, output, widths, batch size: what fixes a trial's cost), times a few training steps and an
 evaluation of the smallest and the largest of them on this device (about 30 s at most, with the
-study's own step: study.engine's members, study.fused's step and evaluation), and models the study
+study's own step: study.engine's members, study.engine.fused's step and evaluation), and models the study
 from there: each structure's per-image cost on a line through the two timed ones by its
 multiply-adds, epochs and images from the space and the datasets' split sizes, the pruner's savings
 (an assumption, stated in the plan), how many trials or packs run at once (``max_concurrent`` and
@@ -23,13 +23,13 @@ import time
 from dataclasses import dataclass, field
 
 from study import cli
-from study.plan_timing import Structure, Timing, on_line, scaled, time_structure, within
+from study.engine import Structure, Timing, on_line, scaled, time_structure, within
 
 # The axes that fix a trial's cost (and a pack's shared structure), besides the dataset.
 AXES = ("resolution", "depth", "sampling", "output", "base_filters", "max_filters", "batch_size")
-# (train, val, test) images of each known dataset as study.data makes them: CIFAR-10's 50,000 training
+# (train, val, test) images of each known dataset as study.engine.data makes them: CIFAR-10's 50,000 training
 # photos less a seeded 20% for val, and its 10,000 test photos; Flowers-102's own three splits; the
-# bundled sample photos' crops (study.data.SAMPLE_COUNTS). Grayscale photos left out (~1.5% of CIFAR-10)
+# bundled sample photos' crops (study.engine.data.SAMPLE_COUNTS). Grayscale photos left out (~1.5% of CIFAR-10)
 # are not subtracted. An image folder given as a dataset (or under data_root) is counted instead.
 SPLIT_SIZES = {"cifar10": (40_000, 10_000, 10_000), "flowers102": (1_020, 1_020, 6_149),
                "samples": (1_024, 256, 256)}
@@ -98,10 +98,10 @@ def _values(space, name: str, dataset: str) -> list:
 def _split_sizes(dataset: str, data_root: str | None) -> tuple[tuple[int, int, int], str]:
     from pathlib import Path
 
-    for folder in ([Path(dataset)] if dataset not in SPLIT_SIZES else []) + \
-                  ([Path(data_root) / dataset] if data_root else []):
+    candidates = ([Path(dataset)] if dataset not in SPLIT_SIZES else []) + ([Path(data_root) / dataset] if data_root else [])
+    for folder in candidates:
         if folder.is_dir():
-            from study.data import folder_splits
+            from study.engine import folder_splits
             files = folder_splits(folder, seed=0)
             return (len(files["train"]), len(files["val"]), len(files["test"])), f"counted in {folder}"
     if dataset in SPLIT_SIZES:
@@ -114,8 +114,7 @@ def structures(space, data_root: str | None = None) -> tuple[dict, dict[str, lis
     """Per dataset: its facts (axes' values, epochs, split sizes) and the structures trials can have."""
     import random
 
-    from study.config import DEFAULT_RESOLUTION
-    from study.modelspec import max_depth_for
+    from study.config import DEFAULT_RESOLUTION, max_depth_for
 
     facts, grids = {}, {}
     for ds in space.possible("dataset"):
@@ -126,8 +125,8 @@ def structures(space, data_root: str | None = None) -> tuple[dict, dict[str, lis
             combos = random.Random(0).sample(combos, MAX_STRUCTURES)
         grids[ds] = [Structure(ds, *c) for c in combos]
         (train, val, test), source = _split_sizes(ds, data_root)
-        limit, eval_limit = max(_values(space, "train_limit", ds), key=lambda v: v or math.inf), \
-            max(_values(space, "eval_limit", ds), key=lambda v: v or math.inf)
+        limit = max(_values(space, "train_limit", ds), key=lambda v: v or math.inf)
+        eval_limit = max(_values(space, "eval_limit", ds), key=lambda v: v or math.inf)
         facts[ds] = {**{a: values[a] for a in AXES}, "structures": len(grids[ds]),
                      "epochs": max(_values(space, "epochs", ds)),
                      "train": min(limit or train, train), "val": min(eval_limit or val, val),
@@ -307,7 +306,7 @@ def _units_by(durations: list[float], slots: int, seconds: float) -> float:
 
 
 def _device_name(device: str) -> str:
-    from study.device import device_name, pick_device
+    from study.engine import device_name, pick_device
     return device_name(pick_device(device))
 
 

@@ -8,7 +8,7 @@ Every option, the space file and the storage are checked before anything is
 written and before Ray starts; a bad one ends the command with ``error: ...``
 and exit status 2 (``study.cli``). ``study.json`` is written only when the study
 really starts, so a run that fails before its first trial leaves the name free.
-One driver per study (``study.lock``). The default Optuna SQLite database is
+One driver per study (``study.driver.lock``). The default Optuna SQLite database is
 recorded relative to the study folder, so a copied or moved study resumes in
 its new place. A password in ``--optuna-storage`` is never printed or stored:
 ``study.json`` keeps the URL without it; on ``--resume`` pass the URL again or
@@ -20,21 +20,32 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
-
 import sys
 import time
 from pathlib import Path
 
 from study import cli
 from study.cli import UsageError
+
 # torch (via the space and config), pandas and Ray are imported where needed: a bad option is
 # reported without loading any of them.
-
-from study import stopping
-from study.run_checks import (DEFAULT_SQLITE, SQLITE, check_optuna_url, check_options, check_pickles,  # noqa: F401
-                              check_resume_database, check_storage, check_storage_url, in_ray_job, masked,
-                              missing_epochs, read_study_json, runtime_url, space_change_problems,
-                              without_password)
+from study.driver import (
+    DEFAULT_SQLITE,
+    check_options,
+    check_optuna_url,
+    check_pickles,
+    check_resume_database,
+    check_storage,
+    check_storage_url,
+    in_ray_job,
+    masked,
+    missing_epochs,
+    read_study_json,
+    runtime_url,
+    space_change_problems,
+    stopping,
+    without_password,
+)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -116,7 +127,7 @@ def prepare_data(space, data_root: str | None, cache_dir: str) -> None:
     missing or corrupt dataset is reported before any trial is scheduled.
     """
     from study.config import DEFAULT_RESOLUTION
-    from study.data import load_splits
+    from study.engine import load_splits
 
     single = {n: space.possible(n) for n in ("resolution", "train_limit", "eval_limit")}
     if any(len(v) != 1 for v in single.values()):
@@ -130,8 +141,7 @@ def prepare_data(space, data_root: str | None, cache_dir: str) -> None:
 
 
 def best_table(root: str) -> str:
-    from study.contract import best_trials, gain
-    from study.results import read_table
+    from study.results import best_trials, gain, read_table
 
     best = best_trials(read_table(root, "trials"), by=["dataset", "output"])
     if best.empty:
@@ -143,7 +153,7 @@ def best_table(root: str) -> str:
     return best[[c for c in cols if c in best]].to_string(index=False, float_format=lambda v: f"{v:.4g}")
 
 
-STATUS_FILE = "status.json"   # study.tune_progress writes it beside study.json
+STATUS_FILE = "status.json"   # study.driver.progress writes it beside study.json
 
 
 def time_budget(args, meta: dict | None, space, clock, parse_duration) -> dict:
@@ -201,7 +211,7 @@ def print_plan(args, space, meta: dict | None) -> int:
 
 
 def parse_budget_arg(text, space) -> float | None:
-    from study.tune_progress import parse_duration
+    from study.durations import parse_duration
     return parse_duration(text) if text is not None else space.time_budget_s
 
 
@@ -221,12 +231,12 @@ def _main(argv: list[str]) -> int:
     meta = read_study_json(root, resume=args.resume)
     if args.resume and meta is None:
         raise UsageError(f"--resume: no study at {root}; run without --resume to start it")
-    from study import lock
+    from study.driver import lock
     held = lock.holder(root)
     if held is not None:
         raise lock.LockError(lock.refusal(root, held))
     if meta is not None and not args.resume:
-        from study import tune_backend as tb
+        from study.tune import backend as tb
         if tb.can_resume(root):
             raise UsageError(f"a study already exists at {root}; pass --resume to continue it, or --name for a "
                              f"new one (nothing was changed)")
@@ -238,7 +248,7 @@ def _main(argv: list[str]) -> int:
                          f"{meta.get('space')!r} ({meta.get('space_file')}); give --space {meta.get('space')} "
                          f"(nothing was changed)")
     if meta is not None:
-        from study.data import ALLOW_GRAYSCALE_ENV, grayscale_rule
+        from study.engine import ALLOW_GRAYSCALE_ENV, grayscale_rule
         # Studies from before the rule was recorded kept their grayscale images.
         recorded, now = meta.get("grayscale", "kept"), grayscale_rule()
         if recorded != now:
@@ -263,7 +273,7 @@ def _main(argv: list[str]) -> int:
             print(f"warning: the epochs table lacks epoch(s) {', '.join(map(str, gone))} of trial {trial_id} (their "
                   f"files under results/epochs.parquet are gone); its other epochs are kept, and its trials row "
                   f"counts only the epochs that are there", file=sys.stderr)
-        from study import tune_backend as tb
+        from study.tune import backend as tb
         if not tb.can_resume(root):
             raise UsageError(f"--resume: the study at {root} never started a trial (Ray Tune saved no state); "
                              f"run it again without --resume")
@@ -289,8 +299,9 @@ def _main(argv: list[str]) -> int:
             print(f"note: {space.path} changed since the study started: trials already started keep their "
                   f"configuration, and new trials are drawn from the file as it is now (recorded in study.json "
                   f"under space_changes)", file=sys.stderr)
+    from study.driver import StudyClock
+    from study.durations import parse_duration
     from study.results import read_json as _read
-    from study.tune_progress import StudyClock, parse_duration
 
     status = (_read(root, STATUS_FILE) or {}) if meta is not None else {}
     clock = StudyClock(spent_before_s=float(status.get("elapsed_s") or 0.0))
@@ -313,7 +324,7 @@ def _main(argv: list[str]) -> int:
         prepare_data(space, data_root, cache_dir)
 
     # Ray is imported only here: the trial engine does not need it.
-    from study import tune_backend as tb
+    from study.tune import backend as tb
 
     resources = dict(space.resources)
     if args.gpus_per_trial is not None:
@@ -336,8 +347,9 @@ def _main(argv: list[str]) -> int:
 
 def _run_study(args, space, name, root, meta, given_url, space_changed, resources, data_root, cache_dir,
                address, clock, budget, lock) -> int:
-    from study import tune_backend as tb
     from study.results import write_json
+    from study.tune import METRIC
+    from study.tune import backend as tb
 
     with lock.StudyLock(root), stopping.Signals() as signals:
         cluster = tb.init_ray(address, args.num_cpus, args.num_gpus)
@@ -347,7 +359,7 @@ def _run_study(args, space, name, root, meta, given_url, space_changed, resource
             resources["gpu"] = 0
         stopping.check_capacity(resources, tb.node_resources(), fixed=not address)
         if meta is None:
-            from study.data import grayscale_rule
+            from study.engine import grayscale_rule
             # Packs pay where one device has parallel work to spare: the space says how many per device kind.
             pack = args.pack or space.pack_for(gpu=resources.get("gpu", 0) > 0)
             recorded = without_password(given_url) if given_url else default_optuna_storage(root, name)
@@ -355,12 +367,12 @@ def _run_study(args, space, name, root, meta, given_url, space_changed, resource
                     "space_sha256": space_hash(space.path), "seed": args.seed,
                     "optuna_storage": recorded, "optuna_study_name": name,
                     # several objectives: a Pareto front over them, in this order
-                    "metric": list(space.objectives) if space.objectives else tb.METRIC,
+                    "metric": list(space.objectives) if space.objectives else METRIC,
                     "created": time.strftime("%Y-%m-%d %H:%M:%S"),
                     "num_samples": args.num_samples or space.num_samples,
                     "max_concurrent": args.max_concurrent or space.max_concurrent, "pack": pack,
                     "resources": resources, "data_root": data_root,
-                    "grayscale": grayscale_rule(),   # left out of the splits, or kept: see study.data
+                    "grayscale": grayscale_rule(),   # left out of the splits, or kept: see study.engine.data
                     "command": " ".join(masked(a) if "://" in a else a for a in sys.argv)}
         meta["time_budget"] = budget
         clock.budget_s, clock.granted_at_s = budget["seconds"], budget["granted_at_s"]

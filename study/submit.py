@@ -133,7 +133,8 @@ def is_loopback(address: str) -> bool:
 
 def run_args_checked(run_args: list[str]) -> argparse.Namespace:
     """Parse and check study.run's arguments and space here, so a mistake fails before anything is uploaded."""
-    from study.run import check_options, masked, parser
+    from study.driver import check_options, masked
+    from study.run import parser
     from study.space import load_space
 
     if run_args and run_args[0] == "--":
@@ -158,7 +159,7 @@ def run_args_checked(run_args: list[str]) -> argparse.Namespace:
 
 
 def _password_in(url: str) -> bool:
-    from study.run import without_password
+    from study.driver import without_password
 
     try:
         return without_password(url) != url

@@ -9,8 +9,7 @@ from dataclasses import fields
 from pathlib import Path
 
 from study import cli
-from study.config import TrialConfig, choices_of, field_help
-from study.modelspec import ConfigError
+from study.config import ConfigError, TrialConfig, choices_of, field_help
 
 
 def parser() -> argparse.ArgumentParser:
@@ -48,8 +47,15 @@ def _main(argv: list[str]) -> int:
             raise cli.UsageError(f"--{f.name.replace('_', '-')}: {e}") from None
     cfg = TrialConfig.from_dict(values).validate()
     # torch is imported only now: a bad option is answered at once.
-    from study.data import check_samples_size, default_cache_dir
-    from study.train import NonFiniteLossError, keep_checkpoint, pick_device, run_trial, summarize
+    from study.engine import (
+        NonFiniteLossError,
+        check_samples_size,
+        default_cache_dir,
+        keep_checkpoint,
+        pick_device,
+        run_trial,
+        summarize,
+    )
     if cfg.dataset == "samples":
         check_samples_size(cfg.image_size, cfg.train_limit, cfg.eval_limit)
     device = pick_device(args.device)

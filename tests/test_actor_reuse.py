@@ -1,13 +1,13 @@
-"""What a reused Ray actor carries from one trial to the next (study.tune_trainable, reuse_actors=True):
+"""What a reused Ray actor carries from one trial to the next (study.tune.trainable, reuse_actors=True):
 its decoded data when the next trial wants the same, and a log name that follows the trial it runs;
 and a trial it starts at once survives a driver crash. The log names in a whole study are checked by
 tests/test_study.py::test_smoke_study_end_to_end."""
 import numpy as np
 import pytest
 
-from study import tune_trainable
-from study.config import TrialConfig
-from study.data import load_splits
+from study.config.trial import TrialConfig
+from study.engine.data import load_splits
+from study.tune import trainable as tune_trainable
 
 
 @pytest.fixture()
@@ -34,7 +34,7 @@ def test_same_data_is_loaded_once_per_process(tmp_path, cache_dir, no_last_split
     assert tune_trainable._splits_for(cfg, None, str(cache_dir)) is not first
 
 
-@pytest.mark.filterwarnings("ignore::study.data.DataWarning")   # CIFAR-10's few grayscale photos
+@pytest.mark.filterwarnings("ignore::study.engine.data.DataWarning")   # CIFAR-10's few grayscale photos
 def test_large_data_in_memory_is_not_kept(shared_data, cache_dir, no_last_splits, monkeypatch):
     # CIFAR-10 without its grayscale photos is an in-memory copy, not the memory-mapped cache.
     cfg = TrialConfig(dataset="cifar10", train_limit=256, eval_limit=64)

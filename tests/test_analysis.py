@@ -9,13 +9,13 @@ import matplotlib.image as mpimg
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import PYTHON, python_env
 
 from analysis import figures, grids
 from analysis.__main__ import main
 from analysis.build import MANIFEST
 from analysis.load import best_per_variant, load_study
 from analysis.style import DPI, pixel_size
-from conftest import PYTHON, python_env
 
 PREVIEWS = 4
 RESOLUTION = 32   # the samples dataset's native size
@@ -43,9 +43,10 @@ def read_png(path: Path) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def study(tmp_path_factory, cache_dir) -> Path:
-    from study.config import TrialConfig
-    from study.local import run_local_study
     import torch
+
+    from study.config.trial import TrialConfig
+    from study.local import run_local_study
     folder = tmp_path_factory.mktemp("analysis") / "study"
     base = TrialConfig(dataset="samples", epochs=2, train_limit=32, eval_limit=16, base_filters=8,
                        batch_size=16, preview_count=PREVIEWS)
@@ -74,7 +75,8 @@ def study(tmp_path_factory, cache_dir) -> Path:
 def _add_optuna_study(folder: Path, trials: pd.DataFrame) -> None:
     """An Optuna SQLite storage mirroring the trials, named in study.json (optuna_storage, optuna_study_name)."""
     import optuna
-    from study.results import read_json, write_json
+
+    from study.results.store import read_json, write_json
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     storage = f"sqlite:///{folder / 'optuna.db'}"
     opt = optuna.create_study(study_name="analysis-test", storage=storage, direction="maximize")
@@ -333,7 +335,7 @@ def test_trials_without_any_epoch_and_missing_tables(study, tmp_path, capsys):
 
 def test_pareto_front_keeps_exactly_the_undominated_trials(study, report):
     from analysis import tradeoffs
-    from study.contract import default_trial
+    from study.results.contract import default_trial
     out, _ = report
     s = load_study(study)
     data = tradeoffs.scored(s.trials)
@@ -439,6 +441,7 @@ def test_progress_counts_every_epoch_once_and_a_pack_epoch_once(study):
 
 def test_importance_of_a_two_objective_study_is_for_the_first_objective(tmp_path):
     import optuna
+
     from analysis.importance import param_importances
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     opt = optuna.create_study(study_name="two", storage=storage, directions=["maximize", "maximize"])
@@ -583,7 +586,7 @@ def test_report_fits_a_1300px_window_in_a_real_browser(report, tmp_path):
 
 def test_temperature_curves_are_the_epochs_table_at_the_best_epoch(study, report):
     from analysis import tradeoffs
-    from study.contract import CURVE_TEMPERATURES
+    from study.results.contract import CURVE_TEMPERATURES
     out, _ = report
     table = pd.read_csv(out / "temperature_curves_samples.csv")
     trials = pd.read_parquet(study / "results/trials.parquet").set_index("trial_id")
@@ -694,7 +697,7 @@ def test_one_head_and_no_classification_trial_are_said_not_drawn(study, tmp_path
 
 
 def test_an_epochs_table_without_the_curve_still_analyses(study, tmp_path, capsys):
-    from study.contract import CURVE_METRICS
+    from study.results.contract import CURVE_METRICS
     folder = derived_study(study, tmp_path / "study", ["local_00001", CLASSES_TRIAL])
     epochs = pd.read_parquet(folder / "results/epochs.parquet")
     epochs.drop(columns=list(CURVE_METRICS)).to_parquet(folder / "results/epochs.parquet", index=False)

@@ -2,10 +2,10 @@ import json
 import subprocess
 
 import pytest
-
 from conftest import PYTHON, python_env
+
 from study.bench import main
-from study.data import DataError
+from study.engine.data import DataError
 
 
 def test_bench_smoke_prints_every_row_and_ratio(tmp_path, cache_dir):

@@ -7,10 +7,11 @@ import time
 import optuna
 import pandas as pd
 import pytest
+from test_study import check_consistent, run_study, space_file
 
 from study.cli import UsageError
-from study.tune_progress import StudyClock, parse_duration
-from test_study import check_consistent, run_study, space_file
+from study.driver.progress import StudyClock
+from study.durations import parse_duration
 
 
 @pytest.mark.parametrize("text, seconds", [("90m", 5400), ("2h", 7200), ("1d", 86400), ("45s", 45),

@@ -13,18 +13,33 @@ from PIL import Image
 from skimage import data as skdata
 
 from study import cli
-from study.chroma import (CELLS, NEIGHBOURS, SIGMA, ChromaBins, _gamut_cells, average_flipped, cell_centers, cell_of,
-                          class_loss, gamut_bins, photo_bins, rebalance_weights, smoothed, used_bins)
-from study.color import rgb_to_yuv
-from study.config import TrialConfig
-from study.contract import CURVE_METRICS
-from study.data import load_splits
-from study.evaluation import predict
-from study.modelspec import GAMUT_BINS, UV_GRID, UNetConfig
-from study.models import build_unet
-from study.pack import run_pack
-from study.results import read_table
-from study.train import load_checkpoint, run_trial
+from study.config.modelspec import GAMUT_BINS, UV_GRID, UNetConfig
+from study.config.trial import TrialConfig
+from study.engine.checkpoints import load_checkpoint
+from study.engine.chroma import (
+    CELLS,
+    NEIGHBOURS,
+    SIGMA,
+    ChromaBins,
+    _gamut_cells,
+    average_flipped,
+    cell_centers,
+    cell_of,
+    class_loss,
+    gamut_bins,
+    photo_bins,
+    rebalance_weights,
+    smoothed,
+    used_bins,
+)
+from study.engine.color import rgb_to_yuv
+from study.engine.data import load_splits
+from study.engine.evaluation import predict
+from study.engine.models import build_unet
+from study.engine.pack import run_pack
+from study.engine.trial import run_trial
+from study.results.contract import CURVE_METRICS
+from study.results.store import read_table
 
 
 def test_grid_cells_round_trip_and_the_gamut_constant():

@@ -22,7 +22,6 @@ from typing import Callable
 
 import pytest
 import yaml
-
 from conftest import PYTHON, python_env
 
 TINY = {"sampler": {"name": "random"}, "num_samples": 2, "max_concurrent": 1, "resources": {"cpu": 1, "gpu": 0},
@@ -169,13 +168,13 @@ CASES = [
     Case("space-alias-bomb", "study.run", [*RUN, "--space", "space.yaml"],
          r"space\.yaml: expands to more than 100,000 YAML values .*MAX_YAML_NODES", alias_bomb),
     Case("space-over-1-mib", "study.run", [*RUN, "--space", "space.yaml"],
-         r"space\.yaml: larger than 1024 KiB \(MAX_SPACE_BYTES in study/space_yaml\.py\)", huge_space),
+         r"space\.yaml: larger than 1024 KiB \(MAX_SPACE_BYTES in study/space/reading\.py\)", huge_space),
     Case("space-is-a-device", "study.run", [*RUN, "--space", "/dev/zero"], r"--space /dev/zero is not a regular file"),
     Case("space-int-range-1e11", "study.run", [*RUN, "--space", "space.yaml"],
          r"params\.train_limit: int range \[1, 100000000000\] .* more than the limit 1,000,000 \(MAX_INT_RANGE_VALUES",
          space(p_train_limit={"int": [1, 100_000_000_000]})),
     Case("space-resolution-1000000", "study.run", [*RUN, "--space", "space.yaml"],
-         r"params\.resolution: resolution=1000000 is above the limit 1024 px \(MAX_RESOLUTION in study/config\.py\)",
+         r"params\.resolution: resolution=1000000 is above the limit 1024 px \(MAX_RESOLUTION in study/config/trial\.py\)",
          space(p_resolution=1000000)),
     Case("space-batch-size-over-limit", "study.run", [*RUN, "--space", "space.yaml"],
          r"params\.batch_size: batch_size=100000 is above the limit 8192 \(MAX_BATCH_SIZE",
@@ -268,7 +267,7 @@ CASES = [
     Case("trial-adversarial-negative", "study.trial", ["--adversarial", "-0.01"],
          r"--adversarial: adversarial=-0\.01 must be in \[0, 10\] \(0: off\)"),
     Case("trial-resolution-1000000", "study.trial", ["--resolution", "1000000"],
-         r"--resolution: resolution=1000000 is above the limit 1024 px \(MAX_RESOLUTION in study/config\.py\)"),
+         r"--resolution: resolution=1000000 is above the limit 1024 px \(MAX_RESOLUTION in study/config/trial\.py\)"),
     Case("trial-batch-size-over-limit", "study.trial", ["--batch-size", "100000"],
          r"--batch-size: batch_size=100000 is above the limit 8192 \(MAX_BATCH_SIZE"),
     Case("trial-epochs-over-limit", "study.trial", ["--epochs", "5000"],
@@ -439,7 +438,7 @@ def _help_blocks(text: str) -> dict[str, str]:
 def test_trial_help_describes_every_option_with_choices_and_default():
     from dataclasses import fields
 
-    from study.config import TrialConfig, choices_of, show_default
+    from study.config.trial import TrialConfig, choices_of, show_default
 
     p = subprocess.run([PYTHON, "-m", "study.trial", "--help"], env=python_env(COLUMNS="100"), capture_output=True,
                        text=True, timeout=120)

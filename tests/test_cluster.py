@@ -111,7 +111,7 @@ def test_aws_config_passes_rays_own_validation():
 def test_config_commands_exist_in_this_project():
     """Every `python -m X` in the configs and the guide is a module here, with flags its parser takes."""
     from study.run import parser as run_parser
-    from study.space import SPACES_DIR
+    from study.space.parse import SPACES_DIR
     from study.submit import parser as submit_parser
 
     runs = 0
@@ -754,8 +754,8 @@ class LocalCluster:
 
 
 def _psutil():
-    import ray  # noqa: F401 - Ray puts its vendored psutil on sys.path
     import psutil
+    import ray  # noqa: F401 - Ray puts its vendored psutil on sys.path
 
     return psutil
 
@@ -864,7 +864,7 @@ def test_smoke_study_as_a_job_on_two_nodes_with_s3_storage(cluster, s3, capsys, 
     import pandas as pd
 
     from study import submit
-    from study.results import read_json, read_table
+    from study.results.store import read_json, read_table
 
     t0 = time.monotonic()
     monkeypatch.setenv("RAY_AUTH_TOKEN", cluster.token)       # the CLI's only source of the token
@@ -910,7 +910,7 @@ def test_smoke_study_as_a_job_on_two_nodes_with_s3_storage(cluster, s3, capsys, 
 def test_worker_node_killed_mid_study(cluster, s3, tmp_path):
     """Kill the worker node while it trains: the trial resumes from its checkpoint on the head."""
     from study import submit
-    from study.results import read_table
+    from study.results.store import read_table
 
     # Two trials at once, one per node (1 CPU each); epochs long enough to kill one mid-trial.
     n_epochs = 6

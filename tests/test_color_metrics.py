@@ -4,8 +4,8 @@ import torch
 from skimage.color import rgb2yuv
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
-from study.color import prediction_to_rgb, rgb_to_y, rgb_to_yuv, target_for, yuv_to_rgb
-from study.metrics import colourfulness, psnr, ssim
+from study.engine.color import prediction_to_rgb, rgb_to_y, rgb_to_yuv, target_for, yuv_to_rgb
+from study.engine.metrics import colourfulness, psnr, ssim
 
 
 def _images(n=3, size=24, seed=0):

@@ -10,17 +10,18 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import PYTHON, python_env
 from PIL import Image
 from skimage import data as skdata
 
-from conftest import PYTHON, python_env
 from study import cli
-from study.color import rgb_to_y, rgb_to_yuv
-from study.colorize import collect_inputs, colorize_image, load_model, main, predict_uv
-from study.config import TrialConfig
+from study.colorize import collect_inputs, colorize_image, main, predict_uv
+from study.colorize_model import load_model
+from study.config.trial import TrialConfig
+from study.engine.checkpoints import CHECKPOINT_FILE
+from study.engine.color import rgb_to_y, rgb_to_yuv
 from study.local import run_local_study
-from study.results import read_table, write_table
-from study.train import CHECKPOINT_FILE
+from study.results.store import read_table, write_table
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +53,7 @@ def inputs(tmp_path_factory) -> dict[str, Path]:
 
 
 def luma(pixels: np.ndarray) -> np.ndarray:
-    """Y in [0, 1] of (H, W) gray or (H, W, 3+) uint8 pixels, with study.color."""
+    """Y in [0, 1] of (H, W) gray or (H, W, 3+) uint8 pixels, with study.engine.color."""
     x = torch.from_numpy(np.asarray(pixels, dtype=np.float64)) / 255
     if x.ndim == 2:
         return x.numpy()
@@ -397,7 +398,7 @@ def test_only_done_trials_unless_named(study, inputs, tmp_path, capsys):
 
 
 def test_warns_when_the_trial_does_not_beat_grayscale(study, inputs, tmp_path, capsys):
-    from study.contract import gain
+    from study.results.contract import gain
     table = trials(study)
     # The real one-epoch trials, as recorded: a warning exactly for those whose gain is not positive.
     for _, row in table.iterrows():

@@ -3,8 +3,8 @@ import pytest
 import torch
 from PIL import Image
 
-import study.data as data
-from study.data import DataError, DeviceImages, folder_splits, load_splits, preview_indices
+import study.engine.data as data
+from study.engine.data import DataError, DeviceImages, folder_splits, load_splits, preview_indices
 
 
 def _folder(root, splits=("train", "test"), per_class=10, size=(40, 30)):
@@ -145,8 +145,9 @@ def test_grayscale_images_would_hide_a_colorizers_gain():
     """Why they are left out: on an exact grayscale photo the grayscale input scores ~110 dB, so 2% of
     them lift its mean PSNR above a colorizer that is better on every colour image."""
     import torch
-    from study.color import rgb_to_y
-    from study.metrics import psnr
+
+    from study.engine.color import rgb_to_y
+    from study.engine.metrics import psnr
     g = torch.Generator().manual_seed(0)
     colour = torch.rand(49, 3, 8, 8, generator=g)
     photos = torch.cat([colour, torch.rand(1, 1, 8, 8, generator=g).expand(-1, 3, -1, -1)])  # the last is gray

@@ -3,12 +3,16 @@ import numpy as np
 import pytest
 import torch
 
-from study.color import prediction_to_rgb, rgb_to_y, target_for
-from study.config import TrialConfig
-from study.data import DeviceImages, augment_batch
-from study.models import UNetConfig, build_unet
-from study.train import (HUBER_DELTA, WeightAverage, evaluate, load_checkpoint, loss_fn, make_optimizer,
-                         make_scheduler, run_trial)
+from study.config.modelspec import UNetConfig
+from study.config.trial import TrialConfig
+from study.engine.checkpoints import load_checkpoint
+from study.engine.color import prediction_to_rgb, rgb_to_y, target_for
+from study.engine.data import DeviceImages, augment_batch
+from study.engine.evaluation import evaluate
+from study.engine.losses import HUBER_DELTA, loss_fn
+from study.engine.models import build_unet
+from study.engine.optim import WeightAverage, make_optimizer, make_scheduler
+from study.engine.trial import run_trial
 
 TINY = TrialConfig(dataset="samples", resolution=16, depth=2, base_filters=4, batch_size=16, eval_limit=32,
                    train_limit=64, epochs=2, preview_count=1)
@@ -47,7 +51,7 @@ def test_ema_weights_are_the_ones_evaluated_and_kept(cache_dir, tmp_path):
     state = kept["ckpt"]
     assert state["epoch"] == 2 and set(state) >= {"model", "raw_model"}
     assert any(not torch.equal(state["model"][k], state["raw_model"][k]) for k in state["model"])
-    from study.data import load_splits
+    from study.engine.data import load_splits
     val = DeviceImages(load_splits("samples", 16, cache_dir=cache_dir, train_limit=64, eval_limit=32).val, "cpu")
     averaged, raw = build_unet(cfg.model, 16), build_unet(cfg.model, 16)
     averaged.load_state_dict(state["model"])
@@ -87,7 +91,7 @@ def test_huber_is_quadratic_near_zero_and_linear_far_away():
 
 
 def test_each_loss_has_one_formula_for_a_model_and_for_a_pack():
-    from study.losses import elementwise_loss
+    from study.engine.losses import elementwise_loss
     diff = torch.linspace(-0.6, 0.6, 49)
     for name in ("mse", "l1", "huber"):
         ref = loss_fn(name)(diff, torch.zeros_like(diff), reduction="none")
@@ -120,7 +124,7 @@ def test_warmup_then_schedule():
 
 
 def test_flip_averaging_is_exact_for_a_mirror_equivariant_model_and_evaluated():
-    from study.train import predict
+    from study.engine.evaluation import predict
     y = torch.rand(2, 1, 16, 16)
     conv = torch.nn.Conv2d(1, 2, 3, padding=1)
     with torch.no_grad():  # a kernel symmetric left-right: conv(mirror(y)) == mirror(conv(y))
@@ -138,7 +142,7 @@ def test_flip_averaging_is_exact_for_a_mirror_equivariant_model_and_evaluated():
 
 
 def test_chroma_weights_average_one_and_favour_saturated_pixels():
-    from study.train import chroma_weights, make_loss_step
+    from study.engine.losses import chroma_weights, make_loss_step
     g = torch.Generator().manual_seed(0)
     gray = torch.rand(4, 1, 8, 8, generator=g).expand(-1, 3, -1, -1).clone()
     x = gray.clone()

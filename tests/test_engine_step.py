@@ -8,15 +8,19 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-
-import study.train as train
-from study.color import rgb_to_y
-from study.config import TrialConfig
-from study.data import DeviceImages, load_splits, preview_indices
-from study.models import ConfigError, UNetConfig, build_unet
-from study.train import (EvalSplit, batch_sums, checkpoint_due, evaluate, evaluate_sums, loss_fn, make_loss_step,
-                         make_optimizer, original_previews, pick_device, resolve_precision, run_trial)
 from syncs import count_syncs
+
+from study.config.modelspec import ConfigError, UNetConfig
+from study.config.trial import TrialConfig
+from study.engine.checkpoints import CHECKPOINT_EVERY, CHECKPOINT_SECONDS, checkpoint_due, load_checkpoint
+from study.engine.color import rgb_to_y
+from study.engine.data import DeviceImages, load_splits, preview_indices
+from study.engine.device import COMPILE_ENV, compile_mode, pick_device, resolve_precision
+from study.engine.evaluation import EvalSplit, batch_sums, evaluate, evaluate_sums, original_previews
+from study.engine.losses import loss_fn, make_loss_step
+from study.engine.models import build_unet
+from study.engine.optim import WeightAverage, make_optimizer, make_scheduler
+from study.engine.trial import run_trial
 
 QUIET = dict(log=lambda s: None)
 TINY = TrialConfig(dataset="samples", resolution=16, depth=2, base_filters=4, batch_size=16, eval_limit=32,
@@ -43,8 +47,8 @@ def test_cuda_steps_and_evaluation_never_sync():
     split = EvalSplit.prepare(DeviceImages(rng.integers(0, 256, (100, 32, 32, 3), dtype=np.uint8), dev), 64)
     model = build_unet(cfg.model, 32).to(dev, memory_format=torch.channels_last)
     opt = make_optimizer(model.parameters(), 1e-3, dev, weight_decay=0.01)
-    sched = train.make_scheduler(opt, cfg.replace(schedule="cosine", warmup_epochs=1), 100, 4)
-    average = train.WeightAverage(model, 0.99)
+    sched = make_scheduler(opt, cfg.replace(schedule="cosine", warmup_epochs=1), 100, 4)
+    average = WeightAverage(model, 0.99)
     step = make_loss_step(model, cfg, dev, resolve_precision(cfg, dev))
     gen = torch.Generator(device=dev).manual_seed(0)
     for x in images.train_batches(64, gen, 2.0):  # warm-up: cuDNN autotuning, lazy init
@@ -79,7 +83,7 @@ def test_checkpoints_only_when_they_matter_and_never_left_behind(cache_dir, tmp_
             assert folder.parent == tmp_path and folder.name.startswith(".ckpt-")
             assert sorted(p.name for p in folder.iterdir()) == ["checkpoint.pt", "prediction_00000.png",
                                                                  "prediction_00031.png"]
-            assert train.load_checkpoint(folder)["epoch"] == row["epoch"]
+            assert load_checkpoint(folder)["epoch"] == row["epoch"]
 
     rows = run_trial(cfg, cache_dir=cache_dir, device="cpu", report=report, work_dir=tmp_path, **QUIET)
     assert [e for e, _, _ in seen] == [1, 2, 3] and rows[-1]["precision"] == "fp32"
@@ -101,8 +105,8 @@ def test_checkpoint_rule():
     assert checkpoint_due(3, 10, True, 2, now)            # best so far
     assert checkpoint_due(10, 10, False, 9, now)          # last epoch
     assert not checkpoint_due(4, 10, False, 2, now)
-    assert checkpoint_due(2 + train.CHECKPOINT_EVERY, 10, False, 2, now)
-    assert checkpoint_due(4, 10, False, 2, now - train.CHECKPOINT_SECONDS)
+    assert checkpoint_due(2 + CHECKPOINT_EVERY, 10, False, 2, now)
+    assert checkpoint_due(4, 10, False, 2, now - CHECKPOINT_SECONDS)
 
 
 def test_split_constants_and_shared_evaluation(cache_dir):
@@ -166,13 +170,13 @@ def test_precision_rule():
 
 
 def test_compile_switch(monkeypatch):
-    monkeypatch.delenv(train.COMPILE_ENV, raising=False)
-    assert train.compile_mode() is None
-    monkeypatch.setenv(train.COMPILE_ENV, "reduce-overhead")
-    assert train.compile_mode() == "reduce-overhead"
-    monkeypatch.setenv(train.COMPILE_ENV, "fast please")
+    monkeypatch.delenv(COMPILE_ENV, raising=False)
+    assert compile_mode() is None
+    monkeypatch.setenv(COMPILE_ENV, "reduce-overhead")
+    assert compile_mode() == "reduce-overhead"
+    monkeypatch.setenv(COMPILE_ENV, "fast please")
     with pytest.raises(ConfigError, match="COLORIZE_COMPILE"):
-        train.compile_mode()
+        compile_mode()
 
 
 @pytest.mark.parametrize("name,value,message", [

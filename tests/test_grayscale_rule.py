@@ -6,9 +6,8 @@ import subprocess
 import pandas as pd
 import pytest
 import yaml
-from PIL import Image
-
 from conftest import PYTHON, python_env
+from PIL import Image
 
 pytestmark = pytest.mark.slow
 
@@ -61,10 +60,12 @@ def test_workers_follow_the_studys_grayscale_rule(tmp_path, cache_dir):
 
 def _gray_baseline(data, cache_dir, allow: bool) -> float:
     import warnings
+
     import torch
-    from study.color import rgb_to_y
-    from study.data import load_splits
-    from study.metrics import psnr
+
+    from study.engine.color import rgb_to_y
+    from study.engine.data import load_splits
+    from study.engine.metrics import psnr
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         val = load_splits(str(data), 32, cache_dir=cache_dir, allow_grayscale=allow).val

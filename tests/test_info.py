@@ -10,12 +10,12 @@ from pathlib import Path
 import optuna
 import pyarrow.fs as pafs
 import pytest
-
 from conftest import PYTHON, python_env
-from study.contract import STATUSES, gain
-from study.results import read_table
 from test_cluster import BUCKET, s3  # noqa: F401 - the moto S3 fixture
 from test_study import check_consistent, fingerprint, kill_session, run_study, space_file
+
+from study.results.contract import STATUSES, gain
+from study.results.store import read_table
 
 pytestmark = pytest.mark.slow
 

@@ -6,10 +6,10 @@ import torch
 from conftest import PYTHON, python_env
 
 from study.cli import ProjectError
-from study.data import DataError
-from study.models import OUTPUTS, SAMPLINGS, VARIANTS, ConfigError, UNetConfig, build_unet, max_depth_for
-from study.color import UV_MAX
-from study.modelspec import UV_GRID
+from study.config.modelspec import OUTPUTS, SAMPLINGS, UV_GRID, ConfigError, UNetConfig, max_depth_for
+from study.engine.color import UV_MAX
+from study.engine.data import DataError
+from study.engine.models import VARIANTS, build_unet
 
 CASES = [(s, o, d) for s in SAMPLINGS for o in OUTPUTS for d in (1, 3)]
 
@@ -26,7 +26,7 @@ def test_variant_shape_range_and_gradients(sampling, output, depth):
         assert out.min() >= 0 and out.max() <= 1
     else:
         # A classification head's logits decode to a mix of its bin centres, which lie on a grid that
-        # reaches half a step past the gamut's edge (study.chroma).
+        # reaches half a step past the gamut's edge (study.engine.chroma).
         uv, slack = (model.decode(out, 1.0), UV_GRID / 2) if output == "uv-classes" else (out, 1e-6)
         for c, bound in enumerate(UV_MAX):
             assert uv[:, c].abs().max() <= bound + slack
@@ -38,7 +38,7 @@ def test_variant_shape_range_and_gradients(sampling, output, depth):
 
 @pytest.mark.parametrize("sampling,output,depth", CASES)
 def test_gray_start_model_is_its_grayscale_input_until_trained(sampling, output, depth):
-    from study.color import prediction_to_rgb
+    from study.engine.color import prediction_to_rgb
     torch.manual_seed(0)
     model = build_unet(UNetConfig(depth=depth, sampling=sampling, output=output, base_filters=4, gray_start=True), 32)
     y = torch.rand(2, 1, 32, 32)
@@ -52,7 +52,7 @@ def test_gray_start_model_is_its_grayscale_input_until_trained(sampling, output,
     assert not torch.allclose(prediction_to_rgb(plain.decode(plain(y)), y, output), y.expand(-1, 3, -1, -1),
                               atol=1e-3)
     # A checkpoint's config (a trial's, as a dict) rebuilds the same kind of model for colorize.
-    from study.config import TrialConfig
+    from study.config.trial import TrialConfig
     cfg = TrialConfig(depth=depth, sampling=sampling, output=output, base_filters=4, gray_start=True)
     rebuilt = build_unet(dict(cfg.model.__dict__))
     assert rebuilt.config.gray_start and rebuilt.config == cfg.model
@@ -108,7 +108,7 @@ def test_invalid_configs_name_the_parameter():
 
 def test_config_validation_imports_neither_torch_nor_pandas():
     # The command-line checks of a space or a configuration must not pay for importing torch (seconds).
-    code = ("import sys, study.config, study.contract, study.modelspec; "
+    code = ("import sys, study.config, study.results.contract, study.config.modelspec; "
             "print(sorted(m for m in ('torch', 'pandas') if m in sys.modules))")
     out = subprocess.run([PYTHON, "-c", code], env=python_env(), capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout + out.stderr

@@ -3,14 +3,18 @@ import shutil
 
 import pytest
 import torch
-
-from study.config import TrialConfig
-from study.data import DeviceImages, load_splits
-from study.models import SAMPLINGS, ConfigError, UNet, UNetConfig, build_unet
-from study.pack import PACK_FILE, FusedUNet, Member, PackTerms, evaluate_members, make_pack_loss, run_pack, \
-    train_batches, train_step
-from study.train import CHECKPOINT_FILE, EvalSplit, evaluate, run_trial
 from syncs import count_syncs
+
+from study.config.modelspec import SAMPLINGS, ConfigError, UNetConfig
+from study.config.trial import TrialConfig
+from study.engine.checkpoints import CHECKPOINT_FILE, PACK_FILE
+from study.engine.data import DeviceImages, load_splits
+from study.engine.evaluation import EvalSplit, evaluate
+from study.engine.fused import FusedUNet, PackTerms, evaluate_members, make_pack_loss, train_batches, train_step
+from study.engine.loop import Member
+from study.engine.models import UNet, build_unet
+from study.engine.pack import run_pack
+from study.engine.trial import run_trial
 
 BASE = TrialConfig(dataset="samples", train_limit=128, eval_limit=32, base_filters=8, batch_size=32,
                    epochs=2, preview_count=2)

@@ -4,9 +4,15 @@ dead driver loses or duplicates no member's (trial, epoch) row."""
 import pandas as pd
 import pytest
 import torch
-
-from test_study import (check_consistent, kill_a_worker_mid_run, kill_driver_when, optuna_study, run_study, space_file,
-                        tables)
+from test_study import (
+    check_consistent,
+    kill_a_worker_mid_run,
+    kill_driver_when,
+    optuna_study,
+    run_study,
+    space_file,
+    tables,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -39,7 +45,7 @@ def test_packed_study_survives_a_dead_worker(tmp_path, cache_dir):
     ot = {t.number: t for t in optuna_study(study).get_trials()}
     assert {ot[n].user_attrs["pack_member"] for n in trials.optuna_number} == {0, 1, 2}
     # A member's best checkpoint is a plain UNet, as colorize loads any trial's.
-    from study.colorize import load_model
+    from study.colorize_model import load_model
     best = trials.loc[trials.best_val_psnr.idxmax()]
     loaded = load_model(str(study), None, best.trial_id, torch.device("cpu"))
     assert loaded.epoch == best.best_epoch and loaded.cfg.lr == pytest.approx(best.lr)

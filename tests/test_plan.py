@@ -6,15 +6,15 @@ import time
 
 import pytest
 import torch
+from conftest import PYTHON, python_env
+from test_study import run_study
 from torch.utils.flop_counter import FlopCounterMode
 
-from conftest import PYTHON, python_env
-from study.models import build_unet
-from study.modelspec import SAMPLINGS, UNetConfig
+from study.config.modelspec import SAMPLINGS, UNetConfig
+from study.engine.models import build_unet
+from study.engine.timing import Structure
 from study.plan import _makespan, _pruning
-from study.plan_timing import Structure
-from study.space import load_space
-from test_study import run_study
+from study.space.parse import load_space
 
 # Runs the plan as `python -m study.plan` does, then says whether Ray was ever imported.
 PLAN_NO_RAY = ("import sys; from study import cli; from study.plan import _main; status = cli.run(_main, sys.argv[1:]); "

@@ -22,7 +22,6 @@ from pathlib import Path
 import optuna
 import pandas as pd
 import pytest
-
 from conftest import PYTHON, python_env
 
 pytestmark = pytest.mark.slow

@@ -1,14 +1,14 @@
-"""Each of Ray's private internals the study relies on (study.ray_internals), named, so that a Ray upgrade
+"""Each of Ray's private internals the study relies on (study.tune.ray_internals), named, so that a Ray upgrade
 that moves one fails here, not in a user's study."""
 import pyarrow.fs as pafs
 import ray
 from ray.tune.execution.tune_controller import TuneController
 
-from study import ray_internals
+from study.tune import ray_internals
 
 
 def test_log_prefix_marker_exists_and_renames(capfd):
-    from ray._private import ray_constants   # the internal module
+    from ray._private import ray_constants  # the internal module
     assert ray_constants.LOG_PREFIX_ACTOR_NAME == ray_internals.actor_name_marker() == ":actor_name:"
     ray_internals.announce_actor_name("ColorizeTrial(abc-samples)")
     out, err = capfd.readouterr()
@@ -18,8 +18,9 @@ def test_log_prefix_marker_exists_and_renames(capfd):
 
 def test_experiment_state_manager_takes_a_force_flag():
     # Ray 2.60: TuneController._checkpoint_manager (an _ExperimentCheckpointManager) with _should_force_sync_up.
-    from ray.tune.execution.experiment_state import _ExperimentCheckpointManager
     import inspect
+
+    from ray.tune.execution.experiment_state import _ExperimentCheckpointManager
     assert "_should_force_sync_up" in inspect.getsource(_ExperimentCheckpointManager)
     assert "_checkpoint_manager" in inspect.getsource(TuneController)
 

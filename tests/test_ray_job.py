@@ -6,7 +6,6 @@ import secrets
 import subprocess
 
 import pytest
-
 from conftest import ROOT
 from test_cluster import RAY, LocalCluster
 

@@ -10,11 +10,18 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-
 from conftest import PYTHON, python_env
-from study.contract import best_row, best_trials, coerce
-from study.results import (ResultsReadError, ResultsWriteError, ResultsWriter, epoch_row, read_table,
-                           trial_row, write_json)
+
+from study.results.contract import best_row, best_trials, coerce
+from study.results.store import (
+    ResultsReadError,
+    ResultsWriteError,
+    ResultsWriter,
+    epoch_row,
+    read_table,
+    trial_row,
+    write_json,
+)
 
 METRICS = dict(train_loss=0.1, val_loss=0.1, test_loss=0.1, val_ssim=0.9, val_colourfulness=0.5,
                val_gray_psnr=25.0, test_psnr=25.5, test_ssim=0.9, test_colourfulness=0.5, test_gray_psnr=25.0)
@@ -114,7 +121,7 @@ def test_trials_are_written_once_per_flush_with_pandas_types(tmp_path):
 def test_a_real_study_records_what_each_trial_computed_in(tmp_path, cache_dir):
     """Real trials (study.local, tiny data): each epoch row carries the precision the engine resolved,
     and each trial's precision_used is it, while its ``precision`` keeps what the config asked for."""
-    from study.config import TrialConfig
+    from study.config.trial import TrialConfig
     from study.local import run_local_study
     tiny = dict(dataset="samples", epochs=2, train_limit=32, eval_limit=16, base_filters=4, batch_size=16,
                 preview_count=1)
@@ -225,7 +232,7 @@ def test_coerce_reads_unix_seconds_and_timestamps_alike():
 def test_a_local_study_stops_on_a_results_fault_keeping_what_was_written(tmp_path, cache_dir):
     """The epochs folder becomes a file while the second epoch trains: the study stops with the error;
     the trial is not recorded as a failed trial, and the first epoch's results stay."""
-    from study.config import TrialConfig
+    from study.config.trial import TrialConfig
     from study.local import run_local_study
     folder = tmp_path / "study"
     epochs_dir = folder / "results/epochs.parquet"

@@ -1,13 +1,13 @@
-"""The tables' shape is the contract's (study.contract.COLUMNS) from their first write, with what each
+"""The tables' shape is the contract's (study.results.contract.COLUMNS) from their first write, with what each
 epoch computed in (precision) and each trial's precision_used. A real Ray study's tables are checked
 with ``check_shape`` by tests/test_study.py::test_smoke_study_end_to_end."""
 from dataclasses import fields
 
 import pandas as pd
 
-from study import contract
-from study.config import TrialConfig
-from study.results import ResultsWriter, epoch_row, read_table, trial_row
+from study.config.trial import TrialConfig
+from study.results import contract
+from study.results.store import ResultsWriter, epoch_row, read_table, trial_row
 
 
 def kind_of(series: pd.Series) -> str:
@@ -56,7 +56,7 @@ def test_tables_have_every_contract_column_from_their_first_write(tmp_path):
 
 
 def test_missing_epoch_files_are_found():
-    from study.run_checks import missing_epochs
+    from study.driver.checks import missing_epochs
 
     trials = pd.DataFrame({"trial_id": ["a", "b", "c"], "epochs_run": pd.array([3, 2, None], dtype="Int64")})
     epochs = pd.DataFrame({"trial_id": ["a", "a", "b", "b"], "epoch": [1, 3, 1, 2]})

@@ -1,4 +1,4 @@
-"""The driver's guards: one driver per study (study.lock, local and s3://), Ray pickles on --resume,
+"""The driver's guards: one driver per study (study.driver.lock, local and s3://), Ray pickles on --resume,
 Optuna URLs (relative SQLite, passwords), and a study that never started not using its name up."""
 from __future__ import annotations
 
@@ -10,11 +10,11 @@ import time
 
 import pytest
 import yaml
-
 from conftest import PYTHON, python_env
-from study import lock
+
 from study.cli import UsageError
-from study.run import check_pickles, masked, runtime_url, without_password
+from study.driver import lock
+from study.driver.checks import check_pickles, masked, runtime_url, without_password
 
 
 def _record(**changes) -> dict:

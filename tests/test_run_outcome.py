@@ -16,7 +16,6 @@ import optuna
 import pandas as pd
 import pytest
 import yaml
-
 from conftest import PYTHON, python_env
 from test_study import fingerprint, kill_session, run_study, session_processes, space_file
 

@@ -1,4 +1,4 @@
-"""The study's searcher (study.tune_searcher): Optuna through its public API, pickles without secrets,
+"""The study's searcher (study.tune.searcher): Optuna through its public API, pickles without secrets,
 members of packs pruned on their own, fronts of two objectives; with the driver bound as study.run binds it."""
 import pickle
 from pathlib import Path
@@ -9,10 +9,10 @@ import pytest
 from ray.tune.experiment import Trial
 from ray.tune.schedulers import TrialScheduler
 
-from study import tune_searcher as ts
-from study.space import load_space
-from study.tune_pruning import OptunaPruningScheduler
-from study.tune_results import ResultsCallback
+from study.space.parse import load_space
+from study.tune import searcher as ts
+from study.tune.callback import ResultsCallback
+from study.tune.pruning import OptunaPruningScheduler
 
 
 @pytest.fixture()

@@ -4,7 +4,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from study.space import MAX_SPACE_BYTES, SpaceError, load_space
+from study.space.parse import load_space
+from study.space.reading import MAX_SPACE_BYTES, SpaceError
 
 
 class Recorder:
@@ -192,7 +193,7 @@ def _bad(tmp_path, mutate, match):
      r"pruner\.max_resource: 'lots' is not allowed; the only word it takes is 'auto'"),
     # issue 18: sizes, with the limit named
     (lambda r: r["params"].update(resolution=1000000),
-     r"params\.resolution: resolution=1000000 is above the limit 1024 px \(MAX_RESOLUTION in study/config\.py\)"),
+     r"params\.resolution: resolution=1000000 is above the limit 1024 px \(MAX_RESOLUTION in study/config/trial\.py\)"),
     (lambda r: r["params"].update(resolution={"choice": [32, 4096]}), r"params\.resolution: .*above the limit 1024"),
     (lambda r: r["params"].update(batch_size={"int": [16, 100000]}),
      r"params\.batch_size: batch_size=100000 is above the limit 8192 \(MAX_BATCH_SIZE"),
@@ -365,7 +366,7 @@ def test_a_file_over_the_size_limit_is_refused_before_parsing(tmp_path):
         f.write(", ".join(str(i) for i in range(300_000)))
         f.write("]}\n")
     assert path.stat().st_size > MAX_SPACE_BYTES
-    with pytest.raises(SpaceError, match=r"huge\.yaml: larger than 1024 KiB \(MAX_SPACE_BYTES in study/space_yaml\.py\)"):
+    with pytest.raises(SpaceError, match=r"huge\.yaml: larger than 1024 KiB \(MAX_SPACE_BYTES in study/space/reading\.py\)"):
         load_space(str(path))
 
 

@@ -17,7 +17,6 @@ import optuna
 import pandas as pd
 import pytest
 import yaml
-
 from conftest import PYTHON, ROOT, python_env
 
 pytestmark = pytest.mark.slow
@@ -219,8 +218,9 @@ def test_smoke_study_end_to_end(tmp_path, cache_dir):
     assert set(t["trials"].precision_used) == {"fp32"} and set(t["trials"].precision) == {"auto"}
     # The tables are the results contract's, as the study's reader and pandas alone read them.
     from test_results_shape import check_shape
-    from study import contract
-    from study.results import read_table
+
+    from study.results import contract
+    from study.results.store import read_table
     for name in contract.TABLES:
         check_shape(name, read_table(study, name))
     assert set(contract.TRIAL_COLUMNS) <= set(t["trials"].columns)

@@ -1,10 +1,14 @@
 import pytest
 import torch
 
-from study.config import TrialConfig
-from study.data import DeviceImages, load_splits
-from study.models import ConfigError, build_unet
-from study.train import NonFiniteLossError, evaluate, load_checkpoint, run_trial
+from study.config.modelspec import ConfigError
+from study.config.trial import TrialConfig
+from study.engine.checkpoints import load_checkpoint
+from study.engine.data import DeviceImages, load_splits
+from study.engine.evaluation import evaluate
+from study.engine.losses import NonFiniteLossError
+from study.engine.models import build_unet
+from study.engine.trial import run_trial
 
 QUIET = dict(log=lambda s: None)
 

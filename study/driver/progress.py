@@ -1,0 +1,95 @@
+"""A study's running time, time budget and progress, as the driver sees them.
+
+``StudyClock``: the study's running time counts across interruptions and resumes, never the time
+it was down: each run adds its own wall time to what ``status.json`` recorded before. A time budget
+is granted at some running time (``granted_at_s``) and is spent ``budget_s`` of running time later.
+
+``Progress``: the progress line (at a steady interval and at each trial's end) and ``status.json``
+beside ``study.json`` with the same figures, so another terminal (``python -m study.info``) reads them.
+Plain lines, no control characters: the same in a terminal, in CI and in ``ray job logs``.
+"""
+from __future__ import annotations
+
+import math
+import os
+import socket
+import time
+from dataclasses import dataclass, field
+
+from study.durations import duration
+
+STATUS_FILE = "status.json"
+@dataclass
+class StudyClock:
+    spent_before_s: float = 0.0               # running time of the study's earlier runs
+    budget_s: float | None = None             # None: no budget
+    granted_at_s: float = 0.0                 # the study's running time when the budget was given
+    started: float = field(default_factory=time.time)   # this run's start (wall clock)
+
+    def spent(self, now: float | None = None) -> float:
+        return self.spent_before_s + ((now or time.time()) - self.started)
+
+    def left(self, now: float | None = None) -> float | None:
+        if self.budget_s is None:
+            return None
+        return self.budget_s - (self.spent(now) - self.granted_at_s)
+
+    @property
+    def deadline(self) -> float | None:
+        """The wall-clock time at which the budget is spent in this run (None: no budget)."""
+        if self.budget_s is None:
+            return None
+        return self.started + self.budget_s - (self.spent_before_s - self.granted_at_s)
+
+    def expired(self, now: float | None = None) -> bool:
+        left = self.left(now)
+        return left is not None and left <= 0
+
+
+def status_record(df, total: int, clock: StudyClock, images: float, run_elapsed: float, finished_in_run: int,
+                  state: str) -> dict:
+    """The figures of the progress line, as status.json holds them."""
+    from study.results import best_trials, gain
+
+    counts = {k: int(v) for k, v in df.status.value_counts().items()} if df is not None else {}
+    best = best_trials(df) if df is not None else None
+    best_rec = None
+    if best is not None and not best.empty:
+        b = best.iloc[0]
+        g = float(gain(best).iloc[0])
+        best_rec = {"trial_id": str(b.trial_id), "gain_db": g if math.isfinite(g) else None,
+                    "val_psnr": float(b.best_val_psnr), "dataset": str(b.get("dataset", "")),
+                    "variant": " ".join(str(b.get(k, "")) for k in ("sampling", "output"))}
+    now = time.time()
+    ended = sum(counts.get(s, 0) for s in ("DONE", "PRUNED", "ERROR"))
+    projected = None
+    if finished_in_run > 0 and total > ended:
+        projected = now + (total - ended) * run_elapsed / finished_in_run
+    elif total <= ended:
+        projected = now
+    deadline = clock.deadline
+    return {"updated": now, "state": state, "host": socket.gethostname(), "pid": os.getpid(),
+            "counts": counts, "total": int(total), "best": best_rec,
+            "model_images_per_s": images / run_elapsed if run_elapsed > 0 else 0.0,
+            "elapsed_s": clock.spent(now), "budget_s": clock.budget_s, "budget_left_s": clock.left(now),
+            "budget_ends": deadline, "projected_finish": projected}
+
+
+def progress_line(rec: dict) -> str:
+    c, total = rec["counts"], rec["total"]
+    ended = sum(c.get(s, 0) for s in ("DONE", "PRUNED", "ERROR"))
+    line = (f"[{time.strftime('%H:%M:%S')}] trials {ended}/{total} ended: {c.get('DONE', 0)} done, "
+            f"{c.get('PRUNED', 0)} pruned, {c.get('ERROR', 0)} errored; {c.get('RUNNING', 0)} running, "
+            f"{c.get('STOPPED', 0)} stopped")
+    b = rec["best"]
+    if b is not None:
+        g = b["gain_db"]
+        line += (f" | best {g:+.2f} dB over gray ({b['trial_id']}, {b['dataset']} {b['variant']})" if g is not None
+                 else f" | best {b['val_psnr']:.2f} dB ({b['trial_id']})")
+    line += f" | {rec['model_images_per_s']:,.0f} model-images/s | elapsed {duration(rec['elapsed_s'])}"
+    if rec["projected_finish"] is not None:
+        line += f" | projected finish {time.strftime('%H:%M', time.localtime(rec['projected_finish']))}"
+    if rec["budget_ends"] is not None:
+        line += (f" | budget ends {time.strftime('%H:%M:%S', time.localtime(rec['budget_ends']))} "
+                 f"({duration(max(rec['budget_left_s'], 0))} left)")
+    return line

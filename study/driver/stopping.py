@@ -1,0 +1,168 @@
+"""How a study run ends, told truly: its exit status, signals, and resources that can never fit.
+
+Exit statuses of ``python -m study.run`` (README: "Exit status"):
+0 the study ran as asked (its trials DONE or PRUNED, or stopped by a time budget);
+2 a bad option, file or storage, before anything was written;
+3 the study ran but no trial finished (every one failed, or none finished an epoch), so a Ray job
+  shows FAILED;
+1 any other error once work had started;
+130 / 143 stopped by Ctrl-C (SIGINT) / SIGTERM (``ray job stop``, Kubernetes) at a safe point: Ray Tune
+  saved the study's state, and the exact ``--resume`` command is printed.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+
+from study.cli import UsageError
+
+EXIT_NO_TRIAL_FINISHED = 3
+SIGNAL_EXIT = {signal.SIGINT: 130, signal.SIGTERM: 143}
+
+
+class Signals:
+    """SIGINT and SIGTERM stop the study at a safe point through Ray Tune's own graceful stop (its
+    SIGUSR1 handler, installed while ``Tuner.fit`` runs): trials stop, Tune saves the experiment state.
+    A second signal stops at once. Tune's own SIGINT handler is off: it prints ``Tuner.restore(...)``,
+    not this project's ``--resume``; and Ray's driver turns SIGTERM into an abort with a native dump."""
+
+    def __init__(self):
+        self.received: int | None = None
+        self._old: dict[int, object] = {}
+
+    def __enter__(self) -> "Signals":
+        os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
+        # Tune's "interrupted ... Tuner.restore(...)" and "Trials did not complete" lines: ours replace them.
+        logging.getLogger("ray.tune.tune").setLevel(logging.CRITICAL)
+        # "Failed to fetch metrics ... FileNotFoundError" for a trial stopped (budget, signal) before its first
+        # epoch: it has no Ray result files yet, and the study's own tables say what each trial did.
+        logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
+        return self
+
+    def install(self) -> None:
+        for sig in SIGNAL_EXIT:
+            self._old[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        if self.received is not None:
+            raise KeyboardInterrupt   # a second signal: stop at once
+        self.received = signum
+        print(f"\n{signal.Signals(signum).name} received: stopping the study at a safe point (Ray Tune saves its "
+              f"state); send it again to stop at once", file=sys.stderr, flush=True)
+        tune_stop = signal.getsignal(signal.SIGUSR1) if hasattr(signal, "SIGUSR1") else None
+        if callable(tune_stop):
+            tune_stop(signal.SIGUSR1, frame)   # Tune's loop ends after its current step and saves
+        else:
+            raise KeyboardInterrupt   # Tune is not running yet: nothing to save
+
+    def __exit__(self, *exc) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        if exc[0] is KeyboardInterrupt and self.received is not None:
+            print(resume_hint_unknown(), file=sys.stderr)
+
+
+def request_graceful_stop() -> bool:
+    """End Ray Tune's loop after its current step, as Ctrl-C would, through Tune's own SIGUSR1 handler
+    (installed while ``Tuner.fit`` runs): Tune saves the experiment state and returns. False outside fit."""
+    handler = signal.getsignal(signal.SIGUSR1) if hasattr(signal, "SIGUSR1") else None
+    if not callable(handler):
+        return False
+    handler(signal.SIGUSR1, None)
+    return True
+
+
+def resume_hint_unknown() -> str:
+    return "stopped at once: Ray Tune's last saved state (at most seconds old) is what --resume continues from"
+
+
+class Stopped(Exception):
+    """The study stopped at a safe point on a signal; ``exit_status`` is 128 + the signal's number."""
+
+    def __init__(self, signum: int, resume_cmd: str):
+        self.exit_status = SIGNAL_EXIT.get(signum, 128 + int(signum))
+        super().__init__(f"stopped by {signal.Signals(signum).name}; its state is saved. Continue it with:\n"
+                         f"  {resume_cmd}")
+
+
+def resume_command(root: str, storage: str, name: str, space, optuna_url: str | None) -> str:
+    """The exact command that continues the study at ``root``, runnable from any folder."""
+    from study.driver.checks import masked
+    from study.space import SPACES_DIR
+
+    shipped = Path(space.path).resolve().parent == SPACES_DIR.resolve()
+    where = storage if "://" in storage else str(Path(storage).resolve())
+    parts = ["python -m study.run", "--space", space.name if shipped else str(Path(space.path).resolve()),
+             "--name", name, "--storage", masked(where) if "://" in where else where, "--resume"]
+    if optuna_url:
+        parts += ["--optuna-storage", masked(optuna_url)]
+    return " ".join(_quote(p) for p in parts)
+
+
+def _quote(part: str) -> str:
+    import shlex
+    return part if part.startswith("python -m") else shlex.quote(part)
+
+
+def outcome(root: str) -> tuple[bool, str]:
+    """(whether any trial finished, a one-line account of the trials) from the study's trials table."""
+    from study.results import FINISHED, read_table
+
+    trials = read_table(root, "trials")
+    if trials is None or trials.empty:
+        return False, "no trial started"
+    counts = trials.status.value_counts().to_dict()
+    account = ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
+    finished = trials.status.isin(FINISHED).any()
+    if not finished:
+        errors = trials.error.dropna()
+        if len(errors):
+            first = str(errors.iloc[0]).strip().splitlines()
+            account += f"; the first error: {first[-1] if first else ''}"
+    return bool(finished), account
+
+
+def check_outcome(root: str) -> None:
+    """Raise ``NoTrialFinished`` when the study ran and none of its trials finished."""
+    finished, account = outcome(root)
+    if not finished:
+        raise NoTrialFinished(f"no trial of the study finished ({account}); each trial's error is in "
+                              f"{root}/results/trials.parquet (column error)")
+
+
+class NoTrialFinished(Exception):
+    exit_status = EXIT_NO_TRIAL_FINISHED
+
+
+def check_capacity(resources: dict, nodes: list[dict], fixed: bool) -> None:
+    """A trial's resources against the nodes that could run it: on a fixed Ray (this machine's) a trial no
+    node can hold is refused before anything is written; on a cluster that may grow, it is said."""
+    want = {"CPU": float(resources.get("cpu", 1)), "GPU": float(resources.get("gpu", 0))}
+    if not nodes or any(all(n.get(k, 0.0) >= v for k, v in want.items() if v > 0) for n in nodes):
+        return
+    best = {k: max(n.get(k, 0.0) for n in nodes) for k in want}
+    short = ", ".join(f"{v:g} {k}" for k, v in want.items() if v > best[k])
+    largest = ", ".join(f"{best[k]:g} {k}" for k in want)
+    if fixed:
+        raise UsageError(f"each trial asks for {short}, and this machine's Ray has at most {largest} on a node: "
+                         f"no trial could ever start. Lower resources in the space (or --cpus-per-trial / "
+                         f"--gpus-per-trial), or give Ray more with --num-cpus / --num-gpus")
+    print(f"note: each trial asks for {short}, more than any node of the cluster has now (at most {largest}); "
+          f"trials wait until the cluster's autoscaler adds such a node. Stop with Ctrl-C if it has none",
+          file=sys.stderr)
+
+
+def budget_summary(root: str, clock) -> str:
+    """What a study stopped by its time budget did, and that it can go on."""
+    from study.durations import duration
+    from study.results import read_table
+
+    trials = read_table(root, "trials")
+    counts = trials.status.value_counts().to_dict() if trials is not None else {}
+    account = ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or "no trial"
+    return (f"time budget spent ({duration(clock.budget_s)} of running time; the study has run "
+            f"{duration(clock.spent())} in all): {account}. Stopped trials kept a checkpoint at their last "
+            f"epoch; continue the study with:")

@@ -1,0 +1,198 @@
+"""The study's Ray layer: start or join Ray, build the Tuner of a study, resume it.
+
+Ray's calls live in the ``study.tune_*`` modules (this one, ``tune_searcher``, ``tune_pruning``,
+``tune_results``, ``tune_trainable``), ``study.submit`` (Ray's job client) and, for what Ray offers
+no public call for, ``study.tune.ray_internals``. Ray is pinned (its API moves between releases).
+"""
+from __future__ import annotations
+
+import math
+import os
+import uuid
+from pathlib import Path
+
+import pyarrow.fs as pafs
+import ray
+from ray import tune
+from ray.tune.search import ConcurrencyLimiter
+
+from study.config import ConfigError
+from study.results import resolve
+from study.space import Space
+from study.tune import ray_internals
+from study.tune.moved import alias_moved_modules
+from study.tune.callback import ResultsCallback
+from study.tune.pruning import OptunaPruningScheduler, PackDecisions
+from study.tune.searcher import (
+    Driver,
+    OptunaSearcher,
+    bind_driver,
+    describe_study,
+    open_study,
+)
+from study.tune.trainable import make_trainable, trial_name
+
+# A checkpoint per epoch is the point (resume, pruning); Ray's warning about it is noise here.
+os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+# Ray saves the experiment state at most every 10 s by default ("auto"): a trial created after the
+# last save and cut off by a driver crash is never resumed, and a new one replaces it (seen with
+# packs in tests/test_packs_study.py). Saving every 2 s keeps that window small; the state is a
+# few small files.
+os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")
+# Tune gives a finished trial's thread 2 s to end before reusing its actor, and fails the next trial
+# if it has not; a trial's cleanup (checkpoint folders, CUDA memory) on a busy machine may take longer.
+os.environ.setdefault("TUNE_FUNCTION_THREAD_TIMEOUT_S", "30")
+
+
+def init_ray(address: str | None, num_cpus: int | None = None, num_gpus: int | None = None) -> dict:
+    if not ray.is_initialized():
+        if address:
+            ray.init(address=address, log_to_driver=False)
+        else:
+            # "local": a Ray of our own, even when RAY_ADDRESS or a `ray start` cluster is around.
+            ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False,
+                     log_to_driver=False)
+    return ray.cluster_resources()
+
+
+def node_resources() -> list[dict]:
+    """The resources of each alive node of the Ray this driver is connected to."""
+    return [dict(n.get("Resources", {})) for n in ray.nodes() if n.get("Alive")]
+
+
+def storage_args(study_root: str) -> tuple[str, pafs.FileSystem, str]:
+    """(storage_path, filesystem, name) for Ray from the study location (local folder or URI)."""
+    fs, path = resolve(study_root)
+    parent, name = path.rstrip("/").rsplit("/", 1)
+    return parent, fs, name
+
+
+def _experiment_path(study_root: str) -> tuple[str, pafs.FileSystem]:
+    parent, fs, name = storage_args(study_root)
+    return (str(Path(parent) / name) if isinstance(fs, pafs.LocalFileSystem) else f"{parent}/{name}"), fs
+
+
+def build_tuner(*, study_root: str, space: Space, seed: int, storage_url: str, optuna_study_name: str,
+                num_samples: int, max_concurrent: int, resources: dict, data_root, cache_dir,
+                resume: bool, pack: int = 1, cluster: bool = False, objectives: tuple[str, ...] = (),
+                grayscale: str = "left out", clock=None, verbose: bool = False):
+    """A Tuner for the study at ``study_root`` (``num_samples`` counts models: packs of ``pack`` each).
+
+    ``grayscale``: the study's rule for grayscale photos ("left out" or "kept", study.engine.data.grayscale_rule),
+    applied in every trial's worker.
+
+    ``storage_url`` may hold a password: it is used in memory only; what Ray pickles holds none of
+    it. On ``resume`` the study's location, the Optuna storage, the data and the space file are those
+    given here, never the ones Ray pickled (a copied study resumes in its new place; an edited space
+    file is what its new trials are drawn from).
+    ``objectives``: two or more names of ``study.results.contract.OBJECTIVES`` make a multi-objective study
+    (Optuna's multi-objective samplers, e.g. TPE or NSGA-II; no pruning: Optuna's pruners take one
+    objective); empty: maximise METRIC with the space's pruner.
+    ``clock``: the study's running time and time budget (study.driver.progress.StudyClock); its deadline
+    reaches every trial, which stops at the first epoch's end past it with a checkpoint.
+    On ``resume`` with a larger ``num_samples`` than Ray's saved state holds, the study gets more trials.
+    """
+    if pack < 1:
+        raise ConfigError(f"pack={pack}: a pack holds at least one trial")
+    if not verbose:
+        # Tune's banner ("View detailed results here", a TensorBoard hint at a temporary folder) and
+        # tables: the study's own progress lines (study.driver.progress) say what matters, in plain text.
+        os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
+    parent, fs, name = storage_args(study_root)
+    decisions = actor = None
+    if pack > 1:
+        decisions = f"colorize-pack-decisions-{uuid.uuid4().hex[:12]}"
+        actor = PackDecisions.options(name=decisions).remote()
+    bind_driver(Driver(storage_url=storage_url, space=space, study_root=study_root, data_root=data_root,
+                       cache_dir=cache_dir, cluster=cluster, decisions=actor, total=num_samples, clock=clock))
+    fn = make_trainable(space, data_root, cache_dir, resources, decisions, grayscale,
+                        deadline=clock.deadline if clock is not None else None)
+    import optuna
+    storage = optuna.storages.RDBStorage(storage_url)
+    study = open_study(storage, optuna_study_name, space, seed, objectives)
+    if not resume:
+        for params in space.enqueued():   # the space's configurations to try first (not again on resume)
+            study.enqueue_trial(params, skip_if_exists=True)
+    describe_study(study, space, pack)
+    if resume:
+        alias_moved_modules()   # a study an earlier version started names its classes by their old modules
+        path, fs = _experiment_path(study_root)
+        ray_internals.rebase_search_state(path, fs)
+        ray_internals.set_total_trials(path, fs, math.ceil(num_samples / pack))
+        return tune.Tuner.restore(path, trainable=fn, resume_unfinished=True, resume_errored=True,
+                                  storage_filesystem=fs)
+    if len(objectives) > 1 and space.pruner.get("name", "none") != "none":
+        print(f"note: pruning is off: the space has {len(objectives)} objectives ({', '.join(objectives)}) "
+              f"and Optuna's pruners take one")
+    searcher = OptunaSearcher(optuna_study_name, seed=seed, pack=pack, objectives=objectives)
+    tune_trials = math.ceil(num_samples / pack)
+    return tune.Tuner(
+        fn,
+        tune_config=tune.TuneConfig(search_alg=ConcurrencyLimiter(searcher, max_concurrent=max_concurrent),
+                                    scheduler=OptunaPruningScheduler(searcher), num_samples=tune_trials,
+                                    # A reused actor saves a process, torch import and CUDA context per
+                                    # trial, and its last decoded data (tune_trainable); ColorizeTrial
+                                    # renames its log prefix per trial.
+                                    reuse_actors=True,
+                                    trial_name_creator=trial_name, trial_dirname_creator=trial_name),
+        run_config=tune.RunConfig(
+            name=name, storage_path=parent, storage_filesystem=fs, verbose=1 if verbose else 0,
+            callbacks=[ResultsCallback(searcher)],
+            failure_config=tune.FailureConfig(max_failures=space.max_failures),
+            # Keep the best epoch (by val PSNR; colorize uses it) besides the latest (resume uses it).
+            # A pack's members have their best epochs at different times: keep every checkpoint
+            # (the pack writes one only when a member's best, its last epoch, or a resume point).
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=1, checkpoint_score_attribute="val_psnr",
+                                                    checkpoint_score_order="max") if pack == 1
+            else tune.CheckpointConfig()),
+    )
+
+
+def budget_stopped() -> bool:
+    """Whether the study's time budget ended this run (study.tune.callback stopped it)."""
+    from study.tune import searcher as tune_searcher
+    return bool(tune_searcher._driver is not None and tune_searcher._driver.budget_stopped)
+
+
+def final_status(state: str) -> dict | None:
+    """The study's last progress line and status.json ("finished", "stopped" or "budget")."""
+    results = _driver_results()
+    return results.final_status(state) if results is not None else None
+
+
+def _driver_results():
+    from study.tune import searcher as tune_searcher
+    return tune_searcher._driver.results if tune_searcher._driver is not None else None
+
+
+def saved_total_trials(study_root: str) -> int | None:
+    path, fs = _experiment_path(study_root)
+    return ray_internals.saved_total_trials(path, fs)
+
+
+def can_resume(study_root: str) -> bool:
+    path, fs = _experiment_path(study_root)
+    return tune.Tuner.can_restore(path, storage_filesystem=fs)
+
+
+def searcher_state_problem(study_root: str) -> str | None:
+    """Why the study's saved search state cannot be resumed by this version (None: it can).
+
+    Checked before Ray restores it: a searcher that fails to restore makes Tune start the study afresh."""
+    from study.tune.searcher import load_state
+    alias_moved_modules()
+    path, fs = _experiment_path(study_root)
+    saved = ray_internals.newest_searcher_state(path, fs)
+    if saved is None:
+        return None   # Tune saved no search state yet: its restore starts the search afresh, as it should
+    name, blob = saved
+    try:
+        load_state(blob)
+    except ValueError as e:
+        return f"its search state {name}: {e}"
+    return None
+
+
+def shutdown():
+    if ray.is_initialized():
+        ray.shutdown()

@@ -1,0 +1,53 @@
+"""Where the modules of earlier versions live now, for the pickles their studies hold.
+
+Ray pickles the study's searcher, scheduler and results callback (``tuner.pkl``,
+``searcher-state-*.pkl`` and the search generator's state) by the module that defined each class when
+the study started. Those modules have since moved into wings; a study started by an earlier
+version resumes once its old module names point at the new modules.
+"""
+from __future__ import annotations
+
+import importlib
+import sys
+
+MOVED = {
+    "study.modelspec": "study.config.modelspec",
+    "study.contract": "study.results.contract",
+    "study.color": "study.engine.color",
+    "study.metrics": "study.engine.metrics",
+    "study.chroma": "study.engine.chroma",
+    "study.models": "study.engine.models",
+    "study.data": "study.engine.data",
+    "study.device": "study.engine.device",
+    "study.optim": "study.engine.optim",
+    "study.losses": "study.engine.losses",
+    "study.evaluation": "study.engine.evaluation",
+    "study.fused": "study.engine.fused",
+    "study.adversarial": "study.engine.adversarial",
+    "study.checkpoints": "study.engine.checkpoints",
+    "study.pack": "study.engine.pack",
+    "study.train": "study.engine.trial",
+    "study.plan_timing": "study.engine.timing",
+    "study.space_options": "study.space.options",
+    "study.space_yaml": "study.space.reading",
+    "study.tune_progress": "study.driver.progress",
+    "study.lock": "study.driver.lock",
+    "study.stopping": "study.driver.stopping",
+    "study.run_checks": "study.driver.checks",
+    "study.tune_backend": "study.tune.backend",
+    "study.tune_searcher": "study.tune.searcher",
+    "study.tune_pruning": "study.tune.pruning",
+    "study.tune_results": "study.tune.callback",
+    "study.tune_trainable": "study.tune.trainable",
+    "study.ray_internals": "study.tune.ray_internals",
+}
+
+
+def alias_moved_modules() -> None:
+    """Make each earlier module name importable as the module that holds its classes now (idempotent).
+
+    ``study.config``, ``study.results``, ``study.engine`` and ``study.space`` kept their names as wings
+    whose ``__init__`` exports the classes an earlier pickle names."""
+    for old, new in MOVED.items():
+        if old not in sys.modules:
+            sys.modules[old] = importlib.import_module(new)

@@ -1,0 +1,101 @@
+"""Pruning in a Ray Tune study: the driver asks Optuna's pruner each epoch, for trials and pack members.
+
+Where pack pruning is decided: in the driver, which asks Optuna exactly as it does for single
+trials, and hands the answer to the pack's worker through ``PackDecisions``. The alternative
+(workers talking to Optuna through its gRPC storage proxy) would need a server and an open port
+on the driver that every node can reach, and a second writer of the study; here Optuna is only
+ever touched by the driver (an SQLite file next to the driver keeps working on a cluster) and the
+answer travels on Ray's own authenticated channels.
+"""
+from __future__ import annotations
+
+import asyncio
+
+import ray
+from ray.tune.schedulers import FIFOScheduler, TrialScheduler
+
+from study.tune import ray_internals
+from study.tune.searcher import (
+    COMPLETE,
+    ERROR_KEY,
+    FAIL,
+    PRUNED,
+    STEP_METRIC,
+    OptunaSearcher,
+    driver,
+    member_id,
+    members_of,
+)
+
+
+@ray.remote(num_cpus=0)
+class PackDecisions:
+    """Which members of a pack the driver stopped after an epoch; the pack's worker waits for the answer."""
+
+    def __init__(self):
+        self._stops: dict[tuple[str, int], list[int]] = {}
+        self._events: dict[tuple[str, int], asyncio.Event] = {}
+
+    def _event(self, key) -> asyncio.Event:
+        return self._events.setdefault(key, asyncio.Event())
+
+    async def decide(self, trial_id: str, epoch: int, stop: list[int]) -> None:
+        self._stops[(trial_id, epoch)] = stop
+        self._event((trial_id, epoch)).set()
+        for old in [k for k in self._stops if k[0] == trial_id and k[1] < epoch - 2]:
+            self._stops.pop(old, None)
+            self._events.pop(old, None)
+
+    async def wait(self, trial_id: str, epoch: int, timeout_s: float) -> list[int] | None:
+        try:
+            await asyncio.wait_for(self._event((trial_id, epoch)).wait(), timeout_s)
+        except asyncio.TimeoutError:
+            return None
+        return self._stops.get((trial_id, epoch), [])
+
+
+class OptunaPruningScheduler(FIFOScheduler):
+    """Asks the Optuna study's pruner, once per reported epoch, whether to stop a trial (or pack member)."""
+
+    def __init__(self, searcher: OptunaSearcher):
+        super().__init__()
+        self.searcher = searcher
+
+    def on_trial_add(self, tune_controller, trial):
+        super().on_trial_add(tune_controller, trial)
+        ray_internals.save_state_after_this_step(tune_controller)
+
+    def on_trial_result(self, tune_controller, trial, result: dict) -> str:
+        if ERROR_KEY in result or "epoch" not in result:
+            return TrialScheduler.CONTINUE
+        epoch = int(result["epoch"])
+        members = members_of(result)
+        s = self.searcher
+        if not members:
+            s.note_epoch(trial.trial_id, result)
+            if s.report_and_should_prune(trial.trial_id, float(result[STEP_METRIC]), epoch):
+                s.finish(trial.trial_id, PRUNED, None, epoch)
+                return TrialScheduler.STOP
+            return TrialScheduler.CONTINUE
+        stop = []
+        for key, row in members.items():
+            k = int(key)
+            mid = member_id(trial.trial_id, k, s.pack)
+            ended = s.finished.get(mid)
+            if ended is not None:   # told before (a restored pack re-runs epochs): it leaves where it ended
+                if epoch >= ended[1]:
+                    stop.append(k)
+                continue
+            s.note_epoch(mid, row)
+            if row.get("error"):
+                s.finish(mid, FAIL, None, epoch)
+                stop.append(k)
+            elif s.report_and_should_prune(mid, float(row[STEP_METRIC]), epoch):
+                s.finish(mid, PRUNED, None, epoch)
+                stop.append(k)
+            elif epoch >= int(row.get("epochs", 0) or 0) > 0:
+                s.finish(mid, COMPLETE, s.value_of(mid, row), epoch)
+        decisions = driver().decisions
+        if decisions is not None:
+            decisions.decide.remote(trial.trial_id, epoch, sorted(stop))
+        return TrialScheduler.CONTINUE

@@ -1,0 +1,330 @@
+"""The study's Ray Tune searcher: Optuna driven through its public API only.
+
+``OptunaSearcher`` is a plain ``ray.tune.search.Searcher`` (Ray's documented extension
+point). It asks Optuna for configurations (``Study.ask`` with the space's define-by-run
+function), tells it each trial's end (``Study.tell``, by trial number), reports
+intermediate values and asks the pruner through the storage it opened itself (the public
+``BaseStorage`` and ``BasePruner.prune`` API). With packs, one Tune trial is K Optuna
+trials ("members") that share a structure.
+
+What Ray pickles (``tuner.pkl``, ``searcher-state-*.pkl``, world-readable files) holds no
+sampler, no storage and no secret: only the study's name, its objectives, the pack size,
+the seed, and which Optuna trial numbers belong to which Tune trial. Everything that
+connects (the storage URL, which may hold a password) or that the user may have edited
+(the space file) comes from the driver that runs now, through ``bind_driver``: a resumed
+study uses the space file as it is now, and the sampler is rebuilt from it, seeded from
+the study's seed and its number of trials so far (a resumed study goes on
+deterministically).
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import pickle
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import optuna
+from ray.tune.search import Searcher
+
+from study.config import ConfigError
+from study.results import OBJECTIVES
+
+log = logging.getLogger("study")
+
+METRIC = "best_val_psnr"    # a trial's value in Optuna: its best epoch's val PSNR (RGB, dB)
+STEP_METRIC = "val_psnr"    # each epoch's intermediate value in Optuna: that epoch's own val PSNR
+ERROR_KEY = "trial_error"   # set in a trial's last report when it failed for a reason a retry cannot fix
+MEMBERS_KEY = "members"     # a pack's report: {str(member index): epoch row} of the members still in it
+PARKED_KEY = "budget_parked"   # set in a report when the time budget stopped the trial at this epoch's end
+STATE_OF = {"COMPLETE": "DONE", "PRUNED": "PRUNED", "FAIL": "ERROR"}   # Optuna state -> results status
+COMPLETE, PRUNED, FAIL = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED,
+                          optuna.trial.TrialState.FAIL)
+
+
+@dataclass
+class Driver:
+    """What the driver running the study now knows, never pickled: where things are and the space."""
+    storage_url: str
+    space: Any                      # study.space.Space
+    study_root: str = ""
+    data_root: str | None = None
+    cache_dir: str | None = None
+    cluster: bool = False
+    decisions: Any = None           # the PackDecisions actor handle (packs only)
+    total: int = 0                  # the study's trials (models), for progress
+    clock: Any = None               # study.driver.progress.StudyClock: running time and time budget
+    budget_stopped: bool = False    # set when the time budget stopped the study
+    results: Any = None             # the ResultsCallback of this run (set by its setup)
+
+
+_driver: Driver | None = None
+
+
+def bind_driver(driver: Driver) -> None:
+    """Make ``driver`` what every searcher, scheduler and callback of this process uses (one study per driver)."""
+    global _driver
+    _driver = driver
+
+
+def driver() -> Driver:
+    if _driver is None:
+        raise RuntimeError("the study's searcher was used before study.tune.backend.build_tuner bound its driver")
+    return _driver
+
+
+def members_of(result: dict) -> dict[str, dict]:
+    """A pack's per-member rows from a result, nested (callbacks) or flattened by Tune (scheduler, searcher)."""
+    if MEMBERS_KEY in result:
+        return result[MEMBERS_KEY]
+    out: dict[str, dict] = {}
+    prefix = MEMBERS_KEY + "/"
+    for key, value in result.items():
+        if key.startswith(prefix):
+            k, name = key[len(prefix):].split("/", 1)
+            out.setdefault(k, {})[name] = value
+    return out
+
+
+def member_id(trial_id: str, k: int, pack: int) -> str:
+    """The results' trial_id of member ``k`` of a Tune trial (the Tune trial's own id without packs)."""
+    return trial_id if pack == 1 else f"{trial_id}_m{k}"
+
+
+def open_study(storage: optuna.storages.BaseStorage, name: str, space, seed: int, objectives: tuple[str, ...],
+               ) -> optuna.Study:
+    """The Optuna study ``name`` (made if new) with the space's sampler and pruner.
+
+    The sampler is seeded from ``seed`` and the number of trials the study already has: a new study
+    starts from ``seed`` as before, a resumed one goes on deterministically without repeating the
+    draws it started with.
+    """
+    multi = len(objectives) > 1
+    directions = ["maximize"] * (len(objectives) if multi else 1)
+    probe = optuna.load_study(study_name=name, storage=storage) if name in _names(storage) else None
+    done = len(probe.get_trials(deepcopy=False)) if probe is not None else 0
+    sampler = space.make_sampler(seed if done == 0 else (seed * 1_000_003 + done) % (2 ** 31))
+    pruner = optuna.pruners.NopPruner() if multi else space.make_pruner()
+    study = optuna.create_study(storage=storage, study_name=name, sampler=sampler, pruner=pruner,
+                                directions=directions, load_if_exists=True)
+    if study.metric_names is None:
+        with warnings.catch_warnings():  # experimental in Optuna 5, and what optuna-dashboard reads
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            study.set_metric_names(list(objectives) if multi else [METRIC])
+    return study
+
+
+def _names(storage: optuna.storages.BaseStorage) -> set[str]:
+    return {s.study_name for s in storage.get_all_studies()}
+
+
+def describe_study(study: optuna.Study, space, pack: int) -> str | None:
+    """Record the space's name and its file's sha256 in the study (read by optuna-dashboard); returns the
+    sha256 the study was started with when the file changed since (None when it did not)."""
+    digest = hashlib.sha256(Path(space.path).read_bytes()).hexdigest()
+    attrs = study.user_attrs
+    started = attrs.get("space_sha256")
+    if started not in (None, digest):
+        # The file as it is now is what new trials use (see the module docstring): say so in the study.
+        study.set_user_attr("space_sha256_resumed", digest)
+        return started
+    study.set_user_attr("space", space.name)
+    study.set_user_attr("space_file", Path(space.path).name)
+    study.set_user_attr("space_sha256", digest)
+    study.set_user_attr("pack", pack)
+    return None
+
+
+def load_state(blob: bytes) -> dict:
+    """The searcher's saved state (``OptunaSearcher.save``); ValueError saying why this version cannot use it."""
+    try:
+        state = pickle.loads(blob)
+    except Exception as e:  # noqa: BLE001 - unpickling fails in many ways (a class since removed, a cut file)
+        raise ValueError(f"it cannot be read ({type(e).__name__}: {e})") from e
+    if not isinstance(state, dict) or "numbers" not in state:
+        raise ValueError("it was written by another version's searcher")
+    return state
+
+
+class OptunaSearcher(Searcher):
+    """Ray Tune's searcher for the study: asks and tells the Optuna study ``study_name``."""
+
+    def __init__(self, study_name: str, *, seed: int = 0, pack: int = 1, objectives: tuple[str, ...] = ()):
+        self.objectives = tuple(objectives)   # () or one: METRIC, single-objective; two or more: a front
+        if self.multi:
+            unknown = [o for o in self.objectives if o not in OBJECTIVES]
+            if unknown:
+                raise ConfigError(f"objectives {unknown} are not known; choose from {sorted(OBJECTIVES)}")
+            super().__init__(metric=list(self.objectives), mode=["max"] * len(self.objectives))
+        else:
+            super().__init__(metric=METRIC, mode="max")
+        self.study_name, self.seed, self.pack = study_name, seed, pack
+        self.numbers: dict[str, int] = {}               # member id -> Optuna trial number
+        self.completed: set[str] = set()                # Tune trial ids told as complete
+        self.pruned: set[str] = set()
+        self.finished: dict[str, tuple[str, int]] = {}  # member id -> (results status, last epoch) once told
+        self.best_values: dict[str, list[float]] = {}   # member id -> objectives at its best epoch (multi only)
+        self._study: optuna.Study | None = None
+        self._storage: optuna.storages.BaseStorage | None = None
+        self._trial_ids: dict[int, int] = {}
+
+    # ---- what Ray pickles: the state above, never a connection, sampler or space
+    _STATE = ("objectives", "study_name", "seed", "pack", "numbers", "completed", "pruned", "finished",
+              "best_values")
+
+    def __getstate__(self):
+        state = {k: v for k, v in self.__dict__.items() if k not in ("_study", "_storage", "_trial_ids")}
+        return {**state, "_study": None, "_storage": None, "_trial_ids": {}}
+
+    def get_state(self) -> dict:
+        return {k: getattr(self, k) for k in self._STATE}
+
+    def set_state(self, state: dict) -> None:
+        for k in self._STATE:
+            if k in state:
+                setattr(self, k, state[k])
+        self._study, self._storage, self._trial_ids = None, None, {}
+
+    def save(self, checkpoint_path: str):
+        with open(checkpoint_path, "wb") as f:
+            pickle.dump(self.get_state(), f)
+
+    def restore(self, checkpoint_path: str):
+        with open(checkpoint_path, "rb") as f:
+            try:
+                state = load_state(f.read())
+            except ValueError as e:
+                raise RuntimeError(f"{checkpoint_path}: {e}; the study cannot be resumed by this version") from e
+        self.set_state(state)
+        self.fail_orphans()
+
+    def set_search_properties(self, metric, mode, config, **spec) -> bool:
+        return True   # the space comes from the driver (bind_driver), not from Tune's param_space
+
+    # ---- the study, connected lazily in the driver that runs now
+    @property
+    def study(self) -> optuna.Study:
+        if self._study is None:
+            d = driver()
+            self._storage = optuna.storages.RDBStorage(d.storage_url)
+            self._study = open_study(self._storage, self.study_name, d.space, self.seed, self.objectives)
+        return self._study
+
+    def _trial_id(self, number: int) -> int:
+        """Optuna's storage id of trial ``number`` (the storage's public API; cached)."""
+        if number not in self._trial_ids:
+            study = self.study
+            self._trial_ids[number] = self._storage.get_trial_id_from_study_id_trial_number(
+                self._storage.get_study_id_from_name(study.study_name), number)
+        return self._trial_ids[number]
+
+    @property
+    def multi(self) -> bool:
+        return len(self.objectives) > 1
+
+    def optuna_number(self, mid: str) -> int:
+        return self.numbers.get(mid, -1)
+
+    # ---- asking
+    def _ask(self, trial_id: str, fixed: dict | None = None) -> tuple[optuna.trial.Trial, dict]:
+        if fixed is not None:
+            self.study.enqueue_trial(fixed, skip_if_exists=False)
+        ot = self.study.ask()
+        constants = driver().space.define(ot)
+        # Recorded in the study itself, so a resumed driver can tell its trials from orphans.
+        ot.set_user_attr("ray_trial_id", trial_id)
+        return ot, {**ot.params, **constants}
+
+    def suggest(self, trial_id: str):
+        clock = driver().clock
+        if clock is not None and clock.expired():
+            return None   # the time budget is spent: no new trial (the driver stops the study)
+        first, config = self._ask(trial_id)
+        if self.pack == 1:
+            self.numbers[trial_id] = first.number
+            return config
+        # The other members share the first one's structure; the sampler picks the rest
+        # (TPE with constant_liar keeps these back-to-back asks apart).
+        from study.engine import STRUCTURE
+        fixed = {n: v for n, v in first.params.items() if n.split("__")[0] in STRUCTURE}
+        members, trials = [config], [first]
+        for _ in range(1, self.pack):
+            ot, cfg = self._ask(trial_id, fixed)
+            members.append(cfg)
+            trials.append(ot)
+        for k, ot in enumerate(trials):
+            ot.set_user_attr("pack_member", k)
+            self.numbers[member_id(trial_id, k, self.pack)] = ot.number
+        return {"pack": members}
+
+    # ---- telling
+    def note_epoch(self, mid: str, row: dict) -> None:
+        """Keep the objectives of a member's best epoch (what it is told as at its end)."""
+        if self.multi and row.get("best_epoch") == row.get("epoch") and mid not in self.finished:
+            self.best_values[mid] = [OBJECTIVES[o](row) for o in self.objectives]
+
+    def value_of(self, mid: str, row: dict):
+        return self.best_values.get(mid) if self.multi else row.get(METRIC)
+
+    def report_and_should_prune(self, mid: str, value: float, step: int) -> bool:
+        """Report ``value`` at ``step`` (once) and ask the study's pruner (single objective only: Optuna
+        takes no intermediate values, and no pruner works, with several)."""
+        number = self.numbers.get(mid)
+        if self.multi or number is None or mid in self.finished or not math.isfinite(value):
+            return False
+        study = self.study
+        tid = self._trial_id(number)
+        if step not in self._storage.get_trial(tid).intermediate_values:   # a restored trial re-runs epochs
+            self._storage.set_trial_intermediate_value(tid, step, value)
+        return study.pruner.prune(study, self._storage.get_trial(tid))
+
+    def finish(self, mid: str, state: optuna.trial.TrialState, value, epoch: int) -> None:
+        """Tell Optuna a member's (or single trial's) end, once."""
+        if mid in self.finished or mid not in self.numbers:
+            return
+        values = value if isinstance(value, list) else [value]
+        if state == COMPLETE and any(v is None or not math.isfinite(v) for v in values):
+            state = FAIL
+        try:
+            self.study.tell(self.numbers[mid], value if state == COMPLETE else None, state=state,
+                            skip_if_finished=True)
+        except (ValueError, RuntimeError) as e:  # e.g. its values do not fit the study's directions
+            log.warning("optuna tell for %s: %s", mid, e)
+        if state == PRUNED:
+            self.pruned.add(mid)
+        self.finished[mid] = (STATE_OF[state.name], int(epoch))
+
+    def on_trial_result(self, trial_id: str, result: dict):
+        pass  # OptunaPruningScheduler reports each epoch (it runs before this hook)
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False):
+        if trial_id in self.completed:
+            return
+        result = result or {}
+        failed = error or bool(result.get(ERROR_KEY))
+        epoch = int(result.get("epoch", 0) or 0)
+        for k in range(self.pack):
+            mid = member_id(trial_id, k, self.pack)
+            if self.pack == 1 and mid in self.pruned:
+                continue
+            if failed:
+                self.finish(mid, FAIL, None, epoch)
+            else:
+                row = members_of(result).get(str(k), {}) if self.pack > 1 else result
+                self.finish(mid, COMPLETE, self.value_of(mid, row), epoch)
+        self.completed.add(trial_id)
+
+    def fail_orphans(self) -> int:
+        """Optuna trials asked for after the driver's last saved state never ran as Tune trials: FAIL them."""
+        known = set(self.numbers.values())
+        n = 0
+        for t in self.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+            if t.number not in known:
+                self._storage.set_trial_user_attr(self._trial_id(t.number), "orphaned",
+                                                  "asked before a driver crash; never ran")
+                self.study.tell(t.number, state=FAIL, skip_if_finished=True)
+                n += 1
+        return n
