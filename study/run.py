@@ -381,13 +381,13 @@ def _run_study(args, space, name, root, meta, given_url, space_changed, resource
         packs = f" in packs of {meta['pack']}" if meta.get("pack", 1) > 1 else ""
         print(f"study {name}: space {space.name}, {meta['num_samples']} trials{packs}, {resources} per trial, "
               f"results in {under(root, 'results')}, Optuna {masked(storage_url)}")
-        tuner = tb.build_tuner(
+        tuner = tb.build_tuner(tb.StudySettings(
             study_root=root, space=space, seed=meta.get("seed", args.seed), storage_url=storage_url,
             optuna_study_name=meta["optuna_study_name"], num_samples=meta["num_samples"],
             max_concurrent=args.max_concurrent or meta.get("max_concurrent") or space.max_concurrent,
             resources=resources, data_root=data_root, cache_dir=cache_dir, resume=args.resume,
             pack=meta.get("pack", 1), cluster=bool(address), objectives=space.objectives,
-            grayscale=meta.get("grayscale", "kept"), clock=clock, verbose=args.verbose)
+            grayscale=meta.get("grayscale", "kept"), clock=clock, verbose=args.verbose))
         if space_changed:
             meta.setdefault("space_changes", []).append(
                 {"sha256": space_hash(space.path), "resumed": time.strftime("%Y-%m-%d %H:%M:%S")})
@@ -395,8 +395,8 @@ def _run_study(args, space, name, root, meta, given_url, space_changed, resource
         write_json(root, "study.json", meta)
         cli.work_started()
         tuner.fit()
-        budget_stopped = tb.budget_stopped()
-        tb.final_status("stopped" if signals.received else "budget" if budget_stopped else "finished")
+        budget_stopped = tuner.budget_stopped
+        tuner.final_status("stopped" if signals.received else "budget" if budget_stopped else "finished")
         tb.shutdown()   # no Ray process of ours outlives the study, however it ended
     resume_cmd = stopping.resume_command(root, args.storage, name, space, given_url)
     if signals.received:   # not the "best" table of a study that did not finish

@@ -1,6 +1,7 @@
 """Each of Ray's private internals the study relies on (study.tune.ray_internals), named, so that a Ray upgrade
 that moves one fails here, not in a user's study."""
 import pyarrow.fs as pafs
+import pytest
 import ray
 from ray.tune.execution.tune_controller import TuneController
 
@@ -73,3 +74,35 @@ def test_newest_searcher_state_is_the_file_tunes_restore_takes(tmp_path):
     (tmp_path / "search_gen_state-2026-12-03_12-00-00.json").write_bytes(b"not the searcher's")
     assert ray_internals.newest_searcher_state(str(tmp_path), fs) == ("searcher-state-2026-12-03_11-00-00.pkl",
                                                                       b"new")
+
+
+def test_a_restored_tuner_keeps_its_unpickled_parts_where_restored_parts_looks():
+    # Ray 2.60: Tuner._local_tuner (a TunerInternal) with _tune_config.search_alg/.scheduler and get_run_config().
+    import inspect
+
+    from ray.tune import Tuner
+    from ray.tune.impl.tuner_internal import TunerInternal
+    assert "self._local_tuner" in inspect.getsource(Tuner)
+    assert "self._tune_config" in inspect.getsource(TunerInternal) and hasattr(TunerInternal, "get_run_config")
+
+    class Limiter:   # a ConcurrencyLimiter: the searcher is its public attribute
+        searcher = "searcher"
+
+    class Config:
+        search_alg, scheduler = Limiter(), "scheduler"
+
+    class RunConfig:
+        callbacks = ["callback"]
+
+    class Internal:
+        _tune_config = Config()
+
+        def get_run_config(self):
+            return RunConfig()
+
+    class Restored:
+        _local_tuner = Internal()
+
+    assert ray_internals.restored_parts(Restored()) == ["searcher", "scheduler", "callback"]
+    with pytest.raises(RuntimeError, match="restored_parts needs updating"):
+        ray_internals.restored_parts(object())

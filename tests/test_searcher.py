@@ -1,5 +1,6 @@
 """The study's searcher (study.tune.searcher): Optuna through its public API, pickles without secrets,
-members of packs pruned on their own, fronts of two objectives; with the driver bound as study.run binds it."""
+members of packs pruned on their own, fronts of two objectives; each given the driver state as build_tuner
+gives it."""
 import pickle
 from pathlib import Path
 
@@ -13,35 +14,40 @@ from study.space.parse import load_space
 from study.tune import searcher as ts
 from study.tune.callback import ResultsCallback
 from study.tune.pruning import OptunaPruningScheduler
+from study.tune.state import DriverState
 
 
 @pytest.fixture()
-def bound(tmp_path):
-    """Bind a driver as build_tuner does; returns a function (space, **changes) -> storage URL."""
-    url = f"sqlite:///{tmp_path / 'optuna.db'}"
-
-    def bind(space, **changes):
-        ts.bind_driver(ts.Driver(storage_url=url, space=space, study_root=str(tmp_path / "study"), **changes))
-        return url
-    yield bind
-    ts.bind_driver(None)
+def driver(tmp_path):
+    """A driver state as build_tuner makes one; returns a function (space, **changes) -> DriverState."""
+    def make(space, **changes):
+        return DriverState(storage_url=f"sqlite:///{tmp_path / 'optuna.db'}", space=space,
+                           study_root=str(tmp_path / "study"), **changes)
+    return make
 
 
-def test_pickles_hold_no_database_and_resume_reconnects(tmp_path, bound):
+def test_pickles_hold_no_database_and_resume_reconnects(tmp_path, driver):
     space = load_space("smoke")
-    url = bound(space)
-    searcher = ts.OptunaSearcher("s", seed=3)
+    d = driver(space, data_root=str(tmp_path / "data-root"), cache_dir=str(tmp_path / "cache-dir"))
+    url = d.storage_url
+    searcher = ts.OptunaSearcher("s", d, seed=3)
     config = searcher.suggest("t1")
     assert searcher.optuna_number("t1") == 0 and "dataset" in config
     blob = pickle.dumps(searcher)
-    # What Ray writes to tuner.pkl and searcher-state-*.pkl: no storage, sampler, engine or URL (a password).
+    # What Ray writes to tuner.pkl and searcher-state-*.pkl: no storage, sampler, engine, URL (a password),
+    # space or driver state; the scheduler and the results callback (tuner.pkl) hold none either.
     searcher.save(str(tmp_path / "state.pkl"))
-    for data in (blob, (tmp_path / "state.pkl").read_bytes()):
-        for secret in (b"RDBStorage", b"sqlalchemy", b"optuna.db", b"Sampler", b"_thread"):
+    others = [pickle.dumps(OptunaPruningScheduler(searcher, d)), pickle.dumps(ResultsCallback(searcher, d))]
+    for data in (blob, (tmp_path / "state.pkl").read_bytes(), *others):
+        for secret in (b"RDBStorage", b"sqlalchemy", b"optuna.db", b"Sampler", b"_thread", b"DriverState",
+                       b"data-root", b"cache-dir", b"smoke.yaml"):
             assert secret not in data, secret
     again = pickle.loads(blob)
     assert again._study is None and again._storage is None
+    with pytest.raises(RuntimeError, match="driver state"):   # unpickled: nothing until it is given one
+        again.suggest("t2")
     # Rebuilt from the URL the driver holds: the same Optuna trial, still RUNNING, and it is told as usual.
+    again.bind(d)
     again.restore(str(tmp_path / "state.pkl"))
     study = optuna.load_study(study_name="s", storage=url)
     (t,) = study.get_trials()
@@ -51,25 +57,25 @@ def test_pickles_hold_no_database_and_resume_reconnects(tmp_path, bound):
     assert study.get_trials()[0].state.name == "COMPLETE" and study.get_trials()[0].value == 21.5
 
 
-def test_asked_after_the_last_save_is_failed_as_an_orphan_on_resume(tmp_path, bound):
-    url = bound(load_space("smoke"))
-    searcher = ts.OptunaSearcher("o")
+def test_asked_after_the_last_save_is_failed_as_an_orphan_on_resume(tmp_path, driver):
+    d = driver(load_space("smoke"))
+    url = d.storage_url
+    searcher = ts.OptunaSearcher("o", d)
     searcher.suggest("a")
     searcher.save(str(tmp_path / "state.pkl"))
     searcher.suggest("b")                      # the driver crashes before saving this one
-    fresh = ts.OptunaSearcher("o")
+    fresh = ts.OptunaSearcher("o", d)
     fresh.restore(str(tmp_path / "state.pkl"))
     got = {t.user_attrs["ray_trial_id"]: t for t in optuna.load_study(study_name="o", storage=url).get_trials()}
     assert got["a"].state.name == "RUNNING"
     assert got["b"].state.name == "FAIL" and "driver crash" in got["b"].user_attrs["orphaned"]
 
 
-def test_a_bad_config_stays_in_its_trial(tmp_path, bound):
-    space = load_space("smoke")
-    bound(space)
-    searcher = ts.OptunaSearcher("s")
+def test_a_bad_config_stays_in_its_trial(tmp_path, driver):
+    d = driver(load_space("smoke"))
+    searcher = ts.OptunaSearcher("s", d)
     config = searcher.suggest("t1")
-    callback = ResultsCallback(searcher)
+    callback = ResultsCallback(searcher, d)
     bad = Trial("ColorizeTrial", config={**config, "base_filters": 0}, stub=True)
     (cfg, error), = callback._configs(bad)
     assert cfg["base_filters"] == 0 and "base_filters" in error
@@ -79,11 +85,12 @@ def test_a_bad_config_stays_in_its_trial(tmp_path, bound):
     assert row.status.tolist() == ["ERROR"] and "base_filters" in row.error.iloc[0]
 
 
-def test_each_member_is_reported_and_pruned_on_its_own(tmp_path, bound):
+def test_each_member_is_reported_and_pruned_on_its_own(tmp_path, driver):
     space = load_space("smoke")
     space.pruner = {"name": "none"}
-    url = bound(space)
-    searcher = ts.OptunaSearcher("p", pack=3)
+    d = driver(space)
+    url = d.storage_url
+    searcher = ts.OptunaSearcher("p", d, pack=3)
     # A threshold pruner through the study's public attribute (the space offers median/halving/hyperband).
     searcher.study.pruner = optuna.pruners.ThresholdPruner(lower=10.0)
     config = searcher.suggest("t")
@@ -92,7 +99,7 @@ def test_each_member_is_reported_and_pruned_on_its_own(tmp_path, bound):
     for member in config["pack"][1:]:   # the structure is the first member's; the rest is sampled
         assert {k: member[k] for k in ("depth", "sampling", "output")} == \
             {k: firsts[k] for k in ("depth", "sampling", "output")}
-    scheduler = OptunaPruningScheduler(searcher)
+    scheduler = OptunaPruningScheduler(searcher, d)
     trial = Trial("ColorizeTrial", config=config, trial_id="t", stub=True)
 
     def flat(epoch, psnrs):  # as Tune hands results to schedulers: flattened
@@ -119,12 +126,13 @@ def test_each_member_is_reported_and_pruned_on_its_own(tmp_path, bound):
 
 
 @pytest.mark.parametrize("sampler", ["tpe", "nsga2"])
-def test_two_objectives_make_a_front_without_pruning(tmp_path, bound, sampler):
+def test_two_objectives_make_a_front_without_pruning(tmp_path, driver, sampler):
     space = load_space("smoke")
     space.pruner, space.sampler = {"name": "none"}, {"name": sampler}
-    url = bound(space)
-    searcher = ts.OptunaSearcher("mo", objectives=("val_psnr_gain", "val_colourfulness"))
-    scheduler = OptunaPruningScheduler(searcher)
+    d = driver(space)
+    url = d.storage_url
+    searcher = ts.OptunaSearcher("mo", d, objectives=("val_psnr_gain", "val_colourfulness"))
+    scheduler = OptunaPruningScheduler(searcher, d)
     trial = Trial("ColorizeTrial", config=searcher.suggest("a"), trial_id="a", stub=True)
     pickle.dumps(searcher)   # NSGA-II's sampler holds a lock in Optuna 5.1: it must never be pickled
     rows = [(1, 20.0, 0.3, 1), (2, 23.0, 0.5, 2), (3, 22.0, 0.9, 2)]   # epoch, val PSNR, colour, best epoch
@@ -140,14 +148,14 @@ def test_two_objectives_make_a_front_without_pruning(tmp_path, bound, sampler):
     # Both objectives at the best epoch (2, by val PSNR): gain 23 - 21 dB, colourfulness 0.5.
     assert t.state.name == "COMPLETE" and t.values == [2.0, 0.5] and t.intermediate_values == {}
     with pytest.raises(ts.ConfigError, match="not known"):
-        ts.OptunaSearcher("x", objectives=("val_psnr_gain", "sharpness"))
+        ts.OptunaSearcher("x", d, objectives=("val_psnr_gain", "sharpness"))
 
 
-def test_resumed_sampler_goes_on_deterministically(tmp_path, bound):
+def test_resumed_sampler_goes_on_deterministically(tmp_path, driver):
     space = load_space("smoke")
     space.sampler = {"name": "random"}
-    bound(space)
-    first = ts.OptunaSearcher("d", seed=7)
+    d = driver(space)
+    first = ts.OptunaSearcher("d", d, seed=7)
     a = [first.suggest(f"t{i}") for i in range(2)]
     first.save(str(tmp_path / "state.pkl"))
     # Two drivers resuming the same saved study (the same database) draw the same next configuration.
@@ -155,7 +163,34 @@ def test_resumed_sampler_goes_on_deterministically(tmp_path, bound):
     draws = []
     for _ in range(2):
         (tmp_path / "optuna.db").write_bytes(snapshot)
-        again = ts.OptunaSearcher("d", seed=7)
+        again = ts.OptunaSearcher("d", d, seed=7)
         again.restore(str(tmp_path / "state.pkl"))
         draws.append(again.suggest("t2"))
     assert draws[0] == draws[1] and draws[0] not in a
+
+
+def test_a_resumed_tuner_runs_with_the_driver_state_of_the_run_that_resumes_it(tmp_path):
+    # build_tuner as study.run calls it: a new study, then --resume from another data folder (Ray unpickles the
+    # searcher, scheduler and callback from tuner.pkl; the resuming run hands them its own driver state).
+    from dataclasses import replace
+
+    from study.driver import StudyClock
+    from study.tune import ray_internals
+    from study.tune.backend import StudySettings, build_tuner
+
+    root = tmp_path / "studies" / "r"
+    root.mkdir(parents=True)
+    settings = StudySettings(study_root=str(root), space=load_space("smoke"), seed=0,
+                             storage_url=f"sqlite:///{root}/optuna.db", optuna_study_name="r", num_samples=2,
+                             max_concurrent=1, resources={"cpu": 1}, data_root=str(tmp_path / "first-data"),
+                             cache_dir=None, resume=False, clock=StudyClock())
+    first = build_tuner(settings)
+    saved = (root / "tuner.pkl").read_bytes()
+    for secret in (b"optuna.db", b"first-data", b"DriverState", b"StudyClock"):
+        assert secret not in saved, secret
+    again = build_tuner(replace(settings, resume=True, data_root=str(tmp_path / "moved-data")))
+    searcher, scheduler, callback = ray_internals.restored_parts(again.tuner)
+    assert searcher is not first.results.searcher   # unpickled, not the first run's
+    assert scheduler.searcher is searcher and callback.searcher is searcher and callback is again.results
+    assert searcher.driver is scheduler.driver is callback.driver is again.driver
+    assert callback.data_root == str(tmp_path / "moved-data") and again.driver.clock is settings.clock

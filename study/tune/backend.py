@@ -1,35 +1,33 @@
 """The study's Ray layer: start or join Ray, build the Tuner of a study, resume it.
 
-Ray's calls live in the ``study.tune_*`` modules (this one, ``tune_searcher``, ``tune_pruning``,
-``tune_results``, ``tune_trainable``), ``study.submit`` (Ray's job client) and, for what Ray offers
-no public call for, ``study.tune.ray_internals``. Ray is pinned (its API moves between releases).
+Ray's calls live in ``study.tune`` (this module, ``searcher``, ``pruning``, ``callback``,
+``trainable``), ``study.submit`` (Ray's job client) and, for what Ray offers no public call for,
+``study.tune.ray_internals``. Ray is pinned (its API moves between releases).
 """
 from __future__ import annotations
 
 import math
 import os
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pyarrow.fs as pafs
 import ray
 from ray import tune
 from ray.tune.search import ConcurrencyLimiter
 
+from study.cli import UsageError
 from study.config import ConfigError
 from study.results import resolve
 from study.space import Space
 from study.tune import ray_internals
-from study.tune.moved import alias_moved_modules
 from study.tune.callback import ResultsCallback
+from study.tune.moved import alias_moved_modules
 from study.tune.pruning import OptunaPruningScheduler, PackDecisions
-from study.tune.searcher import (
-    Driver,
-    OptunaSearcher,
-    bind_driver,
-    describe_study,
-    open_study,
-)
+from study.tune.searcher import OptunaSearcher, describe_study, open_study
+from study.tune.state import DriverState, UsesDriver
 from study.tune.trainable import make_trainable, trial_name
 
 # A checkpoint per epoch is the point (resume, pruning); Ray's warning about it is noise here.
@@ -72,97 +70,154 @@ def _experiment_path(study_root: str) -> tuple[str, pafs.FileSystem]:
     return (str(Path(parent) / name) if isinstance(fs, pafs.LocalFileSystem) else f"{parent}/{name}"), fs
 
 
-def build_tuner(*, study_root: str, space: Space, seed: int, storage_url: str, optuna_study_name: str,
-                num_samples: int, max_concurrent: int, resources: dict, data_root, cache_dir,
-                resume: bool, pack: int = 1, cluster: bool = False, objectives: tuple[str, ...] = (),
-                grayscale: str = "left out", clock=None, verbose: bool = False):
-    """A Tuner for the study at ``study_root`` (``num_samples`` counts models: packs of ``pack`` each).
-
-    ``grayscale``: the study's rule for grayscale photos ("left out" or "kept", study.engine.data.grayscale_rule),
-    applied in every trial's worker.
+@dataclass(frozen=True)
+class StudySettings:
+    """What the Tuner of a study is built from (``num_samples`` counts models: packs of ``pack`` each).
 
     ``storage_url`` may hold a password: it is used in memory only; what Ray pickles holds none of
     it. On ``resume`` the study's location, the Optuna storage, the data and the space file are those
     given here, never the ones Ray pickled (a copied study resumes in its new place; an edited space
-    file is what its new trials are drawn from).
+    file is what its new trials are drawn from); with a larger ``num_samples`` than Ray's saved state
+    holds, the study gets more trials.
     ``objectives``: two or more names of ``study.results.contract.OBJECTIVES`` make a multi-objective study
     (Optuna's multi-objective samplers, e.g. TPE or NSGA-II; no pruning: Optuna's pruners take one
     objective); empty: maximise METRIC with the space's pruner.
-    ``clock``: the study's running time and time budget (study.driver.progress.StudyClock); its deadline
-    reaches every trial, which stops at the first epoch's end past it with a checkpoint.
-    On ``resume`` with a larger ``num_samples`` than Ray's saved state holds, the study gets more trials.
+    ``grayscale``: the study's rule for grayscale photos ("left out" or "kept", study.engine.data.grayscale_rule),
+    applied in every trial's worker.
+    ``clock``: the study's running time and time budget (study.driver.StudyClock); its deadline reaches
+    every trial, which stops at the first epoch's end past it with a checkpoint.
     """
-    if pack < 1:
-        raise ConfigError(f"pack={pack}: a pack holds at least one trial")
-    if not verbose:
+    study_root: str
+    space: Space
+    seed: int
+    storage_url: str
+    optuna_study_name: str
+    num_samples: int
+    max_concurrent: int
+    resources: dict
+    data_root: str | None
+    cache_dir: str | None
+    resume: bool
+    pack: int = 1
+    cluster: bool = False
+    objectives: tuple[str, ...] = ()
+    grayscale: str = "left out"
+    clock: Any = None
+    verbose: bool = False
+
+
+@dataclass
+class StudyTuner:
+    """A study's Tuner with the driver state and the results callback it runs with."""
+    tuner: tune.Tuner
+    driver: DriverState
+    results: ResultsCallback
+
+    def fit(self) -> None:
+        self.tuner.fit()
+
+    @property
+    def budget_stopped(self) -> bool:
+        """Whether the study's time budget ended this run (the results callback stopped it)."""
+        return self.driver.budget_stopped
+
+    def final_status(self, state: str) -> dict | None:
+        """The study's last progress line and status.json ("finished", "stopped" or "budget")."""
+        return self.results.final_status(state)
+
+
+def build_tuner(settings: StudySettings) -> StudyTuner:
+    """The Tuner of the study ``settings`` describe: a new one, or on ``resume`` the one Ray saved."""
+    s = settings
+    if s.pack < 1:
+        raise ConfigError(f"pack={s.pack}: a pack holds at least one trial")
+    if not s.verbose:
         # Tune's banner ("View detailed results here", a TensorBoard hint at a temporary folder) and
         # tables: the study's own progress lines (study.driver.progress) say what matters, in plain text.
         os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
-    parent, fs, name = storage_args(study_root)
     decisions = actor = None
-    if pack > 1:
+    if s.pack > 1:
         decisions = f"colorize-pack-decisions-{uuid.uuid4().hex[:12]}"
         actor = PackDecisions.options(name=decisions).remote()
-    bind_driver(Driver(storage_url=storage_url, space=space, study_root=study_root, data_root=data_root,
-                       cache_dir=cache_dir, cluster=cluster, decisions=actor, total=num_samples, clock=clock))
-    fn = make_trainable(space, data_root, cache_dir, resources, decisions, grayscale,
-                        deadline=clock.deadline if clock is not None else None)
-    import optuna
-    storage = optuna.storages.RDBStorage(storage_url)
-    study = open_study(storage, optuna_study_name, space, seed, objectives)
-    if not resume:
-        for params in space.enqueued():   # the space's configurations to try first (not again on resume)
-            study.enqueue_trial(params, skip_if_exists=True)
-    describe_study(study, space, pack)
-    if resume:
-        alias_moved_modules()   # a study an earlier version started names its classes by their old modules
-        path, fs = _experiment_path(study_root)
-        ray_internals.rebase_search_state(path, fs)
-        ray_internals.set_total_trials(path, fs, math.ceil(num_samples / pack))
-        return tune.Tuner.restore(path, trainable=fn, resume_unfinished=True, resume_errored=True,
-                                  storage_filesystem=fs)
-    if len(objectives) > 1 and space.pruner.get("name", "none") != "none":
-        print(f"note: pruning is off: the space has {len(objectives)} objectives ({', '.join(objectives)}) "
+    driver = DriverState(storage_url=s.storage_url, space=s.space, study_root=s.study_root, data_root=s.data_root,
+                         cache_dir=s.cache_dir, cluster=s.cluster, decisions=actor, total=s.num_samples,
+                         clock=s.clock)
+    fn = make_trainable(s.space, s.data_root, s.cache_dir, s.resources, decisions, s.grayscale,
+                        deadline=s.clock.deadline if s.clock is not None else None)
+    _open_optuna_study(s)
+    if s.resume:
+        return _restore(s, fn, driver)
+    if len(s.objectives) > 1 and s.space.pruner.get("name", "none") != "none":
+        print(f"note: pruning is off: the space has {len(s.objectives)} objectives ({', '.join(s.objectives)}) "
               f"and Optuna's pruners take one")
-    searcher = OptunaSearcher(optuna_study_name, seed=seed, pack=pack, objectives=objectives)
-    tune_trials = math.ceil(num_samples / pack)
-    return tune.Tuner(
+    searcher = OptunaSearcher(s.optuna_study_name, driver, seed=s.seed, pack=s.pack, objectives=s.objectives)
+    results = ResultsCallback(searcher, driver)
+    tuner = tune.Tuner(
         fn,
-        tune_config=tune.TuneConfig(search_alg=ConcurrencyLimiter(searcher, max_concurrent=max_concurrent),
-                                    scheduler=OptunaPruningScheduler(searcher), num_samples=tune_trials,
+        tune_config=tune.TuneConfig(search_alg=ConcurrencyLimiter(searcher, max_concurrent=s.max_concurrent),
+                                    scheduler=OptunaPruningScheduler(searcher, driver),
+                                    num_samples=math.ceil(s.num_samples / s.pack),
                                     # A reused actor saves a process, torch import and CUDA context per
-                                    # trial, and its last decoded data (tune_trainable); ColorizeTrial
+                                    # trial, and its last decoded data (study.tune.trainable); ColorizeTrial
                                     # renames its log prefix per trial.
                                     reuse_actors=True,
                                     trial_name_creator=trial_name, trial_dirname_creator=trial_name),
-        run_config=tune.RunConfig(
-            name=name, storage_path=parent, storage_filesystem=fs, verbose=1 if verbose else 0,
-            callbacks=[ResultsCallback(searcher)],
-            failure_config=tune.FailureConfig(max_failures=space.max_failures),
-            # Keep the best epoch (by val PSNR; colorize uses it) besides the latest (resume uses it).
-            # A pack's members have their best epochs at different times: keep every checkpoint
-            # (the pack writes one only when a member's best, its last epoch, or a resume point).
-            checkpoint_config=tune.CheckpointConfig(num_to_keep=1, checkpoint_score_attribute="val_psnr",
-                                                    checkpoint_score_order="max") if pack == 1
-            else tune.CheckpointConfig()),
-    )
+        run_config=_run_config(s, results))
+    return StudyTuner(tuner, driver, results)
 
 
-def budget_stopped() -> bool:
-    """Whether the study's time budget ended this run (study.tune.callback stopped it)."""
-    from study.tune import searcher as tune_searcher
-    return bool(tune_searcher._driver is not None and tune_searcher._driver.budget_stopped)
+def _open_optuna_study(s: StudySettings) -> None:
+    """Make (or open) the Optuna study, with the space's first configurations on a new one, and describe it."""
+    import optuna
+    storage = optuna.storages.RDBStorage(s.storage_url)
+    study = open_study(storage, s.optuna_study_name, s.space, s.seed, s.objectives)
+    if not s.resume:
+        for params in s.space.enqueued():   # the space's configurations to try first (not again on resume)
+            study.enqueue_trial(params, skip_if_exists=True)
+    describe_study(study, s.space, s.pack)
 
 
-def final_status(state: str) -> dict | None:
-    """The study's last progress line and status.json ("finished", "stopped" or "budget")."""
-    results = _driver_results()
-    return results.final_status(state) if results is not None else None
+def _run_config(s: StudySettings, results: ResultsCallback) -> tune.RunConfig:
+    parent, fs, name = storage_args(s.study_root)
+    return tune.RunConfig(
+        name=name, storage_path=parent, storage_filesystem=fs, verbose=1 if s.verbose else 0,
+        callbacks=[results],
+        failure_config=tune.FailureConfig(max_failures=s.space.max_failures),
+        # Keep the best epoch (by val PSNR; colorize uses it) besides the latest (resume uses it).
+        # A pack's members have their best epochs at different times: keep every checkpoint
+        # (the pack writes one only when a member's best, its last epoch, or a resume point).
+        checkpoint_config=tune.CheckpointConfig(num_to_keep=1, checkpoint_score_attribute="val_psnr",
+                                                checkpoint_score_order="max") if s.pack == 1
+        else tune.CheckpointConfig())
 
 
-def _driver_results():
-    from study.tune import searcher as tune_searcher
-    return tune_searcher._driver.results if tune_searcher._driver is not None else None
+def _restore(s: StudySettings, fn, driver: DriverState) -> StudyTuner:
+    """The Tuner Ray saved for the study, at the study's present location, with ``s.num_samples`` trials."""
+    alias_moved_modules()   # a study an earlier version started names its classes by their old modules
+    path, fs = _experiment_path(s.study_root)
+    ray_internals.rebase_search_state(path, fs)
+    ray_internals.set_total_trials(path, fs, math.ceil(s.num_samples / s.pack))
+    tuner = tune.Tuner.restore(path, trainable=fn, resume_unfinished=True, resume_errored=True,
+                               storage_filesystem=fs)
+    return StudyTuner(tuner, driver, bind_restored(ray_internals.restored_parts(tuner), driver))
+
+
+def bind_restored(parts: list, driver: DriverState) -> ResultsCallback:
+    """Give the searcher, scheduler and callbacks Ray unpickled for a resumed study the driver state of this run
+    (what Ray pickled holds none); returns the study's results callback.
+
+    The one place a restored study's objects get it: Ray's ``Tuner.restore`` takes no new searcher,
+    scheduler or callbacks, and hands back the ones it unpickled only through its internals."""
+    bound = [part for part in parts if isinstance(part, UsesDriver)]
+    for part in bound:
+        part.bind(driver)
+    results = [part for part in bound if isinstance(part, ResultsCallback)]
+    if len(results) != 1 or not any(isinstance(part, OptunaSearcher) for part in bound):
+        raise UsageError(f"--resume: the study at {driver.study_root} cannot be resumed by this version of the "
+                         f"project: its saved Tuner holds {', '.join(type(p).__name__ for p in parts)}, not this "
+                         f"version's searcher and results callback. Resume it with the version that started it, "
+                         f"or start a new study with --name (nothing was changed)")
+    return results[0]
 
 
 def saved_total_trials(study_root: str) -> int | None:

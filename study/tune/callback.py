@@ -1,8 +1,8 @@
 """The driver-side, single writer of a Ray Tune study's Parquet results (``ResultsCallback``).
 
-Where the study lives, and where its data is, come from the driver that runs now
-(``study.tune.searcher.driver``), never from Ray's pickles: a copied or moved study resumes
-in its new place. Epoch rows are written as they come; the trials table is staged and
+Where the study lives, and where its data are, come from the driver state it is given
+(``study.tune.state``), never from Ray's pickles: a copied or moved study resumes in its new
+place. Epoch rows are written as they come; the trials table is staged and
 written once per controller step (``on_step_end``), at once when a trial ends.
 """
 from __future__ import annotations
@@ -15,10 +15,11 @@ import pyarrow.fs as pafs
 from ray.tune import Callback, Checkpoint
 
 from study.config import ConfigError
-from study.driver import STATUS_FILE, progress_line, status_record
+from study.driver import STATUS_FILE, progress_line, request_graceful_stop, status_record
 from study.engine import DataError, load_splits, original_previews
 from study.results import ResultsWriter, epoch_row, preview_rows, resolve, trial_row, write_json
-from study.tune.searcher import ERROR_KEY, MEMBERS_KEY, PARKED_KEY, OptunaSearcher, driver, member_id
+from study.tune.searcher import ERROR_KEY, MEMBERS_KEY, PARKED_KEY, OptunaSearcher, member_id
+from study.tune.state import DriverState, UsesDriver
 
 
 def _relative(path: str, root: str) -> str:
@@ -30,11 +31,12 @@ TRIAL_META = {"wall_time_s": float("nan"), "device": "", "node_id": "", "checkpo
               "started_at": float("nan"), "finished_at": float("nan"), "restarts": 0, "resumed_at_epoch": 0}
 
 
-class ResultsCallback(Callback):
+class ResultsCallback(UsesDriver, Callback):
     """Writes trials/epochs/previews while the study runs (the driver is the only writer)."""
 
-    def __init__(self, searcher: OptunaSearcher, progress_every_s: float = 10.0):
+    def __init__(self, searcher: OptunaSearcher, driver: DriverState | None, progress_every_s: float = 10.0):
         self.searcher = searcher
+        self._driver = driver
         self.progress_every_s = progress_every_s
         self._writer = None
         self._last_progress = 0.0
@@ -42,18 +44,18 @@ class ResultsCallback(Callback):
         self._noted: set = set()
 
     def __getstate__(self):  # Tune pickles callbacks; tables and what is known of trials are read again
-        return {**self.__dict__, "_writer": None, "_meta": {}, "_noted": set()}
+        return {**self._pickled(self.__dict__), "_writer": None, "_meta": {}, "_noted": set()}
 
     # This run's throughput and pace (progress line, status.json), counted from setup.
     _images = 0.0
     _ended_in_run = 0
 
     # The driver that runs now: where the study and its data are, and the space as it is now.
-    study = property(lambda self: driver().study_root)
-    space = property(lambda self: driver().space)
-    data_root = property(lambda self: driver().data_root)
-    cache_dir = property(lambda self: driver().cache_dir)
-    cluster = property(lambda self: driver().cluster)
+    study = property(lambda self: self.driver.study_root)
+    space = property(lambda self: self.driver.space)
+    data_root = property(lambda self: self.driver.data_root)
+    cache_dir = property(lambda self: self.driver.cache_dir)
+    cluster = property(lambda self: self.driver.cluster)
 
     @property
     def writer(self) -> ResultsWriter:
@@ -65,7 +67,6 @@ class ResultsCallback(Callback):
         self._writer = ResultsWriter(self.study)
         self._orphans_checked = False
         self._images, self._ended_in_run, self._run_started = 0.0, 0, time.time()
-        driver().results = self
 
     def on_step_begin(self, iteration, trials, **info):
         if getattr(self, "_orphans_checked", True):
@@ -258,7 +259,7 @@ class ResultsCallback(Callback):
         """Once the time budget is spent (no new trial starts then) and every running trial has stopped at
         an epoch's end with a checkpoint ("parked"), record them as STOPPED and end the study the way
         Ctrl-C does: Tune saves its state, and --resume continues the stopped trials from their checkpoints."""
-        d = driver()
+        d = self.driver
         if d.clock is None or d.budget_stopped or not d.clock.expired():
             return
         running = [t for t in trials if t.status == "RUNNING"]
@@ -268,13 +269,12 @@ class ResultsCallback(Callback):
             return
         if not all(self._meta.get(t.trial_id, {}).get("parked") for t in running):
             return
-        from study.driver import stopping
         d.budget_stopped = True
         for t in running:
             self._stage_trial(t, "STOPPED")
         self.writer.flush()
         self._progress(trials, force=True)
-        stopping.request_graceful_stop()
+        request_graceful_stop()
 
     def on_experiment_end(self, trials, **info):
         self.writer.flush()
@@ -285,7 +285,7 @@ class ResultsCallback(Callback):
         if not force and now - self._last_progress < self.progress_every_s:
             return None
         self._last_progress = now
-        d = driver()
+        d = self.driver
         if d.clock is None:
             return None
         rec = status_record(self.writer.tables["trials"], d.total, d.clock, self._images,
@@ -295,7 +295,9 @@ class ResultsCallback(Callback):
         return rec
 
     def final_status(self, state: str) -> dict | None:
-        """The study's last progress line and status.json, with how this run ended."""
+        """The study's last progress line and status.json, with how this run ended (None before Tune set it up)."""
+        if self._writer is None:
+            return None
         return self._progress([], force=True, state=state)
 
 

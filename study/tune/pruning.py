@@ -22,10 +22,10 @@ from study.tune.searcher import (
     PRUNED,
     STEP_METRIC,
     OptunaSearcher,
-    driver,
     member_id,
     members_of,
 )
+from study.tune.state import DriverState, UsesDriver
 
 
 @ray.remote(num_cpus=0)
@@ -54,12 +54,16 @@ class PackDecisions:
         return self._stops.get((trial_id, epoch), [])
 
 
-class OptunaPruningScheduler(FIFOScheduler):
+class OptunaPruningScheduler(UsesDriver, FIFOScheduler):
     """Asks the Optuna study's pruner, once per reported epoch, whether to stop a trial (or pack member)."""
 
-    def __init__(self, searcher: OptunaSearcher):
+    def __init__(self, searcher: OptunaSearcher, driver: DriverState | None):
         super().__init__()
         self.searcher = searcher
+        self._driver = driver
+
+    def __getstate__(self):   # Ray pickles the scheduler (tuner.pkl): never the driver state
+        return self._pickled(self.__dict__)
 
     def on_trial_add(self, tune_controller, trial):
         super().on_trial_add(tune_controller, trial)
@@ -95,7 +99,7 @@ class OptunaPruningScheduler(FIFOScheduler):
                 stop.append(k)
             elif epoch >= int(row.get("epochs", 0) or 0) > 0:
                 s.finish(mid, COMPLETE, s.value_of(mid, row), epoch)
-        decisions = driver().decisions
+        decisions = self.driver.decisions
         if decisions is not None:
             decisions.decide.remote(trial.trial_id, epoch, sorted(stop))
         return TrialScheduler.CONTINUE

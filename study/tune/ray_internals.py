@@ -9,6 +9,7 @@ loudly there and not in a user's study.
 - ``rebase_search_state``: the storage pickled in Tune's ``search_gen_state-*.json``.
 - ``saved_total_trials`` / ``set_total_trials``: the search's total and "finished" flag in that file.
 - ``newest_searcher_state``: which ``searcher-state-*.pkl`` file Tune's restore hands the searcher.
+- ``restored_parts``: the searcher, scheduler and callbacks ``Tuner.restore`` unpickled.
 """
 from __future__ import annotations
 
@@ -156,3 +157,28 @@ def newest_searcher_state(path: str, fs: pafs.FileSystem) -> tuple[str, bytes] |
     newest = max(names, key=lambda info: info.base_name)
     with fs.open_input_stream(newest.path) as f:
         return newest.base_name, f.read()
+
+
+def restored_parts(tuner) -> list:
+    """The searcher (unwrapped from its ConcurrencyLimiter), the scheduler and the callbacks that
+    ``Tuner.restore`` unpickled from ``tuner.pkl``: the objects the resumed study runs with.
+
+    Ray 2.60 takes no new ones on restore and keeps these in the Tuner's ``_local_tuner`` (a TunerInternal):
+    ``_tune_config.search_alg``, ``_tune_config.scheduler`` and ``get_run_config().callbacks``. There is no
+    fallback: without them a resumed study cannot be given its driver's state, so a Ray that moved them
+    fails here, at once, with their names."""
+    try:
+        internal = tuner._local_tuner
+        config = internal._tune_config
+        search = config.search_alg
+        callbacks = internal.get_run_config().callbacks or []
+    except AttributeError as e:
+        raise RuntimeError(f"this Ray ({_ray_version()}) keeps a restored Tuner's searcher, scheduler or "
+                           f"callbacks elsewhere than Ray 2.60 ({e}): study.tune.ray_internals.restored_parts "
+                           f"needs updating") from e
+    return [getattr(search, "searcher", search), config.scheduler, *callbacks]
+
+
+def _ray_version() -> str:
+    import ray
+    return ray.__version__

@@ -11,7 +11,7 @@ What Ray pickles (``tuner.pkl``, ``searcher-state-*.pkl``, world-readable files)
 sampler, no storage and no secret: only the study's name, its objectives, the pack size,
 the seed, and which Optuna trial numbers belong to which Tune trial. Everything that
 connects (the storage URL, which may hold a password) or that the user may have edited
-(the space file) comes from the driver that runs now, through ``bind_driver``: a resumed
+(the space file) comes from the driver state it is given (``study.tune.state``): a resumed
 study uses the space file as it is now, and the sampler is rebuilt from it, seeded from
 the study's seed and its number of trials so far (a resumed study goes on
 deterministically).
@@ -23,7 +23,6 @@ import logging
 import math
 import pickle
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +31,7 @@ from ray.tune.search import Searcher
 
 from study.config import ConfigError
 from study.results import OBJECTIVES
+from study.tune.state import DriverState, UsesDriver
 
 log = logging.getLogger("study")
 
@@ -43,37 +43,6 @@ PARKED_KEY = "budget_parked"   # set in a report when the time budget stopped th
 STATE_OF = {"COMPLETE": "DONE", "PRUNED": "PRUNED", "FAIL": "ERROR"}   # Optuna state -> results status
 COMPLETE, PRUNED, FAIL = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED,
                           optuna.trial.TrialState.FAIL)
-
-
-@dataclass
-class Driver:
-    """What the driver running the study now knows, never pickled: where things are and the space."""
-    storage_url: str
-    space: Any                      # study.space.Space
-    study_root: str = ""
-    data_root: str | None = None
-    cache_dir: str | None = None
-    cluster: bool = False
-    decisions: Any = None           # the PackDecisions actor handle (packs only)
-    total: int = 0                  # the study's trials (models), for progress
-    clock: Any = None               # study.driver.progress.StudyClock: running time and time budget
-    budget_stopped: bool = False    # set when the time budget stopped the study
-    results: Any = None             # the ResultsCallback of this run (set by its setup)
-
-
-_driver: Driver | None = None
-
-
-def bind_driver(driver: Driver) -> None:
-    """Make ``driver`` what every searcher, scheduler and callback of this process uses (one study per driver)."""
-    global _driver
-    _driver = driver
-
-
-def driver() -> Driver:
-    if _driver is None:
-        raise RuntimeError("the study's searcher was used before study.tune.backend.build_tuner bound its driver")
-    return _driver
 
 
 def members_of(result: dict) -> dict[str, dict]:
@@ -149,10 +118,11 @@ def load_state(blob: bytes) -> dict:
     return state
 
 
-class OptunaSearcher(Searcher):
+class OptunaSearcher(UsesDriver, Searcher):
     """Ray Tune's searcher for the study: asks and tells the Optuna study ``study_name``."""
 
-    def __init__(self, study_name: str, *, seed: int = 0, pack: int = 1, objectives: tuple[str, ...] = ()):
+    def __init__(self, study_name: str, driver: DriverState | None, *, seed: int = 0, pack: int = 1,
+                 objectives: tuple[str, ...] = ()):
         self.objectives = tuple(objectives)   # () or one: METRIC, single-objective; two or more: a front
         if self.multi:
             unknown = [o for o in self.objectives if o not in OBJECTIVES]
@@ -170,13 +140,15 @@ class OptunaSearcher(Searcher):
         self._study: optuna.Study | None = None
         self._storage: optuna.storages.BaseStorage | None = None
         self._trial_ids: dict[int, int] = {}
+        self._driver = driver
 
     # ---- what Ray pickles: the state above, never a connection, sampler or space
     _STATE = ("objectives", "study_name", "seed", "pack", "numbers", "completed", "pruned", "finished",
               "best_values")
 
     def __getstate__(self):
-        state = {k: v for k, v in self.__dict__.items() if k not in ("_study", "_storage", "_trial_ids")}
+        state = {k: v for k, v in self._pickled(self.__dict__).items()
+                 if k not in ("_study", "_storage", "_trial_ids")}
         return {**state, "_study": None, "_storage": None, "_trial_ids": {}}
 
     def get_state(self) -> dict:
@@ -202,13 +174,13 @@ class OptunaSearcher(Searcher):
         self.fail_orphans()
 
     def set_search_properties(self, metric, mode, config, **spec) -> bool:
-        return True   # the space comes from the driver (bind_driver), not from Tune's param_space
+        return True   # the space comes from the driver state, not from Tune's param_space
 
     # ---- the study, connected lazily in the driver that runs now
     @property
     def study(self) -> optuna.Study:
         if self._study is None:
-            d = driver()
+            d = self.driver
             self._storage = optuna.storages.RDBStorage(d.storage_url)
             self._study = open_study(self._storage, self.study_name, d.space, self.seed, self.objectives)
         return self._study
@@ -233,13 +205,13 @@ class OptunaSearcher(Searcher):
         if fixed is not None:
             self.study.enqueue_trial(fixed, skip_if_exists=False)
         ot = self.study.ask()
-        constants = driver().space.define(ot)
+        constants = self.driver.space.define(ot)
         # Recorded in the study itself, so a resumed driver can tell its trials from orphans.
         ot.set_user_attr("ray_trial_id", trial_id)
         return ot, {**ot.params, **constants}
 
     def suggest(self, trial_id: str):
-        clock = driver().clock
+        clock = self.driver.clock
         if clock is not None and clock.expired():
             return None   # the time budget is spent: no new trial (the driver stops the study)
         first, config = self._ask(trial_id)
