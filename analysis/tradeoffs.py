@@ -89,8 +89,8 @@ def pareto_figure(trials: pd.DataFrame) -> Figure:
     palette = output_palette(data)
     # Markers only when some trial used a lever: a study of plain regressions keeps its plain dots.
     used = [k for k in LEVER_MARKERS if k in set(data[LEVER])]
-    style = dict(style=LEVER, style_order=used, markers={k: LEVER_MARKERS[k] for k in used}) \
-        if used != ["none"] else {}
+    style = (dict(style=LEVER, style_order=used, markers={k: LEVER_MARKERS[k] for k in used})
+             if used != ["none"] else {})
     for ax, (dataset, subset) in zip(axes, panels):
         front = pareto_front(subset)
         sns.scatterplot(subset, x=VIVIDNESS, y=FIDELITY, hue="output", hue_order=sorted(palette), palette=palette,

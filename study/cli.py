@@ -10,7 +10,9 @@ space file, option, config, dataset, results folder, ...) prints
 ``error: <message>`` on stderr and exits with status 2, or 1 once the command
 has started real work (``cli.work_started()``; e.g. a study whose first trials
 ran). No traceback, unless ``--debug`` is on the command line or
-``COLORIZE_DEBUG=1`` is set. Other exceptions are bugs and keep their traceback.
+``COLORIZE_DEBUG=1`` is set; either only adds the traceback, never changes the
+exit status. Ctrl-C exits 130 and SIGTERM 143, each with one line. Other
+exceptions are bugs and keep their traceback.
 
 Library code raises these errors (with a message naming the input and the fix);
 it never prints and exits itself. This module imports neither torch nor Ray:
@@ -122,26 +124,57 @@ def split_debug(argv: Sequence[str]) -> tuple[list[str], bool]:
     return head + argv[end:], len(head) != end
 
 
+class Terminated(BaseException):
+    """SIGTERM, raised in the main thread (like KeyboardInterrupt for SIGINT) so cleanup code runs."""
+
+
+SIGNAL_EXIT = {KeyboardInterrupt: ("interrupted", 130), Terminated: ("terminated", 143)}
+
+
+def _on_sigterm(signum, frame):
+    raise Terminated()
+
+
 def run(main: Callable[[list[str]], int | None], argv: Sequence[str] | None = None) -> int:
-    """Call ``main(argv)`` and return its exit status, turning the project's errors into messages."""
+    """Call ``main(argv)`` and return its exit status, turning the project's errors into messages.
+
+    ``--debug`` adds the traceback and never changes the status. Ctrl-C exits 130 and SIGTERM 143, each
+    with one line (a command's own handlers, installed later, take precedence over SIGTERM's)."""
+    import signal
+    import threading
+
     args, flag = split_debug(sys.argv[1:] if argv is None else argv)
     if flag:
         os.environ[DEBUG_ENV] = "1"   # child processes (Ray workers) see it too
     _state["started"] = False
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.getsignal(signal.SIGTERM) if main_thread else None
+    if previous == signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         status = main(args)
-    except KeyboardInterrupt:
-        if debug_enabled():
-            raise
-        print("\ninterrupted", file=sys.stderr)
-        return 130
+    except (KeyboardInterrupt, Terminated) as e:
+        _show_traceback()
+        text, code = SIGNAL_EXIT[type(e)]
+        print(f"\n{text}", file=sys.stderr)
+        return code
     except BaseException as e:  # noqa: BLE001 - filtered right below; anything else is re-raised
-        found = None if isinstance(e, SystemExit) or debug_enabled() else project_error_in(e)
+        found = None if isinstance(e, SystemExit) else project_error_in(e)
         if found is None:
             raise
+        _show_traceback()
         print(f"error: {message(found)}", file=sys.stderr)
         return 1 if _state["started"] else getattr(found, "exit_status", 2)
+    finally:
+        if previous == signal.SIG_DFL:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
     return 0 if status is None else int(status)
+
+
+def _show_traceback() -> None:
+    if debug_enabled():
+        import traceback
+        traceback.print_exc()
 
 
 def message(e: BaseException) -> str:

@@ -42,13 +42,18 @@ def _read_json(root: str, name: str, required: bool) -> dict | None:
 
 
 def _root(study: str) -> str:
-    if "://" in study:
-        from urllib.parse import urlsplit
-        scheme = study.split("://", 1)[0]
-        if not urlsplit(study).netloc:
-            raise UsageError(f"{study}: no bucket after {scheme}://; write {scheme}://<bucket>/<prefix>/<study name>")
-        return study.rstrip("/")
+    """The study's location: a local folder, or a URL pyarrow opens (the storage rule of study.run, probed
+    read-only with a timeout)."""
+    from study.driver import check_storage, check_storage_url
+
+    if check_storage_url(study, "study") != "local":
+        root = study.rstrip("/")
+        check_storage(root, root, write=False, option="study")
+        return root
     path = Path(study).expanduser().resolve()
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"{study}: is a file, not a folder; give a study folder (<storage>/<name>, e.g. "
+                         f"studies/smoke) or an s3:// URL")
     if not path.is_dir():
         raise UsageError(f"{study}: no such folder; give a study folder (<storage>/<name>, e.g. studies/smoke) "
                          f"or an s3:// URL")

@@ -26,7 +26,7 @@ WINGS = {
     "tune": {"base", "config", "results", "engine", "space", "driver"},
     "analysis": {"base", "results"},
 }
-BASE = {"study", "study.cli", "study.durations"}
+BASE = {"study", "study.cli", "study.durations", "study.urls"}
 
 
 def modules() -> dict[str, Path]:

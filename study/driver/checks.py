@@ -1,6 +1,8 @@
-"""What ``study.run`` checks before anything is written or Ray starts: its options, the storage
-location (a folder or a URL), the files Ray unpickles on ``--resume``, Optuna database URLs, and that a
-resumed study's Optuna database is its own. Each failure is a ``UsageError`` naming the fix."""
+"""What ``study.run`` checks before anything is written or Ray starts: its options (each number against
+the bound its consumer needs), the storage (parsed once into a local folder or a URL pyarrow opens, then
+probed in a child process with a timeout), the Ray cluster's address (probed), the files Ray unpickles on
+``--resume``, Optuna database URLs (shown and stored only through ``study.urls``), and that a resumed study's
+Optuna database is its own. Each failure is a ``UsageError`` naming the fix."""
 from __future__ import annotations
 
 import argparse
@@ -10,7 +12,7 @@ import stat
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from study import cli
+from study import cli, urls
 from study.cli import UsageError
 
 SQLITE = "sqlite:///"
@@ -27,32 +29,68 @@ PICKLE_SUFFIXES = (".pkl", ".pickle")
 # ------------------------------------------------------------------ checks before anything is written
 
 
+# Upper bounds of the numeric options, by what consumes them: Ray keeps resource amounts as int64 fixed-point
+# numbers (4 decimals) and every trial in the driver's memory; a pack is one model on one device.
+MAX_NUM_SAMPLES = 1_000_000
+MAX_CONCURRENT = 10_000
+MAX_PACK = 1_024
+MAX_CPUS = 1_000_000
+MAX_GPUS = 10_000
+MIN_RESOURCE = 1e-4   # Ray's smallest unit of a resource
+
+
 def check_options(args: argparse.Namespace) -> None:
-    """Numbers that cannot work; 0 is an error, not "use the default" (None is the default)."""
+    """Every number against the bounds its consumer needs, before anything starts; 0 is an error, not
+    "use the default" (None is the default)."""
     import math
 
-    rules = [("num_samples", 1, "trials to run (a negative number would run forever)"),
-             ("max_concurrent", 1, "trials at once"), ("pack", 1, "trials per pack"),
-             ("num_cpus", 1, "CPUs of the local Ray"), ("num_gpus", 0, "GPUs of the local Ray"),
-             ("seed", 0, "the sampler's seed")]
-    for name, low, what in rules:
+    from study.config import ConfigError, TrialConfig
+
+    rules = [("num_samples", 1, MAX_NUM_SAMPLES, "trials to run (a negative number would run forever)"),
+             ("max_concurrent", 1, MAX_CONCURRENT, "trials at once"), ("pack", 1, MAX_PACK, "trials per pack"),
+             ("num_cpus", 1, MAX_CPUS, "CPUs of the local Ray"), ("num_gpus", 0, MAX_GPUS, "GPUs of the local Ray")]
+    for name, low, high, what in rules:
         v = getattr(args, name)
-        if v is not None and v < low:
-            raise UsageError(f"--{name.replace('_', '-')} {v}: {what} must be >= {low}"
+        if v is not None and not low <= v <= high:
+            raise UsageError(f"--{name.replace('_', '-')} {v}: {what} must be in {low}..{high:,}"
                              + ("; leave it out for the space's own value" if v == 0 else ""))
-    for name, positive in (("cpus_per_trial", True), ("gpus_per_trial", False)):
+    if args.seed is not None:
+        try:   # the trial's own rule for seeds: what every seeded generator takes
+            TrialConfig.check_value("seed", args.seed)
+        except ConfigError as e:
+            # Its message starts "seed=<value as the config coerced it>": the value given is shown instead.
+            raise UsageError(f"--seed {args.seed}: the sampler's seed {str(e).partition(' ')[2]}") from None
+    for name, positive, high in (("cpus_per_trial", True, MAX_CPUS), ("gpus_per_trial", False, MAX_GPUS)):
         v = getattr(args, name)
-        if v is not None and (not math.isfinite(v) or v < 0 or (positive and v == 0)):
+        if v is not None and (not math.isfinite(v) or v < 0 or v > high or (0 < v < MIN_RESOURCE)
+                              or (positive and v == 0)):
             raise UsageError(f"--{name.replace('_', '-')} {v}: must be a number {'> 0' if positive else '>= 0'}"
+                             f" and at most {high:,}, in steps of {MIN_RESOURCE:g} (Ray's unit)"
                              + (" (fractions share a GPU, e.g. 0.25)" if not positive else ""))
+    if getattr(args, "time_budget", None) is not None:
+        from study.durations import parse_duration
+        parse_duration(args.time_budget)
+    if args.address is not None and not args.address.strip():
+        raise UsageError("--address '': give a Ray cluster's address (auto, ray://host:10001, host:6379), or "
+                         "leave it out for a private local Ray")
     if args.address and (args.num_cpus is not None or args.num_gpus is not None):
         raise UsageError("--num-cpus/--num-gpus size a local Ray instance; with --address the cluster has its "
                          "own resources: leave them out")
-    if args.name is not None and (not args.name.strip() or "/" in args.name or "\\" in args.name
-                                  or args.name in (".", "..")):
-        raise UsageError(f"--name {args.name!r}: a study name is one folder name (no '/', not '.' or '..')")
-    if args.name is not None and len(args.name.encode()) > MAX_NAME_BYTES:
-        raise UsageError(f"--name: {len(args.name.encode())} bytes long; a study name is a folder name of at most "
+    if args.name is not None:
+        check_name(args.name, "--name")
+
+
+def check_name(name: str, what: str = "--name") -> None:
+    """A study name is one folder name that a shell command can carry as an argument."""
+    if not name.strip() or "/" in name or "\\" in name or name in (".", ".."):
+        raise UsageError(f"{what} {name!r}: a study name is one folder name (no '/', not '.' or '..')")
+    if name.startswith("-"):
+        raise UsageError(f"{what} {name!r}: a study name cannot start with '-' (commands would read it as an "
+                         f"option); e.g. {name.lstrip('-') or 'study'!r}")
+    if any(not ch.isprintable() for ch in name):
+        raise UsageError(f"{what} {name!r}: a study name holds no control characters (tabs, newlines)")
+    if len(name.encode()) > MAX_NAME_BYTES:
+        raise UsageError(f"{what}: {len(name.encode())} bytes long; a study name is a folder name of at most "
                          f"{MAX_NAME_BYTES} bytes (file systems allow 255, and Ray adds to it)")
 
 
@@ -61,43 +99,170 @@ def in_ray_job(environ=None) -> bool:
     return any(env.get(k) for k in RAY_JOB_ENV)
 
 
-# URL schemes of pyarrow filesystems a study can live on, and what must follow ``scheme://``.
-STORAGE_SCHEMES = {"s3": "bucket", "gs": "bucket", "gcs": "bucket", "hdfs": "host", "abfs": "container",
-                   "abfss": "container"}
+# URL schemes of pyarrow filesystems a study can live on, and what must follow ``scheme://``; whether this
+# machine can use one (a client library, Java for hdfs, credentials, a reachable endpoint) the probe tells.
+STORAGE_SCHEMES = {"s3": "bucket", "gs": "bucket", "gcs": "bucket", "hdfs": "host", "viewfs": "host",
+                   "abfs": "container", "abfss": "container"}
 _URL_START = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*):(//)?")
+PROBE_TIMEOUT_S = 15.0   # a reachable store answers in a second; an unreachable one retries for ~6 s
+CREDENTIALS_HINT = ("give credentials through the environment instead (s3: AWS_ACCESS_KEY_ID and "
+                    "AWS_SECRET_ACCESS_KEY, or ~/.aws; gs: GOOGLE_APPLICATION_CREDENTIALS; abfs: AZURE_* variables)")
 
 
-def check_storage_url(storage: str) -> None:
-    """A storage that looks like a URL must be one a study can live on: never a local folder named ``s3:``."""
+def check_storage_url(storage: str, option: str = "--storage") -> str:
+    """The kind of a storage value: "local" (a folder) or the URL's scheme; anything else is refused.
+    Parsing only: nothing is opened (``probe_storage`` does that)."""
+    if not storage or not storage.strip():
+        raise UsageError(f"{option} {storage!r}: empty; give a folder (e.g. studies) or a URL s3://<bucket>/<prefix>")
+    if any(not ch.isprintable() for ch in storage):
+        raise UsageError(f"{option} {urls.masked(storage)!r}: holds a control character (a tab or a newline); "
+                         f"give a folder or a URL on one line")
     m = _URL_START.match(storage)
-    if m is None:
-        return   # a local folder
-    scheme = m[1].lower()
-    kinds = ", ".join(f"{k}://<{v}>/<prefix>" for k, v in STORAGE_SCHEMES.items() if k != "gcs")
+    if m is None or (not m[2] and len(m[1]) == 1):
+        return "local"   # a folder (C:... is a Windows drive, not a scheme)
+    scheme, shown = m[1].lower(), urls.masked(storage)
+    kinds = ", ".join(f"{k}://<{v}>/<prefix>" for k, v in STORAGE_SCHEMES.items() if k not in ("gcs", "viewfs"))
     if scheme == "file":
-        raise UsageError(f"--storage {storage}: give a local folder as a plain path")
+        raise UsageError(f"{option} {shown}: give a local folder as a plain path")
     if not m[2]:
-        raise UsageError(f"--storage {storage!r} looks like a URL without '//': write {scheme}://<bucket>/<prefix>, "
-                         f"or ./{storage} for a local folder of that name")
+        raise UsageError(f"{option} {shown!r} looks like a URL without '//': write {scheme}://<bucket>/<prefix>, "
+                         f"or ./{shown} for a local folder of that name")
     if scheme not in STORAGE_SCHEMES:
-        raise UsageError(f"--storage {storage}: {scheme}:// is not a storage a study can live on; give a local "
+        raise UsageError(f"{option} {shown}: {scheme}:// is not a storage a study can live on; give a local "
                          f"folder or one of {kinds}")
-    if not urlsplit(storage).netloc:
+    try:
+        netloc = urlsplit(storage).netloc
+    except ValueError:
+        netloc = None
+    if netloc is None or shown.endswith("not shown>"):
+        raise UsageError(f"{option} {shown}: cannot be read as a URL; write {scheme}://<{STORAGE_SCHEMES[scheme]}>"
+                         f"/<prefix>")
+    if not netloc:
         what = STORAGE_SCHEMES[scheme]
-        raise UsageError(f"--storage {storage}: no {what} after {scheme}://; write {scheme}://<{what}>/<prefix>")
+        raise UsageError(f"{option} {shown}: no {what} after {scheme}://; write {scheme}://<{what}>/<prefix>")
+    if urls.has_secrets(storage):
+        raise UsageError(f"{option} {shown}: holds credentials, which would be printed and recorded with the "
+                         f"study; {CREDENTIALS_HINT}")
+    return scheme
 
 
-def check_storage(storage: str, root: str) -> None:
-    """A local storage must be a folder this process can create files in (probed; nothing is left)."""
-    check_storage_url(storage)
-    if "://" in storage:
+# Run by ``probe_storage`` in a child process: a store that hangs (gs:// without credentials waits for a
+# metadata server) is killed after the timeout, and Ctrl-C reaches the parent at once. Reads only: a write
+# probe would leave a folder marker behind on an object store (pyarrow keeps a deleted file's parent).
+_PROBE = r"""
+import json, sys
+url, bucket = json.loads(sys.stdin.read())
+out = {}
+try:
+    import pyarrow.fs as pafs
+    fs, path = pafs.FileSystem.from_uri(url)
+    if fs.get_file_info(path).type == pafs.FileType.File:
+        out["error"] = "it is a file, not a folder"
+    elif bucket and fs.get_file_info(path.split("/", 1)[0]).type == pafs.FileType.NotFound:
+        out["error"] = f"the {bucket} {path.split('/', 1)[0]!r} does not exist"
+except BaseException as e:
+    out["error"] = f"{type(e).__name__}: {e}"
+print(json.dumps(out))
+"""
+
+
+def probe_storage(option: str, url: str, timeout_s: float = PROBE_TIMEOUT_S) -> None:
+    """Open ``url`` with pyarrow and look at it (and at its bucket) in a child process with a timeout; a
+    failure is a UsageError naming the cause. Nothing is written."""
+    import json
+    import subprocess
+    import sys
+
+    scheme = urlsplit(url).scheme.lower()
+    bucket = STORAGE_SCHEMES.get(scheme) if STORAGE_SCHEMES.get(scheme) in ("bucket", "container") else None
+    try:
+        p = subprocess.run([sys.executable, "-c", _PROBE], input=json.dumps([url, bucket]), capture_output=True,
+                           text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        raise UsageError(f"{option}: no answer within {timeout_s:g} s (the network, the endpoint or the "
+                         f"credentials); {_hint(scheme)}") from None
+    try:
+        error = json.loads(p.stdout.strip().splitlines()[-1]).get("error")
+    except (IndexError, ValueError, AttributeError):
+        error = (p.stderr.strip().splitlines() or [f"the probe exited with status {p.returncode}"])[-1]
+    if error:
+        reason = urls.scrub((error.strip().splitlines() or ["?"])[0][:300], url)
+        raise UsageError(f"{option}: cannot be opened ({reason}); {_hint(scheme)}")
+
+
+def _hint(scheme: str) -> str:
+    return {"s3": "check the bucket's name and region, and AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or ~/.aws",
+            "gs": "check the bucket and GOOGLE_APPLICATION_CREDENTIALS", "gcs": "check the bucket and "
+            "GOOGLE_APPLICATION_CREDENTIALS", "hdfs": "hdfs:// needs Java (JAVA_HOME) and libhdfs "
+            "(ARROW_LIBHDFS_DIR) on this machine", "viewfs": "viewfs:// needs Java (JAVA_HOME) and libhdfs",
+            }.get(scheme, "check the container, the account and the AZURE_* credentials")
+
+
+def check_storage(storage: str, root: str, write: bool = True, option: str = "--storage") -> None:
+    """The storage of the study at ``root``: a local folder this process can create files in (``write``), or a
+    URL whose filesystem pyarrow opens and whose bucket exists (probed; nothing is written). ``write=False``:
+    a study only read (study.info)."""
+    kind = check_storage_url(storage, option)
+    if write:
+        check_name(root.partition("?")[0].rstrip("/").rsplit("/", 1)[-1], "study name")
+    if kind != "local":
+        probe_storage(f"{option} {urls.masked(storage)}", root)
+        return
+    if not write:
         return
     if not Path(storage).is_absolute() and in_ray_job():
         raise UsageError(
-            f"--storage {storage!r} is relative, and this runs as a Ray job whose working directory is a "
+            f"{option} {storage!r} is relative, and this runs as a Ray job whose working directory is a "
             f"temporary copy that disappears: use shared storage every node reaches (s3://bucket/prefix) "
             f"or an absolute path on a filesystem mounted on every node")
-    cli.check_writable(f"--storage {storage}", Path(root), "studies")
+    cli.check_writable(f"{option} {storage}", Path(root), "studies")
+
+
+# Forms of --address that ray.init takes: "auto" (the running cluster), "local" (a new one), ray://host[:port]
+# (Ray Client, port 10001 by default) and host:port (the cluster's GCS).
+ADDRESS_TIMEOUT_S = 5.0
+
+
+def check_address(address: str | None, timeout_s: float = ADDRESS_TIMEOUT_S) -> None:
+    """A Ray cluster address something answers at (a TCP connection, in a worker thread with a timeout, so
+    Ctrl-C works): an unreachable one is one line now, not Ray's traceback after half a minute."""
+    if address is None or address in ("auto", "local"):
+        return   # "auto" finds the cluster Ray knows of (RAY_ADDRESS, `ray start`): Ray says if there is none
+    shown = urls.masked(address)
+    form = "auto, ray://<host>:10001 or <host>:6379"
+    m = re.fullmatch(r"(?:(ray)://)?(\[[^\]]+\]|[^:/\[\]\s]+)(?::(\d{1,5}))?/?", address.strip())
+    if m is None:
+        scheme = urls.scheme_of(address) if "://" in address else None
+        hint = (" (an http:// address is the Jobs API that python -m study.submit takes)"
+                if scheme in ("http", "https") else "")
+        raise UsageError(f"--address {shown}: not a Ray cluster address{hint}; give {form}")
+    host, port = m[2].strip("[]"), int(m[3]) if m[3] else (10001 if m[1] else None)
+    if port is None or not 0 < port < 65536:
+        raise UsageError(f"--address {shown}: no port; give {form}")
+    problem = _reach(host, port, timeout_s)
+    if problem:
+        raise UsageError(f"--address {shown}: nothing answers at {host}:{port} ({problem}); start the cluster "
+                         f"(ray start --head), or give its address ({form}), or leave --address out for a "
+                         f"private local Ray (nothing was written)")
+
+
+def _reach(host: str, port: int, timeout_s: float) -> str | None:
+    """Why no TCP connection to host:port opens within ``timeout_s`` (name lookup included), or None."""
+    import socket
+    import threading
+
+    outcome: list[str | None] = []
+
+    def connect() -> None:
+        try:
+            socket.create_connection((host, port), timeout=timeout_s).close()
+            outcome.append(None)
+        except OSError as e:
+            outcome.append(e.strerror or str(e) or type(e).__name__)
+    worker = threading.Thread(target=connect, daemon=True)   # a hung name lookup does not keep the process
+    worker.start()
+    worker.join(timeout_s)
+    return outcome[0] if outcome else f"no answer within {timeout_s:g} s"
 
 
 def check_pickles(root: str) -> None:
@@ -134,64 +299,75 @@ def check_pickles(root: str) -> None:
 # ------------------------------------------------------------------ Optuna storage URLs
 
 
+EXAMPLE_URLS = "postgresql+psycopg://user@host/db or sqlite:////abs/path/optuna.db"
+CONNECT_TIMEOUT_S = 10   # libpq's and MySQL's connect_timeout: an unreachable host is an answer, not a hang
+
+
 def _url(url: str):
+    """SQLAlchemy's reading of an Optuna URL; a URL it cannot read, or reads otherwise than the masking rule
+    (an unencoded '@' in the password), is refused without being shown."""
     from sqlalchemy.engine import make_url
     from sqlalchemy.exc import ArgumentError
 
+    shown = masked(url)
+    unreadable = shown.endswith("not shown>") or not urls.is_url(url)
+    problem = "it cannot be read as a URL" if unreadable else urls.ambiguity(url)
+    if problem:
+        raise UsageError(f"--optuna-storage {shown}: not a database URL ({problem}); e.g. {EXAMPLE_URLS}")
     try:
         return make_url(url)
-    except (ArgumentError, ValueError) as e:
-        shown = str(e).replace(url, masked(url))
-        raise UsageError(f"--optuna-storage {masked(url)}: not a database URL ({shown}); e.g. "
-                         f"postgresql://user@host/db or sqlite:////abs/path/optuna.db") from None
+    except (ArgumentError, ValueError):   # its message quotes the URL: not shown
+        raise UsageError(f"--optuna-storage {shown}: not a database URL; e.g. {EXAMPLE_URLS}") from None
 
 
 def masked(url: str) -> str:
-    """For output: the URL with its password shown as ***."""
-    from sqlalchemy.engine import make_url
-
-    try:
-        return make_url(url).render_as_string(hide_password=True)
-    except Exception:  # noqa: BLE001 - unparsable: hide whatever sits between ':' and '@' by hand
-        import re
-        return re.sub(r"//([^/@:]*):[^@]*@", r"//\1:***@", url)
+    """For output: the URL with its secrets shown as *** (``study.urls``, the one rule)."""
+    return urls.masked(url)
 
 
 def without_password(url: str) -> str:
-    """For files: the URL with no password at all (the secret comes from the environment)."""
-    return _url(url)._replace(password=None).render_as_string(hide_password=False)
+    """For files: the URL with no password or secret parameter at all (the secret comes from the environment)."""
+    _url(url)
+    return urls.without_secrets(url)
 
 
 def check_optuna_url(url: str) -> None:
     """Reach a given Optuna database before Ray starts (SQLite: only its folder, so nothing is created)."""
     parsed = _url(url)
+    shown = masked(url)
     if parsed.drivername.startswith("sqlite"):
         db = parsed.database or ""
         folder = Path(db).resolve().parent if db and db != ":memory:" else None
         if folder is None or not folder.is_dir():
-            raise UsageError(f"--optuna-storage {url}: the folder of the SQLite file does not exist; give "
+            raise UsageError(f"--optuna-storage {shown}: the folder of the SQLite file does not exist; give "
                              f"sqlite:////absolute/path/optuna.db in an existing folder (or leave it out)")
         return
     from sqlalchemy import create_engine
     from sqlalchemy.exc import SQLAlchemyError
 
-    shown = masked(url)
-    secret = parsed.password or "\0"
+    timeout = {"connect_timeout": CONNECT_TIMEOUT_S} if parsed.get_backend_name() in ("postgresql", "mysql") else {}
     try:
-        engine = create_engine(url)
+        engine = create_engine(url, connect_args=timeout)
     except ImportError as e:
         raise UsageError(f"--optuna-storage {shown}: its database driver is not installed ({e}); install it "
                          f"(PostgreSQL: pip install -e '.[postgres]' (psycopg 3; postgresql+psycopg://...))"
                          ) from None
+    except Exception as e:  # noqa: BLE001 - a dialect refusing the URL's options: its message, scrubbed
+        raise UsageError(f"--optuna-storage {shown}: not usable ({urls.scrub(_first_line(e), url)}); "
+                         f"e.g. {EXAMPLE_URLS}") from None
     try:
         with engine.connect():
             pass
     except SQLAlchemyError as e:
-        reason = str(getattr(e, "orig", None) or e).strip().splitlines()[0].replace(secret, "***")
+        reason = urls.scrub(_first_line(getattr(e, "orig", None) or e), url)
         raise UsageError(f"--optuna-storage {shown}: cannot connect ({reason}); check the host, the database "
                          f"and the credentials (a password: $PGPASSWORD or ~/.pgpass rather than the URL)") from None
     finally:
         engine.dispose()
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
 def runtime_url(recorded: str, root: str, given: str | None) -> str:
@@ -205,7 +381,7 @@ def runtime_url(recorded: str, root: str, given: str | None) -> str:
     if recorded.startswith(SQLITE) and not recorded[len(SQLITE):].startswith("/"):
         if "://" in root:
             raise UsageError(f"study.json keeps a relative SQLite path {recorded!r}, which cannot live on "
-                             f"{root}: pass --optuna-storage")
+                             f"{masked(root)}: pass --optuna-storage")
         from study.results import resolve
         return f"{SQLITE}{Path(resolve(root)[1]) / recorded[len(SQLITE):]}"
     return recorded
@@ -233,7 +409,11 @@ def check_resume_database(url: str, study_name: str) -> None:
                              f"back (from a copy), or {fix}") from None
     else:
         import optuna
-        names = set(optuna.study.get_all_study_names(storage=url))
+        try:
+            names = set(optuna.study.get_all_study_names(storage=url))
+        except Exception as e:  # noqa: BLE001 - unreachable, refused: the driver's message, scrubbed
+            raise UsageError(f"--resume: the study's Optuna database {masked(url)} cannot be read "
+                             f"({urls.scrub(_first_line(e), url)}); check that it is reachable, or {fix}") from None
     if study_name not in names:
         held = ", ".join(sorted(names)[:5]) or "none"
         raise UsageError(f"--resume: the Optuna database {masked(url)} holds no study {study_name!r} (it holds: "

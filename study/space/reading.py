@@ -1,6 +1,7 @@
 """Reading a space file within bounds: its size (MAX_SPACE_BYTES, refused before parsing) and the values
 it expands to (MAX_YAML_NODES: an alias counts each time it is used), so a huge file or an alias bomb is one
-error line in milliseconds, not minutes of parsing and gigabytes."""
+error line in milliseconds, not minutes of parsing and gigabytes; and each key of a mapping given once (a
+repeated key is named with its lines, not silently replaced)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -24,6 +25,25 @@ class _BoundedLoader(yaml.SafeLoader):
     names: the composed node graph is measured (memoised, linear in its distinct nodes) before any
     Python object is constructed, so an alias bomb is refused in milliseconds instead of expanded.
     """
+
+    def construct_mapping(self, node, deep=False):
+        """A mapping whose keys are each given once: YAML's loaders keep the last of a repeated key silently,
+        so a second ``lr:`` would quietly replace the first. Keys merged in with ``<<: *alias`` may be
+        overridden (that is what a merge is for)."""
+        if isinstance(node, yaml.MappingNode):
+            seen: dict = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    first = seen.setdefault(key, key_node.start_mark.line + 1)
+                except TypeError:   # an unhashable key: the constructor below names it
+                    continue
+                if first != key_node.start_mark.line + 1:
+                    raise SpaceError(f"key {key!r} is given twice in the same mapping (lines {first} and "
+                                     f"{key_node.start_mark.line + 1}); YAML would keep only the last: remove one")
+        return super().construct_mapping(node, deep=deep)
 
     def get_single_data(self):
         node = self.get_single_node()
