@@ -1,8 +1,11 @@
 """python -m analysis --study <study folder> --out <folder>
 
-Exit status 2 when the folder is not a study at all; 0 otherwise, with every
-problem (missing tables, no finished trial, no previews, ...) printed to stderr
-as a warning and listed in report.md.
+Exit status 2 when the folder is not a study at all, or --out is unusable (a
+file, unwritable, or inside the study's results/); 130 on Ctrl-C and 143 on
+SIGTERM, each with one line and ``--out`` left as it was (the report is made
+beside it and moved into place when complete); 0 otherwise, with every problem
+(missing tables, no finished trial, no previews, ...) printed to stderr as a
+warning and listed in report.md.
 """
 from __future__ import annotations
 
@@ -27,8 +30,18 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def check_out(out: Path, study: Path) -> None:
+    """The report never goes into the study's results/ (the study's writer owns that folder, and readers
+    would take the report's files for tables)."""
+    results = (study / "results").resolve()
+    if out.resolve() == results or results in out.resolve().parents:
+        raise cli.UsageError(f"--out {out} is inside the study's results folder {study / 'results'}; give a "
+                             f"folder outside it (e.g. {study / 'report'})")
+
+
 def _main(argv: list[str]) -> int:
     args = parser().parse_args(argv)
+    check_out(args.out, args.study)
     cli.check_writable(f"--out {args.out}", args.out, "the report")   # before anything is read or written
     # Headless by default: the figures are only ever written to files.
     os.environ.setdefault("MPLBACKEND", "Agg")

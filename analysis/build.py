@@ -4,9 +4,16 @@ Every section makes what the data allows and says what it could not make:
 a study that is still running, or lacks a table, still gets a report.
 Nothing here depends on the clock or on where the folders are, and every
 loop runs over sorted keys, so a rerun on the same data writes the same bytes.
+The report is made in a hidden folder beside the output folder and moved into
+place once complete: a stopped run leaves the output folder as it was.
 """
 from __future__ import annotations
 
+import os
+import secrets
+import shutil
+import signal
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -72,9 +79,30 @@ class Output:
 
 
 def write_report(study: Study, out: str | Path, warn: Callable[[str], None] = lambda m: None) -> Output:
-    out_dir = Path(out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    output = Output(out_dir, warn)
+    """The report of ``study`` in ``out``: written into a hidden folder beside it and moved into place at
+    the end, so an interrupted run (Ctrl-C, SIGTERM, an error) leaves ``out`` as it was and nothing else."""
+    out_dir = Path(out).absolute()
+    made = [p for p in (out_dir.parent, *out_dir.parent.parents) if not p.exists()]
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = out_dir.parent / f".{out_dir.name}.partial-{secrets.token_hex(4)}"
+    staging.mkdir()
+    try:
+        output = _write_into(study, staging, warn)
+        _move_into_place(staging, out_dir, output.files + ["report.md", "report.html"])
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        for folder in made:   # innermost first; only folders this run made, and only while empty
+            try:
+                folder.rmdir()
+            except OSError:
+                break
+        raise
+    output.folder = out_dir
+    return output
+
+
+def _write_into(study: Study, folder: Path, warn: Callable[[str], None]) -> Output:
+    output = Output(folder, warn)
     for message in study.warnings:
         output.warning(message)
     if _grayscale_rule(study) == "kept":
@@ -94,10 +122,40 @@ def write_report(study: Study, out: str | Path, warn: Callable[[str], None] = la
         blocks += [Heading("Warnings"), Bullets(tuple(output.warnings))]
     blocks += output.blocks
     # Bytes, not text mode: the same UTF-8 and "\n" on every platform.
-    (out_dir / "report.md").write_bytes(to_markdown(blocks).encode())
-    (out_dir / "report.html").write_bytes(to_html(blocks, f"Study report: {study.name}").encode())
-    _remove_stale(out_dir, output.files + ["report.md", "report.html"])
+    (folder / "report.md").write_bytes(to_markdown(blocks).encode())
+    (folder / "report.html").write_bytes(to_html(blocks, f"Study report: {study.name}").encode())
+    (folder / MANIFEST).write_bytes("".join(f"{name}\n" for name in output.files + ["report.md", "report.html"]
+                                            ).encode())
     return output
+
+
+def _move_into_place(staging: Path, out: Path, files: list[str]) -> None:
+    """``staging`` becomes ``out``: one rename when ``out`` is new; else each file replaces its old version and
+    what the previous run wrote and this one did not is removed (files not ours are left alone). Ctrl-C and
+    SIGTERM wait until this is done."""
+    with _signals_held():
+        if not out.exists():
+            staging.rename(out)
+            return
+        manifest = out / MANIFEST
+        previous = manifest.read_bytes().decode().split() if manifest.is_file() else []
+        for name in [*files, MANIFEST]:
+            os.replace(staging / name, out / name)
+        for name in sorted(set(previous) - set(files)):
+            if "/" not in name:   # only ever our own flat file names
+                (out / name).unlink(missing_ok=True)
+        staging.rmdir()
+
+
+@contextmanager
+def _signals_held():
+    """SIGINT and SIGTERM are delivered after the block (the main thread's handlers then run as usual)."""
+    held = {signal.SIGINT, signal.SIGTERM}
+    signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, held)
 
 
 def _summary(study: Study) -> str:
@@ -121,7 +179,7 @@ def _grayscale_rule(study: Study) -> str | None:
 
 
 def _check_progress(study: Study, output: Output) -> None:
-    if study.present["trials"] and study.trials.empty:
+    if study.present["trials"] and study.trials.empty and "trials" not in study.unreadable:
         output.warning("the trials table is empty: no trial has started")
     elif not study.trials.empty and not study.trials["status"].isin(FINISHED).any():
         counts = ", ".join(f"{n} {s}" for s, n in study.status_counts().items() if n)
@@ -438,13 +496,3 @@ def _importance(study: Study, best: pd.DataFrame, output: Output) -> None:
     objective = f" ({study.meta['metric']})" if study.meta.get("metric") else ""
     output.figure("importance.png", lambda: figures.importance_figure(importances, completed),
                   f"Hyperparameter importance for the Optuna objective{objective}, {basis}.")
-
-
-def _remove_stale(folder: Path, files: list[str]) -> None:
-    """Delete what the previous run wrote and this one did not, so a folder always matches its report."""
-    manifest = folder / MANIFEST
-    previous = manifest.read_bytes().decode().split() if manifest.is_file() else []
-    for name in sorted(set(previous) - set(files)):
-        if "/" not in name:   # only ever our own flat file names
-            (folder / name).unlink(missing_ok=True)
-    manifest.write_bytes("".join(f"{name}\n" for name in files).encode())

@@ -11,6 +11,8 @@ import warnings
 from contextlib import closing
 from pathlib import Path
 
+from study.urls import masked, scrub
+
 SQLITE = "sqlite:///"
 # Below this many completed trials the importances are withheld. Optuna's default evaluator (PED-ANOVA)
 # compares the parameter values of the best 10% of completed trials with those of all, and takes at
@@ -64,8 +66,9 @@ def _load(optuna, name: str | None, url: str):
         return optuna.load_study(study_name=name, storage=url)
     except KeyError:
         raise ImportanceSkipped(f"the Optuna storage holds no study named {name!r}") from None
-    except Exception as e:
-        raise ImportanceSkipped(f"the Optuna storage could not be opened ({type(e).__name__}: {e})") from None
+    except Exception as e:   # its message may quote the URL: every secret of it is hidden
+        raise ImportanceSkipped(f"the Optuna storage {masked(url)} could not be opened "
+                                f"({type(e).__name__}: {scrub(str(e), url)})") from None
 
 
 def _snapshot(url: str, folder: Path, tmp: Path) -> str:

@@ -52,6 +52,7 @@ class Study:
     previews: pd.DataFrame
     warnings: list[str] = field(default_factory=list)
     present: dict[str, bool] = field(default_factory=dict)   # which tables exist on disk
+    unreadable: set[str] = field(default_factory=set)        # tables that exist but could not be read
 
     @property
     def name(self) -> str:
@@ -80,8 +81,15 @@ def load_study(folder: str | Path) -> Study:
     warnings: list[str] = []
     meta = _read_meta(folder, warnings)
     present = {name: (folder / "results" / f"{name}.parquet").exists() for name in TABLES}
-    tables = {name: _read_table(folder, name, warnings) for name in TABLES}
-    return Study(folder, meta, tables["trials"], tables["epochs"], tables["previews"], warnings, present)
+    before = len(warnings)
+    tables, unreadable = {}, set()
+    for name in TABLES:
+        tables[name] = _read_table(folder, name, warnings)
+        if present[name] and len(warnings) > before:
+            unreadable.add(name)
+        before = len(warnings)
+    return Study(folder, meta, tables["trials"], tables["epochs"], tables["previews"], warnings, present,
+                 unreadable)
 
 
 def _read_meta(folder: Path, warnings: list[str]) -> dict:

@@ -128,7 +128,7 @@ class Terminated(BaseException):
     """SIGTERM, raised in the main thread (like KeyboardInterrupt for SIGINT) so cleanup code runs."""
 
 
-SIGNAL_EXIT = {KeyboardInterrupt: ("interrupted", 130), Terminated: ("terminated", 143)}
+SIGNAL_EXIT = {KeyboardInterrupt: ("interrupted (Ctrl-C)", 130), Terminated: ("terminated (SIGTERM)", 143)}
 
 
 def _on_sigterm(signum, frame):
@@ -156,7 +156,7 @@ def run(main: Callable[[list[str]], int | None], argv: Sequence[str] | None = No
     except (KeyboardInterrupt, Terminated) as e:
         _show_traceback()
         text, code = SIGNAL_EXIT[type(e)]
-        print(f"\n{text}", file=sys.stderr)
+        print(text, file=sys.stderr)
         return code
     except BaseException as e:  # noqa: BLE001 - filtered right below; anything else is re-raised
         found = None if isinstance(e, SystemExit) else project_error_in(e)

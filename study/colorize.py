@@ -28,8 +28,12 @@ from the size the trial was trained at (more than 4x larger or smaller than its
 square; the dataset a photo resembles cannot be told from its pixels, so the
 first line names the trial's dataset and resolution for the user to judge).
 
+``--study`` is a study folder (or its s3:// URL), or the ``--out`` folder of one trial
+run by ``python -m study.trial`` (its ``checkpoint/``).
+
 Exit status: 0 all inputs done, 1 some inputs failed, 2 no usable study, trial,
-checkpoint or model, or a refused ``--out`` (nothing was done).
+checkpoint or model, a temperature outside [1e-30, 10], or a refused or unwritable
+``--out`` (nothing was done: checked before the model loads).
 """
 from __future__ import annotations
 
@@ -353,7 +357,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("inputs", nargs="+", metavar="INPUT",
                    help="image files, or folders searched recursively for jpg, jpeg, png, bmp, webp and tif files")
     p.add_argument("--study", required=True,
-                   help="study folder, or a pyarrow URI such as s3://bucket/study (required)")
+                   help="study folder, or a pyarrow URI such as s3://bucket/study, or the --out folder of "
+                        "python -m study.trial (required)")
     p.add_argument("--dataset", help="choose among this dataset's trials only, e.g. cifar10, flowers102 "
                                      "(default: all datasets)")
     p.add_argument("--trial", help="use this trial id, whatever its status (default: the DONE trial with the best "
@@ -368,10 +373,28 @@ def parser() -> argparse.ArgumentParser:
                    help="average the colours predicted for each photo and its mirror image, twice the compute "
                         "(default: as the trial was evaluated, its tta_flip)")
     p.add_argument("--temperature", type=float,
-                   help="uv-classes trials: decode at this temperature, > 0 and <= 10 (1: the expected colour, "
+                   help="uv-classes trials: decode at this temperature, >= 1e-30 and <= 10 (1: the expected colour, "
                         "towards 0: the most likely one; lower paints more vivid colours without retraining) "
                         "(default: the trial's own)")
     return p
+
+
+# The decoding divides float32 logits by T before its softmax: a logit l overflows to inf once |l| > T x 3.4e38
+# (the largest float32), and softmax of inf is NaN (gray images). At 1e-30 logits up to 3.4e8 in size stay
+# finite, far beyond what a trained head gives; any T under ~1e-3 decodes the mode already.
+MIN_TEMPERATURE = 1e-30
+
+
+def check_temperature(temperature: float) -> None:
+    """The trial parameter's own rule (NaN fails too), and the floor where float32 decoding stays sound."""
+    try:
+        TrialConfig.check_value("temperature", temperature)
+    except ConfigError as e:
+        raise ColorizeError(f"--temperature: {e}") from None
+    if temperature < MIN_TEMPERATURE:
+        raise ColorizeError(f"--temperature {temperature:g}: below {MIN_TEMPERATURE:g} the float32 decoding "
+                            f"overflows and paints every pixel gray; give {MIN_TEMPERATURE:g} or more (any "
+                            f"temperature under ~0.001 already gives the most likely colour)")
 
 
 def with_temperature(loaded: Loaded, temperature: float | None) -> TrialConfig:
@@ -440,13 +463,12 @@ def size_warnings(jobs: list[Job], cfg: TrialConfig, trial: str) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     """The command; a ``ColorizeError`` (nothing done) reaches ``study.cli``'s handler: exit status 2."""
     args = parser().parse_args(argv)
-    if args.temperature is not None:   # the trial parameter's own rule (NaN fails too)
-        try:
-            TrialConfig.check_value("temperature", args.temperature)
-        except ConfigError as e:
-            raise ColorizeError(f"--temperature: {e}") from None
+    if args.temperature is not None:
+        check_temperature(args.temperature)
     jobs, errors = collect_inputs(args.inputs, args.side_by_side, args.format)
     check_out(args.out, args.inputs, jobs, args.side_by_side)
+    # Before the model loads: a folder that cannot be written is found once, not per image.
+    cli.check_writable(f"--out {args.out}", args.out, "the colorized images")
     device = choose_device(args.device)
     loaded = load_model(args.study, args.dataset, args.trial, device)
     cfg = with_temperature(loaded, args.temperature)

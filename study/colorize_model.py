@@ -13,9 +13,10 @@ import pyarrow.fs as pafs
 import torch
 
 from study.cli import ProjectError
+from study.urls import masked
 from study.config import TrialConfig
 from study.engine import CHECKPOINT_FILE, bins_of, build_unet, load_checkpoint, pick_device
-from study.results import default_trial, read_table, resolve
+from study.results import best_row, default_trial, read_table, resolve
 
 EXIT_NO_MODEL = 2
 
@@ -39,29 +40,69 @@ class Loaded:
 
 
 def load_model(study: str, dataset: str | None, trial_id: str | None, device: torch.device) -> Loaded:
-    """The chosen trial's model, rebuilt from the config saved with its weights."""
-    row = pick_trial(read_trials(study), study, dataset, trial_id)
-    state, location = read_checkpoint(row["checkpoint_path"], study)
+    """The chosen trial's model, rebuilt from the config saved with its weights. ``study`` is a study folder (or
+    URL), or the folder of one trial run by ``python -m study.trial --out DIR``."""
+    folder = trial_folder(study)
+    if folder is not None:
+        state, location = read_checkpoint(str(folder.resolve()), study)
+        row = trial_folder_row(state, folder, study, dataset, trial_id)
+    else:
+        row = pick_trial(read_trials(study), study, dataset, trial_id)
+        state, location = read_checkpoint(row["checkpoint_path"], study)
     try:
         cfg = TrialConfig.from_dict(state["config"])
         # A classification head's bins are saved with its weights; they size its head.
         model = build_unet(cfg.model, cfg.image_size, bins_of(state["model"]))
         model.load_state_dict(state["model"])
     except (KeyError, TypeError, ValueError, RuntimeError) as e:
-        raise ColorizeError(f"the checkpoint of trial {row['trial_id']} ({row['checkpoint_path']}) does not "
+        raise ColorizeError(f"the checkpoint of trial {row['trial_id']} ({location}) does not "
                             f"hold a model this code can rebuild: {type(e).__name__}: {e}") from e
     return Loaded(model.to(device).eval(), cfg, row, state.get("epoch"), location)
 
 
+def trial_folder(study: str) -> Path | None:
+    """The checkpoint folder when ``study`` is a single trial's folder (``study.trial --out DIR``: DIR/checkpoint)
+    or a checkpoint folder itself, not a study; else None."""
+    root = Path(study)
+    if "://" in study or (root / "results").exists() or (root / "study.json").exists():
+        return None
+    return next((f for f in (root / "checkpoint", root) if (f / CHECKPOINT_FILE).is_file()), None)
+
+
+def trial_folder_row(state: dict, folder: Path, study: str, dataset: str | None, trial_id: str | None) -> pd.Series:
+    """A trials-table row for a single trial's checkpoint, from the history saved with it."""
+    name = Path(study).resolve().name
+    config = state.get("config") if isinstance(state.get("config"), dict) else {}
+    if trial_id is not None and trial_id != name:
+        raise ColorizeError(f"{study} is the folder of one trial ({name}), not a study: leave --trial out")
+    if dataset is not None and config.get("dataset") != dataset:
+        raise ColorizeError(f"{study} is the folder of one trial of dataset {config.get('dataset')!r}, not "
+                            f"{dataset!r}: leave --dataset out, or give a study")
+    history = [r for r in state.get("history") or [] if isinstance(r, dict)]
+    best = best_row(history) if history else {}
+    return pd.Series({"trial_id": name, "status": state.get("status") or "trial", "dataset": config.get("dataset"),
+                      "output": config.get("output"), "best_val_psnr": best.get("val_psnr"),
+                      "val_gray_psnr": best.get("val_gray_psnr"), "best_epoch": best.get("epoch"),
+                      "checkpoint_path": str(folder.resolve())})
+
+
 def read_trials(study: str) -> pd.DataFrame:
-    if "://" not in study and not Path(study).is_dir():
+    from study.driver import check_storage, check_storage_url
+
+    if check_storage_url(study, "--study") != "local":   # the storage rule of study.run, probed read-only
+        check_storage(study, study, write=False, option="--study")
+    elif Path(study).exists() and not Path(study).is_dir():
+        raise ColorizeError(f"--study {study} is a file, not a folder; give a study folder or a trial's folder")
+    elif not Path(study).is_dir():
         raise ColorizeError(f"study folder {study} does not exist")
     try:
         trials = read_table(study, "trials")
     except Exception as e:  # unreachable store, corrupt Parquet
-        raise ColorizeError(f"cannot read {study}/results/trials.parquet: {type(e).__name__}: {e}") from e
+        raise ColorizeError(f"cannot read {masked(study)}/results/trials.parquet: "
+                            f"{masked(f'{type(e).__name__}: {e}')}") from e
     if trials is None or trials.empty:
-        raise ColorizeError(f"{study} has no trials (no results/trials.parquet): is it a study folder?")
+        raise ColorizeError(f"{study} has no trials (no results/trials.parquet) and no checkpoint: give a study "
+                            f"folder, or the --out folder of python -m study.trial")
     return trials
 
 
@@ -173,7 +214,7 @@ def _resolve(location: str) -> tuple[pafs.FileSystem, str]:
     try:
         return resolve(location)
     except Exception as e:  # unknown scheme, malformed URI
-        raise ColorizeError(f"cannot open {location}: {type(e).__name__}: {e}") from e
+        raise ColorizeError(f"cannot open {masked(location)}: {type(e).__name__}: {masked(str(e))}") from e
 
 
 def _has_checkpoint(fs: pafs.FileSystem, folder: str, errors: list[str]) -> bool:

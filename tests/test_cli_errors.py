@@ -1,4 +1,4 @@
-"""Every bad input of issue 11 through the real command line: exit status, message, nothing written.
+"""Every bad input through the real command line: exit status, message, nothing written.
 
 Each case runs ``python -m <module> <args>`` in its own folder (which holds the
 storage, the space files and anything the case sets up beforehand) and checks
@@ -53,14 +53,14 @@ def space_text(text: str) -> Callable[[Path], None]:
 
 
 def alias_bomb(folder: Path) -> None:
-    """Issue 18's case: 9 levels of 9 aliases in ``description`` (9**9 strings once expanded)."""
+    """9 levels of 9 aliases in ``description`` (9**9 strings once expanded)."""
     lines = ['  l0: &l0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
     lines += [f"  l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 9)}]" for i in range(1, 9)]
     space_text(yaml.safe_dump(TINY) + "description:\n" + "\n".join(lines) + "\n")(folder)
 
 
 def huge_space(folder: Path) -> None:
-    """A valid space of 2 MiB of choices (issue 18's was 55 MB and hung)."""
+    """A valid space of 2 MiB of choices (a 55 MB one once hung)."""
     raw = json.loads(json.dumps(TINY))
     raw["params"]["seed"] = {"choice": list(range(300_000))}
     (folder / "space.yaml").write_text(yaml.safe_dump(raw, default_flow_style=True, width=1 << 30))
@@ -141,6 +141,132 @@ try:   # only for the skip marker; torch is imported by the cases themselves any
 except ImportError:  # pragma: no cover
     pass
 
+def a_png(folder: Path) -> None:
+    from PIL import Image
+    space()(folder)
+    Image.new("L", (8, 8), 128).save(folder / "img.png")
+
+
+def a_study_with_results(folder: Path) -> None:
+    study_json("space")(folder)
+    (folder / "st" / "space" / "results").mkdir()
+
+
+FAKE_AWS = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_EC2_METADATA_DISABLED": "true"}
+UNREACHABLE_S3 = "s3://bucket/x?endpoint_override=127.0.0.1:9&scheme=http&region=us-east-1"
+
+# The rules (secret, storage, options, space keys, colorize, analysis), each over inputs nobody named before.
+RULE_CASES = [
+    # the secret rule: every shape of URL in an error line is masked, an unreadable one not shown at all
+    Case("optuna-url-password-in-query", "study.run",
+         [*RUN, "--space", "space.yaml", "--optuna-storage", f"postgresql://u@127.0.0.1:9/db?password={SECRET}"],
+         r"--optuna-storage postgresql://u@127\.0\.0\.1:9/db\?password=\*\*\*: cannot connect"),
+    Case("optuna-url-sslpassword-in-query", "study.run",
+         [*RUN, "--space", "space.yaml", "--optuna-storage",
+          f"postgresql+psycopg://u@127.0.0.1:9/db?sslmode=disable&SSLPassword={SECRET}"],
+         r"postgresql\+psycopg://u@127\.0\.0\.1:9/db\?sslmode=disable&SSLPassword=\*\*\*: cannot connect"),
+    Case("optuna-url-at-in-password", "study.run",
+         [*RUN, "--space", "space.yaml", "--optuna-storage", f"postgresql://u:p@ss:{SECRET}@127.0.0.1:9/db"],
+         r"postgresql://u:\*\*\*@127\.0\.0\.1:9/db: not a database URL \(its user name or password holds an "
+         r"unencoded '@'"),
+    Case("optuna-url-ipv6-host", "study.run",
+         [*RUN, "--space", "space.yaml", "--optuna-storage", f"postgresql://u:{SECRET}@[::1]:9/db"],
+         r"--optuna-storage postgresql://u:\*\*\*@\[::1\]:9/db: cannot connect"),
+    Case("optuna-url-percent-encoded", "study.run",
+         [*RUN, "--space", "space.yaml", "--optuna-storage", f"postgresql://u:{SECRET}%40x@127.0.0.1:9/db"],
+         r"--optuna-storage postgresql://u:\*\*\*@127\.0\.0\.1:9/db: cannot connect"),
+    Case("optuna-url-bad-port", "study.run",
+         [*RUN, "--space", "space.yaml", "--optuna-storage", f"postgresql://u:{SECRET}@host:99x/db"],
+         r"--optuna-storage postgresql://<unreadable URL, not shown>: not a database URL"),
+    Case("optuna-url-no-scheme", "study.run",
+         [*RUN, "--space", "space.yaml", "--optuna-storage", f"u:{SECRET}@host/db"],
+         r"--optuna-storage u:\*\*\*@host/db: not a database URL"),
+    Case("optuna-url-garbage", "study.run", [*RUN, "--space", "space.yaml", "--optuna-storage", "::garbage::"],
+         r"--optuna-storage .*: not a database URL"),
+    Case("optuna-url-unknown-driver", "study.run",
+         [*RUN, "--space", "space.yaml", "--optuna-storage", f"nosuchdb://u:{SECRET}@h/db"],
+         r"--optuna-storage nosuchdb://u:\*\*\*@h/db: not usable"),
+    # the storage rule: parsed once into a folder or a URL pyarrow opens, probed with a timeout
+    Case("storage-empty", "study.run", ["--storage", "", "--space", "space.yaml"], r"--storage '': empty"),
+    Case("storage-blank", "study.run", ["--storage", "  ", "--space", "space.yaml"], r"--storage '  ': empty"),
+    Case("storage-newline", "study.run", ["--storage", "st\nx", "--space", "space.yaml"],
+         r"holds a control character"),
+    Case("storage-file-scheme", "study.run", ["--storage", "file:///tmp/x", "--space", "space.yaml"],
+         r"give a local folder as a plain path"),
+    Case("storage-hdfs-unusable", "study.run", ["--storage", "hdfs://nohost:1/x", "--space", "space.yaml"],
+         r"--storage hdfs://nohost:1/x: (cannot be opened|no answer within)"),
+    Case("storage-gs-unusable", "study.run", ["--storage", "gs://colorize-no-such-bucket/x", "--space", "space.yaml"],
+         r"--storage gs://colorize-no-such-bucket/x: (cannot be opened|no answer within)"),
+    Case("storage-s3-unreachable", "study.run", ["--storage", UNREACHABLE_S3, "--space", "space.yaml"],
+         r"--storage s3://bucket/x\?endpoint_override=127\.0\.0\.1:9.*: cannot be opened \(.*(connect|NETWORK)",
+         env=FAKE_AWS),
+    Case("storage-s3-credentials-in-url", "study.run", ["--storage", f"s3://AKIAX:{SECRET}@bucket/x", "--space",
+                                                        "space.yaml"],
+         r"--storage s3://AKIAX:\*\*\*@bucket/x: holds credentials"),
+    Case("storage-s3-secret-in-query", "study.run", ["--storage", f"s3://bucket/x?secret_key={SECRET}", "--space",
+                                                     "space.yaml"],
+         r"--storage s3://bucket/x\?secret_key=\*\*\*: holds credentials"),
+    # options against the bounds their consumers need, before anything starts
+    Case("seed-over-max", "study.run", [*RUN, "--space", "space.yaml", "--seed", "99999999999999999999"],
+         r"--seed 99999999999999999999: .*above the limit 4294967295 \(MAX_SEED in study/config/trial\.py\)"),
+    Case("num-samples-over-max", "study.run", [*RUN, "--space", "space.yaml", "--num-samples", "1000000000000"],
+         r"--num-samples 1000000000000: .*must be in 1\.\.1,000,000"),
+    Case("num-samples-over-max-on-resume", "study.run",
+         [*RUN, "--space", "space.yaml", "--resume", "--num-samples", "1000000000000"],
+         r"--num-samples 1000000000000: .*must be in 1\.\.1,000,000", study_json("space", started=True)),
+    Case("max-concurrent-over-max", "study.run", [*RUN, "--space", "space.yaml", "--max-concurrent", "100000"],
+         r"--max-concurrent 100000: trials at once must be in 1\.\.10,000"),
+    Case("pack-over-max", "study.run", [*RUN, "--space", "space.yaml", "--pack", "5000"], r"--pack 5000: .*1\.\.1,024"),
+    Case("num-cpus-over-max", "study.run", [*RUN, "--space", "space.yaml", "--num-cpus", "10000000000"],
+         r"--num-cpus 10000000000: CPUs of the local Ray must be in 1\.\.1,000,000"),
+    Case("cpus-per-trial-nan", "study.run", [*RUN, "--space", "space.yaml", "--cpus-per-trial", "nan"],
+         r"--cpus-per-trial nan: must be a number > 0"),
+    Case("gpus-per-trial-below-rays-unit", "study.run", [*RUN, "--space", "space.yaml", "--gpus-per-trial", "1e-9"],
+         r"--gpus-per-trial 1e-09: .*in steps of 0\.0001"),
+    Case("time-budget-0", "study.run", [*RUN, "--space", "space.yaml", "--time-budget", "0"],
+         r"--time-budget '0': a budget must be more than 0; for no budget at all write none"),
+    Case("time-budget-0s", "study.run", [*RUN, "--space", "space.yaml", "--time-budget", "0s"],
+         r"--time-budget '0s': a budget must be more than 0"),
+    Case("time-budget-0m0s-on-plan", "study.run", [*RUN, "--space", "space.yaml", "--time-budget", "0m0s", "--plan"],
+         r"--time-budget '0m0s': a budget must be more than 0"),
+    Case("space-time-budget-0", "study.run", [*RUN, "--space", "space.yaml"],
+         r"space\.yaml: time_budget: 0: a budget must be more than 0; for no budget at all write none",
+         space(time_budget=0)),
+    Case("name-starting-with-dash", "study.run", [*RUN, "--space", "space.yaml", "--name=-x"],
+         r"--name '-x': a study name cannot start with '-'"),
+    Case("name-with-newline", "study.run", [*RUN, "--space", "space.yaml", "--name", "a\nb"],
+         r"--name 'a\\nb': a study name holds no control characters"),
+    Case("address-empty", "study.run", [*RUN, "--space", "space.yaml", "--address", ""], r"--address '': give"),
+    # space files: a repeated key is named with its lines
+    Case("space-duplicate-param", "study.run", [*RUN, "--space", "space.yaml"],
+         r"space\.yaml: key 'lr' is given twice in the same mapping \(lines 3 and 4\)",
+         space_text("params:\n  dataset: samples\n  lr: 0.001\n  lr: 0.01\n")),
+    Case("space-duplicate-top-key", "study.run", [*RUN, "--space", "space.yaml"],
+         r"key 'num_samples' is given twice in the same mapping \(lines 1 and 3\)",
+         space_text("num_samples: 2\nparams: {dataset: samples, epochs: 1}\nnum_samples: 3\n")),
+    # study.info: the same storage rule
+    Case("info-on-a-file", "study.info", ["afile"], r"afile: is a file, not a folder", a_file),
+    Case("info-empty", "study.info", [""], r"study '': empty"),
+    Case("info-unknown-scheme", "study.info", ["ftp://h/x"], r"ftp:// is not a storage"),
+    Case("info-credentials-in-url", "study.info", [f"s3://AKIAX:{SECRET}@b/x"], r"s3://AKIAX:\*\*\*@b/x: holds credentials"),
+    Case("info-hdfs-unusable", "study.info", ["hdfs://nohost:1/x"], r"hdfs://nohost:1/x: (cannot be opened|no answer)"),
+    # colorize: refused before the model loads
+    Case("colorize-temperature-1e-40", "study.colorize",
+         ["--study", "st", "--out", "out", "--temperature", "1e-40", "img.png"],
+         r"--temperature 1e-40: below 1e-30 the float32 decoding overflows", a_png),
+    Case("colorize-out-unwritable", "study.colorize", ["--study", "st", "--out", "/proc/colorized", "img.png"],
+         r"--out /proc/colorized: cannot create files in /proc", a_png),
+    Case("colorize-study-is-a-file", "study.colorize", ["--study", "afile", "--out", "out", "img.png"],
+         r"--study afile is a file, not a folder", many(a_file, a_png)),
+    Case("colorize-study-credentials-in-url", "study.colorize",
+         ["--study", f"s3://AKIAX:{SECRET}@b/st", "--out", "out", "img.png"], r"holds credentials", a_png),
+    # analysis: never into the study's results/
+    Case("analysis-out-inside-results", "analysis", ["--study", "st/space", "--out", "st/space/results/report"],
+         r"--out st/space/results/report is inside the study's results folder", a_study_with_results),
+    Case("analysis-out-is-results", "analysis", ["--study", "st/space", "--out", "st/space/results"],
+         r"is inside the study's results folder", a_study_with_results),
+]
+
 CASES = [
     # space files (the rest of the space rules are tested in-process in test_space.py)
     Case("space-folder", "study.run", [*RUN, "--space", "spaces"], r"--space spaces is a folder, not a space file",
@@ -164,7 +290,7 @@ CASES = [
          space(p_dropout={"uniform": [0.0, 1.5]})),
     Case("epochs-0", "study.run", [*RUN, "--space", "space.yaml"], r"params\.epochs: epochs=0 must be >= 1",
          space(p_epochs=0)),
-    # issue 18: sizes bounded before anything is written, each message naming its limit
+    # sizes bounded before anything is written, each message naming its limit
     Case("space-alias-bomb", "study.run", [*RUN, "--space", "space.yaml"],
          r"space\.yaml: expands to more than 100,000 YAML values .*MAX_YAML_NODES", alias_bomb),
     Case("space-over-1-mib", "study.run", [*RUN, "--space", "space.yaml"],
@@ -181,7 +307,7 @@ CASES = [
          space(p_batch_size={"choice": [64, 100000]})),
     Case("space-epochs-over-limit", "study.run", [*RUN, "--space", "space.yaml"],
          r"params\.epochs: epochs=100000 is above the limit 1000 \(MAX_EPOCHS", space(p_epochs=100000)),
-    # issue 18: sampler and pruner options by type and documented range (this one used to start Ray, then fail)
+    # sampler and pruner options by type and documented range (this one used to start Ray, then fail)
     Case("sampler-option-wrong-type", "study.run", [*RUN, "--space", "space.yaml"],
          r"sampler\.n_startup_trials: 'three' is not a whole number \(TPESampler\.n_startup_trials: int",
          space(sampler={"name": "tpe", "n_startup_trials": "three"})),
@@ -301,7 +427,7 @@ CASES = [
     # analysis
     Case("analysis-out-file", "analysis", ["--study", "st", "--out", "afile"], r"--out afile: afile is a file", a_file),
     Case("analysis-not-a-study", "analysis", ["--study", "nowhere", "--out", "report"], r"nowhere"),
-    # issue 18: storage URLs, names, study records and resumes, checked before anything is written
+    # storage URLs, names, study records and resumes, checked before anything is written
     Case("storage-s3-no-bucket", "study.run", ["--storage", "s3://", "--space", "space.yaml"],
          r"--storage s3://: no bucket after s3://"),
     Case("storage-s3-empty-host", "study.run", ["--storage", "s3:///x", "--space", "space.yaml"],
@@ -328,9 +454,12 @@ CASES = [
          r"space\.yaml: time_budget: .*give a duration such as 90m", space(time_budget="tomorrow")),
     Case("cpus-no-node-has", "study.run", [*RUN, "--space", "space.yaml", "--num-cpus", "1"],
          r"each trial asks for 64 CPU, and this machine's Ray has at most 1 CPU", space(resources={"cpu": 64})),
-    # the handler itself: --debug shows the traceback (and the error is no longer turned into status 2)
+    # the handler itself: --debug adds the traceback and keeps the exit status
     Case("debug-shows-traceback", "study.run", [*RUN, "--space", "space.yaml", "--max-concurrent", "0", "--debug"],
-         r"Traceback .*UsageError: --max-concurrent 0", status=1),
+         r"Traceback .*UsageError: --max-concurrent 0"),
+    Case("debug-keeps-status-of-a-space-error", "study.run", [*RUN, "--space", "space.yaml", "--debug"],
+         r"Traceback .*params\.epochs: epochs=0 must be >= 1", space(p_epochs=0)),
+    *RULE_CASES,
 ]
 
 
@@ -377,7 +506,7 @@ def test_bad_input_is_one_message_exit_2_and_nothing_written(case, results):
     assert r["rc"] == case.status, (r["rc"], err[-3000:], r["out"][-1000:])
     assert re.search(case.match, err, re.S), err[-3000:]
     assert SECRET not in err + r["out"]
-    if case.status == 2:
+    if case.status == 2 and "--debug" not in case.args:
         assert "Traceback" not in err, err[-3000:]
         lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
         assert len(lines) == 1, err
@@ -414,11 +543,15 @@ def test_handler_statuses(capsys, monkeypatch):
     seen = []
     assert cli.run(lambda argv: seen.append(argv), ["--a", "--debug", "--", "--debug"]) == 0
     assert seen == [["--a", "--", "--debug"]]   # only before "--": what follows belongs to another command
-    with pytest.raises(cli.UsageError):
-        cli.run(fails(cli.UsageError("x")), ["--debug"])
+    # --debug adds the traceback; the status is the same as without it
+    assert cli.run(fails(cli.UsageError("x")), ["--debug"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" in err and err.endswith("error: x\n")
+    assert cli.run(fails(cli.UsageError("y"), started=True), ["--debug"]) == 1
+    assert cli.run(fails(KeyboardInterrupt()), ["--debug"]) == 130
 
 
-# ------------------------------------------------------------------ issue 18: help that helps
+# ------------------------------------------------------------------ help that helps
 
 
 def _help_blocks(text: str) -> dict[str, str]:
