@@ -150,7 +150,7 @@ def _bad(tmp_path, mutate, match):
     (lambda r: r.update(pruner={"name": "patient"}), r"pruner: name must be one of"),
     (lambda r: r.update(schedulr="x"), r"schedulr: unknown key"),
     (lambda r: r["params"].update(output=["rgb", "uv"]), r"a bare list is ambiguous"),
-    # issue 10/11: values a trial would reject, numbers that cannot work, options Optuna does not have
+    # values a trial would reject, numbers that cannot work, options Optuna does not have
     (lambda r: r["params"].update(lr=-0.001), r"params\.lr: lr=-0\.001 must be > 0"),
     (lambda r: r["params"].update(epochs={"int": [0, 3]}), r"params\.epochs: epochs=0 must be >= 1"),
     (lambda r: r["params"].update(base_filters={"choice": [16, 0]}), r"params\.base_filters: base_filters=0"),
@@ -170,7 +170,7 @@ def _bad(tmp_path, mutate, match):
      r"pruner\.reduction_factor: must be a whole number >= 2, got 1"),
     (lambda r: r.update(pruner={"name": "successive_halving", "bootstrap_count": 2}),
      r"pruner: successive_halving rejects these options: bootstrap_count > 0 and min_resource == 'auto'"),
-    # issue 18: option types and documented ranges from Optuna's signatures, before anything runs
+    # option types and documented ranges from Optuna's signatures, before anything runs
     (lambda r: r.update(sampler={"name": "tpe", "n_startup_trials": "three"}),
      r"sampler\.n_startup_trials: 'three' is not a whole number \(TPESampler\.n_startup_trials: int, default 10\)"),
     (lambda r: r.update(sampler={"name": "tpe", "n_startup_trials": 2.5}), r"sampler\.n_startup_trials: 2\.5 is not"),
@@ -191,7 +191,7 @@ def _bad(tmp_path, mutate, match):
     (lambda r: r.update(pruner={"name": "median", "n_warmup_steps": "3"}), r"pruner\.n_warmup_steps: '3' is not"),
     (lambda r: r.update(pruner={"name": "hyperband", "max_resource": "lots"}),
      r"pruner\.max_resource: 'lots' is not allowed; the only word it takes is 'auto'"),
-    # issue 18: sizes, with the limit named
+    # sizes, with the limit named
     (lambda r: r["params"].update(resolution=1000000),
      r"params\.resolution: resolution=1000000 is above the limit 1024 px \(MAX_RESOLUTION in study/config/trial\.py\)"),
     (lambda r: r["params"].update(resolution={"choice": [32, 4096]}), r"params\.resolution: .*above the limit 1024"),
@@ -247,7 +247,7 @@ def test_sampler_options_reach_optuna_and_tpe_lies_constantly(tmp_path):
     assert sampler._n_startup_trials == 5 and sampler._n_ei_candidates == 7
 
 
-# ---- issue 13: enqueued configurations (the ablation) and several objectives
+# ---- enqueued configurations (the ablation) and several objectives
 
 RECIPE = {"weight_decay": 0.0, "ema": 0.0, "loss": "mse", "schedule": "none", "warmup_epochs": 0,
           "augment": False, "tta_flip": False, "gray_start": False}
@@ -322,7 +322,7 @@ def test_tradeoff_space_is_multi_objective_with_nsga2():
     assert space.resolve({**rec.values, **constants}).schedule == "cosine"
 
 
-# ---- issue 18: a space file's size is bounded before and while it is parsed
+# ---- a space file's size is bounded before and while it is parsed
 
 def _billion_laughs(levels: int = 9) -> str:
     """The classic alias bomb in ``description``: 9 levels of 9 aliases expand to 9**9 (387 million) strings."""
@@ -391,3 +391,35 @@ def test_values_python_cannot_build_are_one_message(tmp_path, text, match):
     path.write_text(text)
     with pytest.raises(SpaceError, match=match):
         load_space(str(path))
+
+
+# ---- each key of a mapping is given once
+
+DUPLICATES = [
+    ("params:\n  dataset: samples\n  lr: 0.001\n  lr: 0.01\n", "'lr'", 3, 4),
+    ("num_samples: 2\nparams: {dataset: samples}\nnum_samples: 3\n", "'num_samples'", 1, 3),
+    ("params: {dataset: samples, epochs: 1, epochs: 2}\n", "'epochs'", 1, 1),
+    ("params:\n  dataset: samples\n  lr: {loguniform: [1.0e-4, 1.0e-2], loguniform: [1.0e-3, 1.0e-1]}\n",
+     "'loguniform'", 3, 3),
+    ("params:\n  dataset: samples\n  batch_size: {by: dataset, cases: {samples: 8, samples: 16}}\n", "'samples'", 3, 3),
+    ("sampler: {name: tpe}\nparams: {dataset: samples}\nsampler:\n  name: random\n", "'sampler'", 1, 3),
+    ("params:\n  dataset: samples\n  1: a\n  1.0: b\n", "1.0", 3, 4),   # equal keys, as a dict would merge them
+]
+
+
+@pytest.mark.parametrize("text, key, first, second", DUPLICATES, ids=[d[1] for d in DUPLICATES])
+def test_a_repeated_key_is_named_with_its_lines(tmp_path, text, key, first, second):
+    path = tmp_path / "dup.yaml"
+    path.write_text(text)
+    with pytest.raises(SpaceError, match=rf"dup\.yaml: key {re.escape(key)} is given twice in the same mapping "
+                                         rf"\(lines {first} and {second}\)"):
+        load_space(str(path))
+
+
+def test_keys_merged_from_an_alias_may_be_overridden(tmp_path):
+    # `<<: *base` then a key of its own is what a merge is for, not a repetition.
+    path = tmp_path / "merge.yaml"
+    path.write_text("common: &base {loguniform: [1.0e-4, 1.0e-2]}\nparams:\n  dataset: samples\n"
+                    "  lr:\n    <<: *base\n    loguniform: [1.0e-3, 1.0e-1]\n")
+    from study.space.reading import read_space_yaml
+    assert read_space_yaml(path)["params"]["lr"] == {"loguniform": [1e-3, 1e-1]}

@@ -35,14 +35,15 @@ class _BoundedLoader(yaml.SafeLoader):
             for key_node, _ in node.value:
                 if key_node.tag == "tag:yaml.org,2002:merge":
                     continue
-                key = self.construct_object(key_node, deep=True)
+                key, line = self.construct_object(key_node, deep=True), key_node.start_mark.line + 1
                 try:
-                    first = seen.setdefault(key, key_node.start_mark.line + 1)
+                    first = seen.get(key)
+                    seen.setdefault(key, line)
                 except TypeError:   # an unhashable key: the constructor below names it
                     continue
-                if first != key_node.start_mark.line + 1:
-                    raise SpaceError(f"key {key!r} is given twice in the same mapping (lines {first} and "
-                                     f"{key_node.start_mark.line + 1}); YAML would keep only the last: remove one")
+                if first is not None:
+                    raise SpaceError(f"key {key!r} is given twice in the same mapping (lines {first} and {line}); "
+                                     f"YAML would keep only the last: remove one")
         return super().construct_mapping(node, deep=deep)
 
     def get_single_data(self):
