@@ -58,19 +58,22 @@ def test_best_trials_per_group_ties_to_smaller_trial_id():
 # ------------------------------------------------------------------ layout and types
 
 
-def test_epochs_are_one_file_per_trial_and_epoch_and_read_as_one_table(tmp_path):
+def test_epochs_are_parts_that_read_as_one_table_with_one_row_per_trial_and_epoch(tmp_path):
     w = ResultsWriter(str(tmp_path))
     for e, v in ((1, 20.0), (2, 22.0), (3, 21.0)):
         w.add_epochs("t1", [epoch_row("t1", row(e, v))])
     w.add_epochs("t2", [epoch_row("t2", row(1, 19.0))])
     w.add_epochs("t1", [epoch_row("t1", row(3, 23.0))])  # a restored trial re-reports epoch 3: replaced
+    w.flush()
     folder = tmp_path / "results/epochs.parquet"
-    assert files(folder) == ["t-t1-e0001.parquet", "t-t1-e0002.parquet", "t-t1-e0003.parquet", "t-t2-e0001.parquet"]
+    # The first change wrote the table at once (epoch 1), the flush the rest: two parts, not a file per epoch.
+    assert files(folder) == ["part-000001-000001.parquet", "part-000002-000002.parquet"]
     df = pd.read_parquet(folder)  # a plain pandas reader gets one table
     assert len(df) == 4 and df.loc[(df.trial_id == "t1") & (df.epoch == 3), "val_psnr"].item() == 23.0
     assert [r["epoch"] for r in w.history("t1")] == [1, 2, 3]
     w.drop_epochs_after("t1", 1)
-    assert files(folder) == ["t-t1-e0001.parquet", "t-t2-e0001.parquet"]
+    w.close()
+    assert sorted(map(tuple, pd.read_parquet(folder)[["trial_id", "epoch"]].values.tolist())) == [("t1", 1), ("t2", 1)]
     assert sorted(map(tuple, read_table(str(tmp_path), "epochs")[["trial_id", "epoch"]].values.tolist())) == \
         [("t1", 1), ("t2", 1)]
     assert [r["epoch"] for r in ResultsWriter(str(tmp_path)).history("t1")] == [1]  # a new writer reads it back
@@ -85,6 +88,7 @@ def test_a_study_with_the_old_single_file_epochs_table_still_reads_and_converts(
     assert (tmp_path / "results/epochs.parquet").is_dir()
     w.drop_epochs_after("t1", 2)
     w.add_epochs("t1", [epoch_row("t1", row(3, 30.0))])
+    w.close()
     df = pd.read_parquet(tmp_path / "results/epochs.parquet")
     assert sorted(df.epoch) == [1, 2, 3] and df.val_psnr.max() == 30.0
     assert not [p for p in (tmp_path / "results").iterdir() if p.name.startswith(".")]
@@ -94,18 +98,21 @@ def test_a_study_with_the_old_single_file_epochs_table_still_reads_and_converts(
     assert len(pd.read_parquet(tmp_path / "results/epochs.parquet")) == 3
 
 
-def test_trials_are_written_once_per_flush_with_pandas_types(tmp_path):
-    w = ResultsWriter(str(tmp_path))
+def test_trials_are_written_on_a_cadence_with_pandas_types(tmp_path):
+    w = ResultsWriter(str(tmp_path), interval_s=3600)
     path = tmp_path / "results/trials.parquet"
     history = [{**row(e, v), "precision": "bf16"} for e, v in ((1, 20.0), (2, 22.0), (3, 22.0))]
     w.stage("trials", [trial_row("t1", CONFIG, "RUNNING", history[:1], started_at=1.7e9)])
+    first = path.stat().st_ino   # the first change after opening is written at once
     w.stage("trials", [trial_row("t1", CONFIG, "DONE", history, started_at=1.7e9, finished_at=1.7e9 + 60)])
     w.stage("trials", [trial_row("t2", CONFIG, "RUNNING", [], started_at=1.7e9 + 5)])
-    assert not path.exists()  # staged only
+    assert path.stat().st_ino == first and len(pd.read_parquet(path)) == 1   # not per change
+    assert list(read_table(str(tmp_path), "trials").trial_id) == ["t1", "t2"]   # the journal has the rest
     w.flush()
-    first = path.stat().st_ino
-    w.flush()  # nothing staged: nothing written
-    assert path.stat().st_ino == first
+    second = path.stat().st_ino
+    assert second != first
+    w.flush()  # nothing changed: nothing written
+    assert path.stat().st_ino == second
     df = pd.read_parquet(path).set_index("trial_id")
     assert df.loc["t1", "status"] == "DONE" and df.loc["t1", "best_epoch"] == 2   # earliest of the tie
     assert str(df["best_epoch"].dtype) == "Int64" and pd.isna(df.loc["t2", "best_epoch"])
@@ -146,12 +153,15 @@ def test_files_respect_the_umask(tmp_path, umask):
         w.add_epochs("t1", [epoch_row("t1", row(1, 20.0))])
         w.add_previews([{"trial_id": "t1", "dataset": "samples", "resolution": 32, "epoch": 1, "image_index": 0,
                          "kind": "prediction", "png": b"png"}])
+        journal = {p: stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "results/_journal").iterdir()}
+        w.close()
         write_json(str(tmp_path), "study.json", {"name": "x"})
     finally:
         os.umask(old)
-    written = [tmp_path / "study.json", tmp_path / "results/trials.parquet",
-               *(tmp_path / "results/epochs.parquet").iterdir(), *(tmp_path / "results/previews.parquet").iterdir()]
-    assert len(written) == 4
+    assert len(journal) == 1 and set(journal.values()) == {0o666 & ~umask}
+    assert not list((tmp_path / "results/_journal").iterdir())   # emptied by the write
+    written = [tmp_path / "study.json", *(p for p in (tmp_path / "results").rglob("*") if p.is_file())]
+    assert len(written) == 6   # study.json, trials, two parts of epochs and of previews
     for path in written:
         assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask, path
 
@@ -159,56 +169,88 @@ def test_files_respect_the_umask(tmp_path, umask):
 # ------------------------------------------------------------------ faults
 
 
-def test_disk_full_keeps_the_last_good_table_leaves_no_temporary_and_resumes(tmp_path):
-    """A real write failure: the kernel refuses bytes past RLIMIT_FSIZE (EFBIG), as a full disk refuses them."""
-    script = textwrap.dedent(f"""
+def _limited(script: str, folder) -> subprocess.CompletedProcess:
+    """Run ``script`` (with ``w``, a writer of ``folder``) in a process whose files may not pass 2 kB after
+    ``limit()``: the kernel refuses bytes past RLIMIT_FSIZE (EFBIG), as a full disk refuses them."""
+    head = textwrap.dedent(f"""
         import resource, signal, sys
         from study.results import ResultsWriteError, ResultsWriter, trial_row
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)   # EFBIG from write() rather than a signal
         config = {CONFIG!r}
-        w = ResultsWriter(sys.argv[1])
+        def limit():
+            resource.setrlimit(resource.RLIMIT_FSIZE, (2048, resource.RLIM_INFINITY))
+        w = ResultsWriter(sys.argv[1], interval_s=3600)
         w.upsert("trials", [trial_row("t1", config, "DONE", [])])
-        resource.setrlimit(resource.RLIMIT_FSIZE, (2048, resource.RLIM_INFINITY))
-        w.stage("trials", [trial_row(f"t{{i}}", {{**config, "note": "x" * 500}}, "DONE", []) for i in range(2, 60)])
+    """)
+    return subprocess.run([PYTHON, "-c", head + textwrap.dedent(script), str(folder)], capture_output=True, text=True,
+                          env=python_env(), timeout=120)
+
+
+def test_disk_full_keeps_the_last_good_table_leaves_no_temporary_and_resumes(tmp_path):
+    p = _limited("""
+        w.stage("trials", [trial_row(f"t{i}", {**config, "note": "x" * 500}, "DONE", []) for i in range(2, 40)])
+        limit()   # the journal holds the rows; the table of them is past the limit
         try:
             w.flush()
         except ResultsWriteError as e:
             print("ERROR", e)
             sys.exit(3)
-    """)
-    p = subprocess.run([PYTHON, "-c", script, str(tmp_path)], capture_output=True, text=True, env=python_env(),
-                       timeout=120)
+    """, tmp_path)
     assert p.returncode == 3, p.stdout + p.stderr
     assert "cannot write" in p.stdout and str(tmp_path / "results/trials.parquet") in p.stdout
     assert "File too large" in p.stdout and "--resume" in p.stdout
-    assert files(tmp_path / "results") == ["trials.parquet"]  # no .tmp-* left behind
-    assert list(read_table(str(tmp_path), "trials").trial_id) == ["t1"]  # the last good version
-    # The cause fixed (no limit), the study continues where it was.
+    assert not list((tmp_path / "results").rglob(".tmp-*"))  # no temporary left behind
+    assert len(pd.read_parquet(tmp_path / "results/trials.parquet")) == 1  # the last good version
+    # The cause fixed (no limit), the study continues where it was: the journal's rows are written.
     w = ResultsWriter(str(tmp_path))
-    w.upsert("trials", [trial_row("t2", CONFIG, "DONE", [])])
-    assert list(read_table(str(tmp_path), "trials").trial_id) == ["t1", "t2"]
+    assert len(pd.read_parquet(tmp_path / "results/trials.parquet")) == 39
+    w.upsert("trials", [trial_row("t40", CONFIG, "DONE", [])])
+    w.close()
+    assert len(read_table(str(tmp_path), "trials")) == 40
+
+
+def test_a_full_disk_refusing_a_change_keeps_the_changes_before_it(tmp_path):
+    p = _limited("""
+        limit()
+        for i in range(2, 40):
+            try:
+                w.stage("trials", [trial_row(f"t{i}", {**config, "note": "x" * 300}, "DONE", [])])
+            except ResultsWriteError as e:
+                print("ERROR", i, e)
+                sys.exit(3)
+    """, tmp_path)
+    assert p.returncode == 3, p.stdout + p.stderr
+    refused = int(p.stdout.split()[1])
+    assert "cannot write" in p.stdout and str(tmp_path / "results/_journal") in p.stdout
+    assert "File too large" in p.stdout and "the changes before this one are kept" in p.stdout
+    want = [f"t{i}" for i in range(1, refused)]
+    assert sorted(read_table(str(tmp_path), "trials").trial_id) == sorted(want)   # no half line read
+    w = ResultsWriter(str(tmp_path))   # --resume: the journal's whole lines are written, the rest goes on
+    w.upsert("trials", [trial_row(f"t{refused}", CONFIG, "DONE", [])])
+    w.close()
+    assert sorted(pd.read_parquet(tmp_path / "results/trials.parquet").trial_id) == sorted([*want, f"t{refused}"])
 
 
 def test_an_unwritable_results_folder_is_a_clear_error(tmp_path):
     w = ResultsWriter(str(tmp_path))
-    w.add_epochs("t1", [epoch_row("t1", row(1, 20.0))])
+    w.add_epochs("t1", [epoch_row("t1", row(1, 20.0))])   # written at once: the first change
+    journal = tmp_path / "results/_journal"
     if os.geteuid() == 0:
-        # Root writes through a read-only mode; a file where the epochs folder should be fails for anyone.
-        blocked = tmp_path / "results/previews.parquet"
-        blocked.write_bytes(b"not a folder")
-        with pytest.raises(ResultsWriteError, match="previews.parquet"):
-            w.add_previews([{"trial_id": "t1", "dataset": "samples", "resolution": 32, "epoch": 1,
-                             "image_index": 0, "kind": "prediction", "png": b"png"}])
-        return
-    folder = tmp_path / "results/epochs.parquet"
-    folder.chmod(0o555)
-    try:
-        with pytest.raises(ResultsWriteError, match="Permission denied") as e:
+        # Root writes through a read-only mode; a file where the journal's folder should be fails for anyone.
+        journal.rmdir()
+        journal.write_bytes(b"not a folder")
+        with pytest.raises(ResultsWriteError, match="_journal") as e:
             w.add_epochs("t1", [epoch_row("t1", row(2, 21.0))])
-        assert str(folder) in str(e.value)
-        assert files(folder) == ["t-t1-e0001.parquet"]
-    finally:
-        folder.chmod(0o755)
+    else:
+        journal.chmod(0o555)
+        try:
+            with pytest.raises(ResultsWriteError, match="Permission denied") as e:
+                w.add_epochs("t1", [epoch_row("t1", row(2, 21.0))])
+        finally:
+            journal.chmod(0o755)
+    assert str(journal) in str(e.value) and "--resume" in str(e.value)
+    assert [r["epoch"] for r in w.history("t1")] == [1]   # a change the journal could not keep is not made
+    assert pd.read_parquet(tmp_path / "results/epochs.parquet").epoch.tolist() == [1]
 
 
 def test_a_corrupt_trials_table_names_the_file(tmp_path):
@@ -245,8 +287,9 @@ def test_a_local_study_stops_on_a_results_fault_keeping_what_was_written(tmp_pat
                       preview_count=2)
     with pytest.raises(ResultsWriteError, match="epochs.parquet"):
         run_local_study(folder, [cfg], cache_dir=cache_dir, log=log)
+    # Epoch 2's rows are in the journal (the table's write failed): kept, and written by the next writer.
     trials = read_table(str(folder), "trials")
-    assert list(trials.status) == ["RUNNING"] and trials.epochs_run.tolist() == [1]
-    assert files(folder / "results/moved") == ["t-local_00000-e0001.parquet"]
+    assert list(trials.status) == ["RUNNING"] and trials.epochs_run.tolist() == [2]
+    assert pd.read_parquet(folder / "results/moved").epoch.tolist() == [1]   # what the table held before
     assert not [p for p in (folder / "results").rglob(".tmp-*")]
     assert not list(folder.glob(".ckpt-*"))   # the engine's temporary checkpoints, removed on error too

@@ -10,14 +10,16 @@ from study.results.contract import (BOOKKEEPING, CURVE_TEMPERATURES, EPOCH_METRI
                                     best_row, best_trials, coerce, curve_column, curve_key, default_trial,
                                     epoch_gain, gain)
 
-STORE = ("ResultsWriteError", "ResultsWriter", "epoch_row", "png_files", "preview_rows", "read_json",
-         "read_table", "resolve", "trial_row", "write_json")
+# Name -> the module that defines it, loaded when the name is first used.
+STORE = {**dict.fromkeys(("ResultsWriteError", "resolve"), "files"),
+         **dict.fromkeys(("ResultsWriter", "epoch_row", "png_files", "preview_rows", "read_json", "read_table",
+                          "trial_row", "write_json"), "store")}
 
 
 def __getattr__(name: str):
     if name in STORE:
-        from study.results import store
-        return getattr(store, name)
+        import importlib
+        return getattr(importlib.import_module(f"study.results.{STORE[name]}"), name)
     raise AttributeError(f"module 'study.results' has no attribute {name!r}")
 
 

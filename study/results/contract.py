@@ -6,7 +6,8 @@ no pyarrow filesystems, nothing at import time but constants.
 
 A study's results are Parquet in ``<study folder>/results/``; each of
 ``trials.parquet``, ``epochs.parquet`` and ``previews.parquet`` reads as one
-table with ``pd.read_parquet`` (the last two are folders of files).
+table with ``pd.read_parquet`` (the last two are folders of files), every column
+in its contract type (``COLUMNS``) from the study's first write.
 
 ``trials``   one row per trial: ``trial_id``, every resolved config value as its
              own column, ``status`` (one of ``STATUSES``), ``error``,
@@ -173,11 +174,18 @@ OBJECTIVES = {
 }
 
 
+def kinds(name: str) -> dict[str, str]:
+    """Column -> kind of every column of table ``name`` whose kind the contract knows (the trials table's
+    ``resolution``, a configuration value, is an integer too)."""
+    return {**{c: "int" for c in INTEGER_COLUMNS.get(name, ())}, **COLUMNS.get(name, {})}
+
+
 def coerce(name: str, df: pd.DataFrame) -> pd.DataFrame:
     """The contract's columns (``COLUMNS``: missing ones added, empty) and their types: nullable integers,
     UTC timestamps (from datetimes or Unix seconds).
 
-    Used by the writer before every write and by readers of old studies, so both see the same types.
+    Used by readers (of old studies too), so every reader sees the same types; a column already in its
+    type is left as it is (a table the writer wrote costs a look at each column).
     """
     import pandas as pd
 
@@ -185,15 +193,78 @@ def coerce(name: str, df: pd.DataFrame) -> pd.DataFrame:
     for col, kind in COLUMNS.get(name, {}).items():   # the contract's shape, from the first write
         if col not in df:
             df[col] = pd.Series([None] * len(df), index=df.index,
-                                dtype={"float": "float64", "int": "Int64"}.get(kind, "object"))
+                                dtype={"float": "float64", "int": "Int64", "time": "datetime64[us, UTC]"}.get(
+                                    kind, "object"))
     for col in INTEGER_COLUMNS.get(name, ()):
-        if col in df:
+        if col in df and not isinstance(df[col].dtype, pd.Int64Dtype):
             df[col] = pd.to_numeric(df[col], errors="coerce").round().astype("Int64")
     if name == "trials":
         for col in TIMESTAMP_COLUMNS:
             if col in df and not isinstance(df[col].dtype, pd.DatetimeTZDtype):
                 df[col] = pd.to_datetime(df[col].map(_timestamp), utc=True).dt.as_unit("us")
     return df
+
+
+def coerce_row(name: str, row: dict) -> dict:
+    """One row of table ``name`` in the contract's types as plain Python values, what ``coerce`` does to a
+    table: ints, floats, strs, UTC datetimes (from Unix seconds, datetimes or ISO text), bytes; a missing
+    value (None, NaN, NA, NaT, an unreadable number) is None. The epochs and previews tables keep only
+    their contract's columns; the trials table keeps the rest (its configuration) with numpy scalars made
+    plain. The writer types each row once, as it comes, instead of a whole table on every write."""
+    known = kinds(name)
+    out = {}
+    for key, value in row.items():
+        kind = known.get(key)
+        if kind is None and name != "trials":
+            continue
+        if _missing(value):
+            out[key] = None
+        elif kind is None:
+            out[key] = value.item() if type(value).__module__ == "numpy" else value
+        else:
+            out[key] = _AS[kind](value)
+    return out
+
+
+def _missing(value) -> bool:
+    if value is None or type(value).__name__ in ("NAType", "NaTType"):
+        return True
+    return isinstance(value, float) and value != value
+
+
+def _as_int(value) -> int | None:
+    try:
+        return value if type(value) is int else int(round(float(value)))
+    except (TypeError, ValueError, OverflowError):
+        return None
+
+
+def _as_float(value) -> float | None:
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        return None
+    return None if value != value else value
+
+
+def _as_time(value):
+    from datetime import datetime, timezone
+
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return datetime.fromtimestamp(value, timezone.utc)
+    if isinstance(value, str) and not value:
+        return None
+    try:
+        stamp = _timestamp(value)
+    except (TypeError, ValueError):
+        return None
+    if _missing(stamp):
+        return None
+    stamp = stamp.tz_localize("UTC") if stamp.tzinfo is None else stamp.tz_convert("UTC")
+    return stamp.to_pydatetime(warn=False)
+
+
+_AS = {"str": str, "int": _as_int, "float": _as_float, "time": _as_time, "bytes": bytes}
 
 
 def _timestamp(value):

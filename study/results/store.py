@@ -4,54 +4,58 @@ Readers need only pandas + pyarrow::
 
     pd.read_parquet(f"{study}/results/trials.parquet")
 
-``trials.parquet`` is one file, replaced atomically. ``epochs.parquet`` and
-``previews.parquet`` are *folders* of Parquet files, one per (trial, epoch),
-each written once (rewriting a whole table on every epoch costs bytes that grow
-with the square of the study's size, and a full PUT each time on s3://);
-``pd.read_parquet`` reads such a folder like a file. A study written before
-epochs became a folder (one ``epochs.parquet`` file) still reads, and its
-first writer converts it.
+``trials.parquet`` is one file, replaced atomically. ``epochs.parquet`` and ``previews.parquet`` are
+*folders* of Parquet parts (``study.results.parts``): each write adds a part and small parts are merged,
+so a reader opens a few dozen files however many epochs the study has; ``pd.read_parquet`` reads such a
+folder like a file. Every table has all its columns in the contract's types from the study's first write
+(epochs and previews: an empty part). Studies of earlier versions (one ``epochs.parquet`` file, or one
+file per (trial, epoch)) still read, and their first writer converts their epochs.
 
 ``study.json`` beside ``results/`` holds the study's metadata.
 
-Writing (``ResultsWriter``; the driver is the only writer of a study):
+Writing (``ResultsWriter``; the driver is the only writer of a study). A change costs one row's typing
+and one appended journal line; the tables are written on a cadence, never per change:
 
-- ``add_epochs(trial_id, rows)`` writes each (trial, epoch) file at once
-  (rows from ``epoch_row``); a re-reported epoch replaces its file.
-- ``stage("trials", rows)`` changes the in-memory trials table only;
-  ``flush()`` writes each table staged since the last flush, once. Call it
-  once at the end of every event (a reported epoch, a finished trial), so
-  ``trials.parquet`` is rewritten at most once per event.
-  ``upsert("trials", rows)`` is ``stage`` + ``flush``.
-- ``add_previews(rows)``: one file per (trial, epoch); originals once per
-  (dataset, resolution).
-- ``drop_epochs_after(trial_id, epoch)``: forget epochs a restored trial will
-  run again (their epoch and preview files).
-- ``history(trial_id)``: the trial's epoch rows, in order.
+- ``add_epochs(trial_id, rows)`` (rows from ``epoch_row``); a re-reported epoch replaces its row.
+- ``stage("trials", rows)`` (rows from ``trial_row``): the trials table's rows, by ``trial_id``;
+  ``upsert`` is the same for either table.
+- ``add_previews(rows)``; originals once per (dataset, resolution).
+- ``drop_epochs_after(trial_id, epoch)``: forget epochs a restored trial will run again (rows and previews).
+- ``history(trial_id)``: the trial's epoch rows, in order; ``trial(trial_id)``: its trials row.
+- The tables are written at the first change after opening, then at the first change at least
+  ``interval_s`` (5 s, longer when a write takes long) after the last write, and by ``flush()`` (now)
+  and ``close()`` (flush, and let go of the journal).
 
-A failed write (folder unwritable, disk full, bucket gone) raises
-``ResultsWriteError`` naming the file and the cause; the file keeps its last
-good version and no temporary is left behind, so ``--resume`` continues once
-the cause is fixed. Files are created with the process's umask (a team can
-read a shared study).
+Crashes. Every change goes to the journal (``study.results.journal``) before it counts; the writer that
+next opens the study replays it and writes the tables, and ``read_table`` applies it meanwhile. On a
+local disk a killed driver loses nothing, and a machine that loses power loses at most the changes since
+the last write (at most ``interval_s``). On an object store changes since the last write, or the last
+trial end (its row is put at once), are lost in a crash. A restored trial re-runs the epochs after its
+last checkpoint and reports them again, which replaces their rows, so after ``--resume`` there is still
+one row per (trial, epoch); an epoch lost in that window is reported again if Ray Tune's saved state
+was taken before it (the driver writes the tables whenever Tune saves its state).
+
+A failed write (folder unwritable, disk full, bucket gone) raises ``ResultsWriteError`` naming the file
+and the cause; the file keeps its last good version, no temporary is left behind and the journal keeps
+the changes, so ``--resume`` continues once the cause is fixed. Files are created with the process's
+umask (a team can read a shared study).
 """
 from __future__ import annotations
 
-import io
 import json
-import os
-import re
-import secrets
+import math
+import time
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import pandas as pd
 import pyarrow as pa
 import pyarrow.fs as pafs
-import pyarrow.parquet as pq
 
-from study.cli import ProjectError
+from study.results import journal
 from study.results.contract import (
     CURVE_METRICS,
+    EPOCH_COLUMNS,
     EPOCH_METRICS,
     KEYS,
     RESULTS_DIR,
@@ -59,230 +63,168 @@ from study.results.contract import (
     SUMMARY_METRICS,
     best_row,
     coerce,
+    coerce_row,
 )
+from study.results.files import (  # the errors and resolve: also read from here by the tests
+    ResultsError,  # noqa: F401
+    ResultsReadError,  # noqa: F401
+    ResultsWriteError,
+    parquet_bytes,
+    read_bytes,
+    read_parquet,
+    resolve,
+    schema,
+    write_bytes,
+)
+from study.results.parts import Part, PartsTable, read_folder
+from study.results.trials import TrialsTable
 
-# Every epoch file has this schema, so the folder always reads as one table.
-EPOCH_SCHEMA = pa.schema([("trial_id", pa.string()), ("epoch", pa.int64()),
-                          *((m, pa.float64()) for m in EPOCH_METRICS), ("seconds", pa.float64()),
-                          *((m, pa.float64()) for m in CURVE_METRICS), ("precision", pa.string())])
-
-
-class ResultsError(ProjectError, RuntimeError):
-    """A study's results cannot be read or written; the message names the file and what to do."""
-    exit_status = 2
-
-
-class ResultsWriteError(ResultsError):
-    # Raised mid-study: work was partly done (and kept), hence 1 rather than 2.
-    exit_status = 1
-
-
-class ResultsReadError(ResultsError):
-    pass
+JOURNAL = "_journal"   # in results/: hidden from Parquet readers by its underscore
 
 
-def resolve(location: str | os.PathLike) -> tuple[pafs.FileSystem, str]:
-    """(filesystem, path) for a local folder or a pyarrow URI such as s3://bucket/x."""
-    location = str(location)
-    if "://" in location:
-        return pafs.FileSystem.from_uri(location)
-    return pafs.LocalFileSystem(), str(Path(location).resolve())
-
-
-def _write_bytes(fs: pafs.FileSystem, path: str, data: bytes) -> None:
-    parent, base = path.rsplit("/", 1)
-    try:
-        fs.create_dir(parent, recursive=True)
-        if isinstance(fs, pafs.LocalFileSystem):
-            _write_local(parent, base, data)
-        else:  # An object store's PUT is atomic already.
-            with fs.open_output_stream(path) as f:
-                f.write(data)
-    except OSError as e:
-        cause = e.strerror or str(e)
-        raise ResultsWriteError(
-            f"cannot write {path}: {cause}. The results written so far are kept (this file keeps its last "
-            f"good version); free space or make {parent} writable, then continue the study with --resume") from e
-
-
-def _write_local(parent: str, base: str, data: bytes) -> None:
-    # Written beside the target and renamed: readers never see a partial file. os.open with 0o666
-    # lets the umask decide the mode (mkstemp would make it 0600: unreadable for the rest of a team).
-    # The dot prefix hides the temporary from Parquet dataset readers.
-    tmp = f"{parent}/.tmp-{secrets.token_hex(6)}-{base}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())  # a full disk shows here, before the old version is replaced
-        os.replace(tmp, f"{parent}/{base}")
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-
-
-def _read_bytes(fs: pafs.FileSystem, path: str) -> bytes | None:
-    try:
-        with fs.open_input_stream(path) as f:
-            return f.read()
-    except FileNotFoundError:
+def _stored(fs: pafs.FileSystem, results: str, name: str) -> pa.Table | None:
+    """The table as written (without the journal's changes); None when it does not exist."""
+    path = f"{results}/{name}.parquet"
+    kind = fs.get_file_info(path).type
+    if kind == pafs.FileType.NotFound:
         return None
-    except OSError as e:  # s3 raises OSError for a missing key in some versions
-        if "does not exist" in str(e) or "NoSuchKey" in str(e) or "Path does not exist" in str(e):
-            return None
-        raise
+    if name == "trials" or kind == pafs.FileType.File:   # the oldest layout: one epochs.parquet file
+        return read_parquet(fs, path, None if name == "trials" else schema(name))
+    return read_folder(fs, path, name)
 
 
-def _parquet_bytes(df: pd.DataFrame, schema: pa.Schema | None = None) -> bytes:
-    buf = io.BytesIO()
-    pq.write_table(pa.Table.from_pandas(df, schema=schema, preserve_index=False), buf)
-    return buf.getvalue()
+def _with_changes(name: str, table: pa.Table | None, changes: list[dict]) -> pa.Table | None:
+    """``table`` with the journal's changes to it applied, in order."""
+    if name == "trials":
+        trials = TrialsTable(table)
+        for change in changes:
+            if change["t"] == "trials":
+                trials.put(change["row"])
+        return trials.table()
+    keys, epoch_at = KEYS[name], KEYS[name].index("epoch")
+    added: dict[tuple, dict] = {}
+    drops: list[tuple[str, int]] = []
+    for change in changes:
+        if change["t"] == name:
+            added[tuple(change["row"][k] for k in keys)] = change["row"]
+        elif change["t"] == "drop":
+            added = {k: r for k, r in added.items() if not (k[0] == change["trial_id"] and k[epoch_at] > change["after"])}
+            drops.append((change["trial_id"], change["after"]))
+    if not added and not drops:
+        return table
+    new = pa.Table.from_pylist(list(added.values()), schema=schema(name))
+    if table is None:
+        return new
+    df = table.select(keys).to_pandas()
+    gone = pd.MultiIndex.from_frame(df).isin(list(added)) if added else pd.Series(False, index=df.index).to_numpy()
+    for trial_id, after in drops:
+        gone |= ((df["trial_id"] == trial_id) & (df["epoch"] > after)).to_numpy()
+    return pa.concat_tables([table.filter(pa.array(~gone)), new])
 
 
-def _table_path(study: str, name: str) -> tuple[pafs.FileSystem, str]:
-    fs, root = resolve(study)
-    return fs, f"{root}/{RESULTS_DIR}/{name}.parquet"
-
-
-def write_table(study: str, name: str, df: pd.DataFrame) -> None:
-    """Replace a one-file table (``trials``) atomically."""
-    fs, path = _table_path(study, name)
-    _write_bytes(fs, path, _parquet_bytes(coerce(name, df)))
-
-
-def read_table(study: str, name: str) -> pd.DataFrame | None:
-    """The table as pandas (None when it does not exist yet), in the contract's column types.
+def read_table(study: str, name: str, *, filesystem: pafs.FileSystem | None = None) -> pd.DataFrame | None:
+    """The table as pandas (None when it does not exist yet), in the contract's column types, with the
+    changes the journal holds (a running or crashed driver's latest). Opens O(parts) files.
 
     Raises ``ResultsReadError`` naming the file when it is not readable Parquet.
     """
-    fs, path = _table_path(study, name)
-    try:
-        info = fs.get_file_info(path)
-        if info.type == pafs.FileType.NotFound:
-            return None
-        if info.type == pafs.FileType.Directory:  # one file per (trial, epoch)
-            if not _data_files(fs, path):
-                return None
-            # Epoch files written before a column was added read with it empty (the one schema).
-            df = pq.read_table(path, filesystem=fs, schema=EPOCH_SCHEMA if name == "epochs" else None).to_pandas()
-        else:
-            data = _read_bytes(fs, path)
-            if data is None:
-                return None
-            df = pq.read_table(io.BytesIO(data)).to_pandas()
-    except (pa.ArrowException, OSError) as e:
-        # pyarrow names the in-memory buffer ('<Buffer>'), not the file: say which file it was.
-        cause = re.sub(r"^.*'<Buffer>':\s*", "", str(e))
-        raise ResultsReadError(
-            f"{path} is not a readable Parquet table ({cause}). Restore it from a copy, or move it aside to "
-            f"continue without the rows it held") from e
-    if name in KEYS and not df.empty and all(k in df for k in KEYS[name]):
+    fs, root = resolve(study, filesystem)
+    results = f"{root}/{RESULTS_DIR}"
+    folder = f"{results}/{JOURNAL}"
+    for _ in range(3):   # the writer wrote the tables and emptied the journal meanwhile: read again
+        names = journal.segments(fs, folder)
+        changes = journal.read(fs, folder, names)
+        table = _stored(fs, results, name)
+        if journal.segments(fs, folder) == names:
+            break
+    table = _with_changes(name, table, changes)
+    if table is None:
+        return None
+    df = table.to_pandas()
+    if not df.empty and all(k in df for k in KEYS[name]):
         df = df.sort_values(KEYS[name], kind="stable").reset_index(drop=True)
     return coerce(name, df)
 
 
-def _data_files(fs: pafs.FileSystem, folder: str) -> list[str]:
-    try:
-        infos = fs.get_file_info(pafs.FileSelector(folder, allow_not_found=True))
-    except OSError as e:
-        raise ResultsReadError(f"cannot list {folder}: {e.strerror or e}; it must be a folder of Parquet files "
-                               f"(move away whatever is there)") from e
-    return sorted(i.base_name for i in infos if i.base_name.endswith(".parquet") and i.base_name[0] not in "._")
-
-
-def _epoch_file(trial_id: str, epoch: int) -> str:
-    return f"t-{trial_id}-e{int(epoch):04d}.parquet"
-
-
-_EPOCH_FILE = re.compile(r"^t-(.+)-e(\d+)\.parquet$")   # (trial id, epoch) of a per-(trial, epoch) file
-
-
-def _epoch_bytes(row: dict) -> bytes:
-    # Straight to Arrow with the fixed schema and no pandas metadata: a few kB per epoch, not ten.
-    table = pa.Table.from_pylist([{f.name: row.get(f.name) for f in EPOCH_SCHEMA}], schema=EPOCH_SCHEMA)
-    buf = io.BytesIO()
-    pq.write_table(table, buf)
-    return buf.getvalue()
-
-
-def _records(df: pd.DataFrame | None) -> list[dict]:
-    return [] if df is None else df.to_dict("records")
-
-
-def _preview_file(row: dict) -> str:
-    if row["kind"] == "prediction":
-        return _epoch_file(row["trial_id"], row["epoch"])
-    return f"o-{row['dataset']}-{int(row['resolution'])}.parquet"
-
-
 def write_json(study: str, name: str, obj: dict) -> None:
     fs, root = resolve(study)
-    _write_bytes(fs, f"{root}/{name}", json.dumps(obj, indent=2, sort_keys=True).encode())
+    write_bytes(fs, f"{root}/{name}", json.dumps(obj, indent=2, sort_keys=True).encode())
 
 
 def read_json(study: str, name: str) -> dict | None:
     fs, root = resolve(study)
-    data = _read_bytes(fs, f"{root}/{name}")
+    data = read_bytes(fs, f"{root}/{name}")
     return None if data is None else json.loads(data)
 
 
-class ResultsWriter:
-    """The driver's writer of a study's tables (see the module docstring for the API).
+class _Tables(Mapping):
+    """``writer.tables``: "trials" from memory; "epochs" writes what is pending and reads the table back."""
 
-    Keeps ``trials`` and ``epochs`` in memory as rows keyed like the tables (the driver is
-    the only writer, so an in-memory copy plus atomic files is consistent); a trial that
-    re-reports an epoch after a restore replaces the row (and file). Work per event does not
-    grow with the number of epochs already written.
+    def __init__(self, writer: ResultsWriter):
+        self._writer = writer
+
+    def __getitem__(self, name: str) -> pd.DataFrame | None:
+        if name == "trials":
+            return self._writer._trials.frame()
+        if name == "epochs":
+            self._writer.flush()
+            return read_table(self._writer.study, name, filesystem=self._writer.fs)
+        raise KeyError(name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(("trials", "epochs"))
+
+    def __len__(self) -> int:
+        return 2
+
+
+class ResultsWriter:
+    """The driver's writer of a study's tables (see the module docstring for the API and its crash window).
+
+    ``filesystem``: a pyarrow filesystem to write through (``study`` is then a path on it).
     """
 
-    def __init__(self, study: str):
+    def __init__(self, study: str, *, filesystem: pafs.FileSystem | None = None, interval_s: float = 5.0):
         self.study = study
-        self.fs, root = resolve(study)
+        self.fs, root = resolve(study, filesystem)
         self.results_dir = f"{root}/{RESULTS_DIR}"
         self.epochs_dir = f"{self.results_dir}/epochs.parquet"
         self.previews_dir = f"{self.results_dir}/previews.parquet"
-        kind = self.fs.get_file_info(self.epochs_dir).type
-        if kind == pafs.FileType.File:
-            self._convert_epochs_file(read_table(study, "epochs"))
-        elif (kind == pafs.FileType.NotFound and isinstance(self.fs, pafs.LocalFileSystem)
-              and Path(self.results_dir, ".epochs-converting").is_dir()):
-            self.fs.move(f"{self.results_dir}/.epochs-converting", self.epochs_dir)   # a conversion cut short
-        self._trials: dict[str, dict] = {}
-        self._epochs: dict[str, dict[int, dict]] = {}
-        for row in _records(read_table(study, "trials")):
-            self._trials[row["trial_id"]] = row
-        for row in _records(read_table(study, "epochs")):
-            self._epochs.setdefault(row["trial_id"], {})[int(row["epoch"])] = row
-        self._frames: dict[str, pd.DataFrame | None] = {}
-        self._dirty = False
-        # (folder, trial id) -> epochs that have a file there, so a restore finds its files at once.
-        self._files: dict[tuple[str, str], set[int]] = {}
-        self.preview_files: set[str] = set()
-        for folder in (self.epochs_dir, self.previews_dir):
-            for name in _data_files(self.fs, folder):
-                if folder == self.previews_dir:
-                    self.preview_files.add(name)
-                match = _EPOCH_FILE.match(name)
-                if match:
-                    self._files.setdefault((folder, match[1]), set()).add(int(match[2]))
+        self.trials_path = f"{self.results_dir}/trials.parquet"
+        self.interval_s = interval_s
+        self._convert_epochs_file()
+        self._trials = TrialsTable(read_parquet(self.fs, self.trials_path))
+        self._epochs = PartsTable(self.fs, self.epochs_dir, "epochs", rows=True)
+        self._previews = PartsTable(self.fs, self.previews_dir, "previews", rows=False)
+        self._journal = journal.Journal(self.fs, f"{self.results_dir}/{JOURNAL}")
+        self._last_write, self._pause, self._unwritten = -math.inf, interval_s, False
+        replay = journal.read(self.fs, self._journal.folder)
+        for change in replay:   # the last driver stopped before writing them
+            self._apply(change)
+        if replay or self._epochs.dirty and self._epochs.exists or self._previews.stale:
+            self._unwritten = True
+            self.flush()   # replayed, converted, or a write cut short: the tables hold it all now
 
-    def _convert_epochs_file(self, df: pd.DataFrame | None) -> None:
-        """A study from before epochs became a folder: write its rows as files, then remove the old file.
+    def _convert_epochs_file(self) -> None:
+        """The oldest layout, one epochs.parquet file: its rows become the folder's first part.
 
         Locally the folder is made beside it and renamed into place; on an object store a key and a
         "folder" of keys below it can coexist. Either way the rows are all written before the old file
         goes, so a crash here loses nothing (the next writer converts again).
         """
+        kind = self.fs.get_file_info(self.epochs_dir).type
         local = isinstance(self.fs, pafs.LocalFileSystem)
-        target = f"{self.results_dir}/.epochs-converting" if local else self.epochs_dir
+        converting = f"{self.results_dir}/.epochs-converting"
+        if kind == pafs.FileType.NotFound and local and Path(converting).is_dir():
+            self.fs.move(converting, self.epochs_dir)   # a conversion cut short
+            return
+        if kind != pafs.FileType.File:
+            return
+        table = read_parquet(self.fs, self.epochs_dir, schema("epochs"))
+        target = converting if local else self.epochs_dir
         if local:
             self.fs.delete_dir_contents(target, missing_dir_ok=True)
-        for row in _records(df):
-            _write_bytes(self.fs, f"{target}/{_epoch_file(row['trial_id'], row['epoch'])}", _epoch_bytes(row))
+        write_bytes(self.fs, f"{target}/{Part(1, 1).name}", parquet_bytes("epochs", table))
         try:
             self.fs.delete_file(self.epochs_dir)
             if local:
@@ -290,34 +232,80 @@ class ResultsWriter:
         except OSError as e:
             raise ResultsWriteError(f"cannot convert {self.epochs_dir} to a folder of files: {e}") from e
 
+    # ---------------------------------------------------------------- changes
+
+    def _apply(self, change: dict) -> None:
+        kind = change["t"]
+        if kind == "trials":
+            self._trials.put(change["row"])
+        elif kind == "epochs":
+            self._epochs.add(change["row"])
+        elif kind == "previews":
+            self._previews.add(change["row"])
+        elif kind == "drop":
+            self._epochs.drop_after(change["trial_id"], change["after"])
+            self._previews.drop_after(change["trial_id"], change["after"])
+
+    def _change(self, change: dict) -> None:
+        self._journal.append(change)   # first: a change the journal cannot keep is not made
+        self._apply(change)
+        self._unwritten = True
+
+    def _write_if_due(self) -> None:
+        if time.monotonic() - self._last_write >= self._pause:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write every change not yet written: the folder tables' new parts, the trials table, then empty
+        the journal. Nothing pending: nothing written."""
+        if not (self._unwritten or self._epochs.dirty or self._previews.dirty):
+            return
+        t0 = time.monotonic()
+        self._epochs.write()
+        self._previews.write()
+        if self._trials.dirty:
+            write_bytes(self.fs, self.trials_path, parquet_bytes("trials", self._trials.table()))
+            self._trials.written()
+        self._journal.clear()
+        self._unwritten = False
+        self._last_write = time.monotonic()
+        # A write that takes long (a big study) comes less often: at most ~5% of the driver's time.
+        self._pause = max(self.interval_s, 20 * (self._last_write - t0))
+
+    def close(self) -> None:
+        """Write every change and let go of the journal (a later change opens it again)."""
+        self.flush()
+        self._journal.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     @property
-    def tables(self) -> dict[str, pd.DataFrame | None]:
-        """The tables as pandas (None while empty), in the contract's types; built on demand."""
-        for name in ("trials", "epochs"):
-            if name not in self._frames:
-                rows = (list(self._trials.values()) if name == "trials"
-                        else [r for by_epoch in self._epochs.values() for r in by_epoch.values()])
-                self._frames[name] = None if not rows else coerce(name, pd.DataFrame(rows).sort_values(
-                    KEYS[name], kind="stable").reset_index(drop=True))
-        return dict(self._frames)
+    def tables(self) -> Mapping[str, pd.DataFrame | None]:
+        """The tables as pandas (None while empty), in the contract's types: ``tables["trials"]`` from memory."""
+        return _Tables(self)
 
     # ---------------------------------------------------------------- trials
 
-    def stage(self, name: str, rows: list[dict]) -> None:
-        """Change the in-memory trials table; nothing is written until ``flush()``."""
-        if name != "trials":
-            raise ValueError("only trials rows are staged; epochs are written per (trial, epoch) by add_epochs")
-        for row in rows:
-            self._trials[row["trial_id"]] = dict(row)
-        if rows:
-            self._frames.pop("trials", None)
-            self._dirty = True
+    def trial(self, trial_id: str) -> dict | None:
+        """The trial's row in the trials table (its contract's plain values), None when it has none."""
+        return self._trials.get(trial_id)
 
-    def flush(self) -> None:
-        """Write the trials table if rows were staged since the last flush: once per event."""
-        if self._dirty:
-            write_table(self.study, "trials", self.tables["trials"])
-            self._dirty = False
+    def stage(self, name: str, rows: list[dict]) -> None:
+        """Set trials rows (by ``trial_id``); written with the tables (see the module docstring)."""
+        if name != "trials":
+            raise ValueError("only trials rows are staged; epochs are added by add_epochs")
+        ended = False
+        for row in rows:
+            row = coerce_row("trials", row)
+            self._change({"t": "trials", "row": row})
+            ended = ended or row.get("status") not in (None, "RUNNING")
+        if ended:
+            self._journal.commit()   # a trial's end is never reported again: kept at once on an object store too
+        self._write_if_due()
 
     def upsert(self, name: str, rows: list[dict]) -> None:
         if name == "epochs":
@@ -325,63 +313,42 @@ class ResultsWriter:
                 self.add_epochs(trial_id, [r for r in rows if r["trial_id"] == trial_id])
             return
         self.stage(name, rows)
-        self.flush()
 
     # ---------------------------------------------------------------- epochs
 
     def add_epochs(self, trial_id: str, rows: list[dict]) -> None:
-        """Write each row (``epoch_row``) as its own (trial, epoch) file; keep it in memory too."""
+        """Add epoch rows (``epoch_row``) of one trial; an epoch it has already is replaced."""
         for row in rows:
             if row["trial_id"] != trial_id:
                 raise ValueError(f"an epoch row of trial {row['trial_id']} given for trial {trial_id}")
-            epoch = int(row["epoch"])
-            _write_bytes(self.fs, f"{self.epochs_dir}/{_epoch_file(trial_id, epoch)}", _epoch_bytes(row))
-            self._files.setdefault((self.epochs_dir, trial_id), set()).add(epoch)
-            self._epochs.setdefault(trial_id, {})[epoch] = dict(row)
-            self._frames.pop("epochs", None)
+            self._change({"t": "epochs", "row": coerce_row("epochs", row)})
+        self._write_if_due()
 
     def history(self, trial_id: str) -> list[dict]:
-        """The trial's epoch rows, by epoch."""
-        by_epoch = self._epochs.get(trial_id, {})
-        return [dict(by_epoch[e]) for e in sorted(by_epoch)]
+        """The trial's epoch rows, by epoch (a missing metric is NaN, as ``epoch_row`` gives it)."""
+        rows = sorted(self._epochs.rows_of(trial_id), key=lambda r: r["epoch"])
+        return [{k: math.nan if v is None and EPOCH_COLUMNS.get(k) == "float" else v for k, v in r.items()}
+                for r in rows]
 
     def drop_epochs_after(self, trial_id: str, epoch: int) -> None:
-        """Forget epochs a restored trial will run again: rows, epoch files and preview files."""
-        by_epoch = self._epochs.get(trial_id, {})
-        for e in [e for e in by_epoch if e > epoch]:
-            del by_epoch[e]
-            self._frames.pop("epochs", None)
-        for folder in (self.epochs_dir, self.previews_dir):
-            known = self._files.get((folder, trial_id), set())
-            for e in sorted(e for e in known if e > epoch):
-                name = _epoch_file(trial_id, e)
-                try:
-                    self.fs.delete_file(f"{folder}/{name}")
-                except FileNotFoundError:
-                    pass
-                except OSError as err:
-                    raise ResultsWriteError(f"cannot delete {folder}/{name}: {err}") from err
-                known.discard(e)
-                if folder == self.previews_dir:
-                    self.preview_files.discard(name)
+        """Forget epochs a restored trial will run again: their rows and previews."""
+        if self._epochs.has_after(trial_id, epoch) or self._previews.has_after(trial_id, epoch):
+            self._change({"t": "drop", "trial_id": trial_id, "after": int(epoch)})
+            self._write_if_due()
 
     # ---------------------------------------------------------------- previews
 
     def add_previews(self, rows: list[dict]) -> None:
-        by_file: dict[str, list[dict]] = {}
+        """Add preview rows (``preview_rows``); originals of a (dataset, resolution) already stored are skipped."""
+        stored = set(self._previews.originals)
         for row in rows:
-            by_file.setdefault(_preview_file(row), []).append(row)
-        for name, group in sorted(by_file.items()):
-            if name.startswith("o-") and name in self.preview_files:
-                continue  # originals: once per dataset and resolution
-            df = pd.DataFrame(group).sort_values(KEYS["previews"], kind="stable")
-            _write_bytes(self.fs, f"{self.previews_dir}/{name}", _parquet_bytes(df))
-            self.preview_files.add(name)
-            if group[0]["kind"] == "prediction":
-                self._files.setdefault((self.previews_dir, group[0]["trial_id"]), set()).add(int(group[0]["epoch"]))
+            row = coerce_row("previews", row)
+            if row["kind"] == "prediction" or (row["dataset"], row["resolution"]) not in stored:
+                self._change({"t": "previews", "row": row})
+        self._write_if_due()
 
     def has_originals(self, dataset: str, resolution: int) -> bool:
-        return f"o-{dataset}-{int(resolution)}.parquet" in self.preview_files
+        return (dataset, int(resolution)) in self._previews.originals
 
 
 # ------------------------------------------------------------ row builders
@@ -416,17 +383,18 @@ def preview_rows(trial_id: str, config: dict, epoch: int, files: dict[str, bytes
     return rows
 
 
-def trial_row(trial_id: str, config: dict, status: str, history: list[dict], *, error: str | None = None,
-              wall_time_s: float = float("nan"), device: str = "", node_id: str = "",
-              checkpoint_path: str = "", optuna_number: int = -1, **bookkeeping) -> dict:
-    """One trials-table row. ``bookkeeping``: more facts about the run (``started_at``/``finished_at``
-    as Unix seconds or timestamps, ``restarts``, ``pack_id``, ...), stored as given and typed on write."""
+def trial_row(trial_id: str, config: dict, status: str, history: list[dict], **facts) -> dict:
+    """One trials-table row. ``facts`` about the run: ``error``, ``wall_time_s``, ``device``, ``node_id``,
+    ``checkpoint_path``, ``optuna_number`` (missing: None, NaN, "", "", "", -1) and any other bookkeeping
+    (``started_at``/``finished_at`` as Unix seconds or timestamps, ``restarts``, ``pack_id``, ...), stored
+    as given and typed on write. The best and final metrics come from ``history`` (``best_row``)."""
     if status not in STATUSES:
         raise ValueError(f"status {status!r} is not one of {STATUSES}")
-    row = {"trial_id": trial_id, **config, "status": status, "error": error,
-           "epochs_run": len(history), "wall_time_s": float(wall_time_s), "device": device,
-           "node_id": node_id, "checkpoint_path": checkpoint_path, "optuna_number": int(optuna_number),
-           **bookkeeping}
+    row = {"trial_id": trial_id, **config, "status": status, "error": facts.pop("error", None),
+           "epochs_run": len(history), "wall_time_s": float(facts.pop("wall_time_s", math.nan)),
+           "device": facts.pop("device", ""), "node_id": facts.pop("node_id", ""),
+           "checkpoint_path": facts.pop("checkpoint_path", ""), "optuna_number": int(facts.pop("optuna_number", -1)),
+           **facts}
     if history:
         best = best_row(history)
         final = history[-1]
@@ -436,7 +404,7 @@ def trial_row(trial_id: str, config: dict, status: str, history: list[dict], *, 
             row[f"final_{k}"] = float(final[k])
         row["val_gray_psnr"] = float(final["val_gray_psnr"])
         row["test_gray_psnr"] = float(final["test_gray_psnr"])
-        if "precision" in final:
+        if final.get("precision") is not None:
             row["precision_used"] = str(final["precision"])
     return row
 
