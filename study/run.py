@@ -22,7 +22,9 @@ import hashlib
 import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from study import cli
 from study.cli import UsageError
@@ -31,21 +33,34 @@ from study.cli import UsageError
 # reported without loading any of them.
 from study.driver import (
     DEFAULT_SQLITE,
+    STATUS_FILE,
+    NoTrialFinished,
+    Signals,
+    Stopped,
+    StudyClock,
+    StudyLock,
+    best_table,
+    budget_summary,
+    check_capacity,
     check_options,
     check_optuna_url,
+    check_outcome,
     check_pickles,
     check_resume_database,
     check_storage,
     check_storage_url,
+    check_unlocked,
     in_ray_job,
     masked,
     missing_epochs,
     read_study_json,
+    resume_command,
     runtime_url,
     space_change_problems,
-    stopping,
+    time_budget,
     without_password,
 )
+from study.durations import parse_duration
 
 
 def parser() -> argparse.ArgumentParser:
@@ -140,39 +155,6 @@ def prepare_data(space, data_root: str | None, cache_dir: str) -> None:
               f"from {s.source} ({time.time() - t0:.1f}s)")
 
 
-def best_table(root: str) -> str:
-    from study.results import best_trials, gain, read_table
-
-    best = best_trials(read_table(root, "trials"), by=["dataset", "output"])
-    if best.empty:
-        return "no trial finished an epoch"
-    best = best.assign(vs_gray=gain(best))
-    cols = ["dataset", "output", "trial_id", "status", "best_val_psnr", "val_gray_psnr", "vs_gray",
-            "best_test_psnr", "best_test_ssim", "sampling", "depth", "base_filters", "lr", "batch_size",
-            "loss", "epochs_run"]
-    return best[[c for c in cols if c in best]].to_string(index=False, float_format=lambda v: f"{v:.4g}")
-
-
-STATUS_FILE = "status.json"   # study.driver.progress writes it beside study.json
-
-
-def time_budget(args, meta: dict | None, space, clock, parse_duration) -> dict:
-    """The study's time budget as study.json records it: ``{"seconds": B or None, "granted_at_s": S}``, a
-    budget of B seconds of running time from the study's running time S. ``--time-budget`` on a resume
-    grants a new one from now; without it a resumed study keeps its own, and one already spent is refused."""
-    recorded = (meta or {}).get("time_budget") or {"seconds": None, "granted_at_s": 0.0}
-    if args.time_budget is not None:
-        return {"seconds": parse_duration(args.time_budget), "granted_at_s": clock.spent_before_s}
-    if meta is None or not args.resume:
-        return {"seconds": space.time_budget_s, "granted_at_s": 0.0}
-    clock.budget_s, clock.granted_at_s = recorded.get("seconds"), float(recorded.get("granted_at_s") or 0.0)
-    if clock.expired(clock.started):
-        raise UsageError(f"--resume: the study's time budget ({recorded['seconds']:g} s of running time) is spent; "
-                         f"give it more with --time-budget (e.g. --time-budget 1h, counted from now) or run it "
-                         f"to the end with --time-budget none (nothing was changed)")
-    return recorded
-
-
 def more_trials(root: str, meta: dict, wanted: int, saved: tuple[int, int] | None) -> int:
     """``--resume --num-samples N``: the study's new total of trials (models); lowering it below what
     already started is refused."""
@@ -187,57 +169,116 @@ def more_trials(root: str, meta: dict, wanted: int, saved: tuple[int, int] | Non
     return wanted
 
 
-def print_plan(args, space, meta: dict | None) -> int:
+def print_plan(args, space) -> int:
     """``--plan``: the study's plan and an estimate of its time, from a short calibration here; nothing is
     written and no Ray starts."""
     from study import plan
 
     cluster = plan.local_resources(args.num_cpus, args.num_gpus)
-    resources = dict(space.resources)
-    if args.gpus_per_trial is not None:
-        resources["gpu"] = args.gpus_per_trial
-    if args.cpus_per_trial is not None:
-        resources["cpu"] = args.cpus_per_trial
+    resources = trial_resources(args, space)
     if resources.get("gpu", 0) and not cluster["GPU"]:
         resources["gpu"] = 0
     data_root = str(Path(args.data_root).resolve()) if args.data_root else os.environ.get("COLORIZE_DATA_ROOT")
+    budget = parse_duration(args.time_budget) if args.time_budget is not None else space.time_budget_s
     estimate = plan.estimate(
-        space, num_samples=args.num_samples or (meta or {}).get("num_samples") or space.num_samples,
+        space, num_samples=args.num_samples or space.num_samples,
         max_concurrent=args.max_concurrent or space.max_concurrent, resources=resources,
-        pack=args.pack or (meta or {}).get("pack") or space.pack_for(gpu=resources.get("gpu", 0) > 0),
-        cluster_resources=cluster, data_root=data_root, time_budget_s=parse_budget_arg(args.time_budget, space))
+        pack=args.pack or space.pack_for(gpu=resources.get("gpu", 0) > 0),
+        cluster_resources=cluster, data_root=data_root, time_budget_s=budget)
     print(plan.format_plan(estimate))
     return 0
 
 
-def parse_budget_arg(text, space) -> float | None:
-    from study.durations import parse_duration
-    return parse_duration(text) if text is not None else space.time_budget_s
+# ------------------------------------------------------------------ the command's steps
+
+@dataclass(frozen=True)
+class Study:
+    """A study as the checks leave it: what was asked, what is known of it, and where it runs; nothing written."""
+    args: argparse.Namespace
+    space: Any                  # study.space.Space
+    name: str
+    root: str
+    meta: dict | None           # the study.json of a study that started before; None: a new study
+    space_changed: bool         # its space file changed since it started
+    clock: Any                  # study.driver.StudyClock
+    budget: dict                # the time budget as study.json records it (time_budget)
+    data_root: str | None
+    cache_dir: str
+    address: str | None         # the Ray cluster it joins; None: a private local Ray
+    resources: dict             # each trial's
+
+
+@dataclass(frozen=True)
+class Ending:
+    """How a run of the study ended: stopped by a signal (its number), by its time budget, or it ran out."""
+    signal: int | None
+    budget_stopped: bool
 
 
 def _main(argv: list[str]) -> int:
+    args = parse(argv)
+    space = checked_space(args)
+    if args.plan:   # before any study folder, lock or record is looked at: --plan writes and starts nothing
+        return print_plan(args, space)
+    study = open_study(args, space)
+    return summarise(study, run(study))
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    """The command line, each option checked on its own (study.driver.checks)."""
     args = parser().parse_args(argv)
     check_options(args)
+    return args
+
+
+def checked_space(args: argparse.Namespace):
+    """The space file, read after the storage URL is known to be one (never a local folder named "s3:")."""
     from study.space import load_space
 
-    check_storage_url(args.storage)   # before any path is made from it: never a local folder named "s3:"
-    space = load_space(args.space)
-    if args.plan:   # before any study folder, lock or record is looked at: --plan writes and starts nothing
-        return print_plan(args, space, None)
+    check_storage_url(args.storage)
+    return load_space(args.space)
+
+
+def open_study(args: argparse.Namespace, space) -> Study:
+    """The study to run, new or the one ``--resume`` continues; everything is checked, nothing written."""
     name = args.name or space.name
     root = study_root(args.storage, name)
     check_storage(args.storage, root)
-    given_url = args.optuna_storage
+    meta = existing_study(args, space, root)
+    space_changed = meta is not None and meta.get("space_sha256") not in (None, space_hash(space.path))
+    if args.pack is not None and args.pack > 1 and space.enqueue:
+        raise UsageError(f"--pack {args.pack}: {space.path} has an `enqueue` list, which needs pack 1 (a pack's "
+                         f"members share one structure); leave --pack out")
+    if args.resume:
+        meta = {**meta, "num_samples": check_resume(args, space, root, meta, space_changed)}
+    clock = StudyClock(spent_before_s=spent_before(root) if meta is not None else 0.0)
+    budget = time_budget(args, meta, space, clock)
+    data_root, cache_dir = data_places(args)
+    address = ray_address(args)
+    if not address:  # on a cluster each node decodes into its own cache
+        prepare_data(space, data_root, cache_dir)
+    return Study(args, space, name, root, meta, space_changed, clock, budget, data_root, cache_dir, address,
+                 trial_resources(args, space))
+
+
+def spent_before(root: str) -> float:
+    """The study's running time in its earlier runs, as its last status.json says."""
+    from study.results import read_json
+
+    return float((read_json(root, STATUS_FILE) or {}).get("elapsed_s") or 0.0)
+
+
+def existing_study(args: argparse.Namespace, space, root: str) -> dict | None:
+    """The study.json of the study at ``root`` when there is one to continue (None: start it); refuses a
+    study another driver runs, one that exists without ``--resume``, and one ``--resume`` cannot continue
+    as it was started."""
     meta = read_study_json(root, resume=args.resume)
     if args.resume and meta is None:
         raise UsageError(f"--resume: no study at {root}; run without --resume to start it")
-    from study.driver import lock
-    held = lock.holder(root)
-    if held is not None:
-        raise lock.LockError(lock.refusal(root, held))
+    check_unlocked(root)
     if meta is not None and not args.resume:
-        from study.tune import backend as tb
-        if tb.can_resume(root):
+        from study.tune import can_resume
+        if can_resume(root):
             raise UsageError(f"a study already exists at {root}; pass --resume to continue it, or --name for a "
                              f"new one (nothing was changed)")
         # Its driver died before Ray saved any state: no trial ran, so the name is not used up.
@@ -248,71 +289,90 @@ def _main(argv: list[str]) -> int:
                          f"{meta.get('space')!r} ({meta.get('space_file')}); give --space {meta.get('space')} "
                          f"(nothing was changed)")
     if meta is not None:
-        from study.engine import ALLOW_GRAYSCALE_ENV, grayscale_rule
-        # Studies from before the rule was recorded kept their grayscale images.
-        recorded, now = meta.get("grayscale", "kept"), grayscale_rule()
-        if recorded != now:
-            fix = (f"set {ALLOW_GRAYSCALE_ENV}=1 to resume it as it was" if recorded == "kept"
-                   else f"unset {ALLOW_GRAYSCALE_ENV} to resume it")
-            raise UsageError(f"--resume: the study at {root} was started with grayscale images {recorded} of its "
-                             f"data splits, and they would now be {now}; PSNR from the two rules cannot be "
-                             f"compared (grayscale images score ~110 dB as their own input). {fix[0].upper()}"
-                             f"{fix[1:]}, or start a new study with --name (nothing was changed)")
-    if given_url:
-        check_optuna_url(runtime_url(meta["optuna_storage"], root, given_url) if meta else given_url)
-    space_changed = meta is not None and meta.get("space_sha256") not in (None, space_hash(space.path))
-    if args.pack is not None and args.pack > 1 and space.enqueue:
-        raise UsageError(f"--pack {args.pack}: {space.path} has an `enqueue` list, which needs pack 1 (a pack's "
-                         f"members share one structure); leave --pack out")
-    if args.resume:
-        check_pickles(root)
-        from study.results import read_table
-        # A corrupt table is named now, not when the driver first writes.
-        tables = {table: read_table(root, table) for table in ("trials", "epochs")}
-        for trial_id, gone in missing_epochs(tables["trials"], tables["epochs"]).items():
-            print(f"warning: the epochs table lacks epoch(s) {', '.join(map(str, gone))} of trial {trial_id} (their "
-                  f"files under results/epochs.parquet are gone); its other epochs are kept, and its trials row "
-                  f"counts only the epochs that are there", file=sys.stderr)
-        from study.tune import backend as tb
-        if not tb.can_resume(root):
-            raise UsageError(f"--resume: the study at {root} never started a trial (Ray Tune saved no state); "
-                             f"run it again without --resume")
-        problem = tb.searcher_state_problem(root)
-        if problem:
-            raise UsageError(f"--resume: the study at {root} cannot be resumed by this version of the project: "
-                             f"{problem}. It was most likely started by an older version; resume it with that "
-                             f"version, or start a new study with --name (nothing was changed: its results stay in "
-                             f"{root}/results)")
-        if args.pack is not None and args.pack != meta.get("pack", 1):
-            raise UsageError(f"--pack {args.pack}: the study was started with pack {meta.get('pack', 1)}; "
-                             f"a resumed study keeps its pack size (leave --pack out)")
-        url = runtime_url(meta["optuna_storage"], root, given_url)
-        check_resume_database(url, meta["optuna_study_name"])
-        if args.num_samples is not None:
-            meta["num_samples"] = more_trials(root, meta, args.num_samples, tb.saved_total_trials(root))
-        if space_changed:
-            problems = space_change_problems(space, url, meta["optuna_study_name"])
-            if problems:
-                raise UsageError(f"--resume: {space.path} changed since the study started, and Optuna cannot draw "
-                                 f"new trials from it: {'; '.join(problems)}. Put those back as they were, or "
-                                 f"start a new study with --name (nothing was changed)")
-            print(f"note: {space.path} changed since the study started: trials already started keep their "
-                  f"configuration, and new trials are drawn from the file as it is now (recorded in study.json "
-                  f"under space_changes)", file=sys.stderr)
-    from study.driver import StudyClock
-    from study.durations import parse_duration
-    from study.results import read_json as _read
+        check_grayscale_rule(meta, root)
+    if args.optuna_storage:
+        check_optuna_url(runtime_url(meta["optuna_storage"], root, args.optuna_storage) if meta
+                         else args.optuna_storage)
+    return meta
 
-    status = (_read(root, STATUS_FILE) or {}) if meta is not None else {}
-    clock = StudyClock(spent_before_s=float(status.get("elapsed_s") or 0.0))
-    budget = time_budget(args, meta, space, clock, parse_duration)
+
+def check_grayscale_rule(meta: dict, root: str) -> None:
+    """A resumed study keeps the grayscale rule it started with (study.engine.data.grayscale_rule)."""
+    from study.engine import ALLOW_GRAYSCALE_ENV, grayscale_rule
+
+    # Studies from before the rule was recorded kept their grayscale images.
+    recorded, now = meta.get("grayscale", "kept"), grayscale_rule()
+    if recorded != now:
+        fix = (f"set {ALLOW_GRAYSCALE_ENV}=1 to resume it as it was" if recorded == "kept"
+               else f"unset {ALLOW_GRAYSCALE_ENV} to resume it")
+        raise UsageError(f"--resume: the study at {root} was started with grayscale images {recorded} of its "
+                         f"data splits, and they would now be {now}; PSNR from the two rules cannot be "
+                         f"compared (grayscale images score ~110 dB as their own input). {fix[0].upper()}"
+                         f"{fix[1:]}, or start a new study with --name (nothing was changed)")
+
+
+def check_resume(args: argparse.Namespace, space, root: str, meta: dict, space_changed: bool) -> int:
+    """What ``--resume`` needs besides study.json: Ray's saved state, a search state this version reads, the
+    study's pack, its own Optuna database and a space file Optuna can still draw from. Returns the study's
+    total of trials (``--num-samples`` may raise it)."""
+    check_saved_state(root)
+    if args.pack is not None and args.pack != meta.get("pack", 1):
+        raise UsageError(f"--pack {args.pack}: the study was started with pack {meta.get('pack', 1)}; "
+                         f"a resumed study keeps its pack size (leave --pack out)")
+    url = runtime_url(meta["optuna_storage"], root, args.optuna_storage)
+    check_resume_database(url, meta["optuna_study_name"])
+    total = meta.get("num_samples")
+    if args.num_samples is not None:
+        from study.tune import saved_total_trials
+        total = more_trials(root, meta, args.num_samples, saved_total_trials(root))
+    if space_changed:
+        problems = space_change_problems(space, url, meta["optuna_study_name"])
+        if problems:
+            raise UsageError(f"--resume: {space.path} changed since the study started, and Optuna cannot draw "
+                             f"new trials from it: {'; '.join(problems)}. Put those back as they were, or "
+                             f"start a new study with --name (nothing was changed)")
+        print(f"note: {space.path} changed since the study started: trials already started keep their "
+              f"configuration, and new trials are drawn from the file as it is now (recorded in study.json "
+              f"under space_changes)", file=sys.stderr)
+    return total
+
+
+def check_saved_state(root: str) -> None:
+    """The files a resume reads: the pickles it unpickles, the results tables, Ray's saved state."""
+    from study.results import read_table
+    from study.tune import can_resume, searcher_state_problem
+
+    check_pickles(root)
+    # A corrupt table is named now, not when the driver first writes.
+    tables = {table: read_table(root, table) for table in ("trials", "epochs")}
+    for trial_id, gone in missing_epochs(tables["trials"], tables["epochs"]).items():
+        print(f"warning: the epochs table lacks epoch(s) {', '.join(map(str, gone))} of trial {trial_id} (their "
+              f"files under results/epochs.parquet are gone); its other epochs are kept, and its trials row "
+              f"counts only the epochs that are there", file=sys.stderr)
+    if not can_resume(root):
+        raise UsageError(f"--resume: the study at {root} never started a trial (Ray Tune saved no state); "
+                         f"run it again without --resume")
+    problem = searcher_state_problem(root)
+    if problem:
+        raise UsageError(f"--resume: the study at {root} cannot be resumed by this version of the project: "
+                         f"{problem}. It was most likely started by an older version; resume it with that "
+                         f"version, or start a new study with --name (nothing was changed: its results stay in "
+                         f"{root}/results)")
+
+
+def data_places(args: argparse.Namespace) -> tuple[str | None, str]:
+    """(data root, decoded-image cache) of the study, checked."""
     data_root = str(Path(args.data_root).resolve()) if args.data_root else os.environ.get("COLORIZE_DATA_ROOT")
     if data_root and not Path(data_root).is_dir() and "://" not in data_root:
         raise UsageError(f"--data-root {data_root} is not a folder; give the folder holding cifar10/ and "
                          f"flowers102/ (or leave it out to download them)")
     cache_dir = str(Path(args.cache_dir or os.environ.get("COLORIZE_CACHE_DIR") or ".cache").resolve())
     cli.check_writable(f"--cache-dir {args.cache_dir or cache_dir}", Path(cache_dir), "the decoded-image cache")
+    return data_root, cache_dir
 
+
+def ray_address(args: argparse.Namespace) -> str | None:
+    """The Ray cluster the study joins (None: a private local Ray)."""
     # Inside a Ray job (`ray job submit`) the study joins the job's cluster: a private Ray there could not
     # fetch the job's working directory, and every trial would fail.
     address = args.address or ("auto" if in_ray_job() else None)
@@ -320,21 +380,23 @@ def _main(argv: list[str]) -> int:
         raise UsageError("--num-cpus/--num-gpus size a local Ray instance; this study joins a Ray cluster "
                          f"({'a Ray job' if not args.address else '--address'}), which has its own resources: "
                          f"leave them out")
-    if not address:  # on a cluster each node decodes into its own cache
-        prepare_data(space, data_root, cache_dir)
+    return address
 
-    # Ray is imported only here: the trial engine does not need it.
-    from study.tune import backend as tb
 
+def trial_resources(args: argparse.Namespace, space) -> dict:
     resources = dict(space.resources)
     if args.gpus_per_trial is not None:
         resources["gpu"] = args.gpus_per_trial
     if args.cpus_per_trial is not None:
         resources["cpu"] = args.cpus_per_trial
-    made = [] if "://" in root else [p for p in (Path(root), Path(root).parent) if not p.exists()]
+    return resources
+
+
+def run(study: Study) -> Ending:
+    """Run the study under its lock; a refusal before it started leaves no folder the lock made."""
+    made = [] if "://" in study.root else [p for p in (Path(study.root), Path(study.root).parent) if not p.exists()]
     try:
-        return _run_study(args, space, name, root, meta, given_url, space_changed, resources, data_root,
-                          cache_dir, address, clock, budget, lock)
+        return run_with_ray(study)
     except UsageError:
         # Refused before the study started (e.g. resources no node has): leave no folder the lock made.
         for folder in made:
@@ -345,78 +407,99 @@ def _main(argv: list[str]) -> int:
         raise
 
 
-def _run_study(args, space, name, root, meta, given_url, space_changed, resources, data_root, cache_dir,
-               address, clock, budget, lock) -> int:
-    from study.results import write_json
-    from study.tune import METRIC
-    from study.tune import backend as tb
+def run_with_ray(study: Study) -> Ending:
+    """Start Ray, build (or restore) the study's Tuner, record the study and run it to its end."""
+    # Ray is imported only here (and by the checks of a study that exists): the trial engine does not need it.
+    from study.tune import StudySettings, build_tuner, init_ray, node_resources, shutdown
 
-    with lock.StudyLock(root), stopping.Signals() as signals:
-        cluster = tb.init_ray(address, args.num_cpus, args.num_gpus)
+    args = study.args
+    with StudyLock(study.root), Signals() as signals:
+        cluster = init_ray(study.address, args.num_cpus, args.num_gpus)
         signals.install()   # after Ray's own driver handlers: ours decide how the study stops
+        resources = dict(study.resources)
         if resources.get("gpu", 0) and not cluster.get("GPU"):
             print("note: the Ray cluster has no GPU; trials run on CPUs only")
             resources["gpu"] = 0
-        stopping.check_capacity(resources, tb.node_resources(), fixed=not address)
-        if meta is None:
-            from study.engine import grayscale_rule
-            # Packs pay where one device has parallel work to spare: the space says how many per device kind.
-            pack = args.pack or space.pack_for(gpu=resources.get("gpu", 0) > 0)
-            recorded = without_password(given_url) if given_url else default_optuna_storage(root, name)
-            meta = {"name": name, "space": space.name, "space_file": str(space.path.resolve()),
-                    "space_sha256": space_hash(space.path), "seed": args.seed,
-                    "optuna_storage": recorded, "optuna_study_name": name,
-                    # several objectives: a Pareto front over them, in this order
-                    "metric": list(space.objectives) if space.objectives else METRIC,
-                    "created": time.strftime("%Y-%m-%d %H:%M:%S"),
-                    "num_samples": args.num_samples or space.num_samples,
-                    "max_concurrent": args.max_concurrent or space.max_concurrent, "pack": pack,
-                    "resources": resources, "data_root": data_root,
-                    "grayscale": grayscale_rule(),   # left out of the splits, or kept: see study.engine.data
-                    "command": " ".join(masked(a) if "://" in a else a for a in sys.argv)}
-        meta["time_budget"] = budget
-        clock.budget_s, clock.granted_at_s = budget["seconds"], budget["granted_at_s"]
-        clock.started = time.time()
-        storage_url = runtime_url(meta["optuna_storage"], root, given_url)
+        check_capacity(resources, node_resources(), fixed=not study.address)
+        meta = dict(study.meta) if study.meta is not None else new_study_json(study, resources)
+        meta["time_budget"] = study.budget
+        study.clock.budget_s, study.clock.granted_at_s = study.budget["seconds"], study.budget["granted_at_s"]
+        study.clock.started = time.time()
+        storage_url = runtime_url(meta["optuna_storage"], study.root, args.optuna_storage)
         packs = f" in packs of {meta['pack']}" if meta.get("pack", 1) > 1 else ""
-        print(f"study {name}: space {space.name}, {meta['num_samples']} trials{packs}, {resources} per trial, "
-              f"results in {under(root, 'results')}, Optuna {masked(storage_url)}")
-        tuner = tb.build_tuner(tb.StudySettings(
-            study_root=root, space=space, seed=meta.get("seed", args.seed), storage_url=storage_url,
+        print(f"study {study.name}: space {study.space.name}, {meta['num_samples']} trials{packs}, {resources} per "
+              f"trial, results in {under(study.root, 'results')}, Optuna {masked(storage_url)}")
+        tuner = build_tuner(StudySettings(
+            study_root=study.root, space=study.space, seed=meta.get("seed", args.seed), storage_url=storage_url,
             optuna_study_name=meta["optuna_study_name"], num_samples=meta["num_samples"],
-            max_concurrent=args.max_concurrent or meta.get("max_concurrent") or space.max_concurrent,
-            resources=resources, data_root=data_root, cache_dir=cache_dir, resume=args.resume,
-            pack=meta.get("pack", 1), cluster=bool(address), objectives=space.objectives,
-            grayscale=meta.get("grayscale", "kept"), clock=clock, verbose=args.verbose))
-        if space_changed:
-            meta.setdefault("space_changes", []).append(
-                {"sha256": space_hash(space.path), "resumed": time.strftime("%Y-%m-%d %H:%M:%S")})
-        # Only now: a run that failed before this point has not used the study's name up.
-        write_json(root, "study.json", meta)
-        cli.work_started()
+            max_concurrent=args.max_concurrent or meta.get("max_concurrent") or study.space.max_concurrent,
+            resources=resources, data_root=study.data_root, cache_dir=study.cache_dir, resume=args.resume,
+            pack=meta.get("pack", 1), cluster=bool(study.address), objectives=study.space.objectives,
+            grayscale=meta.get("grayscale", "kept"), clock=study.clock, verbose=args.verbose))
+        record_start(study, meta)
         tuner.fit()
-        budget_stopped = tuner.budget_stopped
-        tuner.final_status("stopped" if signals.received else "budget" if budget_stopped else "finished")
-        tb.shutdown()   # no Ray process of ours outlives the study, however it ended
-    resume_cmd = stopping.resume_command(root, args.storage, name, space, given_url)
-    if signals.received:   # not the "best" table of a study that did not finish
-        stopped = stopping.Stopped(signals.received, resume_cmd)
+        ending = Ending(signals.received, tuner.budget_stopped)
+        tuner.final_status("stopped" if ending.signal else "budget" if ending.budget_stopped else "finished")
+        shutdown()   # no Ray process of ours outlives the study, however it ended
+    return ending
+
+
+def new_study_json(study: Study, resources: dict) -> dict:
+    """What study.json records of a new study (its Optuna URL without a password)."""
+    from study.engine import grayscale_rule
+    from study.tune import METRIC
+
+    args, space = study.args, study.space
+    # Packs pay where one device has parallel work to spare: the space says how many per device kind.
+    pack = args.pack or space.pack_for(gpu=resources.get("gpu", 0) > 0)
+    recorded = (without_password(args.optuna_storage) if args.optuna_storage
+                else default_optuna_storage(study.root, study.name))
+    return {"name": study.name, "space": space.name, "space_file": str(space.path.resolve()),
+            "space_sha256": space_hash(space.path), "seed": args.seed,
+            "optuna_storage": recorded, "optuna_study_name": study.name,
+            # several objectives: a Pareto front over them, in this order
+            "metric": list(space.objectives) if space.objectives else METRIC,
+            "created": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "num_samples": args.num_samples or space.num_samples,
+            "max_concurrent": args.max_concurrent or space.max_concurrent, "pack": pack,
+            "resources": resources, "data_root": study.data_root,
+            "grayscale": grayscale_rule(),   # left out of the splits, or kept: see study.engine.data
+            "command": " ".join(masked(a) if "://" in a else a for a in sys.argv)}
+
+
+def record_start(study: Study, meta: dict) -> None:
+    """Write study.json: only now, so a run that failed before this point has not used the study's name up."""
+    from study.results import write_json
+
+    if study.space_changed:
+        meta.setdefault("space_changes", []).append(
+            {"sha256": space_hash(study.space.path), "resumed": time.strftime("%Y-%m-%d %H:%M:%S")})
+    write_json(study.root, "study.json", meta)
+    cli.work_started()
+
+
+def summarise(study: Study, ending: Ending) -> int:
+    """Say how the study ended, with the command that continues it when it can go on; its exit status."""
+    args = study.args
+    resume_cmd = resume_command(study.root, args.storage, study.name, study.space, args.optuna_storage)
+    if ending.signal:   # not the "best" table of a study that did not finish
+        stopped = Stopped(ending.signal, resume_cmd)
         print(f"\n{stopped}", file=sys.stderr)
         return stopped.exit_status
-    if budget_stopped:
-        print(f"\n{stopping.budget_summary(root, clock)}\n  {resume_cmd} --time-budget 1h   "
+    if ending.budget_stopped:
+        print(f"\n{budget_summary(study.root, study.clock)}\n  {resume_cmd} --time-budget 1h   "
               f"(or another budget, or --time-budget none)")
         return 0
     try:
-        stopping.check_outcome(root)
-    except stopping.NoTrialFinished as e:   # a Ray job shows FAILED
+        check_outcome(study.root)
+    except NoTrialFinished as e:   # a Ray job shows FAILED
         print(f"error: {e}", file=sys.stderr)
         return e.exit_status
     print("\nbest configuration per dataset x output (ranked by val PSNR in RGB; losses are not comparable):")
-    print(best_table(root))
-    print(f"\nresults: {under(root, 'results/trials.parquet')} (and epochs, previews);  "
-          f"analysis: python -m analysis --study {root} --out report/;  "
-          f"curves: tensorboard --logdir {root}")
+    print(best_table(study.root))
+    print(f"\nresults: {under(study.root, 'results/trials.parquet')} (and epochs, previews);  "
+          f"analysis: python -m analysis --study {study.root} --out report/;  "
+          f"curves: tensorboard --logdir {study.root}")
     return 0
 
 

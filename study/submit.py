@@ -33,6 +33,7 @@ import os
 import shlex
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -229,17 +230,26 @@ def client(address: str, token: str | None = None):
 # ------------------------------------------------------------------ actions
 
 
-def submit(run_args: list[str], *, address: str = DEFAULT_ADDRESS, token: str | None = None,
-           working_dir: str | Path = PROJECT_ROOT, env_vars: dict[str, str] | None = None,
-           excludes: list[str] | None = None, submission_id: str | None = None,
-           entrypoint_resources: dict[str, float] | None = None, metadata: dict[str, str] | None = None) -> str:
+@dataclass(frozen=True)
+class Job:
+    """How a study travels as a Ray job: the folder uploaded (less ``excludes``), its environment, and
+    Ray's own job options."""
+    working_dir: str | Path = PROJECT_ROOT
+    env_vars: dict[str, str] | None = None
+    excludes: list[str] | None = None
+    submission_id: str | None = None
+    entrypoint_resources: dict[str, float] | None = None
+    metadata: dict[str, str] | None = None
+
+
+def submit(run_args: list[str], *, address: str = DEFAULT_ADDRESS, token: str | None = None, job: Job = Job()) -> str:
     """Submit ``python -m study.run <run_args> --address auto`` to the cluster; returns the job id."""
     cmd = entrypoint(run_args)
-    env = runtime_env(working_dir, env_vars, excludes)   # refused credentials fail before connecting
+    env = runtime_env(job.working_dir, job.env_vars, job.excludes)   # refused credentials fail before connecting
     c = client(address, token)
     return c.submit_job(entrypoint=cmd, runtime_env=env,
-                        submission_id=submission_id, entrypoint_resources=entrypoint_resources,
-                        metadata={"project": "unet-colorize-study", **(metadata or {})})
+                        submission_id=job.submission_id, entrypoint_resources=job.entrypoint_resources,
+                        metadata={"project": "unet-colorize-study", **(job.metadata or {})})
 
 
 def wait(job_id: str, *, address: str = DEFAULT_ADDRESS, token: str | None = None, timeout_s: float = 3600,
@@ -336,8 +346,8 @@ def _main(argv: list[str]) -> int:
     for item in args.env:
         key, sep, value = item.partition("=")
         env_vars[key] = value if sep else os.environ.get(key, "")
-    job_id = submit(run_args, address=address, token=token, env_vars=env_vars, excludes=args.exclude,
-                    submission_id=args.submission_id)
+    job_id = submit(run_args, address=address, token=token,
+                    job=Job(env_vars=env_vars, excludes=args.exclude, submission_id=args.submission_id))
     print(f"submitted job {job_id}: {entrypoint(run_args)}")
     print(dashboard_hint(address))
     print(f"logs: python -m study.submit --address {address} --logs {job_id}    "

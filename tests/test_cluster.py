@@ -926,7 +926,7 @@ def test_worker_node_killed_mid_study(cluster, s3, tmp_path):
     job = submit.submit(["--space", str(space_file), "--name", "nodeloss", "--storage", _storage(s3),
                          "--max-concurrent", "2", "--cpus-per-trial", "1"],
                         address=cluster.dashboard, token=cluster.token,
-                        env_vars={"COLORIZE_CACHE_DIR": str(cluster.tmp / "cache")})
+                        job=submit.Job(env_vars={"COLORIZE_CACHE_DIR": str(cluster.tmp / "cache")}))
     c = submit.client(cluster.dashboard, cluster.token)
     victim = None
     deadline = time.monotonic() + 240

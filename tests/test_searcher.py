@@ -10,6 +10,7 @@ import pytest
 from ray.tune.experiment import Trial
 from ray.tune.schedulers import TrialScheduler
 
+from study.engine import STRUCTURE
 from study.space.parse import load_space
 from study.tune import searcher as ts
 from study.tune.callback import ResultsCallback
@@ -88,7 +89,7 @@ def test_a_bad_config_stays_in_its_trial(tmp_path, driver):
 def test_each_member_is_reported_and_pruned_on_its_own(tmp_path, driver):
     space = load_space("smoke")
     space.pruner = {"name": "none"}
-    d = driver(space)
+    d = driver(space, structure=STRUCTURE)
     url = d.storage_url
     searcher = ts.OptunaSearcher("p", d, pack=3)
     # A threshold pruner through the study's public attribute (the space offers median/halving/hyperband).

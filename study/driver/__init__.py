@@ -6,10 +6,14 @@ from study.driver.checks import (DEFAULT_SQLITE, SQLITE, check_options, check_op
                                  check_resume_database, check_storage, check_storage_url, in_ray_job, masked,
                                  missing_epochs, read_study_json, runtime_url, space_change_problems,
                                  without_password)
-from study.driver.progress import STATUS_FILE, StudyClock, progress_line, status_record
-from study.driver.stopping import request_graceful_stop, resume_command
+from study.driver.lock import LOCK_FILE, LockError, StudyLock, check_unlocked, describe, holder, stale_reason
+from study.driver.progress import STATUS_FILE, StudyClock, progress_line, status_record, time_budget
+from study.driver.stopping import (NoTrialFinished, Signals, Stopped, best_table, budget_summary, check_capacity,
+                                   check_outcome, request_graceful_stop, resume_command)
 
-__all__ = ["DEFAULT_SQLITE", "SQLITE", "STATUS_FILE", "StudyClock", "check_options", "check_optuna_url",
-           "check_pickles", "check_resume_database", "check_storage", "check_storage_url", "in_ray_job",
-           "masked", "missing_epochs", "progress_line", "read_study_json", "request_graceful_stop", "resume_command", "runtime_url",
-           "space_change_problems", "status_record", "without_password"]
+__all__ = ["DEFAULT_SQLITE", "LOCK_FILE", "SQLITE", "STATUS_FILE", "LockError", "NoTrialFinished", "Signals",
+           "Stopped", "StudyClock", "StudyLock", "best_table", "budget_summary", "check_capacity", "check_options",
+           "check_optuna_url", "check_outcome", "check_pickles", "check_resume_database", "check_storage",
+           "check_storage_url", "check_unlocked", "describe", "holder", "in_ray_job", "masked", "missing_epochs",
+           "progress_line", "read_study_json", "request_graceful_stop", "resume_command", "runtime_url",
+           "space_change_problems", "stale_reason", "status_record", "time_budget", "without_password"]

@@ -22,11 +22,12 @@ import secrets
 import socket
 import threading
 import time
-
-import pyarrow.fs as pafs
+from typing import TYPE_CHECKING
 
 from study.cli import ProjectError
-from study.results import resolve
+
+if TYPE_CHECKING:
+    import pyarrow.fs as pafs
 
 LOCK_FILE = "driver.lock"
 HEARTBEAT_S = float(os.environ.get("COLORIZE_LOCK_HEARTBEAT_S", "15"))
@@ -88,9 +89,18 @@ def stale_reason(record: dict, heartbeat_s: float = HEARTBEAT_S, now: float | No
 
 def holder(root: str) -> dict | None:
     """The live lock record of the study at ``root``, or None (no lock, or a stale one)."""
+    from study.results import resolve   # pyarrow and pandas: not for a command that refuses a bad option
+
     fs, path = resolve(root)
     record = _read(fs, f"{path}/{LOCK_FILE}")
     return None if record is None or stale_reason(record) else record
+
+
+def check_unlocked(root: str) -> None:
+    """Refuse (``LockError``) a study another live driver runs."""
+    held = holder(root)
+    if held is not None:
+        raise LockError(refusal(root, held))
 
 
 def refusal(root: str, record: dict) -> str:
@@ -102,6 +112,10 @@ def refusal(root: str, record: dict) -> str:
 class StudyLock:
     def __init__(self, root: str, heartbeat_s: float = HEARTBEAT_S, log=print):
         self.root = root
+        import pyarrow.fs as pafs
+
+        from study.results import resolve
+
         self.fs, folder = resolve(root)
         self.folder = folder.rstrip("/")
         self.path = f"{self.folder}/{LOCK_FILE}"

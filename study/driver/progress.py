@@ -16,7 +16,8 @@ import socket
 import time
 from dataclasses import dataclass, field
 
-from study.durations import duration
+from study.cli import UsageError
+from study.durations import duration, parse_duration
 
 STATUS_FILE = "status.json"
 @dataclass
@@ -90,6 +91,28 @@ def progress_line(rec: dict) -> str:
     if rec["projected_finish"] is not None:
         line += f" | projected finish {time.strftime('%H:%M', time.localtime(rec['projected_finish']))}"
     if rec["budget_ends"] is not None:
-        line += (f" | budget ends {time.strftime('%H:%M:%S', time.localtime(rec['budget_ends']))} "
-                 f"({duration(max(rec['budget_left_s'], 0))} left)")
+        ends = time.strftime('%H:%M:%S', time.localtime(rec["budget_ends"]))
+        if rec["budget_left_s"] > 0:
+            line += f" | budget ends {ends} ({duration(math.ceil(rec['budget_left_s']))} left)"
+        elif rec["state"] == "running":
+            line += f" | budget spent at {ends}: stopping (trials that trained an epoch stop at its end)"
+        else:
+            line += f" | budget spent at {ends}"
     return line
+
+
+def time_budget(args, meta: dict | None, space, clock) -> dict:
+    """The study's time budget as study.json records it: ``{"seconds": B or None, "granted_at_s": S}``, a
+    budget of B seconds of running time from the study's running time S. ``--time-budget`` on a resume
+    grants a new one from now; without it a resumed study keeps its own, and one already spent is refused."""
+    recorded = (meta or {}).get("time_budget") or {"seconds": None, "granted_at_s": 0.0}
+    if args.time_budget is not None:
+        return {"seconds": parse_duration(args.time_budget), "granted_at_s": clock.spent_before_s}
+    if meta is None or not args.resume:
+        return {"seconds": space.time_budget_s, "granted_at_s": 0.0}
+    clock.budget_s, clock.granted_at_s = recorded.get("seconds"), float(recorded.get("granted_at_s") or 0.0)
+    if clock.expired(clock.started):
+        raise UsageError(f"--resume: the study's time budget ({recorded['seconds']:g} s of running time) is spent; "
+                         f"give it more with --time-budget (e.g. --time-budget 1h, counted from now) or run it "
+                         f"to the end with --time-budget none (nothing was changed)")
+    return recorded

@@ -166,3 +166,17 @@ def budget_summary(root: str, clock) -> str:
     return (f"time budget spent ({duration(clock.budget_s)} of running time; the study has run "
             f"{duration(clock.spent())} in all): {account}. Stopped trials kept a checkpoint at their last "
             f"epoch; continue the study with:")
+
+
+def best_table(root: str) -> str:
+    """The best trial per dataset x output, ranked by val PSNR in RGB (the summary of a finished study)."""
+    from study.results import best_trials, gain, read_table
+
+    best = best_trials(read_table(root, "trials"), by=["dataset", "output"])
+    if best.empty:
+        return "no trial finished an epoch"
+    best = best.assign(vs_gray=gain(best))
+    cols = ["dataset", "output", "trial_id", "status", "best_val_psnr", "val_gray_psnr", "vs_gray",
+            "best_test_psnr", "best_test_ssim", "sampling", "depth", "base_filters", "lr", "batch_size",
+            "loss", "epochs_run"]
+    return best[[c for c in cols if c in best]].to_string(index=False, float_format=lambda v: f"{v:.4g}")

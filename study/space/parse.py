@@ -206,33 +206,8 @@ def parse_space(raw: Any, path: Path) -> Space:
     for k in raw:
         if k not in TOP_KEYS:
             fail(k, f"unknown key; allowed: {sorted(TOP_KEYS)}")
-    if not isinstance(raw.get("params"), dict) or not raw["params"]:
-        fail("params", "missing or empty; map TrialConfig fields to constants or distributions")
-    params: dict[str, Param] = {}
-    for name, spec in raw["params"].items():
-        key = f"params.{name}"
-        if name not in CONFIG_FIELDS:
-            fail(key, f"unknown parameter; allowed: {sorted(CONFIG_FIELDS)}")
-        if isinstance(spec, dict) and "by" in spec:
-            by, cases = spec.get("by"), spec.get("cases")
-            if set(spec) - {"by", "cases"}:
-                fail(key, "a conditional holds only 'by' and 'cases'")
-            if by not in params or params[by].by or params[by].cases[None].kind not in ("choice", "constant"):
-                fail(f"{key}.by", f"{by!r} must name an earlier, unconditional choice parameter "
-                                  f"(defined so far: {sorted(params)})")
-            if not isinstance(cases, dict):
-                fail(f"{key}.cases", "must map each value of the 'by' parameter to a constant or distribution")
-            needed = params[by].cases[None].values
-            missing = [v for v in needed if v not in cases]
-            extra = [v for v in cases if v not in needed]
-            if missing or extra:
-                fail(f"{key}.cases", f"must have exactly one case per {by} value {needed}; "
-                                     f"missing {missing}, not a {by} value {extra}")
-            params[name] = Param(name, by, {c: _dist(cases[c], f"{key}.cases.{c}", name, fail) for c in needed})
-        else:
-            params[name] = Param(name, None, {None: _dist(spec, key, name, fail)})
     space = Space(
-        name=path.stem, path=path, params=params,
+        name=path.stem, path=path, params=_params(raw.get("params"), fail),
         sampler=_named(raw.get("sampler", {"name": "tpe"}), "sampler", SAMPLERS, fail),
         pruner=_named(raw.get("pruner", {"name": "none"}), "pruner", PRUNERS, fail),
         num_samples=_positive_int(raw.get("num_samples", 16), "num_samples", fail),
@@ -244,21 +219,67 @@ def parse_space(raw: Any, path: Path) -> Space:
     )
     for kind in ("sampler", "pruner"):
         check_options(getattr(space, kind), kind, fail)
-    if space.sampler["name"] == "grid":
-        for p in params.values():
-            if (p.by and any(d.kind != "constant" for d in p.cases.values())
-                    or (not p.by and p.cases[None].kind not in ("choice", "constant"))):
-                fail(f"params.{p.name}", "a grid sampler takes only choices and constants")
+    _check_grid(space, fail)
     _check_depths(space, fail)
     space.objectives = _objectives(raw.get("objectives"), space, fail)
     space.enqueue = _enqueue(raw.get("enqueue", []), space, fail)
-    if raw.get("time_budget") is not None:
-        from study.durations import parse_duration
-        try:
-            space.time_budget_s = parse_duration(raw["time_budget"], "time_budget")
-        except ValueError as e:
-            fail("time_budget", str(e).removeprefix("time_budget "))
+    space.time_budget_s = _time_budget(raw.get("time_budget"), fail)
     return space
+
+
+def _params(spec, fail) -> dict[str, Param]:
+    """The space's parameters, each a constant, a distribution, or a conditional on an earlier choice."""
+    if not isinstance(spec, dict) or not spec:
+        fail("params", "missing or empty; map TrialConfig fields to constants or distributions")
+    params: dict[str, Param] = {}
+    for name, entry in spec.items():
+        key = f"params.{name}"
+        if name not in CONFIG_FIELDS:
+            fail(key, f"unknown parameter; allowed: {sorted(CONFIG_FIELDS)}")
+        if isinstance(entry, dict) and "by" in entry:
+            params[name] = _conditional(entry, name, params, fail)
+        else:
+            params[name] = Param(name, None, {None: _dist(entry, key, name, fail)})
+    return params
+
+
+def _conditional(spec: dict, name: str, params: dict[str, Param], fail) -> Param:
+    """A parameter whose distribution depends on an earlier, unconditional choice (``by``/``cases``)."""
+    key = f"params.{name}"
+    by, cases = spec.get("by"), spec.get("cases")
+    if set(spec) - {"by", "cases"}:
+        fail(key, "a conditional holds only 'by' and 'cases'")
+    if by not in params or params[by].by or params[by].cases[None].kind not in ("choice", "constant"):
+        fail(f"{key}.by", f"{by!r} must name an earlier, unconditional choice parameter "
+                          f"(defined so far: {sorted(params)})")
+    if not isinstance(cases, dict):
+        fail(f"{key}.cases", "must map each value of the 'by' parameter to a constant or distribution")
+    needed = params[by].cases[None].values
+    missing = [v for v in needed if v not in cases]
+    extra = [v for v in cases if v not in needed]
+    if missing or extra:
+        fail(f"{key}.cases", f"must have exactly one case per {by} value {needed}; "
+                             f"missing {missing}, not a {by} value {extra}")
+    return Param(name, by, {c: _dist(cases[c], f"{key}.cases.{c}", name, fail) for c in needed})
+
+
+def _check_grid(space: Space, fail) -> None:
+    if space.sampler["name"] != "grid":
+        return
+    for p in space.params.values():
+        if (p.by and any(d.kind != "constant" for d in p.cases.values())
+                or (not p.by and p.cases[None].kind not in ("choice", "constant"))):
+            fail(f"params.{p.name}", "a grid sampler takes only choices and constants")
+
+
+def _time_budget(spec, fail) -> float | None:
+    if spec is None:
+        return None
+    from study.durations import parse_duration
+    try:
+        return parse_duration(spec, "time_budget")
+    except ValueError as e:
+        fail("time_budget", str(e).removeprefix("time_budget "))
 
 
 def _objectives(spec, space: Space, fail) -> tuple[str, ...]:
@@ -324,8 +345,8 @@ def _enqueue(spec, space: Space, fail) -> list[dict]:
 def _dist(spec, key: str, name: str, fail) -> Dist:
     ftype = CONFIG_FIELDS[name].type
     if isinstance(spec, dict):
-        if len(spec) not in (1, 2) or not (set(spec) - {"step"}) <= set(DISTRIBUTIONS) or \
-                len(set(spec) - {"step"}) != 1:
+        if (len(spec) not in (1, 2) or not (set(spec) - {"step"}) <= set(DISTRIBUTIONS)
+                or len(set(spec) - {"step"}) != 1):
             fail(key, f"a distribution is one of {list(DISTRIBUTIONS)} (int may add 'step'), got {sorted(spec)}")
         kind = next(k for k in spec if k != "step")
         values = spec[kind]

@@ -1,7 +1,12 @@
 """The study's Ray layer: start or join Ray, build and resume the Tuner, the Optuna searcher (public
 API only), pruning of trials and pack members, the trainable, the single writer of the results
 (a Ray Tune callback), and every use of Ray's private internals in one module.
+
+Importing it imports Ray (and torch, through the trainable): commands import it where they start Ray.
 """
+from study.tune.backend import (StudySettings, StudyTuner, build_tuner, can_resume, init_ray, node_resources,
+                                saved_total_trials, searcher_state_problem, shutdown)
 from study.tune.searcher import METRIC
 
-__all__ = ["METRIC"]
+__all__ = ["METRIC", "StudySettings", "StudyTuner", "build_tuner", "can_resume", "init_ray", "node_resources",
+           "saved_total_trials", "searcher_state_problem", "shutdown"]

@@ -20,6 +20,7 @@ from ray.tune.search import ConcurrencyLimiter
 
 from study.cli import UsageError
 from study.config import ConfigError
+from study.engine import STRUCTURE
 from study.results import resolve
 from study.space import Space
 from study.tune import ray_internals
@@ -141,7 +142,7 @@ def build_tuner(settings: StudySettings) -> StudyTuner:
         actor = PackDecisions.options(name=decisions).remote()
     driver = DriverState(storage_url=s.storage_url, space=s.space, study_root=s.study_root, data_root=s.data_root,
                          cache_dir=s.cache_dir, cluster=s.cluster, decisions=actor, total=s.num_samples,
-                         clock=s.clock)
+                         clock=s.clock, structure=STRUCTURE)
     fn = make_trainable(s.space, s.data_root, s.cache_dir, s.resources, decisions, s.grayscale,
                         deadline=s.clock.deadline if s.clock is not None else None)
     _open_optuna_study(s)

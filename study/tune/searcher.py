@@ -220,8 +220,10 @@ class OptunaSearcher(UsesDriver, Searcher):
             return config
         # The other members share the first one's structure; the sampler picks the rest
         # (TPE with constant_liar keeps these back-to-back asks apart).
-        from study.engine import STRUCTURE
-        fixed = {n: v for n, v in first.params.items() if n.split("__")[0] in STRUCTURE}
+        structure = self.driver.structure
+        if not structure:
+            raise RuntimeError("a pack's searcher was not told which parameters its members share (structure)")
+        fixed = {n: v for n, v in first.params.items() if n.split("__")[0] in structure}
         members, trials = [config], [first]
         for _ in range(1, self.pack):
             ot, cfg = self._ask(trial_id, fixed)

@@ -26,6 +26,7 @@ class DriverState:
     total: int = 0                  # the study's trials (models), for progress
     clock: Any = None               # study.driver.StudyClock: running time and time budget
     budget_stopped: bool = False    # set when the time budget stopped the study
+    structure: tuple[str, ...] = ()  # the parameters a pack's members share (study.engine.STRUCTURE)
 
 
 class UsesDriver:
