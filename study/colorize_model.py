@@ -71,7 +71,8 @@ def trial_folder(study: str) -> Path | None:
 
 def trial_folder_row(state: dict, folder: Path, study: str, dataset: str | None, trial_id: str | None) -> pd.Series:
     """A trials-table row for a single trial's checkpoint, from the history saved with it."""
-    name = Path(study).resolve().name
+    folder = folder.resolve()
+    name = folder.parent.name if folder.name == "checkpoint" else folder.name   # study.trial's --out folder
     config = state.get("config") if isinstance(state.get("config"), dict) else {}
     if trial_id is not None and trial_id != name:
         raise ColorizeError(f"{study} is the folder of one trial ({name}), not a study: leave --trial out")
@@ -83,7 +84,7 @@ def trial_folder_row(state: dict, folder: Path, study: str, dataset: str | None,
     return pd.Series({"trial_id": name, "status": state.get("status") or "trial", "dataset": config.get("dataset"),
                       "output": config.get("output"), "best_val_psnr": best.get("val_psnr"),
                       "val_gray_psnr": best.get("val_gray_psnr"), "best_epoch": best.get("epoch"),
-                      "checkpoint_path": str(folder.resolve())})
+                      "checkpoint_path": str(folder)})
 
 
 def read_trials(study: str) -> pd.DataFrame:

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
+import time
 from pathlib import Path
 
 import matplotlib.image as mpimg
@@ -23,7 +25,7 @@ SAMPLINGS = ("maxpool-upsample", "strided-transposed")
 OUTPUTS = ("rgb", "uv")
 VARIANTS = [(s, o) for s in SAMPLINGS for o in OUTPUTS]
 SECOND_TRIAL = "local_00004"   # a second maxpool-upsample / uv trial, with another lr
-# Issue 20's head and lever, one trial each after the eleven above: a classification head at the paper's
+# A classification head and a lever, one trial each after the eleven above: a classification head at the paper's
 # temperature and rebalancing, and a maxpool-upsample / uv trial with a discriminator.
 CLASSES_TRIAL, ADVERSARIAL_TRIAL = "local_00011", "local_00012"
 ALL_VARIANTS = [*VARIANTS, ("maxpool-upsample", "uv-classes")]
@@ -330,7 +332,7 @@ def test_trials_without_any_epoch_and_missing_tables(study, tmp_path, capsys):
     assert "trials.parquet is missing" in (tmp_path / "bare-out/report.md").read_text()
 
 
-# ------------------------------------------------------------------ issue 13: front, what helped, how fast
+# ------------------------------------------------------------------ front, what helped, how fast
 
 
 def test_pareto_front_keeps_exactly_the_undominated_trials(study, report):
@@ -471,7 +473,7 @@ def test_the_report_says_how_grayscale_photos_were_treated(study, report, tmp_pa
     assert "Grayscale photos were kept" in (tmp_path / "report" / "report.md").read_text()
 
 
-# ------------------------------------------------------------------ issue 18: a report that does not mislead
+# ------------------------------------------------------------------ a report that does not mislead
 
 
 def test_a_healthy_study_has_no_warnings_and_unhealthy_ones_do(study, tmp_path):
@@ -581,7 +583,7 @@ def test_report_fits_a_1300px_window_in_a_real_browser(report, tmp_path):
     assert pixels.shape[1] == 1300 and pixels.shape[0] == measure["height"] and pixels.std() > 0
 
 
-# ------------------------------------------------------------------ issue 20: heads and levers
+# ------------------------------------------------------------------ heads and levers
 
 
 def test_temperature_curves_are_the_epochs_table_at_the_best_epoch(study, report):
@@ -707,3 +709,57 @@ def test_an_epochs_table_without_the_curve_still_analyses(study, tmp_path, capsy
     assert "No `uv-classes` trial has metrics at the curve temperatures" in md
     files = {p.name for p in (tmp_path / "out").iterdir()}
     assert "temperature_curves.png" not in files and {"pareto.png", "heads_strip_samples.png"} <= files
+
+
+# ------------------------------------------------------------------ stopped runs, a refused --out, a cut table
+
+
+def _partial(out: Path) -> list[Path]:
+    return sorted(out.parent.glob(f".{out.name}.partial-*"))
+
+
+@pytest.mark.parametrize("sig, status, line", [(signal.SIGINT, 130, "interrupted (Ctrl-C)"),
+                                               (signal.SIGTERM, 143, "terminated (SIGTERM)")])
+@pytest.mark.parametrize("earlier", [False, True], ids=["new-out", "earlier-report"])
+def test_a_stopped_run_leaves_out_as_it_was(study, report, tmp_path, sig, status, line, earlier):
+    """Stopped while it draws, the command says so in one line, exits 130/143, and --out is as before:
+    absent, or the earlier report byte for byte; no partial folder is left beside it."""
+    import shutil
+    out = tmp_path / "out"
+    if earlier:
+        shutil.copytree(report[0], out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()} if earlier else None
+    p = subprocess.Popen([PYTHON, "-m", "analysis", "--study", str(study), "--out", str(out)], cwd=tmp_path,
+                         env=python_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 240
+    while not any(any(q.suffix == ".png" for q in d.iterdir()) for d in _partial(out)):   # figures under way
+        assert p.poll() is None and time.monotonic() < deadline, p.communicate()
+        time.sleep(0.1)
+    p.send_signal(sig)
+    stdout, err = p.communicate(timeout=120)
+    assert p.returncode == status, err
+    shown = [ln for ln in err.splitlines() if not ln.startswith("warning:")]
+    assert shown == [line] and "Traceback" not in err, err
+    assert _partial(out) == []
+    if earlier:
+        assert {q.name: q.read_bytes() for q in out.iterdir()} == before
+    else:
+        assert not out.exists()
+
+
+@pytest.mark.parametrize("inside", ["results", "results/report", "results/a/b"])
+def test_out_inside_the_studys_results_is_refused(study, tmp_path, capsys, inside):
+    folder = derived_study(study, tmp_path / "study", ["local_00001"])
+    listing = sorted(str(p) for p in folder.rglob("*"))
+    rc, err = analyse(folder, folder / inside, capsys)
+    assert rc == 2 and err.startswith(f"error: --out {folder / inside} is inside the study's results folder"), err
+    assert sorted(str(p) for p in folder.rglob("*")) == listing
+
+
+def test_a_cut_trials_table_is_called_unreadable_and_nothing_else(study, tmp_path, capsys):
+    folder = derived_study(study, tmp_path / "study", ["local_00001"])
+    table = folder / "results/trials.parquet"
+    table.write_bytes(table.read_bytes()[: table.stat().st_size // 2])
+    rc, err = analyse(folder, tmp_path / "out", capsys)
+    assert rc == 0 and "results/trials.parquet is unreadable" in err
+    assert "no trial has started" not in err and "trials table is empty" not in err
