@@ -1,4 +1,4 @@
-"""A shared Optuna database for real (issue 12): the study on a PostgreSQL server.
+"""A shared Optuna database for real: the study on a PostgreSQL server.
 
 The server is a real PostgreSQL started by the test from a pip wheel (``pgserver``, in
 the ``test`` extra), listening on a Unix socket only (no TCP port). The study's role
@@ -186,3 +186,35 @@ def test_no_password_in_the_environment_is_a_clear_error(pg, tmp_path, cache_dir
     assert p.returncode == 2, p.stdout[-2000:] + p.stderr[-3000:]
     assert "Traceback" not in p.stderr and "error: --optuna-storage" in p.stderr and "PGPASSWORD" in p.stderr
     assert not (tmp_path / "studies" / "smoke" / "study.json").exists()
+
+
+@pytest.mark.parametrize("where", ["query", "user-info", "user-info with @"])
+def test_a_password_anywhere_in_the_url_is_never_shown(pg, where, tmp_path, cache_dir, monkeypatch):
+    """The real server takes a password from the URL's query or user-info; a wrong one is refused in one line
+    that shows neither it nor the right one, and what study.json would keep holds no password."""
+    from study.cli import UsageError
+    from study.driver.checks import check_optuna_url, without_password
+
+    monkeypatch.delenv("PGPASSWORD", raising=False)
+    monkeypatch.setenv("PGPASSFILE", str(tmp_path / "no-pgpass"))
+    base, right, wrong = pg["url"], pg["password"], "Wr0ng@PW" if where == "user-info with @" else "Wr0ngPW"
+
+    def url(password: str) -> str:
+        if where == "query":
+            return f"{base}&password={password}"
+        return base.replace(f"{ROLE}@", f"{ROLE}:{password}@")
+
+    if where != "user-info with @":
+        check_optuna_url(url(right))   # the server takes it
+        assert right not in without_password(url(right))
+    with pytest.raises(UsageError) as e:
+        check_optuna_url(url(wrong))
+    assert wrong not in str(e.value) and right not in str(e.value) and "\n" not in str(e.value)
+    assert ("unencoded '@'" if "@" in wrong else "password authentication failed") in str(e.value)
+    # Through the command line: exit 2, the same one line, nothing written.
+    env = python_env(PGPASSFILE=str(tmp_path / "no-pgpass"))
+    env.pop("PGPASSWORD", None)
+    p = subprocess.run(study_cmd(tmp_path / "studies", cache_dir, url(wrong)), cwd=tmp_path, env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and wrong not in p.stderr + p.stdout and "Traceback" not in p.stderr, p.stderr
+    assert not (tmp_path / "studies").exists()
