@@ -6,7 +6,8 @@ unencoded ``@``, ``/`` or ``:``) and in its query (``?password=...``, ``sslpassw
 
 - ``masked(text)``: for messages. Each secret becomes ``***``; text that cannot be read as a URL is
   never shown (only its scheme, when it has one); text holding URLs (``--opt=postgresql://...``) has
-  each of them masked.
+  each of them masked. ``masked_url(text)``: the same for a value that should be a URL, and nothing of
+  one that is not a URL at all (a pasted password is not echoed).
 - ``without_secrets(url)``: for files. The password and every secret query parameter are left out
   (the secret then comes from the environment: ``$PGPASSWORD``, ``~/.pgpass``, ``~/.aws``...).
 - ``secrets_in(url)`` and ``scrub(text, url)``: a library's error message about ``url`` with every
@@ -98,6 +99,12 @@ def masked(text: str) -> str:
     if span:
         rest = rest[:span[0]] + HIDDEN + rest[span[1]:]
     return head + _PAIR.sub(lambda m: m[0] if not _secret_name(m[2]) else f"{m[1]}{m[2]}={HIDDEN}", rest)
+
+
+def masked_url(text: str) -> str:
+    """For messages about a value that should be a URL: masked when it reads as one; otherwise (a bare word,
+    a pasted secret, garbage) not shown at all."""
+    return masked(text) if is_url(str(text)) else "<not a URL, not shown>"
 
 
 def without_secrets(url: str) -> str:

@@ -72,6 +72,11 @@ def test_every_shape_is_masked_for_messages_and_stripped_for_files(url, shown, k
     assert PW not in clean and not any(s in clean for s in secrets or [])
 
 
+@pytest.mark.parametrize("text", [PW, f"u:{PW}@host/db", "garbage", f"{PW}@", "", "/a/b"])
+def test_a_value_that_should_be_a_url_and_is_not_is_not_shown(text):
+    assert urls.masked_url(text) == "<not a URL, not shown>"
+
+
 def test_text_holding_urls_has_each_masked():
     text = f"--optuna-storage=postgresql://u:{PW}@h/db and s3://k:{PW}@b/x"
     assert urls.masked(text) == "--optuna-storage=postgresql://u:***@h/db and s3://k:***@b/x"

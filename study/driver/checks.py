@@ -309,9 +309,8 @@ def _url(url: str):
     from sqlalchemy.engine import make_url
     from sqlalchemy.exc import ArgumentError
 
-    shown = masked(url)
-    unreadable = shown.endswith("not shown>") or not urls.is_url(url)
-    problem = "it cannot be read as a URL" if unreadable else urls.ambiguity(url)
+    shown = urls.masked_url(url)
+    problem = "it cannot be read as a URL" if shown.endswith("not shown>") else urls.ambiguity(url)
     if problem:
         raise UsageError(f"--optuna-storage {shown}: not a database URL ({problem}); e.g. {EXAMPLE_URLS}")
     try:
