@@ -69,6 +69,8 @@ from study.results.files import (  # the errors and resolve: also read from here
     ResultsError,  # noqa: F401
     ResultsReadError,  # noqa: F401
     ResultsWriteError,
+    delete,
+    listing,
     parquet_bytes,
     read_bytes,
     read_parquet,
@@ -192,6 +194,9 @@ class ResultsWriter:
         self.previews_dir = f"{self.results_dir}/previews.parquet"
         self.trials_path = f"{self.results_dir}/trials.parquet"
         self.interval_s = interval_s
+        for name in listing(self.fs, self.results_dir):   # a killed writer's temporaries (the folders': parts)
+            if name.startswith(".tmp-"):
+                delete(self.fs, f"{self.results_dir}/{name}")
         self._convert_epochs_file()
         self._trials = TrialsTable(read_parquet(self.fs, self.trials_path))
         self._epochs = PartsTable(self.fs, self.epochs_dir, "epochs", rows=True)
