@@ -16,7 +16,8 @@ from study.run import parser
 GOOD = [[], ["--seed", "0"], ["--seed", "4294967295"], ["--num-samples", "1000000"], ["--max-concurrent", "10000"],
         ["--pack", "1024"], ["--num-cpus", "1"], ["--num-gpus", "0"], ["--cpus-per-trial", "0.5"],
         ["--gpus-per-trial", "0.25"], ["--gpus-per-trial", "0"], ["--time-budget", "none"], ["--time-budget", "90m"],
-        ["--name", "a.b-c_d"], ["--address", "auto"]]
+        ["--name", "a.b-c_d"], ["--address", "auto"], ["--address", "local"], ["--address", "ray://head"],
+        ["--address", "ray://[::1]:10001"], ["--address", "10.0.0.1:6379"]]
 
 BAD = [(["--seed", "4294967296"], r"--seed 4294967296: .*MAX_SEED"),
        (["--seed", "99999999999999999999"], r"--seed 99999999999999999999: the sampler's seed is above the limit"),
@@ -32,6 +33,9 @@ BAD = [(["--seed", "4294967296"], r"--seed 4294967296: .*MAX_SEED"),
        (["--time-budget", "0s"], r"write none"), (["--time-budget", "0h0m"], r"write none"),
        (["--time-budget=-5m"], r"give a duration"), (["--time-budget", "400d"], r"at most a year"),
        (["--address", ""], r"--address ''"), (["--address", "auto", "--num-cpus", "2"], r"leave them out"),
+       (["--address", "http://h:8265"], r"Jobs API"), (["--address", "h"], r"no port"),
+       (["--address", "ray://h:70000"], r"no port"), (["--address", "s3://b/x"], r"not a Ray cluster address"),
+       (["--name=--"], r"--name ''"),
        (["--name=-x"], r"cannot start with '-'"), (["--name=--resume"], r"cannot start with '-'"),
        (["--name", "a/b"], r"one folder name"), (["--name", ".."], r"one folder name"),
        (["--name", "a\tb"], r"control characters"), (["--name", "n" * 121], r"at most 120 bytes")]

@@ -76,8 +76,9 @@ def check_options(args: argparse.Namespace) -> None:
     if args.address and (args.num_cpus is not None or args.num_gpus is not None):
         raise UsageError("--num-cpus/--num-gpus size a local Ray instance; with --address the cluster has its "
                          "own resources: leave them out")
+    address_form(args.address)   # its form only: whether it answers is check_address's, where the study runs
     if args.name is not None:
-        check_name(args.name, "--name")
+        check_name(args.name if isinstance(args.name, str) else "", "--name")   # argparse turns --name=-- into []
 
 
 def check_name(name: str, what: str = "--name") -> None:
@@ -115,8 +116,9 @@ def check_storage_url(storage: str, option: str = "--storage") -> str:
     if not storage or not storage.strip():
         raise UsageError(f"{option} {storage!r}: empty; give a folder (e.g. studies) or a URL s3://<bucket>/<prefix>")
     if any(not ch.isprintable() for ch in storage):
-        raise UsageError(f"{option} {urls.masked(storage)!r}: holds a control character (a tab or a newline); "
-                         f"give a folder or a URL on one line")
+        shown = urls.masked(storage) if "://" in storage else repr(storage)   # a folder's name is no secret
+        raise UsageError(f"{option} {shown}: holds a control character (a tab or a newline); give a folder or a "
+                         f"URL on one line")
     m = _URL_START.match(storage)
     if m is None or (not m[2] and len(m[1]) == 1):
         return "local"   # a folder (C:... is a Windows drive, not a scheme)
@@ -223,27 +225,35 @@ def check_storage(storage: str, root: str, write: bool = True, option: str = "--
 ADDRESS_TIMEOUT_S = 5.0
 
 
-def check_address(address: str | None, timeout_s: float = ADDRESS_TIMEOUT_S) -> None:
-    """A Ray cluster address something answers at (a TCP connection, in a worker thread with a timeout, so
-    Ctrl-C works): an unreachable one is one line now, not Ray's traceback after half a minute."""
+def address_form(address: str | None) -> tuple[str, int] | None:
+    """(host, port) of a ``--address`` ray.init takes, None for auto/local/none; any other form is refused."""
     if address is None or address in ("auto", "local"):
-        return   # "auto" finds the cluster Ray knows of (RAY_ADDRESS, `ray start`): Ray says if there is none
+        return None   # "auto" finds the cluster Ray knows of (RAY_ADDRESS, `ray start`): Ray says if there is none
     shown = urls.masked(address)
     form = "auto, ray://<host>:10001 or <host>:6379"
-    m = re.fullmatch(r"(?:(ray)://)?(\[[^\]]+\]|[^:/\[\]\s]+)(?::(\d{1,5}))?/?", address.strip())
+    m = re.fullmatch(r"(?:(ray)://)?(\[[^\]]+\]|[^:/\[\]\s@]+)(?::(\d{1,5}))?/?", address.strip())
     if m is None:
         scheme = urls.scheme_of(address) if "://" in address else None
         hint = (" (an http:// address is the Jobs API that python -m study.submit takes)"
                 if scheme in ("http", "https") else "")
         raise UsageError(f"--address {shown}: not a Ray cluster address{hint}; give {form}")
-    host, port = m[2].strip("[]"), int(m[3]) if m[3] else (10001 if m[1] else None)
+    port = int(m[3]) if m[3] else (10001 if m[1] else None)
     if port is None or not 0 < port < 65536:
         raise UsageError(f"--address {shown}: no port; give {form}")
-    problem = _reach(host, port, timeout_s)
+    return m[2].strip("[]"), port
+
+
+def check_address(address: str | None, timeout_s: float = ADDRESS_TIMEOUT_S) -> None:
+    """A Ray cluster address something answers at (a TCP connection, in a worker thread with a timeout, so
+    Ctrl-C works): an unreachable one is one line now, not Ray's traceback after half a minute."""
+    where = address_form(address)
+    if where is None:
+        return
+    problem = _reach(*where, timeout_s)
     if problem:
-        raise UsageError(f"--address {shown}: nothing answers at {host}:{port} ({problem}); start the cluster "
-                         f"(ray start --head), or give its address ({form}), or leave --address out for a "
-                         f"private local Ray (nothing was written)")
+        raise UsageError(f"--address {urls.masked(address)}: nothing answers at {where[0]}:{where[1]} ({problem}); "
+                         f"start the cluster (ray start --head), or give its address (auto, ray://<host>:10001 or "
+                         f"<host>:6379), or leave --address out for a private local Ray (nothing was written)")
 
 
 def _reach(host: str, port: int, timeout_s: float) -> str | None:
