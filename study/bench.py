@@ -6,13 +6,13 @@ All rows train with Adam and MSE for the same number of timed steps:
 - reference: the seed notebooks' pipeline: per-sample PIL decode of the JPEG files +
   ToTensor + RGB->YUV per sample, DataLoader batch 64, fp32, on the report's CIFAR-10
   UNet (depth 3, max-pool + upsample, UV output);
-- trial: a plain single-model step (images decoded once, resident on the device, converted
-  per batch there; study.engine.losses.make_loss_step + Adam) on the same UNet at each ``--batches``
+- trial: a plain single-model step outside the engine (images decoded once, resident on the
+  device, converted per batch there; forward, MSE, Adam) on the same UNet at each ``--batches``
   size and ``--precisions``;
-- pack K: K such UNets fused into one grouped-convolution model (``study.engine.fused``), each
-  on its own batch of ``--pack-batch`` images; aggregate model-images/s. A pack of 1 is
-  what ``run_trial`` runs (the engine's loop with one member): beside the trial row at the
-  same batch size it shows what the shared loop costs a single trial;
+- pack K: the engine's step (``study.engine.step``) of K such UNets fused into one
+  grouped-convolution model, each on its own batch of ``--pack-batch`` images; aggregate
+  model-images/s. A pack of 1 is what ``run_trial`` runs (the engine's loop with one member):
+  beside the trial row at the same batch size it shows what the engine costs a single trial;
 - flowers: the report's Flowers-102 UNet (depth 4, 256x256): one trial and a pack;
 - heads: the engine's step (a pack of 1, as run_trial) of the CIFAR-10 UNet with its UV head, with a
   classification head over the images' UV bins (``output: uv-classes``) and with a discriminator
@@ -36,7 +36,7 @@ import shutil
 import sys
 import tempfile
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -52,22 +52,21 @@ from study.engine import (
     VARIANTS,
     DataError,
     DeviceImages,
-    FusedUNet,
     Member,
-    PackTerms,
+    PackStep,
+    autocast_for,
     build_unet,
+    compiled,
     default_cache_dir,
     default_data_root,
     device_name,
     folder_splits,
     load_splits,
-    make_loss_step,
     make_optimizer,
-    make_pack_loss,
     pick_device,
+    rgb_to_y,
     rgb_to_yuv,
-    train_batches,
-    train_step,
+    target_for,
     used_bins,
 )
 
@@ -129,9 +128,20 @@ class OpCount(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def _timed(batches, step, steps: int, warmup: int, dev, counts: dict | None = None) -> float:
-    """Seconds taken by ``steps`` calls of ``step(batch)`` after ``warmup`` untimed ones; with ``counts``,
-    one more step runs under OpCount and its figures land there."""
+@dataclass(frozen=True)
+class Setting:
+    """How a row's step runs and is timed: its device, ``steps`` timed after ``warmup`` untimed ones, its
+    precision and torch.compile mode (None: eager)."""
+    dev: torch.device
+    steps: int
+    warmup: int
+    precision: str = "fp32"
+    compile_mode: str | None = None
+
+
+def _timed(batches, step, setting: Setting, counts: dict | None = None) -> float:
+    """Seconds taken by ``setting.steps`` calls of ``step(batch)`` after ``setting.warmup`` untimed ones; with
+    ``counts``, one more step runs under OpCount and its figures land there."""
     done, t0, seconds = 0, 0.0, None
     while True:
         for batch in batches():
@@ -140,19 +150,20 @@ def _timed(batches, step, steps: int, warmup: int, dev, counts: dict | None = No
                     step(batch)
                 counts.update(ops_per_step=c.ops, scalar_reads_per_step=c.scalar_reads)
                 return seconds
-            if done == warmup:
-                _sync(dev)
+            if done == setting.warmup:
+                _sync(setting.dev)
                 t0 = time.perf_counter()
             step(batch)
             done += 1
-            if done == warmup + steps:
-                _sync(dev)
+            if done == setting.warmup + setting.steps:
+                _sync(setting.dev)
                 seconds = time.perf_counter() - t0
                 if counts is None:
                     return seconds
 
 
-def bench_reference(files, dev, steps, warmup, workers) -> float:
+def bench_reference(files, setting: Setting, workers: int) -> float:
+    dev = setting.dev
     torch.manual_seed(0)
     model = build_unet(CIFAR_MODEL, 32).to(dev)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
@@ -166,7 +177,7 @@ def bench_reference(files, dev, steps, warmup, workers) -> float:
         loss.backward()
         opt.step()
 
-    return steps * 64 / _timed(lambda: loader, step, steps, warmup, dev)
+    return setting.steps * 64 / _timed(lambda: loader, step, setting)
 
 
 def _trial_config(model_cfg: UNetConfig, images: np.ndarray, batch: int, precision: str, **changes) -> TrialConfig:
@@ -175,42 +186,44 @@ def _trial_config(model_cfg: UNetConfig, images: np.ndarray, batch: int, precisi
                        batch_size=batch, epochs=1, precision=precision, **changes)
 
 
-def bench_trial(images: np.ndarray, model_cfg: UNetConfig, dev, batch, steps, warmup, precision="fp32",
-                compile_mode=None, counts: dict | None = None) -> float:
-    """One model's plain training step (what a trial ran before it went through study.engine): images/s."""
-    cfg = _trial_config(model_cfg, images, batch, precision)
+def bench_trial(images: np.ndarray, model_cfg: UNetConfig, batch: int, setting: Setting,
+                counts: dict | None = None) -> float:
+    """A plain model's training step, outside the engine (one UNet, Adam, MSE in its output space, images
+    resident on the device): the baseline the engine's pack of one is measured against. Images/s."""
+    dev, cfg = setting.dev, _trial_config(model_cfg, images, batch, setting.precision)
     torch.manual_seed(0)
     model = build_unet(cfg.model, cfg.image_size).to(dev, memory_format=torch.channels_last)
     opt = make_optimizer(model.parameters(), cfg.lr, dev)
-    loss_step = make_loss_step(model, cfg, dev, precision, compile_mode)
     data = DeviceImages(images, dev)
     gen = torch.Generator(device=dev).manual_seed(0)
 
+    def forward_loss(x: torch.Tensor) -> torch.Tensor:
+        with autocast_for(dev, setting.precision):
+            pred = model(rgb_to_y(x))
+        return F.mse_loss(pred.float(), target_for(x, cfg.output))
+
+    loss_of = compiled(forward_loss, setting.compile_mode)
+
     def step(x):
-        loss = loss_step(x)
+        loss = loss_of(x)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
 
-    return steps * batch / _timed(lambda: data.train_batches(batch, gen), step, steps, warmup, dev, counts)
+    return setting.steps * batch / _timed(lambda: data.train_batches(batch, gen), step, setting, counts)
 
 
-def bench_pack(images: np.ndarray, model_cfg: UNetConfig, dev, k, batch, steps, warmup, precision="fp32",
-               compile_mode=None, counts: dict | None = None, **changes) -> float:
-    """K members, the engine's own step (study.engine.fused; K=1 is run_trial's), each with its own lr, seed and
+def bench_pack(images: np.ndarray, model_cfg: UNetConfig, k: int, batch: int, setting: Setting,
+               counts: dict | None = None, **changes) -> float:
+    """K members, the engine's own step (study.engine.step; K=1 is run_trial's), each with its own lr, seed and
     batch: model-images/s. ``changes``: other trial settings (e.g. adversarial)."""
-    data = DeviceImages(images, dev)
-    base = _trial_config(model_cfg, images, batch, precision, **changes)
+    data = DeviceImages(images, setting.dev)
+    base = _trial_config(model_cfg, images, batch, setting.precision, **changes)
     bins = used_bins(data.images) if base.output == "uv-classes" else None   # as prepare_trial finds them
-    members = [Member(i, base.replace(lr=1e-3 * (1 + i / k), seed=i), dev, max(len(data) // batch, 1), bins)
+    members = [Member(i, base.replace(lr=1e-3 * (1 + i / k), seed=i), setting.dev, max(len(data) // batch, 1), bins)
                for i in range(k)]
-    fused = FusedUNet([m.model for m in members]).train()
-    loss = make_pack_loss(fused, PackTerms(members, dev), dev, precision, compile_mode)
-
-    def step(x):
-        train_step(fused, members, loss, x)
-
-    return steps * batch * k / _timed(lambda: train_batches(data, members, batch), step, steps, warmup, dev, counts)
+    step = PackStep(members, setting.dev, setting.precision, setting.compile_mode)
+    return setting.steps * batch * k / _timed(lambda: step.batches(data, batch), step, setting, counts)
 
 
 # ---------------------------------------------------------------- data
@@ -315,41 +328,65 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+@dataclass(frozen=True)
+class Choices:
+    """The command line with each device-sized default filled in (DEFAULTS)."""
+    dev: torch.device
+    steps: int
+    packs: list[int]
+    precisions: list[str]
+    flowers_batch: int
+    flowers_pack: int
+    data_root: str | None
+    cache_dir: Path
+
+    def setting(self, args, precision: str = "fp32", compile_mode: str | None = None) -> Setting:
+        return Setting(self.dev, self.steps, args.warmup, precision, compile_mode)
+
+    def label(self, precision: str) -> str:
+        """A precision as a row names it: "fp32" rows run with TF32 on a GPU, as run_trial's fp32."""
+        return "tf32" if precision == "fp32" and self.dev.type == "cuda" else precision
+
+
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
     dev = pick_device(args.device)
     d = DEFAULTS["cuda" if dev.type == "cuda" else "cpu"]
-    steps = args.steps or d["steps"]
-    packs = args.packs or _counts(d["packs"])
-    precisions = args.precisions or d["precisions"].split(",")
-    flowers_batch = args.flowers_batch or d["flowers_batch"]
-    flowers_pack = args.flowers_pack or d["flowers_pack"]
-    data_root = args.data_root or default_data_root()
-    cache_dir = (args.cache_dir or default_cache_dir()).resolve()
-    check_data_root(data_root, set(args.parts))
+    c = Choices(dev, args.steps or d["steps"], args.packs or _counts(d["packs"]),
+                args.precisions or d["precisions"].split(","), args.flowers_batch or d["flowers_batch"],
+                args.flowers_pack or d["flowers_pack"], args.data_root or default_data_root(),
+                (args.cache_dir or default_cache_dir()).resolve())
+    check_data_root(c.data_root, set(args.parts))
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # "fp32" rows use TF32
     torch.backends.cudnn.benchmark = True  # as run_trial
-    cache_dir.mkdir(parents=True, exist_ok=True)
+    c.cache_dir.mkdir(parents=True, exist_ok=True)
     # Scratch JPEGs live in the cache folder this command owns and go when it ends, also on error.
-    scratch = Path(tempfile.mkdtemp(prefix="bench-jpeg-", dir=cache_dir))
+    scratch = Path(tempfile.mkdtemp(prefix="bench-jpeg-", dir=c.cache_dir))
     try:
-        return _run(args, dev, steps, packs, precisions, flowers_batch, flowers_pack, data_root, cache_dir, scratch)
+        out = Figures(args, c)
+        if set(args.parts) & {"reference", "trial", "pack", "heads"}:
+            _cifar_rows(args, c, out, scratch)
+        if "flowers" in args.parts:
+            _flowers_rows(args, c, out)
+        print(json.dumps(out.data))
+        out.save()
+        return 0
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
 
-def _run(args, dev, steps, packs, precisions, flowers_batch, flowers_pack, data_root, cache_dir, scratch) -> int:
-    parts = set(args.parts)
-    out = {"device": device_name(dev), "torch": torch.__version__, "steps": steps, "warmup": args.warmup,
-           "rows": []}
-    mode = args.compile
+class Figures:
+    """The figures as they come: one printed line per row, and the JSON (``--json``), written after every
+    row so that a run cut short still leaves what it measured."""
 
-    def label(precision: str) -> str:  # "fp32" rows run with TF32 on a GPU, as run_trial's fp32
-        return "tf32" if precision == "fp32" and dev.type == "cuda" else precision
+    def __init__(self, args, c: Choices):
+        self.json_path = args.json
+        self.data = {"device": device_name(c.dev), "torch": torch.__version__, "steps": c.steps,
+                     "warmup": args.warmup, "rows": []}
 
-    def row(key: str, text: str, rate: float, unit: str = "img/s", counts: dict | None = None,
+    def row(self, key: str, text: str, rate: float, unit: str = "img/s", counts: dict | None = None,
             extra: dict | None = None) -> None:
-        ref = out.get("reference_b64_img_s")
+        out, ref = self.data, self.data.get("reference_b64_img_s")
         out[key] = round(rate, 1)
         entry = {"key": key, "what": text, "rate": round(rate, 1), "unit": unit, **(counts or {}), **(extra or {})}
         ratio = ""
@@ -360,89 +397,96 @@ def _run(args, dev, steps, packs, precisions, flowers_batch, flowers_pack, data_
                if counts else "")
         out["rows"].append(entry)
         print(f"{text:<58s} {rate:12.1f} {unit}{ratio}{ops}", flush=True)
-        if args.json:  # after every row: a run cut short still leaves what it measured
-            args.json.write_text(json.dumps(out, indent=2))
+        self.save()
 
-    if parts & {"reference", "trial", "pack", "heads"}:
-        files, source = cifar_jpegs(data_root, args.images, scratch)
-        t0 = time.perf_counter()
-        images = np.stack([np.asarray(Image.open(f).convert("RGB")) for f in files])  # the one-time decode
-        out.update(data=source, images=len(files), one_time_decode_s=round(time.perf_counter() - t0, 2))
-        print(f"device {out['device']}; {len(files)} images ({source}); {steps} timed steps per row", flush=True)
-        if "reference" in parts:
-            row("reference_b64_img_s", f"reference (PIL per sample, DataLoader x{args.workers}, fp32, b64)",
-                bench_reference(files, dev, steps, args.warmup, args.workers))
-        # The trial and pack rows run round-robin, --rounds times, each keeping its median rate: a load
-        # that comes and goes on a shared machine then weighs on every row alike.
-        jobs = []
-        if "trial" in parts:
-            for precision in precisions:
-                for b in args.batches:
-                    jobs.append((f"trial_{precision}_b{b}_img_s",
-                                 f"one trial, plain model step, {label(precision)}, b{b}", "img/s",
-                                 lambda c, b=b, p=precision: bench_trial(images, CIFAR_MODEL, dev, b, steps,
-                                                                         args.warmup, p, counts=c)))
-        if "pack" in parts:
-            for k in packs:
-                for precision in precisions:
-                    what = ("pack of 1 (run_trial's engine step)" if k == 1 else f"pack of {k} fused UNets")
-                    jobs.append((f"pack{k}_{precision}_b{args.pack_batch}_model_img_s",
-                                 f"{what}, {label(precision)}, b{args.pack_batch} each", "model-img/s",
-                                 lambda c, k=k, p=precision: bench_pack(images, CIFAR_MODEL, dev, k, args.pack_batch,
-                                                                        steps, args.warmup, p, counts=c)))
-        heads = {"uv": ("UV head", CIFAR_MODEL, {}),
-                 "classes": ("uv-classes head", replace(CIFAR_MODEL, output="uv-classes"), {}),
-                 "adversarial": ("UV head + discriminator (adversarial 0.01)", CIFAR_MODEL, {"adversarial": 0.01})}
-        if "heads" in parts:
-            for name, (what, model_cfg, changes) in heads.items():
-                jobs.append((f"head_{name}_b{args.pack_batch}_img_s", f"engine step, {what}, b{args.pack_batch}",
-                             "img/s", lambda c, m=model_cfg, ch=changes: bench_pack(
-                                 images, m, dev, 1, args.pack_batch, steps, args.warmup, "fp32", counts=c, **ch)))
-        rates: dict[str, list[float]] = {key: [] for key, *_ in jobs}
-        counts: dict[str, dict] = {key: {} for key, *_ in jobs}
-        for r in range(args.rounds):
-            for key, _text, _unit, run in jobs:
-                rates[key].append(run(counts[key]))
-                print(f"  round {r + 1}/{args.rounds}: {key} {rates[key][-1]:.1f}", flush=True)
-                if args.json:  # a run cut short still leaves what it measured
-                    args.json.write_text(json.dumps({**out, "rounds_so_far": rates}, indent=2))
-        for key, text, unit, _run_row in jobs:
-            rate = float(np.median(rates[key]))
-            row(key, text, rate, unit, counts[key],
-                extra={"rates": [round(r, 1) for r in rates[key]]} if args.rounds > 1 else None)
-        if "heads" in parts:   # time per step against the UV head's, from the side-by-side medians
-            uv = out[f"head_uv_b{args.pack_batch}_img_s"]
-            for name in ("classes", "adversarial"):
-                cost = out[f"head_{name}_step_cost_vs_uv"] = round(uv / out[f"head_{name}_b{args.pack_batch}_img_s"], 2)
-                print(f"{heads[name][0]}: x{cost:.2f} the UV head's time per step", flush=True)
-        if mode and "trial" in parts:  # last: compiling takes long, and every row before it is kept
+    def save(self, **extra) -> None:
+        if self.json_path:
+            self.json_path.write_text(json.dumps({**self.data, **extra}, indent=2))
+
+
+HEADS = {"uv": ("UV head", CIFAR_MODEL, {}),
+         "classes": ("uv-classes head", replace(CIFAR_MODEL, output="uv-classes"), {}),
+         "adversarial": ("UV head + discriminator (adversarial 0.01)", CIFAR_MODEL, {"adversarial": 0.01})}
+
+
+def _cifar_rows(args, c: Choices, out: Figures, scratch: Path) -> None:
+    """The reference row, the trial, pack and heads rows round-robin, and the compiled rows."""
+    files, source = cifar_jpegs(c.data_root, args.images, scratch)
+    t0 = time.perf_counter()
+    images = np.stack([np.asarray(Image.open(f).convert("RGB")) for f in files])  # the one-time decode
+    out.data.update(data=source, images=len(files), one_time_decode_s=round(time.perf_counter() - t0, 2))
+    print(f"device {out.data['device']}; {len(files)} images ({source}); {c.steps} timed steps per row", flush=True)
+    if "reference" in args.parts:
+        out.row("reference_b64_img_s", f"reference (PIL per sample, DataLoader x{args.workers}, fp32, b64)",
+                bench_reference(files, c.setting(args), args.workers))
+    _round_robin(args, _jobs(args, c, images), out)
+    if "heads" in args.parts:   # time per step against the UV head's, from the side-by-side medians
+        uv = out.data[f"head_uv_b{args.pack_batch}_img_s"]
+        for name in ("classes", "adversarial"):
+            cost = round(uv / out.data[f"head_{name}_b{args.pack_batch}_img_s"], 2)
+            out.data[f"head_{name}_step_cost_vs_uv"] = cost
+            print(f"{HEADS[name][0]}: x{cost:.2f} the UV head's time per step", flush=True)
+    mode, last = args.compile, c.precisions[-1]
+    if mode and "trial" in args.parts:  # last: compiling takes long, and every row before it is kept
+        for b in args.batches:
+            out.row(f"trial_compiled_{last}_b{b}_img_s", f"one trial, torch.compile {mode}, {c.label(last)}, b{b}",
+                    bench_trial(images, CIFAR_MODEL, b, c.setting(args, last, mode)))
+    if mode and "pack" in args.parts:
+        k = 16 if 16 in c.packs else max(c.packs)
+        out.row(f"pack{k}_compiled_{last}_b{args.pack_batch}_model_img_s",
+                f"pack of {k}, torch.compile {mode}, {c.label(last)}, b{args.pack_batch} each",
+                bench_pack(images, CIFAR_MODEL, k, args.pack_batch, c.setting(args, last, mode)), "model-img/s")
+
+
+def _jobs(args, c: Choices, images: np.ndarray) -> list[tuple]:
+    """(key, text, unit, run(counts) -> rate) of each trial, pack and heads row chosen."""
+    jobs = []
+    if "trial" in args.parts:
+        for p in c.precisions:
             for b in args.batches:
-                row(f"trial_compiled_{precisions[-1]}_b{b}_img_s",
-                    f"one trial, torch.compile {mode}, {label(precisions[-1])}, b{b}",
-                    bench_trial(images, CIFAR_MODEL, dev, b, steps, args.warmup, precisions[-1], mode))
-        if mode and "pack" in parts:
-            k = 16 if 16 in packs else max(packs)
-            row(f"pack{k}_compiled_{precisions[-1]}_b{args.pack_batch}_model_img_s",
-                f"pack of {k}, torch.compile {mode}, {label(precisions[-1])}, b{args.pack_batch} each",
-                bench_pack(images, CIFAR_MODEL, dev, k, args.pack_batch, steps, args.warmup, precisions[-1], mode),
-                "model-img/s")
-    if "flowers" in parts:
-        fl, source = flowers_images(data_root, max(args.flowers_images, flowers_batch), args.flowers_size, cache_dir)
-        size = args.flowers_size
-        out.update(flowers_data=source, flowers_size=size)
-        print(f"flowers: {len(fl)} images {size}x{size} ({source}), depth-4 UNet", flush=True)
-        for precision in precisions:
-            row(f"flowers_trial_{precision}_b{flowers_batch}_img_s",
-                f"flowers {size}px one trial, {label(precision)}, b{flowers_batch}",
-                bench_trial(fl, FLOWERS_MODEL, dev, flowers_batch, steps, args.warmup, precision))
-            row(f"flowers_pack{flowers_pack}_{precision}_b{flowers_batch}_model_img_s",
-                f"flowers {size}px pack of {flowers_pack}, {label(precision)}, b{flowers_batch} each",
-                bench_pack(fl, FLOWERS_MODEL, dev, flowers_pack, flowers_batch, steps, args.warmup, precision),
-                "model-img/s")
-    print(json.dumps(out))
-    if args.json:
-        args.json.write_text(json.dumps(out, indent=2))
-    return 0
+                jobs.append((f"trial_{p}_b{b}_img_s", f"one trial, plain model step, {c.label(p)}, b{b}", "img/s",
+                             lambda n, b=b, p=p: bench_trial(images, CIFAR_MODEL, b, c.setting(args, p), n)))
+    if "pack" in args.parts:
+        for k in c.packs:
+            for p in c.precisions:
+                what = "pack of 1 (run_trial's engine step)" if k == 1 else f"pack of {k} fused UNets"
+                jobs.append((f"pack{k}_{p}_b{args.pack_batch}_model_img_s",
+                             f"{what}, {c.label(p)}, b{args.pack_batch} each", "model-img/s",
+                             lambda n, k=k, p=p: bench_pack(images, CIFAR_MODEL, k, args.pack_batch,
+                                                            c.setting(args, p), n)))
+    if "heads" in args.parts:
+        for name, (what, model_cfg, changes) in HEADS.items():
+            jobs.append((f"head_{name}_b{args.pack_batch}_img_s", f"engine step, {what}, b{args.pack_batch}",
+                         "img/s", lambda n, m=model_cfg, ch=changes: bench_pack(
+                             images, m, 1, args.pack_batch, c.setting(args), n, **ch)))
+    return jobs
+
+
+def _round_robin(args, jobs: list[tuple], out: Figures) -> None:
+    """Every job ``--rounds`` times, round-robin, then its row at the median rate: a load that comes and
+    goes on a shared machine then weighs on every row alike."""
+    rates: dict[str, list[float]] = {key: [] for key, *_ in jobs}
+    counts: dict[str, dict] = {key: {} for key, *_ in jobs}
+    for r in range(args.rounds):
+        for key, _text, _unit, run in jobs:
+            rates[key].append(run(counts[key]))
+            print(f"  round {r + 1}/{args.rounds}: {key} {rates[key][-1]:.1f}", flush=True)
+            out.save(rounds_so_far=rates)
+    for key, text, unit, _run in jobs:
+        out.row(key, text, float(np.median(rates[key])), unit, counts[key],
+                extra={"rates": [round(r, 1) for r in rates[key]]} if args.rounds > 1 else None)
+
+
+def _flowers_rows(args, c: Choices, out: Figures) -> None:
+    fl, source = flowers_images(c.data_root, max(args.flowers_images, c.flowers_batch), args.flowers_size, c.cache_dir)
+    size, b, k = args.flowers_size, c.flowers_batch, c.flowers_pack
+    out.data.update(flowers_data=source, flowers_size=size)
+    print(f"flowers: {len(fl)} images {size}x{size} ({source}), depth-4 UNet", flush=True)
+    for p in c.precisions:
+        out.row(f"flowers_trial_{p}_b{b}_img_s", f"flowers {size}px one trial, {c.label(p)}, b{b}",
+                bench_trial(fl, FLOWERS_MODEL, b, c.setting(args, p)))
+        out.row(f"flowers_pack{k}_{p}_b{b}_model_img_s", f"flowers {size}px pack of {k}, {c.label(p)}, b{b} each",
+                bench_pack(fl, FLOWERS_MODEL, k, b, c.setting(args, p)), "model-img/s")
 
 
 if __name__ == "__main__":

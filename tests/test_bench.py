@@ -30,8 +30,9 @@ def test_bench_smoke_prints_every_row_and_ratio(tmp_path, cache_dir):
     ops = {r["key"]: r["ops_per_step"] for r in figures["rows"] if "ops_per_step" in r}
     assert ops["trial_fp32_b16_img_s"] > 50
     assert ops["pack2_fp32_b16_model_img_s"] < 1.5 * ops["trial_fp32_b16_img_s"], ops
-    # A trial runs through the engine as a pack of one: that costs it no op over a plain model step.
-    assert ops["pack1_fp32_b16_model_img_s"] == ops["trial_fp32_b16_img_s"], ops
+    # A trial runs through the engine as a pack of one: about the ops of a plain model step (the loss's
+    # per-member mean costs one or two).
+    assert ops["trial_fp32_b16_img_s"] <= ops["pack1_fp32_b16_model_img_s"] <= ops["trial_fp32_b16_img_s"] + 2, ops
     assert "ops/step" in p.stdout
     # The JPEGs it wrote lived in its own cache folder and are gone.
     assert not list(scratch.glob("bench-jpeg-*"))

@@ -175,7 +175,7 @@ def test_colour_data_has_no_grayscale_warning(tmp_path):
         load_splits(str(root), 32, cache_dir=tmp_path / "cache")
 
 
-# ---- issue 18: a file name that is not valid UTF-8 (a Latin-1 "café.png" copied from an old disk)
+# ---- a file name that is not valid UTF-8 (a Latin-1 "café.png" copied from an old disk)
 
 def _latin1_folder(root):
     """Images whose names hold the byte 0xE9 (Latin-1 é), which no UTF-8 decoder accepts; one gray image, so

@@ -1,4 +1,5 @@
-"""Issue 13's levers in the trial engine: each does what it says, and the defaults change nothing."""
+"""The training levers of the engine (weight decay, weight averaging, augmentation, loss, warm-up, flip
+averaging, chroma weighting): each does what it says, and the defaults change nothing."""
 import numpy as np
 import pytest
 import torch
@@ -9,7 +10,7 @@ from study.engine.checkpoints import load_checkpoint
 from study.engine.color import prediction_to_rgb, rgb_to_y, target_for
 from study.engine.data import DeviceImages, augment_batch
 from study.engine.evaluation import evaluate
-from study.engine.losses import HUBER_DELTA, loss_fn
+from study.engine.losses import HUBER_DELTA, elementwise_loss
 from study.engine.models import build_unet
 from study.engine.optim import WeightAverage, make_optimizer, make_scheduler
 from study.engine.trial import run_trial
@@ -60,7 +61,7 @@ def test_ema_weights_are_the_ones_evaluated_and_kept(cache_dir, tmp_path):
     assert evaluate(raw, val, cfg, 256)["psnr"] != pytest.approx(rows[-1]["val_psnr"], rel=1e-6)
 
 
-def testaugment_batchation_shifts_and_flips_whole_images_and_zooms_above_one():
+def test_augmentation_shifts_and_flips_whole_images_and_zooms_above_one():
     g = torch.Generator().manual_seed(0)
     x = torch.rand(6, 3, 16, 16)
     out = augment_batch(x, g, 1.0)
@@ -83,19 +84,29 @@ def testaugment_batchation_shifts_and_flips_whole_images_and_zooms_above_one():
 
 
 def test_huber_is_quadratic_near_zero_and_linear_far_away():
-    f = loss_fn("huber")
     small, large = torch.tensor([0.05]), torch.tensor([0.5])
     zero = torch.zeros(1)
-    assert f(small, zero).item() == pytest.approx(0.5 * 0.05 ** 2)
-    assert f(large, zero).item() == pytest.approx(HUBER_DELTA * (0.5 - 0.5 * HUBER_DELTA))
+    assert elementwise_loss(small, zero, "huber").item() == pytest.approx(0.5 * 0.05 ** 2)
+    assert elementwise_loss(large, zero, "huber").item() == pytest.approx(HUBER_DELTA * (0.5 - 0.5 * HUBER_DELTA))
 
 
-def test_each_loss_has_one_formula_for_a_model_and_for_a_pack():
-    from study.engine.losses import elementwise_loss
+def test_members_with_different_losses_each_get_their_own():
+    from study.engine.losses import member_loss
+    from study.engine.terms import PackTerms
     diff = torch.linspace(-0.6, 0.6, 49)
-    for name in ("mse", "l1", "huber"):
-        ref = loss_fn(name)(diff, torch.zeros_like(diff), reduction="none")
-        assert torch.allclose(elementwise_loss(diff, name), ref, atol=1e-7), name
+    pred = torch.stack([diff] * 4, dim=1)                      # (N, K): member k's predictions in column k
+    names = ["mse", "l1", "huber", "l1"]
+    cfgs = [TrialConfig(loss=n) for n in names]
+    got = member_loss(pred, torch.zeros_like(pred), PackTerms.of(cfgs, None, torch.device("cpu")), member_dim=1)
+    for k, name in enumerate(names):
+        ref = {"mse": diff.square(), "l1": diff.abs(),
+               "huber": torch.where(diff.abs() < HUBER_DELTA, 0.5 * diff.square(),
+                                    HUBER_DELTA * (diff.abs() - 0.5 * HUBER_DELTA))}[name]
+        assert torch.allclose(got[:, k], ref, atol=1e-7), name
+    # Members sharing a loss: its formula as for one model.
+    shared = PackTerms.of(cfgs[1:2] * 2, None, torch.device("cpu"))
+    assert shared.loss == "l1" and shared.l1 is None
+    assert torch.equal(member_loss(pred[:, :2], torch.zeros_like(pred[:, :2]), shared, 1), pred[:, :2].abs())
 
 
 def test_warmup_then_schedule():
@@ -142,7 +153,9 @@ def test_flip_averaging_is_exact_for_a_mirror_equivariant_model_and_evaluated():
 
 
 def test_chroma_weights_average_one_and_favour_saturated_pixels():
-    from study.engine.losses import chroma_weights, make_loss_step
+    from study.engine.fused import FusedUNet
+    from study.engine.losses import chroma_weights, member_losses
+    from study.engine.terms import PackTerms
     g = torch.Generator().manual_seed(0)
     gray = torch.rand(4, 1, 8, 8, generator=g).expand(-1, 3, -1, -1).clone()
     x = gray.clone()
@@ -158,6 +171,9 @@ def test_chroma_weights_average_one_and_favour_saturated_pixels():
     assert wk.mean(dim=(0, 2, 3, 4)).tolist() == pytest.approx([1.0, 1.0], abs=1e-5)
     # In the training loss: an error on the saturated half costs more than the same error on the gray half.
     model = build_unet(UNetConfig(depth=1, base_filters=4, gray_start=True), 8)   # predicts U = V = 0
-    plain = make_loss_step(model, TrialConfig(chroma_weight=0.0), torch.device("cpu"), "fp32")
-    vivid = make_loss_step(model, TrialConfig(chroma_weight=3.0), torch.device("cpu"), "fp32")
-    assert vivid(x).item() > 1.5 * plain(x).item()
+
+    def loss(cfg):
+        return member_losses(FusedUNet([model]), PackTerms.of([cfg], None, torch.device("cpu")), "fp32", x[None])[0]
+
+    plain, vivid = loss(TrialConfig(chroma_weight=0.0)), loss(TrialConfig(chroma_weight=3.0))
+    assert vivid.item() > 1.5 * plain.item()

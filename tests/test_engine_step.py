@@ -16,10 +16,10 @@ from study.engine.checkpoints import CHECKPOINT_EVERY, CHECKPOINT_SECONDS, check
 from study.engine.color import rgb_to_y
 from study.engine.data import DeviceImages, load_splits, preview_indices
 from study.engine.device import COMPILE_ENV, compile_mode, pick_device, resolve_precision
-from study.engine.evaluation import EvalSplit, batch_sums, evaluate, evaluate_sums, original_previews
-from study.engine.losses import loss_fn, make_loss_step
+from study.engine.evaluation import EvalSplit, batch_sums, evaluate, evaluate_members, original_previews
+from study.engine.member import Member
 from study.engine.models import build_unet
-from study.engine.optim import WeightAverage, make_optimizer, make_scheduler
+from study.engine.step import PackStep
 from study.engine.trial import run_trial
 
 QUIET = dict(log=lambda s: None)
@@ -41,33 +41,25 @@ def test_host_syncs_per_epoch_do_not_grow_with_steps(monkeypatch, cache_dir, tmp
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_steps_and_evaluation_never_sync():
     dev = torch.device("cuda")
-    cfg = TINY.replace(dataset="samples", augment=True, resolution=32, depth=3, batch_size=64)
+    # A trial's step (a pack of one) with every lever that touches it: decay, cosine warm-up, ema, flip.
+    cfg = TINY.replace(dataset="samples", augment=True, augment_strength=2.0, resolution=32, depth=3,
+                       batch_size=64, weight_decay=0.01, schedule="cosine", warmup_epochs=1, ema=0.99,
+                       tta_flip=True, epochs=25)
     rng = np.random.default_rng(0)
     images = DeviceImages(rng.integers(0, 256, (256, 32, 32, 3), dtype=np.uint8), dev)
     split = EvalSplit.prepare(DeviceImages(rng.integers(0, 256, (100, 32, 32, 3), dtype=np.uint8), dev), 64)
-    model = build_unet(cfg.model, 32).to(dev, memory_format=torch.channels_last)
-    opt = make_optimizer(model.parameters(), 1e-3, dev, weight_decay=0.01)
-    sched = make_scheduler(opt, cfg.replace(schedule="cosine", warmup_epochs=1), 100, 4)
-    average = WeightAverage(model, 0.99)
-    step = make_loss_step(model, cfg, dev, resolve_precision(cfg, dev))
-    gen = torch.Generator(device=dev).manual_seed(0)
-    for x in images.train_batches(64, gen, 2.0):  # warm-up: cuDNN autotuning, lazy init
-        step(x).backward()
-    evaluate_sums(model, split, cfg.replace(tta_flip=True))  # evaluation's batch shapes too
+    step = PackStep([Member(0, cfg, dev, 4)], dev, resolve_precision(cfg, dev))
+    for x in step.batches(images, 64):  # warm-up: cuDNN autotuning, lazy init
+        step(x)
+    evaluate_members(step.evaluated(), step.terms, split, 64, resolve_precision(cfg, dev))  # its batch shapes too
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        total = torch.zeros((), device=dev)
+        total = torch.zeros(1, device=dev)
         for _ in range(2):
-            for x in images.train_batches(64, gen, 2.0):  # shifts, flips and resized crops
-                loss = step(x)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                sched.step()
-                average.update()
-                total += loss.detach()
-        sums = evaluate_sums(average.model, split, cfg.replace(tta_flip=True))
+            for x in step.batches(images, 64):  # shifts, flips and resized crops
+                total += step(x)
+        sums = evaluate_members(step.evaluated(), step.terms, split, 64, resolve_precision(cfg, dev))
     finally:
         torch.cuda.set_sync_debug_mode(0)
     assert math.isfinite(total.item()) and torch.isfinite(sums).all()
@@ -124,7 +116,7 @@ def test_split_constants_and_shared_evaluation(cache_dir):
     with torch.no_grad():
         for xb, yb in split.batches():
             for k, (m, o) in enumerate(zip(models, ("uv", "rgb"))):
-                sums[k] += batch_sums(m(yb), xb, yb, o, loss_fn("mse"))
+                sums[k] += batch_sums(m(yb), xb, yb, o, "mse")
     for k, o in enumerate(("uv", "rgb")):
         ref = evaluate(models[k], images, TINY.replace(output=o), 32)
         assert split.metrics(sums[k].tolist()) == pytest.approx(ref, rel=1e-5)

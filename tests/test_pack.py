@@ -9,11 +9,12 @@ from study.config.modelspec import SAMPLINGS, ConfigError, UNetConfig
 from study.config.trial import TrialConfig
 from study.engine.checkpoints import CHECKPOINT_FILE, PACK_FILE
 from study.engine.data import DeviceImages, load_splits
-from study.engine.evaluation import EvalSplit, evaluate
-from study.engine.fused import FusedUNet, PackTerms, evaluate_members, make_pack_loss, train_batches, train_step
-from study.engine.loop import Member
+from study.engine.evaluation import EvalSplit, evaluate, evaluate_members
+from study.engine.fused import FusedUNet
+from study.engine.member import Member
 from study.engine.models import UNet, build_unet
 from study.engine.pack import run_pack
+from study.engine.step import PackStep
 from study.engine.trial import run_trial
 
 BASE = TrialConfig(dataset="samples", train_limit=128, eval_limit=32, base_filters=8, batch_size=32,
@@ -216,22 +217,19 @@ def test_host_syncs_per_epoch_do_not_grow_with_steps(monkeypatch, cache_dir, tmp
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_pack_steps_and_evaluation_never_sync(splits):
     dev = torch.device("cuda")
-    members = [Member(i, c.replace(precision="bf16"), dev, 4) for i, c in enumerate(CFGS)]
-    fused = FusedUNet([m.model for m in members]).train()
-    terms = PackTerms(members, dev)
-    loss = make_pack_loss(fused, terms, dev, "bf16")
+    step = PackStep([Member(i, c.replace(precision="bf16"), dev, 4) for i, c in enumerate(CFGS)], dev, "bf16")
     train = DeviceImages(splits.train, dev)
     split = EvalSplit.prepare(DeviceImages(splits.val, dev), 64)
-    for x in train_batches(train, members, 32):  # warm-up: cuDNN autotuning, lazy init
-        train_step(fused, members, loss, x)
+    for x in step.batches(train, 32):  # warm-up: cuDNN autotuning, lazy init
+        step(x)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        total = torch.zeros(len(members), device=dev)
+        total = torch.zeros(len(CFGS), device=dev)
         for _ in range(2):
-            for x in train_batches(train, members, 32):
-                total += train_step(fused, members, loss, x)
-        sums = evaluate_members(fused, terms, split, 32, "bf16")
+            for x in step.batches(train, 32):
+                total += step(x)
+        sums = evaluate_members(step.fused, step.terms, split, 32, "bf16")
     finally:
         torch.cuda.set_sync_debug_mode(0)
     assert torch.isfinite(total).all() and torch.isfinite(sums).all()

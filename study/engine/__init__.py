@@ -1,8 +1,9 @@
 """The training engine: data decoded once and served as uint8 batches on the device, the UNet
 and its fused packs of K members, colour conversion and metrics, losses, the optimiser and weight
 average, evaluation and previews, checkpoints, the classification head's chroma, the adversarial
-lever, and the one training loop (a single trial is a pack of one). Imports torch, never Ray or
-Optuna: a trial runs where they are not installed.
+lever, and the one training loop (a single trial is a pack of one: one definition of the loss and
+of evaluation serves both). Imports torch, never Ray or Optuna: a trial runs where they are not
+installed.
 
 A name loads its module (and torch) when first used: ``study.plan`` reads the torch-free part
 of ``timing`` without paying for torch.
@@ -12,18 +13,21 @@ import importlib
 PUBLIC = {
     "checkpoints": ("CHECKPOINT_FILE", "keep_checkpoint", "load_checkpoint",),
     "chroma": ("bins_of", "used_bins",),
-    "color": ("rgb_to_y", "rgb_to_yuv", "yuv_to_rgb",),
+    "color": ("rgb_to_y", "rgb_to_yuv", "target_for", "yuv_to_rgb",),
     "data": ("ALLOW_GRAYSCALE_ENV", "DataError", "DeviceImages", "LAYOUT_HELP", "Splits", "check_samples_size",
             "default_cache_dir", "default_data_root", "folder_splits", "grayscale_rule", "list_images",
             "load_splits",),
-    "device": ("device_name", "pick_device",),
-    "evaluation": ("original_previews", "predict",),
-    "fused": ("FusedUNet", "PackTerms", "make_pack_loss", "train_batches", "train_step",),
-    "loop": ("Member", "trial_splits",),
-    "losses": ("NonFiniteLossError", "make_loss_step",),
+    "device": ("autocast_for", "compiled", "device_name", "pick_device",),
+    "evaluation": ("evaluate_members", "original_previews", "predict",),
+    "fused": ("FusedUNet",),
+    "loop": ("RunOptions", "trial_splits",),
+    "losses": ("NonFiniteLossError", "PackLoss",),
+    "member": ("Member",),
     "models": ("VARIANTS", "build_unet",),
     "optim": ("make_optimizer",),
     "pack": ("STRUCTURE", "run_pack",),
+    "step": ("PackStep", "train_batches",),
+    "terms": ("PackTerms",),
     "timing": ("Structure", "Timing", "on_line", "scaled", "time_structure", "within",),
     "trial": ("run_trial", "summarize",),
 }
@@ -36,11 +40,11 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'study.engine' has no attribute {name!r}")
 
 
-__all__ = ["ALLOW_GRAYSCALE_ENV", "CHECKPOINT_FILE", "DataError", "DeviceImages", "FusedUNet", "LAYOUT_HELP", "Member",
-           "NonFiniteLossError", "PackTerms", "STRUCTURE", "Splits", "Structure", "Timing", "VARIANTS",
-           "bins_of", "build_unet", "check_samples_size", "default_cache_dir", "default_data_root",
-           "device_name", "folder_splits", "grayscale_rule", "keep_checkpoint", "list_images",
-           "load_checkpoint", "load_splits", "make_loss_step", "make_optimizer", "make_pack_loss",
-           "on_line", "original_previews", "pick_device", "predict", "rgb_to_y", "rgb_to_yuv", "run_pack",
-           "run_trial", "scaled", "summarize", "time_structure", "train_batches", "train_step",
-           "trial_splits", "used_bins", "within", "yuv_to_rgb"]
+__all__ = ["ALLOW_GRAYSCALE_ENV", "CHECKPOINT_FILE", "DataError", "DeviceImages", "FusedUNet", "LAYOUT_HELP",
+           "Member", "NonFiniteLossError", "PackLoss", "PackStep", "PackTerms", "RunOptions", "STRUCTURE",
+           "Splits", "Structure", "Timing", "VARIANTS", "autocast_for", "bins_of", "build_unet",
+           "check_samples_size", "compiled", "default_cache_dir", "default_data_root", "device_name",
+           "evaluate_members", "folder_splits", "grayscale_rule", "keep_checkpoint", "list_images",
+           "load_checkpoint", "load_splits", "make_optimizer", "on_line", "original_previews", "pick_device",
+           "predict", "rgb_to_y", "rgb_to_yuv", "run_pack", "run_trial", "scaled", "summarize", "target_for",
+           "time_structure", "train_batches", "trial_splits", "used_bins", "within", "yuv_to_rgb"]

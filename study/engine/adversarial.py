@@ -12,17 +12,13 @@ Each member of a pack has its own discriminator and Adam; their states are check
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from study.engine.color import rgb_to_yuv, target_for
-
-if TYPE_CHECKING:
-    from study.config import TrialConfig
-    from study.engine.fused import FusedUNet, PackTerms
+from study.config import TrialConfig
+from study.engine.chroma import ChromaBins
+from study.engine.color import rgb_to_yuv
 
 WIDTH = 32          # channels of the first layer; doubled by each strided layer
 BETAS = (0.5, 0.999)  # pix2pix's Adam for both networks; the colorizer keeps its own settings
@@ -44,10 +40,10 @@ class PatchCritic(nn.Module):
 
 
 class Critic:
-    """One member's discriminator, its Adam (the member's learning rate, pix2pix's betas) and weight ``w``."""
+    """One member's discriminator and its Adam (the member's learning rate, pix2pix's betas). The weight
+    ``w`` of its term is the loss's (study.engine.terms)."""
 
     def __init__(self, cfg: TrialConfig, device: torch.device):
-        self.weight = cfg.adversarial
         self.net = PatchCritic().to(device)
         self.opt = torch.optim.Adam(self.net.parameters(), lr=cfg.lr, betas=BETAS)
 
@@ -70,40 +66,10 @@ class Critic:
         self.opt.load_state_dict(state["optimizer"])
 
 
-def predicted_uv(fused: FusedUNet, terms: PackTerms, pred: torch.Tensor, k: int) -> torch.Tensor:
-    """Member ``k``'s predicted chroma (B, 2, H, W) from the fused output ``pred`` (B, K, C, H, W)."""
-    p = pred[:, k]
-    if fused.classes is not None:
-        t = terms.temperature
-        return fused.classes.decode(p, t[k] if torch.is_tensor(t) else t)
-    return rgb_to_yuv(p.clamp(0, 1))[:, 1:] if fused.output == "rgb" else p
-
-
-class AdversarialLoss:
-    """The training loss of members some of which have a Critic: ``x -> (K,)`` reconstruction plus each
-    such member's ``w * softplus(-D(fake))``; keeps the batch so train_critics() can then update the
-    discriminators (study.engine.fused.train_step calls it after the colorizers' step). Eager, not compiled."""
-
-    def __init__(self, losses: Callable, terms: PackTerms, fused: FusedUNet):
-        self.losses, self.terms, self.fused = losses, terms, fused
-        self._pending: list[tuple] = []
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        loss, y, pred = self.losses(x)
-        real = target_for(x.flatten(0, 1), "uv").unflatten(0, (self.fused.k, -1))    # (K, B, 2, H, W)
-        self._pending = []
-        extra = []
-        for k, critic in enumerate(self.terms.critics):
-            if critic is None:
-                extra.append(loss.new_zeros(()))
-                continue
-            yk, fake = y[:, k:k + 1], predicted_uv(self.fused, self.terms, pred, k)
-            extra.append(critic.weight * critic.generator_loss(yk, fake))
-            self._pending.append((critic, yk.detach(), fake.detach(), real[k]))
-        total = loss + torch.stack(extra)
-        return total if self.fused.k > 1 else total.view(())
-
-    def train_critics(self) -> None:
-        for critic, y, fake, real in self._pending:
-            critic.step(y, fake, real)
-        self._pending = []
+def predicted_uv(pred: torch.Tensor, classes: ChromaBins | None, output: str,
+                 temperature: float | torch.Tensor) -> torch.Tensor:
+    """A colorizer's predicted chroma (B, 2, H, W) from its output ``pred`` (B, C, H, W): a classification
+    head's annealed mean at ``temperature``, an RGB model's UV, a UV model's output as it is."""
+    if classes is not None:
+        return classes.decode(pred, temperature)
+    return rgb_to_yuv(pred.clamp(0, 1))[:, 1:] if output == "rgb" else pred

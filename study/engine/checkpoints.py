@@ -1,12 +1,12 @@
 """The one checkpoint format of trials and packs, when one is written, and where its folders live.
 
-A member's state is one ``checkpoint.pt`` (study.engine.Member.state): ``"model"`` (the weights to use
+A member's state is one ``checkpoint.pt`` (study.engine.member.Member.state): ``"model"`` (the weights to use
 for inference: the average when ema is on), ``"raw_model"`` (the trained weights, with ema), ``"config"``,
 ``"epoch"``, ``"history"``, ``"status"``, and what a resume continues from (``"optimizer"``,
 ``"scheduler"``, ``"generator"``, ``"rng"``, ``"updates"``, and with ``adversarial > 0`` ``"critic"``: the
 discriminator's weights and Adam state, study.engine.adversarial). A classification head's bins are buffers of
 ``"model"`` (``classes.centers``, ``classes.prior``), so the weights rebuild alone. A single trial's checkpoint folder holds it
-at its root; a pack's holds ``member-<k>/checkpoint.pt`` for every member still training and ``pack.pt``,
+at its root (``TRIAL``); a pack's (``PACK``) holds ``member-<k>/checkpoint.pt`` for every member still training and ``pack.pt``,
 the roster (each member's configuration, history and status, the epoch, the random generators).
 Previews (``prediction_<index>.png``) sit beside each ``checkpoint.pt``.
 """
@@ -16,6 +16,7 @@ import os
 import shutil
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -40,41 +41,49 @@ def load_checkpoint(folder: Path | str, map_location="cpu") -> dict:
     return torch.load(Path(folder) / CHECKPOINT_FILE, map_location=map_location, weights_only=True)
 
 
-def member_folder(folder: Path, index: int, single: bool) -> Path:
-    """Where member ``index``'s checkpoint and previews go: the folder itself for a single trial."""
-    if single:
-        return folder
-    sub = folder / f"member-{index}"
-    sub.mkdir(exist_ok=True)
-    return sub
+@dataclass(frozen=True)
+class Layout:
+    """Where a run's files go in its checkpoint folder: a trial's (``TRIAL``: its checkpoint.pt and
+    previews at the folder's root) or a pack's (``PACK``: ``member-<k>/`` for each member still training,
+    and pack.pt with every member's roster entry)."""
+    members_apart: bool
 
+    def member_folder(self, folder: Path, index: int) -> Path:
+        """Where member ``index``'s checkpoint and previews go."""
+        if not self.members_apart:
+            return folder
+        sub = folder / f"member-{index}"
+        sub.mkdir(exist_ok=True)
+        return sub
 
-def member_state_dict(folder: Path | str, index: int) -> dict:
-    """Member ``index``'s weights from a pack checkpoint folder, as a plain UNet state dict."""
-    return load_checkpoint(Path(folder) / f"member-{index}")["model"]
-
-
-def save_run(folder: Path, states: dict[int, dict], roster: list[dict] | None, epoch: int,
+    def save(self, folder: Path, files: dict[int, tuple[dict, dict[str, bytes]]], roster: list[dict], epoch: int,
              device: torch.device) -> None:
-    """Write ``states`` (member index -> Member.state()) into ``folder``; ``roster`` (every member's
-    Member.roster(), None for a single trial) goes to pack.pt."""
-    rng = rng_states(device)
-    for index, state in states.items():
-        torch.save({**state, "epoch": epoch, "rng": rng},
-                   member_folder(folder, index, roster is None) / CHECKPOINT_FILE)
-    if roster is not None:
-        torch.save({"members": roster, "epoch": epoch, "rng": rng}, folder / PACK_FILE)
+        """Write ``files`` (member index -> (Member.state(), its preview PNGs)) into ``folder``, and a pack's
+        ``roster`` (every member's Member.roster()) to pack.pt."""
+        rng = rng_states(device)
+        for index, (state, previews) in files.items():
+            sub = self.member_folder(folder, index)
+            torch.save({**state, "epoch": epoch, "rng": rng}, sub / CHECKPOINT_FILE)
+            for name, data in previews.items():
+                (sub / name).write_bytes(data)
+        if self.members_apart:
+            torch.save({"members": roster, "epoch": epoch, "rng": rng}, folder / PACK_FILE)
 
 
-def read_run(folder: Path | str, configs: list[dict], single: bool,
-             device: torch.device) -> tuple[int, dict | None, list[dict]]:
-    """(epoch, random generator states, each member's state) from a checkpoint folder save_run wrote.
+TRIAL, PACK = Layout(members_apart=False), Layout(members_apart=True)
+
+
+def read_run(folder: Path | str, configs: list[dict], device: torch.device) -> tuple[int, dict | None, list[dict]]:
+    """(epoch, random generator states, each member's state) from a checkpoint folder of either layout.
 
     Members that had left the pack have only their roster entry; a trial checkpoint written before packs
     shared its format loads as it is (it lacks only ``"status"`` and ``"updates"``), and so does a pack.pt
     that held every member's whole state."""
     folder = Path(folder)
-    if single:
+    if not (folder / PACK_FILE).exists():
+        if len(configs) != 1:
+            raise ConfigError(f"{folder} holds one trial's checkpoint, not a pack's ({PACK_FILE}); resume it "
+                              f"as the trial it is")
         state = load_checkpoint(folder, device)
         return state["epoch"], state.get("rng"), [state]
     pack = torch.load(folder / PACK_FILE, map_location=device, weights_only=True)

@@ -1,4 +1,5 @@
-"""Scoring a model on a split (loss, PSNR, SSIM, colourfulness, the grayscale baseline) and its previews.
+"""Scoring members on a split (loss, PSNR, SSIM, colourfulness, the grayscale baseline) and their previews:
+one definition for a pack of one and a pack of K (``evaluate_members``); one model is a pack of one.
 
 Totals stay on the device: a run fetches an epoch's evaluations in its one sync per epoch.
 """
@@ -6,8 +7,7 @@ from __future__ import annotations
 
 import io
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -18,8 +18,11 @@ from study.engine.chroma import ChromaBins, average_flipped, class_loss
 from study.engine.color import prediction_to_rgb, rgb_to_y, target_for
 from study.engine.data import DeviceImages, preview_indices
 from study.engine.device import autocast_for
-from study.engine.losses import loss_fn
+from study.engine.fused import FusedUNet
+from study.engine.losses import elementwise_loss, member_loss
 from study.engine.metrics import colourfulness, psnr, ssim
+from study.engine.models import UNet
+from study.engine.terms import PackTerms
 from study.results import CURVE_TEMPERATURES, curve_key
 
 
@@ -73,13 +76,20 @@ def eval_batch_size(cfg: TrialConfig) -> int:
     return max(cfg.batch_size, 256 if cfg.image_size <= 64 else 32)
 
 
-def batch_sums(pred: torch.Tensor, x: torch.Tensor, y: torch.Tensor, output: str, lossf) -> torch.Tensor:
-    """One model's batch totals on the device, float64 (4,): loss in its own space; PSNR, SSIM and
-    colourfulness in RGB. No sync: add them up over a split and fetch once."""
+def regression_row_metrics(pred: torch.Tensor, x: torch.Tensor, y: torch.Tensor, output: str,
+                           loss_of: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """A regression head's per-image metrics (4, N): the elementwise loss ``loss_of(prediction, target)`` in
+    its own space (study.engine.losses), averaged per image, and PSNR, SSIM and colourfulness in RGB."""
     pred = pred.float()
-    loss = lossf(pred, target_for(x, output), reduction="none").flatten(1).mean(1)
+    loss = loss_of(pred, target_for(x, output)).flatten(1).mean(1)
     rgb = prediction_to_rgb(pred, y, output)
-    return torch.stack([loss.sum(), psnr(rgb, x).sum(), ssim(rgb, x).sum(), colourfulness(rgb).sum()]).double()
+    return torch.stack([loss, psnr(rgb, x), ssim(rgb, x), colourfulness(rgb)])
+
+
+def batch_sums(pred: torch.Tensor, x: torch.Tensor, y: torch.Tensor, output: str, loss: str = "mse") -> torch.Tensor:
+    """One regression model's batch totals (4,) on the device, float64, with loss ``loss``: several models
+    scored on the same batches (EvalSplit.batches). No sync: add them up over a split and fetch once."""
+    return regression_row_metrics(pred, x, y, output, lambda p, t: elementwise_loss(p, t, loss)).sum(1).double()
 
 
 def class_row_metrics(pred: torch.Tensor, x: torch.Tensor, y: torch.Tensor, bins: ChromaBins,
@@ -91,8 +101,8 @@ def class_row_metrics(pred: torch.Tensor, x: torch.Tensor, y: torch.Tensor, bins
     pred = pred.float()
     loss = class_loss(pred, target_for(x, "uv"), bins, None).flatten(1).mean(1)
     decoded = {t: prediction_to_rgb(bins.decode(pred, t), y, "uv") for t in CURVE_TEMPERATURES}
-    # A float temperature on the curve is decoded once: on a CPU each decoding costs about as much
-    # as a training step's share of the epoch.
+    # A float temperature on the curve is decoded once: each decoding costs about as much as a training
+    # step's share of the epoch on a CPU.
     own = decoded.get(temperature) if isinstance(temperature, float) else None
     rgb = own if own is not None else prediction_to_rgb(bins.decode(pred, temperature), y, "uv")
     rows = [loss, psnr(rgb, x), ssim(rgb, x), colourfulness(rgb)]
@@ -101,50 +111,68 @@ def class_row_metrics(pred: torch.Tensor, x: torch.Tensor, y: torch.Tensor, bins
     return torch.stack([r.flatten() for r in rows])
 
 
-def class_batch_sums(pred: torch.Tensor, x: torch.Tensor, y: torch.Tensor, bins: ChromaBins,
-                     temperature: float | torch.Tensor) -> torch.Tensor:
-    """batch_sums for a classification head: class_row_metrics' totals, float64, on the device."""
-    return class_row_metrics(pred, x, y, bins, temperature).sum(1).double()
+def _flips_averaged(pred: torch.Tensor, mirrored: torch.Tensor, classes: ChromaBins | None, dim: int) -> torch.Tensor:
+    """Test-time flip averaging of a prediction and the un-mirrored prediction for the mirrored input:
+    a classification head's probabilities (study.engine.chroma.average_flipped), other outputs themselves."""
+    return average_flipped(pred, mirrored, dim) if classes is not None else (pred + mirrored) / 2
 
 
 def predict(model: torch.nn.Module, y: torch.Tensor, precision: str | None = None, flip: bool = False) -> torch.Tensor:
-    """The model's output (float) for luma ``y``; ``flip``: averaged with the un-mirrored output for the
-    mirrored input (test-time flip averaging: colours the model is unsure of by side get averaged; a
-    classification head's probabilities are averaged, study.engine.chroma.average_flipped)."""
+    """One model's output (float) for luma ``y`` (inference); ``flip``: test-time flip averaging (colours
+    the model is unsure of by side get averaged)."""
     with autocast_for(y.device, precision):
         pred = model(y).float()
         if flip:
             mirrored = model(y.flip(3)).float().flip(3)
-            pred = (average_flipped(pred, mirrored) if getattr(model, "classes", None) is not None
-                    else (pred + mirrored) / 2)
+            pred = _flips_averaged(pred, mirrored, getattr(model, "classes", None), 1)
+    return pred
+
+
+def member_predictions(fused: FusedUNet, terms: PackTerms, y: torch.Tensor, precision: str) -> torch.Tensor:
+    """Every member's prediction (B, K, C, H, W), float, for luma ``y`` (B, 1, H, W); flip-averaged for the
+    members with tta_flip."""
+    inp = y.expand(-1, fused.k, -1, -1).contiguous(memory_format=torch.channels_last)
+    with autocast_for(y.device, precision):
+        pred = fused(inp).float()
+        if terms.flip is not False:
+            both = _flips_averaged(pred, fused(inp.flip(3)).float().flip(4), fused.classes, 2)
+            pred = both if terms.flip is True else torch.where(terms.member_view(terms.flip, 1, 5), both, pred)
     return pred
 
 
 @torch.no_grad()
-def evaluate_sums(model: torch.nn.Module, split: EvalSplit, cfg: TrialConfig,
-                  precision: str | None = None, batch_size: int | None = None) -> torch.Tensor:
-    """``batch_sums`` (``class_batch_sums`` for a classification head) over a whole split, left on the
-    device (no sync)."""
-    was_training = model.training
-    model.eval()
-    lossf = loss_fn(cfg.loss)
-    bins = getattr(model, "classes", None)
-    sums = torch.zeros(4 if bins is None else 4 + 2 * len(CURVE_TEMPERATURES), device=split.images.device,
-                       dtype=torch.float64)
+def evaluate_members(fused: FusedUNet, terms: PackTerms, split: EvalSplit, batch_size: int,
+                     precision: str | None) -> torch.Tensor:
+    """Every member's totals over ``split``, (K, 4) (regression_row_metrics), or with a classification head
+    (K, 4 + 2 * len(CURVE_TEMPERATURES)) (class_row_metrics); float64, left on the device (no sync)."""
+    was_training = fused.training
+    fused.eval()
+    k, sums = fused.k, None
     for x, y in split.batches(batch_size):
-        pred = predict(model, y, precision, cfg.tta_flip)
-        sums += (batch_sums(pred, x, y, cfg.output, lossf) if bins is None
-                 else class_batch_sums(pred, x, y, bins, cfg.temperature))
-    model.train(was_training)
-    return sums
+        b = x.shape[0]
+        pred = member_predictions(fused, terms, y, precision).transpose(0, 1).flatten(0, 1)  # (K*B, ...) member-major
+        xk = x.unsqueeze(0).expand(k, -1, -1, -1, -1).flatten(0, 1)
+        yk = y.unsqueeze(0).expand(k, -1, -1, -1, -1).flatten(0, 1)
+        if fused.classes is not None:
+            rows = class_row_metrics(pred, xk, yk, fused.classes, terms.temperatures(b))
+        else:
+            rows = regression_row_metrics(pred, xk, yk, fused.output, lambda p, t: member_loss(
+                p.unflatten(0, (k, -1)), t.unflatten(0, (k, -1)), terms, member_dim=0).flatten(0, 1))
+        batch = rows.view(rows.shape[0], k, b).sum(2).double()
+        sums = batch if sums is None else sums + batch
+    fused.train(was_training)
+    return sums.T
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, images: DeviceImages | EvalSplit, cfg: TrialConfig, batch_size: int = 256,
+def evaluate(model: UNet, images: DeviceImages | EvalSplit, cfg: TrialConfig, batch_size: int = 256,
              precision: str | None = None) -> dict:
-    """Loss in the model's own space; PSNR, SSIM, colourfulness in RGB; the grayscale baseline."""
+    """One model's metrics as a run's rows hold them (evaluate_members of a pack of one): loss in its own
+    space; PSNR, SSIM and colourfulness in RGB; the grayscale baseline."""
     split = images if isinstance(images, EvalSplit) else EvalSplit.prepare(images, batch_size)
-    return split.metrics(evaluate_sums(model, split, cfg, precision).tolist(), curve=True)
+    terms = PackTerms.of([cfg], model.classes, split.images.device)
+    sums = evaluate_members(FusedUNet([model]), terms, split, split.batch_size, precision)[0]
+    return split.metrics(sums.tolist(), curve=True)
 
 
 # ---------------------------------------------------------------- previews
@@ -179,16 +207,18 @@ def prediction_pngs(rgb: torch.Tensor, idx: Sequence[int]) -> dict[str, bytes]:
 
 
 @torch.no_grad()
-def write_previews(model, test: DeviceImages, cfg: TrialConfig, folder: Path, precision: str | None = None) -> None:
-    """One model's ``prediction_<index>.png`` of the preview images, into ``folder``."""
-    idx = preview_indices(len(test), cfg.preview_count)
+def member_previews(fused: FusedUNet, terms: PackTerms, test: DeviceImages, count: int,
+                    precision: str | None) -> list[dict[str, bytes]]:
+    """Each member's ``{prediction_<index>.png: png}`` of the preview images (at its own temperature)."""
+    idx = preview_indices(len(test), count)
     if not idx:
-        return
+        return [{} for _ in range(fused.k)]
     x = test.take(torch.tensor(idx, device=test.device))
     y = rgb_to_y(x)
-    was_training = model.training
-    model.eval()
-    rgb = prediction_to_rgb(model.decode(predict(model, y, precision, cfg.tta_flip), cfg.temperature), y, cfg.output)
-    model.train(was_training)
-    for name, data in prediction_pngs(rgb, idx).items():
-        (folder / name).write_bytes(data)
+    was_training = fused.training
+    fused.eval()
+    pred = member_predictions(fused, terms, y, precision)
+    fused.train(was_training)
+    if fused.classes is not None:
+        pred = torch.stack([fused.classes.decode(pred[:, j], terms.temperature_of(j)) for j in range(fused.k)], 1)
+    return [prediction_pngs(prediction_to_rgb(pred[:, j], y, fused.output), idx) for j in range(fused.k)]

@@ -1,5 +1,10 @@
-"""The training loss: each loss name's formula (one place for the single model's and the fused pack's
-forms), the chroma weighting, one model's batch -> loss step, and the divergence error."""
+"""The training loss, one definition for a pack of one and a pack of K: each loss name's formula, the
+chroma weighting, a classification head's rebalanced cross-entropy, the adversarial term, and the
+divergence error.
+
+A member's loss is the mean over its own batch; members' parameters are disjoint, so the sum of the
+(K,) losses has each member's own gradient. Terms every member shares run as plain numbers (study.engine.terms).
+"""
 from __future__ import annotations
 
 import functools
@@ -9,9 +14,12 @@ import torch
 import torch.nn.functional as F
 
 from study.config import TrialConfig
-from study.engine.chroma import class_loss, rebalance_weights
+from study.engine.adversarial import Critic, predicted_uv
+from study.engine.chroma import class_loss
 from study.engine.color import rgb_to_y, target_for
 from study.engine.device import autocast_for, compiled
+from study.engine.fused import FusedUNet
+from study.engine.terms import PackTerms
 
 # Huber's quadratic zone: colour errors in [0, 1] RGB or UV are mostly below 0.1, so delta 1 would be
 # MSE; at 0.1 large errors (ambiguous colours) weigh linearly, as in L1, small ones quadratically.
@@ -27,22 +35,25 @@ def divergence(train_loss: float, epoch: int, cfg: TrialConfig) -> NonFiniteLoss
                               f"(lr={cfg.lr}, loss={cfg.loss}); lower the learning rate")
 
 
-def loss_fn(name: str):
-    """``f(pred, target, reduction=...)`` for loss ``name``: torch's own kernels, for one model."""
-    if name == "huber":
-        return functools.partial(F.huber_loss, delta=HUBER_DELTA)
-    return F.l1_loss if name == "l1" else F.mse_loss
+# Each loss name's formula: torch's own kernels, elementwise (reduction="none").
+ELEMENTWISE = {"mse": F.mse_loss, "l1": F.l1_loss, "huber": functools.partial(F.huber_loss, delta=HUBER_DELTA)}
 
 
-def elementwise_loss(diff: torch.Tensor, name: str) -> torch.Tensor:
-    """Loss ``name`` of each element of ``diff`` (prediction - target): loss_fn's formulas written out, for
-    a fused pack that picks each member's with a mask (tests/test_engine_levers.py checks they agree)."""
-    if name == "l1":
-        return diff.abs()
-    if name == "huber":
-        a = diff.abs()  # F.huber_loss's formula
-        return torch.where(a < HUBER_DELTA, 0.5 * diff.square(), HUBER_DELTA * (a - 0.5 * HUBER_DELTA))
-    return diff.square()
+def elementwise_loss(pred: torch.Tensor, target: torch.Tensor, name: str) -> torch.Tensor:
+    """Loss ``name`` (mse, l1, huber) of each element of ``pred`` against ``target``."""
+    return ELEMENTWISE[name](pred, target, reduction="none")
+
+
+def member_loss(pred: torch.Tensor, target: torch.Tensor, terms: PackTerms, member_dim: int) -> torch.Tensor:
+    """Each member's elementwise loss of ``pred`` against ``target``, whose axis ``member_dim`` is the members'."""
+    if terms.loss is not None:
+        return elementwise_loss(pred, target, terms.loss)
+    out = elementwise_loss(pred, target, "mse")
+    for name, where in (("l1", terms.l1), ("huber", terms.huber)):
+        if where is not None:
+            mask = terms.member_view(where, member_dim, pred.dim())
+            out = torch.where(mask, elementwise_loss(pred, target, name), out)
+    return out
 
 
 def chroma_weights(uv: torch.Tensor, strength: float | torch.Tensor, channel_dim: int = 1,
@@ -59,34 +70,74 @@ def chroma_weights(uv: torch.Tensor, strength: float | torch.Tensor, channel_dim
     return (1 + strength * c / c.mean(dim=dims, keepdim=True).clamp_min(1e-6)) / (1 + strength)
 
 
-def make_loss_step(model: torch.nn.Module, cfg: TrialConfig, device: torch.device, precision: str,
-                   mode: str | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
-    """``x (RGB batch) -> scalar training loss``: colour conversion, forward and loss; compiled if asked."""
-    lossf = loss_fn(cfg.loss)
-    bins = getattr(model, "classes", None)
-    weights = (rebalance_weights(bins.prior.cpu(), bins.centers.cpu(), cfg.rebalance).to(device)
-               if bins is not None and cfg.rebalance > 0 else None)
+def member_losses(fused: FusedUNet, terms: PackTerms, precision: str, x: torch.Tensor):
+    """(each member's loss (K,), luma (B, K, H, W), predictions (B, K, C, H, W)) on batches ``x`` (K, B, 3, H, W)."""
+    k = fused.k
+    flat = x.flatten(0, 1)                                                  # (K*B, 3, H, W)
 
-    def forward_loss(x: torch.Tensor) -> torch.Tensor:
-        return model_loss(model, cfg, lossf, device, precision, x, weights)
+    def per_member(t: torch.Tensor) -> torch.Tensor:                       # (K*B, ...) -> (B, K, ...)
+        return t.unflatten(0, (k, -1)).transpose(0, 1)
 
-    return compiled(forward_loss, mode)
+    y = per_member(rgb_to_y(flat)).squeeze(2)                               # (B, K, H, W)
+    with autocast_for(x.device, precision):
+        pred = fused(y.contiguous(memory_format=torch.channels_last))     # (B, K, C, H, W)
+    weighted = isinstance(terms.chroma, torch.Tensor) or terms.chroma > 0
+    uv = (per_member(target_for(flat, "uv"))                                # (B, K, 2, H, W)
+          if weighted or fused.classes is not None or fused.output == "uv" else None)
+    if fused.classes is not None:
+        weights = terms.class_weights
+        if weights is not None and weights.dim() == 2:
+            weights = weights.repeat_interleave(x.shape[1], 0)              # each image its member's
+        logits = pred.transpose(0, 1).flatten(0, 1)                         # (K*B, Q, H, W) member-major
+        loss = class_loss(logits, uv.transpose(0, 1).flatten(0, 1), fused.classes, weights)
+        loss = per_member(loss).unsqueeze(2)                                # (B, K, 1, H, W)
+    else:
+        target = uv if fused.output == "uv" else per_member(target_for(flat, fused.output))
+        loss = member_loss(pred.float(), target, terms, member_dim=1)
+    if weighted:   # members without it get weights of exactly 1
+        loss = loss * chroma_weights(uv, terms.member_view(terms.chroma, 1, 5), channel_dim=2, member_dim=1)
+    return loss.mean(dim=(0, 2, 3, 4)), y, pred
 
 
-def model_loss(model: torch.nn.Module, cfg: TrialConfig, lossf, device: torch.device, precision: str,
-               x: torch.Tensor, class_weights: torch.Tensor | None = None) -> torch.Tensor:
-    """One model's training loss on RGB batch ``x``: its forward under autocast, then ``cfg``'s loss (a
-    classification head's: the cross-entropy against soft targets, rebalanced by ``class_weights``)."""
-    y = rgb_to_y(x)
-    with autocast_for(device, precision):
-        pred = model(y)
-    if cfg.output == "uv-classes":
-        uv = target_for(x, "uv")
-        loss = class_loss(pred, uv, model.classes, class_weights)
-        if cfg.chroma_weight > 0:
-            loss = loss * chroma_weights(uv, cfg.chroma_weight)[:, 0]
-        return loss.mean()
-    if cfg.chroma_weight > 0:
-        return (lossf(pred.float(), target_for(x, cfg.output), reduction="none")
-                * chroma_weights(target_for(x, "uv"), cfg.chroma_weight)).mean()
-    return lossf(pred.float(), target_for(x, cfg.output))
+class PackLoss:
+    """``x (K, B, 3, H, W) -> (K,)``: every member's training loss on its own batch (member_losses), plus
+    ``w * softplus(-D(fake))`` for members with a discriminator (study.engine.adversarial); after the
+    colorizers' optimizer step, ``after_step()`` updates those discriminators on the same batch.
+
+    Compiled when asked (study.engine.device.compile_mode) unless there are discriminators: their
+    updates run eagerly between steps.
+    """
+
+    def __init__(self, fused: FusedUNet, terms: PackTerms, critics: list[Critic | None], precision: str,
+                 mode: str | None = None):
+        self.fused, self.terms = fused, terms
+        self.critics = critics if any(c is not None for c in critics) else None
+        losses = functools.partial(member_losses, fused, terms, precision)
+        self._losses: Callable = losses if self.critics else compiled(lambda x: losses(x)[0], mode)
+        self._pending: list[tuple] = []
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.critics is None:
+            return self._losses(x)
+        loss, y, pred = self._losses(x)
+        return loss + self.terms.adversarial * self._generator_terms(x, y, pred)
+
+    def _generator_terms(self, x: torch.Tensor, y: torch.Tensor, pred: torch.Tensor) -> torch.Tensor:
+        """Each member's unweighted ``softplus(-D(fake))`` (0 without a discriminator), (K,); keeps the
+        batch for after_step."""
+        real = target_for(x.flatten(0, 1), "uv").unflatten(0, (self.fused.k, -1))    # (K, B, 2, H, W)
+        self._pending, out = [], []
+        for k, critic in enumerate(self.critics):
+            if critic is None:
+                out.append(pred.new_zeros((), dtype=torch.float32))
+                continue
+            yk = y[:, k:k + 1]
+            fake = predicted_uv(pred[:, k], self.fused.classes, self.fused.output, self.terms.temperature_of(k))
+            out.append(critic.generator_loss(yk, fake))
+            self._pending.append((critic, yk.detach(), fake.detach(), real[k]))
+        return torch.stack(out)
+
+    def after_step(self) -> None:
+        for critic, y, fake, real in self._pending:
+            critic.step(y, fake, real)
+        self._pending = []

@@ -11,9 +11,8 @@ device-resident copy of the data, one kernel per layer for all members (study.en
 A pack runs the same loop as a single trial (study.engine): each member keeps its own
 model, Adam(W), scheduler and weight average, its rows and checkpoints are a trial's, and
 a pruned, finished or diverged member leaves by rebuilding the fused model from the others
-(its slice then costs nothing), instead of masking it. Measured on a 2-core CPU: K Adam
-steps cost what one Adam over all members' parameters costs (about 2% of a step); a
-rebuild takes 3-5 ms, once per departure.
+(its slice then costs nothing), instead of masking it (docs/throughput.md has what the separate
+optimizers and a rebuild cost).
 
 A pack reproduces its members' separate trials (same seeds: same initial weights,
 data order and augmentation) up to floating-point rounding. Dropout is the exception:
@@ -22,12 +21,13 @@ separate trial's (the same distribution, not the same numbers).
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
 from study.config import ConfigError, TrialConfig
-from study.engine.data import Splits
-from study.engine.loop import run_members
+from study.engine.checkpoints import PACK
+from study.engine.loop import RunOptions, run_members
 
 STRUCTURE = ("dataset", "resolution", "depth", "sampling", "output", "base_filters", "max_filters",
              "batch_size", "train_limit", "eval_limit", "precision", "preview_count")
@@ -45,22 +45,18 @@ def check_structure(cfgs: list[TrialConfig]) -> None:
                               f"put trials that differ in {name} into different packs")
 
 
-def run_pack(cfgs: list[TrialConfig], *, data_root: str | None = None, cache_dir: str | Path | None = None,
-             device: str | None = None, report: PackReport | None = None, resume_from: Path | str | None = None,
-             splits: Splits | None = None, log: Callable[[str], None] = print,
-             work_dir: Path | str | None = None, checkpoint_now: Callable[[], bool] | None = None
-             ) -> list[list[dict]]:
+def run_pack(cfgs: list[TrialConfig], report: PackReport | None = None, options: RunOptions | None = None,
+             **fields) -> list[list[dict]]:
     """Train the members of ``cfgs`` as one fused model; returns each member's epoch rows.
 
-    ``report(rows, folder)`` is called once per epoch with ``{member index: epoch row}`` for every member
-    still in the pack and a temporary checkpoint folder under ``work_dir`` (or None on epochs that write
-    none, see study.engine.checkpoints.checkpoint_due); it returns the member indices to stop (pruned). A member
+    ``fields``: RunOptions' fields as keywords, instead of or over ``options``. ``report(rows, folder)`` is
+    called once per epoch with ``{member index: epoch row}`` for every member still in the pack and a
+    temporary checkpoint folder under the work folder (or None on epochs that write none, see
+    study.engine.checkpoints.checkpoint_due); it returns the member indices to stop (pruned). A member
     also leaves after its own ``epochs``, or with ``"error"`` in its row when its loss stops being finite.
     """
     for c in cfgs:
         c.validate()
     check_structure(cfgs)
-    members = run_members(cfgs, single=False, data_root=data_root, cache_dir=cache_dir, device=device,
-                          report=report, resume_from=resume_from, splits=splits, log=log, work_dir=work_dir,
-                          checkpoint_now=checkpoint_now)
+    members = run_members(cfgs, report, replace(options or RunOptions(), **fields), PACK)
     return [m.history for m in members]

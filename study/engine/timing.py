@@ -92,88 +92,110 @@ def time_structure(s: Structure, *, pack: int, device: str, threads: int, budget
                    max_steps: int = 8) -> Timing:
     """Seconds per training image and per evaluated image of ``s`` in a pack of ``pack``, on random images,
     with the study's own step and evaluation; a batch that would not fit ``budget_s`` is timed smaller."""
-    import numpy as np
     import torch
 
-    from study.config import TrialConfig
-    from study.engine.data import DeviceImages
-    from study.engine.device import compile_mode, pick_device, resolve_precision
-    from study.engine.evaluation import EvalSplit, eval_batch_size
-    from study.engine.fused import FusedUNet, PackTerms, evaluate_members, make_pack_loss, train_batches, train_step
-    from study.engine.loop import Member
-
-    end = time.perf_counter() + budget_s
-    dev = pick_device(device)
     old_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        cfg = TrialConfig(dataset=s.dataset, resolution=s.resolution, depth=s.depth, sampling=s.sampling,
-                          output=s.output, base_filters=s.base_filters, max_filters=s.max_filters,
-                          batch_size=s.batch_size, epochs=1)
-        precision = resolve_precision(cfg, dev)
-        from study.engine.chroma import photo_bins
-        bins = photo_bins() if cfg.output == "uv-classes" else None   # random images would use every bin
-        members = [Member(i, cfg.replace(seed=i), dev, 1, bins) for i in range(pack)]
-        fused = FusedUNet([m.model for m in members]).train()
-        terms = PackTerms(members, dev)
-        loss = make_pack_loss(fused, terms, dev, precision, compile_mode())
-        rng = np.random.default_rng(0)
-
-        def images(n: int):
-            return DeviceImages(rng.integers(0, 256, (n, s.resolution, s.resolution, 3), dtype=np.uint8), dev)
-
-        def timed(data, b: int) -> float:
-            t0 = time.perf_counter()
-            for x in train_batches(data, members, b):
-                float(train_step(fused, members, loss, x).sum())   # waits for the device
-            return time.perf_counter() - t0
-
-        def left() -> float:
-            return end - time.perf_counter()
-
-        b = min(s.batch_size, 2)
-        small = images(b)
-        first = timed(small, b)   # a new shape's first step also sets up kernels and memory
-        if left() > first * 3:
-            first = timed(small, b)
-        # The optimizer's share of a step, timed apart (the gradients of the last step are still there).
-        optimizer_s = 0.0
-        if left() > first:
-            t0 = time.perf_counter()
-            for m in members:
-                m.opt.step()
-            _sync(dev)
-            optimizer_s = min(time.perf_counter() - t0, first)
-        per_image = (first - optimizer_s) / b
-        # Three timed steps in half of what is left: the structure's own batch when it fits.
-        batch = max(1, min(s.batch_size, int(left() / 2 / 3 / max(first / b, 1e-9))))
-        times = []
-        if batch != b and left() > 0:
-            data = images(batch)
-            timed(data, batch)   # warm-up at this shape
-        else:
-            data, batch = small, b
-        while len(times) < max_steps and left() > (times[-1] if times else 0) + budget_s / 4:
-            times.append(timed(data, batch))
-        train_s = max(float(np.median(times)) - optimizer_s, 0.0) / batch if times else per_image
-        batch = batch if times else b
-        # Evaluation, as each epoch runs it on val and test, on what fits in the rest; with no time left,
-        # a third of a training image (a forward pass, no backward).
-        n = max(1, min(eval_batch_size(cfg), int(left() / 2 / max(train_s / 3, 1e-9))))
-        eval_times = []
-        if left() > 0:
-            split = EvalSplit.prepare(images(n), n)
-            per_eval = max(eval_batch_size(cfg) // pack, 16)
-            for _ in range(2):
-                t0 = time.perf_counter()
-                evaluate_members(fused, terms, split, per_eval, precision).sum().item()
-                eval_times.append(time.perf_counter() - t0)
-                if left() < eval_times[-1]:
-                    break
-        eval_s, n = (min(eval_times) / n, n) if eval_times else (train_s / 3, 0)
-        return Timing(s, batch, len(times), train_s, optimizer_s, eval_s, n)
+        timer = _Timer(s, pack, device, budget_s)
+        train_s, optimizer_s, batch, steps = timer.train(max_steps)
+        eval_s, n = timer.evaluation(train_s)
+        return Timing(s, batch, steps, train_s, optimizer_s, eval_s, n)
     finally:
         torch.set_num_threads(old_threads)
+
+
+class _Timer:
+    """A pack of ``pack`` members of structure ``s`` (random seeds, random images) and the clock of its budget."""
+
+    def __init__(self, s: Structure, pack: int, device: str, budget_s: float):
+        import numpy as np
+
+        from study.config import TrialConfig
+        from study.engine.chroma import photo_bins
+        from study.engine.device import compile_mode, pick_device, resolve_precision
+        from study.engine.member import Member
+        from study.engine.step import PackStep
+
+        self.s, self.budget_s, self.end = s, budget_s, time.perf_counter() + budget_s
+        self.dev = pick_device(device)
+        self.cfg = TrialConfig(dataset=s.dataset, resolution=s.resolution, depth=s.depth, sampling=s.sampling,
+                               output=s.output, base_filters=s.base_filters, max_filters=s.max_filters,
+                               batch_size=s.batch_size, epochs=1)
+        self.precision = resolve_precision(self.cfg, self.dev)
+        bins = photo_bins() if self.cfg.output == "uv-classes" else None   # random images would use every bin
+        members = [Member(i, self.cfg.replace(seed=i), self.dev, 1, bins) for i in range(pack)]
+        self.step = PackStep(members, self.dev, self.precision, compile_mode())
+        self.rng = np.random.default_rng(0)
+
+    def images(self, n: int):
+        import numpy as np
+
+        from study.engine.data import DeviceImages
+        side = self.s.resolution
+        return DeviceImages(self.rng.integers(0, 256, (n, side, side, 3), dtype=np.uint8), self.dev)
+
+    def timed(self, data, b: int) -> float:
+        t0 = time.perf_counter()
+        for x in self.step.batches(data, b):
+            float(self.step(x).sum())   # waits for the device
+        return time.perf_counter() - t0
+
+    def left(self) -> float:
+        return self.end - time.perf_counter()
+
+    def train(self, max_steps: int) -> tuple[float, float, int, int]:
+        """(seconds per training image, the optimizer's seconds per step, the batch timed, steps timed)."""
+        import numpy as np
+
+        b = min(self.s.batch_size, 2)
+        small = self.images(b)
+        first = self.timed(small, b)   # a new shape's first step also sets up kernels and memory
+        if self.left() > first * 3:
+            first = self.timed(small, b)
+        optimizer_s = self.optimizer_share(first)
+        per_image = (first - optimizer_s) / b
+        # Three timed steps in half of what is left: the structure's own batch when it fits.
+        batch = max(1, min(self.s.batch_size, int(self.left() / 2 / 3 / max(first / b, 1e-9))))
+        times = []
+        if batch != b and self.left() > 0:
+            data = self.images(batch)
+            self.timed(data, batch)   # warm-up at this shape
+        else:
+            data, batch = small, b
+        while len(times) < max_steps and self.left() > (times[-1] if times else 0) + self.budget_s / 4:
+            times.append(self.timed(data, batch))
+        if not times:
+            return per_image, optimizer_s, b, 0
+        return max(float(np.median(times)) - optimizer_s, 0.0) / batch, optimizer_s, batch, len(times)
+
+    def optimizer_share(self, step_s: float) -> float:
+        """The optimizers' share of a step, timed apart (the last step's gradients are still there)."""
+        if self.left() <= step_s:
+            return 0.0
+        t0 = time.perf_counter()
+        for m in self.step.members:
+            m.opt.step()
+        _sync(self.dev)
+        return min(time.perf_counter() - t0, step_s)
+
+    def evaluation(self, train_s: float) -> tuple[float, int]:
+        """(seconds per evaluated image, images evaluated), as each epoch runs it on val and test, on what fits
+        in the rest; with no time left, a third of a training image (a forward pass, no backward)."""
+        from study.engine.evaluation import EvalSplit, eval_batch_size, evaluate_members
+
+        n = max(1, min(eval_batch_size(self.cfg), int(self.left() / 2 / max(train_s / 3, 1e-9))))
+        eval_times = []
+        if self.left() > 0:
+            split = EvalSplit.prepare(self.images(n), n)
+            per_eval = max(eval_batch_size(self.cfg) // self.step.fused.k, 16)
+            for _ in range(2):
+                t0 = time.perf_counter()
+                evaluate_members(self.step.fused, self.step.terms, split, per_eval, self.precision).sum().item()
+                eval_times.append(time.perf_counter() - t0)
+                if self.left() < eval_times[-1]:
+                    break
+        return (min(eval_times) / n, n) if eval_times else (train_s / 3, 0)
 
 
 def _sync(dev) -> None:
