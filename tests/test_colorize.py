@@ -21,7 +21,7 @@ from study.config.trial import TrialConfig
 from study.engine.checkpoints import CHECKPOINT_FILE
 from study.engine.color import rgb_to_y, rgb_to_yuv
 from study.local import run_local_study
-from study.results.store import read_table, write_table
+from study.results.store import ResultsWriter, read_table
 
 
 @pytest.fixture(scope="module")
@@ -68,6 +68,12 @@ def run(capsys, *argv) -> tuple[int, str, str]:
 
 def trials(study: Path) -> pd.DataFrame:
     return read_table(str(study), "trials")
+
+
+def write_trials(study: Path, table: pd.DataFrame) -> None:
+    """The trials rows as ``table`` has them, through the study's own writer (its journal stays consistent)."""
+    with ResultsWriter(str(study)) as writer:
+        writer.upsert("trials", table.to_dict("records"))
 
 
 # ---------------------------------------------------------------- the CLI on a real study
@@ -170,7 +176,7 @@ def copy_study(study: Path, target: Path, checkpoint_path, checkpoints: bool = T
     shutil.copytree(study, target, ignore=None if checkpoints else shutil.ignore_patterns("checkpoints"))
     table = trials(target)
     table["checkpoint_path"] = [checkpoint_path(t) for t in table["trial_id"]]
-    write_table(str(target), "trials", table)
+    write_trials(target, table)
     return target
 
 
@@ -367,7 +373,7 @@ def test_a_gray_start_rgb_trial_colorizes(study, inputs, tmp_path, capsys):
 def edited_study(study: Path, target: Path, edit) -> Path:
     """A copy of the study (checkpoints included) whose trials table is ``edit(table)``."""
     shutil.copytree(study, target)
-    write_table(str(target), "trials", edit(trials(target)))
+    write_trials(target, edit(trials(target)))
     return target
 
 
