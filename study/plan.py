@@ -20,7 +20,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from study import cli
 from study.engine import Structure, Timing, on_line, scaled, time_structure, within
@@ -191,47 +191,121 @@ def _concurrency(units: int, max_concurrent: int, resources: dict, cluster: dict
     return max(fits[limit], 0), limit
 
 
-def estimate(space, *, num_samples: int, max_concurrent: int, resources: dict, pack: int,
-             cluster_resources: dict, device: str | None = None, data_root: str | None = None,
-             time_budget_s: float | None = None, calibration_s: float = CALIBRATION_S) -> Plan:
-    """The plan of a study of ``space``: ``num_samples`` trials in packs of ``pack``, at most
-    ``max_concurrent`` packs at once, each taking ``resources`` ({"cpu": n, "gpu": n}) of
-    ``cluster_resources`` (Ray's {"CPU": n, "GPU": n}). Times the smallest and largest structures on
-    ``device`` (default: a GPU when trials get one and this machine has one, else the CPU, with the
-    threads a trial gets). Writes nothing, starts no Ray."""
+@dataclass(frozen=True)
+class Request:
+    """What a plan is asked: ``num_samples`` trials in packs of ``pack``, at most ``max_concurrent`` packs at
+    once, each taking ``resources`` ({"cpu": n, "gpu": n}) of ``cluster_resources`` (Ray's {"CPU": n,
+    "GPU": n}); timed on ``device`` (default: a GPU when trials get one and this machine has one, else the
+    CPU, with the threads a trial gets) in about ``calibration_s``."""
+    num_samples: int
+    max_concurrent: int
+    resources: dict
+    pack: int
+    cluster_resources: dict
+    device: str | None = None
+    data_root: str | None = None
+    time_budget_s: float | None = None
+    calibration_s: float = CALIBRATION_S
+
+    @property
+    def cpus(self) -> float:
+        return float(self.cluster_resources.get("CPU", self.cluster_resources.get("cpu", os.cpu_count() or 1)))
+
+    @property
+    def gpus(self) -> float:
+        return float(self.cluster_resources.get("GPU", self.cluster_resources.get("gpu", 0)))
+
+    @property
+    def on_gpu(self) -> bool:
+        return self.resources.get("gpu", 0) > 0 and self.gpus > 0
+
+    @property
+    def threads(self) -> int:
+        """A trial's CPU threads."""
+        return max(min(int(self.resources.get("cpu", 1)), os.cpu_count() or 1), 1)
+
+
+def estimate(space, request: Request | None = None, **fields) -> Plan:
+    """The plan of a study of ``space`` for ``request`` (or Request's ``fields`` as keywords, over it): times
+    the smallest and largest structures, models the rest. Writes nothing, starts no Ray."""
+    r = replace(request, **fields) if request is not None else Request(**fields)
+    start = time.perf_counter()
+    facts, grids = structures(space, r.data_root)
+    units = math.ceil(r.num_samples / r.pack)
+    concurrent, limited_by = _concurrency(units, r.max_concurrent, r.resources, r.cluster_resources)
+    device, notes, warnings = _timing_device(r)
+    everything = [s for g in grids.values() for s in g]
+    timings = _calibrate(everything, r, device, start)
+    notes += _timing_notes(timings)
+    # Units sharing a device slow each other: CPU threads past the cores, trials sharing a GPU its throughput.
+    slowdown = (max(1.0, math.ceil(concurrent / r.gpus)) if r.on_gpu
+                else max(1.0, concurrent * r.threads / max(r.cpus, 1)))
+    per_ds, full = _epochs(facts, grids, timings, slowdown, r.num_samples)
+    pruning, share = _pruning(space, r.pack)
+    order = list(grids)   # the datasets taken in turn: drawn evenly
+    whole = [facts[order[i % len(order)]]["epochs"] * per_ds[order[i % len(order)]] for i in range(units)]
+    durations = [share(i, facts[order[i % len(order)]]["epochs"]) * w for i, w in enumerate(whole)]
+    compute = sum(durations)
+    wall = STARTUP_S + _makespan(durations, concurrent) + SHUTDOWN_S if concurrent else math.inf
+    plan = Plan(space=space.name, num_samples=r.num_samples, pack=r.pack, units=units, concurrent=concurrent,
+                limited_by=limited_by, resources=dict(r.resources), device=_device_name(device),
+                threads=r.threads, datasets=facts, structures=len(everything), timings=timings,
+                calibration_s=time.perf_counter() - start, pruning=pruning,
+                epoch_fraction=compute / max(sum(whole), 1e-12),
+                unit_s={"min": min(full), "mean": sum(per_ds[ds] * facts[ds]["epochs"] for ds in order) / len(order),
+                        "max": max(full)},
+                eval_share=sum(f["eval_share"] for f in facts.values()) / len(facts), compute_s=compute,
+                wall_s=wall, device_hours=compute * (r.resources.get("gpu", 0) if r.on_gpu else r.threads) / 3600,
+                device_unit="GPU-hours" if r.on_gpu else "CPU-core-hours", budget_s=r.time_budget_s,
+                notes=notes, warnings=warnings)
+    if not concurrent:
+        warnings.append(f"no trial fits: each takes {r.resources} and the cluster has {r.cluster_resources}; lower "
+                        f"--cpus-per-trial / --gpus-per-trial or add nodes")
+    if r.time_budget_s is not None and concurrent:
+        plan.units_in_budget = min(units, _units_by(durations, concurrent, r.time_budget_s - STARTUP_S))
+    if wall > TOO_LONG_S:
+        warnings.append(f"this plan does not fit in a day ({_duration(wall)}). Give it --time-budget (e.g. 8h: the "
+                        f"study stops there with checkpoints, and --resume --time-budget goes on), a smaller "
+                        f"space (fewer trials with --num-samples, fewer epochs, smaller structures), or "
+                        + ("more GPUs" if r.on_gpu else "a GPU"))
+    return plan
+
+
+def _timing_device(r: Request) -> tuple[str, list[str], list[str]]:
+    """(the device the structures are timed on, notes, warnings about it)."""
     import torch
 
-    start = time.perf_counter()
-    facts, grids = structures(space, data_root)
-    units = math.ceil(num_samples / pack)
-    concurrent, limited_by = _concurrency(units, max_concurrent, resources, cluster_resources)
-    cpus = float(cluster_resources.get("CPU", cluster_resources.get("cpu", os.cpu_count() or 1)))
-    gpus = float(cluster_resources.get("GPU", cluster_resources.get("gpu", 0)))
-    on_gpu = resources.get("gpu", 0) > 0 and gpus > 0
     notes, warnings = [], []
     load, cores = os.getloadavg()[0], os.cpu_count() or 1
     if load > cores:
         notes.append(f"this machine was busy while timing (load {load:.1f} on {cores} cores): the times are "
                      f"slower than on the machine alone, and a study's vary with the load")
-    if resources.get("gpu", 0) > 0 and not gpus:
-        notes.append(f"trials ask for {resources['gpu']:g} GPU each, and there is none: they run on CPUs")
-    device = device or ("cuda" if on_gpu and torch.cuda.is_available() else "cpu")
-    if on_gpu and not device.startswith("cuda"):
+    if r.resources.get("gpu", 0) > 0 and not r.gpus:
+        notes.append(f"trials ask for {r.resources['gpu']:g} GPU each, and there is none: they run on CPUs")
+    device = r.device or ("cuda" if r.on_gpu and torch.cuda.is_available() else "cpu")
+    if r.on_gpu and not device.startswith("cuda"):
         warnings.append("trials run on GPUs, but this machine has none to time them on: the times below are "
                         "a CPU's, far above a GPU's; plan on a machine with the cluster's GPU")
-    threads = max(min(int(resources.get("cpu", 1)), os.cpu_count() or 1), 1)
+    return device, notes, warnings
 
-    everything = [s for g in grids.values() for s in g]
+
+def _calibrate(everything: list[Structure], r: Request, device: str, start: float) -> list[Timing]:
+    """The smallest structure timed, and the largest (smaller images when a step would not fit the rest of
+    the calibration's time, scaled back by multiply-adds)."""
     small = min(everything, key=lambda s: (s.macs(), s.batch_size))
     large = max(everything, key=lambda s: (s.macs(), s.batch_size))
-    timings = [time_structure(small, pack=pack, device=device, threads=threads,
-                              budget_s=calibration_s / (3 if large != small else 1.5))]
+    timings = [time_structure(small, pack=r.pack, device=device, threads=r.threads,
+                              budget_s=r.calibration_s / (3 if large != small else 1.5))]
     if large != small:
-        budget = max(calibration_s - (time.perf_counter() - start), 3.0)
+        budget = max(r.calibration_s - (time.perf_counter() - start), 3.0)
         proxy = within(large, timings[0].train_s / small.macs(), budget)
-        timings.append(scaled(time_structure(proxy, pack=pack, device=device, threads=threads, budget_s=budget),
+        timings.append(scaled(time_structure(proxy, pack=r.pack, device=device, threads=r.threads, budget_s=budget),
                               large))
-    lo, hi = timings[0], timings[-1]
+    return timings
+
+
+def _timing_notes(timings: list[Timing]) -> list[str]:
+    notes = []
     for t in timings:
         if t.timed_at:
             notes.append(f"{t.structure.label()}: timed at {t.timed_at}px (a step would not fit the time), "
@@ -239,6 +313,14 @@ def estimate(space, *, num_samples: int, max_concurrent: int, resources: dict, p
         if t.batch < t.structure.batch_size:
             notes.append(f"{t.structure.label()}: timed at batch {t.batch} (a full step would take too long), "
                          f"scaled by images")
+    return notes
+
+
+def _epochs(facts: dict, grids: dict, timings: list[Timing], slowdown: float,
+            num_samples: int) -> tuple[dict[str, float], list[float]]:
+    """(each dataset's mean epoch seconds, each structure's full-length seconds); adds each dataset's
+    trials and evaluation share to ``facts``."""
+    lo, hi = timings[0], timings[-1]
 
     def epoch(s: Structure) -> tuple[float, float]:
         f, m, w = facts[s.dataset], s.macs(), s.weights()
@@ -248,9 +330,6 @@ def estimate(space, *, num_samples: int, max_concurrent: int, resources: dict, p
         steps = max(f["train"] // s.batch_size, 1)
         return steps * (per_step + min(s.batch_size, f["train"]) * per_train), (f["val"] + f["test"]) * per_eval
 
-    # Units sharing a device slow each other: CPU threads past the cores, trials sharing a GPU its throughput.
-    slowdown = (max(1.0, math.ceil(concurrent / gpus)) if on_gpu
-                else max(1.0, concurrent * threads / max(cpus, 1)))
     per_ds, full = {}, []
     for ds, grid in grids.items():
         parts = [epoch(s) for s in grid]
@@ -260,39 +339,7 @@ def estimate(space, *, num_samples: int, max_concurrent: int, resources: dict, p
         full += [(sum(p) + EPOCH_OVERHEAD_S) * slowdown * facts[ds]["epochs"] for p in parts]
         facts[ds]["trials"] = num_samples / len(grids)
         facts[ds]["eval_share"] = ev / max(train + ev, 1e-12)
-    pruning, share = _pruning(space, pack)
-    order = list(grids)   # the datasets taken in turn: drawn evenly
-    durations, whole = [], []
-    for i in range(units):
-        ds = order[i % len(order)]
-        epochs = facts[ds]["epochs"]
-        whole.append(epochs * per_ds[ds])
-        durations.append(share(i, epochs) * whole[-1])
-    full_mean = sum(per_ds[ds] * facts[ds]["epochs"] for ds in order) / len(order)
-    compute = sum(durations)
-    wall = STARTUP_S + _makespan(durations, concurrent) + SHUTDOWN_S if concurrent else math.inf
-    per_unit = resources.get("gpu", 0) if on_gpu else threads
-    plan = Plan(space=space.name, num_samples=num_samples, pack=pack, units=units, concurrent=concurrent,
-                limited_by=limited_by, resources=dict(resources), device=_device_name(device), threads=threads,
-                datasets=facts, structures=len(everything), timings=timings,
-                calibration_s=time.perf_counter() - start, pruning=pruning,
-                epoch_fraction=compute / max(sum(whole), 1e-12),
-                unit_s={"min": min(full), "mean": full_mean, "max": max(full)},
-                eval_share=sum(f["eval_share"] for f in facts.values()) / len(facts), compute_s=compute,
-                wall_s=wall, device_hours=compute * per_unit / 3600,
-                device_unit="GPU-hours" if on_gpu else "CPU-core-hours", budget_s=time_budget_s,
-                notes=notes, warnings=warnings)
-    if not concurrent:
-        warnings.append(f"no trial fits: each takes {resources} and the cluster has {cluster_resources}; lower "
-                        f"--cpus-per-trial / --gpus-per-trial or add nodes")
-    if time_budget_s is not None and concurrent:
-        plan.units_in_budget = min(units, _units_by(durations, concurrent, time_budget_s - STARTUP_S))
-    if wall > TOO_LONG_S:
-        warnings.append(f"this plan does not fit in a day ({_duration(wall)}). Give it --time-budget (e.g. 8h: the "
-                        f"study stops there with checkpoints, and --resume --time-budget goes on), a smaller "
-                        f"space (fewer trials with --num-samples, fewer epochs, smaller structures), or "
-                        + ("more GPUs" if on_gpu else "a GPU"))
-    return plan
+    return per_ds, full
 
 
 def _units_by(durations: list[float], slots: int, seconds: float) -> float:
