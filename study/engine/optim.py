@@ -5,6 +5,7 @@ import copy
 import itertools
 
 import torch
+from torch.optim.swa_utils import get_ema_multi_avg_fn
 
 from study.config import TrialConfig
 
@@ -46,6 +47,7 @@ class WeightAverage:
         self.source = model
         self.model = copy.deepcopy(model).requires_grad_(False)
         self.updates = 0
+        self._step_decay, self._step = None, None   # torch's EMA step for the current decay
         self._avg, self._src = self._floats(self.model), self._floats(model)
         self._avg_int, self._src_int = self._ints(self.model), self._ints(model)
 
@@ -74,6 +76,9 @@ class WeightAverage:
         # the random initial weights for thousands of steps.
         self.updates += 1
         decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
-        torch._foreach_lerp_(self._avg, self._src, 1 - decay)
+        if decay != self._step_decay:   # made again only while the decay warms up
+            self._step_decay, self._step = decay, get_ema_multi_avg_fn(decay)
+        # torch's own EMA step (AveragedModel's multi_avg_fn): one lerp over all tensors, on the device.
+        self._step(self._avg, self._src, self.updates)
         for a, s in zip(self._avg_int, self._src_int):
             a.copy_(s)
