@@ -213,7 +213,7 @@ def run_case(case: Case, root: Path, timeout: float) -> dict:
     ok = (not hung and not secret and status in case.expect and (not traceback or "--debug" in case.args)
           and not (status == 2 and written))
     line = next((ln for ln in reversed(err.splitlines()) if ln.startswith(("error:", "interrupted", "terminated"))),
-                (err.strip().splitlines() or [""])[-1])
+                (err.strip().splitlines() or out.strip().splitlines() or [""])[-1])
     return {"case": case.id, "status": status, "traceback": traceback, "hung": hung, "written": written,
             "secret": secret, "seconds": seconds, "ok": ok, "line": line}
 
