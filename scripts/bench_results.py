@@ -1,7 +1,7 @@
 """The results writer's cost per reported result, and how fast a big study's tables read back.
 
     python scripts/bench_results.py events --trials 100 1000 10000 --epochs 5
-    python scripts/bench_results.py readback --trials 10000 --epochs 20
+    python scripts/bench_results.py readback --trials 10000 --epochs 20 [--flush-every 5]
 
 ``events``: the driver's loop without Ray: for each trial, every epoch is ``add_epochs`` of one
 ``epoch_row`` plus ``upsert("trials", ...)`` of its RUNNING ``trial_row``, and its end is an
@@ -9,8 +9,9 @@
 prefills all but the last K trials straight into the one-file-per-epoch layout (no writer: an old
 writer would take hours to get there) and times only the last K trials: the cost at that size.
 
-``readback``: builds the study (through the writer, or ``--prefill`` as above), then times opening
-a writer on it (what --resume does) and ``read_table`` of each table.
+``readback``: builds the study (through the writer, writing the tables every ``--flush-every`` trials
+as a long study would, or ``--prefill`` as above), then times ``read_table`` of each table and opening
+a writer on it twice (what --resume does; the first opening converts an earlier version's layout).
 
 Prints one JSON object. Uses only the writer's API that every version has (``add_epochs``,
 ``upsert``, ``read_table``), plus ``close()`` where the writer has one.
@@ -57,8 +58,10 @@ def the_trial_row(n: int, status: str, history: list[dict]) -> dict:
                      pack_id=n, pack_size=1)
 
 
-def run_trials(writer, first: int, last: int, epochs: int, times: list[float] | None) -> None:
+def run_trials(writer, first: int, last: int, epochs: int, times: list[float] | None, flush_every: int = 0) -> None:
     for n in range(first, last):
+        if flush_every and n % flush_every == 0:
+            writer.flush()   # a long study writes its tables many more times than a fast loop does
         tid, history = trial_id(n), []
         for e in range(1, epochs + 1):
             t0 = time.perf_counter()
@@ -143,23 +146,26 @@ def readback(args) -> dict:
                 prefill(study, n, args.epochs)
             else:
                 writer = ResultsWriter(study)
-                run_trials(writer, 0, n, args.epochs, None)
+                run_trials(writer, 0, n, args.epochs, None, args.flush_every)
                 close(writer)
             built = time.perf_counter() - t0
             files = sum(len(f) for _, _, f in os.walk(Path(study, "results")))
-            t0 = time.perf_counter()
-            writer = ResultsWriter(study)
-            opened = time.perf_counter() - t0
-            hist = writer.history(trial_id(n - 1))
-            assert len(hist) == args.epochs, len(hist)
             reads = {}
             for name in ("trials", "epochs", "previews"):
                 t0 = time.perf_counter()
                 df = read_table(study, name)
                 reads[name] = {"s": round(time.perf_counter() - t0, 3), "rows": 0 if df is None else len(df)}
-            close(writer)
-            out[f"{n}x{args.epochs}"] = {"build_s": round(built, 1), "files": files,
-                                         "writer_open_s": round(opened, 3), "read_table": reads}
+            opened = []
+            for _ in range(2):   # what --resume does; the second time after the first converted an old layout
+                t0 = time.perf_counter()
+                writer = ResultsWriter(study)
+                opened.append(round(time.perf_counter() - t0, 3))
+                hist = writer.history(trial_id(n - 1))
+                assert len(hist) == args.epochs, len(hist)
+                close(writer)
+            out[f"{n}x{args.epochs}"] = {"build_s": round(built, 1), "files": files, "read_table": reads,
+                                         "writer_open_s": opened[0], "writer_reopen_s": opened[1],
+                                         "files_after": sum(len(f) for _, _, f in os.walk(Path(study, "results")))}
     return out
 
 
@@ -170,6 +176,7 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=5)
     p.add_argument("--sample", type=int, default=0, help="time only the last K trials (prefilling the rest)")
     p.add_argument("--prefill", action="store_true", help="readback: write the study straight to disk")
+    p.add_argument("--flush-every", type=int, default=0, help="readback: write the tables every N trials")
     p.add_argument("--dir", default=None, help="where the temporary studies go (default: the system's)")
     args = p.parse_args()
     out = events(args) if args.mode == "events" else readback(args)

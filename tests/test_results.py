@@ -144,6 +144,24 @@ def test_a_real_study_records_what_each_trial_computed_in(tmp_path, cache_dir):
     assert trials.precision.to_dict() == {"local_00000": "bf16", "local_00001": "auto"}
 
 
+def test_trial_row_takes_few_parameters_and_writes_what_it_always_wrote():
+    import inspect
+    assert len(inspect.signature(trial_row).parameters) <= 8
+    history = [{**row(1, 20.0), "precision": "fp32"}, {**row(2, 21.0), "precision": "bf16"}]
+    got = trial_row("t1", {"lr": 0.1}, "DONE", history, error=None, wall_time_s=3, device="cpu", node_id="n",
+                    checkpoint_path="c", optuna_number=4, restarts=1)
+    assert list(got)[:11] == ["trial_id", "lr", "status", "error", "epochs_run", "wall_time_s", "device", "node_id",
+                              "checkpoint_path", "optuna_number", "restarts"]
+    assert {k: got[k] for k in list(got)[:11]} == {
+        "trial_id": "t1", "lr": 0.1, "status": "DONE", "error": None, "epochs_run": 2, "wall_time_s": 3.0,
+        "device": "cpu", "node_id": "n", "checkpoint_path": "c", "optuna_number": 4, "restarts": 1}
+    assert got["best_epoch"] == 2 and got["final_val_psnr"] == 21.0 and got["precision_used"] == "bf16"
+    bare = trial_row("t2", {}, "RUNNING", [])
+    assert {k: bare[k] for k in ("error", "device", "node_id", "checkpoint_path", "optuna_number")} == {
+        "error": None, "device": "", "node_id": "", "checkpoint_path": "", "optuna_number": -1}
+    assert math.isnan(bare["wall_time_s"]) and "best_epoch" not in bare
+
+
 @pytest.mark.parametrize("umask", [0o022, 0o002])
 def test_files_respect_the_umask(tmp_path, umask):
     old = os.umask(umask)

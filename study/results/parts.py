@@ -232,15 +232,19 @@ class PartsTable:
                     entry[1] = part.lo
             self.pending = {}
             self.exists = True
-        by_part: dict[Part, set[tuple]] = {}
-        for origin in list(self.stale):
+        by_part: dict[Part, list[int]] = {}
+        for origin in list(self.stale):   # each forgotten once done: a failed write is done again next time
             if isinstance(origin, str):
                 delete(self.fs, f"{self.folder}/{origin}")
+                del self.stale[origin]
             elif (part := self._holder(origin)) is not None:
-                by_part.setdefault(part, set()).update(self.stale[origin])
-            del self.stale[origin]
-        for part, keys in by_part.items():
-            self._remove(part, keys)
+                by_part.setdefault(part, []).append(origin)
+            else:
+                del self.stale[origin]
+        for part, origins in by_part.items():
+            self._remove(part, set().union(*(self.stale[o] for o in origins)))
+            for o in origins:
+                del self.stale[o]
         self._merge()
 
     def _put(self, lo: int, hi: int, table: pa.Table) -> Part:
