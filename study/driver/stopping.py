@@ -164,8 +164,8 @@ def budget_summary(root: str, clock) -> str:
     counts = trials.status.value_counts().to_dict() if trials is not None else {}
     account = ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or "no trial"
     return (f"time budget spent ({duration(clock.budget_s)} of running time; the study has run "
-            f"{duration(clock.spent())} in all): {account}. Stopped trials kept a checkpoint at their last "
-            f"epoch; continue the study with:")
+            f"{duration(clock.spent())} in all): {account}. A stopped trial goes on from its checkpoint at its "
+            f"last epoch (one stopped before its first epoch starts again); continue the study with:")
 
 
 def best_table(root: str) -> str:

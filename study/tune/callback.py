@@ -2,8 +2,9 @@
 
 Where the study lives, and where its data are, come from the driver state it is given
 (``study.tune.state``), never from Ray's pickles: a copied or moved study resumes in its new
-place. Epoch rows are written as they come; the trials table is staged and
-written once per controller step (``on_step_end``), at once when a trial ends.
+place. The writer writes the tables on its own cadence (``study.results``); this callback has it
+write everything at once when a trial ends (``flush``), and lets it go when the study ends, however
+it ends: finished, stopped by a signal or by its time budget (``close``, from Tune's experiment end).
 """
 from __future__ import annotations
 
@@ -163,22 +164,23 @@ class ResultsCallback(UsesDriver, Callback):
                         row.iloc[0]["checkpoint_path"])
             meta["restarts"] = int(meta.get("restarts", 0) or 0) + 1
             meta["awaiting_first_result"] = True
-        self._meta.setdefault(trial.trial_id, {})
+        self._meta.setdefault(trial.trial_id, {})["reported"] = False
         self._originals(trial)
         self._stage_trial(trial)
-        self.writer.flush()
 
     def on_trial_recover(self, iteration, trials, trial, **info):
         # Its worker died; Ray restarts it from its last checkpoint (FailureConfig.max_failures).
         meta = self._meta.setdefault(trial.trial_id, {})
         meta["restarts"] = int(meta.get("restarts", 0) or 0) + 1
         meta["awaiting_first_result"] = True
+        meta["reported"] = False
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         if ERROR_KEY in result or "epoch" not in result:
             return
         epoch = int(result["epoch"])
         meta = self._meta.setdefault(trial.trial_id, {})
+        meta["reported"] = True   # an epoch since it (re)started: stopping it now would lose work
         if meta.pop("awaiting_first_result", False):
             meta["resumed_at_epoch"] = epoch
         k_total = self._pack(trial)
@@ -250,34 +252,37 @@ class ResultsCallback(UsesDriver, Callback):
         self._progress(trials, force=True)
 
     def on_step_end(self, iteration, trials, **info):
-        if self._writer is not None:
-            self._writer.flush()   # the trials table at most once per step of Tune's loop
         self._check_budget(trials)
         self._progress(trials)
 
     def _check_budget(self, trials) -> None:
-        """Once the time budget is spent (no new trial starts then) and every running trial has stopped at
-        an epoch's end with a checkpoint ("parked"), record them as STOPPED and end the study the way
-        Ctrl-C does: Tune saves its state, and --resume continues the stopped trials from their checkpoints."""
+        """Once the time budget is spent (no new trial starts then) and no running trial would lose work
+        (``_stoppable``), record them as STOPPED and end the study the way Ctrl-C does: Tune saves its
+        state, and --resume continues the stopped trials from their checkpoints. The budget's overrun is
+        then at most one epoch (the one a trial was in at the deadline) and Tune's stop."""
         d = self.driver
         if d.clock is None or d.budget_stopped or not d.clock.expired():
             return
         running = [t for t in trials if t.status == "RUNNING"]
-        if not running and any(t.status == "PENDING" for t in trials):
-            # Trials Tune is still starting (a resumed study's): stopping Tune then can lose a trial's
-            # checkpoint, so they start, reach their next epoch's end with a checkpoint, and stop there.
-            return
-        if not all(self._meta.get(t.trial_id, {}).get("parked") for t in running):
+        if not all(self._stoppable(t) for t in running):
             return
         d.budget_stopped = True
         for t in running:
             self._stage_trial(t, "STOPPED")
-        self.writer.flush()
+        self.writer.flush()   # they end here (Tune's experiment end closes the writer)
         self._progress(trials, force=True)
         request_graceful_stop()
 
+    def _stoppable(self, trial) -> bool:
+        """Whether stopping a running trial now loses no epoch: it stopped at an epoch's end with its checkpoint
+        ("parked"), or it has reported no epoch since it (re)started in this run: a restored trial's checkpoint
+        is already saved, and a new trial has nothing to lose but its start."""
+        meta = self._meta.get(trial.trial_id, {})
+        return bool(meta.get("parked")) or not meta.get("reported")
+
     def on_experiment_end(self, trials, **info):
-        self.writer.flush()
+        # Tune's loop ended: the study finished, or a signal or the time budget stopped it.
+        self.writer.close()
 
     def _progress(self, trials, force: bool = False, state: str = "running") -> dict | None:
         """Print the progress line and write status.json (every ``progress_every_s``, or now with ``force``)."""
