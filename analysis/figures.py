@@ -60,8 +60,8 @@ def curves_figure(epochs: pd.DataFrame, trials: pd.DataFrame, best_id: str) -> F
 
 def _lines(ax: Axes, history: pd.DataFrame, splits, metric: str, faint: bool) -> None:
     for split in splits:
-        style = dict(alpha=0.25, linewidth=0.8, label=f"_{split}") if faint else \
-            dict(linewidth=2, marker="o", markersize=3, label=SPLIT_NAMES[split], zorder=3)
+        style = (dict(alpha=0.25, linewidth=0.8, label=f"_{split}") if faint else
+                 dict(linewidth=2, marker="o", markersize=3, label=SPLIT_NAMES[split], zorder=3))
         ax.plot(history["epoch"], history[f"{split}_{metric}"], color=SPLIT_COLOURS[split], **style)
 
 

@@ -90,8 +90,8 @@ def _snapshot(url: str, folder: Path, tmp: Path) -> str:
         raise ImportanceSkipped(f"the Optuna storage {recorded} is not there, nor is {recorded.name} beside study.json")
     copy = tmp / "optuna.db"
     try:
-        with closing(sqlite3.connect(f"{found.resolve().as_uri()}?mode=ro", uri=True)) as source, \
-                closing(sqlite3.connect(copy)) as target:
+        with (closing(sqlite3.connect(f"{found.resolve().as_uri()}?mode=ro", uri=True)) as source,
+              closing(sqlite3.connect(copy)) as target):
             source.backup(target)
     except sqlite3.Error as e:
         raise ImportanceSkipped(f"the Optuna storage {found.name} is unreadable ({e})") from None

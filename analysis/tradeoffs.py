@@ -350,8 +350,8 @@ def progress(trials: pd.DataFrame, epochs: pd.DataFrame) -> pd.DataFrame:
     rows = rows.sort_values(["trial_id", "epoch"], kind="stable")
     rows["seconds"] = rows["seconds"].fillna(0.0).clip(lower=0)
     if "pack_id" in rows and rows["pack_id"].notna().any():
-        group = rows["pack_id"].astype("string").fillna("t:" + rows["trial_id"].astype(str)) + "/" \
-            + rows["epoch"].astype(str)
+        group = (rows["pack_id"].astype("string").fillna("t:" + rows["trial_id"].astype(str)) + "/"
+                 + rows["epoch"].astype(str))
         rows["device_seconds"] = rows.groupby(group)["seconds"].transform("max") / rows.groupby(group)[
             "seconds"].transform("size")
     else:

@@ -82,7 +82,7 @@ def _num(d: dict, key: str) -> float | None:
 
 def facts(study: str, now: float | None = None) -> dict:
     """Everything ``study.info`` shows, as plain JSON-ready values."""
-    from study.driver import lock
+    from study.driver import LOCK_FILE, describe, holder, stale_reason
     from study.results import STATUSES, best_trials, gain, read_table
 
     now = time.time() if now is None else now
@@ -114,15 +114,15 @@ def facts(study: str, now: float | None = None) -> dict:
 
     out["time"] = _time(status, trials, now)
     out["driver"], out["stale_lock"] = None, None
-    record = lock.holder(root)
+    record = holder(root)
     if record is not None:
         out["driver"] = {"host": record.get("host"), "pid": record.get("pid"), "started_at": record.get("started_at"),
                          "heartbeat_age_s": round(now - float(record.get("heartbeat", now)), 1),
-                         "text": lock.describe(record, now)}
+                         "text": describe(record, now)}
     else:
-        stale = _read_json(root, lock.LOCK_FILE, required=False)
+        stale = _read_json(root, LOCK_FILE, required=False)
         if stale:
-            out["stale_lock"] = {"reason": lock.stale_reason(stale), "text": lock.describe(stale, now)}
+            out["stale_lock"] = {"reason": stale_reason(stale), "text": describe(stale, now)}
     out["state"] = _state(out, status)
     out["commands"] = _commands(root, meta)
     return out
