@@ -18,6 +18,7 @@ let the database client find the secret (PostgreSQL: ``$PGPASSWORD`` or
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import os
 import sys
@@ -27,39 +28,16 @@ from pathlib import Path
 from typing import Any
 
 from study import cli
-from study.cli import UsageError
+from study.cli import Terminated, UsageError
 
 # torch (via the space and config), pandas and Ray are imported where needed: a bad option is
 # reported without loading any of them.
-from study.driver import (
-    DEFAULT_SQLITE,
-    STATUS_FILE,
-    NoTrialFinished,
-    Signals,
-    Stopped,
-    StudyClock,
-    StudyLock,
-    best_table,
-    budget_summary,
-    check_capacity,
-    check_options,
-    check_optuna_url,
-    check_outcome,
-    check_pickles,
-    check_resume_database,
-    check_storage,
-    check_storage_url,
-    check_unlocked,
-    in_ray_job,
-    masked,
-    missing_epochs,
-    read_study_json,
-    resume_command,
-    runtime_url,
-    space_change_problems,
-    time_budget,
-    without_password,
-)
+from study.driver import (DEFAULT_SQLITE, NoTrialFinished, Signals, Stopped, StudyClock, StudyLock, best_table,
+                          budget_summary, check_capacity, check_options, check_optuna_url, check_outcome,
+                          check_pickles, check_resume_database, check_storage, check_storage_url, check_unlocked,
+                          driver_pid, in_own_session, in_ray_job, masked, missing_epochs, more_trials,
+                          nothing_started, own_session_wanted, read_study_json, resume_command, runtime_url,
+                          space_change_problems, spent_before, time_budget, without_password)
 from study.durations import parse_duration
 
 
@@ -155,20 +133,6 @@ def prepare_data(space, data_root: str | None, cache_dir: str) -> None:
               f"from {s.source} ({time.time() - t0:.1f}s)")
 
 
-def more_trials(root: str, meta: dict, wanted: int, saved: tuple[int, int] | None) -> int:
-    """``--resume --num-samples N``: the study's new total of trials (models); lowering it below what
-    already started is refused."""
-    pack = int(meta.get("pack", 1))
-    started = (saved[0] if saved else 0) * pack
-    if wanted < started:
-        raise UsageError(f"--num-samples {wanted}: the study at {root} already started {started} trials; give "
-                         f"at least {started} (its total is {meta.get('num_samples')}), or leave it out")
-    if wanted != meta.get("num_samples"):
-        print(f"note: the study's total goes from {meta.get('num_samples')} to {wanted} trials; the sampler "
-              f"goes on from everything the study already knows")
-    return wanted
-
-
 def print_plan(args, space) -> int:
     """``--plan``: the study's plan and an estimate of its time, from a short calibration here; nothing is
     written and no Ray starts."""
@@ -212,15 +176,25 @@ class Study:
 class Ending:
     """How a run of the study ended: stopped by a signal (its number), by its time budget, or it ran out."""
     signal: int | None
-    budget_stopped: bool
+    budget_stopped: bool = False
+    at_once: bool = False   # the signal stopped it before a safe point (a second one, or before Tune ran)
+    started: bool = True    # it got as far as starting the study (study.json written)
 
 
-def _main(argv: list[str]) -> int:
+def _main(argv: list[str], own_session: bool = False) -> int:
     args = parse(argv)
-    space = checked_space(args)
-    if args.plan:   # before any study folder, lock or record is looked at: --plan writes and starts nothing
-        return print_plan(args, space)
-    study = open_study(args, space)
+    if own_session and not args.plan and not (args.address or in_ray_job()) and own_session_wanted():
+        # A private Ray: the study and its Ray run in a session of their own (see in_own_session).
+        return in_own_session([sys.executable, "-m", "study.run", *argv])
+    try:
+        space = checked_space(args)
+        if args.plan:   # before any study folder, lock or record is looked at: --plan writes and starts nothing
+            return print_plan(args, space)
+        study = open_study(args, space)
+    except (KeyboardInterrupt, Terminated) as e:
+        stopped = nothing_started(e)
+        print(f"\n{stopped}", file=sys.stderr)
+        return stopped.exit_status
     return summarise(study, run(study))
 
 
@@ -259,13 +233,6 @@ def open_study(args: argparse.Namespace, space) -> Study:
         prepare_data(space, data_root, cache_dir)
     return Study(args, space, name, root, meta, space_changed, clock, budget, data_root, cache_dir, address,
                  trial_resources(args, space))
-
-
-def spent_before(root: str) -> float:
-    """The study's running time in its earlier runs, as its last status.json says."""
-    from study.results import read_json
-
-    return float((read_json(root, STATUS_FILE) or {}).get("elapsed_s") or 0.0)
 
 
 def existing_study(args: argparse.Namespace, space, root: str) -> dict | None:
@@ -393,29 +360,39 @@ def trial_resources(args: argparse.Namespace, space) -> dict:
 
 
 def run(study: Study) -> Ending:
-    """Run the study under its lock; a refusal before it started leaves no folder the lock made."""
+    """Run the study under its lock; a refusal or a signal before it started leaves no folder the lock made."""
     made = [] if "://" in study.root else [p for p in (Path(study.root), Path(study.root).parent) if not p.exists()]
+    signals = Signals()
     try:
-        return run_with_ray(study)
+        with signals:
+            signals.install()   # from here a signal stops the run (before Tune runs: before anything is started)
+            return run_with_ray(study, signals)
+    except KeyboardInterrupt:
+        if signals.received is None:
+            raise
+        if not signals.started:
+            remove_empty(made)
+        return Ending(signals.received, at_once=True, started=signals.started)
     except UsageError:
         # Refused before the study started (e.g. resources no node has): leave no folder the lock made.
-        for folder in made:
-            try:
-                folder.rmdir()   # only if empty
-            except OSError:
-                pass
+        remove_empty(made)
         raise
 
 
-def run_with_ray(study: Study) -> Ending:
+def remove_empty(folders: list[Path]) -> None:
+    for folder in folders:
+        with contextlib.suppress(OSError):
+            folder.rmdir()   # only if empty
+
+
+def run_with_ray(study: Study, signals: Signals) -> Ending:
     """Start Ray, build (or restore) the study's Tuner, record the study and run it to its end."""
     # Ray is imported only here (and by the checks of a study that exists): the trial engine does not need it.
     from study.tune import StudySettings, build_tuner, init_ray, node_resources, shutdown
 
     args = study.args
-    with StudyLock(study.root), Signals() as signals:
-        cluster = init_ray(study.address, args.num_cpus, args.num_gpus)
-        signals.install()   # after Ray's own driver handlers: ours decide how the study stops
+    with StudyLock(study.root, pid=driver_pid()):
+        cluster = init_ray(study.address, args.num_cpus, args.num_gpus)   # it keeps our handlers
         resources = dict(study.resources)
         if resources.get("gpu", 0) and not cluster.get("GPU"):
             print("note: the Ray cluster has no GPU; trials run on CPUs only")
@@ -435,8 +412,10 @@ def run_with_ray(study: Study) -> Ending:
             max_concurrent=args.max_concurrent or meta.get("max_concurrent") or study.space.max_concurrent,
             resources=resources, data_root=study.data_root, cache_dir=study.cache_dir, resume=args.resume,
             pack=meta.get("pack", 1), cluster=bool(study.address), objectives=study.space.objectives,
-            grayscale=meta.get("grayscale", "kept"), clock=study.clock, verbose=args.verbose))
+            grayscale=meta.get("grayscale", "kept"), clock=study.clock, verbose=args.verbose,
+            driver_pid=driver_pid()))
         record_start(study, meta)
+        signals.started = True
         tuner.fit()
         ending = Ending(signals.received, tuner.budget_stopped)
         tuner.final_status("stopped" if ending.signal else "budget" if ending.budget_stopped else "finished")
@@ -483,7 +462,8 @@ def summarise(study: Study, ending: Ending) -> int:
     args = study.args
     resume_cmd = resume_command(study.root, args.storage, study.name, study.space, args.optuna_storage)
     if ending.signal:   # not the "best" table of a study that did not finish
-        stopped = Stopped(ending.signal, resume_cmd)
+        something = ending.started or study.meta is not None   # a resumed study always has its state to go on
+        stopped = Stopped(ending.signal, resume_cmd if something else None, ending.at_once, ending.started)
         print(f"\n{stopped}", file=sys.stderr)
         return stopped.exit_status
     if ending.budget_stopped:
@@ -503,9 +483,10 @@ def summarise(study: Study, ending: Ending) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    return cli.run(_main, argv)
+def main(argv: list[str] | None = None, own_session: bool = False) -> int:
+    """``own_session``: a study that starts a private Ray runs in a session of its own (``python -m study.run``)."""
+    return cli.run(lambda args: _main(args, own_session), argv)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(own_session=True))

@@ -67,9 +67,10 @@ def _start(tmp_path, cache_dir, space, *args):
                             text=True, start_new_session=True)
 
 
-def _stop_when(proc, study: Path, ready, signum: int) -> tuple[int, str, str]:
-    """Send ``signum`` to the driver once ``ready(trials table)`` holds; (exit status, stdout, stderr), and
-    no Ray process of the driver's may be left."""
+def _stop_when(proc, study: Path, ready, signum: int, group: bool = False) -> tuple[int, str, str]:
+    """Send ``signum`` to the driver once ``ready(trials table)`` holds (with ``group``, as ``timeout`` does: to
+    the driver and then to its whole process group); (exit status, stdout, stderr), and no Ray process of the
+    driver's may be left."""
     deadline = time.time() + 300
     try:
         while time.time() < deadline:
@@ -83,6 +84,8 @@ def _stop_when(proc, study: Path, ready, signum: int) -> tuple[int, str, str]:
         else:
             pytest.fail("the study made no progress")
         os.kill(proc.pid, signum)
+        if group:
+            os.killpg(proc.pid, signum)   # the driver is its group's leader (start_new_session)
         out, err = proc.communicate(timeout=180)
         time.sleep(2)
         left = [p for p in session_processes(proc.pid) if p[0] != proc.pid]
@@ -114,9 +117,10 @@ def stops(tmp_path_factory, cache_dir) -> dict:
     proc = subprocess.Popen(
         [PYTHON, "-m", "study.run", *argv], cwd=tmp_path, env=python_env(), stdout=subprocess.PIPE,
         stderr=subprocess.PIPE, text=True, start_new_session=True)
-    # Once a trial the first run did not start has an epoch.
+    # Once a trial the first run did not start has an epoch: SIGTERM as `timeout` sends it, to the driver and to
+    # its whole process group (Ray's processes too, were they in it).
     seen["sigterm"] = _stop_when(proc, study, lambda t: (t[~t.trial_id.isin(before.trial_id)].epochs_run.fillna(0)
-                                                         >= 1).any(), signal.SIGTERM)
+                                                         >= 1).any(), signal.SIGTERM, group=True)
     seen["meta"] = json.loads((study / "study.json").read_text())
     seen["resumed"] = subprocess.run([PYTHON, "-m", "study.run", *argv], cwd=tmp_path, env=python_env(),
                                      capture_output=True, text=True, timeout=400)
@@ -138,7 +142,9 @@ def test_ctrl_c_and_sigterm_stop_cleanly_and_resume_uses_the_edited_space(stops)
     rc, out, err = stops["sigterm"]
     assert rc == 143, err[-3000:]
     assert "changed since the study started" in err and "new trials are drawn from the file as it is now" in err
-    assert "stopped by SIGTERM" in err and "Traceback" not in err and "core dumped" not in err.lower()
+    # The signal twice and to the whole group is one request: a stop at a safe point, not at once.
+    assert "stopped by SIGTERM; its state is saved" in err and "Traceback" not in err, err[-3000:]
+    assert "core dumped" not in err.lower() and err.strip().splitlines()[-1].strip() == stops["command"]
     assert len(stops["meta"]["space_changes"]) == 1
 
     p = stops["resumed"]
@@ -154,6 +160,26 @@ def test_ctrl_c_and_sigterm_stop_cleanly_and_resume_uses_the_edited_space(stops)
     ot = {t.number: t for t in optuna.load_study(study_name="stops", storage=url).get_trials()}
     for row in started_after_edit.itertuples():
         assert 1.0e-4 <= ot[row.optuna_number].params["lr"] <= 2.0e-4
+
+
+@pytest.mark.parametrize("when", ["reading its options", "starting Ray"])
+def test_a_signal_to_the_whole_group_before_the_study_starts_starts_nothing(tmp_path, cache_dir, when):
+    proc = _start(tmp_path, cache_dir, "smoke")
+    deadline = time.time() + 120
+    if when == "reading its options":
+        time.sleep(0.5)
+    else:   # Ray's GCS is the first process Ray starts: its driver is inside ray.init
+        while not any("gcs_server" in cmd for _, cmd in session_processes(proc.pid)) and time.time() < deadline:
+            assert proc.poll() is None, proc.communicate()
+            time.sleep(0.1)
+    assert proc.poll() is None, proc.communicate()
+    os.killpg(proc.pid, signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    time.sleep(2)
+    assert proc.returncode == 143, err[-3000:]
+    assert err.strip().splitlines()[-1] == "stopped by SIGTERM before the study started: nothing was started", err
+    assert not (tmp_path / "studies" / "smoke").exists()   # not even the folder the lock made
+    assert not session_processes(proc.pid), session_processes(proc.pid)   # no Ray process of its left
 
 
 @pytest.mark.slow

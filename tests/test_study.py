@@ -19,6 +19,8 @@ import pytest
 import yaml
 from conftest import PYTHON, ROOT, python_env
 
+from study.driver.stopping import OWN_SESSION_ENV
+
 pytestmark = pytest.mark.slow
 SMOKE = yaml.safe_load((ROOT / "search_spaces" / "smoke.yaml").read_text())
 
@@ -69,12 +71,15 @@ def kill_driver_when(tmp_path, cache_dir, space: str, study: Path, ready, *args,
 
 
 def session_processes(sid: int) -> list[tuple[int, str]]:
-    """(pid, command line) of every process in a session (Ray workers have their own process groups)."""
+    """(pid, command line) of every process of a session whose leader is ``python -m study.run``, and of the
+    study it runs in a session of its own with its private Ray (their environment names the command's pid,
+    study.driver.in_own_session); Ray's workers have their own process groups."""
+    marker = f"{OWN_SESSION_ENV}={sid}".encode()
     out = []
     for d in Path("/proc").iterdir():
         if d.name.isdigit():
             try:
-                if os.getsid(int(d.name)) == sid:
+                if os.getsid(int(d.name)) == sid or marker in (d / "environ").read_bytes().split(b"\0"):
                     out.append((int(d.name), (d / "cmdline").read_bytes().decode(errors="replace")))
             except (OSError, ProcessLookupError):
                 pass

@@ -7,13 +7,17 @@ from study.driver.checks import (DEFAULT_SQLITE, SQLITE, check_options, check_op
                                  missing_epochs, read_study_json, runtime_url, space_change_problems,
                                  without_password)
 from study.driver.lock import LOCK_FILE, LockError, StudyLock, check_unlocked, describe, holder, stale_reason
-from study.driver.progress import STATUS_FILE, StudyClock, progress_line, status_record, time_budget
+from study.driver.progress import (STATUS_FILE, StudyClock, more_trials, progress_line, spent_before,
+                                   status_record, time_budget)
 from study.driver.stopping import (NoTrialFinished, Signals, Stopped, best_table, budget_summary, check_capacity,
-                                   check_outcome, request_graceful_stop, resume_command)
+                                   check_outcome, driver_pid, in_own_session, nothing_started, own_session_wanted,
+                                   request_graceful_stop, resume_command)
 
 __all__ = ["DEFAULT_SQLITE", "LOCK_FILE", "SQLITE", "STATUS_FILE", "LockError", "NoTrialFinished", "Signals",
            "Stopped", "StudyClock", "StudyLock", "best_table", "budget_summary", "check_capacity", "check_options",
            "check_optuna_url", "check_outcome", "check_pickles", "check_resume_database", "check_storage",
-           "check_storage_url", "check_unlocked", "describe", "holder", "in_ray_job", "masked", "missing_epochs",
+           "check_storage_url", "check_unlocked", "describe", "driver_pid", "holder", "in_own_session",
+           "in_ray_job", "masked", "missing_epochs", "more_trials", "nothing_started", "own_session_wanted",
            "progress_line", "read_study_json", "request_graceful_stop", "resume_command", "runtime_url",
-           "space_change_problems", "stale_reason", "status_record", "time_budget", "without_password"]
+           "space_change_problems", "spent_before", "stale_reason", "status_record", "time_budget",
+           "without_password"]

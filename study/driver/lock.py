@@ -89,7 +89,8 @@ def stale_reason(record: dict, heartbeat_s: float = HEARTBEAT_S, now: float | No
 
 def holder(root: str) -> dict | None:
     """The live lock record of the study at ``root``, or None (no lock, or a stale one)."""
-    from study.results import resolve   # pyarrow and pandas: not for a command that refuses a bad option
+    # pyarrow and pandas load here, not for a command that refuses a bad option
+    from study.results import resolve
 
     fs, path = resolve(root)
     record = _read(fs, f"{path}/{LOCK_FILE}")
@@ -110,7 +111,8 @@ def refusal(root: str, record: dict) -> str:
 
 
 class StudyLock:
-    def __init__(self, root: str, heartbeat_s: float = HEARTBEAT_S, log=print):
+    def __init__(self, root: str, heartbeat_s: float = HEARTBEAT_S, log=print, pid: int | None = None):
+        """``pid``: the process that stands for the driver (the command the user started; default this one)."""
         self.root = root
         import pyarrow.fs as pafs
 
@@ -123,7 +125,7 @@ class StudyLock:
         self.heartbeat_s = heartbeat_s
         self.log = log
         self.token = secrets.token_hex(8)
-        self.record = {"host": socket.gethostname(), "pid": os.getpid(), "token": self.token,
+        self.record = {"host": socket.gethostname(), "pid": pid or os.getpid(), "token": self.token,
                        "started_at": time.strftime("%Y-%m-%d %H:%M:%S"), "heartbeat_s": heartbeat_s}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None

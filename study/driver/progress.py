@@ -48,8 +48,8 @@ class StudyClock:
 
 
 def status_record(df, total: int, clock: StudyClock, images: float, run_elapsed: float, finished_in_run: int,
-                  state: str) -> dict:
-    """The figures of the progress line, as status.json holds them."""
+                  state: str, pid: int | None = None) -> dict:
+    """The figures of the progress line, as status.json holds them (``pid``: the driver's, default this process)."""
     from study.results import best_trials, gain
 
     counts = {k: int(v) for k, v in df.status.value_counts().items()} if df is not None else {}
@@ -69,7 +69,7 @@ def status_record(df, total: int, clock: StudyClock, images: float, run_elapsed:
     elif total <= ended:
         projected = now
     deadline = clock.deadline
-    return {"updated": now, "state": state, "host": socket.gethostname(), "pid": os.getpid(),
+    return {"updated": now, "state": state, "host": socket.gethostname(), "pid": pid or os.getpid(),
             "counts": counts, "total": int(total), "best": best_rec,
             "model_images_per_s": images / run_elapsed if run_elapsed > 0 else 0.0,
             "elapsed_s": clock.spent(now), "budget_s": clock.budget_s, "budget_left_s": clock.left(now),
@@ -116,3 +116,24 @@ def time_budget(args, meta: dict | None, space, clock) -> dict:
                          f"give it more with --time-budget (e.g. --time-budget 1h, counted from now) or run it "
                          f"to the end with --time-budget none (nothing was changed)")
     return recorded
+
+
+def spent_before(root: str) -> float:
+    """The study's running time in its earlier runs, as its last status.json says."""
+    from study.results import read_json
+
+    return float((read_json(root, STATUS_FILE) or {}).get("elapsed_s") or 0.0)
+
+
+def more_trials(root: str, meta: dict, wanted: int, saved: tuple[int, int] | None) -> int:
+    """``--resume --num-samples N``: the study's new total of trials (models); lowering it below what
+    already started is refused."""
+    pack = int(meta.get("pack", 1))
+    started = (saved[0] if saved else 0) * pack
+    if wanted < started:
+        raise UsageError(f"--num-samples {wanted}: the study at {root} already started {started} trials; give "
+                         f"at least {started} (its total is {meta.get('num_samples')}), or leave it out")
+    if wanted != meta.get("num_samples"):
+        print(f"note: the study's total goes from {meta.get('num_samples')} to {wanted} trials; the sampler "
+              f"goes on from everything the study already knows")
+    return wanted

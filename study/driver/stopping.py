@@ -6,8 +6,11 @@ Exit statuses of ``python -m study.run`` (README: "Exit status"):
 3 the study ran but no trial finished (every one failed, or none finished an epoch), so a Ray job
   shows FAILED;
 1 any other error once work had started;
-130 / 143 stopped by Ctrl-C (SIGINT) / SIGTERM (``ray job stop``, Kubernetes) at a safe point: Ray Tune
-  saved the study's state, and the exact ``--resume`` command is printed.
+130 / 143 stopped by Ctrl-C (SIGINT) / SIGTERM (``ray job stop``, Kubernetes, ``timeout``) at a safe point:
+  Ray Tune saved the study's state, and the exact ``--resume`` command is printed (or that nothing was
+  started). The same whether the signal reaches the driver alone or its whole process group: the
+  private Ray a local study starts runs in a session of its own (``in_own_session``), out of the
+  group's reach, and stops with the study.
 """
 from __future__ import annotations
 
@@ -15,6 +18,7 @@ import logging
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 
 from study.cli import UsageError
@@ -26,11 +30,18 @@ SIGNAL_EXIT = {signal.SIGINT: 130, signal.SIGTERM: 143}
 class Signals:
     """SIGINT and SIGTERM stop the study at a safe point through Ray Tune's own graceful stop (its
     SIGUSR1 handler, installed while ``Tuner.fit`` runs): trials stop, Tune saves the experiment state.
-    A second signal stops at once. Tune's own SIGINT handler is off: it prints ``Tuner.restore(...)``,
-    not this project's ``--resume``; and Ray's driver turns SIGTERM into an abort with a native dump."""
+    Before Tune runs there is nothing to save: the run stops at once (``KeyboardInterrupt``). A second
+    signal stops at once; the same signal again within ``REPEAT_S`` is the same request (``timeout``
+    sends it to the process and to its group). Tune's own SIGINT handler is off: it prints
+    ``Tuner.restore(...)``, not this project's ``--resume``; and Ray's driver turns SIGTERM into an abort
+    with a native dump."""
+
+    REPEAT_S = 1.0
 
     def __init__(self):
         self.received: int | None = None
+        self.started = False    # set once the study has started: a stop leaves it something to resume
+        self._at = 0.0
         self._old: dict[int, object] = {}
 
     def __enter__(self) -> "Signals":
@@ -43,26 +54,29 @@ class Signals:
         return self
 
     def install(self) -> None:
+        """Handle SIGINT and SIGTERM from now on (again after a library installed its own)."""
         for sig in SIGNAL_EXIT:
-            self._old[sig] = signal.signal(sig, self._handle)
+            old = signal.signal(sig, self._handle)
+            self._old.setdefault(sig, old)
 
     def _handle(self, signum, frame) -> None:
+        now = time.monotonic()
         if self.received is not None:
+            if signum == self.received and now - self._at < self.REPEAT_S:
+                return
             raise KeyboardInterrupt   # a second signal: stop at once
-        self.received = signum
+        self.received, self._at = signum, now
+        tune_stop = signal.getsignal(signal.SIGUSR1) if hasattr(signal, "SIGUSR1") else None
+        if not callable(tune_stop):
+            raise KeyboardInterrupt   # Tune is not running: nothing to save
         print(f"\n{signal.Signals(signum).name} received: stopping the study at a safe point (Ray Tune saves its "
               f"state); send it again to stop at once", file=sys.stderr, flush=True)
-        tune_stop = signal.getsignal(signal.SIGUSR1) if hasattr(signal, "SIGUSR1") else None
-        if callable(tune_stop):
-            tune_stop(signal.SIGUSR1, frame)   # Tune's loop ends after its current step and saves
-        else:
-            raise KeyboardInterrupt   # Tune is not running yet: nothing to save
+        tune_stop(signal.SIGUSR1, frame)   # Tune's loop ends after its current step and saves
 
     def __exit__(self, *exc) -> None:
         for sig, old in self._old.items():
             signal.signal(sig, old)
-        if exc[0] is KeyboardInterrupt and self.received is not None:
-            print(resume_hint_unknown(), file=sys.stderr)
+        self._old = {}
 
 
 def request_graceful_stop() -> bool:
@@ -75,17 +89,88 @@ def request_graceful_stop() -> bool:
     return True
 
 
-def resume_hint_unknown() -> str:
-    return "stopped at once: Ray Tune's last saved state (at most seconds old) is what --resume continues from"
-
-
 class Stopped(Exception):
-    """The study stopped at a safe point on a signal; ``exit_status`` is 128 + the signal's number."""
+    """The study stopped on a signal; ``exit_status`` is 128 + the signal's number.
 
-    def __init__(self, signum: int, resume_cmd: str):
+    ``resume_cmd``: the command that continues it, None when nothing was started (a new study stopped before
+    it started). ``at_once``: stopped before a safe point (a second signal, or before Ray Tune ran)."""
+
+    def __init__(self, signum: int, resume_cmd: str | None, at_once: bool = False, started: bool = True):
         self.exit_status = SIGNAL_EXIT.get(signum, 128 + int(signum))
-        super().__init__(f"stopped by {signal.Signals(signum).name}; its state is saved. Continue it with:\n"
-                         f"  {resume_cmd}")
+        name = signal.Signals(signum).name
+        if resume_cmd is None:
+            text = f"stopped by {name} before the study started: nothing was started"
+        elif not started:
+            text = f"stopped by {name} before this run started anything: the study is as it was. Continue it with:"
+        elif at_once:
+            text = (f"stopped at once by {name}: Ray Tune's last saved state (at most seconds old) is what --resume "
+                    f"continues from:")
+        else:
+            text = f"stopped by {name}; its state is saved. Continue it with:"
+        super().__init__(text if resume_cmd is None else f"{text}\n  {resume_cmd}")
+
+
+def nothing_started(error: BaseException) -> Stopped | None:
+    """The ``Stopped`` of a run that a signal ended before the study started (``KeyboardInterrupt``, or
+    study.cli's ``Terminated`` for SIGTERM); None for any other error."""
+    from study.cli import Terminated
+
+    signum = {KeyboardInterrupt: signal.SIGINT, Terminated: signal.SIGTERM}.get(type(error))
+    return Stopped(signum, None) if signum is not None else None
+
+
+# Set in the driver that ``in_own_session`` starts: the pid of the command the user started, which stands for it.
+OWN_SESSION_ENV = "COLORIZE_STUDY_COMMAND_PID"
+
+
+def own_session_wanted() -> bool:
+    """Whether this command should run the study in a session of its own: not already in one, and on Linux
+    (the parent-death signal ties the study to this process)."""
+    return sys.platform.startswith("linux") and OWN_SESSION_ENV not in os.environ
+
+
+def driver_pid() -> int:
+    """The pid that stands for the study's driver (lock, status.json): the command the user started."""
+    return int(os.environ.get(OWN_SESSION_ENV) or os.getpid())
+
+
+def in_own_session(cmd: list[str]) -> int:
+    """Run the driver command ``cmd`` in a session (and process group) of its own, passing it SIGINT and
+    SIGTERM; returns its exit status (128 + N when signal N ended it).
+
+    Ray's processes join the process group of the driver that starts them: a signal to the whole group
+    (``timeout``, ``kill -TERM -PGID``) killed Ray's GCS and raylet under the study, whose driver then
+    waited a minute for them and ended without its state saved. In a session of its own the study gets the
+    signal once, from this process, as if it had been sent to the driver alone. When this process dies the
+    study gets SIGKILL (Linux's parent-death signal), as its Ray does when the driver dies."""
+    import ctypes
+    import subprocess
+
+    prctl = ctypes.CDLL(None, use_errno=True).prctl   # looked up here: the child only calls it
+    parent, child, pending = os.getpid(), None, []
+
+    def die_with_parent() -> None:   # in the child, before it runs the command
+        prctl(1, int(signal.SIGKILL))   # PR_SET_PDEATHSIG
+        if os.getppid() != parent:   # the parent died before that took hold
+            os._exit(128 + int(signal.SIGKILL))
+
+    def forward(signum, frame) -> None:
+        if child is None:
+            pending.append(signum)
+        elif child.poll() is None:
+            child.send_signal(signum)
+
+    old = {sig: signal.signal(sig, forward) for sig in SIGNAL_EXIT}
+    try:
+        child = subprocess.Popen(cmd, env={**os.environ, OWN_SESSION_ENV: str(parent)}, start_new_session=True,
+                                 preexec_fn=die_with_parent)
+        for signum in pending:
+            child.send_signal(signum)
+        status = child.wait()
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+    return status if status >= 0 else 128 - status
 
 
 def resume_command(root: str, storage: str, name: str, space, optuna_url: str | None) -> str:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import math
 import os
+import signal
+import threading
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,12 +20,12 @@ import ray
 from ray import tune
 from ray.tune.search import ConcurrencyLimiter
 
+import study.tune.ray_internals as ray_internals
 from study.cli import UsageError
 from study.config import ConfigError
 from study.engine import STRUCTURE
 from study.results import resolve
 from study.space import Space
-from study.tune import ray_internals
 from study.tune.callback import ResultsCallback
 from study.tune.moved import alias_moved_modules
 from study.tune.pruning import OptunaPruningScheduler, PackDecisions
@@ -44,13 +46,24 @@ os.environ.setdefault("TUNE_FUNCTION_THREAD_TIMEOUT_S", "30")
 
 
 def init_ray(address: str | None, num_cpus: int | None = None, num_gpus: int | None = None) -> dict:
-    if not ray.is_initialized():
-        if address:
-            ray.init(address=address, log_to_driver=False)
-        else:
-            # "local": a Ray of our own, even when RAY_ADDRESS or a `ray start` cluster is around.
-            ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False,
-                     log_to_driver=False)
+    """Start or join Ray; the caller's SIGTERM handler stays, and gets a SIGTERM that comes while Ray starts
+    (Ray's driver sets its own while it connects, which exits the process with status 15)."""
+    handler = signal.getsignal(signal.SIGTERM)
+    try:
+        if not ray.is_initialized():
+            if address:
+                ray.init(address=address, log_to_driver=False)
+            else:
+                # "local": a Ray of our own, even when RAY_ADDRESS or a `ray start` cluster is around.
+                ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False,
+                         log_to_driver=False)
+    except SystemExit as e:
+        if e.code == signal.SIGTERM and callable(handler):
+            handler(signal.SIGTERM, None)   # the caller's stop (it raises); else Ray's exit stands
+        raise
+    finally:
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, handler)
     return ray.cluster_resources()
 
 
@@ -105,6 +118,7 @@ class StudySettings:
     grayscale: str = "left out"
     clock: Any = None
     verbose: bool = False
+    driver_pid: int | None = None   # the process that stands for the driver (status.json); None: this one
 
 
 @dataclass
@@ -142,7 +156,7 @@ def build_tuner(settings: StudySettings) -> StudyTuner:
         actor = PackDecisions.options(name=decisions).remote()
     driver = DriverState(storage_url=s.storage_url, space=s.space, study_root=s.study_root, data_root=s.data_root,
                          cache_dir=s.cache_dir, cluster=s.cluster, decisions=actor, total=s.num_samples,
-                         clock=s.clock, structure=STRUCTURE)
+                         clock=s.clock, structure=STRUCTURE, pid=s.driver_pid)
     fn = make_trainable(s.space, s.data_root, s.cache_dir, s.resources, decisions, s.grayscale,
                         deadline=s.clock.deadline if s.clock is not None else None)
     _open_optuna_study(s)

@@ -294,7 +294,7 @@ class ResultsCallback(UsesDriver, Callback):
         if d.clock is None:
             return None
         rec = status_record(self.writer.tables["trials"], d.total, d.clock, self._images,
-                            now - getattr(self, "_run_started", now), self._ended_in_run, state)
+                            now - getattr(self, "_run_started", now), self._ended_in_run, state, pid=d.pid)
         print(progress_line(rec), flush=True)
         write_json(self.study, STATUS_FILE, rec)
         return rec

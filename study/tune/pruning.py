@@ -14,7 +14,7 @@ import asyncio
 import ray
 from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 
-from study.tune import ray_internals
+import study.tune.ray_internals as ray_internals
 from study.tune.searcher import (
     COMPLETE,
     ERROR_KEY,

@@ -24,7 +24,6 @@ import math
 import pickle
 import warnings
 from pathlib import Path
-from typing import Any
 
 import optuna
 from ray.tune.search import Searcher

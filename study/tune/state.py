@@ -27,6 +27,7 @@ class DriverState:
     clock: Any = None               # study.driver.StudyClock: running time and time budget
     budget_stopped: bool = False    # set when the time budget stopped the study
     structure: tuple[str, ...] = ()  # the parameters a pack's members share (study.engine.STRUCTURE)
+    pid: int | None = None          # the process that stands for the driver (status.json); None: this one
 
 
 class UsesDriver:

@@ -16,6 +16,7 @@ from ray import tune
 from ray.tune import Checkpoint
 from ray.tune.trainable import wrap_function
 
+import study.tune.ray_internals as ray_internals
 from study.config import ConfigError
 from study.engine import (
     ALLOW_GRAYSCALE_ENV,
@@ -30,7 +31,6 @@ from study.engine import (
 )
 from study.results import OBJECTIVES
 from study.space import Space
-from study.tune import ray_internals
 from study.tune.searcher import ERROR_KEY, MEMBERS_KEY, METRIC, PARKED_KEY
 
 # How long a trial stopped by the time budget waits, its checkpoint saved, for the driver to end the study.
