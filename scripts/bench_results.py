@@ -1,7 +1,7 @@
 """The results writer's cost per reported result, and how fast a big study's tables read back.
 
     python scripts/bench_results.py events --trials 100 1000 10000 --epochs 5
-    python scripts/bench_results.py readback --trials 10000 --epochs 20 [--flush-every 5]
+    python scripts/bench_results.py readback --trials 10000 --epochs 20 [--flush-every 5] [--previews 8]
 
 ``events``: the driver's loop without Ray: for each trial, every epoch is ``add_epochs`` of one
 ``epoch_row`` plus ``upsert("trials", ...)`` of its RUNNING ``trial_row``, and its end is an
@@ -58,7 +58,14 @@ def the_trial_row(n: int, status: str, history: list[dict]) -> dict:
                      pack_id=n, pack_size=1)
 
 
-def run_trials(writer, first: int, last: int, epochs: int, times: list[float] | None, flush_every: int = 0) -> None:
+def previews(n: int, epoch: int, count: int) -> list[dict]:
+    """``count`` prediction PNGs (2 kB of noise each: a 32x32 PNG's size, and as incompressible)."""
+    return [{"trial_id": trial_id(n), "dataset": "cifar10", "resolution": 32, "epoch": epoch, "image_index": i,
+             "kind": "prediction", "png": os.urandom(2048)} for i in range(count)]
+
+
+def run_trials(writer, first: int, last: int, epochs: int, times: list[float] | None, flush_every: int = 0,
+               preview_count: int = 0) -> None:
     for n in range(first, last):
         if flush_every and n % flush_every == 0:
             writer.flush()   # a long study writes its tables many more times than a fast loop does
@@ -71,13 +78,15 @@ def run_trials(writer, first: int, last: int, epochs: int, times: list[float] | 
             writer.upsert("trials", [the_trial_row(n, "RUNNING", history)])
             if times is not None:
                 times.append(time.perf_counter() - t0)
+            if preview_count and (e % 5 == 0 or e == epochs):   # a checkpoint's previews (not timed)
+                writer.add_previews(previews(n, e, preview_count))
         t0 = time.perf_counter()
         writer.upsert("trials", [the_trial_row(n, "DONE", history)])
         if times is not None:
             times.append(time.perf_counter() - t0)
 
 
-def prefill(study: str, trials: int, epochs: int) -> None:
+def prefill(study: str, trials: int, epochs: int, preview_count: int = 0) -> None:
     """The first ``trials`` trials in the one-file-per-(trial, epoch) layout, written straight to disk."""
     import pandas as pd
     import pyarrow as pa
@@ -97,6 +106,10 @@ def prefill(study: str, trials: int, epochs: int) -> None:
             pq.write_table(pa.Table.from_pylist([{f.name: row.get(f.name) for f in schema}], schema=schema), buf)
             (folder / f"t-{row['trial_id']}-e{row['epoch']:04d}.parquet").write_bytes(buf.getvalue())
         rows.append(the_trial_row(n, "DONE", history))
+        for e in [e for e in range(1, epochs + 1) if preview_count and (e % 5 == 0 or e == epochs)]:
+            Path(study, "results", "previews.parquet").mkdir(exist_ok=True)
+            pd.DataFrame(previews(n, e, preview_count)).to_parquet(
+                Path(study, "results", "previews.parquet", f"t-{trial_id(n)}-e{e:04d}.parquet"), index=False)
     df = coerce("trials", pd.DataFrame(rows))
     pq.write_table(pa.Table.from_pandas(df, preserve_index=False), Path(study, "results", "trials.parquet"))
 
@@ -143,10 +156,10 @@ def readback(args) -> dict:
         with tempfile.TemporaryDirectory(dir=args.dir) as study:
             t0 = time.perf_counter()
             if args.prefill:
-                prefill(study, n, args.epochs)
+                prefill(study, n, args.epochs, args.previews)
             else:
                 writer = ResultsWriter(study)
-                run_trials(writer, 0, n, args.epochs, None, args.flush_every)
+                run_trials(writer, 0, n, args.epochs, None, args.flush_every, args.previews)
                 close(writer)
             built = time.perf_counter() - t0
             files = sum(len(f) for _, _, f in os.walk(Path(study, "results")))
@@ -177,6 +190,8 @@ def main() -> None:
     p.add_argument("--sample", type=int, default=0, help="time only the last K trials (prefilling the rest)")
     p.add_argument("--prefill", action="store_true", help="readback: write the study straight to disk")
     p.add_argument("--flush-every", type=int, default=0, help="readback: write the tables every N trials")
+    p.add_argument("--previews", type=int, default=0,
+                   help="readback: PNGs per checkpoint (every 5th and the last epoch), 2 kB each")
     p.add_argument("--dir", default=None, help="where the temporary studies go (default: the system's)")
     args = p.parse_args()
     out = events(args) if args.mode == "events" else readback(args)

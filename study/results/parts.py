@@ -23,10 +23,12 @@ import re
 from dataclasses import dataclass, field
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 
 from study.results.contract import KEYS
-from study.results.files import delete, listing, parquet_bytes, read_parquet, schema, write_bytes
+from study.results.files import delete, listing, parquet_bytes, read_parquet, schema, unreadable, write_bytes
 
 PART = re.compile(r"^part-(\d+)-(\d+)\.parquet$")
 TRIAL_EPOCH = re.compile(r"^t-(.+)-e(\d+)\.parquet$")   # earlier versions: one file per (trial, epoch)
@@ -74,15 +76,32 @@ def contents(fs: pafs.FileSystem, folder: str) -> Contents:
 
 def read_files(fs: pafs.FileSystem, folder: str, name: str, files: list[str], columns: list[str] | None = None,
                origins: bool = False) -> pa.Table | None:
-    """The rows of ``files`` in that order (None when there are none), every column in the contract's type;
-    with ``origins``, each row's file in the ``_origin`` column."""
-    tables = []
-    for file in files:
+    """The rows of ``files``, earlier versions' files first, then parts in order (None when there are none),
+    every column in the contract's type; with ``origins``, each row's part in the ``_origin`` column ("" for
+    an earlier version's file)."""
+    legacy = [f for f in files if not PART.match(f)]
+    tables = [] if not legacy else [_read_legacy(fs, folder, name, legacy, columns)]
+    for file in (f for f in files if PART.match(f)):
         table = read_parquet(fs, f"{folder}/{file}", schema(name), columns)
         if table is not None:
-            tables.append(table.append_column(ORIGIN, pa.array([file] * len(table), pa.string())) if origins
-                          else table)
+            tables.append(table)
+    if origins:
+        names = [""] * bool(legacy) + [f for f in files if PART.match(f)]
+        tables = [t.append_column(ORIGIN, pa.array([file] * len(t), pa.string())) for t, file in zip(tables, names)]
     return pa.concat_tables(tables) if tables else None
+
+
+def _read_legacy(fs: pafs.FileSystem, folder: str, name: str, files: list[str], columns: list[str] | None):
+    """Earlier versions' files, thousands of them: read together (a file without the newest columns reads
+    them empty)."""
+    arrow = schema(name)
+    try:
+        table = pq.read_table([f"{folder}/{f}" for f in files], filesystem=fs, schema=arrow, columns=columns)
+        return table.combine_chunks()   # a chunk per file otherwise: every later step would walk them all
+    except FileNotFoundError:
+        raise
+    except (pa.ArrowException, OSError) as e:
+        raise unreadable(folder, e) from e
 
 
 def newest(table: pa.Table, name: str) -> tuple[pa.Table, pa.Table]:
@@ -96,12 +115,18 @@ def newest(table: pa.Table, name: str) -> tuple[pa.Table, pa.Table]:
 
 def read_folder(fs: pafs.FileSystem, folder: str, name: str) -> pa.Table | None:
     """What a reader sees of a folder table: None when it does not exist, else every row once."""
-    found = contents(fs, folder)
-    files = found.legacy + [p.name for p in found.parts]
-    if not files:
-        return None if fs.get_file_info(folder).type == pafs.FileType.NotFound else schema(name).empty_table()
-    table = read_files(fs, folder, name, files)
-    return schema(name).empty_table() if table is None else newest(table, name)[0]
+    for attempt in range(3):
+        found = contents(fs, folder)
+        files = found.legacy + [p.name for p in found.parts]
+        if not files:
+            return None if fs.get_file_info(folder).type == pafs.FileType.NotFound else schema(name).empty_table()
+        try:
+            table = read_files(fs, folder, name, files)
+        except FileNotFoundError:   # the writer converted an earlier version's files meanwhile: list again
+            if attempt == 2:
+                raise
+            continue
+        return schema(name).empty_table() if table is None else newest(table, name)[0]
 
 
 def _origin(file: str) -> int | str:
@@ -150,9 +175,10 @@ class PartsTable:
             return
         table, older = newest(table, self.name)
         for row in older.select([*self.keys, ORIGIN]).to_pylist():   # a write cut short left a key twice
-            self.stale.setdefault(_origin(row[ORIGIN]), set()).add(tuple(row[k] for k in self.keys))
-        for file in read:   # rows of earlier versions' files are written again as a part, then the files go
-            self.stale.setdefault(file, set())
+            if row[ORIGIN]:
+                self.stale.setdefault(_origin(row[ORIGIN]), set()).add(tuple(row[k] for k in self.keys))
+        if read:
+            table = self._convert(table, read)
         self._base = table.sort_by([(k, "ascending") for k in self.keys])
         trial_ids = self._base["trial_id"].to_pylist()
         self._spans: dict[str, tuple[int, int]] = {}
@@ -163,11 +189,21 @@ class PartsTable:
                 start = i
         if "" in self._spans and "dataset" in self.keys:
             self.originals |= {(k[1], k[2]) for k in self._trial("")}
-        if read:
-            for tid in list(self._spans):
-                for key, entry in self._trial(tid).items():
-                    if not isinstance(entry[1], int):
-                        self.pending[key], entry[1] = entry[0], None
+
+    def _convert(self, table: pa.Table, files: list[str]) -> pa.Table:
+        """Earlier versions' rows (those no part holds) are written as a part now; their files go at the next
+        write (a crash between leaves a row in both: the part's wins)."""
+        legacy = pc.equal(table[ORIGIN], "")
+        rows = table.filter(legacy).drop_columns([ORIGIN])
+        if len(rows):
+            part = self._put(self._seq + 1, self._seq + 1, rows)
+            self.parts.append(part)
+            self._seq = part.hi
+            table = table.set_column(table.column_names.index(ORIGIN), ORIGIN,
+                                     pc.if_else(legacy, part.name, table[ORIGIN]))
+        for file in files:
+            self.stale.setdefault(file, set())
+        return table
 
     def _trial(self, trial_id: str) -> dict[tuple, list]:
         got = self._trials.get(trial_id)
