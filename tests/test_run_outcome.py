@@ -17,7 +17,8 @@ import pandas as pd
 import pytest
 import yaml
 from conftest import PYTHON, python_env
-from test_study import fingerprint, kill_session, run_study, session_processes, space_file
+from test_study import (fingerprint, kill_session, live_trials, run_study, session_processes,
+                        space_file)
 
 
 def cli(tmp_path, *args, env=None):
@@ -76,7 +77,7 @@ def _stop_when(proc, study: Path, ready, signum: int, group: bool = False) -> tu
         while time.time() < deadline:
             assert proc.poll() is None, proc.communicate()
             try:
-                if ready(pd.read_parquet(study / "results" / "trials.parquet")):
+                if ready(live_trials(study)):
                     break
             except (FileNotFoundError, OSError, KeyError, AttributeError):
                 pass

@@ -20,6 +20,7 @@ import yaml
 from conftest import PYTHON, ROOT, python_env
 
 from study.driver.stopping import OWN_SESSION_ENV
+from study.results import read_table
 
 pytestmark = pytest.mark.slow
 SMOKE = yaml.safe_load((ROOT / "search_spaces" / "smoke.yaml").read_text())
@@ -56,7 +57,7 @@ def kill_driver_when(tmp_path, cache_dir, space: str, study: Path, ready, *args,
         deadline = time.time() + 300
         while time.time() < deadline:
             try:
-                if ready(tables(study)["trials"]):
+                if ready(live_trials(study)):
                     break
             except (FileNotFoundError, OSError, KeyError, AttributeError):   # not written yet, or mid-write
                 pass
@@ -67,7 +68,7 @@ def kill_driver_when(tmp_path, cache_dir, space: str, study: Path, ready, *args,
     finally:
         kill_session(proc.pid)  # the driver and the local Ray cluster it started
         proc.wait()
-    return tables(study)["trials"]
+    return live_trials(study)
 
 
 def session_processes(sid: int) -> list[tuple[int, str]]:
@@ -96,7 +97,14 @@ def kill_session(sid: int) -> None:
 
 
 def tables(study: Path) -> dict[str, pd.DataFrame]:
+    """The tables as their files hold them (a study whose driver ended: everything is written)."""
     return {t: pd.read_parquet(study / "results" / f"{t}.parquet") for t in ("trials", "epochs", "previews")}
+
+
+def live_trials(study: Path) -> pd.DataFrame | None:
+    """The trials table as a reader sees a running study's (the file and the changes its driver journaled since
+    it wrote it: the tables are written on a cadence); None before its first trial."""
+    return read_table(str(study), "trials")
 
 
 def check_consistent(study: Path, n_trials: int) -> dict[str, pd.DataFrame]:
@@ -343,7 +351,7 @@ def kill_a_worker_mid_run(tmp_path, cache_dir, space: str, study: Path, *args) -
         deadline = time.time() + 300
         while killed is None and time.time() < deadline and proc.poll() is None:
             try:
-                trials = tables(study)["trials"]
+                trials = live_trials(study)
                 running = trials[(trials.status == "RUNNING") & (trials.epochs_run.fillna(0) >= 2)]
             except (FileNotFoundError, OSError, KeyError, AttributeError):   # not written yet, or mid-write
                 running = None
@@ -374,7 +382,3 @@ def test_dead_trial_worker_restarts_from_checkpoint(tmp_path, cache_dir):
     row = restarted.iloc[0]
     assert row.trial_id == killed.trial_id and row.status == "DONE" and row.epochs_run == 6
     assert row.resumed_at_epoch > 1  # continued from its checkpoint, not from scratch
-
-
-def tables_trials(study: Path) -> pd.DataFrame:
-    return pd.read_parquet(study / "results" / "trials.parquet")

@@ -99,7 +99,8 @@ class StudySettings:
     ``grayscale``: the study's rule for grayscale photos ("left out" or "kept", study.engine.data.grayscale_rule),
     applied in every trial's worker.
     ``clock``: the study's running time and time budget (study.driver.StudyClock); its deadline reaches
-    every trial, which stops at the first epoch's end past it with a checkpoint.
+    every trial, which stops at the first epoch's end past it with a checkpoint (one that has trained no
+    epoch since it started is stopped at once: study.tune.callback).
     """
     study_root: str
     space: Space

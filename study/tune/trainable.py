@@ -41,8 +41,10 @@ def _budget(deadline: float | None):
     """(checkpoint_now, park) for a trial under a time budget ending at ``deadline`` (wall clock).
 
     checkpoint_now(): whether the epoch that just ended writes a checkpoint whatever else is due (the
-    budget is spent); park(): wait for the driver, which ends the study once every running trial has
-    reported such an epoch (a trial that would go on training would only be cut off mid-epoch)."""
+    budget is spent); park(): wait for the driver, which ends the study once no running trial would lose
+    an epoch (a trial that would go on training would only be cut off mid-epoch). A trial that has trained
+    no epoch since it started is not waited for (study.tune.callback: its checkpoint is saved, or it has
+    none to lose)."""
     if deadline is None:
         return None, lambda: None
 
