@@ -1,6 +1,8 @@
 """A single trial is a pack of one: run_trial and run_pack([cfg]) train, evaluate and checkpoint the same
 member bit for bit, for both heads (regression RGB/UV and the classification head) and with a discriminator;
 a pack of K reproduces its RGB members' separate trials (real data, real training on the CPU)."""
+import math
+
 import pytest
 import torch
 
@@ -63,7 +65,7 @@ def _equal(a, b) -> bool:
         return len(a) == len(b) and all(_equal(x, y) for x, y in zip(a, b))
     if torch.is_tensor(a):
         return torch.equal(a, b)
-    return a == b or (a != a and b != b)   # NaN == NaN
+    return a == b or (isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b))
 
 
 @pytest.mark.parametrize("case", sorted(CASES))

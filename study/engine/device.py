@@ -9,11 +9,10 @@ import torch
 
 from study.config import ConfigError, TrialConfig
 
-# precision "auto" on a GPU: bf16 autocast from this many pixels per batch (batch * H * W). Measured on
-# an H100: at CIFAR batch 64 (65k px) bf16 gained nothing over fp32 (its cast kernels cost what the
-# matmuls save), at batch 512 (524k px) bf16 + channels_last was the fastest; Flowers batches are far above.
+# precision "auto" on a GPU: bf16 autocast from this many pixels per batch (batch * H * W); below it bf16's
+# cast kernels cost what its matmuls save (docs/measurements.md has the figures behind the threshold).
 BF16_MIN_PIXELS = 1 << 18
-# torch.compile for the forward+loss (and its backward): off by default until measured on a GPU.
+# torch.compile for the forward+loss (and its backward): off by default (no GPU measurement shows it pays).
 # COLORIZE_COMPILE=1 (inductor), =reduce-overhead (CUDA graphs as well) or =max-autotune.
 COMPILE_ENV = "COLORIZE_COMPILE"
 _COMPILE_MODES = {"1": "default", "on": "default", "true": "default", "default": "default",

@@ -38,7 +38,7 @@ class PackTerms:
     adversarial: float | torch.Tensor  # the weight w of the discriminator's term (0: none)
 
     @classmethod
-    def of(cls, cfgs: list[TrialConfig], classes: ChromaBins | None, device: torch.device) -> "PackTerms":
+    def of(cls, cfgs: list[TrialConfig], classes: ChromaBins | None, device: torch.device) -> PackTerms:
         """The terms of members ``cfgs``; ``classes``: their classification head's bins (None: no such head)."""
         names = [c.loss for c in cfgs]
         shared = len(set(names)) == 1
