@@ -1,13 +1,14 @@
 """The results writer's cost per reported result, and how fast a big study's tables read back.
 
-    python scripts/bench_results.py events --trials 100 1000 10000 --epochs 5
+    python scripts/bench_results.py events --trials 100 1000 10000 --epochs 5 [--sample 40] [--pace 0.05 --interval 0]
     python scripts/bench_results.py readback --trials 10000 --epochs 20 [--flush-every 5] [--previews 8]
 
 ``events``: the driver's loop without Ray: for each trial, every epoch is ``add_epochs`` of one
 ``epoch_row`` plus ``upsert("trials", ...)`` of its RUNNING ``trial_row``, and its end is an
 ``upsert`` of its DONE row; each of those (an epoch's pair, an end) is one timed result. ``--sample K``
 prefills all but the last K trials straight into the one-file-per-epoch layout (no writer: an old
-writer would take hours to get there) and times only the last K trials: the cost at that size.
+writer would take hours to get there) and times only the last K trials: the cost at that size. ``--pace``
+spaces the results as a driver gets them (with ``--interval 0`` every result then meets a table write).
 
 ``readback``: builds the study (through the writer, writing the tables every ``--flush-every`` trials
 as a long study would, or ``--prefill`` as above), then times ``read_table`` of each table and opening
@@ -65,7 +66,7 @@ def previews(n: int, epoch: int, count: int) -> list[dict]:
 
 
 def run_trials(writer, first: int, last: int, epochs: int, times: list[float] | None, flush_every: int = 0,
-               preview_count: int = 0) -> None:
+               preview_count: int = 0, pace: float = 0.0) -> None:
     for n in range(first, last):
         if flush_every and n % flush_every == 0:
             writer.flush()   # a long study writes its tables many more times than a fast loop does
@@ -78,6 +79,7 @@ def run_trials(writer, first: int, last: int, epochs: int, times: list[float] | 
             writer.upsert("trials", [the_trial_row(n, "RUNNING", history)])
             if times is not None:
                 times.append(time.perf_counter() - t0)
+            time.sleep(pace)   # results a while apart, as a driver gets them: each may meet a write
             if preview_count and (e % 5 == 0 or e == epochs):   # a checkpoint's previews (not timed)
                 writer.add_previews(previews(n, e, preview_count))
         t0 = time.perf_counter()
@@ -138,10 +140,10 @@ def events(args) -> dict:
             if args.sample and args.sample < n:
                 first = n - args.sample
                 prefill(study, first, args.epochs)
-            writer = ResultsWriter(study)
+            writer = ResultsWriter(study, **({} if args.interval is None else {"interval_s": args.interval}))
             times: list[float] = []
             t0 = time.perf_counter()
-            run_trials(writer, first, n, args.epochs, times)
+            run_trials(writer, first, n, args.epochs, times, pace=args.pace)
             t_close = time.perf_counter()
             close(writer)
             out[str(n)] = {**percentiles(times), "timed_trials": n - first, "loop_s": round(t_close - t0, 2),
@@ -188,6 +190,8 @@ def main() -> None:
     p.add_argument("--trials", type=int, nargs="+", default=[100, 1000, 10000])
     p.add_argument("--epochs", type=int, default=5)
     p.add_argument("--sample", type=int, default=0, help="time only the last K trials (prefilling the rest)")
+    p.add_argument("--interval", type=float, default=None, help="events: the writer's interval_s (where it has one)")
+    p.add_argument("--pace", type=float, default=0.0, help="events: seconds between results (not timed)")
     p.add_argument("--prefill", action="store_true", help="readback: write the study straight to disk")
     p.add_argument("--flush-every", type=int, default=0, help="readback: write the tables every N trials")
     p.add_argument("--previews", type=int, default=0,

@@ -213,15 +213,17 @@ def apply(writer: ResultsWriter, op: tuple) -> None:
         writer.stage("trials", [trial_row(op[1], CONFIG, op[2], [metrics(e, 20.0) for e in range(1, epochs_run + 1)])])
 
 
-def run_burst(study: str, trials: int, flush_each: bool) -> None:
-    """The child of the crash test: apply the burst, printing each change's number once it is made."""
-    w = ResultsWriter(study)
+def run_burst(study: str, trials: int, mode: str) -> None:
+    """The child of the crash test: apply the burst, printing each change's number once it is made.
+    ``mode``: "flush" writes the tables after every change, "journal" never (the first change aside),
+    "thread" as often as the writing thread can."""
+    w = ResultsWriter(study, interval_s={"flush": 5, "journal": 3600, "thread": 0}[mode])
     for i, op in enumerate(burst_ops(trials)):
         apply(w, op)
-        if flush_each:
+        if mode == "flush":
             w.flush()
-        else:
-            time.sleep(0.002)   # slow enough to be killed mid-burst
+        else:   # slow enough to be killed mid-burst, and for the writing thread to write many times
+            time.sleep(0.002 if mode == "journal" else 0.01)
         print(i, flush=True)
     w.close()
     print("end", flush=True)
@@ -240,14 +242,16 @@ def state(study: Path, plain: bool = False) -> tuple[dict, dict, set]:
             {(r.trial_id, r.epoch) for r in previews.itertuples()})
 
 
-@pytest.mark.parametrize(("flush_each", "kill_after"), [(True, 3), (True, 40), (True, 150), (False, 120)])
-def test_a_writer_killed_mid_burst_loses_and_duplicates_nothing(tmp_path, flush_each, kill_after):
-    """SIGKILL while it writes (flush_each: tables written after every change, so the kill lands mid-write)
-    or while changes wait in the journal: every change it reported made is there, once; reopening writes them,
-    and carrying on (a restored trial reporting again) ends with the whole study, one row per key."""
+@pytest.mark.parametrize(("mode", "kill_after"), [("flush", 3), ("flush", 40), ("flush", 150), ("journal", 120),
+                                                 ("thread", 60), ("thread", 200)])
+def test_a_writer_killed_mid_burst_loses_and_duplicates_nothing(tmp_path, mode, kill_after):
+    """SIGKILL while it writes (the tables written after every change, or by the writing thread, so the kill
+    lands mid-write) or while changes wait in the journal: every change it reported made is there, once;
+    reopening writes them, and carrying on (a restored trial reporting again) ends with the whole study, one
+    row per key."""
     trials = 20
-    code = f"import sys; sys.path.insert(0, {str(TESTS)!r}); from test_results_store import run_burst; " \
-           f"run_burst({str(tmp_path)!r}, {trials}, {flush_each})"
+    code = (f"import sys; sys.path.insert(0, {str(TESTS)!r}); from test_results_store import run_burst; "
+            f"run_burst({str(tmp_path)!r}, {trials}, {mode!r})")
     child = subprocess.Popen([PYTHON, "-c", code], stdout=subprocess.PIPE, text=True, env=python_env())
     done = -1
     for line in child.stdout:

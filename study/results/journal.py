@@ -77,8 +77,8 @@ def read(fs: pafs.FileSystem, folder: str, names: list[str] | None = None) -> li
 
 
 class Journal:
-    """The writer's end of the journal: ``append`` each change, ``commit`` (object store), ``clear`` once
-    the tables hold every change."""
+    """The writer's end of the journal: ``append`` each change, ``commit`` (object store); ``rotate`` when
+    a write of the tables starts and ``clear`` once it is done."""
 
     def __init__(self, fs: pafs.FileSystem, folder: str):
         self.fs, self.folder = fs, folder
@@ -121,12 +121,18 @@ class Journal:
             self._next += 1
             self._held = []
 
-    def clear(self) -> None:
-        """Forget every change: the tables hold them all now."""
+    def rotate(self) -> int:
+        """The changes so far are being written to the tables: later ones go to a new segment. Returns the
+        last segment ``clear`` may delete once they are (an object store's held changes are the write's)."""
         self.close()
         self._held = []
+        return self._next - 1
+
+    def clear(self, upto: int) -> None:
+        """Forget the changes in segments up to ``upto``: the tables hold them now."""
         for name in segments(self.fs, self.folder):
-            delete(self.fs, f"{self.folder}/{name}")
+            if int(SEGMENT.match(name)[1]) <= upto:
+                delete(self.fs, f"{self.folder}/{name}")
 
     def close(self) -> None:
         if self._fd is not None:

@@ -53,6 +53,15 @@ class Part:
         return self.hi - self.lo + 1
 
 
+@dataclass(frozen=True)
+class Plan:
+    """One write of a folder table: the rows of its new part ``seq`` (None: no new part) and the rows to
+    remove from the files that hold them (``stale``: origin -> keys)."""
+    seq: int | None
+    rows: list[dict]
+    stale: dict
+
+
 @dataclass
 class Contents:
     parts: list[Part]    # live parts, by lo
@@ -137,7 +146,7 @@ def _origin(file: str) -> int | str:
 
 class PartsTable:
     """The writer's side of a folder table: rows added or dropped since the last write (``pending``, and
-    ``stale`` rows to remove from the files that hold them), written by ``write``. With ``rows``, each
+    ``stale`` rows to remove from the files that hold them), taken by ``take`` and written by ``write``. With ``rows``, each
     trial's rows are kept for ``rows_of`` (epochs: a trial's history); previews keep only their keys.
 
     On opening, the folder's rows are read once into one Arrow table; a trial's rows become Python dicts
@@ -255,32 +264,37 @@ class PartsTable:
     def dirty(self) -> bool:
         return bool(self.pending or self.stale or not self.exists)
 
-    def write(self) -> None:
-        """Write what changed: a new part, then the parts that lose rows, then merges (see the module)."""
-        if self.pending or not (self.exists or self.parts):
-            part = self._put(self._seq + 1, self._seq + 1, pa.Table.from_pylist(list(self.pending.values()),
-                                                                                  schema=schema(self.name)))
-            self.parts.append(part)
-            self._seq = part.hi
+    def take(self) -> Plan | None:
+        """What to write now (None: nothing), counted as written from now on: later changes to these rows
+        remove them from the part the plan makes. The writer's thread only; ``write`` may run in another."""
+        if not self.dirty:
+            return None
+        plan = Plan(None, [], self.stale)
+        if self.pending or not self.exists:
+            self._seq += 1
+            plan = Plan(self._seq, list(self.pending.values()), self.stale)
             for key in self.pending:
                 entry = self._trials[key[0]].get(key)
                 if entry is not None and entry[1] is None:
-                    entry[1] = part.lo
-            self.pending = {}
-            self.exists = True
-        by_part: dict[Part, list[int]] = {}
-        for origin in list(self.stale):   # each forgotten once done: a failed write is done again next time
+                    entry[1] = self._seq
+        self.pending, self.stale, self.exists = {}, {}, True
+        return plan
+
+    def write(self, plan: Plan | None) -> None:
+        """Write a plan: its new part, then the parts that lose rows, then merges (see the module). Plans are
+        written one at a time, in the order taken; only this touches ``parts``."""
+        if plan is None:
+            return
+        if plan.seq is not None:
+            self.parts.append(self._put(plan.seq, plan.seq, pa.Table.from_pylist(plan.rows, schema=schema(self.name))))
+        by_part: dict[Part, set[tuple]] = {}
+        for origin, keys in plan.stale.items():
             if isinstance(origin, str):
                 delete(self.fs, f"{self.folder}/{origin}")
-                del self.stale[origin]
             elif (part := self._holder(origin)) is not None:
-                by_part.setdefault(part, []).append(origin)
-            else:
-                del self.stale[origin]
-        for part, origins in by_part.items():
-            self._remove(part, set().union(*(self.stale[o] for o in origins)))
-            for o in origins:
-                del self.stale[o]
+                by_part.setdefault(part, set()).update(keys)
+        for part, keys in by_part.items():
+            self._remove(part, keys)
         self._merge()
 
     def _put(self, lo: int, hi: int, table: pa.Table) -> Part:

@@ -23,8 +23,11 @@ and one appended journal line; the tables are written on a cadence, never per ch
 - ``drop_epochs_after(trial_id, epoch)``: forget epochs a restored trial will run again (rows and previews).
 - ``history(trial_id)``: the trial's epoch rows, in order; ``trial(trial_id)``: its trials row.
 - The tables are written at the first change after opening, then at the first change at least
-  ``interval_s`` (5 s, longer when a write takes long) after the last write, and by ``flush()`` (now)
-  and ``close()`` (flush, and let go of the journal).
+  ``interval_s`` (5 s; longer when a write takes long) after the last write, by a writing thread: that
+  change does not wait for the write (Parquet encoding and I/O leave Python's lock). ``flush()`` writes
+  now and waits; ``close()`` flushes and lets go of the journal and the thread. A write that fails
+  raises ``ResultsWriteError`` from the next call, and every call after it: the journal keeps the
+  changes, which ``--resume`` writes.
 
 Crashes. Every change goes to the journal (``study.results.journal``) before it counts; the writer that
 next opens the study replays it and writes the tables, and ``read_table`` applies it meanwhile. On a
@@ -45,6 +48,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
@@ -79,7 +83,7 @@ from study.results.files import (  # the errors and resolve: also read from here
     write_bytes,
 )
 from study.results.parts import Part, PartsTable, read_folder
-from study.results.trials import TrialsTable
+from study.results.trials import TrialsTable, combine
 
 JOURNAL = "_journal"   # in results/: hidden from Parquet readers by its underscore
 
@@ -203,6 +207,9 @@ class ResultsWriter:
         self._previews = PartsTable(self.fs, self.previews_dir, "previews", rows=False)
         self._journal = journal.Journal(self.fs, f"{self.results_dir}/{JOURNAL}")
         self._last_write, self._pause, self._unwritten = -math.inf, interval_s, False
+        self._pool: ThreadPoolExecutor | None = None
+        self._writing: Future | None = None   # the write the writing thread is doing
+        self._failed: ResultsError | None = None
         replay = journal.read(self.fs, self._journal.folder)
         for change in replay:   # the last driver stopped before writing them
             self._apply(change)
@@ -252,35 +259,86 @@ class ResultsWriter:
             self._previews.drop_after(change["trial_id"], change["after"])
 
     def _change(self, change: dict) -> None:
+        self._check()
         self._journal.append(change)   # first: a change the journal cannot keep is not made
         self._apply(change)
         self._unwritten = True
 
-    def _write_if_due(self) -> None:
-        if time.monotonic() - self._last_write >= self._pause:
-            self.flush()
+    def _check(self) -> None:
+        if self._failed is not None:   # the tables lack a write: only --resume (the journal) makes them whole
+            raise self._failed
 
-    def flush(self) -> None:
-        """Write every change not yet written: the folder tables' new parts, the trials table, then empty
-        the journal. Nothing pending: nothing written."""
-        if not (self._unwritten or self._epochs.dirty or self._previews.dirty):
+    def _write_if_due(self) -> None:
+        """At the cadence, hand the changes to the writing thread (the caller does not wait for the write)."""
+        if self._last_write == -math.inf:
+            self.flush()   # the first after opening, at once: a new study's tables exist from its first change
             return
-        t0 = time.monotonic()
-        self._epochs.write()
-        self._previews.write()
-        if self._trials.dirty:
-            write_bytes(self.fs, self.trials_path, parquet_bytes("trials", self._trials.table()))
-            self._trials.written()
-        self._journal.clear()
+        self._collect(wait=False)
+        if self._writing is None and time.monotonic() - self._last_write >= self._pause:
+            plan = self._take()
+            if plan is not None:
+                if self._pool is None:
+                    self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="results-writer")
+                self._writing = self._pool.submit(self._write, plan)
+
+    def _take(self) -> tuple | None:
+        """What the next write writes, taken from the changes (the writer's thread only)."""
+        if not (self._unwritten or self._epochs.dirty or self._previews.dirty):
+            return None
         self._unwritten = False
         self._last_write = time.monotonic()
-        # A write that takes long (a big study) comes less often: at most ~5% of the driver's time.
-        self._pause = max(self.interval_s, 20 * (self._last_write - t0))
+        return self._epochs.take(), self._previews.take(), self._trials.take(), self._journal.rotate()
+
+    def _write(self, plan: tuple) -> tuple[pa.Table | None, float]:
+        """Write a plan (in the writing thread, or at once): parts, the trials table, then the journal it
+        covers goes. Returns the trials table written and the seconds it took."""
+        t0 = time.monotonic()
+        epochs, previews, trials, upto = plan
+        self._epochs.write(epochs)
+        self._previews.write(previews)
+        table = None
+        if trials is not None:
+            table = combine(*trials)
+            write_bytes(self.fs, self.trials_path, parquet_bytes("trials", table))
+        self._journal.clear(upto)
+        return table, time.monotonic() - t0
+
+    def _collect(self, wait: bool) -> None:
+        """Take in the writing thread's finished write (``wait``: wait for it); raise what made it fail."""
+        if self._writing is None or not (wait or self._writing.done()):
+            return
+        writing, self._writing = self._writing, None
+        self._done(writing.result)
+
+    def _done(self, write) -> None:
+        try:
+            table, seconds = write()
+        except Exception as e:
+            self._trials.written(None, ok=False)
+            self._failed = e if isinstance(e, ResultsError) else ResultsWriteError(
+                f"cannot write the results in {self.results_dir}: {type(e).__name__}: {e}; continue the study with "
+                f"--resume (the journal keeps the changes)")
+            raise self._failed from e
+        self._trials.written(table)
+        # A write that takes long (a big study) comes less often: at most ~5% of the time it runs.
+        self._pause = max(self.interval_s, 20 * seconds)
+
+    def flush(self) -> None:
+        """Write every change not yet written, now, and wait for it. Nothing pending: nothing written."""
+        self._check()
+        self._collect(wait=True)
+        plan = self._take()
+        if plan is not None:
+            self._done(lambda: self._write(plan))
 
     def close(self) -> None:
-        """Write every change and let go of the journal (a later change opens it again)."""
+        """Write every change, and let go of the journal and the writing thread (a later change starts them
+        again)."""
         self.flush()
         self._journal.close()
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
 
     def __enter__(self):
         return self

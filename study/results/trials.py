@@ -70,13 +70,26 @@ def conform(table: pa.Table) -> pa.Table:
     return table
 
 
+def combine(written: pa.Table | None, changed: dict[str, dict]) -> pa.Table | None:
+    """The table ``written`` with the ``changed`` rows (by trial id) in place, sorted by trial id."""
+    if not changed:
+        return written
+    new = rows_table(list(changed.values()))
+    if written is not None:
+        ids = pa.array(list(changed), pa.string())
+        new = concat(written.filter(pc.invert(pc.is_in(written["trial_id"], value_set=ids))), new)
+    return new.sort_by("trial_id")
+
+
 class TrialsTable:
-    """The trials table: ``put`` a changed row, ``get`` one, the whole ``table()`` or ``frame()`` now;
-    ``written()`` once it is on disk."""
+    """The trials table: ``put`` a changed row, ``get`` one, the whole ``table()`` or ``frame()`` now.
+    ``take()`` hands the changes to a write (made with ``combine``, possibly in another thread); until
+    ``written()`` gets its table they stay visible here."""
 
     def __init__(self, written: pa.Table | None):
         self._written = conform(written) if written is not None else None
         self._changed: dict[str, dict] = {}
+        self._writing: dict[str, dict] = {}   # taken by a write not yet done
         self._table: pa.Table | None = None   # the whole table now, built on demand
         self._frame: pd.DataFrame | None = None
         self._index: dict[str, int] | None = None
@@ -90,8 +103,9 @@ class TrialsTable:
         self._table = self._frame = None
 
     def get(self, trial_id: str) -> dict | None:
-        if trial_id in self._changed:
-            return dict(self._changed[trial_id])
+        for rows in (self._changed, self._writing):
+            if trial_id in rows:
+                return dict(rows[trial_id])
         if self._written is None:
             return None
         if self._index is None:
@@ -101,16 +115,8 @@ class TrialsTable:
 
     def table(self) -> pa.Table | None:
         """The whole table now, sorted by trial id (None while it has no row)."""
-        if self._table is None and (self._written is not None or self._changed):
-            table = self._written
-            if self._changed:
-                new = rows_table(list(self._changed.values()))
-                if table is not None:
-                    ids = pa.array(list(self._changed), pa.string())
-                    table = concat(table.filter(pc.invert(pc.is_in(table["trial_id"], value_set=ids))), new)
-                else:
-                    table = new
-            self._table = table.sort_by("trial_id")
+        if self._table is None:
+            self._table = combine(self._written, {**self._writing, **self._changed})
         return self._table
 
     def frame(self) -> pd.DataFrame | None:
@@ -118,6 +124,18 @@ class TrialsTable:
             self._frame = coerce("trials", self.table().to_pandas())
         return None if self._frame is None else self._frame.copy()
 
-    def written(self) -> None:
-        """The table as it is now was written."""
-        self._written, self._changed, self._index = self.table(), {}, None
+    def take(self) -> tuple[pa.Table | None, dict[str, dict]] | None:
+        """(the table as last written, the rows changed since) for a write; None when nothing changed."""
+        if not self._changed:
+            return None
+        self._writing, self._changed = self._changed, {}
+        return self._written, self._writing
+
+    def written(self, table: pa.Table | None, ok: bool = True) -> None:
+        """The write of the last ``take`` is done (``table``: what it wrote); not ``ok``: it failed, and its
+        changes wait for the next."""
+        if ok and table is not None:
+            self._written, self._index = table, None
+        elif not ok:
+            self._changed = {**self._writing, **self._changed}
+        self._writing = {}
