@@ -25,7 +25,7 @@ from test_cluster import BUCKET, s3  # noqa: F401 - the moto S3 fixture
 from study.results.contract import EPOCH_METRICS
 from study.results.files import schema
 from study.results.parts import FANOUT
-from study.results.store import ResultsWriter, epoch_row, read_table, trial_row
+from study.results.store import ResultsWriteError, ResultsWriter, epoch_row, read_table, trial_row
 
 TESTS = Path(__file__).resolve().parent
 CONFIG = {"dataset": "samples", "resolution": 32, "sampling": "maxpool-upsample", "output": "uv", "lr": 1e-3}
@@ -394,3 +394,31 @@ def test_a_writer_cut_short_mid_merge_leaves_nothing_twice(tmp_path):
     ResultsWriter(str(tmp_path))
     assert [p.name for p in folder.iterdir()] == [f"part-000001-{FANOUT:06d}.parquet"]
 
+
+
+def test_a_write_that_fails_in_the_writing_thread_stops_the_writer_and_the_journal_keeps_everything(tmp_path):
+    w = ResultsWriter(str(tmp_path), interval_s=0)
+    report(w, 1)   # the first change is written at once
+    epochs_dir = tmp_path / "results/epochs.parquet"
+    epochs_dir.rename(tmp_path / "results/moved")
+    epochs_dir.write_bytes(b"in the way")   # the next part cannot be written (root too)
+    with pytest.raises(ResultsWriteError, match="epochs.parquet") as first:
+        for n in range(2, 2000):   # the write is the thread's: a later call raises its failure
+            report(w, n)
+            time.sleep(0.01)
+    with pytest.raises(ResultsWriteError) as again:
+        w.stage("trials", [trial_row("t9999", CONFIG, "RUNNING", [])])
+    assert again.value is first.value
+    with pytest.raises(ResultsWriteError):
+        w.flush()
+    epochs_dir.unlink()
+    (tmp_path / "results/moved").rename(epochs_dir)
+    w = ResultsWriter(str(tmp_path))   # --resume: the journal writes what the failed write did not
+    w.close()
+    trials = pd.read_parquet(tmp_path / "results/trials.parquet")
+    done = set(trials.trial_id[trials.status == "DONE"])
+    assert trials.trial_id.is_unique and len(done) >= 2   # every trial that ended before the failure was seen
+    epochs = pd.read_parquet(epochs_dir)
+    assert not epochs.duplicated(["trial_id", "epoch"]).any()
+    assert epochs[epochs.trial_id.isin(done)].groupby("trial_id").epoch.agg(list).map(list).to_dict() == \
+        {t: [1, 2, 3, 4, 5] for t in done}
