@@ -31,12 +31,14 @@ and one appended journal line; the tables are written on a cadence, never per ch
 
 Crashes. Every change goes to the journal (``study.results.journal``) before it counts; the writer that
 next opens the study replays it and writes the tables, and ``read_table`` applies it meanwhile. On a
-local disk a killed driver loses nothing, and a machine that loses power loses at most the changes since
-the last write (at most ``interval_s``). On an object store changes since the last write, or the last
-trial end (its row is put at once), are lost in a crash. A restored trial re-runs the epochs after its
-last checkpoint and reports them again, which replaces their rows, so after ``--resume`` there is still
-one row per (trial, epoch); an epoch lost in that window is reported again if Ray Tune's saved state
-was taken before it (the driver writes the tables whenever Tune saves its state).
+local disk a killed driver loses nothing (a write cut short is done again from the journal), and a
+machine that loses power loses at most the changes since the last finished write (every ``interval_s``,
+or a little more). On an object store the changes since the last finished write, or the last trial end
+(its row is put at once), are lost in a crash. A restored trial re-runs the epochs after its last
+checkpoint and reports them again, which replaces their rows, so after ``--resume`` there is still one
+row per (trial, epoch); an epoch lost in that window is reported again when Ray Tune's saved state was
+taken before it, which holds when the driver flushes as Tune saves its state (the results callback's
+``get_state``).
 
 A failed write (folder unwritable, disk full, bucket gone) raises ``ResultsWriteError`` naming the file
 and the cause; the file keeps its last good version, no temporary is left behind and the journal keeps
@@ -48,8 +50,8 @@ from __future__ import annotations
 import json
 import math
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
 from collections.abc import Iterator, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import pandas as pd
