@@ -27,6 +27,10 @@ ablation). Not with packs (members of a pack share one structure).
 ``time_budget``: the study's running time (``90m``, ``2h``, ``1d`` or seconds), counted across
 interruptions and resumes; ``python -m study.run --time-budget`` overrides it.
 
+``synthetic: {epoch_seconds: s}``: a study of the driver itself (``python -m study.bench --parts
+driver``): trials train nothing and report generated epoch curves, one every ``s`` seconds
+(study.tune.synthetic); everything else (Tune, Optuna, pruning, results, checkpoints) is real.
+
 ``objectives``: two or more of ``val_psnr_gain`` (fidelity) and ``val_colourfulness``
 (vividness) make a multi-objective study (a Pareto front; sampler ``nsga2`` or ``tpe``).
 Optuna's pruners take one objective, so such a space must say ``pruner: {name: none}``.
@@ -54,7 +58,7 @@ DISTRIBUTIONS = ("choice", "int", "uniform", "loguniform")
 PRUNERS = ("none", "median", "successive_halving", "hyperband")
 SAMPLERS = ("tpe", "random", "grid", "nsga2")
 TOP_KEYS = {"description", "params", "sampler", "pruner", "num_samples", "max_concurrent", "resources",
-            "max_failures", "pack", "enqueue", "objectives", "time_budget"}
+            "max_failures", "pack", "enqueue", "objectives", "time_budget", "synthetic"}
 CONFIG_FIELDS = {f.name: f for f in fields(TrialConfig)}
 ALLOWED_VALUES = {name: list(choices_of(name)) for name in CONFIG_FIELDS if choices_of(name)}
 # Bounds on a space file, checked before and while it is parsed: a real space is a few kB and a few hundred
@@ -111,6 +115,7 @@ class Space:
     enqueue: list[dict] = field(default_factory=list)   # configurations tried first, plain names
     objectives: tuple[str, ...] = ()                     # () : maximise val_psnr; 2+: a Pareto front
     time_budget_s: float | None = None                   # the study's running time budget (None: none)
+    synthetic: dict | None = None                        # {epoch_seconds: s}: generated curves, no training
 
     def pack_for(self, gpu: bool) -> int:
         """The pack size when each trial gets a GPU (``gpu``) or runs on CPUs."""
@@ -224,6 +229,7 @@ def parse_space(raw: Any, path: Path) -> Space:
     space.objectives = _objectives(raw.get("objectives"), space, fail)
     space.enqueue = _enqueue(raw.get("enqueue", []), space, fail)
     space.time_budget_s = _time_budget(raw.get("time_budget"), fail)
+    space.synthetic = _synthetic(raw.get("synthetic"), fail)
     return space
 
 
@@ -280,6 +286,23 @@ def _time_budget(spec, fail) -> float | None:
         return parse_duration(spec, "time_budget")
     except ValueError as e:
         fail("time_budget", str(e).removeprefix("time_budget "))
+
+
+# The longest a synthetic epoch may pretend to take (an hour): a benchmark of the driver, not a wait.
+MAX_SYNTHETIC_EPOCH_S = 3600.0
+
+
+def _synthetic(spec, fail) -> dict | None:
+    """``synthetic: {epoch_seconds: s}``: trials report generated epoch curves every ``s`` seconds instead
+    of training (study.tune.synthetic), to measure the driver itself."""
+    if spec is None:
+        return None
+    if not isinstance(spec, dict) or set(spec) != {"epoch_seconds"}:
+        fail("synthetic", f"a mapping with only 'epoch_seconds' (e.g. {{epoch_seconds: 0.01}}), got {spec!r}")
+    s = spec["epoch_seconds"]
+    if not _number(s) or not 0 <= s <= MAX_SYNTHETIC_EPOCH_S:
+        fail("synthetic.epoch_seconds", f"a number of seconds from 0 to {MAX_SYNTHETIC_EPOCH_S:g}, got {s!r}")
+    return {"epoch_seconds": float(s)}
 
 
 def _objectives(spec, space: Space, fail) -> tuple[str, ...]:

@@ -17,6 +17,7 @@ from ray.tune import Checkpoint
 from ray.tune.trainable import wrap_function
 
 import study.tune.ray_internals as ray_internals
+import study.tune.synthetic as synthetic
 from study.config import ConfigError
 from study.engine import (
     ALLOW_GRAYSCALE_ENV,
@@ -79,22 +80,30 @@ def trainable(config: dict, space: Space, data_root: str | None, cache_dir: str 
                   log=lambda s: print(s, flush=True), work_dir=Path.cwd(), checkpoint_now=checkpoint_now)
     try:
         if "pack" in config:
+            if space.synthetic:
+                raise ConfigError("a synthetic space runs single trials: leave --pack out (or give --pack 1)")
             _train_pack(config, space, common, extra, decisions, park)
         else:
             cfg = space.resolve(config)
-            splits = _splits_for(cfg, data_root, cache_dir)
+            splits = None if space.synthetic else _splits_for(cfg, data_root, cache_dir)
             extra["train_images"] = len(splits.train) if splits is not None else 0
 
             def report(row: dict, folder: Path | None) -> None:
                 ckpt = Checkpoint.from_directory(str(folder)) if folder is not None else None
                 parked = (ckpt is not None and checkpoint_now is not None and checkpoint_now()
                           and row["epoch"] < cfg.epochs)
-                tune.report({**row, **_objectives(row), **extra, **({PARKED_KEY: True} if parked else {})},
-                            checkpoint=ckpt)
+                # REPORTED_AT: when the epoch left the trial (the driver measures its report-to-row latency).
+                tune.report({**row, **_objectives(row), **extra, **({PARKED_KEY: True} if parked else {}),
+                             synthetic.REPORTED_AT: time.time()}, checkpoint=ckpt)
                 if parked:
                     park()
 
-            run_trial(cfg, report=report, splits=splits, **common)
+            if space.synthetic:   # generated curves, no training: a study of the driver itself
+                synthetic.run_trial(cfg, report=report, epoch_seconds=space.synthetic["epoch_seconds"],
+                                    resume_from=resume, work_dir=Path.cwd(), checkpoint_now=checkpoint_now,
+                                    log=common["log"])
+            else:
+                run_trial(cfg, report=report, splits=splits, **common)
     except (ConfigError, NonFiniteLossError, torch.OutOfMemoryError) as e:
         # Retrying cannot fix these: end the trial with its reason (the study goes on).
         tune.report({ERROR_KEY: f"{type(e).__name__}: {e}", METRIC: float("nan"), "epoch": -1,
