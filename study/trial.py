@@ -49,6 +49,7 @@ def _main(argv: list[str]) -> int:
     # torch is imported only now: a bad option is answered at once.
     from study.engine import (
         NonFiniteLossError,
+        RunOptions,
         check_samples_size,
         default_cache_dir,
         keep_checkpoint,
@@ -74,8 +75,8 @@ def _main(argv: list[str]) -> int:
         keep(row, folder)
 
     try:
-        history = run_trial(cfg, data_root=args.data_root, cache_dir=args.cache_dir, device=device,
-                            report=report, work_dir=args.out)
+        history = run_trial(cfg, report, RunOptions(data_root=args.data_root, cache_dir=args.cache_dir, device=device,
+                                                    work_dir=args.out))
     except NonFiniteLossError as e:
         print(f"trial failed: {e}", file=sys.stderr)
         return 1
