@@ -3,8 +3,9 @@
 Where the study lives, and where its data are, come from the driver state it is given
 (``study.tune.state``), never from Ray's pickles: a copied or moved study resumes in its new
 place. The writer writes the tables on its own cadence (``study.results``); this callback has it
-write everything at once when a trial ends (``flush``), and lets it go when the study ends, however
-it ends: finished, stopped by a signal or by its time budget (``close``, from Tune's experiment end).
+write everything at once when a trial ends and as Tune saves its state (``flush``), and lets it go when
+the study ends, however it ends: finished, stopped by a signal or by its time budget (``close``, from
+Tune's experiment end).
 """
 from __future__ import annotations
 
@@ -279,6 +280,13 @@ class ResultsCallback(UsesDriver, Callback):
         is already saved, and a new trial has nothing to lose but its start."""
         meta = self._meta.get(trial.trial_id, {})
         return bool(meta.get("parked")) or not meta.get("reported")
+
+    def get_state(self) -> None:
+        # Called as Tune saves its experiment state (every few seconds): the tables are written first, so a
+        # crash never leaves an epoch in Tune's saved state that the tables lack (study.results.store).
+        if self._writer is not None:
+            self._writer.flush()
+        return None   # nothing of this callback's for Tune to keep
 
     def on_experiment_end(self, trials, **info):
         # Tune's loop ended: the study finished, or a signal or the time budget stopped it.
