@@ -31,6 +31,7 @@ from study.tune.moved import alias_moved_modules
 from study.tune.pruning import OptunaPruningScheduler, PackDecisions
 from study.tune.searcher import OptunaSearcher, describe_study, open_study
 from study.tune.state import DriverState, UsesDriver
+from study.tune.synthetic import DriverTimings, TimedPruningScheduler
 from study.tune.trainable import make_trainable, trial_name
 
 # A checkpoint per epoch is the point (resume, pruning); Ray's warning about it is noise here.
@@ -167,11 +168,14 @@ def build_tuner(settings: StudySettings) -> StudyTuner:
         print(f"note: pruning is off: the space has {len(s.objectives)} objectives ({', '.join(s.objectives)}) "
               f"and Optuna's pruners take one")
     searcher = OptunaSearcher(s.optuna_study_name, driver, seed=s.seed, pack=s.pack, objectives=s.objectives)
-    results = ResultsCallback(searcher, driver)
+    # A synthetic study (a benchmark of the driver) times each result's way through the driver.
+    timings = DriverTimings() if s.space.synthetic else None
+    results = ResultsCallback(searcher, driver, timings=timings)
     tuner = tune.Tuner(
         fn,
         tune_config=tune.TuneConfig(search_alg=ConcurrencyLimiter(searcher, max_concurrent=s.max_concurrent),
-                                    scheduler=OptunaPruningScheduler(searcher, driver),
+                                    scheduler=(TimedPruningScheduler(searcher, driver, timings) if timings
+                                               else OptunaPruningScheduler(searcher, driver)),
                                     num_samples=math.ceil(s.num_samples / s.pack),
                                     # A reused actor saves a process, torch import and CUDA context per
                                     # trial, and its last decoded data (study.tune.trainable); ColorizeTrial

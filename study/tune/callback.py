@@ -36,9 +36,12 @@ TRIAL_META = {"wall_time_s": float("nan"), "device": "", "node_id": "", "checkpo
 class ResultsCallback(UsesDriver, Callback):
     """Writes trials/epochs/previews while the study runs (the driver is the only writer)."""
 
-    def __init__(self, searcher: OptunaSearcher, driver: DriverState | None, progress_every_s: float = 10.0):
+    def __init__(self, searcher: OptunaSearcher, driver: DriverState | None, progress_every_s: float = 10.0,
+                 timings=None):
         self.searcher = searcher
         self._driver = driver
+        # A synthetic study's study.tune.synthetic.DriverTimings: what each result costs the driver.
+        self.timings = timings
         self.progress_every_s = progress_every_s
         self._writer = None
         self._last_progress = 0.0
@@ -46,8 +49,9 @@ class ResultsCallback(UsesDriver, Callback):
         self._noted: set = set()
 
     def __getstate__(self):  # Tune pickles callbacks; tables and what is known of trials are read again
-        return {**self._pickled(self.__dict__), "_writer": None, "_meta": {}, "_noted": set()}
+        return {**self._pickled(self.__dict__), "_writer": None, "_meta": {}, "_noted": set(), "timings": None}
 
+    timings = None   # also for a callback a resumed study unpickles
     # This run's throughput and pace (progress line, status.json), counted from setup.
     _images = 0.0
     _ended_in_run = 0
@@ -177,6 +181,7 @@ class ResultsCallback(UsesDriver, Callback):
         meta["reported"] = False
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
+        started = time.perf_counter()
         if ERROR_KEY in result or "epoch" not in result:
             return
         epoch = int(result["epoch"])
@@ -204,6 +209,8 @@ class ResultsCallback(UsesDriver, Callback):
             started_at=float(result.get("started_at", float("nan"))), finished_at=time.time())
         self._stage_trial(trial)
         self._progress(trials)
+        if self.timings is not None:
+            self.timings.callback_done(trial.trial_id, result, started)
 
     def on_checkpoint(self, iteration, trials, trial, checkpoint: Checkpoint, **info):
         result = trial.last_result or {}
@@ -291,6 +298,8 @@ class ResultsCallback(UsesDriver, Callback):
     def on_experiment_end(self, trials, **info):
         # Tune's loop ended: the study finished, or a signal or the time budget stopped it.
         self.writer.close()
+        if self.timings is not None:
+            write_json(self.study, self.timings.FILE, self.timings.record())
 
     def _progress(self, trials, force: bool = False, state: str = "running") -> dict | None:
         """Print the progress line and write status.json (every ``progress_every_s``, or now with ``force``)."""
