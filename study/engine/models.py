@@ -8,10 +8,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-# Re-exported: the torch-free description of a model lives in study.config.modelspec.
-from study.config import MIN_BOTTLENECK, OUTPUTS, SAMPLINGS, ConfigError, Sampling, UNetConfig, max_depth_for
+from study.config import OUTPUTS, SAMPLINGS, ConfigError, UNetConfig
 from study.engine.chroma import ChromaBins, gamut_bins
 from study.engine.color import UV_MAX
+
 
 def _act(name: str) -> nn.Module:
     return nn.LeakyReLU(0.2, inplace=True) if name == "leaky_relu" else nn.ReLU(inplace=True)
