@@ -33,11 +33,11 @@ from study.cli import Terminated, UsageError
 # torch (via the space and config), pandas and Ray are imported where needed: a bad option is
 # reported without loading any of them.
 from study.driver import (DEFAULT_SQLITE, NoTrialFinished, Signals, Stopped, StudyClock, StudyLock, best_table,
-                          budget_summary, check_capacity, check_options, check_optuna_url, check_outcome,
-                          check_pickles, check_resume_database, check_storage, check_storage_url, check_unlocked,
-                          driver_pid, in_own_session, in_ray_job, masked, missing_epochs, more_trials,
-                          nothing_started, own_session_wanted, read_study_json, resume_command, runtime_url,
-                          space_change_problems, spent_before, time_budget, without_password)
+                          budget_summary, check_address, check_capacity, check_options, check_optuna_url,
+                          check_outcome, check_pickles, check_resume_database, check_storage, check_storage_url,
+                          check_unlocked, driver_pid, in_own_session, in_ray_job, masked, missing_epochs,
+                          more_trials, nothing_started, own_session_wanted, read_study_json, resume_command,
+                          runtime_url, space_change_problems, spent_before, time_budget, without_password)
 from study.durations import parse_duration
 
 
@@ -218,6 +218,7 @@ def open_study(args: argparse.Namespace, space) -> Study:
     name = args.name or space.name
     root = study_root(args.storage, name)
     check_storage(args.storage, root)
+    check_address(args.address)
     meta = existing_study(args, space, root)
     space_changed = meta is not None and meta.get("space_sha256") not in (None, space_hash(space.path))
     if args.pack is not None and args.pack > 1 and space.enqueue:
