@@ -3,7 +3,7 @@
 ``estimate(space, ...)`` lists the structures the space can draw (dataset, resolution, depth,
 sampling, output, widths, batch size: what fixes a trial's cost), times a few training steps and an
 evaluation of the smallest and the largest of them on this device (about 30 s at most, with the
-study's own step: study.engine's members, study.engine.fused's step and evaluation), and models the study
+study's own step and evaluation: study.engine.step, study.engine.evaluation), and models the study
 from there: each structure's per-image cost on a line through the two timed ones by its
 multiply-adds, epochs and images from the space and the datasets' split sizes, the pruner's savings
 (an assumption, stated in the plan), how many trials or packs run at once (``max_concurrent`` and
@@ -33,9 +33,8 @@ AXES = ("resolution", "depth", "sampling", "output", "base_filters", "max_filter
 # are not subtracted. An image folder given as a dataset (or under data_root) is counted instead.
 SPLIT_SIZES = {"cifar10": (40_000, 10_000, 10_000), "flowers102": (1_020, 1_020, 6_149),
                "samples": (1_024, 256, 256)}
-# Fixed costs of a Ray study besides training and evaluation, measured on smoke studies on a 2-core CPU
-# (docs/plan.md: the start is 10-15 s on a quiet machine, up to 40 s on a busy one; the quiet figure,
-# since the calibration's own timings already carry a busy machine's slowness).
+# Fixed costs of a Ray study besides training and evaluation: a quiet machine's, since the calibration's own
+# timings already carry a busy machine's slowness (docs/plan.md has how they were measured).
 STARTUP_S = 15.0        # the driver: imports, checks, Ray's start, Tune's first scheduling
 WORKER_START_S = 5.0    # the first trial of each slot: a worker process, torch, the data from the cache
 TRIAL_GAP_S = 1.5       # each further trial on a reused worker: Optuna's ask and tell, results, setup
