@@ -39,12 +39,15 @@ from study.driver import (DEFAULT_SQLITE, NoTrialFinished, Signals, Stopped, Stu
                           more_trials, nothing_started, own_session_wanted, read_study_json, resume_command,
                           runtime_url, space_change_problems, spent_before, time_budget, without_password)
 from study.durations import parse_duration
+from study.space import SPACES_DIR
 
 
 def parser() -> argparse.ArgumentParser:
     p = cli.ArgumentParser(prog="python -m study.run", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--space", default="full", help="space name in search_spaces/ or a path to a .yaml file")
+    shipped = ", ".join(sorted(f.stem for f in SPACES_DIR.glob("*.yaml")))
+    p.add_argument("--space", default="full",
+                   help=f"a shipped space ({shipped}) or a path to a .yaml file (default: full)")
     p.add_argument("--name", help="study name (default: the space's name)")
     p.add_argument("--storage", default="studies",
                    help="where studies live: a local folder or a URL s3://<bucket>/<prefix>, gs://, hdfs://, "
