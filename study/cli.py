@@ -146,6 +146,9 @@ def run(main: Callable[[list[str]], int | None], argv: Sequence[str] | None = No
     args, flag = split_debug(sys.argv[1:] if argv is None else argv)
     if flag:
         os.environ[DEBUG_ENV] = "1"   # child processes (Ray workers) see it too
+    if not debug_enabled():
+        import warnings
+        warnings.formatwarning = one_line_warning
     _state["started"] = False
     main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.getsignal(signal.SIGTERM) if main_thread else None
@@ -169,6 +172,12 @@ def run(main: Callable[[list[str]], int | None], argv: Sequence[str] | None = No
         if previous == signal.SIG_DFL:
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
     return 0 if status is None else int(status)
+
+
+def one_line_warning(message, category, filename, lineno, line=None) -> str:
+    """A warning as a user reads it: ``warning: <message>``, without the source line that raised it (which
+    names the project's code, not the user's input); ``--debug`` keeps Python's own format."""
+    return f"warning: {message}\n"
 
 
 def _show_traceback() -> None:
