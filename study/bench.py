@@ -2,6 +2,9 @@
 
 ``python -m study.bench [--data-root <data root>] [--steps N] [--packs 4,8,16,32] [--parts ...] [--json F]``
 
+``python -m study.bench --parts driver --trials N --epochs E --concurrency C --storage DIR --json``: the
+study driver's own cost per result beside bare Ray Tune (study.bench_driver), a benchmark of its own.
+
 All rows train with Adam and MSE for the same number of timed steps:
 - reference: the seed notebooks' pipeline: per-sample PIL decode of the JPEG files +
   ToTensor + RGB->YUV per sample, DataLoader batch 64, fp32, on the report's CIFAR-10
@@ -298,6 +301,15 @@ def _choices(options):
     return parse
 
 
+def driver_part(argv: list[str]) -> bool:
+    """Whether ``--parts`` asks for the driver benchmark (``--parts driver``: its own options)."""
+    for i, a in enumerate(argv):
+        value = a.split("=", 1)[1] if a.startswith("--parts=") else argv[i + 1] if a == "--parts" and i + 1 < len(argv) else None
+        if value is not None and "driver" in value.split(","):
+            return True
+    return False
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m study.bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -349,6 +361,10 @@ class Choices:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if driver_part(argv):   # the driver's own cost per result: a benchmark of its own (study.bench_driver)
+        from study import bench_driver
+        return bench_driver.main(argv)
     args = parser().parse_args(argv)
     dev = pick_device(args.device)
     d = DEFAULTS["cuda" if dev.type == "cuda" else "cpu"]

@@ -1,0 +1,185 @@
+"""The driver's own cost per result, beside bare Ray Tune's throughput, in one run.
+
+``python -m study.bench --parts driver --trials N --epochs E --concurrency C --storage DIR [--json [F]]``
+
+1. A synthetic study (study.tune.synthetic: trials report generated epoch curves every
+   ``--epoch-seconds``, nothing trains) runs through the real command, ``python -m study.run``, into
+   DIR (left there): Ray Tune's controller, the Optuna searcher and pruner, the results callback and
+   writer, progress and status.json, checkpoints. Its driver writes ``<study>/driver_timings.json`` as
+   the study ends (study.tune.synthetic.DriverTimings).
+2. Bare Ray Tune (``tune.Tuner`` with a function trainable that sleeps and reports the same rows and the
+   same tiny checkpoint folders, Ray's default loggers, no project callbacks, the same concurrency and
+   number of trials) runs in a temporary folder, removed after.
+
+Prints one JSON object: ``driver_results_per_s`` and ``ray_results_per_s`` (results over the span from the
+first trial's start to the last report, from the rows' own report times), ``driver_p50_ms`` and
+``driver_p99_ms`` (the driver's time per result: from the pruning scheduler getting it, through the
+searcher, to the end of the results callback; ``callback_p50_ms``/``callback_p99_ms``: the callback's part),
+``latency_p50_ms``/``latency_p99_ms``
+(report to row written, Ray's transport included), ``wall_s`` (the study command),
+``ray_wall_s`` (the bare Tuner's fit) and ``study`` (its folder).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+from study.cli import ArgumentParser, UsageError, check_writable
+
+TIMINGS_FILE = "driver_timings.json"   # study.tune.synthetic.DriverTimings.FILE (no Ray imported here)
+
+
+def parser() -> ArgumentParser:
+    p = ArgumentParser(prog="python -m study.bench --parts driver", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--parts", choices=["driver"], default="driver", help="driver (this benchmark)")
+    p.add_argument("--trials", type=_count, default=20, help="trials of each study (default: 20)")
+    p.add_argument("--epochs", type=_count, default=5, help="epochs of each trial (default: 5)")
+    p.add_argument("--concurrency", type=_count, default=4, help="trials at once (default: 4)")
+    p.add_argument("--epoch-seconds", type=float, default=0.01, help="a synthetic epoch's time (default: 0.01)")
+    p.add_argument("--storage", type=Path, default=Path("studies"), help="where the study is left (default: studies)")
+    p.add_argument("--json", nargs="?", const="-", help="also write the JSON object to this file")
+    return p
+
+
+def _count(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= 1")
+    return n
+
+
+def space_text(trials: int, epochs: int, concurrency: int, epoch_seconds: float) -> str:
+    """A synthetic space like the smoke study's (TPE, median pruner), with the benchmark's sizes."""
+    return yaml.safe_dump({
+        "description": "the driver benchmark's synthetic study (python -m study.bench --parts driver)",
+        "synthetic": {"epoch_seconds": epoch_seconds},
+        "sampler": {"name": "tpe", "n_startup_trials": 10}, "pruner": {"name": "median", "n_startup_trials": 5,
+                                                                       "n_warmup_steps": 2},
+        "num_samples": trials, "max_concurrent": concurrency, "resources": {"cpu": 1, "gpu": 0},
+        "max_failures": 0,
+        "params": {**PARAMS_CONSTANT, "epochs": epochs, "depth": {"int": [2, 3]},
+                   "sampling": {"choice": ["maxpool-upsample", "strided-transposed"]},
+                   "output": {"choice": ["rgb", "uv"]}, "lr": {"loguniform": [3.0e-4, 3.0e-3]}},
+    }, sort_keys=False)
+
+
+PARAMS_CONSTANT = {"dataset": "samples", "base_filters": 8, "batch_size": 16, "train_limit": 16,
+                   "eval_limit": 8, "preview_count": 1, "seed": 0}
+
+
+def run_study(args, name: str) -> tuple[Path, float]:
+    """The synthetic study through ``python -m study.run``: its folder and the command's wall time."""
+    space = args.storage / f"{name}.yaml"
+    space.write_text(space_text(args.trials, args.epochs, args.concurrency, args.epoch_seconds))
+    cmd = [sys.executable, "-m", "study.run", "--space", str(space), "--storage", str(args.storage),
+           "--num-cpus", str(args.concurrency), "--cache-dir", str(args.storage / ".cache")]
+    t0 = time.perf_counter()
+    p = subprocess.run(cmd, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    if p.returncode != 0:
+        raise UsageError(f"the synthetic study failed (exit {p.returncode}): {(p.stderr or p.stdout)[-1500:]}")
+    return args.storage / name, wall
+
+
+def _bare_trial(config: dict) -> None:
+    from ray import tune
+    from ray.tune import Checkpoint
+
+    from study.config import TrialConfig
+    from study.tune.synthetic import REPORTED_AT, run_trial
+
+    def report(row: dict, folder: Path | None) -> None:
+        tune.report({**row, REPORTED_AT: time.time()},
+                    checkpoint=Checkpoint.from_directory(str(folder)) if folder is not None else None)
+
+    cfg = TrialConfig(**{k: v for k, v in config.items() if k != "epoch_seconds"})
+    run_trial(cfg, report=report, epoch_seconds=config["epoch_seconds"], work_dir=Path.cwd(), log=lambda s: None)
+
+
+def run_bare_ray(args) -> tuple[list[float], float]:
+    """Bare Ray Tune on the same trials: every result's report time, and the fit's wall time."""
+    import ray
+    from ray import tune
+
+    folder = Path(tempfile.mkdtemp(prefix="bare-ray-", dir=args.storage))
+    os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
+    # As the study's driver does (study.tune.backend): a checkpoint per epoch is the point, Ray's warning noise.
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    try:
+        ray.init(address="local", num_cpus=args.concurrency, include_dashboard=False, log_to_driver=False)
+        space = {**PARAMS_CONSTANT, "epochs": args.epochs, "epoch_seconds": args.epoch_seconds,
+                 "depth": tune.randint(2, 4), "sampling": tune.choice(["maxpool-upsample", "strided-transposed"]),
+                 "output": tune.choice(["rgb", "uv"]), "lr": tune.loguniform(3.0e-4, 3.0e-3)}
+        tuner = tune.Tuner(_bare_trial, param_space=space,
+                           tune_config=tune.TuneConfig(num_samples=args.trials,
+                                                       max_concurrent_trials=args.concurrency),
+                           run_config=tune.RunConfig(storage_path=str(folder), name="bare", verbose=0,
+                                                     checkpoint_config=tune.CheckpointConfig(num_to_keep=1)))
+        t0 = time.perf_counter()
+        grid = tuner.fit()
+        wall = time.perf_counter() - t0
+        stamps = [float(t) for r in grid for t in r.metrics_dataframe["reported_at"]]
+        return stamps, wall
+    finally:
+        ray.shutdown()
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def per_second(stamps: list[float], epoch_seconds: float) -> float:
+    """Results per second from the first trial's start (its first report less an epoch) to the last report."""
+    return len(stamps) / max(max(stamps) - min(stamps) + epoch_seconds, 1e-9) if stamps else 0.0
+
+
+def figures(args, study: Path, wall: float, ray_stamps: list[float], ray_wall: float) -> dict:
+    import numpy as np
+
+    t = json.loads((study / TIMINGS_FILE).read_text())
+    ms, cb, lat = (np.asarray(t[k]) for k in ("driver_ms", "callback_ms", "latency_ms"))
+    driver = per_second(t["reported_at"], args.epoch_seconds)
+    ray_rate = per_second(ray_stamps, args.epoch_seconds)
+    return {"trials": args.trials, "epochs": args.epochs, "concurrency": args.concurrency,
+            "epoch_seconds": args.epoch_seconds, "results": len(ms), "ray_results": len(ray_stamps),
+            "driver_results_per_s": round(driver, 2), "ray_results_per_s": round(ray_rate, 2),
+            "ratio": round(driver / ray_rate, 3) if ray_rate else None,
+            "driver_p50_ms": round(float(np.percentile(ms, 50)), 3), "driver_p99_ms": round(float(np.percentile(ms, 99)), 3),
+            "driver_max_ms": round(float(ms.max()), 3),
+            "callback_p50_ms": round(float(np.percentile(cb, 50)), 3),
+            "callback_p99_ms": round(float(np.percentile(cb, 99)), 3),
+            "latency_p50_ms": round(float(np.percentile(lat, 50)), 3),
+            "latency_p99_ms": round(float(np.percentile(lat, 99)), 3),
+            "wall_s": round(wall, 2), "ray_wall_s": round(ray_wall, 2), "study": str(study)}
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
+    if not 0 <= args.epoch_seconds <= 3600:
+        raise UsageError(f"--epoch-seconds {args.epoch_seconds}: give 0 to 3600 seconds")
+    check_writable("--storage", args.storage, "the study")
+    args.storage.mkdir(parents=True, exist_ok=True)
+    args.storage = args.storage.resolve()
+    name = f"driver-{args.trials}x{args.epochs}-c{args.concurrency}-{time.strftime('%Y%m%d-%H%M%S')}"
+    study, wall = run_study(args, name)
+    ray_stamps, ray_wall = run_bare_ray(args)
+    out = figures(args, study, wall, ray_stamps, ray_wall)
+    print(json.dumps(out))
+    if args.json and args.json != "-":
+        Path(args.json).write_text(json.dumps(out, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    from study import cli
+    sys.exit(cli.run(main))
