@@ -13,6 +13,7 @@ from study.cli import UsageError
 from study.driver.progress import StudyClock, progress_line
 from study.durations import parse_duration
 from study.results import read_table
+from study.tune.searcher import STOPPED_ATTR
 
 # What a budget's overrun is made of, besides the epoch a trial was in at the deadline (it stops at that
 # epoch's end with its checkpoint; a trial that trained no epoch in this run stops at once): the step of
@@ -121,6 +122,8 @@ def test_a_budget_stops_at_epoch_ends_and_resumes_count_only_running_time(tmp_pa
     run_study(tmp_path, cache_dir, *common, "--resume", "--time-budget", "none")
     tables = check_consistent(study, 2)
     assert set(tables["trials"].status) == {"DONE"}
+    ot = optuna.load_study(study_name="budget", storage=f"sqlite:///{study / 'optuna.db'}").get_trials()
+    assert not [t.number for t in ot if t.user_attrs.get(STOPPED_ATTR)]   # finished: no longer marked stopped
     # Each stopped trial goes on from the checkpoint of the epoch it stopped at (one stopped before its first
     # epoch starts at epoch 1: it had nothing to lose).
     resumed = tables["trials"].set_index("trial_id").resumed_at_epoch
@@ -150,6 +153,8 @@ def test_a_finished_study_gets_more_trials_and_plain_progress_lines(tmp_path, ca
     run_study(tmp_path, cache_dir, "--space", space, "--resume", "--num-samples", "4")
     tables = check_consistent(study, 4)   # exactly the new total, no (trial, epoch) row lost or twice
     assert set(tables["trials"].status) == {"DONE"}
+    ot = optuna.load_study(study_name="budget", storage=f"sqlite:///{study / 'optuna.db'}").get_trials()
+    assert not [t.number for t in ot if t.user_attrs.get(STOPPED_ATTR)]   # finished: no longer marked stopped
     assert json.loads((study / "study.json").read_text())["num_samples"] == 4
 
 
@@ -185,7 +190,7 @@ def test_a_spent_budget_stops_the_study_once_no_running_trial_would_lose_an_epoc
     from study.tune.searcher import OptunaSearcher
     from study.tune.state import DriverState
 
-    clock = StudyClock(budget_s=5.0, started=time.time() - (10.0 if expired else 0.0))
+    clock = StudyClock(budget_s=5.0)   # spent (if ``expired``) once the trials have been asked for
     d = DriverState(storage_url=f"sqlite:///{tmp_path / 'optuna.db'}", space=load_space("smoke"),
                     study_root=str(tmp_path / "study"), clock=clock)
     searcher = OptunaSearcher("b", d)
@@ -204,6 +209,8 @@ def test_a_spent_budget_stops_the_study_once_no_running_trial_would_lose_an_epoc
             trial.update_last_result(_epoch(1, parked=what == "parked"))   # as Tune records a result
             callback.on_trial_result(0, tune_trials, trial, trial.last_result)
             callback.on_checkpoint(0, tune_trials, trial, Checkpoint.from_directory(str(tmp_path / "ckpt")))
+    if expired:
+        clock.started -= 10.0
     callback.on_step_end(1, tune_trials)
     assert d.budget_stopped is stops
     staged = callback.writer.tables["trials"]
@@ -211,3 +218,7 @@ def test_a_spent_budget_stops_the_study_once_no_running_trial_would_lose_an_epoc
     assert (statuses <= {"STOPPED"}) if stops else ("STOPPED" not in statuses), staged
     if stops and staged is not None:   # the stopped trials end here: written at once
         assert set(pd.read_parquet(tmp_path / "study" / "results" / "trials.parquet").status) == {"STOPPED"}
+    # Optuna is told why a stopped trial stays RUNNING (a dashboard shows it with no driver alive).
+    db = optuna.load_study(study_name=searcher.study.study_name, storage=d.storage_url)   # as a dashboard does
+    marked = {t.user_attrs["ray_trial_id"] for t in db.get_trials() if t.user_attrs.get(STOPPED_ATTR)}
+    assert marked == ({t.trial_id for t in tune_trials if t.status == "RUNNING"} if stops else set())

@@ -277,6 +277,7 @@ class ResultsCallback(UsesDriver, Callback):
         d.budget_stopped = True
         for t in running:
             self._stage_trial(t, "STOPPED")
+            self.searcher.mark_stopped(t.trial_id)
         self.writer.flush()   # they end here (Tune's experiment end closes the writer)
         self._progress(trials, force=True)
         request_graceful_stop()

@@ -38,6 +38,8 @@ METRIC = "best_val_psnr"    # a trial's value in Optuna: its best epoch's val PS
 STEP_METRIC = "val_psnr"    # each epoch's intermediate value in Optuna: that epoch's own val PSNR
 ERROR_KEY = "trial_error"   # set in a trial's last report when it failed for a reason a retry cannot fix
 MEMBERS_KEY = "members"     # a pack's report: {str(member index): epoch row} of the members still in it
+STOPPED_ATTR = "stopped"   # Optuna user attribute of a trial the time budget stopped (until it finishes)
+STOPPED_WHY = "by the study's time budget; python -m study.run ... --resume continues it"
 PARKED_KEY = "budget_parked"   # set in a report when the time budget stopped the trial at this epoch's end
 STATE_OF = {"COMPLETE": "DONE", "PRUNED": "PRUNED", "FAIL": "ERROR"}   # Optuna state -> results status
 COMPLETE, PRUNED, FAIL = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED,
@@ -269,6 +271,18 @@ class OptunaSearcher(UsesDriver, Searcher):
         if state == PRUNED:
             self.pruned.add(mid)
         self.finished[mid] = (STATE_OF[state.name], int(epoch))
+        tid = self._trial_id(self.numbers[mid])
+        if self._storage.get_trial(tid).user_attrs.get(STOPPED_ATTR):   # it went on after a budget stop
+            self._storage.set_trial_user_attr(tid, STOPPED_ATTR, None)
+
+    def mark_stopped(self, trial_id: str) -> None:
+        """Tell Optuna the time budget stopped this trial's members: they stay RUNNING (--resume continues
+        them), and a user attribute says why, so a dashboard with no driver alive is not read as trials
+        still training. ``finish`` clears it."""
+        for k in range(self.pack):
+            mid = member_id(trial_id, k, self.pack)
+            if mid in self.numbers and mid not in self.finished:
+                self._storage.set_trial_user_attr(self._trial_id(self.numbers[mid]), STOPPED_ATTR, STOPPED_WHY)
 
     def on_trial_result(self, trial_id: str, result: dict):
         pass  # OptunaPruningScheduler reports each epoch (it runs before this hook)
