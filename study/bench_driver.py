@@ -7,9 +7,10 @@
    DIR (left there): Ray Tune's controller, the Optuna searcher and pruner, the results callback and
    writer, progress and status.json, checkpoints. Its driver writes ``<study>/driver_timings.json`` as
    the study ends (study.tune.synthetic.DriverTimings).
-2. Bare Ray Tune (``tune.Tuner`` with a function trainable that sleeps and reports the same rows and the
+2. Bare Ray Tune (``tune.Tuner`` with a function trainable that sleeps and reports synthetic rows and the
    same tiny checkpoint folders, Ray's default loggers, no project callbacks, the same concurrency and
-   number of trials) runs in a temporary folder, removed after.
+   number of trials, each trial's rows given in its config: a grid of N) runs in a temporary folder,
+   removed after. It prunes nothing: every trial reports all its epochs.
 
 Prints one JSON object: ``driver_results_per_s`` and ``ray_results_per_s`` (results over the span from the
 first trial's start to the last report, from the rows' own report times), ``driver_p50_ms`` and
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -95,37 +97,58 @@ def run_study(args, name: str) -> tuple[Path, float]:
 
 
 def _bare_trial(config: dict) -> None:
+    """A bare Ray Tune trial: the synthetic trial's sleeps, rows and checkpoint folders, given its rows (so
+    that the worker imports nothing of the project's Ray layer, nor torch)."""
     from ray import tune
     from ray.tune import Checkpoint
 
+    due = time.monotonic()
+    for row in config["rows"]:
+        due += config["epoch_seconds"]
+        time.sleep(max(due - time.monotonic(), 0.0))
+        folder = Path.cwd() / f"synthetic-checkpoint-{row['epoch']:05d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        try:
+            (folder / "synthetic.json").write_text(json.dumps({"epoch": row["epoch"]}))
+            tune.report({**row, "reported_at": time.time()}, checkpoint=Checkpoint.from_directory(str(folder)))
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def bare_trials(args) -> list[list[dict]]:
+    """The bare run's trials: each one's rows, from the synthetic curve of a configuration drawn from the
+    study's space (uniformly; the study's own draws are TPE's)."""
+    import random
+
     from study.config import TrialConfig
-    from study.tune.synthetic import REPORTED_AT, run_trial
+    from study.tune.synthetic import run_trial   # imports the project's Ray layer here, in the driver only
 
-    def report(row: dict, folder: Path | None) -> None:
-        tune.report({**row, REPORTED_AT: time.time()},
-                    checkpoint=Checkpoint.from_directory(str(folder)) if folder is not None else None)
-
-    cfg = TrialConfig(**{k: v for k, v in config.items() if k != "epoch_seconds"})
-    run_trial(cfg, report=report, epoch_seconds=config["epoch_seconds"], work_dir=Path.cwd(), log=lambda s: None)
+    rng = random.Random(0)
+    out = []
+    for _ in range(args.trials):
+        cfg = TrialConfig(**PARAMS_CONSTANT, epochs=args.epochs, depth=rng.choice([2, 3]),
+                          sampling=rng.choice(["maxpool-upsample", "strided-transposed"]),
+                          output=rng.choice(["rgb", "uv"]), lr=10 ** rng.uniform(math.log10(3e-4), math.log10(3e-3)))
+        out.append(run_trial(cfg, report=lambda row, folder: None, epoch_seconds=0,
+                             work_dir=args.storage, log=lambda s: None))
+    return out
 
 
 def run_bare_ray(args) -> tuple[list[float], float]:
-    """Bare Ray Tune on the same trials: every result's report time, and the fit's wall time."""
+    """Bare Ray Tune on the same number of trials: every result's report time, and the fit's wall time."""
     import ray
     from ray import tune
 
+    trials = bare_trials(args)
     folder = Path(tempfile.mkdtemp(prefix="bare-ray-", dir=args.storage))
     os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
     # As the study's driver does (study.tune.backend): a checkpoint per epoch is the point, Ray's warning noise.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     try:
         ray.init(address="local", num_cpus=args.concurrency, include_dashboard=False, log_to_driver=False)
-        space = {**PARAMS_CONSTANT, "epochs": args.epochs, "epoch_seconds": args.epoch_seconds,
-                 "depth": tune.randint(2, 4), "sampling": tune.choice(["maxpool-upsample", "strided-transposed"]),
-                 "output": tune.choice(["rgb", "uv"]), "lr": tune.loguniform(3.0e-4, 3.0e-3)}
-        tuner = tune.Tuner(_bare_trial, param_space=space,
-                           tune_config=tune.TuneConfig(num_samples=args.trials,
-                                                       max_concurrent_trials=args.concurrency),
+        tuner = tune.Tuner(_bare_trial,
+                           param_space={"epoch_seconds": args.epoch_seconds, "rows": tune.grid_search(trials)},
+                           tune_config=tune.TuneConfig(max_concurrent_trials=args.concurrency),
                            run_config=tune.RunConfig(storage_path=str(folder), name="bare", verbose=0,
                                                      checkpoint_config=tune.CheckpointConfig(num_to_keep=1)))
         t0 = time.perf_counter()
