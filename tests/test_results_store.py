@@ -422,3 +422,28 @@ def test_a_write_that_fails_in_the_writing_thread_stops_the_writer_and_the_journ
     assert not epochs.duplicated(["trial_id", "epoch"]).any()
     assert epochs[epochs.trial_id.isin(done)].groupby("trial_id").epoch.agg(list).map(list).to_dict() == \
         {t: [1, 2, 3, 4, 5] for t in done}
+
+
+def test_a_conversion_of_a_file_per_epoch_folder_cut_short_is_finished_or_redone(tmp_path):
+    results = tmp_path / "results"
+    epochs_dir = results / "epochs.parquet"
+    epochs_dir.mkdir(parents=True)
+    for e in (1, 2, 3):
+        _legacy_epoch_file(epochs_dir, "a", e, 20.0 + e)
+    (results / ".epochs-converting").mkdir()   # killed before the swap: redone
+    (results / ".epochs-converting" / "part-000001-000001.parquet").write_bytes(b"half written")
+    ResultsWriter(str(tmp_path)).close()
+    assert [p.name for p in epochs_dir.iterdir()] == ["part-000001-000001.parquet"]
+    assert not (results / ".epochs-converting").exists()
+    # Killed between the swap's two renames: the converted folder is put in place, the old one removed.
+    epochs_dir.rename(results / ".epochs-converting")
+    (results / ".epochs-retired").mkdir()
+    _legacy_epoch_file(results / ".epochs-retired", "a", 1, 20.0)
+    w = ResultsWriter(str(tmp_path))
+    assert [r["epoch"] for r in w.history("a")] == [1, 2, 3]
+    for _ in range(100):   # removed by a thread of its own
+        if not (results / ".epochs-retired").exists():
+            break
+        time.sleep(0.05)
+    assert sorted(p.name for p in results.iterdir() if p.name.startswith(".")) == []
+    assert len(pd.read_parquet(epochs_dir)) == 3

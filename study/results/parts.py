@@ -19,7 +19,10 @@ part (their rows are small) and leaves previews files in place (dropping them wh
 from __future__ import annotations
 
 import bisect
+import os
 import re
+import shutil
+import threading
 from dataclasses import dataclass, field
 
 import pyarrow as pa
@@ -28,7 +31,8 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from study.results.contract import KEYS
-from study.results.files import delete, listing, parquet_bytes, read_parquet, schema, unreadable, write_bytes
+from study.results.files import (delete, is_local, listing, parquet_bytes, read_parquet, schema, unreadable,
+                                 write_bytes)
 
 PART = re.compile(r"^part-(\d+)-(\d+)\.parquet$")
 TRIAL_EPOCH = re.compile(r"^t-(.+)-e(\d+)\.parquet$")   # earlier versions: one file per (trial, epoch)
@@ -160,6 +164,9 @@ class PartsTable:
         found = contents(fs, folder)
         for dead in found.dead:
             delete(fs, f"{folder}/{dead}")
+        if is_local(fs):   # a conversion cut short: redone (the store finishes one that had swapped)
+            shutil.rmtree(self._aside("converting"), ignore_errors=True)
+            self._retire()
         self.parts = found.parts
         self.exists = bool(found.parts or found.legacy)
         self._seq = max((p.hi for p in self.parts), default=0)
@@ -201,18 +208,37 @@ class PartsTable:
 
     def _convert(self, table: pa.Table, files: list[str]) -> pa.Table:
         """Earlier versions' rows (those no part holds) are written as a part now; their files go at the next
-        write (a crash between leaves a row in both: the part's wins)."""
+        write (a crash between leaves a row in both: the part's wins). A local folder of such files only is
+        swapped whole for one holding the part, and the old one removed meanwhile: unlinking 200,000 files
+        would double a resume that reads them."""
         legacy = pc.equal(table[ORIGIN], "")
         rows = table.filter(legacy).drop_columns([ORIGIN])
-        if len(rows):
-            part = self._put(self._seq + 1, self._seq + 1, rows)
+        swap = is_local(self.fs) and not self.parts
+        if len(rows) or swap:
+            part = self._put(self._seq + 1, self._seq + 1, rows, self._aside("converting") if swap else self.folder)
             self.parts.append(part)
             self._seq = part.hi
             table = table.set_column(table.column_names.index(ORIGIN), ORIGIN,
                                      pc.if_else(legacy, part.name, table[ORIGIN]))
-        for file in files:
-            self.stale.setdefault(file, set())
+        if swap:
+            os.rename(self.folder, self._aside("retired"))
+            os.rename(self._aside("converting"), self.folder)
+            self._retire()
+        else:
+            for file in files:
+                self.stale.setdefault(file, set())
         return table
+
+    def _aside(self, what: str) -> str:
+        """A hidden folder beside this table's: ``.epochs-converting``, ``.epochs-retired``."""
+        parent, base = self.folder.rsplit("/", 1)
+        return f"{parent}/.{base.split('.')[0]}-{what}"
+
+    def _retire(self) -> None:
+        """Remove the retired folder of a conversion (this one's, or one a killed writer left) meanwhile."""
+        if os.path.isdir(self._aside("retired")):
+            threading.Thread(target=shutil.rmtree, args=(self._aside("retired"),), kwargs={"ignore_errors": True},
+                             name="results-retired", daemon=True).start()
 
     def _trial(self, trial_id: str) -> dict[tuple, list]:
         got = self._trials.get(trial_id)
@@ -297,10 +323,10 @@ class PartsTable:
             self._remove(part, keys)
         self._merge()
 
-    def _put(self, lo: int, hi: int, table: pa.Table) -> Part:
+    def _put(self, lo: int, hi: int, table: pa.Table, folder: str | None = None) -> Part:
         data = parquet_bytes(self.name, table)
         part = Part(lo, hi, len(data))
-        write_bytes(self.fs, f"{self.folder}/{part.name}", data)
+        write_bytes(self.fs, f"{folder or self.folder}/{part.name}", data)
         return part
 
     def _holder(self, origin: int) -> Part | None:
