@@ -10,19 +10,103 @@ only: nothing is written, nothing is locked. ``--json`` prints the same facts fo
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import shlex
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 from study import cli
 from study.cli import UsageError
 
 STATUS_FILE = "status.json"
 BEST_SHOWN = 5
+# <study>/spaces/<sha256[:12]>/<space>.yaml: the space file as the study started, and as each resume that
+# changed it found it; named as the space, since a resume checks the file's name against the study's space.
+SPACE_COPIES = "spaces"
+
+
+def under(root: str, sub: str) -> str:
+    """``root/sub`` for a folder or a URI whose query string must stay at the end."""
+    base, q, query = root.partition("?")
+    return f"{base.rstrip('/')}/{sub}" + (f"?{query}" if q else "")
+
+
+def space_copy(root: str, sha256: str, name: str) -> str:
+    """Where the study at ``root`` keeps its space file ``name`` whose contents hash to ``sha256``."""
+    return under(root, f"{SPACE_COPIES}/{sha256[:12]}/{name}.yaml")
+
+
+def keep_space_copy(root: str, path: Path, sha256: str, name: str) -> None:
+    """Copy the space file at ``path`` into the study (a local folder or an object store): a resume command
+    can name it after the file it was given is gone (a Ray job's working directory, an edited file)."""
+    from study.results import resolve
+
+    fs, where = resolve(space_copy(root, sha256, name))
+    fs.create_dir(where.rsplit("/", 1)[0], recursive=True)
+    with fs.open_output_stream(where) as out:
+        out.write(Path(path).read_bytes())
+
+
+def local_space_file(space: str) -> str:
+    """``--space`` as study.space.load_space takes it: a study's copy on an object store (s3://..., from its
+    resume command) fetched into a temporary folder under its own name; a name or a local file as given."""
+    if "://" not in space:
+        return space
+    import atexit
+    import shutil
+    import tempfile
+
+    from study.driver import masked
+    from study.results import resolve
+
+    try:
+        fs, where = resolve(space)
+        with fs.open_input_stream(where) as f:
+            data = f.read()
+    except (OSError, ValueError) as e:
+        raise UsageError(f"--space {masked(space)}: cannot be read ({_first_line(e)}); give a shipped space's "
+                         f"name, a .yaml file or a study's copy of its space that exists") from None
+    folder = tempfile.mkdtemp(prefix="space-")
+    atexit.register(shutil.rmtree, folder, True)
+    path = Path(folder) / where.rsplit("/", 1)[-1]
+    path.write_bytes(data)
+    return str(path)
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
+def current_space_sha(meta: dict) -> str | None:
+    """The hash of the space file the study's last run drew from."""
+    changes = meta.get("space_changes") or []
+    return changes[-1].get("sha256") if changes else meta.get("space_sha256")
+
+
+def space_argument(root: str, meta: dict) -> str:
+    """The ``--space`` that resumes the study as it last ran: the shipped space's name while
+    search_spaces/<space>.yaml is the file it ran, else the study's own copy; a study from before copies
+    were kept: the file it recorded while it is there (never a Ray job's temporary copy), else the name."""
+    import pyarrow.fs as pafs
+
+    from study.results import resolve
+    from study.space import SPACES_DIR
+
+    name, sha = meta.get("space"), current_space_sha(meta)
+    shipped = SPACES_DIR / f"{name}.yaml"
+    if sha and shipped.is_file() and hashlib.sha256(shipped.read_bytes()).hexdigest() == sha:
+        return name
+    if sha:
+        fs, where = resolve(space_copy(root, sha, name))
+        if fs.get_file_info(where).type == pafs.FileType.File:
+            return space_copy(root, sha, name)
+    recorded = meta.get("space_file")
+    if recorded and "_ray_pkg_" not in recorded and Path(recorded).is_file():
+        return recorded
+    return name
 
 
 def _read_json(root: str, name: str, required: bool) -> dict | None:
@@ -100,7 +184,9 @@ def facts(study: str, now: float | None = None) -> dict:
     # Trials by status: the contract's statuses first, then whatever else the table holds.
     counts = {} if trials is None else trials["status"].fillna("?").value_counts().to_dict()
     out["counts"] = {s: int(counts.pop(s, 0)) for s in STATUSES} | {str(s): int(n) for s, n in counts.items()}
-    total = status.get("total") if isinstance(status.get("total"), int) else meta.get("num_samples")
+    # study.json's total: each run rewrites it as it starts (--resume --num-samples may raise it), while
+    # status.json may be from a run before.
+    total = meta.get("num_samples") if isinstance(meta.get("num_samples"), int) else status.get("total")
     out["total"], out["trials"] = total, 0 if trials is None else len(trials)
 
     best = best_trials(trials, by=["dataset", "output"]) if trials is not None else None
@@ -124,7 +210,7 @@ def facts(study: str, now: float | None = None) -> dict:
         if stale:
             out["stale_lock"] = {"reason": stale_reason(stale), "text": describe(stale, now)}
     out["state"] = _state(out, status)
-    out["commands"] = _commands(root, meta)
+    out["commands"], out["resume_note"] = _commands(root, meta, out)
     return out
 
 
@@ -180,13 +266,21 @@ def _state(out: dict, status: dict) -> str:
     return "not running"
 
 
-def _commands(root: str, meta: dict) -> dict:
+def _commands(root: str, meta: dict, out: dict) -> tuple[dict, str | None]:
+    """The ready-to-paste commands, and what to know of the resume command (None: nothing)."""
     from study.driver import masked, resume_command, runtime_url
 
     q = shlex.quote
-    space = SimpleNamespace(name=meta.get("space"), path=meta.get("space_file") or meta.get("space"))
-    cmds = {"resume": resume_command(root, _parent(root), meta.get("name") or root.rstrip("/").rsplit("/", 1)[-1],
-                                     space, None)}
+    more, note = None, None
+    ended = sum(out["counts"].get(s, 0) for s in ("DONE", "PRUNED", "ERROR"))
+    if out["state"] == "finished" or (out["total"] and ended >= out["total"]):
+        # A finished study's --resume has nothing to run: only a larger total gives it more trials.
+        have = max(out["total"] or 0, ended)
+        more = 2 * max(have, 1)
+        note = (f"the study has run all its {have} trials: --resume runs more only with a larger --num-samples "
+                f"(the command asks for {more}; any number above {have} will do)")
+    name = meta.get("name") or root.rstrip("/").rsplit("/", 1)[-1]
+    cmds = {"resume": resume_command(root, _parent(root), name, space_argument(root, meta), None, more)}
     try:
         url = runtime_url(meta.get("optuna_storage", ""), root, None)
         cmds["optuna_dashboard"] = f"optuna-dashboard {q(masked(url))}"
@@ -195,7 +289,7 @@ def _commands(root: str, meta: dict) -> dict:
     cmds["tensorboard"] = f"tensorboard --logdir {q(root)}"
     cmds["analysis"] = f"python -m analysis --study {q(root)} --out report/"
     cmds["colorize"] = f"python -m study.colorize --study {q(root)} photos/ --out colorized/"
-    return cmds
+    return cmds, note
 
 
 # ---------------------------------------------------------------- text
@@ -256,6 +350,8 @@ def text(f: dict) -> str:
     for name, cmd in f["commands"].items():
         if cmd:
             lines.append(f"  {name.replace('_', '-') + ':':<18}{cmd}")
+    if f.get("resume_note"):
+        lines.append(f"note: {f['resume_note']}")
     return "\n".join(lines)
 
 

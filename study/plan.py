@@ -15,7 +15,9 @@ writes nothing and starts no Ray. ``format_plan(plan)`` is the text ``--plan`` p
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
+import json
 import math
 import os
 import sys
@@ -23,7 +25,7 @@ import time
 from dataclasses import dataclass, field, replace
 
 from study import cli
-from study.engine import Structure, Timing, on_line, scaled, time_structure, within
+from study.engine import Structure, Timing, device_name, on_line, pick_device, scaled, time_structure, within
 
 # The axes that fix a trial's cost (and a pack's shared structure), besides the dataset.
 AXES = ("resolution", "depth", "sampling", "output", "base_filters", "max_filters", "batch_size")
@@ -40,11 +42,13 @@ WORKER_START_S = 5.0    # the first trial of each slot: a worker process, torch,
 TRIAL_GAP_S = 1.5       # each further trial on a reused worker: Optuna's ask and tell, results, setup
 EPOCH_OVERHEAD_S = 0.3  # each epoch besides its steps and evaluation: rows, checkpoint, previews
 SHUTDOWN_S = 5.0        # Ray's shutdown and the final table
-CALIBRATION_S = 20.0    # what the timed steps may take in all (model building included)
-# The median (percentile) pruner's assumed effect: after its startup trials, this share of the trials is
-# stopped at the first epoch it may judge (its warm-up).
+CALIBRATION_S = 20.0    # what the timed steps may take in all (after a first model pays torch's first use)
+# The median (percentile) pruner's assumed effect: after its startup trials, this share is stopped at its warm-up.
 PRUNED_SHARE = 0.5
 TOO_LONG_S = 24 * 3600
+CENTURY_S = 100 * 365.25 * 86400
+# Multiply-adds per second no real step reaches: a study's time from them is a bound safe to refuse a run on.
+PEAK_MACS_PER_S = {"cpu": 2e11, "gpu": 2e15}   # twice an AVX-512 core's fp32 FMAs at 3 GHz, an H100's bf16
 MAX_STRUCTURES = 20_000  # a larger grid is sampled (seeded): the mean cost is what matters
 
 
@@ -136,8 +140,9 @@ def structures(space, data_root: str | None = None) -> tuple[dict, dict[str, lis
 # ---------------------------------------------------------------- the model of a study
 
 
-def _pruning(space, pack: int):
-    """(the assumption, ``share(i, epochs)``: the expected share of its epochs the i-th unit runs)."""
+def _pruning(space, pack: int, least: bool = False):
+    """(the assumption, ``share(i, epochs)``: the expected share of its epochs the i-th unit runs; ``least``:
+    the least share it can run, every unit the pruner may stop stopped as early as it may)."""
     p = dict(space.pruner)
     name = "none" if len(space.objectives) > 1 else p.get("name", "none")
     unit = "packs" if pack > 1 else "trials"
@@ -146,7 +151,7 @@ def _pruning(space, pack: int):
         warm = max(int(p.get("n_warmup_steps", 0)), 1)   # epochs count from 1: epoch 1 is the first it may judge
 
         def share(i: int, epochs: int) -> float:
-            pruned = i >= startup and (i - startup) % round(1 / PRUNED_SHARE) == 0
+            pruned = i >= startup and (least or (i - startup) % round(1 / PRUNED_SHARE) == 0)
             return min(warm, epochs) / epochs if pruned else 1.0
         return (f"{name} pruner: the first {startup} {unit} run in full, then {PRUNED_SHARE:.0%} of them stop "
                 f"at epoch {warm}, the first it may judge (an assumption)"), share
@@ -156,7 +161,7 @@ def _pruning(space, pack: int):
         rung = (1.0 if low == "auto" else float(low)) * eta ** int(p.get("min_early_stopping_rate", 0))
 
         def share(i: int, epochs: int) -> float:
-            run, at, survive = min(rung, epochs), rung, 1.0
+            run, at, survive = min(rung, epochs), rung, 0.0 if least else 1.0
             while at < epochs:   # each rung lets 1/eta of the trials go on to the next
                 survive /= eta
                 run += survive * (min(at * eta, epochs) - at)
@@ -234,8 +239,9 @@ def estimate(space, request: Request | None = None, **fields) -> Plan:
     concurrent, limited_by = _concurrency(units, r.max_concurrent, r.resources, r.cluster_resources)
     device, notes, warnings = _timing_device(r)
     everything = [s for g in grids.values() for s in g]
-    timings = _calibrate(everything, r, device, start)
-    notes += _timing_notes(timings)
+    timed = _calibrate(everything, r, device)
+    timings, measured = _measured(timed)
+    notes += _timing_notes(timed) + measured
     # Units sharing a device slow each other: CPU threads past the cores, trials sharing a GPU its throughput.
     slowdown = (max(1.0, math.ceil(concurrent / r.gpus)) if r.on_gpu
                 else max(1.0, concurrent * r.threads / max(r.cpus, 1)))
@@ -247,7 +253,7 @@ def estimate(space, request: Request | None = None, **fields) -> Plan:
     compute = sum(durations)
     wall = STARTUP_S + _makespan(durations, concurrent) + SHUTDOWN_S if concurrent else math.inf
     plan = Plan(space=space.name, num_samples=r.num_samples, pack=r.pack, units=units, concurrent=concurrent,
-                limited_by=limited_by, resources=dict(r.resources), device=_device_name(device),
+                limited_by=limited_by, resources=dict(r.resources), device=device_name(pick_device(device)),
                 threads=r.threads, datasets=facts, structures=len(everything), timings=timings,
                 calibration_s=time.perf_counter() - start, pruning=pruning,
                 epoch_fraction=compute / max(sum(whole), 1e-12),
@@ -262,12 +268,39 @@ def estimate(space, request: Request | None = None, **fields) -> Plan:
                         f"--cpus-per-trial / --gpus-per-trial or add nodes")
     if r.time_budget_s is not None and concurrent:
         plan.units_in_budget = min(units, _units_by(durations, concurrent, r.time_budget_s - STARTUP_S))
+    if wall > CENTURY_S:   # a run is refused on a bound that times nothing (check_feasible), not on this
+        warnings.append(f"as timed here this plan would not end within a century ({_duration(wall)})")
     if wall > TOO_LONG_S:
         warnings.append(f"this plan does not fit in a day ({_duration(wall)}). Give it --time-budget (e.g. 8h: the "
                         f"study stops there with checkpoints, and --resume --time-budget goes on), a smaller "
                         f"space (fewer trials with --num-samples, fewer epochs, smaller structures), or "
                         + ("more GPUs" if r.on_gpu else "a GPU"))
     return plan
+
+
+def lower_bound_s(space, r: Request) -> float:
+    """Seconds the study takes at the least, timing nothing: each unit trains the cheapest structure of its
+    dataset (forward and backward: three forward passes) for the fewest epochs its pruner lets it run, at
+    the peak rate of what it is given, as many at once as fit (evaluation and fixed costs left out)."""
+    facts, grids = structures(space, r.data_root)
+    units = math.ceil(r.num_samples / r.pack)
+    concurrent, _ = _concurrency(units, r.max_concurrent, r.resources, r.cluster_resources)
+    rate = PEAK_MACS_PER_S["gpu"] * min(r.resources["gpu"], 1) if r.on_gpu else PEAK_MACS_PER_S["cpu"] * r.threads
+    share = _pruning(space, r.pack, least=True)[1]
+    order = [(f["epochs"], 3 * min(s.macs() for s in grids[ds]) * f["train"] * r.pack) for ds, f in facts.items()]
+    macs = sum(share(i, epochs) * epochs * epoch for i, (epochs, epoch) in
+               ((i, order[i % len(order)]) for i in range(units)))
+    return macs / (rate * concurrent) if concurrent else math.inf
+
+
+def check_feasible(space, r: Request) -> None:
+    """Refuse a study that could not end within a century here even at the peak rate (lower_bound_s)."""
+    least = lower_bound_s(space, r)
+    if least > CENTURY_S:
+        raise cli.UsageError(
+            f"this study cannot end within a century on this machine: even at a peak rate no step reaches it "
+            f"would take {_duration(least)} ({r.num_samples} trials of space {space.name}); lower --num-samples, "
+            f"its epochs or its structures, or give it GPUs (--plan estimates it; nothing was written)")
 
 
 def _timing_device(r: Request) -> tuple[str, list[str], list[str]]:
@@ -288,11 +321,15 @@ def _timing_device(r: Request) -> tuple[str, list[str], list[str]]:
     return device, notes, warnings
 
 
-def _calibrate(everything: list[Structure], r: Request, device: str, start: float) -> list[Timing]:
+def _calibrate(everything: list[Structure], r: Request, device: str) -> list[Timing]:
     """The smallest structure timed, and the largest (smaller images when a step would not fit the rest of
     the calibration's time, scaled back by multiply-adds)."""
     small = min(everything, key=lambda s: (s.macs(), s.batch_size))
     large = max(everything, key=lambda s: (s.macs(), s.batch_size))
+    # The first model built here pays the engine's imports and torch's first use (seconds on a busy machine):
+    # outside the budget of the steps timed, or none of them would fit in it.
+    time_structure(replace(small, batch_size=1), pack=1, device=device, threads=r.threads, budget_s=0.0)
+    start = time.perf_counter()
     timings = [time_structure(small, pack=r.pack, device=device, threads=r.threads,
                               budget_s=r.calibration_s / (3 if large != small else 1.5))]
     if large != small:
@@ -303,16 +340,33 @@ def _calibrate(everything: list[Structure], r: Request, device: str, start: floa
     return timings
 
 
-def _timing_notes(timings: list[Timing]) -> list[str]:
-    notes = []
+def _measured(timings: list[Timing]) -> tuple[list[Timing], list[str]]:
+    """A timing with no step of its batch timed has only its first two-image steps, set-up included (up to
+    orders of magnitude over): a timed one scaled by multiply-adds (optimizer: weights) replaces it."""
+    timed = [t for t in timings if t.steps > 0]
+    out, notes = [], []
     for t in timings:
-        if t.timed_at:
-            notes.append(f"{t.structure.label()}: timed at {t.timed_at}px (a step would not fit the time), "
-                         f"scaled by multiply-adds")
-        if t.batch < t.structure.batch_size:
-            notes.append(f"{t.structure.label()}: timed at batch {t.batch} (a full step would take too long), "
-                         f"scaled by images")
-    return notes
+        if t.steps > 0:
+            out.append(t)
+        elif timed:
+            src = min(timed, key=lambda u: abs(math.log(u.structure.macs() / t.structure.macs())))
+            m, w = t.structure.macs() / src.structure.macs(), t.structure.weights() / src.structure.weights()
+            out.append(replace(src, structure=t.structure, train_s=src.train_s * m, eval_s=src.eval_s * m,
+                               optimizer_s=src.optimizer_s * w, timed_at=0))
+            notes.append(f"{t.structure.label()}: no step of it fitted the time, so it is "
+                         f"{src.structure.label()}'s timing scaled by multiply-adds")
+        else:
+            out.append(t)
+            notes.append(f"{t.structure.label()}: no step of its batch fitted the time: its figures are its first "
+                         f"two-image steps', set-up included (too high); plan on a quieter machine or a GPU")
+    return out, notes
+
+
+def _timing_notes(timings: list[Timing]) -> list[str]:
+    return ([f"{t.structure.label()}: timed at {t.timed_at}px (a step would not fit the time), scaled by "
+             f"multiply-adds" for t in timings if t.timed_at]
+            + [f"{t.structure.label()}: timed at batch {t.batch} (a full step would take too long), scaled by images"
+               for t in timings if t.batch < t.structure.batch_size and t.steps])
 
 
 def _epochs(facts: dict, grids: dict, timings: list[Timing], slowdown: float,
@@ -351,11 +405,6 @@ def _units_by(durations: list[float], slots: int, seconds: float) -> float:
     return done
 
 
-def _device_name(device: str) -> str:
-    from study.engine import device_name, pick_device
-    return device_name(pick_device(device))
-
-
 # ---------------------------------------------------------------- text
 
 
@@ -368,7 +417,13 @@ def _duration(s: float) -> str:
         return f"{s / 60:.0f} min"
     if s < 3 * 86400:
         return f"{s / 3600:.1f} h"
-    return f"{s / 86400:.1f} days"
+    return f"{s / 86400:.1f} days" if s < 730 * 86400 else f"{s / 86400 / 365.25:,.0f} years"
+
+
+def _ms(seconds: float) -> str:
+    """Milliseconds with three significant digits, never rounded to 0 nor in exponent form."""
+    ms = seconds * 1e3
+    return f"{ms:,.0f} ms" if ms >= 100 or ms <= 0 else f"{ms:.{2 - math.floor(math.log10(ms))}f} ms"
 
 
 def _values_text(v: list) -> str:
@@ -394,9 +449,11 @@ def format_plan(plan: Plan) -> str:
     lines.append(f"  timed on {plan.device}{threads} in {plan.calibration_s:.0f} s (the study's own step and "
                  f"evaluation, random images):")
     for t in plan.timings:
-        lines.append(f"    {t.structure.label()}: {t.train_s * 1e3:.3g} ms per training image and "
-                     f"{t.optimizer_s * 1e3:.3g} ms per step (batch {t.batch}, {t.steps} steps), "
-                     f"{t.eval_s * 1e3:.3g} ms per evaluated image")
+        optimizer = f"{_ms(t.optimizer_s)} per optimizer step" if t.optimizer_s else "optimizer step not timed apart"
+        step = (f"{optimizer} (batch {t.batch}, {t.steps} step(s) timed)" if t.steps
+                else "no step timed at its batch (see the notes)")
+        lines.append(f"    {t.structure.label()}: {_ms(t.train_s)} per training image, {step}, "
+                     f"{_ms(t.eval_s)} per evaluated image")
     span = f"{_duration(plan.unit_s['min'])} to {_duration(plan.unit_s['max'])}"
     fixed = (f"{STARTUP_S:.0f} s to start, {WORKER_START_S:.0f} s for each worker's first {unit}, {TRIAL_GAP_S:g} s "
              f"between {unit}s, {EPOCH_OVERHEAD_S:g} s per epoch, {SHUTDOWN_S:.0f} s to end")
@@ -442,27 +499,20 @@ def parser() -> argparse.ArgumentParser:
 
 
 def _main(argv: list[str]) -> int:
-    args = parser().parse_args(argv)
-    for name in ("num_samples", "max_concurrent", "pack", "num_cpus"):
-        v = getattr(args, name)
-        if v is not None and v < 1:
-            raise cli.UsageError(f"--{name.replace('_', '-')} {v}: must be >= 1")
     from study.space import load_space
-    space = load_space(args.space)
-    cluster = local_resources(args.num_cpus, args.num_gpus)
-    resources = dict(space.resources)
-    if resources.get("gpu", 0) and not cluster["GPU"]:
-        resources["gpu"] = 0   # as study.run does: trials run on CPUs
+
+    args = parser().parse_args(argv)
+    for name in [n for n in ("num_samples", "max_concurrent", "pack", "num_cpus")
+                 if getattr(args, n) is not None and getattr(args, n) < 1]:
+        raise cli.UsageError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be >= 1")
+    space, cluster = load_space(args.space), local_resources(args.num_cpus, args.num_gpus)
+    # as study.run does: trials ask for a GPU only where there is one
+    resources = {**space.resources, "gpu": space.resources.get("gpu", 0) if cluster["GPU"] else 0}
     plan = estimate(space, num_samples=args.num_samples or space.num_samples,
                     max_concurrent=args.max_concurrent or space.max_concurrent, resources=resources,
                     pack=args.pack or space.pack_for(gpu=resources.get("gpu", 0) > 0), cluster_resources=cluster,
                     device=args.device, data_root=args.data_root or os.environ.get("COLORIZE_DATA_ROOT"))
-    if args.json:
-        import dataclasses
-        import json
-        print(json.dumps(dataclasses.asdict(plan), indent=1, default=str))
-    else:
-        print(format_plan(plan))
+    print(json.dumps(dataclasses.asdict(plan), indent=1, default=str) if args.json else format_plan(plan))
     return 0
 
 

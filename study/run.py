@@ -4,16 +4,13 @@ Ray Tune schedules the trials on this machine's (or a cluster's) GPUs or CPUs,
 Optuna chooses configurations and prunes bad trials early, and the results land
 as Parquet in ``<storage>/<name>/results/``.
 
-Every option, the space file and the storage are checked before anything is
-written and before Ray starts; a bad one ends the command with ``error: ...``
-and exit status 2 (``study.cli``). ``study.json`` is written only when the study
-really starts, so a run that fails before its first trial leaves the name free.
-One driver per study (``study.driver.lock``). The default Optuna SQLite database is
-recorded relative to the study folder, so a copied or moved study resumes in
-its new place. A password in ``--optuna-storage`` is never printed or stored:
-``study.json`` keeps the URL without it; on ``--resume`` pass the URL again or
-let the database client find the secret (PostgreSQL: ``$PGPASSWORD`` or
-``~/.pgpass``).
+Every option, the space file and the storage are checked before anything is written and before
+Ray starts (``--plan`` too); a bad one ends the command with ``error: ...`` and exit status 2.
+``study.json`` is written only when the study really starts, with a copy of its space file, so a
+run that fails before its first trial leaves the name free. One driver per study. The default
+Optuna SQLite database is recorded relative to the study folder, so a moved study resumes there.
+A password in ``--optuna-storage`` is never printed or stored: ``study.json`` keeps the URL without
+it; on ``--resume`` pass it again or let the database client find it ($PGPASSWORD, ~/.pgpass).
 """
 from __future__ import annotations
 
@@ -38,7 +35,8 @@ from study.driver import (DEFAULT_SQLITE, NoTrialFinished, Signals, Stopped, Stu
                           check_unlocked, driver_pid, in_own_session, in_ray_job, masked, missing_epochs,
                           more_trials, nothing_started, own_session_wanted, read_study_json, resume_command,
                           runtime_url, space_change_problems, spent_before, time_budget, without_password)
-from study.durations import parse_duration
+from study.durations import duration
+from study.info import current_space_sha, keep_space_copy, local_space_file, space_argument, under
 from study.space import SPACES_DIR
 
 
@@ -97,12 +95,6 @@ def study_root(storage: str, name: str) -> str:
     return under(storage, name) if "://" in storage else str(Path(storage).resolve() / name)
 
 
-def under(root: str, sub: str) -> str:
-    """``root/sub`` for a folder or a URI whose query string must stay at the end."""
-    base, q, query = root.partition("?")
-    return f"{base.rstrip('/')}/{sub}" + (f"?{query}" if q else "")
-
-
 def default_optuna_storage(root: str, name: str) -> str:
     if "://" not in root:
         return DEFAULT_SQLITE   # resolved in the study folder at run time (runtime_url)
@@ -136,26 +128,6 @@ def prepare_data(space, data_root: str | None, cache_dir: str) -> None:
               f"from {s.source} ({time.time() - t0:.1f}s)")
 
 
-def print_plan(args, space) -> int:
-    """``--plan``: the study's plan and an estimate of its time, from a short calibration here; nothing is
-    written and no Ray starts."""
-    from study import plan
-
-    cluster = plan.local_resources(args.num_cpus, args.num_gpus)
-    resources = trial_resources(args, space)
-    if resources.get("gpu", 0) and not cluster["GPU"]:
-        resources["gpu"] = 0
-    data_root = str(Path(args.data_root).resolve()) if args.data_root else os.environ.get("COLORIZE_DATA_ROOT")
-    budget = parse_duration(args.time_budget) if args.time_budget is not None else space.time_budget_s
-    estimate = plan.estimate(
-        space, num_samples=args.num_samples or space.num_samples,
-        max_concurrent=args.max_concurrent or space.max_concurrent, resources=resources,
-        pack=args.pack or space.pack_for(gpu=resources.get("gpu", 0) > 0),
-        cluster_resources=cluster, data_root=data_root, time_budget_s=budget)
-    print(plan.format_plan(estimate))
-    return 0
-
-
 # ------------------------------------------------------------------ the command's steps
 
 @dataclass(frozen=True)
@@ -175,6 +147,52 @@ class Study:
     resources: dict             # each trial's
 
 
+def plan_request(study: Study):
+    """(study.plan's Request for what is left of ``study``, its total of trials, trials ended): a new study's
+    every trial; a resumed one's trials not ended (a stopped one counted whole) and the budget it has left."""
+    from study.plan import Request, local_resources
+    from study.results import read_table
+    args, space, meta = study.args, study.space, study.meta or {}
+    cluster = local_resources(args.num_cpus, args.num_gpus)
+    resources = {**study.resources, "gpu": study.resources.get("gpu", 0) if cluster["GPU"] else 0}
+    total, ended = meta.get("num_samples") or args.num_samples or space.num_samples, 0
+    if study.meta is not None:
+        trials = read_table(study.root, "trials")
+        ended = 0 if trials is None else int(trials.status.isin(["DONE", "PRUNED", "ERROR"]).sum())
+    seconds = study.budget["seconds"]
+    left = None if seconds is None else seconds - (study.clock.spent_before_s - study.budget["granted_at_s"])
+    return Request(num_samples=max(total - ended, 0), resources=resources, cluster_resources=cluster,
+                   max_concurrent=args.max_concurrent or meta.get("max_concurrent") or space.max_concurrent,
+                   pack=meta.get("pack") or args.pack or space.pack_for(gpu=resources["gpu"] > 0),
+                   data_root=study.data_root, time_budget_s=left), total, ended
+
+
+def check_feasible(study: Study) -> None:
+    """Refuse a study that cannot end within a century on this machine, from a bound that times nothing
+    (study.plan.lower_bound_s); a cluster's resources are known only once Ray joins it."""
+    from study.plan import check_feasible as refuse_beyond_a_century
+    request = plan_request(study)[0]
+    if request.num_samples and not study.address:
+        refuse_beyond_a_century(study.space, request)
+
+
+def print_plan(study: Study) -> int:
+    """``--plan``: the plan of what is left of the study, after the checks a run makes (its refusals too)."""
+    from study import plan
+    r, total, ended = plan_request(study)
+    if study.meta is not None:
+        budget = "" if r.time_budget_s is None else f"; {duration(max(r.time_budget_s, 0))} of its budget left"
+        print(f"resuming study {study.name}: {ended} of {total} trials ended, {r.num_samples} to run (a stopped "
+              f"trial counted whole); {duration(study.clock.spent_before_s)} of running time so far{budget}")
+    if not r.num_samples:
+        print(f"nothing to run: the study has ended all its {total} trials; --resume runs more only with a "
+              f"larger --num-samples (above {ended})")
+        return 0
+    print(plan.format_plan(plan.estimate(study.space, r)))
+    check_feasible(study)
+    return 0
+
+
 @dataclass(frozen=True)
 class Ending:
     """How a run of the study ended: stopped by a signal (its number), by its time budget, or it ran out."""
@@ -191,9 +209,12 @@ def _main(argv: list[str], own_session: bool = False) -> int:
         return in_own_session([sys.executable, "-m", "study.run", *argv])
     try:
         space = checked_space(args)
-        if args.plan:   # before any study folder, lock or record is looked at: --plan writes and starts nothing
-            return print_plan(args, space)
-        study = open_study(args, space)
+        study = open_study(args, space)   # the same checks for --plan as for a run: nothing written, no Ray
+        if args.plan:
+            return print_plan(study)
+        check_feasible(study)
+        if not study.address:  # on a cluster each node decodes into its own cache
+            prepare_data(space, study.data_root, study.cache_dir)
     except (KeyboardInterrupt, Terminated) as e:
         stopped = nothing_started(e)
         print(f"\n{stopped}", file=sys.stderr)
@@ -213,7 +234,7 @@ def checked_space(args: argparse.Namespace):
     from study.space import load_space
 
     check_storage_url(args.storage)
-    return load_space(args.space)
+    return load_space(local_space_file(args.space))   # a study's copy on an object store too
 
 
 def open_study(args: argparse.Namespace, space) -> Study:
@@ -233,8 +254,6 @@ def open_study(args: argparse.Namespace, space) -> Study:
     budget = time_budget(args, meta, space, clock)
     data_root, cache_dir = data_places(args)
     address = ray_address(args)
-    if not address:  # on a cluster each node decodes into its own cache
-        prepare_data(space, data_root, cache_dir)
     return Study(args, space, name, root, meta, space_changed, clock, budget, data_root, cache_dir, address,
                  trial_resources(args, space))
 
@@ -454,9 +473,12 @@ def record_start(study: Study, meta: dict) -> None:
     """Write study.json: only now, so a run that failed before this point has not used the study's name up."""
     from study.results import write_json
 
-    if study.space_changed:
-        meta.setdefault("space_changes", []).append(
-            {"sha256": space_hash(study.space.path), "resumed": time.strftime("%Y-%m-%d %H:%M:%S")})
+    sha = space_hash(study.space.path)
+    if sha != current_space_sha(meta):   # not the file the study's last run drew from
+        meta["space_changes"] = [*meta.get("space_changes", []),
+                                 {"sha256": sha, "resumed": time.strftime("%Y-%m-%d %H:%M:%S")}]
+    # The file as this run draws from it (again: the same name for the same contents), for resume commands.
+    keep_space_copy(study.root, study.space.path, sha, study.space.name)
     write_json(study.root, "study.json", meta)
     cli.work_started()
 
@@ -464,7 +486,9 @@ def record_start(study: Study, meta: dict) -> None:
 def summarise(study: Study, ending: Ending) -> int:
     """Say how the study ended, with the command that continues it when it can go on; its exit status."""
     args = study.args
-    resume_cmd = resume_command(study.root, args.storage, study.name, study.space, args.optuna_storage)
+    meta = read_study_json(study.root, resume=False) or {"space": study.space.name}
+    resume_cmd = resume_command(study.root, args.storage, study.name, space_argument(study.root, meta),
+                                args.optuna_storage)
     if ending.signal:   # not the "best" table of a study that did not finish
         something = ending.started or study.meta is not None   # a resumed study always has its state to go on
         stopped = Stopped(ending.signal, resume_cmd if something else None, ending.at_once, ending.started)

@@ -135,6 +135,7 @@ def is_loopback(address: str) -> bool:
 def run_args_checked(run_args: list[str]) -> argparse.Namespace:
     """Parse and check study.run's arguments and space here, so a mistake fails before anything is uploaded."""
     from study.driver import check_options, masked
+    from study.info import local_space_file
     from study.run import parser
     from study.space import load_space
 
@@ -155,7 +156,7 @@ def run_args_checked(run_args: list[str]) -> argparse.Namespace:
         raise SubmitError(f"--optuna-storage {masked(args.optuna_storage)}: a job's command line is shown on the "
                           f"dashboard and kept in its records: leave the password out of the URL and give it to "
                           f"the cluster's nodes (PGPASSWORD or ~/.pgpass, e.g. from a Kubernetes secret)")
-    load_space(args.space)   # the space file travels with the project folder: check it here
+    load_space(local_space_file(args.space))   # the space file travels with the project folder: check it here
     return args
 
 

@@ -20,6 +20,8 @@ from study.cli import UsageError
 from study.durations import duration, parse_duration
 
 STATUS_FILE = "status.json"
+
+
 @dataclass
 class StudyClock:
     spent_before_s: float = 0.0               # running time of the study's earlier runs
@@ -76,8 +78,19 @@ def status_record(df, total: int, clock: StudyClock, images: float, run_elapsed:
             "budget_ends": deadline, "projected_finish": projected}
 
 
+def clock_time(t: float, now: float, form: str = "%H:%M:%S") -> str:
+    """The local time ``t`` as a clock shows it; one on a later day than ``now`` carries its date (and its
+    year when that is a later one): a projection days away must not read as today's."""
+    at, today = time.localtime(t), time.localtime(now)
+    if at.tm_year > today.tm_year:
+        form = f"%Y %b %d {form}"
+    elif (at.tm_year, at.tm_yday) > (today.tm_year, today.tm_yday):
+        form = f"%b %d {form}"
+    return time.strftime(form, at)
+
+
 def progress_line(rec: dict) -> str:
-    c, total = rec["counts"], rec["total"]
+    c, total, now = rec["counts"], rec["total"], rec.get("updated") or time.time()
     ended = sum(c.get(s, 0) for s in ("DONE", "PRUNED", "ERROR"))
     line = (f"[{time.strftime('%H:%M:%S')}] trials {ended}/{total} ended: {c.get('DONE', 0)} done, "
             f"{c.get('PRUNED', 0)} pruned, {c.get('ERROR', 0)} errored; {c.get('RUNNING', 0)} running, "
@@ -89,9 +102,9 @@ def progress_line(rec: dict) -> str:
                  else f" | best {b['val_psnr']:.2f} dB ({b['trial_id']})")
     line += f" | {rec['model_images_per_s']:,.0f} model-images/s | elapsed {duration(rec['elapsed_s'])}"
     if rec["projected_finish"] is not None:
-        line += f" | projected finish {time.strftime('%H:%M', time.localtime(rec['projected_finish']))}"
+        line += f" | projected finish {clock_time(rec['projected_finish'], now, '%H:%M')}"
     if rec["budget_ends"] is not None:
-        ends = time.strftime('%H:%M:%S', time.localtime(rec["budget_ends"]))
+        ends = clock_time(rec["budget_ends"], now)
         if rec["budget_left_s"] > 0:
             line += f" | budget ends {ends} ({duration(math.ceil(rec['budget_left_s']))} left)"
         elif rec["state"] == "running":

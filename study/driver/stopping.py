@@ -173,15 +173,18 @@ def in_own_session(cmd: list[str]) -> int:
     return status if status >= 0 else 128 - status
 
 
-def resume_command(root: str, storage: str, name: str, space, optuna_url: str | None) -> str:
-    """The exact command that continues the study at ``root``, runnable from any folder."""
+def resume_command(root: str, storage: str, name: str, space_arg: str, optuna_url: str | None,
+                   num_samples: int | None = None) -> str:
+    """The exact command that continues the study at ``root``, runnable from any folder. ``space_arg``: its
+    ``--space`` (a shipped space's name, or the study's own copy of its space file: see study.info's
+    space_argument); ``num_samples``: a new total of trials (a finished study runs more only with one)."""
     from study.driver.checks import masked
-    from study.space import SPACES_DIR
 
-    shipped = Path(space.path).resolve().parent == SPACES_DIR.resolve()
     where = storage if "://" in storage else str(Path(storage).resolve())
-    parts = ["python -m study.run", "--space", space.name if shipped else str(Path(space.path).resolve()),
-             "--name", name, "--storage", masked(where) if "://" in where else where, "--resume"]
+    parts = ["python -m study.run", "--space", space_arg, "--name", name,
+             "--storage", masked(where) if "://" in where else where, "--resume"]
+    if num_samples is not None:
+        parts += ["--num-samples", str(num_samples)]
     if optuna_url:
         parts += ["--optuna-storage", masked(optuna_url)]
     return " ".join(_quote(p) for p in parts)
