@@ -205,6 +205,42 @@ def record(plan: Plan, command: str, log=print) -> int:
     return ran
 
 
+def summary(df, early: int = 2, group: int = 8, draws: int = 2000, seed: int = 0) -> dict:
+    """A first look at a curves table: its size and cost, the last epoch's test gains, and how well the
+    ranking at epoch ``early`` (by val PSNR, the study's ranking) foresees the ranking at the last epoch,
+    over the whole table and over ``draws`` random groups of ``group`` configurations (one pruning bracket)."""
+    import numpy as np
+
+    last_epoch = int(df["epochs"].max())
+    val = df.pivot_table(index="config_id", columns="epoch", values="val_psnr", aggfunc="first")
+    val = val.reindex(columns=range(1, last_epoch + 1)).fillna(-np.inf)   # a failed epoch ranks last
+    final = df[df["epoch"] == last_epoch].set_index("config_id")
+    gains = final["test_gain"].dropna()
+    best = final.loc[val[last_epoch].idxmax()]
+    rng = np.random.default_rng(seed)
+    same, kept = 0, 0
+    group = min(group, len(val))
+    for _ in range(draws):
+        pick = val.iloc[rng.choice(len(val), group, replace=False)]
+        winner = pick[last_epoch].idxmax()
+        same += pick[early].idxmax() == winner
+        kept += pick.loc[winner, early] >= pick[early].median()   # median pruning at ``early`` keeps it
+    return {
+        "configs": int(val.shape[0]), "rows": len(df), "epochs": last_epoch,
+        "failed_configs": int(df.loc[df["error"].notna(), "config_id"].nunique()),
+        "seconds_per_config": {"median": float(df.groupby("config_id")["seconds"].sum().median()),
+                               "mean": float(df.groupby("config_id")["seconds"].sum().mean())},
+        "last_epoch_test_gain_db": {q: float(gains.quantile(v)) for q, v in
+                                    (("min", 0), ("p25", .25), ("median", .5), ("p75", .75), ("max", 1))},
+        "best_by_val": {"config_id": best.name, "draw": int(best["draw"]), "test_gain_db": float(best["test_gain"]),
+                        **{k: best[k].item() if hasattr(best[k], "item") else best[k] for k in SPACE}},
+        f"epoch{early}_leader_is_last_epoch_leader": bool(val[early].idxmax() == val[last_epoch].idxmax()),
+        f"spearman_epoch{early}_vs_last": float(val[early].rank().corr(val[last_epoch].rank())),
+        f"groups_of_{group}": {"draws": draws, f"epoch{early}_leader_wins": same / draws,
+                               f"winner_survives_median_pruning_at_epoch{early}": kept / draws},
+    }
+
+
 def parser() -> argparse.ArgumentParser:
     p = cli.ArgumentParser(prog="python scripts/record_curves.py", description=__doc__,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -219,12 +255,21 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--smoke", action="store_true",
                    help=f"a quick check: {SMOKE['epochs']} epochs on {SMOKE['train_limit']} training and "
                         f"{SMOKE['eval_limit']} val/test images")
+    p.add_argument("--summary", action="store_true",
+                   help="print a first look at the table --out as JSON and train nothing")
     cli.add_debug(p)
     return p
 
 
 def _main(argv: list[str]) -> int:
     args = parser().parse_args(argv)
+    if args.summary:
+        if not args.out.is_file():
+            raise cli.UsageError(f"--out {args.out}: no such table; record one first")
+        import pandas as pd
+
+        print(json.dumps(summary(pd.read_parquet(args.out)), indent=1))
+        return 0
     configs = args.configs if args.configs is not None else 2 if args.smoke else 64
     if configs < 1:
         raise cli.UsageError(f"--configs {configs}: record at least 1 configuration")

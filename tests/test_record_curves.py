@@ -141,3 +141,48 @@ def test_a_table_it_did_not_write_is_never_overwritten(cache_dir, tmp_path):
     p = record(other, cache_dir)
     assert p.returncode == 2 and p.stderr.startswith("error: ") and "not a curves table" in p.stderr, p.stderr
     assert other.read_bytes() == before and sorted(tmp_path.iterdir()) == [other]
+
+
+def _curves(finals: dict[str, list[float]]) -> pd.DataFrame:
+    """A curves table of the given val PSNR per epoch (gray 20 dB, test = val - 1 dB), the space's values."""
+    rc = _module()
+    rows = []
+    for n, (cid, curve) in enumerate(finals.items()):
+        cfg = rc.draw(0, n, "samples", {**rc.FIXED, "epochs": len(curve)})
+        for epoch, v in enumerate(curve, 1):
+            rows.append({"config_id": cid, "draw": n, **cfg.__dict__, "epoch": epoch, "val_psnr": v,
+                         "val_gray_psnr": 20.0, "test_psnr": v - 1, "test_gray_psnr": 20.0, "seconds": 2.0,
+                         "test_gain": v - 21, "error": None})
+    return pd.DataFrame(rows)
+
+
+@pytest.mark.parametrize("curves, leader_wins, spearman", [
+    # the order never changes: the epoch-2 leader wins, ranks agree
+    ({"a": [18, 19, 22], "b": [17, 18, 21], "c": [16, 17, 20]}, True, 1.0),
+    # a late bloomer: last at epoch 2, first at the end
+    ({"a": [18, 19, 20], "b": [17, 18, 19.5], "c": [16, 17, 23]}, False, -0.5),
+    # a curve that fails at epoch 3 (NaN) ranks last there
+    ({"a": [18, 21, float("nan")], "b": [17, 18, 19], "c": [16, 17, 18]}, False, -0.5),
+])
+def test_summary_tells_how_well_epoch_two_foresees_the_last(curves, leader_wins, spearman):
+    s = _module().summary(_curves(curves), group=3, draws=5)
+    assert s["configs"] == 3 and s["rows"] == 9 and s["epochs"] == 3
+    assert s["epoch2_leader_is_last_epoch_leader"] is leader_wins
+    assert s["spearman_epoch2_vs_last"] == pytest.approx(spearman)
+    assert s["groups_of_3"]["epoch2_leader_wins"] == float(leader_wins)
+    winner = max(curves, key=lambda c: -1e9 if curves[c][-1] != curves[c][-1] else curves[c][-1])
+    assert s["best_by_val"]["config_id"] == winner
+    assert s["seconds_per_config"]["median"] == 6.0
+
+
+def test_summary_of_a_recorded_table_writes_nothing(smoke, tmp_path):
+    out, _ = smoke
+    before = out.read_bytes()
+    p = subprocess.run([PYTHON, str(SCRIPT), "--summary", "--out", str(out)], check=False, capture_output=True,
+                       text=True, env=python_env(), timeout=300)
+    assert p.returncode == 0, p.stderr
+    s = json.loads(p.stdout)
+    assert s["rows"] == len(pd.read_parquet(out)) and s["epochs"] == 2 and out.read_bytes() == before
+    missing = subprocess.run([PYTHON, str(SCRIPT), "--summary", "--out", str(tmp_path / "none.parquet")],
+                             check=False, capture_output=True, text=True, env=python_env(), timeout=300)
+    assert missing.returncode == 2 and missing.stderr.startswith("error: ") and not list(tmp_path.iterdir())
