@@ -9,7 +9,8 @@
    the study ends (study.tune.synthetic.DriverTimings).
 2. Bare Ray Tune (``tune.Tuner`` with a function trainable that sleeps and reports synthetic rows and the
    same tiny checkpoint folders, Ray's default loggers, no project callbacks, the same concurrency and
-   number of trials, each trial's rows given in its config: a grid of N) runs in a temporary folder,
+   number of trials, actors reused as the study's are, each trial's rows given in its config: a grid of
+   N) runs in a temporary folder,
    removed after. It prunes nothing: every trial reports all its epochs.
 
 Prints one JSON object: ``driver_results_per_s`` and ``ray_results_per_s`` (results over the span from the
@@ -148,7 +149,8 @@ def run_bare_ray(args) -> tuple[list[float], float]:
         ray.init(address="local", num_cpus=args.concurrency, include_dashboard=False, log_to_driver=False)
         tuner = tune.Tuner(_bare_trial,
                            param_space={"epoch_seconds": args.epoch_seconds, "rows": tune.grid_search(trials)},
-                           tune_config=tune.TuneConfig(max_concurrent_trials=args.concurrency),
+                           # Actors reused, as the study's Tuner (study.tune.backend): what differs is the driver.
+                           tune_config=tune.TuneConfig(max_concurrent_trials=args.concurrency, reuse_actors=True),
                            run_config=tune.RunConfig(storage_path=str(folder), name="bare", verbose=0,
                                                      checkpoint_config=tune.CheckpointConfig(num_to_keep=1)))
         t0 = time.perf_counter()
