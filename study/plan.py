@@ -351,8 +351,8 @@ def _measured(timings: list[Timing]) -> tuple[list[Timing], list[str]]:
         elif timed:
             src = min(timed, key=lambda u: abs(math.log(u.structure.macs() / t.structure.macs())))
             m, w = t.structure.macs() / src.structure.macs(), t.structure.weights() / src.structure.weights()
-            out.append(replace(src, structure=t.structure, train_s=src.train_s * m, eval_s=src.eval_s * m,
-                               optimizer_s=src.optimizer_s * w, timed_at=0))
+            out.append(replace(t, train_s=src.train_s * m, eval_s=src.eval_s * m, optimizer_s=src.optimizer_s * w,
+                               timed_at=0))
             notes.append(f"{t.structure.label()}: no step of it fitted the time, so it is "
                          f"{src.structure.label()}'s timing scaled by multiply-adds")
         else:
@@ -364,7 +364,7 @@ def _measured(timings: list[Timing]) -> tuple[list[Timing], list[str]]:
 
 def _timing_notes(timings: list[Timing]) -> list[str]:
     return ([f"{t.structure.label()}: timed at {t.timed_at}px (a step would not fit the time), scaled by "
-             f"multiply-adds" for t in timings if t.timed_at]
+             f"multiply-adds" for t in timings if t.timed_at and t.steps]
             + [f"{t.structure.label()}: timed at batch {t.batch} (a full step would take too long), scaled by images"
                for t in timings if t.batch < t.structure.batch_size and t.steps])
 
@@ -464,7 +464,7 @@ def format_plan(plan: Plan) -> str:
               f"  one {unit} in full: {span}, {_duration(plan.unit_s['mean'])} on average",
               f"  pruning: {plan.pruning}; {plan.epoch_fraction:.0%} of all epochs expected to run",
               f"  fixed costs: {fixed}",
-              f"estimate: {_duration(plan.wall_s)} wall time, {plan.device_hours:.2f} {plan.device_unit}"]
+              f"estimate: {_duration(plan.wall_s)} wall time, {plan.device_hours:,.2f} {plan.device_unit}"]
     if plan.budget_s is not None and plan.units_in_budget is not None:
         done = (f"all {plan.units} {unit}s finish" if plan.units_in_budget >= plan.units else
                 f"about {plan.units_in_budget:.0f} of {plan.units} {unit}s finish; --resume goes on with the rest")

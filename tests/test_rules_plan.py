@@ -106,11 +106,12 @@ def test_a_timing_without_a_timed_step_is_a_timed_one_scaled_by_multiply_adds():
     small = Structure("cifar10", 32, 2, "pixel-shuffle", "uv", 16, 256, 64)
     large = replace(small, resolution=64, depth=3, base_filters=32)
     ratio = large.macs() / small.macs()
-    # (timings, steps of each after, the large one's seconds per image after or None when kept)
+    # (timings, steps of each after (0: none of its own, so no step time is printed for it), the large one's
+    # seconds per image after, None: not checked)
     table = [
-        ([timing(small, 3, 1e-4), timing(large, 0, 2.0)], [3, 3], 1e-4 * ratio),   # set-up's 2 s: replaced
+        ([timing(small, 3, 1e-4), timing(large, 0, 2.0)], [3, 0], 1e-4 * ratio),   # set-up's 2 s: replaced
         ([timing(small, 3, 1e-4), timing(large, 2, 5e-3)], [3, 2], 5e-3),           # both timed: kept
-        ([timing(small, 0, 1.0), timing(large, 4, 5e-3)], [4, 4], None),            # the small one scaled down
+        ([timing(small, 0, 1.0), timing(large, 4, 5e-3)], [0, 4], None),            # the small one scaled down
         ([timing(small, 0, 1.0), timing(large, 0, 2.0)], [0, 0], 2.0),              # none timed: kept, said
     ]
     for timings, steps, large_s in table:
@@ -156,3 +157,24 @@ def test_the_progress_line_dates_a_projection_days_away():
     assert "projected finish Dec 09 13:08" in progress_line(rec)
     assert "projected finish 13:08 " not in progress_line(rec) + " "
     assert progress_line({**rec, "projected_finish": at("2026-12-07 13:08:00")}).endswith("projected finish 13:08")
+
+
+def test_the_plan_prints_a_step_time_only_for_a_timed_step():
+    from study.plan import Plan, format_plan
+
+    small = Structure("cifar10", 32, 2, "pixel-shuffle", "uv", 16, 256, 64)
+    large = replace(small, resolution=64, depth=3, base_filters=32)
+    for raw in ([timing(small, 3, 1e-4), timing(large, 0, 2.0)], [timing(small, 0, 1.0), timing(large, 0, 2.0)]):
+        timings, notes = _measured(raw)
+        plan = Plan(space="x", num_samples=2, pack=1, units=2, concurrent=1, limited_by="CPUs",
+                    resources={"cpu": 1}, device="cpu", threads=1, datasets={}, structures=2, timings=timings,
+                    calibration_s=20.0, pruning="none", epoch_fraction=1.0, unit_s={"min": 1, "mean": 2, "max": 3},
+                    eval_share=0.2, compute_s=4.0, wall_s=5e10, device_hours=123456.789, device_unit="CPU-core-hours",
+                    notes=notes)
+        text = format_plan(plan)
+        lines = {t.structure: next(ln for ln in text.splitlines() if ln.strip().startswith(t.structure.label()))
+                 for t in timings}
+        for t in timings:
+            assert ("per optimizer step" in lines[t.structure]) == (t.steps > 0), lines[t.structure]
+            assert "0 steps" not in lines[t.structure] and "e+" not in lines[t.structure]
+        assert "1,584 years wall time, 123,456.79 CPU-core-hours" in text
