@@ -200,3 +200,29 @@ def test_a_study_on_s3(lifecycle, s3):  # noqa: F811 - the fixture
     assert f["best"] == lifecycle["finished"]["best"]
     assert f["commands"]["optuna_dashboard"].endswith(f"sqlite:///{local}/optuna.db")
     assert f"--storage 's3://{BUCKET}/studies?" in f["commands"]["resume"]
+
+
+def test_resume_commands_name_the_studys_copy_of_its_space_and_plan_what_is_left(lifecycle):
+    # The space file was given from the test's folder: each study (and the copy resumed elsewhere) names
+    # the copy in its own folder, which outlives the file given (a Ray job's working directory).
+    for f, study in ((lifecycle["killed"], lifecycle["killed_study"]), (lifecycle["finished"], lifecycle["study"])):
+        cmd = shlex.split(f["commands"]["resume"])
+        space = Path(cmd[cmd.index("--space") + 1])
+        assert space.parent.parent == study / "spaces" and space.name == "tiny.yaml", cmd
+        assert space.read_bytes() == (lifecycle["tmp"] / "tiny.yaml").read_bytes()
+    # A finished study: --resume runs more only with a larger total, which its command asks for.
+    f = lifecycle["finished"]
+    cmd = shlex.split(f["commands"]["resume"])
+    assert cmd[cmd.index("--num-samples") + 1] == str(2 * N_TRIALS) and "larger --num-samples" in f["resume_note"]
+    assert f"note: {f['resume_note']}" in lifecycle["finished_text"]
+    # --plan of that command goes through a resume's checks and plans the trials left, nothing else.
+    before = fingerprint(lifecycle["study"])
+    plan = [PYTHON, "-m", "study.run", *cmd[3:], "--plan", "--num-cpus", "2"]
+    p = subprocess.run(plan, cwd="/", env=python_env(), capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert f"resuming study tiny: {N_TRIALS} of {2 * N_TRIALS} trials ended, {N_TRIALS} to run" in p.stdout
+    assert f"plan of study space tiny: {N_TRIALS} trials" in p.stdout
+    without = [a for i, a in enumerate(plan) if a != "--num-samples" and plan[i - 1] != "--num-samples"]
+    p = subprocess.run(without, cwd="/", env=python_env(), capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0 and "nothing to run: the study has ended all its 6 trials" in p.stdout, p.stderr
+    assert fingerprint(lifecycle["study"]) == before
