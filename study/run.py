@@ -148,8 +148,8 @@ class Study:
 
 
 def plan_request(study: Study):
-    """(study.plan's Request for what is left of ``study``, its total of trials, trials ended): a new study's
-    every trial; a resumed one's trials not ended (a stopped one counted whole) and the budget it has left."""
+    """(study.plan's Request for what is left of ``study``, its total, trials done): a new study's every trial;
+    a resumed one's not done or pruned (a stopped or errored one counted whole) and the budget it has left."""
     from study.plan import Request, local_resources
     from study.results import read_table
     args, space, meta = study.args, study.space, study.meta or {}
@@ -158,7 +158,7 @@ def plan_request(study: Study):
     total, ended = meta.get("num_samples") or args.num_samples or space.num_samples, 0
     if study.meta is not None:
         trials = read_table(study.root, "trials")
-        ended = 0 if trials is None else int(trials.status.isin(["DONE", "PRUNED", "ERROR"]).sum())
+        ended = 0 if trials is None else int(trials.status.isin(["DONE", "PRUNED"]).sum())   # errored: again
     seconds = study.budget["seconds"]
     left = None if seconds is None else seconds - (study.clock.spent_before_s - study.budget["granted_at_s"])
     return Request(num_samples=max(total - ended, 0), resources=resources, cluster_resources=cluster,
@@ -182,10 +182,10 @@ def print_plan(study: Study) -> int:
     r, total, ended = plan_request(study)
     if study.meta is not None:
         budget = "" if r.time_budget_s is None else f"; {duration(max(r.time_budget_s, 0))} of its budget left"
-        print(f"resuming study {study.name}: {ended} of {total} trials ended, {r.num_samples} to run (a stopped "
-              f"trial counted whole); {duration(study.clock.spent_before_s)} of running time so far{budget}")
+        print(f"resuming study {study.name}: {ended} of {total} trials done or pruned, {r.num_samples} to run (a "
+              f"stopped trial counted whole); {duration(study.clock.spent_before_s)} of running time so far{budget}")
     if not r.num_samples:
-        print(f"nothing to run: the study has ended all its {total} trials; --resume runs more only with a "
+        print(f"nothing to run: the study has done all its {total} trials; --resume runs more only with a "
               f"larger --num-samples (above {ended})")
         return 0
     print(plan.format_plan(plan.estimate(study.space, r)))

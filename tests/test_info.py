@@ -220,9 +220,9 @@ def test_resume_commands_name_the_studys_copy_of_its_space_and_plan_what_is_left
     plan = [PYTHON, "-m", "study.run", *cmd[3:], "--plan", "--num-cpus", "2"]
     p = subprocess.run(plan, cwd="/", env=python_env(), capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
-    assert f"resuming study tiny: {N_TRIALS} of {2 * N_TRIALS} trials ended, {N_TRIALS} to run" in p.stdout
+    assert f"resuming study tiny: {N_TRIALS} of {2 * N_TRIALS} trials done or pruned, {N_TRIALS} to run" in p.stdout
     assert f"plan of study space tiny: {N_TRIALS} trials" in p.stdout
     without = [a for i, a in enumerate(plan) if a != "--num-samples" and plan[i - 1] != "--num-samples"]
     p = subprocess.run(without, cwd="/", env=python_env(), capture_output=True, text=True, timeout=300)
-    assert p.returncode == 0 and "nothing to run: the study has ended all its 6 trials" in p.stdout, p.stderr
+    assert p.returncode == 0 and "nothing to run: the study has done all its 6 trials" in p.stdout, p.stderr
     assert fingerprint(lifecycle["study"]) == before
