@@ -110,11 +110,15 @@ def stops(tmp_path_factory, cache_dir) -> dict:
     before = seen["before"]
     seen["command"] = command = seen["sigint"][2].strip().splitlines()[-1].strip()
 
-    # Edit the space: a narrower lr range and 2 epochs. New trials are drawn from it, as the note says.
+    # Edit the space: a narrower lr range and 2 epochs. New trials are drawn from it, as the note says. The
+    # printed command names the study's copy of the file it ran: the edited file is given instead.
+    seen["started_with"] = Path(space).read_text()
     raw = yaml.safe_load(Path(space).read_text())
     raw["params"].update(lr={"loguniform": [1.0e-4, 2.0e-4]}, epochs=2)
     Path(space).write_text(yaml.safe_dump(raw))
-    argv = shlex.split(command)[3:] + ["--cache-dir", str(cache_dir), "--num-cpus", "2"]
+    argv = shlex.split(command)[3:]
+    argv[argv.index("--space") + 1] = space
+    argv += ["--cache-dir", str(cache_dir), "--num-cpus", "2"]
     proc = subprocess.Popen(
         [PYTHON, "-m", "study.run", *argv], cwd=tmp_path, env=python_env(), stdout=subprocess.PIPE,
         stderr=subprocess.PIPE, text=True, start_new_session=True)
@@ -139,14 +143,20 @@ def test_ctrl_c_and_sigterm_stop_cleanly_and_resume_uses_the_edited_space(stops)
     assert command.startswith("python -m study.run") and command.endswith("--resume"), command
     before = stops["before"]
     assert len(before) < 6
+    # It names the study's own copy of the space file as the study started, which outlives the file given.
+    copy = Path(shlex.split(command)[shlex.split(command).index("--space") + 1])
+    assert copy.parent.parent == study / "spaces" and copy.read_text() == stops["started_with"]
 
     rc, out, err = stops["sigterm"]
     assert rc == 143, err[-3000:]
     assert "changed since the study started" in err and "new trials are drawn from the file as it is now" in err
     # The signal twice and to the whole group is one request: a stop at a safe point, not at once.
     assert "stopped by SIGTERM; its state is saved" in err and "Traceback" not in err, err[-3000:]
-    assert "core dumped" not in err.lower() and err.strip().splitlines()[-1].strip() == stops["command"]
+    assert "core dumped" not in err.lower()
     assert len(stops["meta"]["space_changes"]) == 1
+    # The command now names the copy of the edited file, which the study ran last.
+    edited = stops["meta"]["space_changes"][0]["sha256"]
+    assert f"/spaces/{edited[:12]}/stops.yaml --name stops" in err.strip().splitlines()[-1], err[-1000:]
 
     p = stops["resumed"]
     assert p.returncode == 0, p.stderr[-3000:]
