@@ -56,6 +56,14 @@ def test_a_stock_ray_job_joins_the_cluster_and_its_status_is_the_outcome(head, t
     assert "RuntimeEnvSetupError" not in out
     head_node = [n for n in head.alive_nodes()][0]["node_id"]
     assert set(trials.node_id) == {head_node}   # trials ran on the job's cluster, not on a private Ray
+    # The job ran the space from its temporary working directory: the study keeps its own copy, and its
+    # resume command names the shipped space (unchanged), never the job's copy, which is gone.
+    from study.info import facts
+    meta = json.loads((storage / "ok" / "study.json").read_text())
+    assert "_ray_pkg_" in meta["space_file"]
+    assert list((storage / "ok" / "spaces").glob("*/smoke.yaml")), list((storage / "ok").iterdir())
+    resume = facts(str(storage / "ok"))["commands"]["resume"]
+    assert " --space smoke " in resume and "_ray_pkg_" not in resume, resume
 
     # Every trial fails (an unknown compile mode is each trial's error): the job is FAILED, not SUCCEEDED.
     rc, out = submit(head, tmp_path, *args, "--name", "bad", env_vars={"COLORIZE_COMPILE": "sideways"})
