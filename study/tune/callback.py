@@ -70,6 +70,8 @@ class ResultsCallback(UsesDriver, Callback):
         return self._writer
 
     def setup(self, **info):
+        if self._writer is not None:
+            self._writer.close()   # what it holds is written before a new writer takes the study over
         self._writer = ResultsWriter(self.study)
         self._orphans_checked = False
         self._images, self._ended_in_run, self._run_started = 0.0, 0, time.time()
@@ -151,22 +153,21 @@ class ResultsCallback(UsesDriver, Callback):
 
     # ---- Tune's events
     def on_trial_start(self, iteration, trials, trial, **info):
-        existing = self.writer.tables["trials"]
         meta = self._meta.get(trial.trial_id)
-        first = member_id(trial.trial_id, 0, self._pack(trial))
-        if meta is None and existing is not None and (existing.trial_id == first).any():
+        pack = self._pack(trial)
+        # One row per member, not the whole table: a trial's start costs the same in a study of any size.
+        known = [self.writer.trial(member_id(trial.trial_id, k, pack)) for k in range(pack)]
+        if meta is None and known[0] is not None:
             # Known to the study but not to this driver: the driver was restored, and the trial
             # restarts (from its checkpoint, if it has one). Keep what is known and count it.
-            prev = existing[existing.trial_id == first].iloc[0]
+            prev = known[0]
             meta = self._meta.setdefault(trial.trial_id, {})
             for k in TRIAL_META:
                 if k in prev and pd.notna(prev[k]):
                     meta[k] = prev[k]
-            for k in range(self._pack(trial)):
-                row = existing[existing.trial_id == member_id(trial.trial_id, k, self._pack(trial))]
-                if len(row) and pd.notna(row.iloc[0].get("checkpoint_path")):
-                    meta.setdefault("members", {}).setdefault(k, {})["checkpoint_path"] = (
-                        row.iloc[0]["checkpoint_path"])
+            for k, row in enumerate(known):
+                if row is not None and pd.notna(row.get("checkpoint_path")):
+                    meta.setdefault("members", {}).setdefault(k, {})["checkpoint_path"] = row["checkpoint_path"]
             meta["restarts"] = int(meta.get("restarts", 0) or 0) + 1
             meta["awaiting_first_result"] = True
         self._meta.setdefault(trial.trial_id, {})["reported"] = False
@@ -249,13 +250,11 @@ class ResultsCallback(UsesDriver, Callback):
             self._stage_trial(trial, "PRUNED" if trial.trial_id in self.searcher.pruned else "DONE")
         else:
             self._stage_trial(trial)   # each member's own end (told to Optuna as it left the pack)
-        self.writer.flush()
         self._ended_in_run += self._pack(trial)
         self._progress(trials, force=True)
 
     def on_trial_error(self, iteration, trials, trial, **info):
         self._stage_trial(trial, "ERROR", _error_text(trial))
-        self.writer.flush()
         self._ended_in_run += self._pack(trial)
         self._progress(trials, force=True)
 
