@@ -158,8 +158,13 @@ class ChromaBins(nn.Module):
     def decode(self, logits: torch.Tensor, temperature: float | torch.Tensor) -> torch.Tensor:
         """The annealed mean: ``softmax(logits / T)`` over dim 1 times the bin centres -> (N, 2, H, W) UV.
         T = 1 is the expected colour, T -> 0 the mode; ``temperature`` may be a tensor that broadcasts
-        over (N, 1, 1, 1) (a pack's members' own)."""
-        p = torch.softmax(logits.float() / temperature, dim=1)
+        over (N, 1, 1, 1) (a pack's members' own). Each pixel's largest logit is taken off before dividing by T:
+        every logit is then <= 0, so no T > 0, however small, overflows to inf (whose softmax is NaN: gray). A T
+        below float32's smallest normal number decodes as that number (in float32 it would be 0): the mode."""
+        z = logits.float()
+        tiny = torch.finfo(torch.float32).tiny
+        t = temperature.clamp_min(tiny) if torch.is_tensor(temperature) else max(temperature, tiny)
+        p = torch.softmax((z - z.amax(1, keepdim=True)) / t, dim=1)
         return torch.einsum("nqhw,qc->nchw", p, self.centers)
 
 
