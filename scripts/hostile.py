@@ -177,7 +177,7 @@ CASES = [
     Case("trial out /proc", "study.trial", ["--out", "/proc/t", "--device", "cpu"]),
     Case("trial epochs 0", "study.trial", ["--epochs", "0"]),
     Case("trial device cuda:99", "study.trial", ["--device", "cuda:99", "--epochs", "1"]),
-    # a tiny real trial: the trial parameter's own range still takes 1e-40, which decodes to gray images
+    # a tiny real trial at a temperature far below any useful one: it must decode (the mode), not paint gray
     Case("trial temperature 1e-40", "study.trial",
          ["--temperature", "1e-40", "--output", "uv-classes", "--dataset", "samples", "--epochs", "1",
           "--train-limit", "32", "--eval-limit", "16", "--base-filters", "4", "--device", "cpu", "--out", "out"]),
