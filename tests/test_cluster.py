@@ -1,4 +1,4 @@
-"""Running a study on a Ray cluster (issue 5): configs, ``python -m study.submit``, and a real local cluster.
+"""Running a study on a Ray cluster: configs, ``python -m study.submit``, and a real local cluster.
 
 The slow tests start a real two-node Ray cluster on this host (two ``ray start --block``
 processes with their own ports, token authentication on, every listener on 127.0.0.1),
