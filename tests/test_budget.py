@@ -1,5 +1,5 @@
 """Time budgets, more trials for a finished study, and the study's own progress lines, through the real
-command line with real Ray and Optuna (issue: plan a study, give it a budget, watch it, extend it)."""
+command line with real Ray and Optuna: plan a study, give it a budget, watch it, extend it."""
 import json
 import re
 import time
