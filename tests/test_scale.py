@@ -11,8 +11,8 @@ from test_study import kill_driver_when, optuna_study, run_study, tables
 
 from study.bench_driver import space_text
 from study.config import TrialConfig
-from study.space.reading import SpaceError
 from study.space.parse import parse_space
+from study.space.reading import SpaceError
 from study.tune.synthetic import CHECKPOINT_FILE, curve_row, run_trial
 
 BENCH_KEYS = {"driver_results_per_s", "driver_p50_ms", "driver_p99_ms", "ray_results_per_s", "wall_s",
@@ -95,7 +95,7 @@ def test_space_synthetic_key(tmp_path, value, ok):
 
 def test_bench_driver_bad_option_is_one_error_line(tmp_path):
     p = subprocess.run([PYTHON, "-m", "study.bench", "--parts", "driver", "--trials", "0", "--storage", str(tmp_path)],
-                       cwd=ROOT, env=python_env(), capture_output=True, text=True, timeout=120)
+                       cwd=ROOT, env=python_env(), capture_output=True, text=True, timeout=120, check=False)
     assert p.returncode == 2 and p.stderr.startswith("error:") and "--trials" in p.stderr
     assert "Traceback" not in p.stderr and not list(tmp_path.iterdir())
 
@@ -106,7 +106,7 @@ def test_bench_driver_bad_option_is_one_error_line(tmp_path):
 def test_bench_driver_smoke(tmp_path):
     p = subprocess.run([PYTHON, "-m", "study.bench", "--parts", "driver", "--trials", "6", "--epochs", "3",
                         "--concurrency", "2", "--storage", str(tmp_path / "studies"), "--json"],
-                       cwd=tmp_path, env=python_env(), capture_output=True, text=True, timeout=300)
+                       cwd=tmp_path, env=python_env(), capture_output=True, text=True, timeout=300, check=False)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     out = json.loads(p.stdout.strip().splitlines()[-1])
     assert BENCH_KEYS <= set(out), out

@@ -4,9 +4,19 @@ API only), pruning of trials and pack members, the trainable, the single writer 
 
 Importing it imports Ray (and torch, through the trainable): commands import it where they start Ray.
 """
-from study.tune.backend import (StudySettings, StudyTuner, build_tuner, can_resume, init_ray, node_resources,
-                                saved_total_trials, searcher_state_problem, shutdown)
+from study.tune.backend import (
+                                StudySettings,
+                                StudyTuner,
+                                build_tuner,
+                                can_resume,
+                                init_ray,
+                                node_resources,
+                                saved_total_trials,
+                                searcher_state_problem,
+                                shutdown,
+)
 from study.tune.searcher import METRIC
+from study.tune.synthetic import synthetic_rows
 
 __all__ = ["METRIC", "StudySettings", "StudyTuner", "build_tuner", "can_resume", "init_ray", "node_resources",
-           "saved_total_trials", "searcher_state_problem", "shutdown"]
+           "saved_total_trials", "searcher_state_problem", "shutdown", "synthetic_rows"]

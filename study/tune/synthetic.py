@@ -27,6 +27,7 @@ CHECKPOINT_FILE = "synthetic.json"
 # A reported result's wall time (Unix seconds) as it left the trial: not in the results contract, so the
 # epochs table leaves it out; the results callback measures report-to-row latency with it.
 REPORTED_AT = "reported_at"
+_NO_FOLDER = object()   # run_trial's work_dir for rows without checkpoint folders (synthetic_rows)
 # The grayscale input's PSNR on both splits (dB): a fixed baseline, as a real dataset's is.
 GRAY_PSNR = 22.0
 
@@ -58,6 +59,11 @@ def curve_row(cfg: TrialConfig, epoch: int) -> dict:
     return row
 
 
+def synthetic_rows(cfg: TrialConfig) -> list[dict]:
+    """Every epoch row ``run_trial`` reports for ``cfg`` (none pruned), at once."""
+    return run_trial(cfg, report=lambda row, folder: None, epoch_seconds=0, work_dir=_NO_FOLDER, log=lambda s: None)
+
+
 def _read_epoch(folder: Path | str | None) -> int:
     if not folder:
         return 0
@@ -76,7 +82,7 @@ def run_trial(cfg: TrialConfig, *, report: Callable[[dict, Path | None], None], 
     if start:
         log(f"resumed from {resume_from} after epoch {start}")
     history = [curve_row(cfg, e) for e in range(1, start + 1)]   # the best epoch so far counts them too
-    work = Path(work_dir) if work_dir is not None else Path.cwd()
+    work = Path(work_dir) if work_dir not in (None, _NO_FOLDER) else Path.cwd()
     due = time.monotonic()
     for epoch in range(start + 1, cfg.epochs + 1):
         due += epoch_seconds
@@ -85,6 +91,9 @@ def run_trial(cfg: TrialConfig, *, report: Callable[[dict, Path | None], None], 
         history.append(row)
         best = best_row(history)
         row.update(best_val_psnr=best["val_psnr"], best_epoch=best["epoch"])
+        if work_dir is _NO_FOLDER:
+            report(dict(row), None)
+            continue
         folder = work / f"synthetic-checkpoint-{epoch:05d}"
         folder.mkdir(parents=True, exist_ok=True)
         try:
