@@ -252,9 +252,11 @@ class OptunaSearcher(UsesDriver, Searcher):
             return False
         study = self.study
         tid = self._trial_id(number)
-        if step not in self._storage.get_trial(tid).intermediate_values:   # a restored trial re-runs epochs
+        trial = self._storage.get_trial(tid)   # read once: the value written below is added to this copy
+        if step not in trial.intermediate_values:   # a restored trial re-runs epochs: reported once
             self._storage.set_trial_intermediate_value(tid, step, value)
-        return study.pruner.prune(study, self._storage.get_trial(tid))
+            trial.intermediate_values[step] = value
+        return study.pruner.prune(study, trial)
 
     def finish(self, mid: str, state: optuna.trial.TrialState, value, epoch: int) -> None:
         """Tell Optuna a member's (or single trial's) end, once."""
