@@ -892,7 +892,7 @@ def test_smoke_study_as_a_job_on_two_nodes_with_s3_storage(cluster, s3, capsys, 
     for table in ("trials", "epochs"):  # one file, or a folder of parts (the results writer's choice)
         name = f"studies/smoke2n/results/{table}.parquet"
         assert name in keys or any(k.startswith(name + "/") for k in keys), table
-    assert any(k.startswith("studies/smoke2n/results/previews.parquet/t-") for k in keys)
+    assert any(k.startswith("studies/smoke2n/results/previews.parquet/") for k in keys)   # its parts
     for t in trials.itertuples():
         assert t.checkpoint_path and not t.checkpoint_path.startswith(("/", "s3:")), t.checkpoint_path
         assert f"studies/smoke2n/{t.checkpoint_path}/checkpoint.pt" in keys, t.checkpoint_path

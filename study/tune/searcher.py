@@ -265,6 +265,9 @@ class OptunaSearcher(UsesDriver, Searcher):
         values = value if isinstance(value, list) else [value]
         if state == COMPLETE and any(v is None or not math.isfinite(v) for v in values):
             state = FAIL
+        tid = self._trial_id(self.numbers[mid])
+        if self._storage.get_trial(tid).user_attrs.get(STOPPED_ATTR):   # it went on after a budget stop
+            self._storage.set_trial_user_attr(tid, STOPPED_ATTR, None)   # before tell: a finished trial is final
         try:
             self.study.tell(self.numbers[mid], value if state == COMPLETE else None, state=state,
                             skip_if_finished=True)
@@ -273,9 +276,6 @@ class OptunaSearcher(UsesDriver, Searcher):
         if state == PRUNED:
             self.pruned.add(mid)
         self.finished[mid] = (STATE_OF[state.name], int(epoch))
-        tid = self._trial_id(self.numbers[mid])
-        if self._storage.get_trial(tid).user_attrs.get(STOPPED_ATTR):   # it went on after a budget stop
-            self._storage.set_trial_user_attr(tid, STOPPED_ATTR, None)
 
     def mark_stopped(self, trial_id: str) -> None:
         """Tell Optuna the time budget stopped this trial's members: they stay RUNNING (--resume continues
