@@ -87,26 +87,57 @@ def current_space_sha(meta: dict) -> str | None:
 
 
 def space_argument(root: str, meta: dict) -> str:
-    """The ``--space`` that resumes the study as it last ran: the shipped space's name while
-    search_spaces/<space>.yaml is the file it ran, else the study's own copy; a study from before copies
-    were kept: the file it recorded while it is there (never a Ray job's temporary copy), else the name."""
+    """The ``--space`` that resumes the study as it last ran (``given_space``), else its space's name."""
+    return given_space(root, meta) or meta.get("space")
+
+
+def given_space(root: str, meta: dict) -> str | None:
+    """The study's space as a user can give it again, as it last ran: the shipped space's name while
+    search_spaces/<space>.yaml is the file it ran, else the study's own copy while it is there, else (a study
+    from before copies were kept) the file it recorded while it is there, unchanged and not temporary.
+    None: none of those (never a path that no longer exists)."""
     import pyarrow.fs as pafs
 
     from study.results import resolve
     from study.space import SPACES_DIR
 
     name, sha = meta.get("space"), current_space_sha(meta)
-    shipped = SPACES_DIR / f"{name}.yaml"
-    if sha and shipped.is_file() and hashlib.sha256(shipped.read_bytes()).hexdigest() == sha:
+    shipped = SPACES_DIR / f"{name}.yaml" if isinstance(name, str) and name else None
+    if sha and shipped is not None and shipped.is_file() and _sha256(shipped) == sha:
         return name
-    if sha:
-        fs, where = resolve(space_copy(root, sha, name))
-        if fs.get_file_info(where).type == pafs.FileType.File:
-            return space_copy(root, sha, name)
-    recorded = meta.get("space_file")
-    if recorded and "_ray_pkg_" not in recorded and Path(recorded).is_file():
-        return recorded
-    return name
+    if sha and shipped is not None:
+        copy = space_copy(root, sha, name)
+        try:
+            fs, where = resolve(copy)
+            if fs.get_file_info(where).type == pafs.FileType.File:
+                return copy
+        except (OSError, ValueError):   # the storage cannot say: the copy is not known to be there
+            pass
+    return _lasting_file(meta.get("space_file"), sha)
+
+
+# The folder Ray unpacks a job's working directory into: a file there is gone once the job ends.
+RAY_JOB_COPY = "_ray_pkg_"
+
+
+def _lasting_file(recorded, sha: str | None) -> str | None:
+    """A recorded space file's absolute path while it is there with the contents the study ran (any, for a
+    study that recorded no hash), and not in a Ray job's temporary working directory; else None."""
+    if not isinstance(recorded, str) or not recorded.strip():
+        return None
+    path = Path(recorded).expanduser().resolve()   # a relative one: from the folder the command runs in
+    if any(part.startswith(RAY_JOB_COPY) for part in path.parts):
+        return None
+    try:
+        if not path.is_file() or (sha and _sha256(path) != sha):
+            return None
+    except OSError:
+        return None
+    return str(path)
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def _read_json(root: str, name: str, required: bool) -> dict | None:
@@ -177,7 +208,8 @@ def facts(study: str, now: float | None = None) -> dict:
     status = _read_json(root, STATUS_FILE, required=False) or {}
     trials = read_table(root, "trials")   # ResultsReadError names the file
     out: dict = {"study": root, "name": meta.get("name"), "space": meta.get("space"),
-                 "space_file": meta.get("space_file"), "space_sha256": meta.get("space_sha256"),
+                 "space_file": meta.get("space_file"), "space_given": given_space(root, meta),
+                 "space_sha256": meta.get("space_sha256"),
                  "space_changes": meta.get("space_changes", []), "grayscale": meta.get("grayscale", "kept"),
                  "created": meta.get("created"), "pack": meta.get("pack", 1)}
 
@@ -307,11 +339,21 @@ def _clock(t: float | None) -> str:
     return "?" if t is None else time.strftime("%Y-%m-%d %H:%M", time.localtime(t))
 
 
+def _space_text(f: dict) -> str:
+    """The study's space as ``--space`` can give it again (study.json's ``space_file`` may be a path that is gone:
+    a Ray job's temporary copy, a file since moved)."""
+    given = f.get("space_given")
+    if given is None:
+        return (f"{f['space']}, whose file as the study ran it is gone (the study keeps no copy of it: a resume "
+                f"needs that file back)")
+    return f"{f['space']} (shipped)" if given == f["space"] else f"{f['space']} from {given}"
+
+
 def text(f: dict) -> str:
     lines = [f"study {f['name']} at {f['study']}"]
     sha = (f["space_sha256"] or "?")[:12]
     changes = f" (edited {len(f['space_changes'])} time(s) since it started)" if f["space_changes"] else ""
-    lines.append(f"  space: {f['space']} from {f['space_file']} (sha256 {sha}...){changes}")
+    lines.append(f"  space: {_space_text(f)} (sha256 {sha}...){changes}")
     lines.append(f"  grayscale photos: {f['grayscale']} {'of every split' if f['grayscale'] != 'kept' else '(kept)'}")
     state = f["state"]
     if f["driver"]:

@@ -150,3 +150,73 @@ def test_a_space_on_an_object_store_is_checked_by_submit_too(s3, tmp_path):  # n
     args = run_args_checked(["--", "--space", f"s3://{BUCKET}/spaces/tiny.yaml?{s3['query']}",
                              "--storage", f"s3://{BUCKET}/studies?{s3['query']}"])
     assert args.space.startswith("s3://")
+
+
+SPACE_LINE_CASES = {  # id: (space name, what the space file holds, a kept copy?, the recorded space_file, expect)
+    "shipped, recorded in a vanished job copy": ("smoke", "shipped", False, "/tmp/_ray_pkg_9f/search_spaces/smoke.yaml",
+                                                 "name"),
+    "shipped, nothing recorded": ("smoke", "shipped", False, None, "name"),
+    "own file that exists": ("tiny", "other", False, "EXISTING", "recorded"),
+    "own file, given with ~": ("tiny", "other", False, "HOME", "recorded"),
+    "own file edited since, no copy": ("tiny", "other", False, "EDITED", "gone"),
+    "vanished job copy, copy kept": ("tiny", "other", True, "/tmp/_ray_pkg_9f/tiny.yaml", "copy"),
+    "vanished job copy, no copy": ("tiny", "other", False, "/tmp/_ray_pkg_9f/tiny.yaml", "gone"),
+    "job copy still there, no copy": ("tiny", "other", False, "RAY_PKG", "gone"),
+    "relative path, there from here": ("tiny", "other", False, "RELATIVE", "recorded"),
+    "relative path, not here": ("tiny", "other", False, "elsewhere/tiny.yaml", "gone"),
+    "moved shipped space, copy kept": ("smoke", "other", True, "/gone/smoke.yaml", "copy"),
+    "empty path": ("tiny", "other", False, "", "gone"),
+    "a folder": ("tiny", "other", False, "FOLDER", "gone"),
+    "not a string": ("tiny", "other", False, 42, "gone"),
+}
+
+
+@pytest.mark.parametrize("case", list(SPACE_LINE_CASES))
+def test_info_shows_the_space_as_it_can_be_given_again(tmp_path, monkeypatch, case):
+    """study.info's "space:" line names the shipped space, or a file that is there with the contents the study
+    ran (its kept copy, or the file it recorded), never a path that is gone; with neither it says so."""
+    from study import info
+
+    name, holds, copy, recorded, expect = SPACE_LINE_CASES[case]
+    root = tmp_path / "st" / "x"
+    root.mkdir(parents=True)
+    text = (SPACES_DIR / "smoke.yaml").read_text().replace("name: smoke", f"name: {name}")
+    text += "" if holds == "shipped" else "\n# edited\n"
+    digest = hashlib.sha256(text.encode()).hexdigest()
+    if copy:
+        Path(space_copy(str(root), digest, name)).parent.mkdir(parents=True)
+        Path(space_copy(str(root), digest, name)).write_text(text)
+    here = tmp_path / "here"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    if recorded in ("EXISTING", "EDITED", "RELATIVE", "HOME", "RAY_PKG", "FOLDER"):
+        path = {"EXISTING": tmp_path / "mine" / f"{name}.yaml", "EDITED": tmp_path / "mine" / f"{name}.yaml",
+                "RELATIVE": here / f"{name}.yaml", "HOME": tmp_path / "home" / f"{name}.yaml",
+                "RAY_PKG": tmp_path / "ray" / "_ray_pkg_ab12" / f"{name}.yaml", "FOLDER": tmp_path / "mine"}[recorded]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if recorded == "FOLDER":
+            path.mkdir(exist_ok=True)
+        else:
+            path.write_text(text + ("# and edited again\n" if recorded == "EDITED" else ""))
+        recorded = {"RELATIVE": f"{name}.yaml", "HOME": f"~/{name}.yaml"}.get(recorded, str(path))
+    meta = {"name": "x", "space": name, "space_sha256": digest, "space_file": recorded, "num_samples": 2,
+            "optuna_storage": "sqlite:///optuna.db", "optuna_study_name": "x"}
+    (root / "study.json").write_text(json.dumps(meta))
+
+    f = info.facts(str(root))
+    line = next(ln for ln in info.text(f).splitlines() if ln.startswith("  space: "))
+    given = f["space_given"]
+    if expect == "name":
+        assert given == name and line.startswith(f"  space: {name} (shipped)"), line
+    elif expect == "copy":
+        assert given == space_copy(str(root), digest, name) and f" from {given} " in line, line
+    elif expect == "recorded":
+        assert Path(given).is_absolute() and Path(given).read_text() == text and f" from {given} " in line, line
+    else:
+        assert given is None and " from " not in line and "is gone" in line, line
+    assert space_argument(str(root), meta) == (given or name)   # the resume command's --space
+    # Whatever it names gives the study's space again: study.run --space loads it from any folder.
+    if given is not None:
+        monkeypatch.chdir(tmp_path)
+        assert load_space(local_space_file(given)).name == name
