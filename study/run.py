@@ -1,16 +1,8 @@
-"""Run a hyperparameter study: ``python -m study.run --space full``.
+"""Run a hyperparameter study: ``python -m study.run --space full``; the checks, then the study under Ray.
 
-Ray Tune schedules the trials on this machine's (or a cluster's) GPUs or CPUs,
-Optuna chooses configurations and prunes bad trials early, and the results land
-as Parquet in ``<storage>/<name>/results/``.
-
-Every option, the space file and the storage are checked before anything is written and before
-Ray starts (``--plan`` too); a bad one ends the command with ``error: ...`` and exit status 2.
-``study.json`` is written only when the study really starts, with a copy of its space file, so a
-run that fails before its first trial leaves the name free. One driver per study. The default
-Optuna SQLite database is recorded relative to the study folder, so a moved study resumes there.
-A password in ``--optuna-storage`` is never printed or stored: ``study.json`` keeps the URL without
-it; on ``--resume`` pass it again or let the database client find it ($PGPASSWORD, ~/.pgpass).
+What it does for its user (the text of ``--help``) and its options are in study.run_args. Every option, the
+space file and the storage are checked before anything is written and before Ray starts; ``study.json`` is
+written only when the study really starts.
 """
 from __future__ import annotations
 
@@ -37,52 +29,7 @@ from study.driver import (DEFAULT_SQLITE, NoTrialFinished, Signals, Stopped, Stu
                           runtime_url, space_change_problems, spent_before, time_budget, without_password)
 from study.durations import duration
 from study.info import current_space_sha, keep_space_copy, local_space_file, space_argument, under
-from study.space import SPACES_DIR
-
-
-def parser() -> argparse.ArgumentParser:
-    p = cli.ArgumentParser(prog="python -m study.run", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    shipped = ", ".join(sorted(f.stem for f in SPACES_DIR.glob("*.yaml")))
-    p.add_argument("--space", default="full",
-                   help=f"a shipped space ({shipped}) or a path to a .yaml file (default: full)")
-    p.add_argument("--name", help="study name (default: the space's name)")
-    p.add_argument("--storage", default="studies",
-                   help="where studies live: a local folder or a URL s3://<bucket>/<prefix>, gs://, hdfs://, "
-                        "abfs:// (default: studies)")
-    p.add_argument("--data-root", help="folder holding <dataset>/<split>/<class>/*.jpg "
-                                       "(default: $COLORIZE_DATA_ROOT, else the datasets are downloaded)")
-    p.add_argument("--cache-dir", help="decoded-image cache on each node (default: $COLORIZE_CACHE_DIR, else ./.cache)")
-    p.add_argument("--num-samples", type=int,
-                   help="trials to run, >= 1 (default: the space's); with --resume, the study's new total "
-                        "(more trials for a finished study)")
-    p.add_argument("--time-budget",
-                   help="the study's running time: 90m, 2h, 1d, 1h30m or seconds, or none; counted across "
-                        "interruptions and resumes; with --resume, a new budget from now (default: the space's "
-                        "time_budget, else none)")
-    p.add_argument("--plan", action="store_true",
-                   help="print the study's plan and an estimate of its time from a short calibration on this "
-                        "machine, then stop: nothing is written and no study starts")
-    p.add_argument("--verbose", action="store_true", help="also show Ray Tune's own progress tables and messages")
-    p.add_argument("--max-concurrent", type=int, help="trials at once, >= 1 (default: the space's)")
-    p.add_argument("--gpus-per-trial", type=float,
-                   help="GPUs per trial, >= 0, fractions allowed (default: the space's)")
-    p.add_argument("--cpus-per-trial", type=float, help="CPUs per trial, > 0 (default: the space's)")
-    p.add_argument("--pack", type=int,
-                   help="trials trained together as one fused model, >= 1 (default: the space's `pack`)")
-    p.add_argument("--address", help="connect to an existing Ray cluster (e.g. auto, or ray://host:10001) "
-                                     "(default: inside a Ray job the job's cluster, else a private local Ray)")
-    p.add_argument("--num-cpus", type=int, help="CPUs of the local Ray instance (no --address) (default: all)")
-    p.add_argument("--num-gpus", type=int,
-                   help="GPUs the local Ray instance advertises (no --address) (default: all)")
-    p.add_argument("--optuna-storage",
-                   help="Optuna RDB URL (default: optuna.db in the study folder); a password in it is never "
-                        "printed or stored: on --resume pass the URL again, or use $PGPASSWORD / ~/.pgpass")
-    p.add_argument("--resume", action="store_true",
-                   help="continue the study after an interruption, a time budget or its end (default: off)")
-    p.add_argument("--seed", type=int, default=0, help="seed of Optuna's sampler (default: 0)")
-    cli.add_debug(p)
-    return p
+from study.run_args import parser
 
 
 # ------------------------------------------------------------------ the study

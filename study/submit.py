@@ -136,7 +136,7 @@ def run_args_checked(run_args: list[str]) -> argparse.Namespace:
     """Parse and check study.run's arguments and space here, so a mistake fails before anything is uploaded."""
     from study.driver import check_options, masked
     from study.info import local_space_file
-    from study.run import parser
+    from study.run_args import parser
     from study.space import load_space
 
     if run_args and run_args[0] == "--":
