@@ -158,6 +158,13 @@ def _bad(tmp_path, mutate, match):
     (lambda r: r["params"].update(depth={"int": [2, 3], "step": 0}), r"params\.depth\.step: must be a whole"),
     (lambda r: r.update(max_failures="lots"), r"max_failures: must be a whole number >= 0, got 'lots'"),
     (lambda r: r.update(num_samples=True), r"num_samples: must be a whole number >= 1, got True"),
+    # the command line's bounds (--num-samples, --max-concurrent, --pack) hold for the space's keys too
+    (lambda r: r.update(num_samples=10 ** 13),
+     r"num_samples: 10,000,000,000,000 is above the limit 1,000,000 \(as for the command line's --num-samples\)"),
+    (lambda r: r.update(num_samples=1_000_001), r"num_samples: 1,000,001 is above the limit 1,000,000"),
+    (lambda r: r.update(max_concurrent=10 ** 5), r"max_concurrent: 100,000 is above the limit 10,000"),
+    (lambda r: r.update(pack=4096), r"pack: 4,096 is above the limit 1,024"),
+    (lambda r: r.update(pack={"gpu": 2048}), r"pack\.gpu: 2,048 is above the limit 1,024 \(as for the command line's --pack\)"),
     (lambda r: r.update(resources={"cpu": -1}), r"resources\.cpu: CPUs per trial must be a number > 0"),
     (lambda r: r.update(resources={"gpu": "lots"}), r"resources\.gpu: GPUs per trial must be a number >= 0"),
     (lambda r: r.update(resources={"cpus": 2}), r"resources: a mapping with 'cpu' and/or 'gpu'"),
@@ -423,3 +430,12 @@ def test_keys_merged_from_an_alias_may_be_overridden(tmp_path):
                     "  lr:\n    <<: *base\n    loguniform: [1.0e-3, 1.0e-1]\n")
     from study.space.reading import read_space_yaml
     assert read_space_yaml(path)["params"]["lr"] == {"loguniform": [1e-3, 1e-1]}
+
+
+@pytest.mark.parametrize("key,value", [("num_samples", 1_000_000), ("max_concurrent", 10_000), ("pack", 1_024)])
+def test_a_space_file_at_the_command_lines_bound_loads(tmp_path, key, value):
+    raw = yaml.safe_load(yaml.safe_dump(BASE))
+    raw[key] = value
+    path = tmp_path / "mine.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    assert getattr(load_space(str(path)), key if key != "pack" else "pack") in (value, {"cpu": value, "gpu": value})

@@ -65,6 +65,11 @@ ALLOWED_VALUES = {name: list(choices_of(name)) for name in CONFIG_FIELDS if choi
 # YAML values, so these only stop files that would otherwise hang or exhaust memory (a 55 MB list of
 # choices, or an alias "billion laughs" that expands a few lines into billions of values).
 MAX_INT_RANGE_VALUES = 1_000_000  # values of one {int: [lo, hi]} range (the space enumerates discrete ones)
+# The command line's bounds (``python -m study.run --num-samples/--max-concurrent/--pack``) hold for a space
+# file's keys too: the driver keeps every trial in memory and Ray every concurrent one.
+MAX_NUM_SAMPLES = 1_000_000
+MAX_CONCURRENT = 10_000
+MAX_PACK = 1_024
 
 
 @dataclass
@@ -165,18 +170,29 @@ class Space:
                 if not p.by and p.cases[None].kind == "choice"}
 
     def make_sampler(self, seed: int):
-        name = self.sampler.get("name", "tpe")
-        opts = {k: v for k, v in self.sampler.items() if k != "name"}
-        if name == "grid":
-            return optuna_class("sampler", name)(self.grid(), seed=seed, **opts)
-        if name == "tpe":
-            # Without it concurrent asks see the same history and suggest the same configuration.
-            opts.setdefault("constant_liar", True)
-        return optuna_class("sampler", name)(seed=seed, **opts)
+        return make_sampler(self.sampler, seed, self.grid)
 
     def make_pruner(self):
-        opts = {k: v for k, v in self.pruner.items() if k != "name"}
-        return optuna_class("pruner", self.pruner.get("name", "none"))(**opts)
+        return make_pruner(self.pruner)
+
+
+def make_sampler(spec: dict, seed: int, grid=dict):
+    """The Optuna sampler of a space file's ``sampler`` spec (``{name: tpe, <option>: ...}``); ``grid``:
+    the grid sampler's values, asked for only by one."""
+    name = spec.get("name", "tpe")
+    opts = {k: v for k, v in spec.items() if k != "name"}
+    if name == "grid":
+        return optuna_class("sampler", name)(grid(), seed=seed, **opts)
+    if name == "tpe":
+        # Without it concurrent asks see the same history and suggest the same configuration.
+        opts.setdefault("constant_liar", True)
+    return optuna_class("sampler", name)(seed=seed, **opts)
+
+
+def make_pruner(spec: dict):
+    """The Optuna pruner of a space file's ``pruner`` spec (``{name: median, <option>: ...}``)."""
+    opts = {k: v for k, v in spec.items() if k != "name"}
+    return optuna_class("pruner", spec.get("name", "none"))(**opts)
 
 
 def find_space(name_or_path: str) -> Path:
@@ -215,8 +231,8 @@ def parse_space(raw: Any, path: Path) -> Space:
         name=path.stem, path=path, params=_params(raw.get("params"), fail),
         sampler=_named(raw.get("sampler", {"name": "tpe"}), "sampler", SAMPLERS, fail),
         pruner=_named(raw.get("pruner", {"name": "none"}), "pruner", PRUNERS, fail),
-        num_samples=_positive_int(raw.get("num_samples", 16), "num_samples", fail),
-        max_concurrent=_positive_int(raw.get("max_concurrent", 4), "max_concurrent", fail),
+        num_samples=_int_at_least(raw.get("num_samples", 16), 1, "num_samples", fail, MAX_NUM_SAMPLES),
+        max_concurrent=_int_at_least(raw.get("max_concurrent", 4), 1, "max_concurrent", fail, MAX_CONCURRENT),
         resources=_resources(raw.get("resources", {"cpu": 1, "gpu": 0}), fail),
         max_failures=_int_at_least(raw.get("max_failures", 2), 0, "max_failures", fail),
         description=str(raw.get("description", "")),
@@ -441,13 +457,12 @@ def _named(spec, key: str, allowed, fail) -> dict:
     return dict(spec)
 
 
-def _positive_int(v, key: str, fail) -> int:
-    return _int_at_least(v, 1, key, fail)
-
-
-def _int_at_least(v, low: int, key: str, fail) -> int:
+def _int_at_least(v, low: int, key: str, fail, high: int | None = None) -> int:
     if not isinstance(v, int) or isinstance(v, bool) or v < low:
         fail(key, f"must be a whole number >= {low}, got {v!r}")
+    if high is not None and v > high:
+        fail(key, f"{v:,} is above the limit {high:,} (as for the command line's --{key.split('.')[0].replace('_', '-')}); "
+                  f"use {low}..{high:,}")
     return v
 
 
@@ -470,8 +485,8 @@ def _pack(spec, fail) -> dict:
     if isinstance(spec, dict):
         if not spec or set(spec) - {"cpu", "gpu"}:
             fail("pack", f"a whole number >= 1, or {{gpu: K, cpu: K}} by the device a trial gets; got {spec!r}")
-        return {kind: _int_at_least(spec.get(kind, 1), 1, f"pack.{kind}", fail) for kind in ("cpu", "gpu")}
-    k = _int_at_least(spec, 1, "pack", fail)
+        return {kind: _int_at_least(spec.get(kind, 1), 1, f"pack.{kind}", fail, MAX_PACK) for kind in ("cpu", "gpu")}
+    k = _int_at_least(spec, 1, "pack", fail, MAX_PACK)
     return {"cpu": k, "gpu": k}
 
 
