@@ -55,6 +55,7 @@ def test_pickles_hold_no_database_and_resume_reconnects(tmp_path, driver):
     assert t.state.name == "RUNNING" and t.user_attrs["ray_trial_id"] == "t1"
     assert {k: v for k, v in config.items() if k in t.params} == t.params
     again.on_trial_complete("t1", {"epoch": 2, ts.METRIC: 21.5})
+    again.flush()   # the stored study is written behind the driver's per-result path
     assert study.get_trials()[0].state.name == "COMPLETE" and study.get_trials()[0].value == 21.5
 
 
@@ -116,6 +117,7 @@ def test_each_member_is_reported_and_pruned_on_its_own(tmp_path, driver):
     assert searcher.finished == {"t_m1": ("PRUNED", 1)}
     scheduler.on_trial_result(None, trial, flat(2, {"0": 22.0, "2": 23.0}))
     scheduler.on_trial_result(None, trial, flat(3, {"0": 21.0, "2": 24.0}))   # both reach their epochs
+    searcher.flush()
     study = optuna.load_study(study_name="p", storage=url)
     got = {t.user_attrs["pack_member"]: t for t in study.get_trials()}
     assert got[1].state.name == "PRUNED" and got[1].intermediate_values == {1: 5.0}
@@ -142,6 +144,7 @@ def test_two_objectives_make_a_front_without_pruning(tmp_path, driver, sampler):
                "best_epoch": best, ts.METRIC: max(r[1] for r in rows[:epoch])}
         assert scheduler.on_trial_result(None, trial, row) == TrialScheduler.CONTINUE
     searcher.on_trial_complete("a", row)
+    searcher.flush()
     ot = optuna.load_study(study_name="mo", storage=url)
     assert [d.name for d in ot.directions] == ["MAXIMIZE", "MAXIMIZE"]
     assert ot.metric_names == ["val_psnr_gain", "val_colourfulness"]

@@ -131,7 +131,10 @@ class StudyTuner:
     results: ResultsCallback
 
     def fit(self) -> None:
-        self.tuner.fit()
+        try:
+            self.tuner.fit()
+        finally:   # however the run ends, the Optuna writes queued behind it are stored
+            self.results.searcher.close()
 
     @property
     def budget_stopped(self) -> bool:

@@ -25,11 +25,13 @@ import pickle
 import warnings
 from pathlib import Path
 
+import numpy as np
 import optuna
 from ray.tune.search import Searcher
 
 from study.config import ConfigError
-from study.results import OBJECTIVES
+from study.results import OBJECTIVES, read_table
+from study.tune.mirror import StudyMirror, WriteBehind
 from study.tune.state import DriverState, UsesDriver
 
 log = logging.getLogger("study")
@@ -138,19 +140,26 @@ class OptunaSearcher(UsesDriver, Searcher):
         self.pruned: set[str] = set()
         self.finished: dict[str, tuple[str, int]] = {}  # member id -> (results status, last epoch) once told
         self.best_values: dict[str, list[float]] = {}   # member id -> objectives at its best epoch (multi only)
+        self._driver = driver
+        self._connect_later()
+
+    def _connect_later(self) -> None:
+        """Forget connections (made again on first use, in the driver that runs now)."""
         self._study: optuna.Study | None = None
         self._storage: optuna.storages.BaseStorage | None = None
         self._trial_ids: dict[int, int] = {}
-        self._driver = driver
+        self._mirror: StudyMirror | None = None     # what the pruner is asked with (study.tune.mirror)
+        self._writes: WriteBehind | None = None     # the stored study's writes, behind the per-result path
 
     # ---- what Ray pickles: the state above, never a connection, sampler or space
     _STATE = ("objectives", "study_name", "seed", "pack", "numbers", "completed", "pruned", "finished",
               "best_values")
 
+    _CONNECTIONS = ("_study", "_storage", "_trial_ids", "_mirror", "_writes")
+
     def __getstate__(self):
-        state = {k: v for k, v in self._pickled(self.__dict__).items()
-                 if k not in ("_study", "_storage", "_trial_ids")}
-        return {**state, "_study": None, "_storage": None, "_trial_ids": {}}
+        state = {k: v for k, v in self._pickled(self.__dict__).items() if k not in self._CONNECTIONS}
+        return {**state, "_study": None, "_storage": None, "_trial_ids": {}, "_mirror": None, "_writes": None}
 
     def get_state(self) -> dict:
         return {k: getattr(self, k) for k in self._STATE}
@@ -159,9 +168,11 @@ class OptunaSearcher(UsesDriver, Searcher):
         for k in self._STATE:
             if k in state:
                 setattr(self, k, state[k])
-        self._study, self._storage, self._trial_ids = None, None, {}
+        self._connect_later()
 
     def save(self, checkpoint_path: str):
+        # Tune saves the searcher with its experiment state: what that state says was told is stored.
+        self.flush()
         with open(checkpoint_path, "wb") as f:
             pickle.dump(self.get_state(), f)
 
@@ -173,6 +184,7 @@ class OptunaSearcher(UsesDriver, Searcher):
                 raise RuntimeError(f"{checkpoint_path}: {e}; the study cannot be resumed by this version") from e
         self.set_state(state)
         self.fail_orphans()
+        self.level_with_tables()
 
     def set_search_properties(self, metric, mode, config, **spec) -> bool:
         return True   # the space comes from the driver state, not from Tune's param_space
@@ -185,6 +197,29 @@ class OptunaSearcher(UsesDriver, Searcher):
             self._storage = optuna.storages.RDBStorage(d.storage_url)
             self._study = open_study(self._storage, self.study_name, d.space, self.seed, self.objectives)
         return self._study
+
+    @property
+    def mirror(self) -> StudyMirror:
+        if self._mirror is None:
+            self._mirror = StudyMirror(self.study, self.study.pruner)
+        return self._mirror
+
+    @property
+    def writes(self) -> WriteBehind:
+        if self._writes is None:
+            self._writes = WriteBehind(self.driver.storage_url)
+        return self._writes
+
+    def flush(self) -> None:
+        """Wait until the stored study has every write queued so far."""
+        if self._writes is not None:
+            self._writes.flush()
+
+    def close(self) -> None:
+        """The study's run ends: store what is queued and stop the writer."""
+        if self._writes is not None:
+            self._writes.close()
+            self._writes = None
 
     def _trial_id(self, number: int) -> int:
         """Optuna's storage id of trial ``number`` (the storage's public API; cached)."""
@@ -209,6 +244,7 @@ class OptunaSearcher(UsesDriver, Searcher):
         constants = self.driver.space.define(ot)
         # Recorded in the study itself, so a resumed driver can tell its trials from orphans.
         ot.set_user_attr("ray_trial_id", trial_id)
+        self.mirror.track(ot.number)
         return ot, {**ot.params, **constants}
 
     def suggest(self, trial_id: str):
@@ -250,13 +286,19 @@ class OptunaSearcher(UsesDriver, Searcher):
         number = self.numbers.get(mid)
         if self.multi or number is None or mid in self.finished or not math.isfinite(value):
             return False
-        study = self.study
-        tid = self._trial_id(number)
-        trial = self._storage.get_trial(tid)   # read once: the value written below is added to this copy
-        if step not in trial.intermediate_values:   # a restored trial re-runs epochs: reported once
-            self._storage.set_trial_intermediate_value(tid, step, value)
-            trial.intermediate_values[step] = value
-        return study.pruner.prune(study, trial)
+        if self.mirror.report(number, step, value):   # a restored trial re-runs epochs: reported once
+            self.writes.submit(self._store_value, number, step, value)
+        prune, attrs = self.mirror.should_prune(number)
+        if attrs:
+            self.writes.submit(self._store_system_attrs, number, attrs)
+        return prune
+
+    def _store_value(self, number: int, step: int, value: float) -> None:
+        self._storage.set_trial_intermediate_value(self._trial_id(number), step, value)
+
+    def _store_system_attrs(self, number: int, attrs: dict) -> None:
+        for key, value in attrs.items():
+            self._storage.set_trial_system_attr(self._trial_id(number), key, value)
 
     def finish(self, mid: str, state: optuna.trial.TrialState, value, epoch: int) -> None:
         """Tell Optuna a member's (or single trial's) end, once."""
@@ -265,17 +307,24 @@ class OptunaSearcher(UsesDriver, Searcher):
         values = value if isinstance(value, list) else [value]
         if state == COMPLETE and any(v is None or not math.isfinite(v) for v in values):
             state = FAIL
-        tid = self._trial_id(self.numbers[mid])
-        if self._storage.get_trial(tid).user_attrs.get(STOPPED_ATTR):   # it went on after a budget stop
-            self._storage.set_trial_user_attr(tid, STOPPED_ATTR, None)   # before tell: a finished trial is final
+        number, told = self.numbers[mid], value if state == COMPLETE else None
         try:
-            self.study.tell(self.numbers[mid], value if state == COMPLETE else None, state=state,
-                            skip_if_finished=True)
+            self.mirror.tell(number, told, state)
         except (ValueError, RuntimeError) as e:  # e.g. its values do not fit the study's directions
             log.warning("optuna tell for %s: %s", mid, e)
+        self.writes.submit(self._store_end, number, told, state)
         if state == PRUNED:
             self.pruned.add(mid)
         self.finished[mid] = (STATE_OF[state.name], int(epoch))
+
+    def _store_end(self, number: int, values, state: optuna.trial.TrialState) -> None:
+        tid = self._trial_id(number)
+        if self._storage.get_trial(tid).user_attrs.get(STOPPED_ATTR):   # it went on after a budget stop
+            self._storage.set_trial_user_attr(tid, STOPPED_ATTR, None)   # before tell: a finished trial is final
+        try:
+            self.study.tell(number, values, state=state, skip_if_finished=True)
+        except (ValueError, RuntimeError):
+            pass   # the mirror's tell said why (the same rule refused it there)
 
     def mark_stopped(self, trial_id: str) -> None:
         """Tell Optuna the time budget stopped this trial's members: they stay RUNNING (--resume continues
@@ -284,7 +333,10 @@ class OptunaSearcher(UsesDriver, Searcher):
         for k in range(self.pack):
             mid = member_id(trial_id, k, self.pack)
             if mid in self.numbers and mid not in self.finished:
-                self._storage.set_trial_user_attr(self._trial_id(self.numbers[mid]), STOPPED_ATTR, STOPPED_WHY)
+                self.writes.submit(self._store_stopped, self.numbers[mid])
+
+    def _store_stopped(self, number: int) -> None:
+        self._storage.set_trial_user_attr(self._trial_id(number), STOPPED_ATTR, STOPPED_WHY)
 
     def on_trial_result(self, trial_id: str, result: dict):
         pass  # OptunaPruningScheduler reports each epoch (it runs before this hook)
@@ -316,4 +368,50 @@ class OptunaSearcher(UsesDriver, Searcher):
                                                   "asked before a driver crash; never ran")
                 self.study.tell(t.number, state=FAIL, skip_if_finished=True)
                 n += 1
+        self._mirror = None   # made again from the stored study, as it is now
         return n
+
+    def level_with_tables(self) -> None:
+        """Bring the stored study level with the results tables, after a driver that was killed lost the
+        writes it still had queued (study.tune.mirror): the tables are written first. Each recorded epoch
+        with a finite loss and val PSNR is its trial's intermediate value, and a trial the tables say ended
+        is told so."""
+        trials = read_table(self.driver.study_root, "trials")
+        if trials is None:
+            return
+        epochs = read_table(self.driver.study_root, "epochs")
+        by_trial = dict(tuple(epochs.groupby("trial_id"))) if epochs is not None else {}
+        stored = {t.number: t for t in self.study.get_trials(deepcopy=False)}
+        for row in trials.to_dict("records"):
+            number = self.numbers.get(row["trial_id"])
+            if number not in stored:
+                continue
+            own = by_trial.get(row["trial_id"])
+            if own is not None and not self.multi:
+                self._level_values(stored[number], own)
+            if stored[number].state == optuna.trial.TrialState.RUNNING and row["status"] in STATE_OF.values():
+                self._level_end(row, own)
+        self._mirror = None   # made again from the stored study, as it is now
+
+    def _level_values(self, trial: optuna.trial.FrozenTrial, own) -> None:
+        for epoch, loss, value in zip(own["epoch"], own["train_loss"], own[STEP_METRIC]):
+            if int(epoch) not in trial.intermediate_values and math.isfinite(loss) and math.isfinite(value):
+                self._storage.set_trial_intermediate_value(self._trial_id(trial.number), int(epoch), float(value))
+
+    def _level_end(self, row: dict, own) -> None:
+        mid, state = row["trial_id"], {v: k for k, v in STATE_OF.items()}[row["status"]]
+        value = row.get(METRIC)
+        if self.multi and own is not None:
+            best = own[own["epoch"] == row["best_epoch"]].to_dict("records")
+            value = [OBJECTIVES[o](best[0]) for o in self.objectives] if best else None
+        state = getattr(optuna.trial.TrialState, state)
+        if state == COMPLETE and (value is None or any(not math.isfinite(v) for v in np.atleast_1d(value))):
+            state = FAIL
+        self._store_end(self.numbers[mid], value if state == COMPLETE else None, state)
+        if state == PRUNED:
+            self.pruned.add(mid)
+        try:
+            epochs_run = int(row["epochs_run"])
+        except (TypeError, ValueError):   # missing (NA) before its first epoch
+            epochs_run = 0
+        self.finished[mid] = (row["status"], epochs_run)

@@ -1,0 +1,109 @@
+"""The driver's Optuna bookkeeping off the per-result path: prune from memory, write behind.
+
+The driver is the Optuna study's only writer (study.tune.pruning says why), so it may keep what the
+pruner reads in memory and decide there: ``StudyMirror`` is an in-memory Optuna study with the same
+name, trial numbers, states, values, intermediate values and system attributes as the stored one, and
+the space's pruner is asked with it. A decision then costs no database round trip and does not grow
+with the stored study's size (the database is the slow part: every SQLite commit is an fsync).
+
+The stored study is written in the same order by ``WriteBehind``, one thread of its own. Asking for new
+trials (the sampler) still reads the stored study, through Optuna's cached storage. The window: a
+SIGKILL of the driver loses the writes still queued (normally under a second's). The results tables
+are written first and are the truth; on ``--resume`` the searcher brings the stored study level with
+them (``OptunaSearcher.level_with_tables``), and the trials Ray restores re-report the epochs after
+their checkpoints.
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+
+import optuna
+
+from study.urls import masked_url, scrub
+
+log = logging.getLogger("study")
+TrialState = optuna.trial.TrialState
+
+
+class StudyMirror:
+    """An in-memory copy of a stored Optuna study, made for asking its pruner.
+
+    Invariant: trial ``n`` here is trial ``n`` there (pruners such as Hyperband place a trial by its
+    number), so every trial the stored study gets is tracked here in order (``track``)."""
+
+    def __init__(self, source: optuna.Study, pruner: optuna.pruners.BasePruner):
+        self._storage = optuna.storages.InMemoryStorage()
+        self.study = optuna.create_study(storage=self._storage, study_name=source.study_name,
+                                         directions=source.directions, pruner=pruner)
+        self._study_id = self._storage.get_study_id_from_name(source.study_name)
+        self._source = source
+        for trial in source.get_trials(deepcopy=False):
+            self._copy(trial)
+
+    def __len__(self) -> int:
+        return len(self._storage.get_all_trials(self._study_id, deepcopy=False))
+
+    def _copy(self, trial: optuna.trial.FrozenTrial) -> None:
+        self._storage.create_new_trial(self._study_id, template_trial=trial)
+
+    def _id(self, number: int) -> int:
+        return self._storage.get_trial_id_from_study_id_trial_number(self._study_id, number)
+
+    def trial(self, number: int) -> optuna.trial.FrozenTrial:
+        return self._storage.get_trial(self._id(number))
+
+    def track(self, number: int) -> None:
+        """Trial ``number`` was just asked for in the stored study: have it here, running."""
+        if number < len(self):
+            if self.trial(number).state == TrialState.WAITING:   # enqueued before this copy was made
+                self._storage.set_trial_state_values(self._id(number), TrialState.RUNNING)
+            return
+        stored = {t.number: t for t in self._source.get_trials(deepcopy=False) if t.number >= len(self)}
+        for n in range(len(self), number + 1):   # trials made meanwhile (enqueued ones) keep numbers in step
+            self._copy(stored[n])
+
+    def report(self, number: int, step: int, value: float) -> bool:
+        """Record ``value`` at ``step`` unless it is there already (a restored trial re-runs epochs);
+        returns whether it was new."""
+        if step in self.trial(number).intermediate_values:
+            return False
+        self._storage.set_trial_intermediate_value(self._id(number), step, value)
+        return True
+
+    def should_prune(self, number: int) -> tuple[bool, dict]:
+        """The pruner's answer for trial ``number``, and the system attributes it set meanwhile (successive
+        halving records its rungs there) for the stored study."""
+        before = self.trial(number)
+        prune = self.study.pruner.prune(self.study, before)
+        after = self.trial(number).system_attrs
+        return prune, {k: v for k, v in after.items() if before.system_attrs.get(k, object()) != v}
+
+    def tell(self, number: int, values, state: optuna.trial.TrialState) -> None:
+        self.study.tell(number, values, state=state, skip_if_finished=True)
+
+
+class WriteBehind:
+    """Writes to the stored study, in the order given, on one thread: queuing one costs microseconds."""
+
+    def __init__(self, storage_url: str):
+        self._url = storage_url
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="optuna-writes")
+
+    def submit(self, write: Callable, *args) -> None:
+        self._pool.submit(self._run, write, args)
+
+    def _run(self, write: Callable, args: tuple) -> None:
+        try:
+            write(*args)
+        except Exception as e:  # noqa: BLE001 - a failed write must not stop the driver: say it and go on
+            log.warning("optuna storage %s: %s failed: %s", masked_url(self._url),
+                        getattr(write, "__name__", "a write"), scrub(str(e), self._url))
+
+    def flush(self) -> None:
+        """Wait until every write queued so far is done."""
+        self._pool.submit(lambda: None).result()
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
