@@ -14,6 +14,7 @@ import os
 import sys
 from pathlib import Path
 
+from analysis.replay_study import MIN_TRIALS, ReplaySettings
 from study import cli
 
 
@@ -26,6 +27,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True,
                    help="the folder the figures, tables and report.md/report.html go to; made if missing "
                         "(required)")
+    p.add_argument("--replay", action="store_true",
+                   help="also replay search strategies (random, TPE, TPE with Optuna's pruners) over the study's "
+                        f"own trials and report the compute each would have needed to find its best trial "
+                        f"(needs at least {MIN_TRIALS} trials with recorded epochs)")
+    p.add_argument("--replay-seeds", type=int, default=ReplaySettings.seeds,
+                   help=f"replays per strategy with --replay, 1-1000 (default: {ReplaySettings.seeds})")
     cli.add_debug(p)
     return p
 
@@ -39,16 +46,32 @@ def check_out(out: Path, study: Path) -> None:
                              f"folder outside it (e.g. {study / 'report'})")
 
 
+def _replay(args, study):
+    """With --replay, the study's curves and the replay's settings, or a usage error before anything is
+    written; None without it."""
+    if not args.replay:
+        return None
+    from analysis.replay_study import ReplayRefused, check_replayable
+    try:
+        return check_replayable(study), ReplaySettings(seeds=args.replay_seeds)
+    except ReplayRefused as e:
+        raise cli.UsageError(str(e)) from None
+
+
 def _main(argv: list[str]) -> int:
     args = parser().parse_args(argv)
+    if not 1 <= args.replay_seeds <= 1000:
+        raise cli.UsageError(f"--replay-seeds {args.replay_seeds}: use 1-1000")
     check_out(args.out, args.study)
     cli.check_writable(f"--out {args.out}", args.out, "the report")   # before anything is read or written
     # Headless by default: the figures are only ever written to files.
     os.environ.setdefault("MPLBACKEND", "Agg")
     from analysis.load import load_study
     study = load_study(args.study)   # NotAStudyError: exit 2 through cli.run
+    replay = _replay(args, study)
     from analysis.build import write_report  # matplotlib and seaborn: only once there is a study
-    result = write_report(study, args.out, warn=lambda message: print(f"warning: {message}", file=sys.stderr))
+    result = write_report(study, args.out, warn=lambda message: print(f"warning: {message}", file=sys.stderr),
+                          replay=replay)
     figures = sum(f.endswith(".png") for f in result.files)
     tables = sum(f.endswith(".csv") for f in result.files)
     print(f"wrote {args.out / 'report.md'} and report.html: {figures} figures, {tables} tables, "

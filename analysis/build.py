@@ -20,7 +20,7 @@ from typing import Callable
 
 import pandas as pd
 
-from analysis import figures, grids, tradeoffs
+from analysis import figures, grids, replay_study, tradeoffs
 from analysis.importance import MIN_COMPLETED, STABLE_COMPLETED, ImportanceSkipped, param_importances
 from analysis.load import VARIANT, Study, best_per_variant, slug, variant_label, variants
 from analysis.report import Block, Bullets, Heading, Image, Table, Text, to_html, to_markdown
@@ -78,7 +78,8 @@ class Output:
         self.blocks.append(Heading(text, level))
 
 
-def write_report(study: Study, out: str | Path, warn: Callable[[str], None] = lambda m: None) -> Output:
+def write_report(study: Study, out: str | Path, warn: Callable[[str], None] = lambda m: None,
+                 replay: tuple | None = None) -> Output:
     """The report of ``study`` in ``out``: written into a hidden folder beside it and moved into place at
     the end, so an interrupted run (Ctrl-C, SIGTERM, an error) leaves ``out`` as it was and nothing else."""
     out_dir = Path(out).absolute()
@@ -87,7 +88,7 @@ def write_report(study: Study, out: str | Path, warn: Callable[[str], None] = la
     staging = out_dir.parent / f".{out_dir.name}.partial-{secrets.token_hex(4)}"
     staging.mkdir()
     try:
-        output = _write_into(study, staging, warn)
+        output = _write_into(study, staging, warn, replay)
         _move_into_place(staging, out_dir, output.files + ["report.md", "report.html"])
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -101,7 +102,7 @@ def write_report(study: Study, out: str | Path, warn: Callable[[str], None] = la
     return output
 
 
-def _write_into(study: Study, folder: Path, warn: Callable[[str], None]) -> Output:
+def _write_into(study: Study, folder: Path, warn: Callable[[str], None], replay: tuple | None = None) -> Output:
     output = Output(folder, warn)
     for message in study.warnings:
         output.warning(message)
@@ -116,6 +117,8 @@ def _write_into(study: Study, folder: Path, warn: Callable[[str], None]) -> Outp
             section(study, best, output)
         except Exception as e:  # one broken section still leaves the others and the report
             output.warning(f"{section.__name__.strip('_')} section failed ({type(e).__name__}: {e})")
+    if replay is not None:   # (curves, settings) of analysis.replay_study, checked before anything was written
+        replay_study.section(study, *replay, output)
 
     blocks = [Heading(f"Study report: {study.name}", 1), Text(_summary(study))]
     if output.warnings:
