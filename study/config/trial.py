@@ -4,9 +4,10 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import Field, asdict, dataclass, field, fields
+from decimal import Decimal, InvalidOperation
 from typing import Any
 
-from study.config.modelspec import OUTPUTS, SAMPLINGS, ConfigError, UNetConfig
+from study.config.modelspec import OUTPUTS, SAMPLINGS, ConfigError, UNetConfig, max_depth_for
 
 DEFAULT_RESOLUTION = {"cifar10": 32, "flowers102": 256, "samples": 32}
 LOSSES = ("mse", "l1", "huber")
@@ -24,6 +25,8 @@ MAX_EPOCHS = 1000        # the report's longest study trains 100
 MAX_FILTERS = 4096       # channels per level (base_filters, max_filters); the report's widest level has 512
 MAX_PREVIEWS = 64        # preview images saved per epoch
 MAX_SEED = 2 ** 32 - 1   # what every seeded generator (numpy, torch, Optuna) takes
+MAX_DEPTH = max_depth_for(MAX_RESOLUTION)   # levels the largest image allows (each halves it, down to 2 px)
+MAX_IMAGES = 10 ** 12    # images per split (train_limit, eval_limit): more than any image folder holds
 
 
 def _field(default, help: str, choices=None):
@@ -40,7 +43,7 @@ class TrialConfig:
                                      "needed) or a path to an image folder")
     resolution: int = _field(0, f"image side in px, 16-{MAX_RESOLUTION}; 0: the dataset's own (cifar10 32, "
                                 f"flowers102 256, samples 32, an image folder 64)")
-    depth: int = _field(3, "UNet levels, >= 1; each halves the image, and the deepest must stay >= 2 px")
+    depth: int = _field(3, f"UNet levels, 1-{MAX_DEPTH}; each halves the image, and the deepest must stay >= 2 px")
     sampling: str = _field("maxpool-upsample", "how a level goes down and up", sorted(SAMPLINGS))
     output: str = _field("uv", "what the network predicts: rgb, the uv chroma added to the input's Y, or "
                                "uv-classes (a distribution over UV bins, trained by cross-entropy)", sorted(OUTPUTS))
@@ -70,8 +73,9 @@ class TrialConfig:
     augment_strength: float = _field(1.0, "with --augment, in [0, 4]: 1 = flips and shifts up to 1/8 of the "
                                           "side; above 1 also random zoomed crops")
     seed: int = _field(0, f"seed of the data split, the initial weights and the batch order, 0-{MAX_SEED}")
-    train_limit: int = _field(0, "training images used, >= 0 (0: the whole split; smaller for quick runs)")
-    eval_limit: int = _field(0, "val and test images used, >= 0 (0: the whole splits)")
+    train_limit: int = _field(0, f"training images used, 0-{MAX_IMAGES:,} (0: the whole split; smaller for quick "
+                                 f"runs)")
+    eval_limit: int = _field(0, f"val and test images used, 0-{MAX_IMAGES:,} (0: the whole splits)")
     preview_count: int = _field(8, f"test images colorized and saved each epoch, 0-{MAX_PREVIEWS}")
     precision: str = _field("auto", "arithmetic of training; auto: bf16 on a GPU when batches are large "
                                     "enough to pay, fp32 otherwise", PRECISIONS)
@@ -93,10 +97,10 @@ class TrialConfig:
         """
         if name not in _FIELDS:
             raise ConfigError(f"unknown trial parameter {name!r}; known: {sorted(_FIELDS)}")
-        value = _coerce(name, value)
+        given, value = value, _coerce(name, value)
         problem = _RULES.get(name, lambda v: None)(value)
         if problem:
-            raise ConfigError(f"{name}={value!r} {problem}")
+            raise ConfigError(f"{name}={_shown(value, given)} {problem}")
         return value
 
     def to_dict(self) -> dict:
@@ -143,12 +147,7 @@ def _coerce(name: str, v: Any) -> Any:
                 return v.strip().lower() in _TRUE
             raise ValueError
         if kind == "int":
-            if isinstance(v, bool):
-                raise ValueError
-            f = float(v)
-            if not math.isfinite(f) or f != int(f):
-                raise ValueError
-            return int(f)
+            return _whole(name, v)
         if kind == "float":
             if isinstance(v, bool):
                 raise ValueError
@@ -156,9 +155,54 @@ def _coerce(name: str, v: Any) -> Any:
         if not isinstance(v, str):
             raise ValueError
         return v
+    except ConfigError:
+        raise
     except (TypeError, ValueError, OverflowError):
         want = {"bool": "true or false", "int": "a whole number", "float": "a number", "str": "a string"}[kind]
-        raise ConfigError(f"{name}={v!r} is not {want}") from None
+        raise ConfigError(f"{name}={_shown(v)} is not {want}") from None
+
+
+# Digits past which a whole number written with an exponent ("1e5000") is refused by its field's bound
+# before it is expanded: every int field's bound is far below, and expanding it would cost memory.
+_MAX_DIGITS = 1000
+
+
+def _whole(name: str, v: Any) -> int:
+    """The exact whole number ``v`` denotes (an int as it is, never through a float); ValueError if none."""
+    if isinstance(v, bool):
+        raise ValueError
+    if isinstance(v, int):
+        return v
+    if isinstance(v, float):
+        if not math.isfinite(v) or not v.is_integer():
+            raise ValueError
+        return int(v)
+    if not isinstance(v, str):
+        raise TypeError
+    try:
+        number = Decimal(v.strip())
+    except InvalidOperation:
+        raise ValueError from None
+    if not number.is_finite() or number != number.to_integral_value():
+        raise ValueError
+    if number.adjusted() >= _MAX_DIGITS:
+        stand_in = 10 ** _MAX_DIGITS if number > 0 else -10 ** _MAX_DIGITS
+        shown = repr(v) if len(v) <= 40 else f"<a number of {number.adjusted() + 1} digits>"
+        raise ConfigError(f"{name}={shown} {_RULES[name](stand_in)}")
+    return int(number)
+
+
+def _shown(v: Any, given: Any = None) -> str:
+    """``v`` for a message: a whole number too long to read (or to print: Python caps it) as it was
+    ``given`` when that was short ("1e30"), else by its size."""
+    if isinstance(v, int) and not isinstance(v, bool) and abs(v) >= 10 ** 30:
+        if isinstance(given, (str, float)) and len(repr(given)) <= 40:
+            return repr(given)
+        digits = int(abs(v).bit_length() * math.log10(2)) + 1
+        if abs(v) < 10 ** (digits - 1):
+            digits -= 1
+        return f"{'-' if v < 0 else ''}<a number of {digits} digits>"
+    return repr(v)
 
 
 def _finite(v: float) -> str | None:
@@ -167,10 +211,6 @@ def _finite(v: float) -> str | None:
 
 def _positive(v) -> str | None:
     return _finite(v) or (None if v > 0 else "must be > 0")
-
-
-def _at_least(low):
-    return lambda v: None if v >= low else f"must be >= {low}"
 
 
 def _one_of(options):
@@ -200,7 +240,7 @@ def _resolution(v: int) -> str | None:
 _RULES = {
     "dataset": lambda v: None if v.strip() else "must name a dataset or an image folder",
     "resolution": _resolution,
-    "depth": _at_least(1),
+    "depth": _between(1, MAX_DEPTH, "MAX_DEPTH"),
     "sampling": _one_of(SAMPLINGS),
     "output": _one_of(OUTPUTS),
     "base_filters": _between(1, MAX_FILTERS, "MAX_FILTERS"),
@@ -221,8 +261,8 @@ _RULES = {
     "adversarial": lambda v: _finite(v) or (None if 0.0 <= v <= 10.0 else "must be in [0, 10] (0: off)"),
     "augment_strength": lambda v: _finite(v) or (None if 0.0 <= v <= 4.0 else "must be in [0, 4]"),
     "seed": _between(0, MAX_SEED, "MAX_SEED"),
-    "train_limit": _at_least(0),
-    "eval_limit": _at_least(0),
+    "train_limit": _between(0, MAX_IMAGES, "MAX_IMAGES"),
+    "eval_limit": _between(0, MAX_IMAGES, "MAX_IMAGES"),
     "preview_count": _between(0, MAX_PREVIEWS, "MAX_PREVIEWS"),
     "precision": _one_of(PRECISIONS),
 }
