@@ -36,8 +36,7 @@ from study.engine.color import rgb_to_yuv
 from study.engine.data import load_splits
 from study.engine.evaluation import predict
 from study.engine.models import build_unet
-from study.engine.pack import run_pack
-from study.engine.trial import run_trial
+from study.engine.trial import run_pack, run_trial
 from study.results.contract import CURVE_METRICS
 from study.results.store import read_table
 

@@ -9,8 +9,7 @@ import torch
 from study.config.trial import TrialConfig
 from study.engine.checkpoints import CHECKPOINT_FILE, PACK_FILE
 from study.engine.data import load_splits
-from study.engine.pack import run_pack
-from study.engine.trial import run_trial
+from study.engine.trial import run_pack, run_trial
 
 BASE = TrialConfig(dataset="samples", train_limit=64, eval_limit=32, base_filters=8, batch_size=32, epochs=2,
                    preview_count=1)

@@ -13,7 +13,7 @@ from conftest import ROOT
 
 PACKAGES = ("study", "analysis")
 MAX_LINES = 520
-MAX_CHAIN = 12   # modules on the longest import chain (16 before the wings): it may not grow
+MAX_CHAIN = 10   # modules on the longest import chain (16 before the wings, 12 before the engine's flattening): it may not grow
 
 # Each wing and the wings it may import. The commands (study/*.py) sit on top and may import any wing.
 WINGS = {

@@ -13,9 +13,8 @@ from study.engine.evaluation import EvalSplit, evaluate, evaluate_members
 from study.engine.fused import FusedUNet
 from study.engine.member import Member
 from study.engine.models import UNet, build_unet
-from study.engine.pack import run_pack
 from study.engine.step import PackStep
-from study.engine.trial import run_trial
+from study.engine.trial import run_pack, run_trial
 
 BASE = TrialConfig(dataset="samples", train_limit=128, eval_limit=32, base_filters=8, batch_size=32,
                    epochs=2, preview_count=2)

@@ -20,16 +20,15 @@ PUBLIC = {
     "device": ("autocast_for", "compiled", "device_name", "pick_device",),
     "evaluation": ("evaluate_members", "original_previews", "predict",),
     "fused": ("FusedUNet",),
-    "loop": ("RunOptions", "trial_splits",),
     "losses": ("NonFiniteLossError", "PackLoss",),
     "member": ("Member",),
     "models": ("VARIANTS", "build_unet",),
     "optim": ("make_optimizer",),
-    "pack": ("STRUCTURE", "run_pack",),
+    "pack": ("STRUCTURE",),
     "step": ("PackStep", "train_batches",),
     "terms": ("PackTerms",),
     "timing": ("Structure", "Timing", "on_line", "scaled", "time_structure", "within",),
-    "trial": ("run_trial", "summarize",),
+    "trial": ("RunOptions", "run_pack", "run_trial", "summarize", "trial_splits",),
 }
 WHERE = {name: module for module, names in PUBLIC.items() for name in names}
 

@@ -8,7 +8,7 @@ strength, test-time flip averaging, chroma weighting, a classification head's te
 rebalancing, the adversarial weight (each member has its own discriminator), seed, epochs. One process, one
 device-resident copy of the data, one kernel per layer for all members (study.engine.fused).
 
-A pack runs the same loop as a single trial (study.engine): each member keeps its own
+A pack runs the same loop as a single trial (study.engine.trial.run_pack): each member keeps its own
 model, Adam(W), scheduler and weight average, its rows and checkpoints are a trial's, and
 a pruned, finished or diverged member leaves by rebuilding the fused model from the others
 (its slice then costs nothing), instead of masking it (docs/throughput.md has what the separate
@@ -21,17 +21,10 @@ separate trial's (the same distribution, not the same numbers).
 """
 from __future__ import annotations
 
-from dataclasses import replace
-from pathlib import Path
-from typing import Callable
-
 from study.config import ConfigError, TrialConfig
-from study.engine.checkpoints import PACK
-from study.engine.loop import RunOptions, run_members
 
 STRUCTURE = ("dataset", "resolution", "depth", "sampling", "output", "base_filters", "max_filters",
              "batch_size", "train_limit", "eval_limit", "precision", "preview_count")
-PackReport = Callable[[dict, "Path | None"], "set[int] | None"]
 
 
 def check_structure(cfgs: list[TrialConfig]) -> None:
@@ -43,20 +36,3 @@ def check_structure(cfgs: list[TrialConfig]) -> None:
         if len(set(values)) > 1:
             raise ConfigError(f"pack members must share {name} (got {values}); "
                               f"put trials that differ in {name} into different packs")
-
-
-def run_pack(cfgs: list[TrialConfig], report: PackReport | None = None, options: RunOptions | None = None,
-             **fields) -> list[list[dict]]:
-    """Train the members of ``cfgs`` as one fused model; returns each member's epoch rows.
-
-    ``fields``: RunOptions' fields as keywords, instead of or over ``options``. ``report(rows, folder)`` is
-    called once per epoch with ``{member index: epoch row}`` for every member still in the pack and a
-    temporary checkpoint folder under the work folder (or None on epochs that write none, see
-    study.engine.checkpoints.checkpoint_due); it returns the member indices to stop (pruned). A member
-    also leaves after its own ``epochs``, or with ``"error"`` in its row when its loss stops being finite.
-    """
-    for c in cfgs:
-        c.validate()
-    check_structure(cfgs)
-    members = run_members(cfgs, report, replace(options or RunOptions(), **fields), PACK)
-    return [m.history for m in members]
