@@ -51,7 +51,14 @@ def parser() -> ArgumentParser:
     p.add_argument("--epoch-seconds", type=float, default=0.01, help="a synthetic epoch's time (default: 0.01)")
     p.add_argument("--storage", type=Path, default=Path("studies"), help="where the study is left (default: studies)")
     p.add_argument("--json", nargs="?", const="-", help="also write the JSON object to this file")
+    p.add_argument("--growth", type=_sizes, help="instead: the driver's own parts per result in studies already "
+                   "holding each of these numbers of trials, e.g. 100,1000,10000 (study.bench_growth)")
+    p.add_argument("--new", type=_count, default=200, help="with --growth: trials timed at each size (default: 200)")
     return p
+
+
+def _sizes(text: str) -> list[int]:
+    return [_count(part) for part in text.split(",")]
 
 
 def _count(text: str) -> int:
@@ -196,10 +203,14 @@ def main(argv=None) -> int:
     check_writable("--storage", args.storage, "the study")
     args.storage.mkdir(parents=True, exist_ok=True)
     args.storage = args.storage.resolve()
-    name = f"driver-{args.trials}x{args.epochs}-c{args.concurrency}-{time.strftime('%Y%m%d-%H%M%S')}"
-    study, wall = run_study(args, name)
-    ray_stamps, ray_wall = run_bare_ray(args)
-    out = figures(args, study, wall, ray_stamps, ray_wall)
+    if args.growth:
+        from study.bench_growth import growth
+        out = {"growth": growth(args.storage, args.growth, args.epochs, args.new, args.concurrency)}
+    else:
+        name = f"driver-{args.trials}x{args.epochs}-c{args.concurrency}-{time.strftime('%Y%m%d-%H%M%S')}"
+        study, wall = run_study(args, name)
+        ray_stamps, ray_wall = run_bare_ray(args)
+        out = figures(args, study, wall, ray_stamps, ray_wall)
     print(json.dumps(out))
     if args.json and args.json != "-":
         Path(args.json).write_text(json.dumps(out, indent=1) + "\n")
