@@ -84,7 +84,7 @@ def concurrency(study) -> int:
     return int(value) if isinstance(value, int) and value >= 1 else DEFAULT_CONCURRENCY
 
 
-def section(study, curves, output, settings: ReplaySettings) -> None:
+def section(study, curves, settings: ReplaySettings, output) -> None:
     """The report's "Replayed search strategies" section."""
     import numpy as np
 

@@ -763,3 +763,41 @@ def test_a_cut_trials_table_is_called_unreadable_and_nothing_else(study, tmp_pat
     rc, err = analyse(folder, tmp_path / "out", capsys)
     assert rc == 0 and "results/trials.parquet is unreadable" in err
     assert "no trial has started" not in err and "trials table is empty" not in err
+
+
+# ------------------------------------------------------------------ replayed search strategies
+
+
+def test_replay_refuses_a_study_of_three_trials_and_writes_nothing(study, tmp_path, capsys):
+    folder = derived_study(study, tmp_path / "study", ["local_00001", "local_00002", "local_00003"])
+    rc = main(["--study", str(folder), "--out", str(tmp_path / "out"), "--replay"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1
+    assert err.startswith("error: --replay: the study study has 3 trial(s) with recorded epochs; a replay needs at "
+                          "least 4")
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
+
+
+def test_replay_reports_the_compute_each_strategy_needs_to_find_the_best_trial(study, tmp_path, capsys):
+    from analysis.replay import STRATEGIES
+    from analysis.replay_study import study_curves
+    from analysis.load import load_study
+
+    rc = main(["--study", str(study), "--out", str(tmp_path / "out"), "--replay", "--replay-seeds", "3"])
+    assert rc == 0, capsys.readouterr().err
+    report = (tmp_path / "out/report.md").read_text()
+    trials = pd.read_parquet(study / "results/trials.parquet")
+    assert "## Replayed search strategies" in report
+    assert f"This rests on the study's {len(trials)} trials with recorded epochs" in report
+    assert "can only propose configurations this study sampled" in report
+    table = pd.read_csv(tmp_path / "out/replay.csv")
+    assert table["strategy"].tolist() == [s.name for s in STRATEGIES] and (table["seeds"] == 3).all()
+    assert (tmp_path / "out/replay.png").stat().st_size > 10_000
+    # The curves are the study's own rows: each trial's val PSNR per epoch, and its best is the study's best.
+    curves = study_curves(load_study(study))
+    epochs = pd.read_parquet(study / "results/epochs.parquet")
+    for k, trial_id in enumerate(curves.ids):
+        mine = epochs[epochs["trial_id"] == trial_id].sort_values("epoch")
+        assert curves.val[k, :curves.length[k]].tolist() == mine["val_psnr"].tolist()
+    assert curves.ids[curves.best()] == best_per_variant(trials.assign(dataset="all", sampling="", output=""))["trial_id"][0]
+    assert "lr" in {a.name for a in curves.axes} and "sampling" in {a.name for a in curves.axes}
