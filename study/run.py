@@ -98,20 +98,36 @@ def plan_request(study: Study):
     """(study.plan's Request for what is left of ``study``, its total, trials done): a new study's every trial;
     a resumed one's not done or pruned (a stopped or errored one counted whole) and the budget it has left."""
     from study.plan import Request, local_resources
-    from study.results import read_table
     args, space, meta = study.args, study.space, study.meta or {}
     cluster = local_resources(args.num_cpus, args.num_gpus)
     resources = {**study.resources, "gpu": study.resources.get("gpu", 0) if cluster["GPU"] else 0}
-    total, ended = meta.get("num_samples") or args.num_samples or space.num_samples, 0
-    if study.meta is not None:
-        trials = read_table(study.root, "trials")
-        ended = 0 if trials is None else int(trials.status.isin(["DONE", "PRUNED"]).sum())   # errored: again
+    total, ended = trials_ended(study)
     seconds = study.budget["seconds"]
     left = None if seconds is None else seconds - (study.clock.spent_before_s - study.budget["granted_at_s"])
     return Request(num_samples=max(total - ended, 0), resources=resources, cluster_resources=cluster,
                    max_concurrent=args.max_concurrent or meta.get("max_concurrent") or space.max_concurrent,
                    pack=meta.get("pack") or args.pack or space.pack_for(gpu=resources["gpu"] > 0),
                    data_root=study.data_root, time_budget_s=left), total, ended
+
+
+def trials_ended(study: Study) -> tuple[int, int]:
+    """(the study's total of trials, how many of them a run would not run again: done or pruned; a stopped or
+    errored trial runs again on --resume). A new study has ended none."""
+    meta = study.meta or {}
+    total = meta.get("num_samples") or study.args.num_samples or study.space.num_samples
+    if study.meta is None:
+        return total, 0
+    from study.results import read_table
+    trials = read_table(study.root, "trials")
+    return total, 0 if trials is None else int(trials.status.isin(["DONE", "PRUNED"]).sum())
+
+
+def nothing_to_run(study: Study, total: int, ended: int) -> str:
+    """The one line that says a resumed study has run all its trials, and the command that gives it more."""
+    more = resume_command(study.root, study.args.storage, study.name, space_argument(study.root, study.meta or {}),
+                          study.args.optuna_storage, 2 * total)
+    return (f"nothing to run: the study has done all its {total} trials ({ended} of {total} done or pruned); "
+            f"to add trials, resume it with a larger total, --num-samples M with M > {total}: {more}")
 
 
 def check_feasible(study: Study) -> None:
@@ -132,8 +148,7 @@ def print_plan(study: Study) -> int:
         print(f"resuming study {study.name}: {ended} of {total} trials done or pruned, {r.num_samples} to run (a "
               f"stopped trial counted whole); {duration(study.clock.spent_before_s)} of running time so far{budget}")
     if not r.num_samples:
-        print(f"nothing to run: the study has done all its {total} trials; --resume runs more only with a "
-              f"larger --num-samples (above {ended})")
+        print(nothing_to_run(study, total, ended))
         return 0
     print(plan.format_plan(plan.estimate(study.space, r)))
     check_feasible(study)
@@ -159,6 +174,10 @@ def _main(argv: list[str], own_session: bool = False) -> int:
         study = open_study(args, space)   # the same checks for --plan as for a run: nothing written, no Ray
         if args.plan:
             return print_plan(study)
+        total, ended = trials_ended(study)
+        if ended >= total:   # a resumed study with nothing left: no Ray, nothing written
+            print(nothing_to_run(study, total, ended))
+            return 0
         check_feasible(study)
         if not study.address:  # on a cluster each node decodes into its own cache
             prepare_data(space, study.data_root, study.cache_dir)
