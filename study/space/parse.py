@@ -30,6 +30,9 @@ interruptions and resumes; ``python -m study.run --time-budget`` overrides it.
 ``synthetic: {epoch_seconds: s}``: a study of the driver itself (``python -m study.bench --parts
 driver``): trials train nothing and report generated epoch curves, one every ``s`` seconds
 (study.tune.synthetic); everything else (Tune, Optuna, pruning, results, checkpoints) is real.
+``synthetic: {replay: <table.parquet>}``: trials report the recorded epochs (real figures, recorded
+``seconds``) of their nearest configuration in a curves table ``scripts/record_curves.py`` wrote
+(study.space.replay): search strategies compared through the real driver at no training cost.
 
 ``objectives``: two or more of ``val_psnr_gain`` (fidelity) and ``val_colourfulness``
 (vividness) make a multi-objective study (a Pareto front; sampler ``nsga2`` or ``tpe``).
@@ -120,7 +123,7 @@ class Space:
     enqueue: list[dict] = field(default_factory=list)   # configurations tried first, plain names
     objectives: tuple[str, ...] = ()                     # () : maximise val_psnr; 2+: a Pareto front
     time_budget_s: float | None = None                   # the study's running time budget (None: none)
-    synthetic: dict | None = None                        # {epoch_seconds: s}: generated curves, no training
+    synthetic: dict | None = None                        # {epoch_seconds: s[, replay: table]}: no training
 
     def pack_for(self, gpu: bool) -> int:
         """The pack size when each trial gets a GPU (``gpu``) or runs on CPUs."""
@@ -310,15 +313,39 @@ MAX_SYNTHETIC_EPOCH_S = 3600.0
 
 def _synthetic(spec, fail) -> dict | None:
     """``synthetic: {epoch_seconds: s}``: trials report generated epoch curves every ``s`` seconds instead
-    of training (study.tune.synthetic), to measure the driver itself."""
+    of training (study.tune.synthetic), to measure the driver itself. ``synthetic: {replay: <table>}``
+    (``epoch_seconds`` optional, default 0): trials report the recorded epochs of their nearest
+    configuration in a curves table (study.space.replay), each with its recorded ``seconds``; a relative
+    path is taken from the current folder and stored absolute."""
     if spec is None:
         return None
-    if not isinstance(spec, dict) or set(spec) != {"epoch_seconds"}:
-        fail("synthetic", f"a mapping with only 'epoch_seconds' (e.g. {{epoch_seconds: 0.01}}), got {spec!r}")
-    s = spec["epoch_seconds"]
+    if not isinstance(spec, dict) or not spec or set(spec) - {"epoch_seconds", "replay"} or (
+            "replay" not in spec and "epoch_seconds" not in spec):
+        fail("synthetic", f"a mapping with 'epoch_seconds' (e.g. {{epoch_seconds: 0.01}}) or 'replay' (a curves "
+                          f"table: {{replay: docs/search/cifar10-curves.parquet}}), got {spec!r}")
+    s = spec.get("epoch_seconds", 0.0)
     if not _number(s) or not 0 <= s <= MAX_SYNTHETIC_EPOCH_S:
         fail("synthetic.epoch_seconds", f"a number of seconds from 0 to {MAX_SYNTHETIC_EPOCH_S:g}, got {s!r}")
-    return {"epoch_seconds": float(s)}
+    out = {"epoch_seconds": float(s)}
+    if "replay" in spec:
+        out["replay"] = _replay_table(spec["replay"], fail)
+    return out
+
+
+def _replay_table(value, fail) -> str:
+    """The curves table a replay reads: it must exist and be one (read now, before a study folder exists)."""
+    from study.space.replay import ReplayTableError, read_curves
+
+    if not isinstance(value, str) or not value.endswith(".parquet"):
+        fail("synthetic.replay", f"the path of a curves table (.parquet) scripts/record_curves.py wrote, got {value!r}")
+    path = Path(value).absolute()
+    if not path.is_file():
+        fail("synthetic.replay", f"{value}: no such file (a relative path is taken from the current folder)")
+    try:
+        read_curves(path)
+    except ReplayTableError as e:
+        fail("synthetic.replay", str(e))
+    return str(path)
 
 
 def _objectives(spec, space: Space, fail) -> tuple[str, ...]:
