@@ -14,6 +14,8 @@ measures the whole driver against bare Ray Tune.
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import math
 import random
 import time
@@ -25,6 +27,7 @@ from sqlalchemy import event
 
 from study.bench_driver import PARAMS_CONSTANT, space_text
 from study.config import TrialConfig
+from study.driver import StudyClock
 from study.results import ResultsWriter, epoch_row, trial_row
 from study.space import load_space
 from study.tune import synthetic_rows
@@ -92,7 +95,7 @@ def _parts(root: Path, url: str, total: int):
     from ray.tune.experiment import Trial  # noqa: F401 - Tune's own trial objects are handed to the hooks
 
     space = load_space(str(root / "space.yaml"))
-    driver = DriverState(storage_url=url, space=space, study_root=str(root), total=total)
+    driver = DriverState(storage_url=url, space=space, study_root=str(root), total=total, clock=StudyClock())
     searcher = OptunaSearcher(NAME, driver, seed=0)
     timings = DriverTimings()
     scheduler = TimedPruningScheduler(searcher, driver, timings)
@@ -132,6 +135,7 @@ def drive(root: Path, url: str, new: int, concurrency: int, total: int) -> tuple
             callback.on_trial_complete(0, trials, trial)
         else:
             live.append((trial, rows))
+        callback.on_step_end(0, trials)   # as Tune's loop does after each step (the progress line, the budget)
     wall = time.perf_counter() - t0
     searcher.close()
     callback.writer.close()
@@ -147,7 +151,8 @@ def measure(storage: Path, n: int, epochs: int, new: int, concurrency: int) -> d
     t0 = time.perf_counter()
     fill(root, url, n, epochs, space=load_space(str(root / "space.yaml")))
     filled = time.perf_counter() - t0
-    timings, wall = drive(root, url, new, concurrency, n + new)
+    with contextlib.redirect_stdout(io.StringIO()):   # the progress lines: the JSON is the output
+        timings, wall = drive(root, url, new, concurrency, n + new)
     ms = np.asarray(timings.driver_ms)
     cb = np.asarray(timings.callback_ms)
     return {"trials_before": n, "new_trials": new, "epochs": epochs, "concurrency": concurrency,

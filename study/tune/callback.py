@@ -28,6 +28,9 @@ def _relative(path: str, root: str) -> str:
     return path[len(root):].lstrip("/") if path.startswith(root.rstrip("/") + "/") else path
 
 
+# A trial's end shows in the progress line within this many seconds. Not at once: the status reads the
+# whole trials table, and a study that ends several trials a second would pay that at each.
+TRIAL_END_PROGRESS_S = 1.0
 # What the driver learns about a trial besides its config and epochs (trials-table columns), with defaults.
 TRIAL_META = {"wall_time_s": float("nan"), "device": "", "node_id": "", "checkpoint_path": "", "gpu_ids": "",
               "started_at": float("nan"), "finished_at": float("nan"), "restarts": 0, "resumed_at_epoch": 0}
@@ -208,8 +211,7 @@ class ResultsCallback(UsesDriver, Callback):
             device=result.get("device", ""), node_id=result.get("node_id", ""),
             gpu_ids=result.get("gpu_ids", ""), wall_time_s=float(result.get("time_total_s", float("nan"))),
             started_at=float(result.get("started_at", float("nan"))), finished_at=time.time())
-        self._stage_trial(trial)
-        self._progress(trials)
+        self._stage_trial(trial)   # the progress line follows at the step's end (on_step_end), not per result
         if self.timings is not None:
             self.timings.callback_done(trial.trial_id, result, started)
 
@@ -251,12 +253,12 @@ class ResultsCallback(UsesDriver, Callback):
         else:
             self._stage_trial(trial)   # each member's own end (told to Optuna as it left the pack)
         self._ended_in_run += self._pack(trial)
-        self._progress(trials, force=True)
+        self._progress(trials, every_s=TRIAL_END_PROGRESS_S)
 
     def on_trial_error(self, iteration, trials, trial, **info):
         self._stage_trial(trial, "ERROR", _error_text(trial))
         self._ended_in_run += self._pack(trial)
-        self._progress(trials, force=True)
+        self._progress(trials, every_s=TRIAL_END_PROGRESS_S)
 
     def on_step_end(self, iteration, trials, **info):
         self._check_budget(trials)
@@ -301,10 +303,12 @@ class ResultsCallback(UsesDriver, Callback):
         if self.timings is not None:
             write_json(self.study, self.timings.FILE, self.timings.record())
 
-    def _progress(self, trials, force: bool = False, state: str = "running") -> dict | None:
-        """Print the progress line and write status.json (every ``progress_every_s``, or now with ``force``)."""
+    def _progress(self, trials, force: bool = False, state: str = "running", every_s: float | None = None,
+                  ) -> dict | None:
+        """Print the progress line and write status.json (every ``progress_every_s``, or ``every_s``, or now
+        with ``force``)."""
         now = time.time()
-        if not force and now - self._last_progress < self.progress_every_s:
+        if not force and now - self._last_progress < (self.progress_every_s if every_s is None else every_s):
             return None
         self._last_progress = now
         d = self.driver
