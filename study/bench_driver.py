@@ -51,6 +51,9 @@ def parser() -> ArgumentParser:
     p.add_argument("--epoch-seconds", type=float, default=0.01, help="a synthetic epoch's time (default: 0.01)")
     p.add_argument("--storage", type=Path, default=Path("studies"), help="where the study is left (default: studies)")
     p.add_argument("--json", nargs="?", const="-", help="also write the JSON object to this file")
+    p.add_argument("--no-pruning", action="store_true",
+                   help="the study prunes nothing, so that it runs exactly the bare run's trials and epochs and "
+                        "the two wall times compare")
     p.add_argument("--growth", type=_sizes, help="instead: the driver's own parts per result in studies already "
                    "holding each of these numbers of trials, e.g. 100,1000,10000 (study.bench_growth)")
     p.add_argument("--new", type=_count, default=200, help="with --growth: trials timed at each size (default: 200)")
@@ -71,13 +74,13 @@ def _count(text: str) -> int:
     return n
 
 
-def space_text(trials: int, epochs: int, concurrency: int, epoch_seconds: float) -> str:
-    """A synthetic space like the smoke study's (TPE, median pruner), with the benchmark's sizes."""
+def space_text(trials: int, epochs: int, concurrency: int, epoch_seconds: float, pruning: bool = True) -> str:
+    """A synthetic space like the smoke study's (TPE, median pruner or none), with the benchmark's sizes."""
     return yaml.safe_dump({
         "description": "the driver benchmark's synthetic study (python -m study.bench --parts driver)",
         "synthetic": {"epoch_seconds": epoch_seconds},
-        "sampler": {"name": "tpe", "n_startup_trials": 10}, "pruner": {"name": "median", "n_startup_trials": 5,
-                                                                       "n_warmup_steps": 2},
+        "sampler": {"name": "tpe", "n_startup_trials": 10},
+        "pruner": {"name": "median", "n_startup_trials": 5, "n_warmup_steps": 2} if pruning else {"name": "none"},
         "num_samples": trials, "max_concurrent": concurrency, "resources": {"cpu": 1, "gpu": 0},
         "max_failures": 0,
         "params": {**PARAMS_CONSTANT, "epochs": epochs, "depth": {"int": [2, 3]},
@@ -93,7 +96,7 @@ PARAMS_CONSTANT = {"dataset": "samples", "base_filters": 8, "batch_size": 16, "t
 def run_study(args, name: str) -> tuple[Path, float]:
     """The synthetic study through ``python -m study.run``: its folder and the command's wall time."""
     space = args.storage / f"{name}.yaml"
-    space.write_text(space_text(args.trials, args.epochs, args.concurrency, args.epoch_seconds))
+    space.write_text(space_text(args.trials, args.epochs, args.concurrency, args.epoch_seconds, not args.no_pruning))
     cmd = [sys.executable, "-m", "study.run", "--space", str(space), "--storage", str(args.storage),
            "--num-cpus", str(args.concurrency), "--cache-dir", str(args.storage / ".cache")]
     t0 = time.perf_counter()

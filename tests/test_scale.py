@@ -2,7 +2,9 @@
 epoch curves instead of training) through the real command line, its benchmark, and a crash and resume."""
 import json
 import subprocess
+from pathlib import Path
 
+import optuna
 import pandas as pd
 import pytest
 import yaml
@@ -11,6 +13,7 @@ from test_study import kill_driver_when, optuna_study, run_study, tables
 
 from study.bench_driver import space_text
 from study.config import TrialConfig
+from study.results.store import read_table
 from study.space.parse import parse_space
 from study.space.reading import SpaceError
 from study.tune.synthetic import CHECKPOINT_FILE, curve_row, run_trial
@@ -100,12 +103,34 @@ def test_bench_driver_bad_option_is_one_error_line(tmp_path):
     assert "Traceback" not in p.stderr and not list(tmp_path.iterdir())
 
 
+def test_bench_growth_smoke(tmp_path):
+    """The growth benchmark: a study filled with ended trials, then new ones through the driver's own parts;
+    the study it leaves is consistent (one row per (trial, epoch), Optuna agreeing with the tables)."""
+    p = subprocess.run([PYTHON, "-m", "study.bench", "--parts", "driver", "--growth", "30", "--epochs", "3",
+                        "--new", "8", "--concurrency", "2", "--storage", str(tmp_path), "--json"],
+                       cwd=tmp_path, env=python_env(), capture_output=True, text=True, timeout=300, check=False)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    (out,) = json.loads(p.stdout.strip().splitlines()[-1])["growth"]
+    assert out["trials_before"] == 30 and out["new_trials"] == 8 and 8 <= out["results"] <= 8 * 3
+    assert 0 < out["p50_ms"] <= out["p99_ms"] <= out["max_ms"]
+    study = Path(out["study"])
+    t = {name: read_table(str(study), name) for name in ("trials", "epochs")}
+    assert len(t["trials"]) == 38 and not t["epochs"].duplicated(["trial_id", "epoch"]).any()
+    stored = {tr.number: tr for tr in optuna.load_study(study_name="growth", storage=f"sqlite:///{study / 'optuna.db'}")
+              .get_trials()}
+    assert len(stored) == 38
+    for row in t["trials"].itertuples():
+        tr = stored[row.optuna_number]
+        assert tr.state.name == {"DONE": "COMPLETE", "PRUNED": "PRUNED"}[row.status], row.trial_id
+        assert sorted(tr.intermediate_values) == sorted(t["epochs"].epoch[t["epochs"].trial_id == row.trial_id])
+
+
 # ---- whole studies
 
 @pytest.mark.slow
 def test_bench_driver_smoke(tmp_path):
     p = subprocess.run([PYTHON, "-m", "study.bench", "--parts", "driver", "--trials", "6", "--epochs", "3",
-                        "--concurrency", "2", "--storage", str(tmp_path / "studies"), "--json"],
+                        "--concurrency", "2", "--storage", str(tmp_path / "studies"), "--json", "--no-pruning"],
                        cwd=tmp_path, env=python_env(), capture_output=True, text=True, timeout=300, check=False)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     out = json.loads(p.stdout.strip().splitlines()[-1])
@@ -114,7 +139,8 @@ def test_bench_driver_smoke(tmp_path):
     assert 0 < out["driver_p50_ms"] <= out["driver_p99_ms"]
     study = tmp_path / "studies" / out["study"].rsplit("/", 1)[-1]
     check_study(study, 6)
-    assert out["results"] == len(tables(study)["epochs"]) and out["ray_results"] == 6 * 3
+    # Without pruning both runs report every epoch of every trial: the same work, so the wall times compare.
+    assert out["results"] == len(tables(study)["epochs"]) == out["ray_results"] == 6 * 3
 
 
 @pytest.mark.slow
