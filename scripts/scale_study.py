@@ -63,7 +63,7 @@ def main() -> int:
     p.add_argument("--storage", type=Path, required=True)
     p.add_argument("--json", type=Path)
     args = p.parse_args()
-    from study.bench_driver import space_text
+    from study.bench_space import space_text
     from study.bench_growth import fill
     from study.results import read_table
 

@@ -36,6 +36,7 @@ from pathlib import Path
 
 import yaml
 
+from study.bench_space import PARAMS_CONSTANT, space_text
 from study.cli import ArgumentParser, UsageError, check_writable
 
 TIMINGS_FILE = "driver_timings.json"   # study.tune.synthetic.DriverTimings.FILE (no Ray imported here)
@@ -72,25 +73,6 @@ def _count(text: str) -> int:
     if n < 1:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= 1")
     return n
-
-
-def space_text(trials: int, epochs: int, concurrency: int, epoch_seconds: float, pruning: bool = True) -> str:
-    """A synthetic space like the smoke study's (TPE, median pruner or none), with the benchmark's sizes."""
-    return yaml.safe_dump({
-        "description": "the driver benchmark's synthetic study (python -m study.bench --parts driver)",
-        "synthetic": {"epoch_seconds": epoch_seconds},
-        "sampler": {"name": "tpe", "n_startup_trials": 10},
-        "pruner": {"name": "median", "n_startup_trials": 5, "n_warmup_steps": 2} if pruning else {"name": "none"},
-        "num_samples": trials, "max_concurrent": concurrency, "resources": {"cpu": 1, "gpu": 0},
-        "max_failures": 0,
-        "params": {**PARAMS_CONSTANT, "epochs": epochs, "depth": {"int": [2, 3]},
-                   "sampling": {"choice": ["maxpool-upsample", "strided-transposed"]},
-                   "output": {"choice": ["rgb", "uv"]}, "lr": {"loguniform": [3.0e-4, 3.0e-3]}},
-    }, sort_keys=False)
-
-
-PARAMS_CONSTANT = {"dataset": "samples", "base_filters": 8, "batch_size": 16, "train_limit": 16,
-                   "eval_limit": 8, "preview_count": 1, "seed": 0}
 
 
 def run_study(args, name: str) -> tuple[Path, float]:

@@ -25,16 +25,13 @@ import numpy as np
 import optuna
 from sqlalchemy import event
 
-from study.bench_driver import PARAMS_CONSTANT, space_text
+from study.bench_space import PARAMS_CONSTANT, space_text
 from study.config import TrialConfig
 from study.driver import StudyClock
 from study.results import ResultsWriter, epoch_row, trial_row
 from study.space import load_space
-from study.tune import synthetic_rows
-from study.tune.callback import ResultsCallback
-from study.tune.searcher import METRIC, STEP_METRIC, OptunaSearcher, open_study
-from study.tune.state import DriverState
-from study.tune.synthetic import DriverTimings, TimedPruningScheduler
+from study.tune import (METRIC, STEP_METRIC, DriverState, DriverTimings, OptunaSearcher, ResultsCallback,
+                        TimedPruningScheduler, open_study, synthetic_rows)
 
 NAME = "growth"
 DISTRIBUTIONS = {"depth": optuna.distributions.IntDistribution(2, 3),

@@ -11,7 +11,7 @@ import yaml
 from conftest import PYTHON, ROOT, python_env
 from test_study import kill_driver_when, optuna_study, run_study, tables
 
-from study.bench_driver import space_text
+from study.bench_space import space_text
 from study.config import TrialConfig
 from study.results.store import read_table
 from study.space.parse import parse_space

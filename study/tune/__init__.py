@@ -15,8 +15,12 @@ from study.tune.backend import (
                                 searcher_state_problem,
                                 shutdown,
 )
-from study.tune.searcher import METRIC
-from study.tune.synthetic import synthetic_rows
+from study.tune.callback import ResultsCallback
+from study.tune.searcher import METRIC, STEP_METRIC, OptunaSearcher, open_study
+from study.tune.state import DriverState
+from study.tune.synthetic import DriverTimings, TimedPruningScheduler, synthetic_rows
 
-__all__ = ["METRIC", "StudySettings", "StudyTuner", "build_tuner", "can_resume", "init_ray", "node_resources",
-           "saved_total_trials", "searcher_state_problem", "shutdown", "synthetic_rows"]
+__all__ = ["METRIC", "STEP_METRIC", "DriverState", "DriverTimings", "OptunaSearcher", "ResultsCallback",
+           "StudySettings", "StudyTuner", "TimedPruningScheduler", "build_tuner", "can_resume", "init_ray",
+           "node_resources", "open_study", "saved_total_trials", "searcher_state_problem", "shutdown",
+           "synthetic_rows"]
