@@ -1,5 +1,5 @@
 """The Tune trainable: one Tune trial = ``study.engine.trial.run_trial`` on the resolved config, or
-``study.engine.pack.run_pack`` on K member configs; a reused actor (reuse_actors) keeps its last splits."""
+``study.engine.trial.run_pack`` on K member configs; a reused actor (reuse_actors) keeps its last splits."""
 from __future__ import annotations
 
 import gc
