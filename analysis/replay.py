@@ -7,7 +7,8 @@ and its recorded seconds. A strategy is an Optuna sampler and pruner (real ones,
 
 The clock: ``concurrency`` workers; a free worker asks for a trial; the sampler's proposal maps to its
 *nearest recorded configuration* (one per categorical axis that differs, plus ``|t(a) - t(b)| / (t(hi) -
-t(lo))`` per continuous axis, t = log for a log-uniform one; ties go to the earlier curve), and the trial
+t(lo))`` per continuous axis, t = log for a log-uniform one; ties go to the smaller id, as in
+study.space.replay, which maps a study's trials by the same rule), and the trial
 replays that configuration's epochs, each ending its recorded seconds after the previous one. Epoch ends
 are handled in time order: the epoch's val PSNR is reported and the pruner asked. A trial's compute is
 the sum of the recorded seconds of the epochs it ran. The best found after any epoch end is the epoch
@@ -88,7 +89,7 @@ class Curves:
                 distance += np.array([c != proposal[axis.name] for c in column], dtype=float)
             else:
                 distance += np.abs(column - axis.coordinate(proposal[axis.name]))
-        return int(np.argmin(distance))   # the first of equals: the earlier curve
+        return int(np.argmin(distance))   # the first of equals: curves are in id order
 
     @property
     def _columns(self) -> dict:
@@ -163,6 +164,11 @@ STRATEGIES = (
              note="TPE + Optuna's successive halving (min resource 1 epoch, reduction factor 4)"),
     Strategy("tpe+hyperband", {"name": "tpe"}, {"name": "hyperband", "min_resource": 1},
              note="TPE + Optuna's Hyperband (min resource 1 epoch, reduction factor 3)"),
+    # Random search with Optuna's pruners: what a space can choose that is closest to Ray's ASHA.
+    Strategy("random+median", {"name": "random"}, {"name": "median"},
+             note="random search + median pruner (Optuna's defaults)"),
+    Strategy("random+sha", {"name": "random"}, {"name": "successive_halving", "min_resource": 1},
+             note="random search + Optuna's successive halving (min resource 1 epoch, reduction factor 4)"),
 )
 
 
