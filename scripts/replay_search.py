@@ -65,11 +65,11 @@ class SpaceFactories(OptunaFactories):
     """Samplers and pruners as a study makes them (study.space), and Ray's ASHA for ``{name: asha}``."""
 
     def sampler(self, spec: dict, seed: int):
-        from study.space.parse import make_sampler
+        from study.space import make_sampler
         return make_sampler(spec, seed)
 
     def pruner(self, spec: dict):
-        from study.space.parse import make_pruner
+        from study.space import make_pruner
         return make_pruner({"name": "none"} if spec["name"] == "asha" else spec)
 
     def judge(self, strategy: Strategy, seed: int, epochs: int):
@@ -80,7 +80,7 @@ def report_grid(curves: Curves) -> tuple[dict, ...]:
     """The CIFAR-10 configurations of report.yaml's grid on the table's axes (values the report leaves
     out are TrialConfig's defaults)."""
     from study.config import TrialConfig
-    from study.space.parse import load_space
+    from study.space import load_space
 
     space = load_space("report")
     grid = space.grid()
@@ -95,7 +95,7 @@ def report_grid(curves: Curves) -> tuple[dict, ...]:
 
 
 def strategies(curves: Curves) -> list[Strategy]:
-    from study.space.parse import load_space
+    from study.space import load_space
 
     full = load_space(DEFAULT_SPACE)
     return [*STRATEGIES,

@@ -55,6 +55,7 @@ from typing import Any
 from study.config import DEFAULT_RESOLUTION, ConfigError, TrialConfig, choices_of, max_depth_for
 from study.space.options import _yaml_number_hint, check_options, optuna_class
 from study.space.reading import MAX_SPACE_BYTES, MAX_YAML_NODES, SpaceError, read_space_yaml  # noqa: F401
+from study.space.replay import parse_synthetic
 
 SPACES_DIR = Path(__file__).resolve().parents[2] / "search_spaces"
 DISTRIBUTIONS = ("choice", "int", "uniform", "loguniform")
@@ -248,7 +249,7 @@ def parse_space(raw: Any, path: Path) -> Space:
     space.objectives = _objectives(raw.get("objectives"), space, fail)
     space.enqueue = _enqueue(raw.get("enqueue", []), space, fail)
     space.time_budget_s = _time_budget(raw.get("time_budget"), fail)
-    space.synthetic = _synthetic(raw.get("synthetic"), fail)
+    space.synthetic = parse_synthetic(raw.get("synthetic"), fail)
     return space
 
 
@@ -305,47 +306,6 @@ def _time_budget(spec, fail) -> float | None:
         return parse_duration(spec, "time_budget")
     except ValueError as e:
         fail("time_budget", str(e).removeprefix("time_budget "))
-
-
-# The longest a synthetic epoch may pretend to take (an hour): a benchmark of the driver, not a wait.
-MAX_SYNTHETIC_EPOCH_S = 3600.0
-
-
-def _synthetic(spec, fail) -> dict | None:
-    """``synthetic: {epoch_seconds: s}``: trials report generated epoch curves every ``s`` seconds instead
-    of training (study.tune.synthetic), to measure the driver itself. ``synthetic: {replay: <table>}``
-    (``epoch_seconds`` optional, default 0): trials report the recorded epochs of their nearest
-    configuration in a curves table (study.space.replay), each with its recorded ``seconds``; a relative
-    path is taken from the current folder and stored absolute."""
-    if spec is None:
-        return None
-    if not isinstance(spec, dict) or not spec or set(spec) - {"epoch_seconds", "replay"} or (
-            "replay" not in spec and "epoch_seconds" not in spec):
-        fail("synthetic", f"a mapping with 'epoch_seconds' (e.g. {{epoch_seconds: 0.01}}) or 'replay' (a curves "
-                          f"table: {{replay: docs/search/cifar10-curves.parquet}}), got {spec!r}")
-    s = spec.get("epoch_seconds", 0.0)
-    if not _number(s) or not 0 <= s <= MAX_SYNTHETIC_EPOCH_S:
-        fail("synthetic.epoch_seconds", f"a number of seconds from 0 to {MAX_SYNTHETIC_EPOCH_S:g}, got {s!r}")
-    out = {"epoch_seconds": float(s)}
-    if "replay" in spec:
-        out["replay"] = _replay_table(spec["replay"], fail)
-    return out
-
-
-def _replay_table(value, fail) -> str:
-    """The curves table a replay reads: it must exist and be one (read now, before a study folder exists)."""
-    from study.space.replay import ReplayTableError, read_curves
-
-    if not isinstance(value, str) or not value.endswith(".parquet"):
-        fail("synthetic.replay", f"the path of a curves table (.parquet) scripts/record_curves.py wrote, got {value!r}")
-    path = Path(value).absolute()
-    if not path.is_file():
-        fail("synthetic.replay", f"{value}: no such file (a relative path is taken from the current folder)")
-    try:
-        read_curves(path)
-    except ReplayTableError as e:
-        fail("synthetic.replay", str(e))
-    return str(path)
 
 
 def _objectives(spec, space: Space, fail) -> tuple[str, ...]:

@@ -1,4 +1,5 @@
-"""A space's ``synthetic: {replay: <table.parquet>}``: trials that replay recorded learning curves.
+"""A space's ``synthetic`` key (``{epoch_seconds: s}``: generated curves; ``{replay: <table.parquet>}``:
+trials that replay recorded learning curves) and the curves tables a replay reads.
 
 The table is one ``scripts/record_curves.py`` wrote: one row per (``config_id``, ``epoch``) with the
 configuration's values and the epoch's figures, and the space it was drawn from in its Parquet metadata
@@ -65,3 +66,47 @@ def nearest_rows(rows, space: dict, values: dict):
     scores = [distance(space, values, c) for c in configs]
     best = firsts["config_id"].iloc[min(range(len(scores)), key=lambda i: (scores[i], i))]
     return rows[rows["config_id"] == best]
+
+
+# The longest a synthetic epoch may pretend to take (an hour): a benchmark of the driver, not a wait.
+MAX_SYNTHETIC_EPOCH_S = 3600.0
+
+
+def parse_synthetic(spec, fail) -> dict | None:
+    """``synthetic: {epoch_seconds: s}``: trials report generated epoch curves every ``s`` seconds instead
+    of training (study.tune.synthetic), to measure the driver itself. ``synthetic: {replay: <table>}``
+    (``epoch_seconds`` optional, default 0): trials report the recorded epochs of their nearest
+    configuration in a curves table (``nearest_rows``), each with its recorded ``seconds``; a relative
+    path is taken from the current folder and stored absolute."""
+    if spec is None:
+        return None
+    if not isinstance(spec, dict) or not spec or set(spec) - {"epoch_seconds", "replay"} or (
+            "replay" not in spec and "epoch_seconds" not in spec):
+        fail("synthetic", f"a mapping with 'epoch_seconds' (e.g. {{epoch_seconds: 0.01}}) or 'replay' (a curves "
+                          f"table: {{replay: docs/search/cifar10-curves.parquet}}), got {spec!r}")
+    s = spec.get("epoch_seconds", 0.0)
+    if not _seconds(s):
+        fail("synthetic.epoch_seconds", f"a number of seconds from 0 to {MAX_SYNTHETIC_EPOCH_S:g}, got {s!r}")
+    out = {"epoch_seconds": float(s)}
+    if "replay" in spec:
+        out["replay"] = _replay_table(spec["replay"], fail)
+    return out
+
+
+def _replay_table(value, fail) -> str:
+    """The curves table a replay reads: it must exist and be one (read now, before a study folder exists)."""
+    if not isinstance(value, str) or not value.endswith(".parquet"):
+        fail("synthetic.replay", f"the path of a curves table (.parquet) scripts/record_curves.py wrote, got {value!r}")
+    path = Path(value).absolute()
+    if not path.is_file():
+        fail("synthetic.replay", f"{value}: no such file (a relative path is taken from the current folder)")
+    try:
+        read_curves(path)
+    except ReplayTableError as e:
+        fail("synthetic.replay", str(e))
+    return str(path)
+
+
+def _seconds(s) -> bool:
+    return (isinstance(s, (int, float)) and not isinstance(s, bool) and math.isfinite(s)
+            and 0 <= s <= MAX_SYNTHETIC_EPOCH_S)

@@ -8,7 +8,7 @@ the driver costs per result (``python -m study.bench --parts driver``).
 The curve is a function of the configuration alone (its hash seeds it): a resumed trial reports the
 same values it would have, and two studies of the same space report the same curves. With
 ``synthetic: {replay: <table>}`` the curve is instead the recorded one of the configuration's nearest
-neighbour in a curves table (study.space.replay): real figures and recorded ``seconds``, to compare
+neighbour in a curves table (study.space.nearest_rows): real figures and recorded ``seconds``, to compare
 search strategies through the real driver. No torch here (a replayed failure raises the engine's error). ``DriverTimings`` and ``TimedPruningScheduler`` measure, in a synthetic study's
 driver, what each result costs it.
 """
@@ -72,7 +72,7 @@ def replayed_rows(cfg: TrialConfig, table: str | Path) -> tuple[list[dict], str 
     """The recorded epoch rows (contract metrics and recorded ``seconds``) of ``cfg``'s nearest configuration
     in the curves table ``table`` (study.space.replay), up to ``cfg.epochs``, and the error that ended the
     recorded curve there (None when it did not)."""
-    from study.space.replay import nearest_rows, read_curves
+    from study.space import nearest_rows, read_curves
 
     rows, space = read_curves(table)
     values = cfg.to_dict()
