@@ -56,13 +56,16 @@ class StudyMirror:
 
     def track(self, number: int) -> None:
         """Trial ``number`` was just asked for in the stored study: have it here, running."""
-        if number < len(self):
+        have = len(self)
+        if number < have:
             if self.trial(number).state == TrialState.WAITING:   # enqueued before this copy was made
                 self._storage.set_trial_state_values(self._id(number), TrialState.RUNNING)
             return
-        stored = {t.number: t for t in self._source.get_trials(deepcopy=False) if t.number >= len(self)}
-        for n in range(len(self), number + 1):   # trials made meanwhile (enqueued ones) keep numbers in step
-            self._copy(stored[n])
+        if number > have:   # trials made meanwhile (enqueued ones): copied, so that numbers stay in step
+            stored = {t.number: t for t in self._source.get_trials(deepcopy=False) if have <= t.number < number}
+            for n in range(have, number):
+                self._copy(stored[n])
+        self._storage.create_new_trial(self._study_id)   # trial ``number``: running, as it was just asked for
 
     def report(self, number: int, step: int, value: float) -> bool:
         """Record ``value`` at ``step`` unless it is there already (a restored trial re-runs epochs);

@@ -76,21 +76,19 @@ def open_study(storage: optuna.storages.BaseStorage, name: str, space, seed: int
     """
     multi = len(objectives) > 1
     directions = ["maximize"] * (len(objectives) if multi else 1)
-    probe = optuna.load_study(study_name=name, storage=storage) if name in _names(storage) else None
-    done = len(probe.get_trials(deepcopy=False)) if probe is not None else 0
-    sampler = space.make_sampler(seed if done == 0 else (seed * 1_000_003 + done) % (2 ** 31))
     pruner = optuna.pruners.NopPruner() if multi else space.make_pruner()
-    study = optuna.create_study(storage=storage, study_name=name, sampler=sampler, pruner=pruner,
+    study = optuna.create_study(storage=storage, study_name=name, sampler=space.make_sampler(seed), pruner=pruner,
                                 directions=directions, load_if_exists=True)
+    # Read once here, into the study's cache, which the sampler and the pruner's copy read from next: reading
+    # every trial of a large study takes seconds.
+    done = len(study.get_trials(deepcopy=False))
+    if done:
+        study.sampler = space.make_sampler((seed * 1_000_003 + done) % (2 ** 31))
     if study.metric_names is None:
         with warnings.catch_warnings():  # experimental in Optuna 5, and what optuna-dashboard reads
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             study.set_metric_names(list(objectives) if multi else [METRIC])
     return study
-
-
-def _names(storage: optuna.storages.BaseStorage) -> set[str]:
-    return {s.study_name for s in storage.get_all_studies()}
 
 
 def describe_study(study: optuna.Study, space, pack: int) -> str | None:
