@@ -10,7 +10,8 @@ Exit statuses of ``python -m study.run`` (README: "Exit status"):
   Ray Tune saved the study's state, and the exact ``--resume`` command is printed (or that nothing was
   started). The same whether the signal reaches the driver alone or its whole process group: the
   private Ray a local study starts runs in a session of its own (``in_own_session``), out of the
-  group's reach, and stops with the study.
+  group's reach, and stops with the study; when the driver dies at once (SIGKILL, the OOM killer) a
+  watchdog (study/driver/watchdog.py) ends what is left of its Ray.
 """
 from __future__ import annotations
 
@@ -121,6 +122,9 @@ def nothing_started(error: BaseException) -> Stopped | None:
 
 # Set in the driver that ``in_own_session`` starts: the pid of the command the user started, which stands for it.
 OWN_SESSION_ENV = "COLORIZE_STUDY_COMMAND_PID"
+# Set there too, to a token of this run: every process the driver starts (its Ray) inherits it, and the
+# watchdog ends those still running once the driver has ended.
+RUN_TOKEN_ENV = "COLORIZE_STUDY_RUN"
 
 
 def own_session_wanted() -> bool:
@@ -142,9 +146,11 @@ def in_own_session(cmd: list[str]) -> int:
     (``timeout``, ``kill -TERM -PGID``) killed Ray's GCS and raylet under the study, whose driver then
     waited a minute for them and ended without its state saved. In a session of its own the study gets the
     signal once, from this process, as if it had been sent to the driver alone. When this process dies the
-    study gets SIGKILL (Linux's parent-death signal), as its Ray does when the driver dies."""
+    study gets SIGKILL (Linux's parent-death signal), as its Ray does when the driver dies; once the driver
+    has ended, however it ended, the watchdog (``start_watchdog``) ends what is left of its Ray."""
     import ctypes
     import subprocess
+    import uuid
 
     prctl = ctypes.CDLL(None, use_errno=True).prctl   # looked up here: the child only calls it
     parent, child, pending = os.getpid(), None, []
@@ -160,10 +166,12 @@ def in_own_session(cmd: list[str]) -> int:
         elif child.poll() is None:
             child.send_signal(signum)
 
+    token = uuid.uuid4().hex
     old = {sig: signal.signal(sig, forward) for sig in SIGNAL_EXIT}
     try:
-        child = subprocess.Popen(cmd, env={**os.environ, OWN_SESSION_ENV: str(parent)}, start_new_session=True,
-                                 preexec_fn=die_with_parent)
+        child = subprocess.Popen(cmd, env={**os.environ, OWN_SESSION_ENV: str(parent), RUN_TOKEN_ENV: token},
+                                 start_new_session=True, preexec_fn=die_with_parent)
+        start_watchdog(child.pid, f"{RUN_TOKEN_ENV}={token}")
         for signum in pending:
             child.send_signal(signum)
         status = child.wait()
@@ -171,6 +179,30 @@ def in_own_session(cmd: list[str]) -> int:
         for sig, handler in old.items():
             signal.signal(sig, handler)
     return status if status >= 0 else 128 - status
+
+
+def start_watchdog(pid: int, marker: str) -> bool:
+    """Start study/driver/watchdog.py on the process ``pid`` (a child of this one that leads a session of its
+    own, not yet waited for, so its pid is still its own): once it has ended, every process left in its
+    session or whose environment holds ``marker`` is killed. Returns whether it started; without pidfds
+    (Linux before 5.3) Ray's agents end on their own within about a minute."""
+    import subprocess
+
+    try:
+        pidfd = os.pidfd_open(pid)
+    except (AttributeError, OSError):
+        return False
+    try:
+        env = {k: v for k, v in os.environ.items() if k not in (RUN_TOKEN_ENV, OWN_SESSION_ENV)}
+        subprocess.Popen([sys.executable, "-I", str(Path(__file__).with_name("watchdog.py")), str(pidfd), marker,
+                          str(pid)],
+                         pass_fds=(pidfd,), env=env, start_new_session=True, stdin=subprocess.DEVNULL,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(pidfd)
 
 
 def resume_command(root: str, storage: str, name: str, space_arg: str, optuna_url: str | None,
