@@ -5,11 +5,18 @@ import numpy as np
 import pandas as pd
 import seaborn as sns
 from matplotlib.axes import Axes
+from matplotlib.collections import LineCollection
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from analysis.load import variant_label
-from analysis.style import SPLIT_COLOURS, STATUS_COLOURS, new_figure, seeded_numpy, styled
+from analysis.style import (
+    SPLIT_COLOURS,
+    STATUS_COLOURS,
+    new_figure,
+    seeded_numpy,
+    styled,
+)
 
 PSNR = "best_test_psnr"
 PSNR_LABEL = "test PSNR at best val epoch (dB)"
@@ -34,14 +41,13 @@ def curves_figure(epochs: pd.DataFrame, trials: pd.DataFrame, best_id: str) -> F
     fig = new_figure(10, 3.8)
     ax_loss, ax_psnr = fig.subplots(1, 2)
     history = {t: h.sort_values("epoch") for t, h in epochs[epochs["trial_id"].isin(trials.index)].groupby("trial_id")}
-    for trial_id in trials.index:
-        if trial_id != best_id and trial_id in history:
-            if trials.at[trial_id, "loss"] == best["loss"]:
-                _lines(ax_loss, history[trial_id], ("train", "val", "test"), "loss", faint=True)
-            _lines(ax_psnr, history[trial_id], ("val", "test"), "psnr", faint=True)
+    others = [t for t in trials.index if t != best_id and t in history]
+    _faint(ax_loss, [history[t] for t in others if trials.at[t, "loss"] == best["loss"]], ("train", "val", "test"),
+           "loss")
+    _faint(ax_psnr, [history[t] for t in others], ("val", "test"), "psnr")
     if best_id in history:
-        _lines(ax_loss, history[best_id], ("train", "val", "test"), "loss", faint=False)
-        _lines(ax_psnr, history[best_id], ("val", "test"), "psnr", faint=False)
+        _lines(ax_loss, history[best_id], ("train", "val", "test"), "loss")
+        _lines(ax_psnr, history[best_id], ("val", "test"), "psnr")
         for split in ("val", "test"):
             ax_psnr.axhline(history[best_id][f"{split}_gray_psnr"].iloc[-1], color=SPLIT_COLOURS[split],
                             linestyle="--", linewidth=1, label=f"grayscale input ({SPLIT_NAMES[split]})")
@@ -58,11 +64,25 @@ def curves_figure(epochs: pd.DataFrame, trials: pd.DataFrame, best_id: str) -> F
     return fig
 
 
-def _lines(ax: Axes, history: pd.DataFrame, splits, metric: str, faint: bool) -> None:
+def _lines(ax: Axes, history: pd.DataFrame, splits, metric: str) -> None:
     for split in splits:
-        style = (dict(alpha=0.25, linewidth=0.8, label=f"_{split}") if faint else
-                 dict(linewidth=2, marker="o", markersize=3, label=SPLIT_NAMES[split], zorder=3))
-        ax.plot(history["epoch"], history[f"{split}_{metric}"], color=SPLIT_COLOURS[split], **style)
+        ax.plot(history["epoch"], history[f"{split}_{metric}"], color=SPLIT_COLOURS[split], linewidth=2, marker="o",
+                markersize=3, label=SPLIT_NAMES[split], zorder=3)
+
+
+def _faint(ax: Axes, histories: list[pd.DataFrame], splits, metric: str) -> None:
+    """The other trials' curves, faint: one collection per split, not a line per trial (a study of thousands of
+    trials would otherwise spend minutes drawing); each curve still darkens where it overlaps another."""
+    for split in splits:
+        curves = [xy[np.isfinite(xy).all(axis=1)] for xy in
+                  (np.column_stack([h["epoch"].to_numpy(float), h[f"{split}_{metric}"].to_numpy(float)])
+                   for h in histories)]
+        curves = [xy for xy in curves if len(xy)]
+        if curves:
+            ax.add_collection(LineCollection(curves, colors=SPLIT_COLOURS[split], alpha=0.25, linewidths=0.8,
+                                             label=f"_{split}"))
+    if histories:
+        ax.autoscale_view()
 
 
 # ------------------------------------------------------------------ PSNR against hyperparameters

@@ -24,6 +24,7 @@ import json
 import math
 import os
 import platform
+import shlex
 import sys
 import tempfile
 import time
@@ -283,10 +284,30 @@ def _main(argv: list[str]) -> int:
     fixed = {**FIXED, **(SMOKE if args.smoke else {})}
     plan = Plan(args.dataset, fixed, args.seed, configs, args.out, args.data_root, args.cache_dir)
     draw(plan.seed, 0, plan.dataset, plan.fixed)   # a space the config rules refuse fails before any work
-    command = "python scripts/record_curves.py " + " ".join(argv)
-    ran = record(plan, command)
+    ran = record(plan, portable_command(argv))
     print(f"recorded {ran} new configuration(s) in {args.out}")
     return 0
+
+
+# Options whose value is a folder of the recording machine: the table's metadata names them by these words.
+MACHINE_PATHS = {"--data-root": "DATA", "--cache-dir": "CACHE"}
+
+
+def portable_command(argv: list[str]) -> str:
+    """The command as the table records it: a folder of the machine that recorded it (``MACHINE_PATHS``) is
+    named by a word, in either spelling (``--data-root X`` or ``--data-root=X``)."""
+    out, hide = [], None
+    for arg in argv:
+        name = arg.split("=", 1)[0]
+        if hide is not None:
+            out.append(hide)
+            hide = None
+        elif name in MACHINE_PATHS and "=" in arg:
+            out.append(f"{name}={MACHINE_PATHS[name]}")
+        else:
+            out.append(arg)
+            hide = MACHINE_PATHS.get(arg)
+    return "python scripts/record_curves.py " + " ".join(shlex.quote(a) for a in out)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,6 +1,7 @@
 """A study of many trials, read back: how long each reader takes, and how soon ``--resume`` starts a new trial.
 
     python scripts/scale_study.py --trials 10000 --epochs 20 --storage DIR [--json F]
+    python scripts/scale_study.py --study DIR/NAME [--json F]
 
 1. A small synthetic study (study.tune.synthetic; 8 trials, concurrency 2) runs through ``python -m
    study.run`` into DIR: a real study folder, with Ray's saved state, study.json and status.json.
@@ -8,15 +9,18 @@
    tenth ran all ``--epochs`` epochs, the rest were pruned after one to five), as if it had run them.
 3. Then, each in a process of its own, timed: reading every table with pandas (study.results.read_table),
    ``python -m study.info``, ``python -m analysis``, and ``python -m study.run --resume`` with 4 more trials
-   until the first of them is in the trials table (then it runs to its end).
+   until the first of them is in the trials table; then it is stopped with SIGTERM (as a user would stop
+   it), and how long it took to stop is timed too. (Ray's saved state knows only the trials the driver ran,
+   not the filled ones, so left alone the resumed driver would run the filled total again.)
 
-Prints one JSON object of the figures (seconds) and the study's folder. The synthetic study's own run and
-the filling are not timed.
+``--study DIR`` times steps 3 on a study made before (by this script, or any study). Prints one JSON object
+of the figures (seconds) and the study's folder. The synthetic study's own run and the filling are not timed.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import signal
 import subprocess
 import sys
 import time
@@ -39,7 +43,8 @@ def timed(cmd: list[str]) -> tuple[float, str]:
 
 
 def first_new_trial(cmd: list[str], study: Path, known: set[str]) -> tuple[float, float]:
-    """Seconds from the command's start until a trial it started is in the trials table; and its whole run."""
+    """Seconds from the command's start until a trial it started is in the trials table; and from the SIGTERM
+    then sent to its exit."""
     from study.results import read_table
 
     t0 = time.perf_counter()
@@ -50,54 +55,77 @@ def first_new_trial(cmd: list[str], study: Path, known: set[str]) -> tuple[float
         trials = read_table(str(study), "trials")
         if trials is not None and set(trials.trial_id) - known:
             first = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate()
-    if proc.returncode != 0:
+    if proc.returncode not in (0, 128 + signal.SIGTERM):
         raise SystemExit(f"error: --resume failed (exit {proc.returncode}): {err[-800:]}")
-    return round(first if first is not None else float("nan"), 2), round(time.perf_counter() - t0, 2)
+    return round(first if first is not None else float("nan"), 2), round(time.perf_counter() - t1, 2)
+
+
+def make_study(storage: Path, trials: int, epochs: int) -> tuple[Path, Path, dict]:
+    """Steps 1 and 2: the small study run, then filled to ``trials`` more; (study, space file, untimed figures)."""
+    from study.bench_growth import fill
+    from study.bench_space import space_text
+
+    name = f"scale-{trials}x{epochs}-{time.strftime('%Y%m%d-%H%M%S')}"
+    space = storage / f"{name}.yaml"
+    space.write_text(space_text(BASE_TRIALS, epochs, 2, 0.01))
+    base_s, _ = timed(run_command(space, storage))
+    study = storage / name
+    meta = json.loads((study / "study.json").read_text())
+    t0 = time.perf_counter()
+    fill(study, f"sqlite:///{study / 'optuna.db'}", trials, epochs, name=meta["optuna_study_name"])
+    return study, space, {"base_study_s": base_s, "fill_s": round(time.perf_counter() - t0, 1)}
+
+
+def run_command(space: Path, storage: Path) -> list[str]:
+    return [sys.executable, "-m", "study.run", "--space", str(space), "--storage", str(storage), "--num-cpus", "2",
+            "--cache-dir", str(storage / ".cache")]
+
+
+def time_readers(study: Path, space: Path) -> dict:
+    """Step 3, on ``study`` as it is."""
+    from study.results import read_table
+
+    trials = read_table(str(study), "trials")
+    known = set(trials.trial_id)
+    read_s, counts = timed([sys.executable, "-c", READ, str(study)])
+    info_s, _ = timed([sys.executable, "-m", "study.info", str(study)])
+    report = study.parent / f"{study.name}-report"
+    analysis_s, _ = timed([sys.executable, "-m", "analysis", "--study", str(study), "--out", str(report)])
+    # MORE trials beyond the study's total, or beyond the trials it ended if it ran more than its total
+    ended = int(trials.status.isin(["DONE", "PRUNED"]).sum())
+    total = max(json.loads((study / "study.json").read_text())["num_samples"], ended) + MORE
+    resume = run_command(space, study.parent) + ["--name", study.name, "--resume", "--num-samples", str(total)]
+    first_s, stop_s = first_new_trial(resume, study, known)
+    return {"trials": len(trials), "rows": counts.strip(), "read_tables_s": float(counts.split()[0]),
+            "read_tables_process_s": read_s, "info_s": info_s, "analysis_s": analysis_s,
+            "resume_first_trial_s": first_s, "resume_stop_s": stop_s, "study": str(study)}
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--trials", type=int, default=10000)
     p.add_argument("--epochs", type=int, default=20)
-    p.add_argument("--storage", type=Path, required=True)
+    p.add_argument("--storage", type=Path, help="where the new study is made")
+    p.add_argument("--study", type=Path, help="time this study instead of making one")
     p.add_argument("--json", type=Path)
     args = p.parse_args()
-    from study.bench_space import space_text
-    from study.bench_growth import fill
-    from study.results import read_table
-
-    args.storage.mkdir(parents=True, exist_ok=True)
-    storage = args.storage.resolve()
-    name = f"scale-{args.trials}x{args.epochs}-{time.strftime('%Y%m%d-%H%M%S')}"
-    space = storage / f"{name}.yaml"
-    space.write_text(space_text(BASE_TRIALS, args.epochs, 2, 0.01))
-    run = [sys.executable, "-m", "study.run", "--space", str(space), "--storage", str(storage), "--num-cpus", "2",
-           "--cache-dir", str(storage / ".cache")]
-    base_s, _ = timed(run)
-    study = storage / name
-    meta = json.loads((study / "study.json").read_text())
-    t0 = time.perf_counter()
-    fill(study, f"sqlite:///{study / 'optuna.db'}", args.trials, args.epochs, name=meta["optuna_study_name"])
-    fill_s = round(time.perf_counter() - t0, 1)
-    known = set(read_table(str(study), "trials").trial_id)
-    read_s, counts = timed([sys.executable, "-c", READ, str(study)])
-    info_s, _ = timed([sys.executable, "-m", "study.info", str(study)])
-    analysis_s, _ = timed([sys.executable, "-m", "analysis", "--study", str(study), "--out", str(storage / f"{name}-report")])
-    total = BASE_TRIALS + args.trials + MORE
-    first_s, resume_s = first_new_trial(run + ["--resume", "--num-samples", str(total)], study, known)
-    out = {"trials": BASE_TRIALS + args.trials, "epochs": args.epochs, "rows": counts.strip(),
-           "read_tables_s": float(read_s_inner(counts)), "read_tables_process_s": read_s, "info_s": info_s,
-           "analysis_s": analysis_s, "resume_first_trial_s": first_s, "resume_run_s": resume_s,
-           "base_study_s": base_s, "fill_s": fill_s, "study": str(study)}
+    if (args.storage is None) == (args.study is None):
+        p.error("give --storage (a new study) or --study (one made before)")
+    if args.study is not None:
+        study = args.study.resolve()
+        space, made = Path(json.loads((study / "study.json").read_text())["space_file"]), {}
+    else:
+        args.storage.mkdir(parents=True, exist_ok=True)
+        study, space, made = make_study(args.storage.resolve(), args.trials, args.epochs)
+    out = {**time_readers(study, space), **made}
     print(json.dumps(out))
     if args.json:
         args.json.write_text(json.dumps(out, indent=1) + "\n")
     return 0
-
-
-def read_s_inner(stdout: str) -> str:
-    return stdout.split()[0]
 
 
 if __name__ == "__main__":

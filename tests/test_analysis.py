@@ -162,12 +162,19 @@ def test_curves_have_one_labelled_line_per_split_and_faint_others(study):
     loss_ax, psnr_ax = figures.curves_figure(s.epochs, members, best_id).axes
     labelled = [line for line in loss_ax.lines if not line.get_label().startswith("_")]
     assert [line.get_label() for line in labelled] == ["training", "validation", "test"]
-    assert len(loss_ax.lines) == 3 * len(members)   # the other trial's three, faint
+    assert len(loss_ax.lines) == 3   # the best trial's; the others are drawn as one faint collection per split
     epochs = s.epochs[s.epochs["trial_id"] == best_id]
     for line, split in zip(labelled, ("train", "val", "test")):
         assert list(line.get_xdata()) == list(epochs["epoch"])
         assert np.allclose(line.get_ydata(), epochs[f"{split}_loss"])
-    assert min(line.get_alpha() or 1 for line in loss_ax.lines) < 0.5
+    faint = [c for c in loss_ax.collections if c.get_label().startswith("_")]
+    others = members[members.trial_id != best_id].trial_id
+    assert len(faint) == 3 and all(len(c.get_segments()) == len(others) for c in faint)
+    for c, split in zip(faint, ("train", "val", "test")):   # each other trial's curve, as recorded
+        for segment, trial_id in zip(c.get_segments(), others):
+            own = s.epochs[s.epochs.trial_id == trial_id].sort_values("epoch")
+            assert np.allclose(segment, own[["epoch", f"{split}_loss"]].to_numpy(float))
+    assert max(c.get_alpha() for c in faint) < 0.5
 
 
 def test_grid_rows_are_grayscale_original_prediction_at_the_best_epoch(study):

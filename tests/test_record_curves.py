@@ -186,3 +186,21 @@ def test_summary_of_a_recorded_table_writes_nothing(smoke, tmp_path):
     missing = subprocess.run([PYTHON, str(SCRIPT), "--summary", "--out", str(tmp_path / "none.parquet")],
                              check=False, capture_output=True, text=True, env=python_env(), timeout=300)
     assert missing.returncode == 2 and missing.stderr.startswith("error: ") and not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("argv, recorded", [
+    (["--data-root", "/home/me/data", "--configs", "9"], "--data-root DATA --configs 9"),
+    (["--data-root=../data", "--cache-dir", "/tmp/c"], "--data-root=DATA --cache-dir CACHE"),
+    (["--cache-dir=/x y", "--out", "t.parquet"], "--cache-dir=CACHE --out t.parquet"),
+    (["--configs", "3", "--data-root"], "--configs 3 --data-root"),   # a value missing: nothing to hide
+    (["--seed", "/not/a/folder/option"], "--seed /not/a/folder/option"),
+])
+def test_the_recorded_command_names_no_folder_of_the_machine(argv, recorded):
+    assert _module().portable_command(argv) == f"python scripts/record_curves.py {recorded}"
+
+
+def test_the_shipped_tables_commands_name_no_folder_of_the_machine():
+    meta = json.loads(pq.read_metadata(ROOT / "docs" / "search" / "cifar10-curves.parquet").metadata[b"curves"])
+    for entry in meta["commands"]:
+        argv = entry["command"].split()[2:]
+        assert _module().portable_command(argv) == entry["command"], entry
