@@ -74,6 +74,15 @@ def study_record(started: bool = False, results: bool = False, cut: bool = False
     return setup
 
 
+def study_record_with_url(url: str) -> Callable[[Path], None]:
+    """A stopped study whose record names an Optuna URL (a secret in it must never be shown)."""
+    def setup(folder: Path) -> None:
+        study_record()(folder)
+        path = folder / "st" / "space" / "study.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), "optuna_storage": url}))
+    return setup
+
+
 @dataclass
 class Case:
     id: str
@@ -178,6 +187,40 @@ CASES = [
     Case("trial epochs 0", "study.trial", ["--epochs", "0"]),
     Case("trial device cuda:99", "study.trial", ["--device", "cuda:99", "--epochs", "1"]),
     # a tiny real trial at a temperature far below any useful one: it must decode (the mode), not paint gray
+    # a second pass: inputs of the same rules nobody listed
+    Case("run storage s3 empty bucket", "study.run", ["--space", "space.yaml", "--storage", "s3://"]),
+    Case("run storage s3 no bucket", "study.run", ["--space", "space.yaml", "--storage", "s3:///x"]),
+    Case("run storage unknown scheme", "study.run", ["--space", "space.yaml", "--storage", "foo://bar/x"]),
+    Case("run storage file url nowhere", "study.run", ["--space", "space.yaml", "--storage", "file:///proc/x"]),
+    Case("run storage /proc", "study.run", ["--space", "space.yaml", "--storage", "/proc/st"]),
+    Case("run storage a file", "study.run", ["--space", "space.yaml", "--storage", "space.yaml"]),
+    Case("run storage gcs alias", "study.run", ["--space", "space.yaml", "--storage", "gcs://hostile-none/x"]),
+    Case("run optuna redis", "study.run", [*RUN, "--optuna-storage", f"redis://:{S}@127.0.0.1:9/0"]),
+    Case("run optuna sslpassword", "study.run",
+         [*RUN, "--optuna-storage", f"postgresql://u@127.0.0.1:9/db?sslpassword={S}"]),
+    Case("run optuna PASSWORD upper", "study.run",
+         [*RUN, "--optuna-storage", f"postgresql://u@127.0.0.1:9/db?PASSWORD={S}"]),
+    Case("run optuna api_key", "study.run",
+         [*RUN, "--optuna-storage", f"postgresql://u@127.0.0.1:9/db?api_key={S}&x=1"]),
+    Case("run optuna encoded @", "study.run", [*RUN, "--optuna-storage", f"postgresql://u:{S}%40x@127.0.0.1:9/db"]),
+    Case("run num-samples 0", "study.run", [*PLAN, "--num-samples", "0"]),
+    Case("run num-samples -1", "study.run", [*PLAN, "--num-samples=-1"]),
+    Case("run seed -1", "study.run", [*PLAN, "--seed=-1"]),
+    Case("run pack 0", "study.run", [*PLAN, "--pack", "0"]),
+    Case("run max-concurrent 0", "study.run", [*PLAN, "--max-concurrent", "0"]),
+    Case("run time-budget inf", "study.run", [*RUN, "--time-budget", "inf"]),
+    Case("run time-budget 1.5.3h", "study.run", [*RUN, "--time-budget", "1.5.3h"]),
+    Case("run name ..", "study.run", [*RUN, "--name", ".."]),
+    Case("run name a/b", "study.run", [*RUN, "--name", "a/b"]),
+    Case("run name ''", "study.run", [*RUN, "--name", ""]),
+    Case("space a list", "study.run", RUN, text("space.yaml", "- 1\n- 2\n")),
+    Case("space unknown sampler", "study.run", RUN, text("space.yaml", SPACE.replace("random", "annealing"))),
+    Case("space binary", "study.run", RUN, text("space.yaml", "\x00\x01\x02 not yaml: [")),
+    Case("resume no study", "study.run", [*RUN, "--resume", "--plan"]),
+    Case("analysis replay seeds 0", "analysis", ["--study", "st/space", "--out", "r", "--replay", "--replay-seeds", "0"],
+         study_record(results=True)),
+    Case("info optuna secret query", "study.info", ["st/space", "--json"], study_record_with_url(
+        f"postgresql://u@127.0.0.1:9/db?password={S}"), expect=(0,)),
     Case("trial temperature 1e-40", "study.trial",
          ["--temperature", "1e-40", "--output", "uv-classes", "--dataset", "samples", "--epochs", "1",
           "--train-limit", "32", "--eval-limit", "16", "--base-filters", "4", "--device", "cpu", "--out", "out"],
