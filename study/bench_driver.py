@@ -6,7 +6,7 @@
    ``--epoch-seconds``, nothing trains) runs through the real command, ``python -m study.run``, into
    DIR (left there): Ray Tune's controller, the Optuna searcher and pruner, the results callback and
    writer, progress and status.json, checkpoints. Its driver writes ``<study>/driver_timings.json`` as
-   the study ends (study.tune.synthetic.DriverTimings).
+   the study ends (study.tune.timings.DriverTimings).
 2. Bare Ray Tune (``tune.Tuner`` with a function trainable that sleeps and reports synthetic rows and the
    same tiny checkpoint folders, Ray's default loggers, no project callbacks, the same concurrency and
    number of trials, actors reused as the study's are, each trial's rows given in its config: a grid of
@@ -34,12 +34,11 @@ import tempfile
 import time
 from pathlib import Path
 
-import yaml
 
 from study.bench_space import PARAMS_CONSTANT, space_text
 from study.cli import ArgumentParser, UsageError, check_writable
 
-TIMINGS_FILE = "driver_timings.json"   # study.tune.synthetic.DriverTimings.FILE (no Ray imported here)
+TIMINGS_FILE = "driver_timings.json"   # study.tune.timings.DriverTimings.FILE (no Ray imported here)
 
 
 def parser() -> ArgumentParser:

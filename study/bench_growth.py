@@ -7,7 +7,7 @@ driver keeps one, and the results tables; a tenth run all their epochs, the rest
 five), then the driver's own parts, made as ``study.tune.backend.build_tuner`` makes them (the Optuna
 searcher, the pruning scheduler and the results callback, given one ``DriverState``), take ``--new``
 more trials at ``--concurrency`` through the hooks Ray Tune calls, in the order it calls them. What each
-result costs them is timed as in a synthetic study's driver (study.tune.synthetic.DriverTimings: from the
+result costs them is timed as in a synthetic study's driver (study.tune.timings.DriverTimings: from the
 scheduler getting it to the end of the callback's ``on_trial_result``). Ray's own controller is not in it:
 this is the part of the driver that could grow with the study; ``--parts driver`` without ``--growth``
 measures the whole driver against bare Ray Tune.

@@ -16,9 +16,11 @@ from study.tune.backend import (
                                 shutdown,
 )
 from study.tune.callback import ResultsCallback
+from study.tune.pruning import TimedPruningScheduler
 from study.tune.searcher import METRIC, STEP_METRIC, OptunaSearcher, open_study
 from study.tune.state import DriverState
-from study.tune.synthetic import DriverTimings, TimedPruningScheduler, synthetic_rows
+from study.tune.synthetic import synthetic_rows
+from study.tune.timings import DriverTimings
 
 __all__ = ["METRIC", "STEP_METRIC", "DriverState", "DriverTimings", "OptunaSearcher", "ResultsCallback",
            "StudySettings", "StudyTuner", "TimedPruningScheduler", "build_tuner", "can_resume", "init_ray",

@@ -28,10 +28,10 @@ from study.results import resolve
 from study.space import Space
 from study.tune.callback import ResultsCallback
 from study.tune.moved import alias_moved_modules
-from study.tune.pruning import OptunaPruningScheduler, PackDecisions
+from study.tune.pruning import OptunaPruningScheduler, PackDecisions, TimedPruningScheduler
 from study.tune.searcher import OptunaSearcher, describe_study, open_study
 from study.tune.state import DriverState, UsesDriver
-from study.tune.synthetic import DriverTimings, TimedPruningScheduler
+from study.tune.timings import DriverTimings
 from study.tune.trainable import make_trainable, trial_name
 
 # A checkpoint per epoch is the point (resume, pruning); Ray's warning about it is noise here.

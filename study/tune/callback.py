@@ -43,7 +43,7 @@ class ResultsCallback(UsesDriver, Callback):
                  timings=None):
         self.searcher = searcher
         self._driver = driver
-        # A synthetic study's study.tune.synthetic.DriverTimings: what each result costs the driver.
+        # A synthetic study's study.tune.timings.DriverTimings: what each result costs the driver.
         self.timings = timings
         self.progress_every_s = progress_every_s
         self._writer = None

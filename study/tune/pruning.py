@@ -26,6 +26,7 @@ from study.tune.searcher import (
     members_of,
 )
 from study.tune.state import DriverState, UsesDriver
+from study.tune.timings import DriverTimings
 
 
 @ray.remote(num_cpus=0)
@@ -103,3 +104,20 @@ class OptunaPruningScheduler(UsesDriver, FIFOScheduler):
         if decisions is not None:
             decisions.decide.remote(trial.trial_id, epoch, sorted(stop))
         return TrialScheduler.CONTINUE
+
+
+class TimedPruningScheduler(OptunaPruningScheduler):
+    """The study's pruning scheduler, noting when each result reaches it (``DriverTimings``). Ray pickles
+    it without the timings: a resumed synthetic study runs untimed."""
+
+    def __init__(self, searcher, driver, timings: DriverTimings | None):
+        super().__init__(searcher, driver)
+        self.timings = timings
+
+    def __getstate__(self):
+        return {**super().__getstate__(), "timings": None}
+
+    def on_trial_result(self, tune_controller, trial, result: dict) -> str:
+        if self.timings is not None:
+            self.timings.scheduler_got(trial.trial_id)
+        return super().on_trial_result(tune_controller, trial, result)

@@ -9,8 +9,8 @@ The curve is a function of the configuration alone (its hash seeds it): a resume
 same values it would have, and two studies of the same space report the same curves. With
 ``synthetic: {replay: <table>}`` the curve is instead the recorded one of the configuration's nearest
 neighbour in a curves table (study.space.nearest_rows): real figures and recorded ``seconds``, to compare
-search strategies through the real driver. No torch here (a replayed failure raises the engine's error). ``DriverTimings`` and ``TimedPruningScheduler`` measure, in a synthetic study's
-driver, what each result costs it.
+search strategies through the real driver. No torch here (a replayed failure raises the engine's error).
+What each result costs the driver is measured by study.tune.timings.
 """
 from __future__ import annotations
 
@@ -24,12 +24,8 @@ from pathlib import Path
 
 from study.config import TrialConfig
 from study.results import CURVE_TEMPERATURES, EPOCH_METRICS, best_row, curve_column
-from study.tune.pruning import OptunaPruningScheduler
 
 CHECKPOINT_FILE = "synthetic.json"
-# A reported result's wall time (Unix seconds) as it left the trial: not in the results contract, so the
-# epochs table leaves it out; the results callback measures report-to-row latency with it.
-REPORTED_AT = "reported_at"
 _NO_FOLDER = object()   # run_trial's work_dir for rows without checkpoint folders (synthetic_rows)
 # The grayscale input's PSNR on both splits (dB): a fixed baseline, as a real dataset's is.
 GRAY_PSNR = 22.0
@@ -147,52 +143,3 @@ def _report(row: dict, report, no_folder: bool, work: Path) -> None:
         report(dict(row), folder)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
-
-
-class DriverTimings:
-    """What each result costs the driver, measured in the driver: from the moment the pruning scheduler
-    gets it (the first of the project's hooks Tune calls for a result; then the searcher's, then the
-    callbacks') to the end of the results callback's ``on_trial_result``; the callback's own part; and
-    the report-to-row latency (``REPORTED_AT``). Written to ``<study>/driver_timings.json`` as the study
-    ends. Only a synthetic study's driver keeps one (a real study's results would grow it without end)."""
-    FILE = "driver_timings.json"
-
-    def __init__(self):
-        self._started: dict[str, float] = {}
-        self.driver_ms: list[float] = []
-        self.callback_ms: list[float] = []
-        self.latency_ms: list[float] = []
-        self.reported_at: list[float] = []
-
-    def scheduler_got(self, trial_id: str) -> None:
-        self._started[trial_id] = time.perf_counter()
-
-    def callback_done(self, trial_id: str, result: dict, callback_started: float) -> None:
-        end = time.perf_counter()
-        started = self._started.pop(trial_id, callback_started)
-        self.driver_ms.append(round((end - started) * 1e3, 4))
-        self.callback_ms.append(round((end - callback_started) * 1e3, 4))
-        if REPORTED_AT in result:
-            self.reported_at.append(float(result[REPORTED_AT]))
-            self.latency_ms.append(round((time.time() - float(result[REPORTED_AT])) * 1e3, 3))
-
-    def record(self) -> dict:
-        return {"driver_ms": self.driver_ms, "callback_ms": self.callback_ms, "latency_ms": self.latency_ms,
-                "reported_at": self.reported_at}
-
-
-class TimedPruningScheduler(OptunaPruningScheduler):
-    """The study's pruning scheduler, noting when each result reaches it (``DriverTimings``). Ray pickles
-    it without the timings: a resumed synthetic study runs untimed."""
-
-    def __init__(self, searcher, driver, timings: DriverTimings | None):
-        super().__init__(searcher, driver)
-        self.timings = timings
-
-    def __getstate__(self):
-        return {**super().__getstate__(), "timings": None}
-
-    def on_trial_result(self, tune_controller, trial, result: dict) -> str:
-        if self.timings is not None:
-            self.timings.scheduler_got(trial.trial_id)
-        return super().on_trial_result(tune_controller, trial, result)

@@ -33,6 +33,7 @@ from study.engine import (
 from study.results import OBJECTIVES
 from study.space import Space
 from study.tune.searcher import ERROR_KEY, MEMBERS_KEY, METRIC, PARKED_KEY
+from study.tune.timings import REPORTED_AT
 
 # How long a trial stopped by the time budget waits, its checkpoint saved, for the driver to end the study.
 PARKED_WAIT_S = 900.0
@@ -94,7 +95,7 @@ def trainable(config: dict, space: Space, data_root: str | None, cache_dir: str 
                           and row["epoch"] < cfg.epochs)
                 # REPORTED_AT: when the epoch left the trial (the driver measures its report-to-row latency).
                 tune.report({**row, **_objectives(row), **extra, **({PARKED_KEY: True} if parked else {}),
-                             synthetic.REPORTED_AT: time.time()}, checkpoint=ckpt)
+                             REPORTED_AT: time.time()}, checkpoint=ckpt)
                 if parked:
                     park()
 
