@@ -6,13 +6,26 @@ import sys
 
 from conftest import ROOT, python_env
 
-from study.tune.moved import MOVED
+from study.tune.moved import MOVED, MOVED_CLASSES
 
 
 def test_every_old_module_name_points_at_an_existing_module_and_none_is_still_a_file():
     for old, new in MOVED.items():
         assert not (ROOT / (old.replace(".", "/") + ".py")).exists(), old
         assert (ROOT / (new.replace(".", "/") + ".py")).exists(), new
+
+
+def test_a_class_that_left_its_module_unpickles_by_its_old_name():
+    # A synthetic study's tuner.pkl names study.tune.synthetic.TimedPruningScheduler.
+    for (old, name), new in MOVED_CLASSES.items():
+        cls = getattr(__import__(new, fromlist=[name]), name)
+        blob = pickle.dumps(cls, protocol=2).replace(new.encode(), old.encode())
+        code = ("import pickle, sys\nfrom study.tune.moved import alias_moved_modules\nalias_moved_modules()\n"
+                "c = pickle.loads(sys.stdin.buffer.read())\nprint(f'{c.__module__}.{c.__name__}')\n")
+        out = subprocess.run([sys.executable, "-c", code], input=blob, capture_output=True, env=python_env(),
+                             cwd=ROOT, timeout=120)
+        assert out.returncode == 0, out.stderr.decode()
+        assert out.stdout.decode().strip() == f"{new}.{name}"
 
 
 def test_a_pickle_naming_old_modules_loads_after_the_aliases():

@@ -2,8 +2,8 @@
 
 Ray pickles the study's searcher, scheduler and results callback (``tuner.pkl``,
 ``searcher-state-*.pkl`` and the search generator's state) by the module that defined each class when
-the study started. Those modules have since moved into wings; a study started by an earlier
-version resumes once its old module names point at the new modules.
+the study started. Those modules have since moved into wings, and a few classes out of a module that
+stayed; a study started by an earlier version resumes once its old names point at the new places.
 """
 from __future__ import annotations
 
@@ -42,6 +42,12 @@ MOVED = {
     "study.ray_internals": "study.tune.ray_internals",
 }
 
+# Classes that moved out of a module that still exists: (module, name) -> the module that holds it now.
+MOVED_CLASSES = {
+    ("study.tune.synthetic", "TimedPruningScheduler"): "study.tune.pruning",
+    ("study.tune.synthetic", "DriverTimings"): "study.tune.timings",
+}
+
 
 def alias_moved_modules() -> None:
     """Make each earlier module name importable as the module that holds its classes now (idempotent).
@@ -51,3 +57,7 @@ def alias_moved_modules() -> None:
     for old, new in MOVED.items():
         if old not in sys.modules:
             sys.modules[old] = importlib.import_module(new)
+    for (old, name), new in MOVED_CLASSES.items():
+        module = importlib.import_module(old)
+        if not hasattr(module, name):
+            setattr(module, name, getattr(importlib.import_module(new), name))
