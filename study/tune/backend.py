@@ -164,7 +164,7 @@ def build_tuner(settings: StudySettings) -> StudyTuner:
                          clock=s.clock, structure=STRUCTURE, pid=s.driver_pid)
     fn = make_trainable(s.space, s.data_root, s.cache_dir, s.resources, decisions, s.grayscale,
                         deadline=s.clock.deadline if s.clock is not None else None)
-    _open_optuna_study(s)
+    driver.optuna = _open_optuna_study(s)
     if s.resume:
         return _restore(s, fn, driver)
     if len(s.objectives) > 1 and s.space.pruner.get("name", "none") != "none":
@@ -189,8 +189,9 @@ def build_tuner(settings: StudySettings) -> StudyTuner:
     return StudyTuner(tuner, driver, results)
 
 
-def _open_optuna_study(s: StudySettings) -> None:
-    """Make (or open) the Optuna study, with the space's first configurations on a new one, and describe it."""
+def _open_optuna_study(s: StudySettings) -> tuple:
+    """Make (or open) the Optuna study, with the space's first configurations on a new one, and describe it;
+    (its storage, the study) for the searcher."""
     import optuna
     storage = optuna.storages.RDBStorage(s.storage_url)
     study = open_study(storage, s.optuna_study_name, s.space, s.seed, s.objectives)
@@ -198,6 +199,7 @@ def _open_optuna_study(s: StudySettings) -> None:
         for params in s.space.enqueued():   # the space's configurations to try first (not again on resume)
             study.enqueue_trial(params, skip_if_exists=True)
     describe_study(study, s.space, s.pack)
+    return storage, study
 
 
 def _run_config(s: StudySettings, results: ResultsCallback) -> tune.RunConfig:

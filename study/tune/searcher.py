@@ -192,8 +192,11 @@ class OptunaSearcher(UsesDriver, Searcher):
     def study(self) -> optuna.Study:
         if self._study is None:
             d = self.driver
-            self._storage = optuna.storages.RDBStorage(d.storage_url)
-            self._study = open_study(self._storage, self.study_name, d.space, self.seed, self.objectives)
+            if d.optuna is not None and d.optuna[1].study_name == self.study_name:
+                self._storage, self._study = d.optuna
+            else:
+                self._storage = optuna.storages.RDBStorage(d.storage_url)
+                self._study = open_study(self._storage, self.study_name, d.space, self.seed, self.objectives)
         return self._study
 
     @property
