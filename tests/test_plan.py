@@ -69,7 +69,7 @@ def test_plan_of_big_spaces_within_a_minute_and_says_what_to_change(tmp_path):
     assert took < 60, took
     assert "plan of study space full: 96 trials" in out
     assert "cifar10: ~48 trials" in out and "flowers102: ~48 trials" in out
-    assert "median pruner" in out and "estimate:" in out
+    assert "successive halving: every trial runs 1 epoch(s), then 1/4 of them go on" in out and "estimate:" in out
     # Days of CPU time: the plan says so, and what to change.
     assert "warning: this plan does not fit in a day" in out and "--time-budget" in out and "a GPU" in out
     out, took = plan(tmp_path, "--space", "report", "--num-cpus", "2", "--json")
