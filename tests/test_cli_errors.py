@@ -22,7 +22,7 @@ from typing import Callable
 
 import pytest
 import yaml
-from conftest import PYTHON, python_env
+from conftest import PYTHON, ROOT, python_env
 
 TINY = {"sampler": {"name": "random"}, "num_samples": 2, "max_concurrent": 1, "resources": {"cpu": 1, "gpu": 0},
         "params": {"dataset": "samples", "depth": 2, "base_filters": 4, "epochs": 1, "train_limit": 64,
@@ -603,3 +603,14 @@ def test_trial_help_describes_every_option_with_choices_and_default():
             assert choice in text, (f.name, choice, text)
     assert blocks["--loss"] == ("training loss of rgb and uv outputs (uv-classes: cross-entropy); "
                                 "one of mse, l1, huber (default: mse)")
+
+
+def test_the_hostile_pass_script_runs_its_cases_and_says_each_is_ok():
+    """scripts/hostile.py's smoke: a few of its cases, through the real command line (the whole pass takes
+    about two minutes and is run by hand)."""
+    p = subprocess.run([PYTHON, str(ROOT / "scripts" / "hostile.py"), "--only", "run name", "--jobs", "2"],
+                       capture_output=True, text=True, env=python_env(), timeout=300, check=False)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-2000:]
+    summary = p.stdout.strip().splitlines()[-2]
+    n = int(summary.split()[0])
+    assert n >= 5 and f"{n} cases: {n} ok, 0 bad" in summary, summary

@@ -156,3 +156,12 @@ def test_synthetic_study_killed_and_resumed(tmp_path, cache_dir):
     assert (left.status == "RUNNING").any() or len(left) < 12   # killed mid-run
     run_study(tmp_path, cache_dir, "--space", str(space), "--resume", "--num-cpus", "2", timeout=400)
     check_study(study, 12)
+    # scripts/scale_study.py's smoke: the finished study read back and resumed with more trials until the
+    # first is in, then stopped with SIGTERM (its state saved: the study still checks out).
+    p = subprocess.run([PYTHON, str(ROOT / "scripts" / "scale_study.py"), "--study", str(study)], cwd=tmp_path,
+                       env=python_env(), capture_output=True, text=True, timeout=400, check=False)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    out = json.loads(p.stdout.strip().splitlines()[-1])
+    assert out["trials"] == 12 and 0 < out["read_tables_s"] < out["read_tables_process_s"], out
+    assert all(out[k] > 0 for k in ("info_s", "analysis_s", "resume_first_trial_s", "resume_stop_s")), out
+    assert len(read_table(study, "trials")) > 12
