@@ -71,6 +71,9 @@ def lifecycle(tmp_path_factory, cache_dir):
     # Resume a copy: it continues in its new place and the original stays as it was.
     shutil.copytree(study, tmp / "other" / "tiny", symlinks=True)
     seen["original"] = fingerprint(study)
+    # In the copy, one running trial's checkpoints are gone, as a driver killed just after Tune deleted a
+    # checkpoint it no longer keeps (before saving its state again) leaves them: it must start again.
+    seen["lost"] = lose_checkpoints(tmp / "other" / "tiny", seen["before"])
     run_study(tmp, cache_dir, "--space", space, "--num-cpus", "2", "--resume", storage="other")
     seen["killed_study"], study = study, tmp / "other" / "tiny"
     seen["finished"] = facts(study, cwd="/")
@@ -100,6 +103,17 @@ def test_a_killed_study_shows_its_stale_lock_and_how_to_resume(lifecycle):
     assert Path(cmd[cmd.index("--space") + 1]).is_absolute() and cmd[cmd.index("--name") + 1] == "tiny"
 
 
+def lose_checkpoints(study: Path, before) -> str | None:
+    """Delete every checkpoint of the first trial that ran at the kill and had one; its id (None: none had)."""
+    for row in before[before.status == "RUNNING"].sort_values("trial_id").itertuples():
+        found = sorted(study.glob(f"{row.trial_id}*/checkpoint_*"))
+        if found:
+            for folder in found:
+                shutil.rmtree(folder)
+            return row.trial_id
+    return None
+
+
 @pytest.mark.e2e
 def test_killed_driver_resumes_and_completes(lifecycle):
     before = lifecycle["before"]
@@ -114,6 +128,9 @@ def test_killed_driver_resumes_and_completes(lifecycle):
         # the error is then its record (a loaded machine can fail a restart; the study goes on).
         assert again.resumed_at_epoch >= 1 or (again.status == "ERROR" and isinstance(again.error, str)), again
     assert (after.restarts.fillna(0) == 0).sum() >= 1  # finished before the crash: no restart
+    if lifecycle["lost"] is not None:   # its checkpoints gone: it started again, from its first epoch
+        lost = after.loc[lifecycle["lost"]]
+        assert lost.status in ("DONE", "PRUNED") and lost.resumed_at_epoch == 1, lost
 
 
 def test_a_finished_study_counts_best_and_commands(lifecycle):

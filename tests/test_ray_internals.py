@@ -106,3 +106,32 @@ def test_a_restored_tuner_keeps_its_unpickled_parts_where_restored_parts_looks()
     assert ray_internals.restored_parts(Restored()) == ["searcher", "scheduler", "callback"]
     with pytest.raises(RuntimeError, match="restored_parts needs updating"):
         ray_internals.restored_parts(object())
+
+
+def test_a_restored_trial_goes_on_from_the_newest_checkpoint_left(tmp_path):
+    """Tune hands Trainable.restore a _TrainingResult; when its checkpoint was deleted (a driver killed after
+    Tune dropped a checkpoint it no longer keeps, before saving its state), the trial's newest checkpoint on
+    storage stands in, and with none left the trial starts again (None)."""
+    from ray.train._internal.checkpoint_manager import _TrainingResult
+    from ray.tune import Checkpoint
+
+    from study.tune.ray_internals import checkpoint_left
+
+    fs = pafs.LocalFileSystem()
+    trial = tmp_path / "trial"
+
+    def result(name):
+        return _TrainingResult(checkpoint=Checkpoint(str(trial / name), fs), metrics={"training_iteration": 3})
+
+    for name in ("checkpoint_000001", "checkpoint_000010", "checkpoint_000002", "checkpoint_x", "other_000099"):
+        (trial / name).mkdir(parents=True)
+    (trial / "checkpoint_000011").write_text("a file, not a checkpoint")
+    there = result("checkpoint_000002")
+    assert checkpoint_left(there) is there   # on storage: as Tune gave it
+    gone = checkpoint_left(result("checkpoint_000003"))
+    assert gone.checkpoint.path == str(trial / "checkpoint_000010") and gone.metrics == {}
+    assert checkpoint_left("a/path") == "a/path"   # not Tune's restore: left to Tune
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert checkpoint_left(_TrainingResult(checkpoint=Checkpoint(str(empty / "checkpoint_000004"), fs),
+                                           metrics={})) is None

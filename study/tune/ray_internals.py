@@ -10,6 +10,8 @@ loudly there and not in a user's study.
 - ``saved_total_trials`` / ``set_total_trials``: the search's total and "finished" flag in that file.
 - ``newest_searcher_state``: which ``searcher-state-*.pkl`` file Tune's restore hands the searcher.
 - ``restored_parts``: the searcher, scheduler and callbacks ``Tuner.restore`` unpickled.
+- ``checkpoint_left``: the checkpoint Tune hands a restored trial (its ``_TrainingResult``), or the newest
+  one of that trial still on storage.
 """
 from __future__ import annotations
 
@@ -182,3 +184,32 @@ def restored_parts(tuner) -> list:
 def _ray_version() -> str:
     import ray
     return ray.__version__
+
+
+def checkpoint_left(checkpoint_result):
+    """What a trial restored from ``checkpoint_result`` (what Tune hands ``Trainable.restore``) can go on from:
+    it when its checkpoint is on storage; else the trial's newest checkpoint that is (a driver killed after
+    Tune deleted a checkpoint it no longer keeps, before it saved its state again, leaves that state naming
+    the deleted one); None when none is left (the trial starts again from its first epoch)."""
+    try:
+        from ray.train._internal.checkpoint_manager import _TrainingResult
+        from ray.tune import Checkpoint
+    except ImportError:   # moved: Tune's own behaviour (the restore fails, the trial errors)
+        return checkpoint_result
+    checkpoint = getattr(checkpoint_result, "checkpoint", None)
+    if not isinstance(checkpoint_result, _TrainingResult) or checkpoint is None:
+        return checkpoint_result
+    fs, path = checkpoint.filesystem, checkpoint.path
+    if fs.get_file_info(path).type != pafs.FileType.NotFound:
+        return checkpoint_result
+    parent, name = path.rstrip("/").rsplit("/", 1)
+    prefix = name.rstrip("0123456789")
+    found = [f for f in fs.get_file_info(pafs.FileSelector(parent, allow_not_found=True))
+             if f.type == pafs.FileType.Directory and f.base_name.startswith(prefix)
+             and f.base_name[len(prefix):].isdigit()]
+    if not found:
+        log.warning("%s is gone and the trial has no other checkpoint: it starts again", path)
+        return None
+    newest = max(found, key=lambda f: int(f.base_name[len(prefix):]))
+    log.warning("%s is gone: the trial goes on from %s", path, newest.base_name)
+    return _TrainingResult(checkpoint=Checkpoint(newest.path, fs), metrics={})

@@ -215,6 +215,13 @@ def make_trainable(space: Space, data_root, cache_dir, resources: dict, decision
             # Ray shows an actor's repr in the dashboard's actor list and as its log prefix.
             return f"ColorizeTrial({self.trial_name})"
 
+        def restore(self, checkpoint_path):
+            # The checkpoint Tune saved for this trial may be gone (see ray_internals.checkpoint_left): go on
+            # from the newest one left, or from the first epoch, rather than fail the trial.
+            left = ray_internals.checkpoint_left(checkpoint_path)
+            if left is not None:
+                super().restore(left)
+
         def reset_config(self, new_config):
             # Tune reuses this actor for another trial (reuse_actors): Trainable.reset has already
             # taken the new trial's info, so repr(self) names the new trial.
