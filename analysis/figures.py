@@ -10,13 +10,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from analysis.load import variant_label
-from analysis.style import (
-    SPLIT_COLOURS,
-    STATUS_COLOURS,
-    new_figure,
-    seeded_numpy,
-    styled,
-)
+from analysis.style import SPLIT_COLOURS, STATUS_COLOURS, new_figure, seeded_numpy, styled
 
 PSNR = "best_test_psnr"
 PSNR_LABEL = "test PSNR at best val epoch (dB)"
