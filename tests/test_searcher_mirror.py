@@ -128,3 +128,38 @@ def test_resume_levels_the_stored_study_with_the_tables(tmp_path):
     assert got["b"].state.name == "RUNNING" and got["b"].intermediate_values == {1: 21.0, 2: 22.0}
     assert got["c"].state.name == "PRUNED" and got["c"].intermediate_values == {1: 21.0}
     assert again.finished == {"a": ("DONE", 3), "c": ("PRUNED", 1)} and again.pruned == {"c"}
+
+
+def test_the_finished_index_answers_as_optunas_in_memory_storage():
+    """The pruner's copy serves finished trials by state from an index (its questions do not scan the
+    study): over a random history of creations, copies of ended trials and state changes, every question
+    about states gets the answer of Optuna's own in-memory storage, in the same order."""
+    from study.tune.mirror import FinishedIndex
+
+    S = optuna.trial.TrialState
+    ours, plain = FinishedIndex(), optuna.storages.InMemoryStorage()
+    ids = [s.create_new_study([optuna.study.StudyDirection.MAXIMIZE], "x") for s in (ours, plain)]
+    rng = random.Random(3)
+    running: list[int] = []
+    for step in range(400):
+        roll = rng.random()
+        if roll < 0.3 or not running:
+            template = None
+            if rng.random() < 0.3:   # an ended trial copied in, as the mirror copies the stored study
+                state = rng.choice([S.COMPLETE, S.PRUNED, S.FAIL])
+                template = optuna.trial.create_trial(state=state, value=rng.random() if state == S.COMPLETE else None,
+                                                     intermediate_values={1: rng.random()})
+            tids = [s.create_new_trial(i, template_trial=template) for s, i in zip((ours, plain), ids)]
+            assert tids[0] == tids[1]
+            if template is None:
+                running.append(tids[0])
+        else:
+            tid = running.pop(rng.randrange(len(running)))
+            state = rng.choice([S.COMPLETE, S.PRUNED, S.FAIL])
+            for s in (ours, plain):
+                s.set_trial_state_values(tid, state, [rng.random()] if state == S.COMPLETE else None)
+        for states in [None, (S.COMPLETE,), (S.PRUNED,), (S.COMPLETE, S.PRUNED), (S.RUNNING,), (S.FAIL, S.COMPLETE),
+                       (S.WAITING,), (S.PRUNED, S.RUNNING)]:
+            got = [(t.number, t.state) for t in ours.get_all_trials(ids[0], deepcopy=False, states=states)]
+            want = [(t.number, t.state) for t in plain.get_all_trials(ids[1], deepcopy=False, states=states)]
+            assert got == want, (step, states)

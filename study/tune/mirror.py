@@ -15,8 +15,10 @@ their checkpoints.
 """
 from __future__ import annotations
 
+import bisect
+import heapq
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Container
 from concurrent.futures import ThreadPoolExecutor
 
 import optuna
@@ -27,6 +29,43 @@ log = logging.getLogger("study")
 TrialState = optuna.trial.TrialState
 
 
+class FinishedIndex(optuna.storages.InMemoryStorage):
+    """Optuna's in-memory storage that keeps its finished trials by state, for the pruners' questions.
+
+    A pruner asks for a study's COMPLETE trials (the median and percentile pruners) on every result; the
+    plain storage answers by scanning every trial, which grows with the study (about 1 ms at 10,000
+    trials). A finished trial never changes again, so each state's list is kept as trials finish, in trial
+    number order as Optuna returns them, and such a question costs what the answer holds. One study only.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self._finished: dict[TrialState, list[optuna.trial.FrozenTrial]] = {}
+
+    def _index(self, trial_id: int) -> None:
+        trial = self.get_trial(trial_id)
+        if trial.state.is_finished():
+            bisect.insort(self._finished.setdefault(trial.state, []), trial, key=lambda t: t.number)
+
+    def create_new_trial(self, study_id: int, template_trial: optuna.trial.FrozenTrial | None = None) -> int:
+        trial_id = super().create_new_trial(study_id, template_trial)
+        self._index(trial_id)
+        return trial_id
+
+    def set_trial_state_values(self, trial_id: int, state: TrialState, values=None) -> bool:
+        changed = super().set_trial_state_values(trial_id, state, values)
+        if changed:
+            self._index(trial_id)
+        return changed
+
+    def get_all_trials(self, study_id: int, deepcopy: bool = True,
+                       states: Container[TrialState] | None = None) -> list[optuna.trial.FrozenTrial]:
+        if deepcopy or states is None or not all(s.is_finished() for s in states):
+            return super().get_all_trials(study_id, deepcopy, states)
+        lists = [self._finished.get(s, []) for s in states]
+        return list(heapq.merge(*lists, key=lambda t: t.number)) if len(lists) > 1 else list(lists[0])
+
+
 class StudyMirror:
     """An in-memory copy of a stored Optuna study, made for asking its pruner.
 
@@ -34,7 +73,7 @@ class StudyMirror:
     number), so every trial the stored study gets is tracked here in order (``track``)."""
 
     def __init__(self, source: optuna.Study, pruner: optuna.pruners.BasePruner):
-        self._storage = optuna.storages.InMemoryStorage()
+        self._storage = FinishedIndex()
         self.study = optuna.create_study(storage=self._storage, study_name=source.study_name,
                                          directions=source.directions, pruner=pruner)
         self._study_id = self._storage.get_study_id_from_name(source.study_name)
