@@ -12,7 +12,7 @@ All rows train with Adam and MSE for the same number of timed steps:
 - trial: a plain single-model step outside the engine (images decoded once, resident on the
   device, converted per batch there; forward, MSE, Adam) on the same UNet at each ``--batches``
   size and ``--precisions``;
-- pack K: the engine's step (``study.engine.step``) of K such UNets fused into one
+- pack K: the engine's step (``study.engine.trial.PackStep``) of K such UNets fused into one
   grouped-convolution model, each on its own batch of ``--pack-batch`` images; aggregate
   model-images/s. A pack of 1 is what ``run_trial`` runs (the engine's loop with one member):
   beside the trial row at the same batch size it shows what the engine costs a single trial;
@@ -218,8 +218,8 @@ def bench_trial(images: np.ndarray, model_cfg: UNetConfig, batch: int, setting: 
 
 def bench_pack(images: np.ndarray, model_cfg: UNetConfig, k: int, batch: int, setting: Setting,
                counts: dict | None = None, **changes) -> float:
-    """K members, the engine's own step (study.engine.step; K=1 is run_trial's), each with its own lr, seed and
-    batch: model-images/s. ``changes``: other trial settings (e.g. adversarial)."""
+    """K members, the engine's own step (study.engine.trial.PackStep; K=1 is run_trial's), each with its own
+    lr, seed and batch: model-images/s. ``changes``: other trial settings (e.g. adversarial)."""
     data = DeviceImages(images, setting.dev)
     base = _trial_config(model_cfg, images, batch, setting.precision, **changes)
     bins = used_bins(data.images) if base.output == "uv-classes" else None   # as prepare_trial finds them

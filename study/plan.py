@@ -3,8 +3,8 @@
 ``estimate(space, ...)`` lists the structures the space can draw (dataset, resolution, depth,
 sampling, output, widths, batch size: what fixes a trial's cost), times a few training steps and an
 evaluation of the smallest and the largest of them on this device (about 30 s at most, with the
-study's own step and evaluation: study.engine.step, study.engine.evaluation), and models the study
-from there: each structure's per-image cost on a line through the two timed ones by its
+study's own step and evaluation: study.engine.trial.PackStep, study.engine.evaluation), and models
+the study from there: each structure's per-image cost on a line through the two timed ones by its
 multiply-adds, epochs and images from the space and the datasets' split sizes, the pruner's savings
 (an assumption, stated in the plan), how many trials or packs run at once (``max_concurrent`` and
 what the cluster holds), and the fixed costs of a Ray study measured on this project's runs. It

@@ -13,13 +13,13 @@ from PIL import Image
 from skimage import data as skdata
 
 from study import cli
-from study.config.modelspec import GAMUT_BINS, UV_GRID, UNetConfig
-from study.config.trial import TrialConfig
+from study.config.trial import GAMUT_BINS, TrialConfig, UNetConfig
 from study.engine.checkpoints import load_checkpoint
 from study.engine.chroma import (
     CELLS,
     NEIGHBOURS,
     SIGMA,
+    UV_GRID,
     ChromaBins,
     _gamut_cells,
     average_flipped,
@@ -45,7 +45,7 @@ def test_grid_cells_round_trip_and_the_gamut_constant():
     centers = cell_centers()
     assert len(centers) == CELLS
     assert torch.equal(cell_of(centers, dim=1), torch.arange(CELLS))
-    # modelspec's constant (plan timing's head size) is the count of cells RGB reaches.
+    # study.config's constant (plan timing's head size) is the count of cells RGB reaches.
     assert GAMUT_BINS == len(_gamut_cells())
     # Pure red's V (0.615) and blue's U (0.436) are inside the grid: their cells are its edges' inner side.
     red = rgb_to_yuv(torch.tensor([1.0, 0, 0]).view(1, 3, 1, 1))[:, 1:]

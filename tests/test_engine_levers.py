@@ -4,15 +4,15 @@ import numpy as np
 import pytest
 import torch
 
-from study.config.modelspec import UNetConfig
+from study.config import UNetConfig
 from study.config.trial import TrialConfig
 from study.engine.checkpoints import load_checkpoint
 from study.engine.color import prediction_to_rgb, rgb_to_y, target_for
 from study.engine.data import DeviceImages, augment_batch
 from study.engine.evaluation import evaluate
-from study.engine.losses import HUBER_DELTA, elementwise_loss
 from study.engine.models import build_unet
 from study.engine.optim import WeightAverage, make_optimizer, make_scheduler
+from study.engine.terms import HUBER_DELTA, elementwise_loss
 from study.engine.trial import run_trial
 
 TINY = TrialConfig(dataset="samples", resolution=16, depth=2, base_filters=4, batch_size=16, eval_limit=32,
@@ -91,8 +91,7 @@ def test_huber_is_quadratic_near_zero_and_linear_far_away():
 
 
 def test_members_with_different_losses_each_get_their_own():
-    from study.engine.losses import member_loss
-    from study.engine.terms import PackTerms
+    from study.engine.terms import PackTerms, member_loss
     diff = torch.linspace(-0.6, 0.6, 49)
     pred = torch.stack([diff] * 4, dim=1)                      # (N, K): member k's predictions in column k
     names = ["mse", "l1", "huber", "l1"]

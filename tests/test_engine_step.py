@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 from syncs import count_syncs
 
-from study.config.modelspec import ConfigError, UNetConfig
+from study.config import ConfigError, UNetConfig
 from study.config.trial import TrialConfig
 from study.engine.checkpoints import CHECKPOINT_EVERY, CHECKPOINT_SECONDS, checkpoint_due, load_checkpoint
 from study.engine.color import rgb_to_y
@@ -19,8 +19,7 @@ from study.engine.device import COMPILE_ENV, compile_mode, pick_device, resolve_
 from study.engine.evaluation import EvalSplit, batch_sums, evaluate, evaluate_members, original_previews
 from study.engine.member import Member
 from study.engine.models import build_unet
-from study.engine.step import PackStep
-from study.engine.trial import run_trial
+from study.engine.trial import PackStep, run_trial
 
 QUIET = dict(log=lambda s: None)
 TINY = TrialConfig(dataset="samples", resolution=16, depth=2, base_filters=4, batch_size=16, eval_limit=32,

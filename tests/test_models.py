@@ -6,7 +6,8 @@ import torch
 from conftest import PYTHON, python_env
 
 from study.cli import ProjectError
-from study.config.modelspec import OUTPUTS, SAMPLINGS, UV_GRID, ConfigError, UNetConfig, max_depth_for
+from study.config import OUTPUTS, SAMPLINGS, ConfigError, UNetConfig, max_depth_for
+from study.engine.chroma import UV_GRID
 from study.engine.color import UV_MAX
 from study.engine.data import DataError
 from study.engine.models import VARIANTS, build_unet
@@ -108,7 +109,7 @@ def test_invalid_configs_name_the_parameter():
 
 def test_config_validation_imports_neither_torch_nor_pandas():
     # The command-line checks of a space or a configuration must not pay for importing torch (seconds).
-    code = ("import sys, study.config, study.results.contract, study.config.modelspec; "
+    code = ("import sys, study.config, study.results.contract, study.config.trial; "
             "print(sorted(m for m in ('torch', 'pandas') if m in sys.modules))")
     out = subprocess.run([PYTHON, "-c", code], env=python_env(), capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout + out.stderr

@@ -5,7 +5,7 @@ import pytest
 import torch
 from syncs import count_syncs
 
-from study.config.modelspec import SAMPLINGS, ConfigError, UNetConfig
+from study.config import SAMPLINGS, ConfigError, UNetConfig
 from study.config.trial import TrialConfig
 from study.engine.checkpoints import CHECKPOINT_FILE, PACK_FILE
 from study.engine.data import DeviceImages, load_splits
@@ -13,8 +13,7 @@ from study.engine.evaluation import EvalSplit, evaluate, evaluate_members
 from study.engine.fused import FusedUNet
 from study.engine.member import Member
 from study.engine.models import UNet, build_unet
-from study.engine.step import PackStep
-from study.engine.trial import run_pack, run_trial
+from study.engine.trial import PackStep, run_pack, run_trial
 
 BASE = TrialConfig(dataset="samples", train_limit=128, eval_limit=32, base_filters=8, batch_size=32,
                    epochs=2, preview_count=2)

@@ -10,7 +10,7 @@ from conftest import PYTHON, python_env
 from test_study import run_study
 from torch.utils.flop_counter import FlopCounterMode
 
-from study.config.modelspec import SAMPLINGS, UNetConfig
+from study.config import SAMPLINGS, UNetConfig
 from study.engine.models import build_unet
 from study.engine.timing import Structure
 from study.plan import _makespan, _pruning

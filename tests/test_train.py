@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from study.config.modelspec import ConfigError
+from study.config import ConfigError
 from study.config.trial import TrialConfig
 from study.engine.checkpoints import load_checkpoint
 from study.engine.data import DeviceImages, load_splits

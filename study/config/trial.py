@@ -1,4 +1,9 @@
-"""The one resolved configuration a trial is built from, and the rules each value must meet."""
+"""What a trial is, without torch: the sampling and output registries, ``UNetConfig`` (what describes a
+UNet) and its validation, ``ConfigError``, and ``TrialConfig``, the one resolved configuration a trial is
+built from, with the rule each value must meet. Validating a configuration or a search space
+(study.space) imports only this, so the command-line checks do not pay for importing torch;
+study.engine.models builds the networks.
+"""
 from __future__ import annotations
 
 import dataclasses
@@ -7,7 +12,85 @@ from dataclasses import Field, asdict, dataclass, field, fields
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
-from study.config.modelspec import OUTPUTS, SAMPLINGS, ConfigError, UNetConfig, max_depth_for
+from study.cli import ProjectError
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How a UNet goes down and up a level, and its activation."""
+    down: str   # maxpool | strided | avgpool | unshuffle
+    up: str     # nearest | transposed | bilinear | shuffle
+    act: str    # relu | leaky_relu
+
+
+SAMPLINGS: dict[str, Sampling] = {
+    # The report's "simple" UNet.
+    "maxpool-upsample": Sampling("maxpool", "nearest", "relu"),
+    # The report's "complex" UNet.
+    "strided-transposed": Sampling("strided", "transposed", "leaky_relu"),
+    # Smooth resampling: no checkerboard artefacts, no learned resampling weights.
+    "avgpool-bilinear": Sampling("avgpool", "bilinear", "relu"),
+    # Lossless space-to-depth down, sub-pixel convolution up.
+    "pixel-shuffle": Sampling("unshuffle", "shuffle", "relu"),
+}
+# How many cells of the classification head's UV grid (study.engine.chroma.UV_GRID) RGB can reach: the
+# channels of a uv-classes head built without a training split's bins (a trial has the cells its split uses).
+GAMUT_BINS = 347
+OUTPUTS = {"rgb": 3, "uv": 2, "uv-classes": GAMUT_BINS}
+MIN_BOTTLENECK = 2  # smallest feature map side the deepest level may have
+
+
+class ConfigError(ProjectError, ValueError):
+    """A configuration value that cannot work; the message names the parameter."""
+
+
+@dataclass(frozen=True)
+class UNetConfig:
+    depth: int = 3
+    sampling: str = "maxpool-upsample"
+    output: str = "uv"
+    base_filters: int = 32
+    dropout: float = 0.0
+    max_filters: int = 512  # a cap on width: levels double their channels up to this
+    # The untrained model is its grayscale input: the head starts at zero, and an RGB model predicts a
+    # correction to Y (a UV model's zero is already gray). Training then adds only colour that pays.
+    gray_start: bool = False
+
+    @property
+    def widths(self) -> list[int]:
+        return [min(self.base_filters * 2 ** i, self.max_filters) for i in range(self.depth + 1)]
+
+    def validate(self, resolution: int | None = None) -> "UNetConfig":
+        if self.sampling not in SAMPLINGS:
+            raise ConfigError(f"sampling={self.sampling!r} is unknown; choose one of {sorted(SAMPLINGS)}")
+        if self.output not in OUTPUTS:
+            raise ConfigError(f"output={self.output!r} is unknown; choose one of {sorted(OUTPUTS)}")
+        if not isinstance(self.depth, int) or self.depth < 1:
+            raise ConfigError(f"depth={self.depth!r} must be an integer >= 1")
+        if not isinstance(self.base_filters, int) or self.base_filters < 1:
+            raise ConfigError(f"base_filters={self.base_filters!r} must be an integer >= 1")
+        if not isinstance(self.max_filters, int) or self.max_filters < 1:
+            raise ConfigError(f"max_filters={self.max_filters!r} must be an integer >= 1")
+        if not isinstance(self.gray_start, bool):
+            raise ConfigError(f"gray_start={self.gray_start!r} must be true or false")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"dropout={self.dropout!r} must be in [0, 1)")
+        if resolution is not None:
+            max_depth = max_depth_for(resolution)
+            if self.depth > max_depth:
+                raise ConfigError(
+                    f"depth={self.depth} is too deep for {resolution}x{resolution} images: each level halves "
+                    f"the size and the deepest must stay >= {MIN_BOTTLENECK}px, so depth <= {max_depth}")
+        return self
+
+
+def max_depth_for(resolution: int) -> int:
+    depth = 0
+    while resolution % 2 == 0 and resolution // 2 >= MIN_BOTTLENECK:
+        resolution //= 2
+        depth += 1
+    return depth
+
 
 DEFAULT_RESOLUTION = {"cifar10": 32, "flowers102": 256, "samples": 32}
 LOSSES = ("mse", "l1", "huber")

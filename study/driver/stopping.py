@@ -210,7 +210,7 @@ def resume_command(root: str, storage: str, name: str, space_arg: str, optuna_ur
     """The exact command that continues the study at ``root``, runnable from any folder. ``space_arg``: its
     ``--space`` (a shipped space's name, or the study's own copy of its space file: see study.info's
     space_argument); ``num_samples``: a new total of trials (a finished study runs more only with one)."""
-    from study.driver.checks import masked
+    from study.urls import masked
 
     where = storage if "://" in storage else str(Path(storage).resolve())
     parts = ["python -m study.run", "--space", space_arg, "--name", name,

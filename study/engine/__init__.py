@@ -25,10 +25,9 @@ PUBLIC = {
     "models": ("VARIANTS", "build_unet",),
     "optim": ("make_optimizer",),
     "pack": ("STRUCTURE",),
-    "step": ("PackStep", "train_batches",),
     "terms": ("PackTerms",),
     "timing": ("Structure", "Timing", "on_line", "scaled", "time_structure", "within",),
-    "trial": ("RunOptions", "run_pack", "run_trial", "summarize", "trial_splits",),
+    "trial": ("PackStep", "RunOptions", "run_pack", "run_trial", "summarize", "train_batches", "trial_splits",),
 }
 WHERE = {name: module for module, names in PUBLIC.items() for name in names}
 

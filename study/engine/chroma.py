@@ -5,7 +5,7 @@ Image Colorization", ECCV 2016, moved from Lab's ab plane to the project's YUV).
 Scale: Zhang's grid step is 10 ab units and the soft targets' sigma 5. Saturated primaries measure about
 100-135 ab units from gray in Lab and 0.45-0.63 in UV, so one UV unit is about 200 ab units: the grid
 step here is 0.05 and sigma 0.025. The grid spans YUV's gamut (|U| <= 0.436, |V| <= 0.615): 19 x 27
-cells, of which RGB can reach ``GAMUT_BINS``; a trial uses the cells its training split's pixels fall
+cells, of which RGB can reach ``GAMUT_BINS`` (study.config); a trial uses the cells its training split's pixels fall
 in (``used_bins``, a few hundred thousand sampled pixels: tens of milliseconds on a CPU, so it is done
 at every trial start instead of being cached).
 """
@@ -17,9 +17,9 @@ from functools import lru_cache
 import torch
 from torch import nn
 
-from study.config import UV_GRID
 from study.engine.color import UV_MAX, rgb_to_yuv
 
+UV_GRID = 0.05               # the grid step (study.config's GAMUT_BINS counts the cells RGB reaches)
 SIGMA = UV_GRID / 2          # Zhang's 5 ab units at 10 per cell
 NEIGHBOURS = 5               # soft targets: the 5 nearest bins, Gaussian-weighted
 HALF = (math.ceil(UV_MAX[0] / UV_GRID - 1e-9), math.ceil(UV_MAX[1] / UV_GRID - 1e-9))   # (9, 13)

@@ -19,10 +19,9 @@ from study.engine.color import prediction_to_rgb, rgb_to_y, target_for
 from study.engine.data import DeviceImages, preview_indices
 from study.engine.device import autocast_for
 from study.engine.fused import FusedUNet
-from study.engine.losses import elementwise_loss, member_loss
 from study.engine.metrics import colourfulness, psnr, ssim
 from study.engine.models import UNet
-from study.engine.terms import PackTerms
+from study.engine.terms import PackTerms, elementwise_loss, member_loss
 from study.results import CURVE_TEMPERATURES, curve_key
 
 
@@ -79,7 +78,7 @@ def eval_batch_size(cfg: TrialConfig) -> int:
 def regression_row_metrics(pred: torch.Tensor, x: torch.Tensor, y: torch.Tensor, output: str,
                            loss_of: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
     """A regression head's per-image metrics (4, N): the elementwise loss ``loss_of(prediction, target)`` in
-    its own space (study.engine.losses), averaged per image, and PSNR, SSIM and colourfulness in RGB."""
+    its own space (study.engine.terms), averaged per image, and PSNR, SSIM and colourfulness in RGB."""
     pred = pred.float()
     loss = loss_of(pred, target_for(x, output)).flatten(1).mean(1)
     rgb = prediction_to_rgb(pred, y, output)

@@ -1,6 +1,6 @@
-"""The training loss, one definition for a pack of one and a pack of K: each loss name's formula, the
-chroma weighting, a classification head's rebalanced cross-entropy, the adversarial term, and the
-divergence error.
+"""The training loss, one definition for a pack of one and a pack of K: each member's elementwise loss
+(study.engine.terms, which the evaluation shares), the chroma weighting, a classification head's
+rebalanced cross-entropy, the adversarial term, and the divergence error.
 
 A member's loss is the mean over its own batch; members' parameters are disjoint, so the sum of the
 (K,) losses has each member's own gradient. Terms every member shares run as plain numbers (study.engine.terms).
@@ -11,7 +11,6 @@ import functools
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 
 from study.config import TrialConfig
 from study.engine.adversarial import Critic, predicted_uv
@@ -19,11 +18,7 @@ from study.engine.chroma import class_loss
 from study.engine.color import rgb_to_y, target_for
 from study.engine.device import autocast_for, compiled
 from study.engine.fused import FusedUNet
-from study.engine.terms import PackTerms
-
-# Huber's quadratic zone: colour errors in [0, 1] RGB or UV are mostly below 0.1, so delta 1 would be
-# MSE; at 0.1 large errors (ambiguous colours) weigh linearly, as in L1, small ones quadratically.
-HUBER_DELTA = 0.1
+from study.engine.terms import PackTerms, member_loss
 
 
 class NonFiniteLossError(RuntimeError):
@@ -33,27 +28,6 @@ class NonFiniteLossError(RuntimeError):
 def divergence(train_loss: float, epoch: int, cfg: TrialConfig) -> NonFiniteLossError:
     return NonFiniteLossError(f"training loss became {train_loss} in epoch {epoch} "
                               f"(lr={cfg.lr}, loss={cfg.loss}); lower the learning rate")
-
-
-# Each loss name's formula: torch's own kernels, elementwise (reduction="none").
-ELEMENTWISE = {"mse": F.mse_loss, "l1": F.l1_loss, "huber": functools.partial(F.huber_loss, delta=HUBER_DELTA)}
-
-
-def elementwise_loss(pred: torch.Tensor, target: torch.Tensor, name: str) -> torch.Tensor:
-    """Loss ``name`` (mse, l1, huber) of each element of ``pred`` against ``target``."""
-    return ELEMENTWISE[name](pred, target, reduction="none")
-
-
-def member_loss(pred: torch.Tensor, target: torch.Tensor, terms: PackTerms, member_dim: int) -> torch.Tensor:
-    """Each member's elementwise loss of ``pred`` against ``target``, whose axis ``member_dim`` is the members'."""
-    if terms.loss is not None:
-        return elementwise_loss(pred, target, terms.loss)
-    out = elementwise_loss(pred, target, "mse")
-    for name, where in (("l1", terms.l1), ("huber", terms.huber)):
-        if where is not None:
-            mask = terms.member_view(where, member_dim, pred.dim())
-            out = torch.where(mask, elementwise_loss(pred, target, name), out)
-    return out
 
 
 def chroma_weights(uv: torch.Tensor, strength: float | torch.Tensor, channel_dim: int = 1,

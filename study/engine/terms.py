@@ -1,6 +1,7 @@
 """What the members of a pack may differ in besides their weights, in the form the loss and the
 evaluation read: loss name, chroma weighting, test-time flip averaging, a classification head's
-decoding temperature and class rebalancing, and the adversarial weight.
+decoding temperature and class rebalancing, and the adversarial weight; and each loss name's
+elementwise formula, per member (``member_loss``: the training loss's and the evaluation's).
 
 One rule for every term, whatever the number of members: a value all members share is a plain
 number (its formula then runs as for one model: no mask, no per-member tensor), and values that
@@ -9,9 +10,11 @@ step would be a host sync). A pack of one is the case where every value is share
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from study.config import TrialConfig
 from study.engine.chroma import ChromaBins, rebalance_weights
@@ -79,3 +82,27 @@ def _class_weights(cfgs: list[TrialConfig], classes: ChromaBins | None,
     if all(s == strengths[0] for s in strengths):
         return rebalance_weights(prior, centers, strengths[0]).to(device)
     return torch.stack([rebalance_weights(prior, centers, s) for s in strengths]).to(device)
+
+
+# Huber's quadratic zone: colour errors in [0, 1] RGB or UV are mostly below 0.1, so delta 1 would be
+# MSE; at 0.1 large errors (ambiguous colours) weigh linearly, as in L1, small ones quadratically.
+HUBER_DELTA = 0.1
+# Each loss name's formula: torch's own kernels, elementwise (reduction="none").
+ELEMENTWISE = {"mse": F.mse_loss, "l1": F.l1_loss, "huber": functools.partial(F.huber_loss, delta=HUBER_DELTA)}
+
+
+def elementwise_loss(pred: torch.Tensor, target: torch.Tensor, name: str) -> torch.Tensor:
+    """Loss ``name`` (mse, l1, huber) of each element of ``pred`` against ``target``."""
+    return ELEMENTWISE[name](pred, target, reduction="none")
+
+
+def member_loss(pred: torch.Tensor, target: torch.Tensor, terms: PackTerms, member_dim: int) -> torch.Tensor:
+    """Each member's elementwise loss of ``pred`` against ``target``, whose axis ``member_dim`` is the members'."""
+    if terms.loss is not None:
+        return elementwise_loss(pred, target, terms.loss)
+    out = elementwise_loss(pred, target, "mse")
+    for name, where in (("l1", terms.l1), ("huber", terms.huber)):
+        if where is not None:
+            mask = terms.member_view(where, member_dim, pred.dim())
+            out = torch.where(mask, elementwise_loss(pred, target, name), out)
+    return out

@@ -115,7 +115,7 @@ class _Timer:
         from study.engine.chroma import photo_bins
         from study.engine.device import compile_mode, pick_device, resolve_precision
         from study.engine.member import Member
-        from study.engine.step import PackStep
+        from study.engine.trial import PackStep
 
         self.s, self.budget_s, self.end = s, budget_s, time.perf_counter() + budget_s
         self.dev = pick_device(device)

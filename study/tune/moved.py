@@ -2,8 +2,9 @@
 
 Ray pickles the study's searcher, scheduler and results callback (``tuner.pkl``,
 ``searcher-state-*.pkl`` and the search generator's state) by the module that defined each class when
-the study started. Those modules have since moved into wings, and a few classes out of a module that
-stayed; a study started by an earlier version resumes once its old names point at the new places.
+the study started. Those modules have since moved into wings (study.config.modelspec then into
+study.config.trial), and a few classes out of a module that stayed; a study started by an earlier
+version resumes once its old names point at the new places.
 """
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ import importlib
 import sys
 
 MOVED = {
-    "study.modelspec": "study.config.modelspec",
+    "study.modelspec": "study.config.trial",
+    "study.config.modelspec": "study.config.trial",
     "study.contract": "study.results.contract",
     "study.color": "study.engine.color",
     "study.metrics": "study.engine.metrics",
