@@ -12,6 +12,7 @@ import hashlib
 import os
 import sys
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -381,6 +382,7 @@ def run_with_ray(study: Study, signals: Signals) -> Ending:
 
     args = study.args
     with StudyLock(study.root, pid=driver_pid()):
+        opening = optuna_while_ray_starts(study)
         cluster = init_ray(study.address, args.num_cpus, args.num_gpus)   # it keeps our handlers
         resources = dict(study.resources)
         if resources.get("gpu", 0) and not cluster.get("GPU"):
@@ -402,7 +404,7 @@ def run_with_ray(study: Study, signals: Signals) -> Ending:
             resources=resources, data_root=study.data_root, cache_dir=study.cache_dir, resume=args.resume,
             pack=meta.get("pack", 1), cluster=bool(study.address), objectives=study.space.objectives,
             grayscale=meta.get("grayscale", "kept"), clock=study.clock, verbose=args.verbose,
-            driver_pid=driver_pid()))
+            driver_pid=driver_pid(), optuna_opening=opening))
         record_start(study, meta)
         signals.started = True
         tuner.fit()
@@ -410,6 +412,23 @@ def run_with_ray(study: Study, signals: Signals) -> Ending:
         tuner.final_status("stopped" if ending.signal else "budget" if ending.budget_stopped else "finished")
         shutdown()   # no Ray process of ours outlives the study, however it ended
     return ending
+
+
+def optuna_while_ray_starts(study: Study) -> Future | None:
+    """A resumed study's Optuna study, read on a thread of its own while Ray starts: in a study of 10,000
+    trials each takes seconds. None for a new study (its Optuna study is made after Ray's start)."""
+    if not study.args.resume or study.meta is None:
+        return None
+    from study.tune import open_optuna
+
+    meta = study.meta
+    url = runtime_url(meta["optuna_storage"], study.root, study.args.optuna_storage)
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="optuna-open")
+    try:
+        return pool.submit(open_optuna, url, meta["optuna_study_name"], study.space,
+                           meta.get("seed", study.args.seed), study.space.objectives)
+    finally:
+        pool.shutdown(wait=False)
 
 
 def new_study_json(study: Study, resources: dict) -> dict:

@@ -135,3 +135,35 @@ def test_a_restored_trial_goes_on_from_the_newest_checkpoint_left(tmp_path):
     empty.mkdir()
     assert checkpoint_left(_TrainingResult(checkpoint=Checkpoint(str(empty / "checkpoint_000004"), fs),
                                            metrics={})) is None
+
+
+def test_ended_trials_are_left_out_of_the_experiment_state_tunes_restore_reads(tmp_path):
+    # Ray 2.60: the restore reads the newest experiment_state-*.json (by name) and its "trial_data" pairs.
+    import json
+
+    from ray.tune.execution.experiment_state import _find_newest_experiment_checkpoint
+    assert TuneController.CKPT_FILE_TMPL == "experiment_state-{}.json"
+
+    def pair(tid, status):
+        return [json.dumps({"trial_id": tid, "status": status}), json.dumps({"last_result": {"epoch": 3}})]
+
+    statuses = {"a": "TERMINATED", "b": "ERROR", "c": "RUNNING", "d": "TERMINATED", "e": "PENDING", "f": "PAUSED",
+                "g": "TERMINATED"}
+    state = {"trial_data": [pair(t, s) for t, s in statuses.items()], "runner_data": {"x": 1}, "stats": {"s": 2}}
+    older = {"trial_data": [pair("a", "TERMINATED")], "runner_data": {}, "stats": {}}
+    (tmp_path / "experiment_state-2026-12-07_10-00-00.json").write_text(json.dumps(older))
+    newest = tmp_path / "experiment_state-2026-12-07_11-00-00.json"
+    newest.write_text(json.dumps(state))
+    fs = pafs.LocalFileSystem()
+    assert _find_newest_experiment_checkpoint(str(tmp_path), fs) == str(newest)
+    assert ray_internals.forget_ended_trials(str(tmp_path), fs) == 2
+    after = json.loads(newest.read_text())
+    # The first stays, ended or not: Ray 2.60's restore takes the experiment's timestamp from it.
+    assert [json.loads(p[0])["trial_id"] for p in after["trial_data"]] == ["a", "b", "c", "e", "f"]
+    assert after["trial_data"][:2] == state["trial_data"][:2]   # the kept pairs unchanged
+    assert (after["runner_data"], after["stats"]) == (state["runner_data"], state["stats"])
+    assert json.loads((tmp_path / "experiment_state-2026-12-07_10-00-00.json").read_text()) == older
+    assert ray_internals.forget_ended_trials(str(tmp_path), fs) == 0   # nothing left to forget
+    assert ray_internals.forget_ended_trials(str(tmp_path / "none"), fs) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["experiment_state-2026-12-07_10-00-00.json",
+                                                          newest.name]   # no temporary left

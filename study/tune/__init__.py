@@ -11,6 +11,7 @@ from study.tune.backend import (
                                 can_resume,
                                 init_ray,
                                 node_resources,
+                                open_optuna,
                                 saved_total_trials,
                                 searcher_state_problem,
                                 shutdown,
@@ -24,5 +25,5 @@ from study.tune.timings import DriverTimings
 
 __all__ = ["METRIC", "STEP_METRIC", "DriverState", "DriverTimings", "OptunaSearcher", "ResultsCallback",
            "StudySettings", "StudyTuner", "TimedPruningScheduler", "build_tuner", "can_resume", "init_ray",
-           "node_resources", "open_study", "saved_total_trials", "searcher_state_problem", "shutdown",
+           "node_resources", "open_optuna", "open_study", "saved_total_trials", "searcher_state_problem", "shutdown",
            "synthetic_rows"]

@@ -121,6 +121,7 @@ class StudySettings:
     clock: Any = None
     verbose: bool = False
     driver_pid: int | None = None   # the process that stands for the driver (status.json); None: this one
+    optuna_opening: Any = None      # a Future of open_optuna(...) begun earlier (while Ray started); None: open here
 
 
 @dataclass
@@ -189,12 +190,18 @@ def build_tuner(settings: StudySettings) -> StudyTuner:
     return StudyTuner(tuner, driver, results)
 
 
+def open_optuna(storage_url: str, name: str, space: Space, seed: int, objectives: tuple[str, ...]) -> tuple:
+    """(its storage, the study): the Optuna study ``name``, made if new, with every trial read into its cache."""
+    import optuna
+    storage = optuna.storages.RDBStorage(storage_url)
+    return storage, open_study(storage, name, space, seed, objectives)
+
+
 def _open_optuna_study(s: StudySettings) -> tuple:
     """Make (or open) the Optuna study, with the space's first configurations on a new one, and describe it;
     (its storage, the study) for the searcher."""
-    import optuna
-    storage = optuna.storages.RDBStorage(s.storage_url)
-    study = open_study(storage, s.optuna_study_name, s.space, s.seed, s.objectives)
+    storage, study = (s.optuna_opening.result() if s.optuna_opening is not None
+                      else open_optuna(s.storage_url, s.optuna_study_name, s.space, s.seed, s.objectives))
     if not s.resume:
         for params in s.space.enqueued():   # the space's configurations to try first (not again on resume)
             study.enqueue_trial(params, skip_if_exists=True)
@@ -222,6 +229,7 @@ def _restore(s: StudySettings, fn, driver: DriverState) -> StudyTuner:
     path, fs = _experiment_path(s.study_root)
     ray_internals.rebase_search_state(path, fs)
     ray_internals.set_total_trials(path, fs, math.ceil(s.num_samples / s.pack))
+    ray_internals.forget_ended_trials(path, fs)   # the tables and Optuna keep them; Tune's restore of each is slow
     tuner = tune.Tuner.restore(path, trainable=fn, resume_unfinished=True, resume_errored=True,
                                storage_filesystem=fs)
     return StudyTuner(tuner, driver, bind_restored(ray_internals.restored_parts(tuner), driver))

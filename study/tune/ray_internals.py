@@ -8,6 +8,7 @@ loudly there and not in a user's study.
 - ``announce_actor_name``: Ray's log prefix marker for an actor's lines.
 - ``rebase_search_state``: the storage pickled in Tune's ``search_gen_state-*.json``.
 - ``saved_total_trials`` / ``set_total_trials``: the search's total and "finished" flag in that file.
+- ``forget_ended_trials``: the trials in Tune's newest ``experiment_state-*.json``.
 - ``newest_searcher_state``: which ``searcher-state-*.pkl`` file Tune's restore hands the searcher.
 - ``restored_parts``: the searcher, scheduler and callbacks ``Tuner.restore`` unpickled.
 - ``checkpoint_left``: the checkpoint Tune hands a restored trial (its ``_TrainingResult``), or the newest
@@ -15,6 +16,7 @@ loudly there and not in a user's study.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
@@ -139,6 +141,42 @@ def set_total_trials(path: str, fs: pafs.FileSystem, total: int) -> int:
         _write_state(fs, info, state)
         changed += 1
     return changed
+
+
+def forget_ended_trials(path: str, fs: pafs.FileSystem) -> int:
+    """Leave the trials that ended (TERMINATED) out of the experiment state Tune's restore reads; returns
+    how many were left out.
+
+    Tune's restore rebuilds every trial it ever ran from ``experiment_state-*.json`` (about 30 KB each: its
+    last result and a running analysis of every metric in it), reads each one's result file twice, and
+    writes them all again at every save: at 10,000 trials, a minute before the first new trial. An ended
+    trial is never run again (the study resumes unfinished and errored trials only) and the study's
+    results tables and Optuna study keep all of it, so the resumed Tune need not know it. Errored,
+    running, pending and paused trials stay, and so does the first trial. Ray 2.60: the newest file by name (``TuneController.
+    CKPT_FILE_TMPL``), a JSON object whose ``trial_data`` holds a [JSON state, JSON run metadata] pair
+    per trial."""
+    try:
+        from ray.tune.execution.experiment_state import _find_newest_experiment_checkpoint
+    except ImportError:   # moved: Tune restores every trial, as it would anyway
+        return 0
+    newest = _find_newest_experiment_checkpoint(path, fs)
+    if newest is None:
+        return 0
+    with fs.open_input_stream(newest) as f:
+        state = json.loads(f.read())
+    pairs = state.get("trial_data", [])
+    # The first stays whatever its status: the restore takes the experiment's timestamp from it (and fails
+    # on an empty list, then starting the study afresh).
+    kept = pairs[:1] + [pair for pair in pairs[1:] if json.loads(pair[0]).get("status") != "TERMINATED"]
+    if len(kept) == len(pairs):
+        return 0
+    state["trial_data"] = kept
+    parent, name = newest.rsplit("/", 1)
+    tmp = f"{parent}/.{name}.tmp"
+    with fs.open_output_stream(tmp) as f:
+        f.write(json.dumps(state).encode())
+    fs.move(tmp, newest)
+    return len(pairs) - len(kept)
 
 
 def newest_searcher_state(path: str, fs: pafs.FileSystem) -> tuple[str, bytes] | None:
