@@ -9,8 +9,10 @@
    tenth ran all ``--epochs`` epochs, the rest were pruned after one to five), as if it had run them.
 3. Then, each in a process of its own, timed: reading every table with pandas (study.results.read_table),
    ``python -m study.info``, ``python -m analysis``, and ``python -m study.run --resume`` with 4 more trials
-   until the first of them is in the trials table; then it is stopped with SIGTERM (as a user would stop
-   it), and how long it took to stop is timed too. (Ray's saved state knows only the trials the driver ran,
+   until its first trial starts (``resume_first_trial_s``: one the study left unfinished, restarted, or a new
+   one) and until the first new one is in the trials table (``resume_first_new_trial_s``: later when the
+   restarted ones hold every slot); then it is stopped with SIGTERM (as a user would stop it), and how long
+   it took to stop is timed too. (Ray's saved state knows only the trials the driver ran,
    not the filled ones, so left alone the resumed driver would run the filled total again.)
 
 ``--study DIR`` times steps 3 on a study made before (by this script, or any study). Prints one JSON object
@@ -42,26 +44,37 @@ def timed(cmd: list[str]) -> tuple[float, str]:
     return round(time.perf_counter() - t0, 2), p.stdout
 
 
-def first_new_trial(cmd: list[str], study: Path, known: set[str]) -> tuple[float, float]:
-    """Seconds from the command's start until a trial it started is in the trials table; and from the SIGTERM
-    then sent to its exit."""
+def started(trials, before) -> tuple[bool, bool]:
+    """(a trial started since ``before``: restored (its restarts went up) or new; a new one did)."""
+    new = bool(set(trials.trial_id) - set(before.trial_id))
+    restarts = before.set_index("trial_id").restarts.fillna(0)
+    now = trials.set_index("trial_id").restarts.fillna(0).reindex(restarts.index).fillna(0)
+    return new or bool((now > restarts).any()), new
+
+
+def first_new_trial(cmd: list[str], study: Path, before) -> tuple[float, float, float]:
+    """Seconds from the command's start until a trial (restored or new) started, and until a trial it made
+    is in the trials table; and from the SIGTERM then sent to its exit."""
     from study.results import read_table
 
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    first = None
-    while proc.poll() is None and first is None:
+    first = new = None
+    while proc.poll() is None and new is None:
         time.sleep(0.25)
         trials = read_table(str(study), "trials")
-        if trials is not None and set(trials.trial_id) - known:
-            first = time.perf_counter() - t0
+        if trials is not None:
+            any_started, new_started = started(trials, before)
+            first = first if first is not None or not any_started else time.perf_counter() - t0
+            new = time.perf_counter() - t0 if new_started else None
     t1 = time.perf_counter()
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate()
     if proc.returncode not in (0, 128 + signal.SIGTERM):
         raise SystemExit(f"error: --resume failed (exit {proc.returncode}): {err[-800:]}")
-    return round(first if first is not None else float("nan"), 2), round(time.perf_counter() - t1, 2)
+    return (round(first if first is not None else float("nan"), 2), round(new if new is not None else float("nan"), 2),
+            round(time.perf_counter() - t1, 2))
 
 
 def make_study(storage: Path, trials: int, epochs: int) -> tuple[Path, Path, dict]:
@@ -90,7 +103,6 @@ def time_readers(study: Path, space: Path) -> dict:
     from study.results import read_table
 
     trials = read_table(str(study), "trials")
-    known = set(trials.trial_id)
     read_s, counts = timed([sys.executable, "-c", READ, str(study)])
     info_s, _ = timed([sys.executable, "-m", "study.info", str(study)])
     report = study.parent / f"{study.name}-report"
@@ -99,10 +111,10 @@ def time_readers(study: Path, space: Path) -> dict:
     ended = int(trials.status.isin(["DONE", "PRUNED"]).sum())
     total = max(json.loads((study / "study.json").read_text())["num_samples"], ended) + MORE
     resume = run_command(space, study.parent) + ["--name", study.name, "--resume", "--num-samples", str(total)]
-    first_s, stop_s = first_new_trial(resume, study, known)
+    first_s, new_s, stop_s = first_new_trial(resume, study, trials)
     return {"trials": len(trials), "rows": counts.strip(), "read_tables_s": float(counts.split()[0]),
             "read_tables_process_s": read_s, "info_s": info_s, "analysis_s": analysis_s,
-            "resume_first_trial_s": first_s, "resume_stop_s": stop_s, "study": str(study)}
+            "resume_first_trial_s": first_s, "resume_first_new_trial_s": new_s, "resume_stop_s": stop_s, "study": str(study)}
 
 
 def main() -> int:

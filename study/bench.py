@@ -363,6 +363,9 @@ class Choices:
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if driver_part(argv):   # the driver's own cost per result: a benchmark of its own (study.bench_driver)
+        if any(a == "--growth" or a.startswith("--growth=") for a in argv):   # ... as the study grows
+            from study import bench_growth
+            return bench_growth.main(argv)
         from study import bench_driver
         return bench_driver.main(argv)
     args = parser().parse_args(argv)

@@ -180,25 +180,33 @@ def figures(args, study: Path, wall: float, ray_stamps: list[float], ray_wall: f
             "wall_s": round(wall, 2), "ray_wall_s": round(ray_wall, 2), "study": str(study)}
 
 
-def main(argv=None) -> int:
+def prepared(argv) -> argparse.Namespace:
+    """The command line, checked, with ``--storage`` made and absolute (this benchmark's and the growth one's)."""
     args = parser().parse_args(argv)
     if not 0 <= args.epoch_seconds <= 3600:
         raise UsageError(f"--epoch-seconds {args.epoch_seconds}: give 0 to 3600 seconds")
     check_writable("--storage", args.storage, "the study")
     args.storage.mkdir(parents=True, exist_ok=True)
     args.storage = args.storage.resolve()
-    if args.growth:
-        from study.bench_growth import growth
-        out = {"growth": growth(args.storage, args.growth, args.epochs, args.new, args.concurrency)}
-    else:
-        name = f"driver-{args.trials}x{args.epochs}-c{args.concurrency}-{time.strftime('%Y%m%d-%H%M%S')}"
-        study, wall = run_study(args, name)
-        ray_stamps, ray_wall = run_bare_ray(args)
-        out = figures(args, study, wall, ray_stamps, ray_wall)
+    return args
+
+
+def emit(out: dict, args: argparse.Namespace) -> int:
+    """Print the figures as one JSON object, and write them to ``--json F`` too."""
     print(json.dumps(out))
     if args.json and args.json != "-":
         Path(args.json).write_text(json.dumps(out, indent=1) + "\n")
     return 0
+
+
+def main(argv=None) -> int:
+    args = prepared(argv)
+    if args.growth:   # python -m study.bench sends --growth to study.bench_growth
+        raise UsageError("--growth: run it as python -m study.bench --parts driver --growth ...")
+    name = f"driver-{args.trials}x{args.epochs}-c{args.concurrency}-{time.strftime('%Y%m%d-%H%M%S')}"
+    study, wall = run_study(args, name)
+    ray_stamps, ray_wall = run_bare_ray(args)
+    return emit(figures(args, study, wall, ray_stamps, ray_wall), args)
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ import numpy as np
 import optuna
 from sqlalchemy import event
 
+from study.bench_driver import emit, prepared
 from study.bench_space import PARAMS_CONSTANT, space_text
 from study.config import TrialConfig
 from study.driver import StudyClock
@@ -163,3 +164,8 @@ def measure(storage: Path, n: int, epochs: int, new: int, concurrency: int) -> d
 def growth(storage: Path, sizes: list[int], epochs: int, new: int, concurrency: int) -> list[dict]:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     return [measure(storage, n, epochs, new, concurrency) for n in sizes]
+
+
+def main(argv=None) -> int:
+    args = prepared(argv)
+    return emit({"growth": growth(args.storage, args.growth, args.epochs, args.new, args.concurrency)}, args)

@@ -13,8 +13,9 @@ from conftest import ROOT
 
 PACKAGES = ("study", "analysis")
 MAX_LINES = 520
-MAX_CHAIN = 9    # modules on the longest import chain (16 before the wings, 12 before the engine's flattening,
-                 # 10 before one config module and the step in the training loop): it may not grow
+MAX_CHAIN = 8    # modules on the longest import chain (16 before the wings, 12 before the engine's flattening,
+                 # 10 before one config module and the step in the training loop, 9 before the growth
+                 # benchmark had its own entry): it may not grow
 
 # Each wing and the wings it may import. The commands (study/*.py) sit on top and may import any wing.
 WINGS = {
