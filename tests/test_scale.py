@@ -125,6 +125,24 @@ def test_bench_growth_smoke(tmp_path):
         assert sorted(tr.intermediate_values) == sorted(t["epochs"].epoch[t["epochs"].trial_id == row.trial_id])
 
 
+def test_scale_s3_counts_requests_by_kind(tmp_path):
+    """scripts/scale_s3.py's smoke: a tiny synthetic study on moto's S3 server; every request it answered is
+    counted under one kind, the study's own writes among them, and the study reads back over S3."""
+    pytest.importorskip("moto")
+    p = subprocess.run([PYTHON, str(ROOT / "scripts" / "scale_s3.py"), "--trials", "2", "--epochs", "2",
+                        "--concurrency", "2", "--json", str(tmp_path / "s3.json")], cwd=tmp_path, env=python_env(),
+                       capture_output=True, text=True, timeout=300, check=False)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    out = json.loads((tmp_path / "s3.json").read_text())
+    assert out["results"] == 4 and out["requests"] == sum(out["by_kind_and_method"].values()) > 0
+    kinds = out["per_result_by_kind"]
+    assert kinds["results"] > 0 and kinds["checkpoints"] > 0 and kinds["ray state"] > 0, kinds
+    assert set(kinds) <= {"results", "study files", "checkpoints", "ray state", "ray trial logs",
+                          "folders and listings"}
+    assert "'trials': 2," in out["rows"] and "'epochs': 4," in out["rows"], out["rows"]
+    assert out["read_tables_requests"] > 0 and out["info_s"] > 0
+
+
 # ---- whole studies
 
 @pytest.mark.slow
