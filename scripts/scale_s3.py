@@ -8,10 +8,13 @@ no training, no pruning: every trial reports every epoch) into ``s3://bench/stud
 ``python -m study.run``, and counts every request the server answers, from the driver and from Ray's
 trial workers, by method and by what it touched:
 
-- ``results``: the study's results tables and their journal (``results/``);
+- ``results``: the study's results tables and their journal (``results/``), the driver's;
+- ``study files``: study.json, status.json, the driver's lock and the space's copy, the driver's;
 - ``checkpoints``: the trials' checkpoints (``checkpoint_*``), which Ray uploads;
-- ``ray state``: Ray Tune's experiment, searcher and trial state files;
-- ``other``: everything else (study.json, status.json, the space's copy, listings).
+- ``ray state``: Ray Tune's experiment, search and searcher state files;
+- ``ray trial logs``: what Ray's default loggers write per trial (result.json, progress.csv, params,
+  TensorBoard events), as bare Ray Tune does;
+- ``folders and listings``: the rest (listings, folder markers, the bucket), mostly Ray's storage layer.
 
 Then it times, each in a process of its own: reading every table with pandas (``study.results.read_table``)
 and ``python -m study.info``. Prints one JSON object. Needs ``moto[server]`` and ``boto3`` (the test
@@ -61,13 +64,18 @@ class Requests(logging.Handler):
 
 def kind(path: str) -> str:
     path = path.split("?", 1)[0]
+    name = path.rstrip("/").rsplit("/", 1)[-1]
     if "/results/" in path or path.endswith("/results"):
         return "results"
     if "/checkpoint_" in path:
         return "checkpoints"
-    if re.search(r"/(experiment_state|search_gen_state|searcher-state|tuner\.pkl|basic-variant-state)", path):
+    if re.match(r"(experiment_state|search_gen_state|searcher-state|tuner\.pkl|basic-variant-state)", name):
         return "ray state"
-    return "other"
+    if re.match(r"(result\.json|progress\.csv|params\.json|params\.pkl|events\.out\.tfevents)", name):
+        return "ray trial logs"
+    if re.match(r"(study\.json|status\.json|driver\.lock|spaces)", name) or "/spaces/" in path:
+        return "study files"
+    return "folders and listings"
 
 
 def free_port() -> int:
