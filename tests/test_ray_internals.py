@@ -40,6 +40,38 @@ def test_experiment_state_manager_takes_a_force_flag():
     assert ray_internals.save_state_after_this_step(object()) is False   # gone: Ray's period decides
 
 
+def test_experiment_state_manager_saves_every_n_trial_checkpoints_unless_told_not_to():
+    # Ray 2.60: _ExperimentCheckpointManager(sync_every_n_trial_checkpoints=num_to_keep) forces a save from
+    # on_trial_checkpoint; with the attribute None it never does.
+    from ray.tune.execution.experiment_state import _ExperimentCheckpointManager
+    assert "sync_every_n_trial_checkpoints=self._trial_checkpoint_config.num_to_keep" in inspect_source(TuneController)
+
+    class Storage:
+        experiment_driver_staging_path = "/nowhere"
+
+    manager = _ExperimentCheckpointManager(storage=Storage(), checkpoint_period="auto",
+                                           sync_every_n_trial_checkpoints=1)
+    manager.on_trial_checkpoint("trial")
+    assert manager._should_force_sync_up is True   # Ray's own: a save after every checkpoint
+
+    class Wrapper:   # what Tune hands a scheduler: a wrapper of the controller
+        class _tune_controller:
+            _checkpoint_manager = _ExperimentCheckpointManager(storage=Storage(), checkpoint_period="auto",
+                                                               sync_every_n_trial_checkpoints=1)
+
+    assert ray_internals.save_state_on_period(Wrapper()) is True
+    told = Wrapper._tune_controller._checkpoint_manager
+    told.on_trial_checkpoint("trial")
+    assert told._should_force_sync_up is False and told._sync_every_n_trial_checkpoints is None
+    assert ray_internals.save_state_on_period(Wrapper()) is False   # already on the period
+    assert ray_internals.save_state_on_period(object()) is False    # gone: Ray's behaviour
+
+
+def inspect_source(obj) -> str:
+    import inspect
+    return inspect.getsource(obj)
+
+
 def test_rebase_search_state_moves_a_copied_studys_new_trials(tmp_path):
     import ray.cloudpickle as cloudpickle
     from ray.train._internal.storage import StorageContext

@@ -68,6 +68,7 @@ class OptunaPruningScheduler(UsesDriver, FIFOScheduler):
 
     def on_trial_add(self, tune_controller, trial):
         super().on_trial_add(tune_controller, trial)
+        ray_internals.save_state_on_period(tune_controller)
         ray_internals.save_state_after_this_step(tune_controller)
 
     def on_trial_result(self, tune_controller, trial, result: dict) -> str:

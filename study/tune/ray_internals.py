@@ -5,6 +5,7 @@ Each function falls back to Ray's own behaviour when an internal is gone, and
 loudly there and not in a user's study.
 
 - ``save_state_after_this_step``: Tune has no public call to save the experiment state now.
+- ``save_state_on_period``: nor to stop saving it after every trial checkpoint.
 - ``announce_actor_name``: Ray's log prefix marker for an actor's lines.
 - ``rebase_search_state``: the storage pickled in Tune's ``search_gen_state-*.json``.
 - ``saved_total_trials`` / ``set_total_trials``: the search's total and "finished" flag in that file.
@@ -49,6 +50,28 @@ def save_state_after_this_step(tune_controller) -> bool:
             return True
     except (AttributeError, ValueError) as e:
         log.debug("cannot ask Tune to save the new trial at once: %s", e)
+    return False
+
+
+def save_state_on_period(tune_controller) -> bool:
+    """Stop Tune from saving its experiment state after every trial checkpoint; returns whether it was on.
+
+    Ray 2.60 saves the state (and, on an object store, uploads its whole driver-side folder, every trial's
+    log files included) every ``CheckpointConfig.num_to_keep`` checkpoints of a trial, so that the state
+    never names a checkpoint it has deleted. A single trial keeps one checkpoint and checkpoints every
+    epoch: that was a save per result, about a fifth of the driver's time, and on an object store hundreds
+    of requests per result, more as the study grows. A saved state that names a deleted checkpoint resumes
+    that trial from its newest checkpoint left (``checkpoint_left``), so the study saves on Ray's period and
+    at each new trial (``save_state_after_this_step``) instead. Ray 2.60's
+    ``_tune_controller._checkpoint_manager._sync_every_n_trial_checkpoints``; without it, Ray's behaviour.
+    """
+    try:
+        manager = tune_controller._tune_controller._checkpoint_manager
+        if getattr(manager, "_sync_every_n_trial_checkpoints", None):
+            manager._sync_every_n_trial_checkpoints = None
+            return True
+    except AttributeError as e:
+        log.debug("cannot ask Tune to save on its period only: %s", e)
     return False
 
 
