@@ -38,3 +38,20 @@ def pytest_collection_modifyitems(session, config, items):
         slow[item.fspath] = slow.get(item.fspath, 0) + (item.get_closest_marker("slow") is not None)
     order = {path: n for n, path in enumerate(dict.fromkeys(item.fspath for item in items))}
     items.sort(key=lambda item: (-slow[item.fspath], order[item.fspath]))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def one_torch_thread_per_xdist_worker():
+    """Under -n, each worker trains its in-process models on one thread: two workers share two cores, and
+    a second torch thread on a busy core mostly waits for the other at each operation (the tiny models of
+    the tests gain nothing from it). Study subprocesses and Ray workers set their own threads."""
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        yield
+        return
+    import torch
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
