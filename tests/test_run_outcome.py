@@ -61,6 +61,22 @@ def test_every_trial_failing_is_a_failed_run(tmp_path, cache_dir):
     assert "best configuration" not in p.stdout and "Traceback" not in p.stderr
 
 
+def _driver_handles_sigterm(command_pid: int) -> bool:
+    """Whether the study's driver (the ``study.run`` the command started in a session of its own) has its
+    SIGTERM handler in place (Linux: the caught-signals mask in /proc/PID/status)."""
+    for pid, cmd in session_processes(command_pid):
+        if pid == command_pid or "study.run" not in cmd:
+            continue
+        try:
+            caught = next(line for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+                          if line.startswith("SigCgt:"))
+        except (OSError, StopIteration):
+            continue
+        if int(caught.split()[1], 16) & (1 << (signal.SIGTERM - 1)):
+            return True
+    return False
+
+
 def _start(tmp_path, cache_dir, space, *args):
     cmd = [PYTHON, "-m", "study.run", "--space", space, "--storage", str(tmp_path / "studies"),
            "--cache-dir", str(cache_dir), "--num-cpus", "2", *args]
@@ -177,8 +193,10 @@ def test_ctrl_c_and_sigterm_stop_cleanly_and_resume_uses_the_edited_space(stops)
 def test_a_signal_to_the_whole_group_before_the_study_starts_starts_nothing(tmp_path, cache_dir, when):
     proc = _start(tmp_path, cache_dir, "smoke")
     deadline = time.time() + 120
-    if when == "reading its options":
-        time.sleep(0.5)
+    if when == "reading its options":   # once its driver handles SIGTERM (before that, Python's default ends it)
+        while not _driver_handles_sigterm(proc.pid) and time.time() < deadline:
+            assert proc.poll() is None, proc.communicate()
+            time.sleep(0.05)
     else:   # Ray's GCS is the first process Ray starts: its driver is inside ray.init
         while not any("gcs_server" in cmd for _, cmd in session_processes(proc.pid)) and time.time() < deadline:
             assert proc.poll() is None, proc.communicate()
