@@ -1,4 +1,5 @@
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -27,6 +28,15 @@ def python_env(**extra) -> dict:
 
 
 PYTHON = sys.executable
+
+
+def shell_signals() -> None:
+    """``preexec_fn`` of a child a test stops with SIGINT or SIGTERM: both as a shell hands them to a command
+    (default disposition, unblocked), whatever this test process inherited or an earlier test left; a child
+    that starts with SIGINT ignored never gets Python's KeyboardInterrupt."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
 
 
 def pytest_collection_modifyitems(session, config, items):

@@ -11,7 +11,7 @@ import matplotlib.image as mpimg
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import PYTHON, python_env
+from conftest import PYTHON, python_env, shell_signals
 
 from analysis import figures, grids
 from analysis.__main__ import main
@@ -737,7 +737,8 @@ def test_a_stopped_run_leaves_out_as_it_was(study, report, tmp_path, sig, status
         shutil.copytree(report[0], out)
     before = {p.name: p.read_bytes() for p in out.iterdir()} if earlier else None
     p = subprocess.Popen([PYTHON, "-m", "analysis", "--study", str(study), "--out", str(out)], cwd=tmp_path,
-                         env=python_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                         env=python_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         preexec_fn=shell_signals)
     deadline = time.monotonic() + 240
     while not any(any(q.suffix == ".png" for q in d.iterdir()) for d in _partial(out)):   # figures under way
         assert p.poll() is None and time.monotonic() < deadline, p.communicate()

@@ -10,7 +10,7 @@ import subprocess
 import time
 
 import pytest
-from conftest import PYTHON, python_env
+from conftest import PYTHON, python_env, shell_signals
 
 from study.cli import UsageError
 from study.driver.checks import check_address, check_storage, check_storage_url, probe_storage
@@ -120,7 +120,7 @@ def test_unusable_schemes_and_hung_stores_are_one_message_within_the_timeout():
 def test_a_signal_stops_a_probe_at_once(sig, status, line, tmp_path):
     """study.info on a gs:// study waits on the probe; Ctrl-C or SIGTERM ends it at once, with one line."""
     p = subprocess.Popen([PYTHON, "-m", "study.info", "gs://colorize-none/x"], cwd=tmp_path, env=python_env(),
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=shell_signals)
     time.sleep(4)   # imports done, the probe under way
     assert p.poll() is None, p.communicate()
     t0 = time.monotonic()
