@@ -29,7 +29,6 @@ import logging
 import os
 import re
 import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -38,16 +37,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from scale_study import READ, timed  # noqa: E402 - the reader and timing of the local scale study
 from study.bench_space import space_text  # noqa: E402 - after the path, as a script
 
 BUCKET = "bench"
 ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
        "AWS_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
 REQUEST = re.compile(r'"(GET|PUT|POST|HEAD|DELETE) (\S+) HTTP')
-READ = ("import sys, time; from study.results import read_table; t0 = time.perf_counter(); "
-        "n = {t: len(read_table(sys.argv[1], t)) for t in ('trials', 'epochs', 'previews')}; "
-        "print(round(time.perf_counter() - t0, 3), n)")
-
 
 class Requests(logging.Handler):
     """Counts the requests moto's server logs (werkzeug's access log), by (kind, method)."""
@@ -84,14 +80,6 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def timed(cmd: list[str], env: dict) -> tuple[float, str]:
-    t0 = time.perf_counter()
-    p = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
-    if p.returncode != 0:
-        raise SystemExit(f"error: {' '.join(cmd[1:4])} ... failed (exit {p.returncode}): {p.stderr[-1500:]}")
-    return round(time.perf_counter() - t0, 2), p.stdout
-
-
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--trials", type=int, default=40)
@@ -115,20 +103,19 @@ def main() -> int:
         boto3.client("s3", endpoint_url=f"http://127.0.0.1:{port}").create_bucket(Bucket=BUCKET)
         query = f"endpoint_override=127.0.0.1:{port}&scheme=http&region=us-east-1"
         name = f"s3-{args.trials}x{args.epochs}-{time.strftime('%Y%m%d-%H%M%S')}"
-        env = {**os.environ, **ENV}
         with tempfile.TemporaryDirectory() as tmp:
             space = Path(tmp) / f"{name}.yaml"
             space.write_text(space_text(args.trials, args.epochs, args.concurrency, args.epoch_seconds, False))
             counter.counts.clear()
             wall, _ = timed([sys.executable, "-m", "study.run", "--space", str(space), "--name", name,
                              "--storage", f"s3://{BUCKET}/studies?{query}", "--num-cpus", str(args.concurrency),
-                             "--cache-dir", str(Path(tmp) / "cache")], env)
+                             "--cache-dir", str(Path(tmp) / "cache")])
             during = dict(counter.counts)
             root = f"s3://{BUCKET}/studies/{name}?{query}"
             counter.counts.clear()
-            read_s, rows = timed([sys.executable, "-c", READ, root], env)
+            read_s, rows = timed([sys.executable, "-c", READ, root])
             read_requests = sum(counter.counts.values())
-            info_s, _ = timed([sys.executable, "-m", "study.info", root], env)
+            info_s, _ = timed([sys.executable, "-m", "study.info", root])
     finally:
         server.stop()
     results = args.trials * args.epochs
