@@ -139,7 +139,8 @@ def run(main: Callable[[list[str]], int | None], argv: Sequence[str] | None = No
     """Call ``main(argv)`` and return its exit status, turning the project's errors into messages.
 
     ``--debug`` adds the traceback and never changes the status. Ctrl-C exits 130 and SIGTERM 143, each
-    with one line (a command's own handlers, installed later, take precedence over SIGTERM's)."""
+    with one line (a command's own handlers, installed later, take precedence over SIGTERM's), also when
+    the command was started with both blocked."""
     import signal
     import threading
 
@@ -151,6 +152,10 @@ def run(main: Callable[[list[str]], int | None], argv: Sequence[str] | None = No
         warnings.formatwarning = one_line_warning
     _state["started"] = False
     main_thread = threading.current_thread() is threading.main_thread()
+    if main_thread and hasattr(signal, "pthread_sigmask"):
+        # A command stops on Ctrl-C and SIGTERM however it was started: a parent that left them blocked
+        # (the mask is inherited) would make it deaf to both. A disposition of "ignore" stays as given.
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
     previous = signal.getsignal(signal.SIGTERM) if main_thread else None
     if previous == signal.SIG_DFL:
         signal.signal(signal.SIGTERM, _on_sigterm)

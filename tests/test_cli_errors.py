@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import socket
 import subprocess
 import time
@@ -561,6 +562,28 @@ def test_handler_statuses(capsys, monkeypatch):
     assert "Traceback" in err and err.endswith("error: x\n")
     assert cli.run(fails(cli.UsageError("y"), started=True), ["--debug"]) == 1
     assert cli.run(fails(KeyboardInterrupt()), ["--debug"]) == 130
+
+
+@pytest.mark.parametrize("sig, status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["SIGINT", "SIGTERM"])
+def test_a_command_started_with_its_stop_signals_blocked_still_stops_on_them(sig, status):
+    """The mask is inherited: a parent that left SIGINT and SIGTERM blocked must not make a command deaf."""
+    def blocked() -> None:
+        for s in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(s, signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+
+    code = ("import sys, time; from study import cli; "
+            "sys.exit(cli.run(lambda argv: (print('ready', flush=True), time.sleep(60))))")
+    p = subprocess.Popen([PYTHON, "-c", code], cwd=ROOT, env=python_env(), stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, preexec_fn=blocked)
+    try:
+        assert p.stdout.readline().strip() == "ready"
+        p.send_signal(sig)
+        _, err = p.communicate(timeout=30)
+    finally:
+        p.kill()
+    assert p.returncode == status, err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
 
 
 # ------------------------------------------------------------------ help that helps
