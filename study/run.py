@@ -378,12 +378,13 @@ def remove_empty(folders: list[Path]) -> None:
 def run_with_ray(study: Study, signals: Signals) -> Ending:
     """Start Ray, build (or restore) the study's Tuner, record the study and run it to its end."""
     # Ray is imported only here (and by the checks of a study that exists): the trial engine does not need it.
-    from study.tune import StudySettings, build_tuner, init_ray, node_resources, shutdown
+    from study.tune import init_ray, node_resources, shutdown
 
     args = study.args
     with StudyLock(study.root, pid=driver_pid()):
-        opening = optuna_while_ray_starts(study)
+        prepared = prepared_while_ray_starts(study)
         cluster = init_ray(study.address, args.num_cpus, args.num_gpus)   # it keeps our handlers
+        from study.tune import StudySettings, build_tuner   # waits for the thread's import of them
         resources = dict(study.resources)
         if resources.get("gpu", 0) and not cluster.get("GPU"):
             print("note: the Ray cluster has no GPU; trials run on CPUs only")
@@ -404,7 +405,7 @@ def run_with_ray(study: Study, signals: Signals) -> Ending:
             resources=resources, data_root=study.data_root, cache_dir=study.cache_dir, resume=args.resume,
             pack=meta.get("pack", 1), cluster=bool(study.address), objectives=study.space.objectives,
             grayscale=meta.get("grayscale", "kept"), clock=study.clock, verbose=args.verbose,
-            driver_pid=driver_pid(), optuna_opening=opening))
+            driver_pid=driver_pid(), optuna_opening=prepared if resumed(study) else None))
         record_start(study, meta)
         signals.started = True
         tuner.fit()
@@ -414,19 +415,29 @@ def run_with_ray(study: Study, signals: Signals) -> Ending:
     return ending
 
 
-def optuna_while_ray_starts(study: Study) -> Future | None:
-    """A resumed study's Optuna study, read on a thread of its own while Ray starts: in a study of 10,000
-    trials each takes seconds. None for a new study (its Optuna study is made after Ray's start)."""
-    if not study.args.resume or study.meta is None:
-        return None
-    from study.tune import open_optuna
+def resumed(study: Study) -> bool:
+    return bool(study.args.resume and study.meta is not None)
 
-    meta = study.meta
-    url = runtime_url(meta["optuna_storage"], study.root, study.args.optuna_storage)
-    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="optuna-open")
+
+def prepared_while_ray_starts(study: Study) -> Future:
+    """On a thread of its own while Ray starts (mostly waiting for its processes): import the Tuner's parts
+    (torch among them), then read a resumed study's Optuna study (in a study of 10,000 trials that takes
+    seconds). Its result: (storage, Optuna study) for a resumed study, None for a new one (its Optuna
+    study is made once Ray has started)."""
+    meta, args = study.meta, study.args
+
+    def prepare() -> tuple | None:
+        from study.tune import open_optuna   # the Tuner's parts with it
+
+        if not resumed(study):
+            return None
+        url = runtime_url(meta["optuna_storage"], study.root, args.optuna_storage)
+        return open_optuna(url, meta["optuna_study_name"], study.space, meta.get("seed", args.seed),
+                           study.space.objectives)
+
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prepare")
     try:
-        return pool.submit(open_optuna, url, meta["optuna_study_name"], study.space,
-                           meta.get("seed", study.args.seed), study.space.objectives)
+        return pool.submit(prepare)
     finally:
         pool.shutdown(wait=False)
 

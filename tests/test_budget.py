@@ -158,7 +158,7 @@ def test_a_finished_study_gets_more_trials_and_plain_progress_lines(tmp_path, ca
 
 def _epoch(epoch: int, parked: bool = False) -> dict:
     from study.results import EPOCH_METRICS
-    from study.tune.searcher import METRIC, PARKED_KEY
+    from study.tune.keys import METRIC, PARKED_KEY
     return {"epoch": epoch, **{k: 20.0 for k in EPOCH_METRICS}, METRIC: 20.0, "best_epoch": epoch,
             "seconds": 1.0, **({PARKED_KEY: True} if parked else {})}
 

@@ -3,11 +3,16 @@ imports counted), a short longest import chain, imports from where names live, n
 study/ over ~500 lines, `analysis` free of torch and Ray, and Ray's private names only in
 study.tune.ray_internals."""
 import ast
+import importlib
 import io
 import re
+import subprocess
+import sys
 import tokenize
 from functools import cache
 from pathlib import Path
+
+import pytest
 
 from conftest import ROOT
 
@@ -209,3 +214,19 @@ def test_rays_private_names_live_in_one_module():
             for private in ("ray._private", "_tune_controller", "_checkpoint_manager", "search_gen_state",
                             "_local_tuner", "._ot_study", "._storage._", "OptunaSearch)", "OptunaSearch,"):
                 assert private not in text, (m, private)
+
+
+def test_the_ray_layer_loads_each_name_from_its_module_and_a_worker_loads_only_the_trainable():
+    import study.tune as tune_layer
+
+    assert sorted(tune_layer._HOME) == tune_layer.__all__
+    for name in tune_layer.__all__:
+        assert getattr(tune_layer, name) is getattr(importlib.import_module(
+            f"study.tune.{tune_layer._HOME[name]}"), name)
+    with pytest.raises(AttributeError):
+        tune_layer.no_such_name  # noqa: B018
+    # What a trial's worker imports when Ray unpickles the trainable: none of the driver's side.
+    driver_side = ("optuna", "study.tune.searcher", "study.tune.callback", "study.tune.backend", "study.tune.mirror")
+    code = f"import sys, study.tune.trainable; print([m for m in {driver_side!r} if m in sys.modules])"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out

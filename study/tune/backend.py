@@ -1,4 +1,4 @@
-"""The study's Ray layer: start or join Ray, build the Tuner of a study, resume it.
+"""The study's Ray layer: build the Tuner of a study, resume it (Ray itself starts in ``raystart``).
 
 Ray's calls live in ``study.tune`` (this module, ``searcher``, ``pruning``, ``callback``,
 ``trainable``), ``study.submit`` (Ray's job client) and, for what Ray offers no public call for,
@@ -8,81 +8,27 @@ from __future__ import annotations
 
 import math
 import os
-import signal
-import threading
 import uuid
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-import pyarrow.fs as pafs
-import ray
 from ray import tune
 from ray.tune.search import ConcurrencyLimiter
 
 import study.tune.ray_internals as ray_internals
+import study.tune.raystart  # noqa: F401 - Tune's settings in the environment, wherever a Tuner is built
 from study.cli import UsageError
 from study.config import ConfigError
 from study.engine import STRUCTURE
-from study.results import resolve
 from study.space import Space
 from study.tune.callback import ResultsCallback
 from study.tune.moved import alias_moved_modules
+from study.tune.saved import experiment_path, storage_args
 from study.tune.pruning import OptunaPruningScheduler, PackDecisions, TimedPruningScheduler
 from study.tune.searcher import OptunaSearcher, describe_study, open_study
 from study.tune.state import DriverState, UsesDriver
 from study.tune.timings import DriverTimings
 from study.tune.trainable import make_trainable, trial_name
-
-# A checkpoint per epoch is the point (resume, pruning); Ray's warning about it is noise here.
-os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-# Ray saves the experiment state at most every 10 s by default ("auto"): a trial created after the
-# last save and cut off by a driver crash is never resumed, and a new one replaces it (seen with
-# packs in tests/test_packs_study.py). Saving every 2 s keeps that window small; the state is a
-# few small files.
-os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")
-# Tune gives a finished trial's thread 2 s to end before reusing its actor, and fails the next trial
-# if it has not; a trial's cleanup (checkpoint folders, CUDA memory) on a busy machine may take longer.
-os.environ.setdefault("TUNE_FUNCTION_THREAD_TIMEOUT_S", "30")
-
-
-def init_ray(address: str | None, num_cpus: int | None = None, num_gpus: int | None = None) -> dict:
-    """Start or join Ray; the caller's SIGTERM handler stays, and gets a SIGTERM that comes while Ray starts
-    (Ray's driver sets its own while it connects, which exits the process with status 15)."""
-    handler = signal.getsignal(signal.SIGTERM)
-    try:
-        if not ray.is_initialized():
-            if address:
-                ray.init(address=address, log_to_driver=False)
-            else:
-                # "local": a Ray of our own, even when RAY_ADDRESS or a `ray start` cluster is around.
-                ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False,
-                         log_to_driver=False)
-    except SystemExit as e:
-        if e.code == signal.SIGTERM and callable(handler):
-            handler(signal.SIGTERM, None)   # the caller's stop (it raises); else Ray's exit stands
-        raise
-    finally:
-        if threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGTERM, handler)
-    return ray.cluster_resources()
-
-
-def node_resources() -> list[dict]:
-    """The resources of each alive node of the Ray this driver is connected to."""
-    return [dict(n.get("Resources", {})) for n in ray.nodes() if n.get("Alive")]
-
-
-def storage_args(study_root: str) -> tuple[str, pafs.FileSystem, str]:
-    """(storage_path, filesystem, name) for Ray from the study location (local folder or URI)."""
-    fs, path = resolve(study_root)
-    parent, name = path.rstrip("/").rsplit("/", 1)
-    return parent, fs, name
-
-
-def _experiment_path(study_root: str) -> tuple[str, pafs.FileSystem]:
-    parent, fs, name = storage_args(study_root)
-    return (str(Path(parent) / name) if isinstance(fs, pafs.LocalFileSystem) else f"{parent}/{name}"), fs
 
 
 @dataclass(frozen=True)
@@ -226,7 +172,7 @@ def _run_config(s: StudySettings, results: ResultsCallback) -> tune.RunConfig:
 def _restore(s: StudySettings, fn, driver: DriverState) -> StudyTuner:
     """The Tuner Ray saved for the study, at the study's present location, with ``s.num_samples`` trials."""
     alias_moved_modules()   # a study an earlier version started names its classes by their old modules
-    path, fs = _experiment_path(s.study_root)
+    path, fs = experiment_path(s.study_root)
     ray_internals.rebase_search_state(path, fs)
     ray_internals.set_total_trials(path, fs, math.ceil(s.num_samples / s.pack))
     ray_internals.forget_ended_trials(path, fs)   # the tables and Optuna keep them; Tune's restore of each is slow
@@ -251,36 +197,3 @@ def bind_restored(parts: list, driver: DriverState) -> ResultsCallback:
                          f"version's searcher and results callback. Resume it with the version that started it, "
                          f"or start a new study with --name (nothing was changed)")
     return results[0]
-
-
-def saved_total_trials(study_root: str) -> int | None:
-    path, fs = _experiment_path(study_root)
-    return ray_internals.saved_total_trials(path, fs)
-
-
-def can_resume(study_root: str) -> bool:
-    path, fs = _experiment_path(study_root)
-    return tune.Tuner.can_restore(path, storage_filesystem=fs)
-
-
-def searcher_state_problem(study_root: str) -> str | None:
-    """Why the study's saved search state cannot be resumed by this version (None: it can).
-
-    Checked before Ray restores it: a searcher that fails to restore makes Tune start the study afresh."""
-    from study.tune.searcher import load_state
-    alias_moved_modules()
-    path, fs = _experiment_path(study_root)
-    saved = ray_internals.newest_searcher_state(path, fs)
-    if saved is None:
-        return None   # Tune saved no search state yet: its restore starts the search afresh, as it should
-    name, blob = saved
-    try:
-        load_state(blob)
-    except ValueError as e:
-        return f"its search state {name}: {e}"
-    return None
-
-
-def shutdown():
-    if ray.is_initialized():
-        ray.shutdown()

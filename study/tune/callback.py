@@ -20,7 +20,8 @@ from study.config import ConfigError
 from study.driver import STATUS_FILE, progress_line, request_graceful_stop, status_record
 from study.engine import DataError, load_splits, original_previews
 from study.results import ResultsWriter, epoch_row, preview_rows, resolve, trial_row, write_json
-from study.tune.searcher import ERROR_KEY, MEMBERS_KEY, PARKED_KEY, OptunaSearcher, member_id
+from study.tune.keys import ERROR_KEY, MEMBERS_KEY, PARKED_KEY
+from study.tune.searcher import OptunaSearcher, member_id
 from study.tune.state import DriverState, UsesDriver
 
 

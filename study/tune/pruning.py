@@ -15,16 +15,8 @@ import ray
 from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 
 import study.tune.ray_internals as ray_internals
-from study.tune.searcher import (
-    COMPLETE,
-    ERROR_KEY,
-    FAIL,
-    PRUNED,
-    STEP_METRIC,
-    OptunaSearcher,
-    member_id,
-    members_of,
-)
+from study.tune.keys import ERROR_KEY, STEP_METRIC
+from study.tune.searcher import COMPLETE, FAIL, PRUNED, OptunaSearcher, member_id, members_of
 from study.tune.state import DriverState, UsesDriver
 from study.tune.timings import DriverTimings
 

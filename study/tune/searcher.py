@@ -31,18 +31,14 @@ from ray.tune.search import Searcher
 
 from study.config import ConfigError
 from study.results import OBJECTIVES, read_table
+from study.tune.keys import ERROR_KEY, MEMBERS_KEY, METRIC, STEP_METRIC
 from study.tune.mirror import StudyMirror, WriteBehind
 from study.tune.state import DriverState, UsesDriver
 
 log = logging.getLogger("study")
 
-METRIC = "best_val_psnr"    # a trial's value in Optuna: its best epoch's val PSNR (RGB, dB)
-STEP_METRIC = "val_psnr"    # each epoch's intermediate value in Optuna: that epoch's own val PSNR
-ERROR_KEY = "trial_error"   # set in a trial's last report when it failed for a reason a retry cannot fix
-MEMBERS_KEY = "members"     # a pack's report: {str(member index): epoch row} of the members still in it
 STOPPED_ATTR = "stopped"   # Optuna user attribute of a trial the time budget stopped (until it finishes)
 STOPPED_WHY = "by the study's time budget; python -m study.run ... --resume continues it"
-PARKED_KEY = "budget_parked"   # set in a report when the time budget stopped the trial at this epoch's end
 STATE_OF = {"COMPLETE": "DONE", "PRUNED": "PRUNED", "FAIL": "ERROR"}   # Optuna state -> results status
 COMPLETE, PRUNED, FAIL = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED,
                           optuna.trial.TrialState.FAIL)

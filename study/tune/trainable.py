@@ -32,7 +32,7 @@ from study.engine import (
 )
 from study.results import OBJECTIVES
 from study.space import Space
-from study.tune.searcher import ERROR_KEY, MEMBERS_KEY, METRIC, PARKED_KEY
+from study.tune.keys import ERROR_KEY, MEMBERS_KEY, METRIC, PARKED_KEY
 from study.tune.timings import REPORTED_AT
 
 # How long a trial stopped by the time budget waits, its checkpoint saved, for the driver to end the study.
