@@ -1,17 +1,20 @@
 """The Tune trainable: one Tune trial = ``study.engine.trial.run_trial`` on the resolved config, or
-``study.engine.trial.run_pack`` on K member configs; a reused actor (reuse_actors) keeps its last splits."""
+``study.engine.trial.run_pack`` on K member configs; a reused actor (reuse_actors) keeps its last splits.
+
+torch and the trial engine are imported when a trial trains: a synthetic trial (generated curves, a study
+of the driver itself) starts in a worker that never imports them."""
 from __future__ import annotations
 
 import gc
 import os
 import re
 import shutil
+import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import numpy as np
 import ray
-import torch
 from ray import tune
 from ray.tune import Checkpoint
 from ray.tune.trainable import wrap_function
@@ -19,21 +22,13 @@ from ray.tune.trainable import wrap_function
 import study.tune.ray_internals as ray_internals
 import study.tune.synthetic as synthetic
 from study.config import ConfigError
-from study.engine import (
-    ALLOW_GRAYSCALE_ENV,
-    NonFiniteLossError,
-    Splits,
-    default_cache_dir,
-    default_data_root,
-    device_name,
-    pick_device,
-    run_trial,
-    trial_splits,
-)
 from study.results import OBJECTIVES
 from study.space import Space
 from study.tune.keys import ERROR_KEY, MEMBERS_KEY, METRIC, PARKED_KEY
 from study.tune.timings import REPORTED_AT
+
+if TYPE_CHECKING:
+    from study.engine import Splits
 
 # How long a trial stopped by the time budget waits, its checkpoint saved, for the driver to end the study.
 PARKED_WAIT_S = 900.0
@@ -61,6 +56,51 @@ def _budget(deadline: float | None):
 
 def trainable(config: dict, space: Space, data_root: str | None, cache_dir: str | None,
               decisions: str | None = None, grayscale: str = "left out", deadline: float | None = None):
+    extra = {"node_id": ray.get_runtime_context().get_node_id(), "device": "cpu",
+             "gpu_ids": ",".join(str(g) for g in ray.get_gpu_ids()), "started_at": time.time()}
+    checkpoint = tune.get_checkpoint()
+    resume = checkpoint.to_directory() if checkpoint is not None else None
+    # Ray runs a trial in its own trial folder: temporary checkpoints go there, not to /tmp.
+    checkpoint_now, park = _budget(deadline)
+    common = dict(data_root=data_root, cache_dir=cache_dir, resume_from=resume,
+                  log=lambda s: print(s, flush=True), work_dir=Path.cwd(), checkpoint_now=checkpoint_now)
+    try:
+        if space.synthetic:   # generated curves, no training: a study of the driver itself
+            if "pack" in config:
+                raise ConfigError("a synthetic space runs single trials: leave --pack out (or give --pack 1)")
+            cfg = space.resolve(config)
+            extra["train_images"] = 0
+            synthetic.run_trial(cfg, report=_single_report(cfg, extra, checkpoint_now, park),
+                                epoch_seconds=space.synthetic["epoch_seconds"], resume_from=resume,
+                                work_dir=Path.cwd(), checkpoint_now=checkpoint_now, log=common["log"])
+            return
+        common["device"] = _placed(grayscale, extra)
+        if "pack" in config:
+            _train_pack(config, space, common, extra, decisions, park)
+        else:
+            from study.engine import run_trial
+            cfg = space.resolve(config)
+            splits = _splits_for(cfg, data_root, cache_dir)
+            extra["train_images"] = len(splits.train) if splits is not None else 0
+            run_trial(cfg, report=_single_report(cfg, extra, checkpoint_now, park), splits=splits, **common)
+    except Exception as e:
+        if not _retry_cannot_fix(e):
+            raise
+        # End the trial with its reason (the study goes on).
+        tune.report({ERROR_KEY: f"{type(e).__name__}: {e}", METRIC: float("nan"), "epoch": -1,
+                     **{o: float("nan") for o in OBJECTIVES}, **extra})
+    finally:
+        if resume:  # Ray's local copy of the checkpoint we resumed from
+            shutil.rmtree(resume, ignore_errors=True)
+
+
+def _placed(grayscale: str, extra: dict) -> str:
+    """Set up this process for training (threads, device, the study's grayscale rule); the device's name
+    goes into ``extra``, and its string is returned."""
+    import torch
+
+    from study.engine import ALLOW_GRAYSCALE_ENV, device_name, pick_device
+
     # The study's rule for grayscale photos (study.json), whatever this node's environment says: a worker
     # that decided otherwise would score its trials on other images than the study's other trials.
     if grayscale == "kept":
@@ -69,49 +109,35 @@ def trainable(config: dict, space: Space, data_root: str | None, cache_dir: str 
         os.environ.pop(ALLOW_GRAYSCALE_ENV, None)
     cpus = max(int(tune.get_context().get_trial_resources().required_resources.get("CPU", 1)), 1)
     torch.set_num_threads(cpus)
-    gpu_ids = ray.get_gpu_ids()
-    dev = pick_device("cuda" if gpu_ids and torch.cuda.is_available() else "cpu")
-    extra = {"node_id": ray.get_runtime_context().get_node_id(), "device": device_name(dev),
-             "gpu_ids": ",".join(str(g) for g in gpu_ids), "started_at": time.time()}
-    checkpoint = tune.get_checkpoint()
-    resume = checkpoint.to_directory() if checkpoint is not None else None
-    # Ray runs a trial in its own trial folder: temporary checkpoints go there, not to /tmp.
-    checkpoint_now, park = _budget(deadline)
-    common = dict(data_root=data_root, cache_dir=cache_dir, device=str(dev), resume_from=resume,
-                  log=lambda s: print(s, flush=True), work_dir=Path.cwd(), checkpoint_now=checkpoint_now)
-    try:
-        if "pack" in config:
-            if space.synthetic:
-                raise ConfigError("a synthetic space runs single trials: leave --pack out (or give --pack 1)")
-            _train_pack(config, space, common, extra, decisions, park)
-        else:
-            cfg = space.resolve(config)
-            splits = None if space.synthetic else _splits_for(cfg, data_root, cache_dir)
-            extra["train_images"] = len(splits.train) if splits is not None else 0
+    dev = pick_device("cuda" if extra["gpu_ids"] and torch.cuda.is_available() else "cpu")
+    extra["device"] = device_name(dev)
+    return str(dev)
 
-            def report(row: dict, folder: Path | None) -> None:
-                ckpt = Checkpoint.from_directory(str(folder)) if folder is not None else None
-                parked = (ckpt is not None and checkpoint_now is not None and checkpoint_now()
-                          and row["epoch"] < cfg.epochs)
-                # REPORTED_AT: when the epoch left the trial (the driver measures its report-to-row latency).
-                tune.report({**row, **_objectives(row), **extra, **({PARKED_KEY: True} if parked else {}),
-                             REPORTED_AT: time.time()}, checkpoint=ckpt)
-                if parked:
-                    park()
 
-            if space.synthetic:   # generated curves, no training: a study of the driver itself
-                synthetic.run_trial(cfg, report=report, epoch_seconds=space.synthetic["epoch_seconds"],
-                                    resume_from=resume, work_dir=Path.cwd(), checkpoint_now=checkpoint_now,
-                                    log=common["log"])
-            else:
-                run_trial(cfg, report=report, splits=splits, **common)
-    except (ConfigError, NonFiniteLossError, torch.OutOfMemoryError) as e:
-        # Retrying cannot fix these: end the trial with its reason (the study goes on).
-        tune.report({ERROR_KEY: f"{type(e).__name__}: {e}", METRIC: float("nan"), "epoch": -1,
-                     **{o: float("nan") for o in OBJECTIVES}, **extra})
-    finally:
-        if resume:  # Ray's local copy of the checkpoint we resumed from
-            shutil.rmtree(resume, ignore_errors=True)
+def _single_report(cfg, extra: dict, checkpoint_now, park):
+    """The report of a single trial's epoch: its row, objectives and facts, and its checkpoint."""
+    def report(row: dict, folder: Path | None) -> None:
+        ckpt = Checkpoint.from_directory(str(folder)) if folder is not None else None
+        parked = (ckpt is not None and checkpoint_now is not None and checkpoint_now()
+                  and row["epoch"] < cfg.epochs)
+        # REPORTED_AT: when the epoch left the trial (the driver measures its report-to-row latency).
+        tune.report({**row, **_objectives(row), **extra, **({PARKED_KEY: True} if parked else {}),
+                     REPORTED_AT: time.time()}, checkpoint=ckpt)
+        if parked:
+            park()
+    return report
+
+
+def _retry_cannot_fix(e: Exception) -> bool:
+    """A bad configuration, and once training ran a non-finite loss or a GPU out of memory."""
+    if isinstance(e, ConfigError):
+        return True
+    if "study.engine" not in sys.modules:
+        return False   # nothing trained here: no training error
+    import torch
+
+    from study.engine import NonFiniteLossError
+    return isinstance(e, (NonFiniteLossError, torch.OutOfMemoryError))
 
 
 # This process's last decoded splits and what they were loaded for. A reused actor (reuse_actors)
@@ -126,6 +152,10 @@ KEEP_SPLITS_MAX_BYTES = 1 << 30
 def _splits_for(cfg, data_root: str | None, cache_dir: str | None) -> Splits | None:
     """``cfg``'s splits as ``study.engine.trial.prepare_trial`` would load them, from this process's last ones
     when they match. None when loading fails: prepare_trial then loads them and raises in its own order."""
+    import numpy as np
+
+    from study.engine import ALLOW_GRAYSCALE_ENV, default_cache_dir, default_data_root, trial_splits
+
     global _last_splits
     dataset = cfg.dataset
     if os.sep in dataset or Path(dataset).is_dir():   # a folder: relative to the trial's working directory
@@ -231,7 +261,8 @@ def make_trainable(space: Space, data_root, cache_dir, resources: dict, decision
             # A fresh actor would start with an empty CUDA cache: give back what the last trial's
             # model and optimizer left cached, for the trials sharing this GPU (fractional GPUs).
             gc.collect()
-            if torch.cuda.is_initialized():
+            torch = sys.modules.get("torch")   # imported only by a trial that trained
+            if torch is not None and torch.cuda.is_initialized():
                 torch.cuda.empty_cache()
             return True
 
