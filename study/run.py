@@ -254,7 +254,7 @@ def existing_study(args: argparse.Namespace, space, root: str) -> dict | None:
 
 
 def check_grayscale_rule(meta: dict, root: str) -> None:
-    """A resumed study keeps the grayscale rule it started with (study.engine.data.grayscale_rule)."""
+    """A resumed study keeps the grayscale rule it started with (study.engine.grayscale.grayscale_rule)."""
     from study.engine import ALLOW_GRAYSCALE_ENV, grayscale_rule
 
     # Studies from before the rule was recorded kept their grayscale images.

@@ -62,3 +62,37 @@ def test_missing_epoch_files_are_found():
     epochs = pd.DataFrame({"trial_id": ["a", "a", "b", "b"], "epoch": [1, 3, 1, 2]})
     assert missing_epochs(trials, epochs) == {"a": [2]}
     assert missing_epochs(trials, epochs.iloc[:1]) == {"a": [2, 3], "b": [1, 2]}
+
+
+
+def _missing_one_by_one(trials, epochs) -> dict[str, list[int]]:
+    """The rule itself, trial by trial: every epoch from 1 to the larger of what the row says it ran and the
+    trial's highest epoch that the epochs table lacks."""
+    have = {} if epochs is None else epochs.groupby("trial_id")["epoch"].apply(set).to_dict()
+    out = {}
+    for row in trials.itertuples():
+        got = have.get(row.trial_id, set())
+        last = max([0 if pd.isna(row.epochs_run) else int(row.epochs_run), *got])
+        gone = [e for e in range(1, last + 1) if e not in got]
+        if gone:
+            out[row.trial_id] = gone
+    return out
+
+
+def test_missing_epochs_agree_with_the_rule_over_random_studies():
+    import random
+
+    from study.driver.checks import missing_epochs
+
+    rng = random.Random(7)
+    for case in range(200):
+        ids = [f"t{i}" for i in range(rng.randint(1, 12))]
+        ran = [rng.choice([None, 0, 1, 2, 3, 5]) for _ in ids]
+        trials = pd.DataFrame({"trial_id": ids, "epochs_run": pd.array(ran, dtype="Int64")})
+        # rows with gaps, repeats, epochs past what the row says, the -1 of an error report, other trials' rows
+        rows = [(rng.choice(ids + ["stray"]), rng.choice([-1, 1, 1, 2, 3, 4, 6])) for _ in range(rng.randint(0, 30))]
+        epochs = pd.DataFrame(rows, columns=["trial_id", "epoch"]) if rows or rng.random() < 0.5 else None
+        if epochs is not None:
+            epochs = epochs.astype({"epoch": "int64"})
+        want = _missing_one_by_one(trials, None if epochs is None else epochs[epochs.epoch >= 1])
+        assert missing_epochs(trials, epochs) == want, (case, trials, epochs)

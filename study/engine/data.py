@@ -31,6 +31,7 @@ import torch
 from PIL import Image
 
 from study.cli import ProjectError
+from study.engine.grayscale import ALLOW_GRAYSCALE_ENV, grayscale_allowed
 
 SPLITS = ("train", "val", "test")
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
@@ -50,7 +51,6 @@ GRAY_SPREAD = 6
 GRAY_PIXELS = 0.01
 GRAY_MAX_FRACTION = 0.05
 GRAY_MIN_REFUSED = 5  # tiny subsets of real data (16 images, 1 gray) are not refused by chance
-ALLOW_GRAYSCALE_ENV = "COLORIZE_ALLOW_GRAYSCALE"
 LAYOUT_HELP = ("Put the images at <data root>/{name}/<split>/<class>/*.jpg (splits: train, val, test; "
                "val and test may be missing) and pass --data-root <data root> or set COLORIZE_DATA_ROOT.")
 
@@ -129,16 +129,6 @@ def grayscale_indices(images: np.ndarray, chunk: int = 256) -> list[int]:
         frac = coloured.reshape(len(a), -1).mean(axis=1)
         found.extend(int(i) + start for i in np.flatnonzero(frac < GRAY_PIXELS))
     return found
-
-
-def grayscale_allowed() -> bool:
-    return os.environ.get(ALLOW_GRAYSCALE_ENV, "").strip().lower() in ("1", "true", "yes", "on")
-
-
-def grayscale_rule() -> str:
-    """What this process does with grayscale images: "left out" of the splits, or "kept" (a study records
-    it: PSNR from one rule cannot be compared with the other's)."""
-    return "kept" if grayscale_allowed() else "left out"
 
 
 def check_grayscale(dataset: str, source: str, arrays: dict, gray: dict[str, list[int]],

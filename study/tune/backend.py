@@ -43,7 +43,7 @@ class StudySettings:
     ``objectives``: two or more names of ``study.results.contract.OBJECTIVES`` make a multi-objective study
     (Optuna's multi-objective samplers, e.g. TPE or NSGA-II; no pruning: Optuna's pruners take one
     objective); empty: maximise METRIC with the space's pruner.
-    ``grayscale``: the study's rule for grayscale photos ("left out" or "kept", study.engine.data.grayscale_rule),
+    ``grayscale``: the study's rule for grayscale photos ("left out" or "kept", study.engine.grayscale.grayscale_rule),
     applied in every trial's worker.
     ``clock``: the study's running time and time budget (study.driver.StudyClock); its deadline reaches
     every trial, which stops at the first epoch's end past it with a checkpoint (one that has trained no
