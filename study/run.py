@@ -427,13 +427,13 @@ def prepared_while_ray_starts(study: Study) -> Future:
     meta, args = study.meta, study.args
 
     def prepare() -> tuple | None:
-        from study.tune import open_optuna   # the Tuner's parts with it
+        from study.tune import resumed_optuna   # the Tuner's parts with it
 
         if not resumed(study):
             return None
         url = runtime_url(meta["optuna_storage"], study.root, args.optuna_storage)
-        return open_optuna(url, meta["optuna_study_name"], study.space, meta.get("seed", args.seed),
-                           study.space.objectives)
+        return resumed_optuna(url, meta["optuna_study_name"], study.space, meta.get("seed", args.seed),
+                              study.space.objectives, meta.get("pack", 1))
 
     pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prepare")
     try:

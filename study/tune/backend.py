@@ -67,7 +67,7 @@ class StudySettings:
     clock: Any = None
     verbose: bool = False
     driver_pid: int | None = None   # the process that stands for the driver (status.json); None: this one
-    optuna_opening: Any = None      # a Future of open_optuna(...) begun earlier (while Ray started); None: open here
+    optuna_opening: Any = None      # a Future of resumed_optuna(...) begun earlier (while Ray started); None: open here
 
 
 @dataclass
@@ -143,15 +143,26 @@ def open_optuna(storage_url: str, name: str, space: Space, seed: int, objectives
     return storage, open_study(storage, name, space, seed, objectives)
 
 
-def _open_optuna_study(s: StudySettings) -> tuple:
+def _open_optuna_study(s: StudySettings):
     """Make (or open) the Optuna study, with the space's first configurations on a new one, and describe it;
-    (its storage, the study) for the searcher."""
-    storage, study = (s.optuna_opening.result() if s.optuna_opening is not None
-                      else open_optuna(s.storage_url, s.optuna_study_name, s.space, s.seed, s.objectives))
+    (its storage, the study) for the searcher. A resumed study's, begun earlier on a thread
+    (``resumed_optuna``), stays a Future: the searcher waits for it when it first needs the study, so Tune
+    restores its trials and starts their workers meanwhile."""
+    if s.optuna_opening is not None:
+        return s.optuna_opening
+    storage, study = open_optuna(s.storage_url, s.optuna_study_name, s.space, s.seed, s.objectives)
     if not s.resume:
         for params in s.space.enqueued():   # the space's configurations to try first (not again on resume)
             study.enqueue_trial(params, skip_if_exists=True)
     describe_study(study, s.space, s.pack)
+    return storage, study
+
+
+def resumed_optuna(storage_url: str, name: str, space: Space, seed: int, objectives: tuple[str, ...],
+                   pack: int) -> tuple:
+    """(its storage, the study): a resumed study's Optuna study, every trial read, described."""
+    storage, study = open_optuna(storage_url, name, space, seed, objectives)
+    describe_study(study, space, pack)
     return storage, study
 
 

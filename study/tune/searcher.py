@@ -23,6 +23,7 @@ import logging
 import math
 import pickle
 import warnings
+from concurrent.futures import Future
 from pathlib import Path
 
 import numpy as np
@@ -118,6 +119,8 @@ def load_state(blob: bytes) -> dict:
 class OptunaSearcher(UsesDriver, Searcher):
     """Ray Tune's searcher for the study: asks and tells the Optuna study ``study_name``."""
 
+    _restored = False   # also what one unpickled from an earlier version starts with
+
     def __init__(self, study_name: str, driver: DriverState | None, *, seed: int = 0, pack: int = 1,
                  objectives: tuple[str, ...] = ()):
         self.objectives = tuple(objectives)   # () or one: METRIC, single-objective; two or more: a front
@@ -144,16 +147,18 @@ class OptunaSearcher(UsesDriver, Searcher):
         self._trial_ids: dict[int, int] = {}
         self._mirror: StudyMirror | None = None     # what the pruner is asked with (study.tune.mirror)
         self._writes: WriteBehind | None = None     # the stored study's writes, behind the per-result path
+        self._restored = False   # restored from Tune's saved state, not yet levelled with the tables
 
     # ---- what Ray pickles: the state above, never a connection, sampler or space
     _STATE = ("objectives", "study_name", "seed", "pack", "numbers", "completed", "pruned", "finished",
               "best_values")
 
-    _CONNECTIONS = ("_study", "_storage", "_trial_ids", "_mirror", "_writes")
+    _CONNECTIONS = ("_study", "_storage", "_trial_ids", "_mirror", "_writes", "_restored")
 
     def __getstate__(self):
         state = {k: v for k, v in self._pickled(self.__dict__).items() if k not in self._CONNECTIONS}
-        return {**state, "_study": None, "_storage": None, "_trial_ids": {}, "_mirror": None, "_writes": None}
+        return {**state, "_study": None, "_storage": None, "_trial_ids": {}, "_mirror": None, "_writes": None,
+                "_restored": False}
 
     def get_state(self) -> dict:
         return {k: getattr(self, k) for k in self._STATE}
@@ -177,8 +182,9 @@ class OptunaSearcher(UsesDriver, Searcher):
             except ValueError as e:
                 raise RuntimeError(f"{checkpoint_path}: {e}; the study cannot be resumed by this version") from e
         self.set_state(state)
-        self.fail_orphans()
-        self.level_with_tables()
+        # Levelled with the tables (fail_orphans, level_with_tables) when the study is first needed: a large
+        # study's trials are still being read then, while Tune restores its trials and starts their workers.
+        self._restored = True
 
     def set_search_properties(self, metric, mode, config, **spec) -> bool:
         return True   # the space comes from the driver state, not from Tune's param_space
@@ -188,11 +194,16 @@ class OptunaSearcher(UsesDriver, Searcher):
     def study(self) -> optuna.Study:
         if self._study is None:
             d = self.driver
-            if d.optuna is not None and d.optuna[1].study_name == self.study_name:
-                self._storage, self._study = d.optuna
+            opened = d.optuna.result() if isinstance(d.optuna, Future) else d.optuna
+            if opened is not None and opened[1].study_name == self.study_name:
+                self._storage, self._study = opened
             else:
                 self._storage = optuna.storages.RDBStorage(d.storage_url)
                 self._study = open_study(self._storage, self.study_name, d.space, self.seed, self.objectives)
+            if self._restored:   # level the stored study before anything else reads or writes it
+                self._restored = False
+                self.fail_orphans()
+                self.level_with_tables()
         return self._study
 
     @property
@@ -208,12 +219,16 @@ class OptunaSearcher(UsesDriver, Searcher):
         return self._writes
 
     def flush(self) -> None:
-        """Wait until the stored study has every write queued so far."""
+        """Wait until the stored study has every write queued so far. (Not yet levelled after a restore, what
+        Tune saves says less than the tables do: the next restore levels it from them.)"""
         if self._writes is not None:
             self._writes.flush()
 
     def close(self) -> None:
-        """The study's run ends: store what is queued and stop the writer."""
+        """The study's run ends: level it with the tables if nothing has yet, store what is queued, stop the
+        writer."""
+        if self._restored:
+            self.study   # noqa: B018 - connecting levels it
         if self._writes is not None:
             self._writes.close()
             self._writes = None

@@ -28,8 +28,9 @@ class DriverState:
     budget_stopped: bool = False    # set when the time budget stopped the study
     structure: tuple[str, ...] = ()  # the parameters a pack's members share (study.engine.STRUCTURE)
     pid: int | None = None          # the process that stands for the driver (status.json); None: this one
-    # (RDBStorage, optuna.Study) as the driver opened them: the searcher uses them rather than read every
-    # trial of the study a second time (seconds in a study of thousands of trials)
+    # (RDBStorage, optuna.Study) as the driver opened them, or a Future of them (a resumed study's, read on
+    # a thread): the searcher uses them rather than read every trial of the study a second time (seconds in
+    # a study of thousands of trials)
     optuna: Any = None
 
 
