@@ -112,12 +112,17 @@ def _stop_when(proc, study: Path, ready, signum: int, group: bool = False) -> tu
         kill_session(proc.pid)
 
 
+STOPS_TRIALS = 4
+
+
 @pytest.fixture(scope="module")
 def stops(tmp_path_factory, cache_dir) -> dict:
     """One study stopped by SIGINT, its space edited, resumed and stopped by SIGTERM, then resumed to its end."""
     tmp_path = tmp_path_factory.mktemp("stops")
     study = tmp_path / "studies" / "stops"
-    space = space_file(tmp_path, "stops", num_samples=6, max_concurrent=1, pruner={"name": "none"},
+    # Four trials one at a time: the first is stopped by SIGINT, a second (drawn from the edited space) by
+    # SIGTERM, and the resume still draws new trials from the edited file.
+    space = space_file(tmp_path, "stops", num_samples=STOPS_TRIALS, max_concurrent=1, pruner={"name": "none"},
                        sampler={"name": "random"}, params={"epochs": 4})
     seen = {"study": study, "space": space}
     seen["sigint"] = _stop_when(_start(tmp_path, cache_dir, space), study,
@@ -158,7 +163,7 @@ def test_ctrl_c_and_sigterm_stop_cleanly_and_resume_uses_the_edited_space(stops)
     command = stops["command"]
     assert command.startswith("python -m study.run") and command.endswith("--resume"), command
     before = stops["before"]
-    assert len(before) < 6
+    assert len(before) < STOPS_TRIALS
     # It names the study's own copy of the space file as the study started, which outlives the file given.
     copy = Path(shlex.split(command)[shlex.split(command).index("--space") + 1])
     assert copy.parent.parent == study / "spaces" and copy.read_text() == stops["started_with"]
@@ -177,7 +182,7 @@ def test_ctrl_c_and_sigterm_stop_cleanly_and_resume_uses_the_edited_space(stops)
     p = stops["resumed"]
     assert p.returncode == 0, p.stderr[-3000:]
     after = pd.read_parquet(study / "results" / "trials.parquet")
-    assert len(after) == 6 and set(after.status) == {"DONE"}, after[["trial_id", "status"]]
+    assert len(after) == STOPS_TRIALS and set(after.status) == {"DONE"}, after[["trial_id", "status"]]
     new = after[~after.trial_id.isin(before.trial_id)]
     started_after_edit = new[new.epochs == 2]
     assert len(started_after_edit) >= 1
