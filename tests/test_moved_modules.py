@@ -53,3 +53,16 @@ def test_a_pickle_naming_old_modules_loads_after_the_aliases():
     assert out.stdout.decode().split() == ["refused", "before", "study.tune.searcher.OptunaSearcher",
                                            "study.tune.pruning.OptunaPruningScheduler",
                                            "study.tune.callback.ResultsCallback", "study.config.trial.TrialConfig"]
+
+
+def test_old_names_import_what_a_pickle_names_only():
+    """Aliasing the old names imports nothing: a resumed study's checks do not pay for torch (the engine's
+    modules) unless its pickles name them."""
+    code = ("import sys\nfrom study.tune.moved import alias_moved_modules\nalias_moved_modules()\n"
+            "assert 'torch' not in sys.modules\n"
+            "import study.tune_searcher, study.tune.searcher\n"
+            "assert study.tune_searcher is study.tune.searcher and 'torch' not in sys.modules\n"
+            "from study.color import rgb_to_yuv\nfrom study.engine.color import rgb_to_yuv as now\n"
+            "assert rgb_to_yuv is now\nprint('ok')\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=python_env(), capture_output=True, text=True)
+    assert out.stdout.strip() == "ok", out.stderr[-2000:]

@@ -9,6 +9,8 @@ version resumes once its old names point at the new places.
 from __future__ import annotations
 
 import importlib
+import importlib.abc
+import importlib.util
 import sys
 
 MOVED = {
@@ -51,14 +53,28 @@ MOVED_CLASSES = {
 }
 
 
+class _MovedFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """Imports an earlier module name as the module that holds its classes now, when something (an
+    unpickler) first imports it: only the modules a pickle names are imported (torch only for one that
+    names the engine's)."""
+
+    def find_spec(self, fullname, path=None, target=None):
+        return importlib.util.spec_from_loader(fullname, self) if fullname in MOVED else None
+
+    def create_module(self, spec):
+        return importlib.import_module(MOVED[spec.name])   # the module itself, under its old name too
+
+    def exec_module(self, module) -> None:
+        pass   # it ran when it was imported by its own name
+
+
 def alias_moved_modules() -> None:
     """Make each earlier module name importable as the module that holds its classes now (idempotent).
 
     ``study.config``, ``study.results``, ``study.engine`` and ``study.space`` kept their names as wings
     whose ``__init__`` exports the classes an earlier pickle names."""
-    for old, new in MOVED.items():
-        if old not in sys.modules:
-            sys.modules[old] = importlib.import_module(new)
+    if not any(isinstance(finder, _MovedFinder) for finder in sys.meta_path):
+        sys.meta_path.append(_MovedFinder())   # after Python's own finders: a module that exists wins
     for (old, name), new in MOVED_CLASSES.items():
         module = importlib.import_module(old)
         if not hasattr(module, name):
