@@ -199,3 +199,16 @@ def test_ended_trials_are_left_out_of_the_experiment_state_tunes_restore_reads(t
     assert ray_internals.forget_ended_trials(str(tmp_path / "none"), fs) == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["experiment_state-2026-12-07_10-00-00.json",
                                                           newest.name]   # no temporary left
+
+
+def test_a_ray_the_study_starts_has_no_idle_workers_waiting_for_tasks():
+    """STARTUP_ENV reaches Ray: the Ray init_ray starts runs no prestarted idle worker (a study runs actors)."""
+    import subprocess
+    import sys
+
+    code = ("import time, psutil\nfrom study.tune.raystart import init_ray, shutdown\ninit_ray(None, 2)\n"
+            "time.sleep(3)\nmine = psutil.Process().children(recursive=True)\n"
+            "print(sum('ray::IDLE' in ' '.join(p.cmdline()) for p in mine), len(mine))\nshutdown()\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180)
+    idle, processes = map(int, out.stdout.split())
+    assert processes >= 3 and idle == 0, out

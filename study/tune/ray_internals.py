@@ -14,6 +14,7 @@ loudly there and not in a user's study.
 - ``restored_parts``: the searcher, scheduler and callbacks ``Tuner.restore`` unpickled.
 - ``checkpoint_left``: the checkpoint Tune hands a restored trial (its ``_TrainingResult``), or the newest
   one of that trial still on storage.
+- ``STARTUP_ENV``: Ray's system config for the Ray a study starts (no idle workers started for tasks).
 """
 from __future__ import annotations
 
@@ -23,6 +24,13 @@ import os
 import sys
 
 import pyarrow.fs as pafs
+
+# Ray's own settings for the Ray a study starts, read from RAY_<name> variables (Ray 2.60's system config;
+# no public option). A driver's first tasks would find idle Python workers Ray starts with it
+# (prestart_worker_first_driver); a study runs actors only, which get processes of their own, so on a small
+# machine those idle workers only take CPU from the driver while it starts (about 0.5 s of ray.init on 2
+# cores, two processes fewer).
+STARTUP_ENV = {"RAY_prestart_worker_first_driver": "0"}
 
 log = logging.getLogger("study")
 

@@ -13,6 +13,8 @@ import threading
 
 import ray
 
+import study.tune.ray_internals as ray_internals
+
 # Set before Ray starts: its processes (and so the trials' workers) take the driver's environment then.
 # A checkpoint per epoch is the point (resume, pruning); Ray's warning about it is noise here.
 os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
@@ -24,6 +26,8 @@ os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")
 # Tune gives a finished trial's thread 2 s to end before reusing its actor, and fails the next trial
 # if it has not; a trial's cleanup (checkpoint folders, CUDA memory) on a busy machine may take longer.
 os.environ.setdefault("TUNE_FUNCTION_THREAD_TIMEOUT_S", "30")
+for _name, _value in ray_internals.STARTUP_ENV.items():
+    os.environ.setdefault(_name, _value)
 
 
 def init_ray(address: str | None, num_cpus: int | None = None, num_gpus: int | None = None) -> dict:
