@@ -23,8 +23,8 @@ from study.engine import STRUCTURE
 from study.space import Space
 from study.tune.callback import ResultsCallback
 from study.tune.moved import alias_moved_modules
-from study.tune.saved import experiment_path, storage_args
 from study.tune.pruning import OptunaPruningScheduler, PackDecisions, TimedPruningScheduler
+from study.tune.saved import experiment_path, storage_args
 from study.tune.searcher import OptunaSearcher, describe_study, open_study
 from study.tune.state import DriverState, UsesDriver
 from study.tune.timings import DriverTimings

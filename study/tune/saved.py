@@ -52,5 +52,3 @@ def searcher_state_problem(study_root: str) -> str | None:
     except ValueError as e:
         return f"its search state {name}: {e}"
     return None
-
-
