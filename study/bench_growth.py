@@ -104,10 +104,18 @@ def _parts(root: Path, url: str, total: int):
 
 def drive(root: Path, url: str, new: int, concurrency: int, total: int) -> tuple[DriverTimings, float]:
     """``new`` trials through the driver's hooks, ``concurrency`` at once, in Tune's order of calls."""
+    searcher, scheduler, callback, timings = _parts(root, url, total)
+    wall = feed(searcher, scheduler, callback, new, concurrency)
+    searcher.close()
+    callback.writer.close()
+    return timings, wall
+
+
+def feed(searcher, scheduler, callback, new: int, concurrency: int) -> float:
+    """Run ``new`` synthetic trials through the parts' hooks, as Tune calls them; returns the seconds taken."""
     from ray.tune.experiment import Trial
     from ray.tune.schedulers import TrialScheduler
 
-    searcher, scheduler, callback, timings = _parts(root, url, total)
     live: list[tuple[Trial, list[dict]]] = []
     trials: list[Trial] = []
     started, t0 = 0, time.perf_counter()
@@ -134,10 +142,7 @@ def drive(root: Path, url: str, new: int, concurrency: int, total: int) -> tuple
         else:
             live.append((trial, rows))
         callback.on_step_end(0, trials)   # as Tune's loop does after each step (the progress line, the budget)
-    wall = time.perf_counter() - t0
-    searcher.close()
-    callback.writer.close()
-    return timings, wall
+    return time.perf_counter() - t0
 
 
 def measure(storage: Path, n: int, epochs: int, new: int, concurrency: int) -> dict:

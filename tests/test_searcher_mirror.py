@@ -2,15 +2,19 @@
 in-memory copy exactly as it would from the stored study, the per-result path runs no SQL on the driver's
 thread, the stored study ends up the same, and a driver killed with writes queued is levelled from the
 results tables on resume."""
+import contextlib
+import io
 import math
 import random
 import threading
+import time
 
 import optuna
 import pytest
 from sqlalchemy import event
 
-from study.results.store import ResultsWriter, epoch_row, trial_row
+from study.bench_space import space_text
+from study.results.store import ResultsWriter, epoch_row, read_table, trial_row
 from study.space.parse import load_space
 from study.tune import searcher as ts
 from study.tune.state import DriverState
@@ -29,6 +33,15 @@ def make_searcher(tmp_path, pruner: dict, name: str = "m") -> ts.OptunaSearcher:
     space.pruner = pruner
     d = DriverState(storage_url=f"sqlite:///{tmp_path / 'optuna.db'}", space=space, study_root=str(tmp_path / "s"))
     return ts.OptunaSearcher(name, d, seed=1)
+
+
+def epochs_of(n: int) -> list[dict]:
+    """A trial's first ``n`` epochs as it reports them, each metric 20 + epoch."""
+    return [{"epoch": e, **{m: 20.0 + e for m in ("val_psnr", "test_psnr", "val_loss", "test_loss", "train_loss",
+                                                  "val_ssim", "test_ssim", "val_colourfulness",
+                                                  "test_colourfulness")},
+             "val_gray_psnr": 20.0, "test_gray_psnr": 20.0, "seconds": 1.0, "precision": "fp32"}
+            for e in range(1, n + 1)]
 
 
 def curves(seed: int, n: int, epochs: int) -> list[list[float]]:
@@ -104,11 +117,7 @@ def test_resume_levels_the_stored_study_with_the_tables(tmp_path):
     searcher.report_and_should_prune("a", 21.0, 1)
     searcher.flush()
     searcher.save(str(tmp_path / "state.pkl"))   # what Ray saved before the kill
-    history = [{"epoch": e, **{m: 20.0 + e for m in ("val_psnr", "test_psnr", "val_loss", "test_loss",
-                                                   "train_loss", "val_ssim", "test_ssim", "val_colourfulness",
-                                                   "test_colourfulness")},
-                "val_gray_psnr": 20.0, "test_gray_psnr": 20.0, "seconds": 1.0, "precision": "fp32"}
-               for e in (1, 2, 3)]
+    history = epochs_of(3)
     writer = ResultsWriter(str(tmp_path / "s"))
     config = {"dataset": "samples", "resolution": 32, "sampling": "maxpool-upsample", "output": "uv", "lr": 1e-3}
     for tid, status, n in (("a", "DONE", 3), ("b", "RUNNING", 2), ("c", "PRUNED", 1)):
@@ -163,3 +172,83 @@ def test_the_finished_index_answers_as_optunas_in_memory_storage():
             got = [(t.number, t.state) for t in ours.get_all_trials(ids[0], deepcopy=False, states=states)]
             want = [(t.number, t.state) for t in plain.get_all_trials(ids[1], deepcopy=False, states=states)]
             assert got == want, (step, states)
+
+
+def test_a_results_optuna_writes_follow_its_rows_in_the_tables(tmp_path):
+    """Tune hands a result to the pruning scheduler before the results callback: the stored study's writes
+    for it (its intermediate value, a prune) wait until the callback has put its row in the tables' journal.
+    Each intermediate value, as it is written to the stored study, finds its (trial, epoch) row there, so a
+    driver killed at any moment leaves the stored study behind the tables (which a resume levels), never
+    ahead of them."""
+    from study.bench_growth import _parts, feed
+
+    root = tmp_path / "s"
+    root.mkdir()
+    (root / "space.yaml").write_text(space_text(12, 4, 3, 0.0))
+    searcher, scheduler, callback, _ = _parts(root, f"sqlite:///{root / 'optuna.db'}", 12)
+    searcher.study   # noqa: B018 - connects (its storage: the study's SQLite database)
+    engine = searcher._storage.engine
+    checked: list[tuple[str, int]] = []
+    missing: list[tuple[str, int]] = []
+
+    def check(conn, cursor, statement, parameters, context, executemany):
+        if statement.lstrip().upper().startswith("INSERT INTO TRIAL_INTERMEDIATE_VALUES"):
+            by_id = {searcher._trial_ids.get(n): mid for mid, n in searcher.numbers.items()}
+            mid, step = by_id.get(parameters[0]), int(parameters[1])
+            epochs = read_table(str(root), "epochs")
+            found = epochs is not None and ((epochs.trial_id == mid) & (epochs.epoch == step)).any()
+            (checked if found else missing).append((mid, step))
+
+    class Later:
+        """The callback, reached a while after the scheduler (Tune does other work between its hooks)."""
+        def __getattr__(self, name):
+            return getattr(callback, name)
+
+        def on_trial_result(self, *args, **kwargs):
+            time.sleep(0.05)
+            return callback.on_trial_result(*args, **kwargs)
+
+    event.listen(engine, "before_cursor_execute", check)
+    with contextlib.redirect_stdout(io.StringIO()):
+        feed(searcher, scheduler, Later(), 12, 3)
+    searcher.close()
+    callback.writer.close()
+    assert len(checked) >= 12 and not missing, missing
+    assert any(mid in searcher.pruned for mid, _ in checked)   # prunes were among the writes, or it proves less
+
+
+def test_a_trial_optuna_ended_ahead_of_the_tables_runs_to_that_epoch_and_stops(tmp_path):
+    """A driver killed after the stored study had a trial's prune (an object store's journal is put on a
+    cadence) but before the tables had its last epoch: restored, the searcher takes Optuna's end, and the
+    trial, run again, stops at the epoch Optuna ended it at."""
+    from ray.tune.schedulers import TrialScheduler
+
+    from study.tune.pruning import OptunaPruningScheduler
+
+    searcher = make_searcher(tmp_path, PRUNERS["none"])
+    for tid in ("a", "b"):
+        searcher.suggest(tid)
+    searcher.flush()
+    searcher.save(str(tmp_path / "state.pkl"))   # what Ray saved before the kill
+    for epoch in (1, 2):
+        searcher.report_and_should_prune("a", 20.0 + epoch, epoch)
+    searcher.finish("a", ts.PRUNED, None, 2)
+    searcher.close()   # the stored study has all of it; the tables below only epoch 1
+    writer = ResultsWriter(str(tmp_path / "s"))
+    config = {"dataset": "samples", "resolution": 32, "sampling": "maxpool-upsample", "output": "uv", "lr": 1e-3}
+    writer.add_epochs("a", [epoch_row("a", r) for r in epochs_of(1)])
+    writer.upsert("trials", [trial_row("a", config, "RUNNING", epochs_of(1), optuna_number=searcher.optuna_number("a"))])
+    writer.close()
+
+    again = make_searcher(tmp_path, PRUNERS["none"])
+    again.restore(str(tmp_path / "state.pkl"))
+    again.study   # noqa: B018 - connecting levels it
+    assert again.finished == {"a": ("PRUNED", 2)} and again.pruned == {"a"}
+    scheduler = OptunaPruningScheduler(again, again.driver)
+
+    class Trial:
+        trial_id = "a"
+
+    decisions = [scheduler.on_trial_result(None, Trial, {"epoch": e, "val_psnr": 20.0 + e}) for e in (1, 2)]
+    assert decisions == [TrialScheduler.CONTINUE, TrialScheduler.STOP]
+    again.close()

@@ -186,6 +186,12 @@ class ResultsCallback(UsesDriver, Callback):
         meta["reported"] = False
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
+        try:
+            self._record_result(trial, result)
+        finally:   # the result's rows are in the tables' journal: its Optuna writes may follow
+            self.searcher.release_writes()
+
+    def _record_result(self, trial, result: dict) -> None:
         started = time.perf_counter()
         if ERROR_KEY in result or "epoch" not in result:
             return

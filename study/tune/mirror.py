@@ -135,14 +135,31 @@ class StudyMirror:
 
 
 class WriteBehind:
-    """Writes to the stored study, in the order given, on one thread: queuing one costs microseconds."""
+    """Writes to the stored study, in the order given, on one thread: queuing one costs microseconds.
+
+    ``hold`` keeps the writes queued after it until ``release``: a result's writes (its intermediate value,
+    a prune, an end) wait until the results tables' journal has the result's rows, so that a driver killed
+    in between leaves the stored study behind the tables (which a resume levels), never ahead of them."""
 
     def __init__(self, storage_url: str):
         self._url = storage_url
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="optuna-writes")
+        self._held: list[tuple[Callable, tuple]] | None = None
+
+    def hold(self) -> None:
+        if self._held is None:
+            self._held = []
+
+    def release(self) -> None:
+        held, self._held = self._held, None
+        for write, args in held or ():
+            self._pool.submit(self._run, write, args)
 
     def submit(self, write: Callable, *args) -> None:
-        self._pool.submit(self._run, write, args)
+        if self._held is not None:
+            self._held.append((write, args))
+        else:
+            self._pool.submit(self._run, write, args)
 
     def _run(self, write: Callable, args: tuple) -> None:
         try:
@@ -152,8 +169,10 @@ class WriteBehind:
                         getattr(write, "__name__", "a write"), scrub(str(e), self._url))
 
     def flush(self) -> None:
-        """Wait until every write queued so far is done."""
+        """Wait until every write queued so far, held ones included, is done."""
+        self.release()
         self._pool.submit(lambda: None).result()
 
     def close(self) -> None:
+        self.release()
         self._pool.shutdown(wait=True)

@@ -69,7 +69,11 @@ class OptunaPruningScheduler(UsesDriver, FIFOScheduler):
         epoch = int(result["epoch"])
         members = members_of(result)
         s = self.searcher
+        s.hold_writes()   # until the results callback has this result's rows (it runs after this hook)
         if not members:
+            ended = s.finished.get(trial.trial_id)
+            if ended is not None:   # told before (restored, it runs again): it stops where it ended
+                return TrialScheduler.STOP if epoch >= ended[1] else TrialScheduler.CONTINUE
             s.note_epoch(trial.trial_id, result)
             if s.report_and_should_prune(trial.trial_id, float(result[STEP_METRIC]), epoch):
                 s.finish(trial.trial_id, PRUNED, None, epoch)

@@ -224,6 +224,15 @@ class OptunaSearcher(UsesDriver, Searcher):
         if self._writes is not None:
             self._writes.flush()
 
+    def hold_writes(self) -> None:
+        """A result is on its way: the stored study's writes for it wait until ``release_writes``, which the
+        results callback calls once the result's rows are in the tables' journal (``WriteBehind``)."""
+        self.writes.hold()
+
+    def release_writes(self) -> None:
+        if self._writes is not None:
+            self._writes.release()
+
     def close(self) -> None:
         """The study's run ends: level it with the tables if nothing has yet, store what is queued, stop the
         writer."""
@@ -390,19 +399,33 @@ class OptunaSearcher(UsesDriver, Searcher):
         is told so. Column-wise, and per trial only where something is missing: a study of 10,000 trials
         resumes with this in its first seconds."""
         trials = read_table(self.driver.study_root, "trials")
-        if trials is None:
-            return
-        epochs = read_table(self.driver.study_root, "epochs")
         stored = {t.number: t for t in self.study.get_trials(deepcopy=False)}
-        if epochs is not None and not self.multi:
-            self._level_values(stored, epochs)
-        ended = trials[trials.status.isin(list(STATE_OF.values()))]
-        for index, mid in zip(ended.index, ended.trial_id):
-            number = self.numbers.get(mid)
-            if number in stored and stored[number].state == optuna.trial.TrialState.RUNNING:
-                own = epochs[epochs.trial_id == mid] if epochs is not None else None
-                self._level_end(trials.loc[index].to_dict(), own)
+        if trials is not None:
+            epochs = read_table(self.driver.study_root, "epochs")
+            if epochs is not None and not self.multi:
+                self._level_values(stored, epochs)
+            ended = trials[trials.status.isin(list(STATE_OF.values()))]
+            for index, mid in zip(ended.index, ended.trial_id):
+                number = self.numbers.get(mid)
+                if number in stored and stored[number].state == optuna.trial.TrialState.RUNNING:
+                    own = epochs[epochs.trial_id == mid] if epochs is not None else None
+                    self._level_end(trials.loc[index].to_dict(), own)
+        self._adopt_ends(stored)
         self._mirror = None   # made again from the stored study, as it is now
+
+    def _adopt_ends(self, stored: dict[int, optuna.trial.FrozenTrial]) -> None:
+        """Trials the stored study holds as ended at an epoch the tables have not recorded (a killed driver's
+        queued writes got there first: on an object store the tables' journal is put on a cadence). The
+        trial, restored, runs again up to that epoch and stops there, so that the tables end where Optuna
+        does. A trial with no intermediate values (several objectives) cannot say where: it runs on."""
+        for mid, number in self.numbers.items():
+            trial = stored.get(number)
+            if (mid in self.finished or trial is None or not trial.state.is_finished()
+                    or not trial.intermediate_values):
+                continue
+            if trial.state == PRUNED:
+                self.pruned.add(mid)
+            self.finished[mid] = (STATE_OF[trial.state.name], max(trial.intermediate_values))
 
     def _level_values(self, stored: dict[int, optuna.trial.FrozenTrial], epochs) -> None:
         for mid, epoch, loss, value in zip(epochs.trial_id, epochs.epoch, epochs.train_loss, epochs[STEP_METRIC]):
