@@ -228,6 +228,9 @@ def test_a_trial_optuna_ended_ahead_of_the_tables_runs_to_that_epoch_and_stops(t
     searcher = make_searcher(tmp_path, PRUNERS["none"])
     for tid in ("a", "b"):
         searcher.suggest(tid)
+    for epoch in (1, 2):   # b, ended: above a, whose value at epoch 2 its pruner compares with it
+        searcher.report_and_should_prune("b", 30.0, epoch)
+    searcher.on_trial_complete("b", {"epoch": 2, ts.METRIC: 30.0})
     searcher.flush()
     searcher.save(str(tmp_path / "state.pkl"))   # what Ray saved before the kill
     for epoch in (1, 2):
@@ -240,10 +243,8 @@ def test_a_trial_optuna_ended_ahead_of_the_tables_runs_to_that_epoch_and_stops(t
     writer.upsert("trials", [trial_row("a", config, "RUNNING", epochs_of(1), optuna_number=searcher.optuna_number("a"))])
     writer.close()
 
-    again = make_searcher(tmp_path, PRUNERS["none"])
-    again.restore(str(tmp_path / "state.pkl"))
-    again.study   # noqa: B018 - connecting levels it
-    assert again.finished == {"a": ("PRUNED", 2)} and again.pruned == {"a"}
+    again = make_searcher(tmp_path, PRUNERS["median-no-startup"])
+    again.restore(str(tmp_path / "state.pkl"))   # levelled with the tables when the study is first needed
     scheduler = OptunaPruningScheduler(again, again.driver)
 
     class Trial:
@@ -251,4 +252,5 @@ def test_a_trial_optuna_ended_ahead_of_the_tables_runs_to_that_epoch_and_stops(t
 
     decisions = [scheduler.on_trial_result(None, Trial, {"epoch": e, "val_psnr": 20.0 + e}) for e in (1, 2)]
     assert decisions == [TrialScheduler.CONTINUE, TrialScheduler.STOP]
+    assert again.finished["a"] == ("PRUNED", 2) and again.pruned == {"a"}
     again.close()

@@ -69,6 +69,7 @@ class OptunaPruningScheduler(UsesDriver, FIFOScheduler):
         epoch = int(result["epoch"])
         members = members_of(result)
         s = self.searcher
+        s.ready()   # a restored study's ends are known before any is read below
         s.hold_writes()   # until the results callback has this result's rows (it runs after this hook)
         if not members:
             ended = s.finished.get(trial.trial_id)

@@ -224,6 +224,11 @@ class OptunaSearcher(UsesDriver, Searcher):
         if self._writes is not None:
             self._writes.flush()
 
+    def ready(self) -> None:
+        """Connected, and after a restore levelled with the tables: what it says was told (``finished``) holds
+        the ends the stored study has. Before the first result of a run is decided on."""
+        self.study   # noqa: B018 - connecting levels it
+
     def hold_writes(self) -> None:
         """A result is on its way: the stored study's writes for it wait until ``release_writes``, which the
         results callback calls once the result's rows are in the tables' journal (``WriteBehind``)."""
