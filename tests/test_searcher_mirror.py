@@ -254,3 +254,41 @@ def test_a_trial_optuna_ended_ahead_of_the_tables_runs_to_that_epoch_and_stops(t
     assert decisions == [TrialScheduler.CONTINUE, TrialScheduler.STOP]
     assert again.finished["a"] == ("PRUNED", 2) and again.pruned == {"a"}
     again.close()
+
+
+def test_a_restored_trial_that_ran_nothing_ends_as_the_tables_say_not_as_tunes_older_result(tmp_path):
+    """Restored from its last epoch's checkpoint, a trial has nothing left to run: Tune ends it with the last
+    result its saved state holds (``done``), older than the tables. The pruner is not asked again, and Optuna
+    is told the end with the tables' best epoch, not that older result's."""
+    from ray.tune.schedulers import TrialScheduler
+
+    from study.tune.pruning import OptunaPruningScheduler
+
+    searcher = make_searcher(tmp_path, PRUNERS["median-no-startup"])
+    searcher.suggest("a")
+    for epoch in (1, 2):
+        searcher.report_and_should_prune("a", 20.0 + epoch, epoch)
+    searcher.flush()
+    searcher.save(str(tmp_path / "state.pkl"))   # Tune's saved state: its last result is epoch 2's
+    searcher.report_and_should_prune("a", 23.0, 3)   # the last epoch, then the kill
+    searcher.close()
+    writer = ResultsWriter(str(tmp_path / "s"))
+    config = {"dataset": "samples", "resolution": 32, "sampling": "maxpool-upsample", "output": "uv", "lr": 1e-3,
+              "epochs": 3}
+    writer.add_epochs("a", [epoch_row("a", r) for r in epochs_of(3)])
+    writer.upsert("trials", [trial_row("a", config, "RUNNING", epochs_of(3), optuna_number=searcher.optuna_number("a"))])
+    writer.close()
+
+    again = make_searcher(tmp_path, PRUNERS["median-no-startup"])
+    again.restore(str(tmp_path / "state.pkl"))
+    scheduler = OptunaPruningScheduler(again, again.driver)
+
+    class Trial:
+        trial_id = "a"
+
+    older = {"epoch": 2, "val_psnr": 22.0, ts.METRIC: 22.0, "done": True}
+    assert scheduler.on_trial_result(None, Trial, older) == TrialScheduler.CONTINUE
+    again.on_trial_complete("a", older)
+    again.close()
+    (got,) = optuna.load_study(study_name="m", storage=again.driver.storage_url).get_trials()
+    assert got.state.name == "COMPLETE" and got.value == 23.0 and again.finished == {"a": ("DONE", 3)}

@@ -64,7 +64,9 @@ class OptunaPruningScheduler(UsesDriver, FIFOScheduler):
         ray_internals.save_state_after_this_step(tune_controller)
 
     def on_trial_result(self, tune_controller, trial, result: dict) -> str:
-        if ERROR_KEY in result or "epoch" not in result:
+        # "done": Tune repeats a trial's last result when its function returns (for a restored trial that
+        # ran nothing in this run, the one its saved state holds): every epoch was decided as it came.
+        if ERROR_KEY in result or "epoch" not in result or result.get("done"):
             return TrialScheduler.CONTINUE
         epoch = int(result["epoch"])
         members = members_of(result)

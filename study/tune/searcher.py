@@ -148,17 +148,18 @@ class OptunaSearcher(UsesDriver, Searcher):
         self._mirror: StudyMirror | None = None     # what the pruner is asked with (study.tune.mirror)
         self._writes: WriteBehind | None = None     # the stored study's writes, behind the per-result path
         self._restored = False   # restored from Tune's saved state, not yet levelled with the tables
+        self._resumed_epochs: dict[str, int] = {}   # member id -> epochs the tables held at levelling (running)
 
     # ---- what Ray pickles: the state above, never a connection, sampler or space
     _STATE = ("objectives", "study_name", "seed", "pack", "numbers", "completed", "pruned", "finished",
               "best_values")
 
-    _CONNECTIONS = ("_study", "_storage", "_trial_ids", "_mirror", "_writes", "_restored")
+    _CONNECTIONS = ("_study", "_storage", "_trial_ids", "_mirror", "_writes", "_restored", "_resumed_epochs")
 
     def __getstate__(self):
         state = {k: v for k, v in self._pickled(self.__dict__).items() if k not in self._CONNECTIONS}
         return {**state, "_study": None, "_storage": None, "_trial_ids": {}, "_mirror": None, "_writes": None,
-                "_restored": False}
+                "_restored": False, "_resumed_epochs": {}}
 
     def get_state(self) -> dict:
         return {k: getattr(self, k) for k in self._STATE}
@@ -370,6 +371,7 @@ class OptunaSearcher(UsesDriver, Searcher):
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False):
         if trial_id in self.completed:
             return
+        self.ready()   # a restored study's tables are read (``_resumed_epochs``) before its first end
         result = result or {}
         failed = error or bool(result.get(ERROR_KEY))
         epoch = int(result.get("epoch", 0) or 0)
@@ -379,6 +381,10 @@ class OptunaSearcher(UsesDriver, Searcher):
                 continue
             if failed:
                 self.finish(mid, FAIL, None, epoch)
+            elif epoch < self._resumed_epochs.get(mid, 0) and mid not in self.finished:
+                # Restored, it ran no epoch in this run (its checkpoint was its last epoch's), and Tune's
+                # last result is what its saved state held, older than the tables: they say how it ended.
+                self._end_from_tables(mid)
             else:
                 row = members_of(result).get(str(k), {}) if self.pack > 1 else result
                 self.finish(mid, COMPLETE, self.value_of(mid, row), epoch)
@@ -410,6 +416,9 @@ class OptunaSearcher(UsesDriver, Searcher):
             if epochs is not None and not self.multi:
                 self._level_values(stored, epochs)
             ended = trials[trials.status.isin(list(STATE_OF.values()))]
+            going = trials[~trials.status.isin(list(STATE_OF.values()))]
+            self._resumed_epochs = {mid: int(n) for mid, n in zip(going.trial_id, going.epochs_run.fillna(0))
+                                    if mid in self.numbers}
             for index, mid in zip(ended.index, ended.trial_id):
                 number = self.numbers.get(mid)
                 if number in stored and stored[number].state == optuna.trial.TrialState.RUNNING:
@@ -438,6 +447,14 @@ class OptunaSearcher(UsesDriver, Searcher):
             if (trial is not None and int(epoch) not in trial.intermediate_values and math.isfinite(loss)
                     and math.isfinite(value)):
                 self._storage.set_trial_intermediate_value(self._trial_id(trial.number), int(epoch), float(value))
+
+    def _end_from_tables(self, mid: str) -> None:
+        """Tell member ``mid``'s end as DONE with the values of its best epoch in the tables."""
+        trials, epochs = (read_table(self.driver.study_root, name) for name in ("trials", "epochs"))
+        row = trials[trials.trial_id == mid].to_dict("records")
+        own = epochs[epochs.trial_id == mid] if epochs is not None else None
+        if row:
+            self._level_end({**row[0], "status": "DONE"}, own)
 
     def _level_end(self, row: dict, own) -> None:
         mid, state = row["trial_id"], {v: k for k, v in STATE_OF.items()}[row["status"]]
