@@ -76,17 +76,16 @@ def longest_epoch(study) -> float:
 
 
 @pytest.mark.slow
-def test_a_budget_stops_at_epoch_ends_and_resumes_count_only_running_time(tmp_path, cache_dir):
+def test_a_budget_stops_at_epoch_ends_and_resumes_count_only_running_time(tmp_path, cache_dir, shared_data):
     study = tmp_path / "studies" / "budget"
-    # Synthetic trials (study.tune.synthetic): the trainable's own reports, checkpoints and budget stops, with
-    # epochs of a fixed 2 s however loaded the machine is. Epochs enough that neither budget (25 s in all) can
-    # finish the trials. The first budget lets trials that start within a few seconds train some epochs (a
-    # loaded machine may start them later: they are then stopped before their first epoch, and start again on
-    # resume).
+    # Epochs enough that neither budget (25 s in all) can finish the trials on CPUs (an epoch takes 2-4 s). The
+    # first budget lets trials that start within a few seconds train some epochs (a loaded machine may start
+    # them later: they are then stopped before their first epoch, and start again on resume).
     epochs = 12
     space = space_file(tmp_path, "budget", num_samples=2, max_concurrent=2, pruner={"name": "none"},
-                       synthetic={"epoch_seconds": 2.0}, params={"epochs": epochs})
-    common = ["--space", space, "--num-cpus", "2"]
+                       params={"dataset": "cifar10", "epochs": epochs, "train_limit": 2048, "eval_limit": 256,
+                               "base_filters": 8, "batch_size": 64, "depth": 2})
+    common = ["--space", space, "--data-root", str(shared_data), "--num-cpus", "2"]
     t0 = time.monotonic()
     p = run_study(tmp_path, cache_dir, *common, "--time-budget", "20s")
     took = time.monotonic() - t0
