@@ -76,6 +76,24 @@ def test_asked_after_the_last_save_is_failed_as_an_orphan_on_resume(tmp_path, dr
     assert got["b"].state.name == "FAIL" and "driver crash" in got["b"].user_attrs["orphaned"]
 
 
+def test_known_to_the_searchers_state_but_not_to_tunes_is_failed_as_an_orphan(tmp_path, driver):
+    """A kill between Tune's save of the searcher's state and of its own: the searcher knows a trial ("b")
+    that Tune's restore does not add again and that never reached the tables. It is failed as an orphan;
+    the trials Tune adds again stay."""
+    d = driver(load_space("smoke"))
+    searcher = ts.OptunaSearcher("o", d)
+    searcher.suggest("a")
+    searcher.suggest("b")
+    searcher.save(str(tmp_path / "state.pkl"))
+    fresh = ts.OptunaSearcher("o", d)
+    fresh.restore(str(tmp_path / "state.pkl"))
+    fresh.note_readded("a")   # what Tune's restore does for each trial of its saved state
+    fresh.suggest("c")
+    got = {t.user_attrs["ray_trial_id"]: t for t in optuna.load_study(study_name="o", storage=d.storage_url).get_trials()}
+    assert got["a"].state.name == "RUNNING" and got["c"].state.name == "RUNNING"
+    assert got["b"].state.name == "FAIL" and "driver crash" in got["b"].user_attrs["orphaned"]
+
+
 def test_a_bad_config_stays_in_its_trial(tmp_path, driver):
     d = driver(load_space("smoke"))
     searcher = ts.OptunaSearcher("s", d)

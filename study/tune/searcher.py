@@ -149,17 +149,19 @@ class OptunaSearcher(UsesDriver, Searcher):
         self._writes: WriteBehind | None = None     # the stored study's writes, behind the per-result path
         self._restored = False   # restored from Tune's saved state, not yet levelled with the tables
         self._resumed_epochs: dict[str, int] = {}   # member id -> epochs the tables held at levelling (running)
+        self._readded: set[str] = set()   # member ids of the trials Tune's restore added again (note_readded)
 
     # ---- what Ray pickles: the state above, never a connection, sampler or space
     _STATE = ("objectives", "study_name", "seed", "pack", "numbers", "completed", "pruned", "finished",
               "best_values")
 
-    _CONNECTIONS = ("_study", "_storage", "_trial_ids", "_mirror", "_writes", "_restored", "_resumed_epochs")
+    _CONNECTIONS = ("_study", "_storage", "_trial_ids", "_mirror", "_writes", "_restored", "_resumed_epochs",
+                    "_readded")
 
     def __getstate__(self):
         state = {k: v for k, v in self._pickled(self.__dict__).items() if k not in self._CONNECTIONS}
         return {**state, "_study": None, "_storage": None, "_trial_ids": {}, "_mirror": None, "_writes": None,
-                "_restored": False, "_resumed_epochs": {}}
+                "_restored": False, "_resumed_epochs": {}, "_readded": set()}
 
     def get_state(self) -> dict:
         return {k: getattr(self, k) for k in self._STATE}
@@ -390,9 +392,20 @@ class OptunaSearcher(UsesDriver, Searcher):
                 self.finish(mid, COMPLETE, self.value_of(mid, row), epoch)
         self.completed.add(trial_id)
 
+    def note_readded(self, trial_id: str) -> None:
+        """Tune added trial ``trial_id`` (its restore adds each trial of its saved state before any is run)."""
+        if self._restored:
+            self._readded.update(member_id(trial_id, k, self.pack) for k in range(self.pack))
+
     def fail_orphans(self) -> int:
-        """Optuna trials asked for after the driver's last saved state never ran as Tune trials: FAIL them."""
+        """Optuna trials asked for that will never run as Tune trials: FAIL them. Those asked after the
+        driver's last saved state, and those the searcher's state knows but Tune's does not (a kill between
+        Tune's save of the one and of the other): neither re-added by Tune's restore nor in the tables."""
         known = set(self.numbers.values())
+        if self._readded:
+            trials = read_table(self.driver.study_root, "trials")
+            recorded = set(trials.trial_id) if trials is not None else set()
+            known = {n for mid, n in self.numbers.items() if mid in self._readded or mid in recorded}
         n = 0
         for t in self.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
             if t.number not in known:
