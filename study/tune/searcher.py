@@ -205,8 +205,9 @@ class OptunaSearcher(UsesDriver, Searcher):
                 self._study = open_study(self._storage, self.study_name, d.space, self.seed, self.objectives)
             if self._restored:   # level the stored study before anything else reads or writes it
                 self._restored = False
-                self.fail_orphans()
-                self.level_with_tables()
+                trials = read_table(d.study_root, "trials")   # read once, for both
+                self.fail_orphans(trials)
+                self.level_with_tables(trials)
         return self._study
 
     @property
@@ -397,13 +398,12 @@ class OptunaSearcher(UsesDriver, Searcher):
         if self._restored:
             self._readded.update(member_id(trial_id, k, self.pack) for k in range(self.pack))
 
-    def fail_orphans(self) -> int:
+    def fail_orphans(self, trials) -> int:
         """Optuna trials asked for that will never run as Tune trials: FAIL them. Those asked after the
         driver's last saved state, and those the searcher's state knows but Tune's does not (a kill between
         Tune's save of the one and of the other): neither re-added by Tune's restore nor in the tables."""
         known = set(self.numbers.values())
         if self._readded:
-            trials = read_table(self.driver.study_root, "trials")
             recorded = set(trials.trial_id) if trials is not None else set()
             known = {n for mid, n in self.numbers.items() if mid in self._readded or mid in recorded}
         n = 0
@@ -416,13 +416,12 @@ class OptunaSearcher(UsesDriver, Searcher):
         self._mirror = None   # made again from the stored study, as it is now
         return n
 
-    def level_with_tables(self) -> None:
+    def level_with_tables(self, trials) -> None:
         """Bring the stored study level with the results tables, after a driver that was killed lost the
         writes it still had queued (study.tune.mirror): the tables are written first. Each recorded epoch
         with a finite loss and val PSNR is its trial's intermediate value, and a trial the tables say ended
         is told so. Column-wise, and per trial only where something is missing: a study of 10,000 trials
-        resumes with this in its first seconds."""
-        trials = read_table(self.driver.study_root, "trials")
+        resumes with this in its first seconds. ``trials``: the trials table (None while it has none)."""
         stored = {t.number: t for t in self.study.get_trials(deepcopy=False)}
         if trials is not None:
             epochs = read_table(self.driver.study_root, "epochs")
