@@ -297,7 +297,7 @@ def check_resume(args: argparse.Namespace, space, root: str, meta: dict, space_c
 def check_saved_state(root: str) -> None:
     """The files a resume reads: the pickles it unpickles, the results tables, Ray's saved state."""
     from study.results import read_table
-    from study.tune import can_resume, searcher_state_problem
+    from study.tune import can_resume, saved_state_refusal
 
     check_pickles(root)
     # A corrupt table is named now, not when the driver first writes.
@@ -309,12 +309,9 @@ def check_saved_state(root: str) -> None:
     if not can_resume(root):
         raise UsageError(f"--resume: the study at {root} never started a trial (Ray Tune saved no state); "
                          f"run it again without --resume")
-    problem = searcher_state_problem(root)
-    if problem:
-        raise UsageError(f"--resume: the study at {root} cannot be resumed by this version of the project: "
-                         f"{problem}. It was most likely started by an older version; resume it with that "
-                         f"version, or start a new study with --name (nothing was changed: its results stay in "
-                         f"{root}/results)")
+    refusal = saved_state_refusal(root)
+    if refusal:
+        raise UsageError(f"--resume: the study at {root} {refusal}")
 
 
 def data_places(args: argparse.Namespace) -> tuple[str | None, str]:

@@ -1,5 +1,7 @@
 """Each of Ray's private internals the study relies on (study.tune.ray_internals), named, so that a Ray upgrade
 that moves one fails here, not in a user's study."""
+from pathlib import Path
+
 import pyarrow.fs as pafs
 import pytest
 import ray
@@ -94,18 +96,28 @@ def test_rebase_search_state_moves_a_copied_studys_new_trials(tmp_path):
     assert ray.__version__ == "2.60.0"   # the version these internals were checked against
 
 
-def test_newest_searcher_state_is_the_file_tunes_restore_takes(tmp_path):
-    # Ray 2.60: Searcher.restore_from_dir loads max(glob(CKPT_FILE_TMPL.format("*"))).
-    from ray.tune.search import Searcher
-    assert Searcher.CKPT_FILE_TMPL == "searcher-state-{}.pkl"
+def test_saved_files_are_the_files_tunes_restore_takes(tmp_path):
+    # Ray 2.60: each restore loads max(glob(CKPT_FILE_TMPL.format("*"))) of TuneController (its own
+    # _find_newest_experiment_checkpoint), SearchGenerator and Searcher.
+    from ray.tune.execution.experiment_state import _find_newest_experiment_checkpoint
+    from ray.tune.search import SearchGenerator, Searcher
+    assert (TuneController.CKPT_FILE_TMPL, SearchGenerator.CKPT_FILE_TMPL, Searcher.CKPT_FILE_TMPL) == (
+        "experiment_state-{}.json", "search_gen_state-{}.json", "searcher-state-{}.pkl")
+    patterns = ray_internals.saved_state_patterns()
+    assert sorted(patterns.values()) == ["experiment_state-*.json", "search_gen_state-*.json", "searcher-state-*.pkl"]
     fs = pafs.LocalFileSystem()
-    assert ray_internals.newest_searcher_state(str(tmp_path), fs) is None
-    assert ray_internals.newest_searcher_state(str(tmp_path / "gone"), fs) is None
-    for stamp, body in (("2026-12-03_10-00-00", b"old"), ("2026-12-03_11-00-00", b"new")):
-        (tmp_path / f"searcher-state-{stamp}.pkl").write_bytes(body)
-    (tmp_path / "search_gen_state-2026-12-03_12-00-00.json").write_bytes(b"not the searcher's")
-    assert ray_internals.newest_searcher_state(str(tmp_path), fs) == ("searcher-state-2026-12-03_11-00-00.pkl",
-                                                                      b"new")
+    assert ray_internals.saved_files(str(tmp_path), fs, "searcher-state-*.pkl") == []
+    assert ray_internals.saved_files(str(tmp_path / "gone"), fs, "searcher-state-*.pkl") == []
+    for stamp in ("2026-12-03_11-00-00", "2026-12-03_10-00-00"):
+        for pattern in patterns.values():
+            (tmp_path / pattern.replace("*", stamp)).write_bytes(b"x")
+    for pattern in patterns.values():
+        found = ray_internals.saved_files(str(tmp_path), fs, pattern)
+        assert [name for name, _ in found] == [pattern.replace("*", s) for s in ("2026-12-03_10-00-00",
+                                                                                 "2026-12-03_11-00-00")]
+        assert found[-1][1] == str(tmp_path / found[-1][0])
+    newest = _find_newest_experiment_checkpoint(str(tmp_path), fs)
+    assert newest == ray_internals.saved_files(str(tmp_path), fs, patterns["experiment"])[-1][1]
 
 
 def test_a_restored_tuner_keeps_its_unpickled_parts_where_restored_parts_looks():
@@ -212,3 +224,50 @@ def test_a_ray_the_study_starts_has_no_idle_workers_waiting_for_tasks():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180)
     idle, processes = map(int, out.stdout.split())
     assert processes >= 3 and idle == 0, out
+
+
+def test_tunes_state_reaches_the_study_folder_through_the_studys_upload(tmp_path):
+    # Ray 2.60: _ExperimentCheckpointManager._storage.syncer (a _FilesystemSyncer) and its _sync_up_command.
+    import pickle
+
+    from ray.train._internal.storage import StorageContext, _FilesystemSyncer
+    from ray.tune.execution.experiment_state import _ExperimentCheckpointManager
+
+    from study.tune.upload import ChangedFiles
+    assert "_sync_up_command" in inspect_source(_FilesystemSyncer)
+    class Staged(StorageContext):   # Ray's own staging folder is under its session's, with Ray started
+        experiment_driver_staging_path = str(tmp_path / "staging")
+
+    storage = Staged(storage_path=str(tmp_path / "studies"), experiment_dir_name="exp")
+    manager = _ExperimentCheckpointManager(storage=storage, checkpoint_period="auto",
+                                           sync_every_n_trial_checkpoints=None)
+
+    class Wrapper:   # what Tune hands a scheduler: a wrapper of the controller
+        class _tune_controller:
+            _checkpoint_manager = manager
+
+    uploads = []
+
+    def new_upload():
+        uploads.append(ChangedFiles())
+        return uploads[-1].upload
+
+    assert ray_internals.upload_state_with(Wrapper(), new_upload) is True
+    assert ray_internals.upload_state_with(Wrapper(), new_upload) is True and len(uploads) == 1   # once
+    staged = Path(storage.experiment_driver_staging_path)
+
+    def save():
+        staged.mkdir(parents=True, exist_ok=True)
+        (staged / "experiment_state-2026.json").write_text('{"n": 1}')
+        (staged / "trial_1").mkdir(exist_ok=True)
+        (staged / "trial_1" / "result.json").write_text("{}\n")
+
+    manager.sync_up_experiment_state(save, force=True, wait=True)
+    study = tmp_path / "studies" / "exp"
+    assert (study / "experiment_state-2026.json").read_text() == '{"n": 1}'
+    assert (study / "trial_1" / "result.json").read_text() == "{}\n"
+    assert sorted(uploads[0]._sent) == ["experiment_state-2026.json", "trial_1/result.json"]   # it sent them
+    # The trials' storage (the study's, copied into each trial and pickled to its worker) keeps Ray's syncer.
+    assert storage.syncer._sync_up_command.__func__ is _FilesystemSyncer._sync_up_command
+    assert b"ChangedFiles" not in pickle.dumps(storage.syncer)
+    assert ray_internals.upload_state_with(object(), new_upload) is False   # gone: Ray's own copy

@@ -233,17 +233,37 @@ def test_resume_needs_the_studys_own_optuna_database(stops, tmp_path, cache_dir)
 
 
 @pytest.mark.slow
-def test_a_search_state_this_version_cannot_read_is_refused(stops, tmp_path, cache_dir):
-    # Tune would log the searcher's failed restore and start the study afresh: the driver refuses first.
-    shutil.copytree(stops["study"], tmp_path / "studies" / "stops")
-    state = sorted((tmp_path / "studies" / "stops").glob("searcher-state-*.pkl"))[-1]
+def test_a_saved_state_the_restore_cannot_read_is_refused(stops, tmp_path, cache_dir):
+    # Tune would log the searcher's failed restore and start the study afresh, or stop with a traceback on its
+    # own files: the driver refuses first, naming the file, and nothing is changed.
+    folder = tmp_path / "studies" / "stops"
+    shutil.copytree(stops["study"], folder)
     # An older version's searcher pickled its own class, which this version no longer has.
     old = b"\x80\x04\x95\x00\x00\x00\x00\x00\x00\x00\x00\x8c\x12study.tune_backend\x8c\x13PruningOptunaSearch\x93)\x81."
-    for blob, says in ((old, "AttributeError"), (pickle.dumps({"_ot_study": None}), "another version's searcher"),
-                       (state.read_bytes()[:20], "cannot be read")):
-        state.write_bytes(blob)
-        files = fingerprint(tmp_path / "studies" / "stops")
+    # The study ran twice: each kind has an earlier run's file, which the restore reads without the newest.
+    cases = [("searcher-state-*.pkl", old, "cannot be resumed by this version", "AttributeError"),
+             ("searcher-state-*.pkl", pickle.dumps({"_ot_study": None}), "by this version", "another version's searcher"),
+             ("searcher-state-*.pkl", 20, "its search state searcher-state-", "cut short"),
+             ("search_gen_state-*.json", 30, "Tune's search state search_gen_state-", "cut short"),
+             ("search_gen_state-*.json", b"\xffnot a pickle", "Tune's search state search_gen_state-", "it is damaged"),
+             ("experiment_state-*.json", 100, "Tune's experiment state experiment_state-", "cut short")]
+    for pattern, blob, says, also in cases:
+        *earlier, state = sorted(folder.glob(pattern))
+        whole = state.read_bytes()
+        state.write_bytes(whole[:blob] if isinstance(blob, int) else blob)
+        files = fingerprint(folder)
         p = run_study(tmp_path, cache_dir, "--space", stops["space"], "--resume", check=False)
-        assert p.returncode == 2 and "cannot be resumed by this version" in p.stderr and says in p.stderr, p.stderr
-        assert "--name" in p.stderr and "Traceback" not in p.stderr and p.stderr.count("\n") == 1, p.stderr
-        assert fingerprint(tmp_path / "studies" / "stops") == files
+        assert p.returncode == 2 and says in p.stderr and also in p.stderr and state.name in p.stderr, p.stderr
+        fix = (f"move it out of the study folder to resume from the state an earlier run saved ({earlier[-1].name})"
+               if "by this version" not in says else "start a new study with --name")
+        assert fix in p.stderr.lower() and "Traceback" not in p.stderr and p.stderr.count("\n") == 1, p.stderr
+        assert fingerprint(folder) == files
+        state.write_bytes(whole)
+    # Without an earlier run's file, only a new study is left.
+    *earlier, state = sorted(folder.glob("search_gen_state-*.json"))
+    for path in earlier:
+        path.unlink()
+    state.write_bytes(state.read_bytes()[:30])
+    p = run_study(tmp_path, cache_dir, "--space", stops["space"], "--resume", check=False)
+    assert p.returncode == 2 and "No earlier state is left, so start a new study with --name" in p.stderr, p.stderr
+    assert "Traceback" not in p.stderr and p.stderr.count("\n") == 1, p.stderr

@@ -11,7 +11,7 @@ from study.results.contract import (BOOKKEEPING, CURVE_TEMPERATURES, EPOCH_METRI
                                     epoch_gain, gain)
 
 # Name -> the module that defines it, loaded when the name is first used.
-STORE = {**dict.fromkeys(("ResultsWriteError", "resolve"), "files"),
+STORE = {**dict.fromkeys(("ResultsWriteError", "is_local", "resolve", "write_bytes"), "files"),
          **dict.fromkeys(("ResultsWriter", "epoch_row", "png_files", "preview_rows", "read_json", "read_table",
                           "trial_row", "write_json"), "store")}
 
@@ -26,5 +26,5 @@ def __getattr__(name: str):
 __all__ = ["BOOKKEEPING", "CURVE_TEMPERATURES", "EPOCH_METRICS", "FINISHED", "KEYS", "NOT_HYPERPARAMETERS",
            "OBJECTIVES", "ResultsWriteError", "ResultsWriter", "STATUSES", "SUMMARY_METRICS", "TABLES",
            "VARIANT", "best_row", "best_trials", "coerce", "curve_column", "curve_key", "default_trial",
-           "epoch_gain", "epoch_row", "gain", "png_files", "preview_rows", "read_json", "read_table",
-           "resolve", "trial_row", "write_json"]
+           "epoch_gain", "epoch_row", "gain", "is_local", "png_files", "preview_rows", "read_json", "read_table",
+           "resolve", "trial_row", "write_bytes", "write_json"]

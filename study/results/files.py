@@ -61,11 +61,13 @@ def write_error(path: str, e: OSError, kept: str = "this file keeps its last goo
         f"make {parent} writable, then continue the study with --resume")
 
 
-def write_bytes(fs: pafs.FileSystem, path: str, data: bytes) -> None:
-    """Replace ``path`` with ``data`` at once: a reader sees the old bytes or the new, never part of them."""
+def write_bytes(fs: pafs.FileSystem, path: str, data: bytes, make_parent: bool = True) -> None:
+    """Replace ``path`` with ``data`` at once: a reader sees the old bytes or the new, never part of them.
+    ``make_parent=False``: its folder exists (or, on an object store, need not)."""
     parent, base = path.rsplit("/", 1)
     try:
-        fs.create_dir(parent, recursive=True)
+        if make_parent:
+            fs.create_dir(parent, recursive=True)
         if is_local(fs):
             _write_local(parent, base, data)
         else:  # An object store's PUT is atomic already.

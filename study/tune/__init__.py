@@ -13,7 +13,7 @@ from importlib import import_module
 _HOME = {
     "StudySettings": "backend", "StudyTuner": "backend", "build_tuner": "backend", "open_optuna": "backend",
     "resumed_optuna": "backend",
-    "can_resume": "saved", "saved_total_trials": "saved", "searcher_state_problem": "saved",
+    "can_resume": "saved", "saved_total_trials": "saved", "saved_state_refusal": "saved",
     "init_ray": "raystart", "node_resources": "raystart", "shutdown": "raystart",
     "ResultsCallback": "callback",
     "TimedPruningScheduler": "pruning",
@@ -26,8 +26,8 @@ _HOME = {
 
 __all__ = ["DriverState", "DriverTimings", "METRIC", "OptunaSearcher", "ResultsCallback", "STEP_METRIC",
            "StudySettings", "StudyTuner", "TimedPruningScheduler", "build_tuner", "can_resume", "init_ray",
-           "node_resources", "open_optuna", "open_study", "resumed_optuna", "saved_total_trials",
-           "searcher_state_problem", "shutdown", "synthetic_rows"]   # the keys of _HOME
+           "node_resources", "open_optuna", "open_study", "resumed_optuna", "saved_state_refusal",
+           "saved_total_trials", "shutdown", "synthetic_rows"]   # the keys of _HOME
 
 
 def __getattr__(name: str):

@@ -19,6 +19,7 @@ from study.tune.keys import ERROR_KEY, STEP_METRIC
 from study.tune.searcher import COMPLETE, FAIL, PRUNED, OptunaSearcher, member_id, members_of
 from study.tune.state import DriverState, UsesDriver
 from study.tune.timings import DriverTimings
+from study.tune.upload import ChangedFiles
 
 
 @ray.remote(num_cpus=0)
@@ -63,6 +64,8 @@ class OptunaPruningScheduler(UsesDriver, FIFOScheduler):
         self.searcher.note_readded(trial.trial_id)
         ray_internals.save_state_on_period(tune_controller)
         ray_internals.save_state_after_this_step(tune_controller)
+        ray_internals.upload_state_with(
+            tune_controller, lambda: ChangedFiles(last=ray_internals.saved_state_patterns()["experiment"]).upload)
 
     def on_trial_result(self, tune_controller, trial, result: dict) -> str:
         # "done": Tune repeats a trial's last result when its function returns (for a restored trial that

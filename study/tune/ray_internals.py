@@ -6,11 +6,12 @@ loudly there and not in a user's study.
 
 - ``save_state_after_this_step``: Tune has no public call to save the experiment state now.
 - ``save_state_on_period``: nor to stop saving it after every trial checkpoint.
+- ``upload_state_with``: nor to choose how the saved state is copied into the study folder.
 - ``announce_actor_name``: Ray's log prefix marker for an actor's lines.
 - ``rebase_search_state``: the storage pickled in Tune's ``search_gen_state-*.json``.
 - ``saved_total_trials`` / ``set_total_trials``: the search's total and "finished" flag in that file.
 - ``forget_ended_trials``: the trials in Tune's newest ``experiment_state-*.json``.
-- ``newest_searcher_state``: which ``searcher-state-*.pkl`` file Tune's restore hands the searcher.
+- ``saved_state_patterns`` / ``saved_files``: which of its saved files Tune's restore reads.
 - ``restored_parts``: the searcher, scheduler and callbacks ``Tuner.restore`` unpickled.
 - ``checkpoint_left``: the checkpoint Tune hands a restored trial (its ``_TrainingResult``), or the newest
   one of that trial still on storage.
@@ -83,6 +84,42 @@ def save_state_on_period(tune_controller) -> bool:
     return False
 
 
+def upload_state_with(tune_controller, new_upload) -> bool:
+    """Have Tune copy its saved experiment state from its driver staging folder into the study folder with
+    the ``upload(local_path, fs, fs_path)`` that ``new_upload()`` makes, once per controller
+    (``study.tune.upload.ChangedFiles().upload``); returns whether it does.
+
+    Ray 2.60's ``_ExperimentCheckpointManager`` syncs through ``_storage.syncer`` (a ``_FilesystemSyncer``),
+    whose ``_sync_up_command`` returns the function its background thread runs. The manager is given a copy
+    of the storage and of the syncer, so that the trials' storage (a copy of the same storage, sharing its
+    syncer, pickled to every trial's worker) keeps Ray's own. Without them, Ray's copy.
+    """
+    import copy
+    try:
+        manager = tune_controller._tune_controller._checkpoint_manager
+        syncer = manager._storage.syncer
+        original = syncer._sync_up_command
+        fs = manager._storage.storage_filesystem
+    except AttributeError as e:
+        log.debug("cannot choose how Tune copies its state: %s", e)
+        return False
+    if getattr(original, "study_upload", False):
+        return True
+    upload = new_upload()
+
+    def command(local_path: str, uri: str, exclude=None):
+        if exclude or not os.path.isdir(local_path):
+            return original(local_path=local_path, uri=uri, exclude=exclude)
+        return upload, {"local_path": local_path, "fs": fs, "fs_path": uri}
+
+    command.study_upload = True
+    ours = copy.copy(syncer)
+    ours._sync_up_command = command
+    manager._storage = copy.copy(manager._storage)
+    manager._storage.syncer = ours
+    return True
+
+
 def actor_name_marker() -> str | None:
     """Ray's marker that names an actor's log lines (``ray._private.ray_constants.LOG_PREFIX_ACTOR_NAME``)."""
     try:
@@ -138,7 +175,12 @@ def _search_gen_states(path: str, fs: pafs.FileSystem):
     for info in fs.get_file_info(pafs.FileSelector(path)):
         if info.base_name.startswith("search_gen_state-") and info.type == pafs.FileType.File:
             with fs.open_input_stream(info.path) as f:
-                yield info, cloudpickle.loads(f.read())
+                blob = f.read()
+            try:
+                yield info, cloudpickle.loads(blob)
+            except Exception as e:  # noqa: BLE001 - an earlier run's file cut short (the newest is checked first)
+                log.warning("%s cannot be read (%s: %s); Tune's restore reads only the newest", info.path,
+                            type(e).__name__, e)
 
 
 def _write_state(fs: pafs.FileSystem, info, state: dict) -> None:
@@ -210,24 +252,23 @@ def forget_ended_trials(path: str, fs: pafs.FileSystem) -> int:
     return len(pairs) - len(kept)
 
 
-def newest_searcher_state(path: str, fs: pafs.FileSystem) -> tuple[str, bytes] | None:
-    """(name, bytes) of the searcher state Tune's restore will hand the study's searcher; None if none.
+def saved_state_patterns() -> dict[str, str]:
+    """{kind: file name pattern} of the three files Tune's restore reads from the study folder, the newest by
+    name of each: Ray 2.60's ``TuneController``, ``SearchGenerator`` and ``Searcher`` ``CKPT_FILE_TMPL``.
+    When the searcher's restore fails, Tune logs the error and starts the whole experiment afresh; when
+    another's does, the restore stops with a traceback: so the driver reads them first."""
+    from ray.tune.execution.tune_controller import TuneController
+    from ray.tune.search import SearchGenerator, Searcher
+    return {"experiment": TuneController.CKPT_FILE_TMPL.format("*"),
+            "search": SearchGenerator.CKPT_FILE_TMPL.format("*"),
+            "searcher": Searcher.CKPT_FILE_TMPL.format("*")}
 
-    Ray 2.60's ``Searcher.restore_from_dir`` takes the greatest name matching ``Searcher.CKPT_FILE_TMPL``
-    (``searcher-state-{}.pkl``). When that restore fails, Tune logs the error and starts the whole
-    experiment afresh, so the driver reads the file first and refuses what the searcher cannot use.
-    """
+
+def saved_files(path: str, fs: pafs.FileSystem, pattern: str) -> list[tuple[str, str]]:
+    """(name, path) of the files matching ``pattern``, by name: Tune's restore reads the last."""
     import fnmatch
-
-    from ray.tune.search import Searcher
-    pattern = getattr(Searcher, "CKPT_FILE_TMPL", "searcher-state-{}.pkl").format("*")
-    names = [info for info in fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
-             if info.type == pafs.FileType.File and fnmatch.fnmatch(info.base_name, pattern)]
-    if not names:
-        return None
-    newest = max(names, key=lambda info: info.base_name)
-    with fs.open_input_stream(newest.path) as f:
-        return newest.base_name, f.read()
+    return sorted((info.base_name, info.path) for info in fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+                  if info.type == pafs.FileType.File and fnmatch.fnmatch(info.base_name, pattern))
 
 
 def restored_parts(tuner) -> list:
