@@ -30,26 +30,41 @@ def tree(root: Path) -> dict:
     return {p.relative_to(root).as_posix(): p.read_text() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
+def send(up: ChangedFiles, local: Path, fs, dest) -> int:
+    return up.prepare(str(local))(fs, str(dest))
+
+
 def test_only_changed_trial_files_are_sent_again(tmp_path):
     local, dest = staging(tmp_path / "staging"), tmp_path / "study"
     up = ChangedFiles()
     fs = pafs.LocalFileSystem()
-    assert up.upload(str(local), fs, str(dest)) == 7
+    assert send(up, local, fs, dest) == 7
     expected = {k: v for k, v in tree(local).items() if not k.startswith(".tmp")}
     assert tree(dest) == expected
     # The study's own state (the top level) is sent each time, a trial's files only when they changed.
-    assert up.upload(str(local), fs, str(dest)) == 4
+    assert send(up, local, fs, dest) == 4
     with open(local / "t1" / "result.json", "a") as f:
         f.write("r1 again\n")
     (local / "t3").mkdir()
     (local / "t3" / "result.json").write_text("r3\n")
     (local / "searcher-state-2026.pkl").write_text("s2")
-    assert up.upload(str(local), fs, str(dest)) == 6
+    assert send(up, local, fs, dest) == 6
     assert tree(dest) == {k: v for k, v in tree(local).items() if not k.startswith(".tmp")}
     # A trial file replaced by another of the same size within the clock's tick: a new inode, sent again.
     os.replace(_write(tmp_path / "other", "r2\n"), local / "t2" / "result.json")
-    assert up.upload(str(local), fs, str(dest)) == 5
-    assert ChangedFiles().upload(str(local), fs, str(dest)) == 8   # a new run sends everything once
+    assert send(up, local, fs, dest) == 5
+    assert send(ChangedFiles(), local, fs, dest) == 8   # a new run sends everything once
+
+
+def test_state_files_are_sent_as_the_save_left_them(tmp_path):
+    # Tune writes its experiment state in place, and its copy of one save runs beside the next save: what is
+    # sent is what the save had written when the copy was asked for, not what the next is writing.
+    local, dest = staging(tmp_path / "staging"), tmp_path / "study"
+    (local / "experiment_state-2026.json").write_text('{"trial_data": [1, 2]}')
+    send_later = ChangedFiles().prepare(str(local))
+    (local / "experiment_state-2026.json").write_text('{"trial_data": [1, 2, 3], "runner_da')   # half written
+    send_later(pafs.LocalFileSystem(), str(dest))
+    assert (dest / "experiment_state-2026.json").read_text() == '{"trial_data": [1, 2]}'
 
 
 def _write(path: Path, text: str) -> Path:
@@ -58,10 +73,9 @@ def _write(path: Path, text: str) -> Path:
 
 
 def test_tunes_experiment_state_goes_after_the_searchers_files():
-    names = ["experiment_state-2026.json", "t1/result.json", "searcher-state-2026.pkl", "search_gen_state-2026.json",
-             "t1/experiment_state-x.json", "tuner.pkl"]
-    assert sorted(names, key=ChangedFiles(last="experiment_state-*.json").order) == ["t1/experiment_state-x.json", "t1/result.json", "search_gen_state-2026.json",
-                                         "searcher-state-2026.pkl", "tuner.pkl", "experiment_state-2026.json"]
+    names = ["experiment_state-2026.json", "searcher-state-2026.pkl", "search_gen_state-2026.json", "tuner.pkl"]
+    assert sorted(names, key=ChangedFiles(last="experiment_state-*.json").goes_last) == [
+        "search_gen_state-2026.json", "searcher-state-2026.pkl", "tuner.pkl", "experiment_state-2026.json"]
 
 
 def test_on_an_object_store_too(s3):  # noqa: F811 - the fixture
@@ -69,10 +83,10 @@ def test_on_an_object_store_too(s3):  # noqa: F811 - the fixture
     fs = pafs.S3FileSystem(endpoint_override=s3["endpoint"].split("//")[1], scheme="http", region="us-east-1",
                            access_key="testing", secret_key="testing")
     up = ChangedFiles()
-    assert up.upload(str(local), fs, f"{BUCKET}/up/exp") == 7
+    assert up.prepare(str(local))(fs, f"{BUCKET}/up/exp") == 7
     listed = s3["client"].list_objects_v2(Bucket=BUCKET, Prefix="up/exp/")["Contents"]
     assert sorted(o["Key"][len("up/exp/"):] for o in listed) == sorted(k for k in tree(local) if not k.startswith("."))
-    assert up.upload(str(local), fs, f"{BUCKET}/up/exp") == 4
+    assert up.prepare(str(local))(fs, f"{BUCKET}/up/exp") == 4
 
 
 # A copier, killed at some point of its copy of files of two versions A and B, in a process of its own.
@@ -82,7 +96,7 @@ COPIER = textwrap.dedent("""
     how, local, dest = sys.argv[1:]
     if how == "ours":
         from study.tune.upload import ChangedFiles
-        copy = lambda: ChangedFiles(last="experiment_state-*.json").upload(local, pafs.LocalFileSystem(), dest)
+        copy = lambda: ChangedFiles(last="experiment_state-*.json").prepare(local)(pafs.LocalFileSystem(), dest)
     else:   # Ray 2.60's own copy of the staging folder (ray.train._internal.storage._upload_to_fs_path)
         copy = lambda: pafs.copy_files(local, dest, destination_filesystem=pafs.LocalFileSystem(),
                                        chunk_size=64 * 1024 * 1024)

@@ -65,7 +65,7 @@ class OptunaPruningScheduler(UsesDriver, FIFOScheduler):
         ray_internals.save_state_on_period(tune_controller)
         ray_internals.save_state_after_this_step(tune_controller)
         ray_internals.upload_state_with(
-            tune_controller, lambda: ChangedFiles(last=ray_internals.saved_state_patterns()["experiment"]).upload)
+            tune_controller, lambda: ChangedFiles(last=ray_internals.saved_state_patterns()["experiment"]))
 
     def on_trial_result(self, tune_controller, trial, result: dict) -> str:
         # "done": Tune repeats a trial's last result when its function returns (for a restored trial that

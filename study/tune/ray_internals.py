@@ -84,15 +84,17 @@ def save_state_on_period(tune_controller) -> bool:
     return False
 
 
-def upload_state_with(tune_controller, new_upload) -> bool:
+def upload_state_with(tune_controller, new_uploader) -> bool:
     """Have Tune copy its saved experiment state from its driver staging folder into the study folder with
-    the ``upload(local_path, fs, fs_path)`` that ``new_upload()`` makes, once per controller
-    (``study.tune.upload.ChangedFiles().upload``); returns whether it does.
+    the uploader that ``new_uploader()`` makes, once per controller (``study.tune.upload.ChangedFiles``): at
+    each copy Tune asks for, its ``prepare(local_path)`` runs in the driver's thread, right after Tune's save,
+    and the ``send(fs, fs_path)`` it returns in Tune's background thread. Returns whether it does.
 
     Ray 2.60's ``_ExperimentCheckpointManager`` syncs through ``_storage.syncer`` (a ``_FilesystemSyncer``),
-    whose ``_sync_up_command`` returns the function its background thread runs. The manager is given a copy
-    of the storage and of the syncer, so that the trials' storage (a copy of the same storage, sharing its
-    syncer, pickled to every trial's worker) keeps Ray's own. Without them, Ray's copy.
+    whose ``_sync_up_command``, called just after the save, returns the function its background thread runs.
+    The manager is given a copy of the storage and of the syncer, so that the trials' storage (a copy of the
+    same storage, sharing its syncer, pickled to every trial's worker) keeps Ray's own. Without them, Ray's
+    copy.
     """
     import copy
     try:
@@ -105,12 +107,12 @@ def upload_state_with(tune_controller, new_upload) -> bool:
         return False
     if getattr(original, "study_upload", False):
         return True
-    upload = new_upload()
+    uploader = new_uploader()
 
     def command(local_path: str, uri: str, exclude=None):
         if exclude or not os.path.isdir(local_path):
             return original(local_path=local_path, uri=uri, exclude=exclude)
-        return upload, {"local_path": local_path, "fs": fs, "fs_path": uri}
+        return uploader.prepare(local_path), {"fs": fs, "fs_path": uri}
 
     command.study_upload = True
     ours = copy.copy(syncer)

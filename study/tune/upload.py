@@ -6,13 +6,13 @@ file), and on a disk each file is rewritten in place, so a driver killed mid-cop
 short, which no resume can read. ``ChangedFiles.upload`` takes that copy's place
 (``ray_internals.upload_state_with``):
 
-- a trial's file is sent when its size, modification time or inode differ from when it was last sent
-  (stat before the read: a file changed while it is read is sent again next time); the few files of the
-  study's own state (the folder's top level) are sent every time, as Tune does: a rewrite within the
-  clock's tick of the last, at the same size, would look unchanged;
+- the few files of the study's own state (the folder's top level) are read in the driver's thread just
+  after Tune's save, so each is sent as that save left it, and sent every time, as Tune does;
+- a trial's log file is sent when its size, modification time or inode differ from when it was last sent
+  (stat before the read: a file changed while it is read is sent again next time);
 - it replaces its copy whole (``study.results.files.write_bytes``: on a disk, a temporary beside it renamed
   over it), so the study folder holds each file as one save or another left it, never cut;
-- the file named ``last`` (Tune's experiment state) goes after the others, the searcher's among them, so
+- the state file named ``last`` (Tune's experiment state) goes after the others, the searcher's among them, so
   that a kill between two files leaves the searcher's state at least as new as Tune's (the case the
   searcher's restore handles: it fails a trial asked but never started as an orphan).
 """
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import fnmatch
 import os
+from collections.abc import Callable
 
 import pyarrow.fs as pafs
 
@@ -35,26 +36,55 @@ class ChangedFiles:
         self._sent: dict[str, tuple[int, int, int]] = {}   # trial file -> (size, mtime_ns, inode) when sent
         self._made: set[str] = set()   # folders made on a disk (an object store has none to make)
 
-    def upload(self, local_path: str, fs: pafs.FileSystem, fs_path: str) -> int:
-        """Send the files under ``local_path`` that changed to ``fs_path`` on ``fs``; returns how many."""
-        changed = sorted(self._changed(local_path), key=lambda item: self.order(item[0]))
-        for rel, signature in changed:
+    def prepare(self, local_path: str) -> Callable[[pafs.FileSystem, str], int]:
+        """Read the study's own state files (the folder's top level) now, and return what sends them and the
+        trials' changed files to ``fs_path`` on ``fs``, which Tune runs in its background thread.
+
+        Called in the driver's thread just after Tune's save: Ray 2.60 writes its experiment state into the
+        staging folder in place, not renamed, and its background copy of one save runs beside its next
+        save, so a copy that read the folder itself could send that file half written (a burst's SIGKILL
+        left one so). Read here, each is as the save left it."""
+        top = {}
+        with os.scandir(local_path) as entries:
+            for entry in entries:
+                if entry.is_file() and not entry.name.startswith(".tmp"):   # Tune's temporaries, being renamed
+                    with open(entry.path, "rb") as f:
+                        top[entry.name] = f.read()
+        return lambda fs, fs_path: self.upload(local_path, fs, fs_path, top)
+
+    def upload(self, local_path: str, fs: pafs.FileSystem, fs_path: str, top: dict[str, bytes]) -> int:
+        """Send the trials' files under ``local_path`` that changed, then the state files ``top`` (name ->
+        bytes), to ``fs_path`` on ``fs``; returns how many files were sent."""
+        sent = 0
+        for rel, signature in sorted(self._changed(local_path)):
             try:
                 with open(os.path.join(local_path, rel), "rb") as f:
-                    data = f.read()
+                    self._put(fs, fs_path, rel, f.read())
             except FileNotFoundError:   # gone from the staging folder since it was listed
                 continue
-            path = f"{fs_path.rstrip('/')}/{rel}"
-            parent = path.rsplit("/", 1)[0]
-            write_bytes(fs, path, data, make_parent=is_local(fs) and parent not in self._made)
-            self._made.add(parent)
             self._sent[rel] = signature
-        return len(changed)
+            sent += 1
+        for name in sorted(top, key=self.goes_last):
+            self._put(fs, fs_path, name, top[name])
+        return sent + len(top)
+
+    def goes_last(self, name: str) -> tuple[bool, str]:
+        """The order of the state files: the ``last`` pattern's after the others."""
+        return bool(self.last) and fnmatch.fnmatch(name, self.last), name
+
+    def _put(self, fs: pafs.FileSystem, fs_path: str, rel: str, data: bytes) -> None:
+        path = f"{fs_path.rstrip('/')}/{rel}"
+        parent = path.rsplit("/", 1)[0]
+        write_bytes(fs, path, data, make_parent=is_local(fs) and parent not in self._made)
+        self._made.add(parent)
 
     def _changed(self, local_path: str):
-        for folder, _, files in os.walk(local_path):
+        """(relative path, signature) of the trials' files (below the top level) changed since last sent."""
+        walk = os.walk(local_path)
+        next(walk, None)   # the top level: the state files, read by prepare
+        for folder, _, files in walk:
             for name in files:
-                if name.startswith(".tmp"):   # Tune's own temporaries, about to be renamed
+                if name.startswith(".tmp"):
                     continue
                 path = os.path.join(folder, name)
                 try:
@@ -63,11 +93,5 @@ class ChangedFiles:
                     continue
                 signature = (st.st_size, st.st_mtime_ns, st.st_ino)
                 rel = os.path.relpath(path, local_path).replace(os.sep, "/")
-                if "/" not in rel or self._sent.get(rel) != signature:
+                if self._sent.get(rel) != signature:
                     yield rel, signature
-
-
-    def order(self, rel: str) -> tuple[int, str]:
-        """Trials' files first, then the study's own, the ``last`` pattern's last."""
-        top = "/" not in rel
-        return (2 if top and self.last and fnmatch.fnmatch(rel, self.last) else 1 if top else 0), rel
