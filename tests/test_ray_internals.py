@@ -246,14 +246,9 @@ def test_tunes_state_reaches_the_study_folder_through_the_studys_upload(tmp_path
         class _tune_controller:
             _checkpoint_manager = manager
 
-    uploads = []
-
-    def new_upload():
-        uploads.append(ChangedFiles())
-        return uploads[-1]
-
-    assert ray_internals.upload_state_with(Wrapper(), new_upload) is True
-    assert ray_internals.upload_state_with(Wrapper(), new_upload) is True and len(uploads) == 1   # once
+    uploads = [ChangedFiles(), ChangedFiles()]
+    assert ray_internals.upload_state_with(Wrapper(), uploads[0]) is True
+    assert ray_internals.upload_state_with(Wrapper(), uploads[1]) is True   # the first stays
     staged = Path(storage.experiment_driver_staging_path)
 
     def save():
@@ -270,4 +265,5 @@ def test_tunes_state_reaches_the_study_folder_through_the_studys_upload(tmp_path
     # The trials' storage (the study's, copied into each trial and pickled to its worker) keeps Ray's syncer.
     assert storage.syncer._sync_up_command.__func__ is _FilesystemSyncer._sync_up_command
     assert b"ChangedFiles" not in pickle.dumps(storage.syncer)
-    assert ray_internals.upload_state_with(object(), new_upload) is False   # gone: Ray's own copy
+    assert not uploads[1]._sent
+    assert ray_internals.upload_state_with(object(), uploads[1]) is False   # gone: Ray's own copy

@@ -56,6 +56,22 @@ def test_only_changed_trial_files_are_sent_again(tmp_path):
     assert send(ChangedFiles(), local, fs, dest) == 8   # a new run sends everything once
 
 
+def test_an_ended_trials_files_are_sent_once_more_then_never_looked_at(tmp_path):
+    local, dest = staging(tmp_path / "staging"), tmp_path / "study"
+    up, fs = ChangedFiles(), pafs.LocalFileSystem()
+    assert send(up, local, fs, dest) == 7
+    up.ended("t1")
+    with open(local / "t1" / "result.json", "a") as f:   # its last result, written as it ended
+        f.write("r1 last\n")
+    assert send(up, local, fs, dest) == 5 and (dest / "t1" / "result.json").read_text() == "r1\nr1 last\n"
+    for trial in ("t1", "t2"):
+        with open(local / trial / "result.json", "a") as f:
+            f.write("more\n")
+    assert send(up, local, fs, dest) == 5   # t2's, and the state files
+    assert (dest / "t1" / "result.json").read_text() == "r1\nr1 last\n"
+    assert (dest / "t2" / "result.json").read_text() == "r2\nmore\n"
+
+
 def test_state_files_are_sent_as_the_save_left_them(tmp_path):
     # Tune writes its experiment state in place, and its copy of one save runs beside the next save: what is
     # sent is what the save had written when the copy was asked for, not what the next is writing.

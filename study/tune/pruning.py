@@ -10,6 +10,7 @@ answer travels on Ray's own authenticated channels.
 from __future__ import annotations
 
 import asyncio
+import posixpath
 
 import ray
 from ray.tune.schedulers import FIFOScheduler, TrialScheduler
@@ -56,16 +57,35 @@ class OptunaPruningScheduler(UsesDriver, FIFOScheduler):
         self.searcher = searcher
         self._driver = driver
 
-    def __getstate__(self):   # Ray pickles the scheduler (tuner.pkl): never the driver state
-        return self._pickled(self.__dict__)
+    def __getstate__(self):   # Ray pickles the scheduler (tuner.pkl): never the driver state, nor its uploader
+        return {k: v for k, v in self._pickled(self.__dict__).items() if k != "_upload"}
 
     def on_trial_add(self, tune_controller, trial):
         super().on_trial_add(tune_controller, trial)
         self.searcher.note_readded(trial.trial_id)
         ray_internals.save_state_on_period(tune_controller)
         ray_internals.save_state_after_this_step(tune_controller)
-        ray_internals.upload_state_with(
-            tune_controller, lambda: ChangedFiles(last=ray_internals.saved_state_patterns()["experiment"]))
+        ray_internals.upload_state_with(tune_controller, self._uploader)
+
+    @property
+    def _uploader(self) -> ChangedFiles:
+        """How Tune's state reaches the study folder in this run (made here: Ray pickles the scheduler without it)."""
+        if self.__dict__.get("_upload") is None:
+            self._upload = ChangedFiles(last=ray_internals.saved_state_patterns()["experiment"])
+        return self._upload
+
+    def on_trial_complete(self, tune_controller, trial, result):
+        super().on_trial_complete(tune_controller, trial, result)
+        self._trial_ended(trial)
+
+    def on_trial_remove(self, tune_controller, trial):
+        super().on_trial_remove(tune_controller, trial)
+        self._trial_ended(trial)
+
+    def _trial_ended(self, trial) -> None:
+        # Not on_trial_error: Tune calls it also for a trial it retries, whose folder gets more logs.
+        if trial.path:
+            self._uploader.ended(posixpath.basename(trial.path.rstrip("/")))
 
     def on_trial_result(self, tune_controller, trial, result: dict) -> str:
         # "done": Tune repeats a trial's last result when its function returns (for a restored trial that

@@ -84,9 +84,9 @@ def save_state_on_period(tune_controller) -> bool:
     return False
 
 
-def upload_state_with(tune_controller, new_uploader) -> bool:
+def upload_state_with(tune_controller, uploader) -> bool:
     """Have Tune copy its saved experiment state from its driver staging folder into the study folder with
-    the uploader that ``new_uploader()`` makes, once per controller (``study.tune.upload.ChangedFiles``): at
+    ``uploader`` (``study.tune.upload.ChangedFiles``; the first one given to a controller stays): at
     each copy Tune asks for, its ``prepare(local_path)`` runs in the driver's thread, right after Tune's save,
     and the ``send(fs, fs_path)`` it returns in Tune's background thread. Returns whether it does.
 
@@ -107,7 +107,6 @@ def upload_state_with(tune_controller, new_uploader) -> bool:
         return False
     if getattr(original, "study_upload", False):
         return True
-    uploader = new_uploader()
 
     def command(local_path: str, uri: str, exclude=None):
         if exclude or not os.path.isdir(local_path):
