@@ -1,6 +1,7 @@
 """How Tune's saved state reaches the study folder (study.tune.upload): only files changed since they were sent,
 each whole, Tune's experiment state last; and a driver killed while it copies leaves no file cut short, where
 Ray's own copy does."""
+import json
 import os
 import signal
 import subprocess
@@ -149,3 +150,18 @@ def test_a_copier_killed_mid_copy_leaves_each_file_whole(tmp_path):
     assert cut_files_after_kills("ours", tmp_path / "ours", 6) == 0
     # The same kills in Ray's own copy leave files cut short (what made a resume fail before).
     assert cut_files_after_kills("ray", tmp_path / "ray", 6) > 0
+
+
+def test_the_state_copy_benchmark_smoke(tmp_path):
+    out_file = tmp_path / "copy.json"
+    p = subprocess.run([sys.executable, str(Path(__file__).resolve().parent.parent / "scripts" / "bench_state_copy.py"),
+                        "--trials", "20", "--running", "3", "--json", str(out_file)],
+                       capture_output=True, text=True, timeout=300, check=False)
+    assert p.returncode == 0, p.stderr[-2000:]
+    out = json.loads(p.stdout)
+    assert out == json.loads(out_file.read_text())
+    assert out["files"] == 20 * 5 + 4 and out["study_files_sent"] == 3 + 4   # the running trials' logs, the state
+    assert out["ray_copy_s"] > 0 and out["study_copy_s"] > 0
+    bad = subprocess.run([sys.executable, str(Path(__file__).resolve().parent.parent / "scripts" / "bench_state_copy.py"),
+                          "--trials", "5", "--running", "9"], capture_output=True, text=True, timeout=120, check=False)
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith("bench_state_copy.py: error:")

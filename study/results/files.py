@@ -61,15 +61,16 @@ def write_error(path: str, e: OSError, kept: str = "this file keeps its last goo
         f"make {parent} writable, then continue the study with --resume")
 
 
-def write_bytes(fs: pafs.FileSystem, path: str, data: bytes, make_parent: bool = True) -> None:
+def write_bytes(fs: pafs.FileSystem, path: str, data: bytes, make_parent: bool = True, sync: bool = True) -> None:
     """Replace ``path`` with ``data`` at once: a reader sees the old bytes or the new, never part of them.
-    ``make_parent=False``: its folder exists (or, on an object store, need not)."""
+    ``make_parent=False``: its folder exists (or, on an object store, need not); ``sync=False``: on a disk,
+    not flushed to it before the rename (a killed process still leaves it whole; a power loss may not)."""
     parent, base = path.rsplit("/", 1)
     try:
         if make_parent:
             fs.create_dir(parent, recursive=True)
         if is_local(fs):
-            _write_local(parent, base, data)
+            _write_local(parent, base, data, sync)
         else:  # An object store's PUT is atomic already.
             with fs.open_output_stream(path) as f:
                 f.write(data)
@@ -77,7 +78,7 @@ def write_bytes(fs: pafs.FileSystem, path: str, data: bytes, make_parent: bool =
         raise write_error(path, e) from e
 
 
-def _write_local(parent: str, base: str, data: bytes) -> None:
+def _write_local(parent: str, base: str, data: bytes, sync: bool = True) -> None:
     # Written beside the target and renamed: readers never see a partial file. os.open with 0o666
     # lets the umask decide the mode (mkstemp would make it 0600: unreadable for the rest of a team).
     # The dot prefix hides the temporary from Parquet dataset readers.
@@ -87,7 +88,8 @@ def _write_local(parent: str, base: str, data: bytes) -> None:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
-            os.fsync(f.fileno())  # a full disk shows here, before the old version is replaced
+            if sync:
+                os.fsync(f.fileno())  # a full disk shows here, before the old version is replaced
         os.replace(tmp, f"{parent}/{base}")
     except BaseException:
         try:

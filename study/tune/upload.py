@@ -72,7 +72,7 @@ class ChangedFiles:
         for rel, signature in sorted(self._changed(local_path)):
             try:
                 with open(os.path.join(local_path, rel), "rb") as f:
-                    self._put(fs, fs_path, rel, f.read())
+                    self._put(fs, fs_path, rel, f.read(), sync=False)   # logs: a power loss may cut them
             except FileNotFoundError:   # gone from the staging folder since it was listed
                 continue
             self._sent[rel] = signature
@@ -86,10 +86,10 @@ class ChangedFiles:
         """The order of the state files: the ``last`` pattern's after the others."""
         return bool(self.last) and fnmatch.fnmatch(name, self.last), name
 
-    def _put(self, fs: pafs.FileSystem, fs_path: str, rel: str, data: bytes) -> None:
+    def _put(self, fs: pafs.FileSystem, fs_path: str, rel: str, data: bytes, sync: bool = True) -> None:
         path = f"{fs_path.rstrip('/')}/{rel}"
         parent = path.rsplit("/", 1)[0]
-        write_bytes(fs, path, data, make_parent=is_local(fs) and parent not in self._made)
+        write_bytes(fs, path, data, make_parent=is_local(fs) and parent not in self._made, sync=sync)
         self._made.add(parent)
 
     def _changed(self, local_path: str):
