@@ -200,7 +200,9 @@ def test_ended_trials_are_left_out_of_the_experiment_state_tunes_restore_reads(t
     newest.write_text(json.dumps(state))
     fs = pafs.LocalFileSystem()
     assert _find_newest_experiment_checkpoint(str(tmp_path), fs) == str(newest)
-    assert ray_internals.forget_ended_trials(str(tmp_path), fs) == 2
+    seen = set()
+    assert ray_internals.forget_ended_trials(str(tmp_path), fs, seen) == 2
+    assert seen == set(statuses)   # every trial's id, the ended ones too
     after = json.loads(newest.read_text())
     # The first stays, ended or not: Ray 2.60's restore takes the experiment's timestamp from it.
     assert [json.loads(p[0])["trial_id"] for p in after["trial_data"]] == ["a", "b", "c", "e", "f"]
@@ -267,3 +269,28 @@ def test_tunes_state_reaches_the_study_folder_through_the_studys_upload(tmp_path
     assert b"ChangedFiles" not in pickle.dumps(storage.syncer)
     assert not uploads[1]._sent
     assert ray_internals.upload_state_with(object(), uploads[1]) is False   # gone: Ray's own copy
+
+
+def test_a_restored_search_makes_only_the_trials_the_study_still_needs(tmp_path):
+    # Ray 2.60: SearchGenerator restores "counter" (trials made), "total_samples" and "finished" from
+    # search_gen_state-*.json, and makes total_samples - counter more trials.
+    import ray.cloudpickle as cloudpickle
+    import inspect
+
+    from ray.tune.search import SearchGenerator
+    source = inspect.getsource(SearchGenerator)
+    assert all(f'"{key}": self._' in source for key in ("counter", "total_samples", "finished"))
+    fs = pafs.LocalFileSystem()
+    state = tmp_path / "search_gen_state-2026.json"
+    state.write_bytes(cloudpickle.dumps({"counter": 3, "total_samples": 5, "finished": False, "experiment": None}))
+
+    def saved():
+        return {k: v for k, v in cloudpickle.loads(state.read_bytes()).items() if k != "experiment"}
+
+    # Saved before the fourth trial was made, which the tables hold: Tune makes one more, not two.
+    assert ray_internals.set_total_trials(str(tmp_path), fs, 5, created=4) == 1
+    assert saved() == {"counter": 4, "total_samples": 5, "finished": False}
+    assert ray_internals.set_total_trials(str(tmp_path), fs, 5, created=2) == 0   # never lowered
+    assert ray_internals.set_total_trials(str(tmp_path), fs, 4) == 1
+    assert saved() == {"counter": 4, "total_samples": 4, "finished": True}
+    assert ray_internals.saved_total_trials(str(tmp_path), fs) == (4, 4)

@@ -20,12 +20,13 @@ import study.tune.raystart  # noqa: F401 - Tune's settings in the environment, w
 from study.cli import UsageError
 from study.config import ConfigError
 from study.engine import STRUCTURE
+from study.results import read_table
 from study.space import Space
 from study.tune.callback import ResultsCallback
 from study.tune.moved import alias_moved_modules
 from study.tune.pruning import OptunaPruningScheduler, PackDecisions, TimedPruningScheduler
 from study.tune.saved import experiment_path, storage_args
-from study.tune.searcher import OptunaSearcher, describe_study, open_study
+from study.tune.searcher import OptunaSearcher, describe_study, open_study, tune_trial_id
 from study.tune.state import DriverState, UsesDriver
 from study.tune.timings import DriverTimings
 from study.tune.trainable import make_trainable, trial_name
@@ -185,11 +186,21 @@ def _restore(s: StudySettings, fn, driver: DriverState) -> StudyTuner:
     alias_moved_modules()   # a study an earlier version started names its classes by their old modules
     path, fs = experiment_path(s.study_root)
     ray_internals.rebase_search_state(path, fs)
-    ray_internals.set_total_trials(path, fs, math.ceil(s.num_samples / s.pack))
-    ray_internals.forget_ended_trials(path, fs)   # the tables and Optuna keep them; Tune's restore of each is slow
+    saved: set[str] = set()
+    ray_internals.forget_ended_trials(path, fs, saved)   # the tables and Optuna keep them; Tune's restore is slow
+    # Tune's count of trials made may predate the last ones, which the tables hold (a kill before its state
+    # reached the study folder): counted from both, Tune makes only the trials the study still needs.
+    created = len(saved | tune_trials_in_tables(s.study_root, s.pack))
+    ray_internals.set_total_trials(path, fs, math.ceil(s.num_samples / s.pack), created)
     tuner = tune.Tuner.restore(path, trainable=fn, resume_unfinished=True, resume_errored=True,
                                storage_filesystem=fs)
     return StudyTuner(tuner, driver, bind_restored(ray_internals.restored_parts(tuner), driver))
+
+
+def tune_trials_in_tables(study_root: str, pack: int) -> set[str]:
+    """The Tune trials the results tables hold a row of (a pack's members count once)."""
+    trials = read_table(study_root, "trials")
+    return set() if trials is None else {tune_trial_id(t, pack) for t in trials.trial_id}
 
 
 def bind_restored(parts: list, driver: DriverState) -> ResultsCallback:

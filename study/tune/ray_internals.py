@@ -9,7 +9,7 @@ loudly there and not in a user's study.
 - ``upload_state_with``: nor to choose how the saved state is copied into the study folder.
 - ``announce_actor_name``: Ray's log prefix marker for an actor's lines.
 - ``rebase_search_state``: the storage pickled in Tune's ``search_gen_state-*.json``.
-- ``saved_total_trials`` / ``set_total_trials``: the search's total and "finished" flag in that file.
+- ``saved_total_trials`` / ``set_total_trials``: the search's total, count and "finished" flag in that file.
 - ``forget_ended_trials``: the trials in Tune's newest ``experiment_state-*.json``.
 - ``saved_state_patterns`` / ``saved_files``: which of its saved files Tune's restore reads.
 - ``restored_parts``: the searcher, scheduler and callbacks ``Tuner.restore`` unpickled.
@@ -202,22 +202,26 @@ def saved_total_trials(path: str, fs: pafs.FileSystem) -> tuple[int, int] | None
     return int(state.get("counter", 0)), int(state.get("total_samples", 0))
 
 
-def set_total_trials(path: str, fs: pafs.FileSystem, total: int) -> int:
-    """Give a restored study ``total`` Tune trials in all: Tune restores its search's total and its
-    "finished" flag from ``search_gen_state-*.json`` and has no public call to raise them, so a finished
-    study could never run more trials. Returns the files changed."""
+def set_total_trials(path: str, fs: pafs.FileSystem, total: int, created: int = 0) -> int:
+    """Give a restored study ``total`` Tune trials in all, ``created`` or more of them made already: Tune
+    restores its search's total, its count of trials made and its "finished" flag from
+    ``search_gen_state-*.json`` and has no public call to change them. A finished study could never run
+    more trials; and a count saved before the last trials it made (a kill before Tune's state reached
+    the study folder, those trials already in the tables) would make Tune run that many more than the
+    total. Returns the files changed."""
     changed = 0
     for info, state in list(_search_gen_states(path, fs)):
-        if state.get("total_samples") == total:
+        counter = max(int(state.get("counter", 0)), created)
+        if state.get("total_samples") == total and state.get("counter") == counter:
             continue
-        state["total_samples"] = total
-        state["finished"] = int(state.get("counter", 0)) >= total
+        state["total_samples"], state["counter"] = total, counter
+        state["finished"] = counter >= total
         _write_state(fs, info, state)
         changed += 1
     return changed
 
 
-def forget_ended_trials(path: str, fs: pafs.FileSystem) -> int:
+def forget_ended_trials(path: str, fs: pafs.FileSystem, seen: set[str] | None = None) -> int:
     """Leave the trials that ended (TERMINATED) out of the experiment state Tune's restore reads; returns
     how many were left out.
 
@@ -226,7 +230,8 @@ def forget_ended_trials(path: str, fs: pafs.FileSystem) -> int:
     writes them all again at every save: at 10,000 trials, a minute before the first new trial. An ended
     trial is never run again (the study resumes unfinished and errored trials only) and the study's
     results tables and Optuna study keep all of it, so the resumed Tune need not know it. Errored,
-    running, pending and paused trials stay, and so does the first trial. Ray 2.60: the newest file by name (``TuneController.
+    running, pending and paused trials stay, and so does the first trial. ``seen`` is given every trial's id.
+    Ray 2.60: the newest file by name (``TuneController.
     CKPT_FILE_TMPL``), a JSON object whose ``trial_data`` holds a [JSON state, JSON run metadata] pair
     per trial."""
     try:
@@ -239,6 +244,8 @@ def forget_ended_trials(path: str, fs: pafs.FileSystem) -> int:
     with fs.open_input_stream(newest) as f:
         state = json.loads(f.read())
     pairs = state.get("trial_data", [])
+    if seen is not None:   # every trial's id, the ended ones too
+        seen.update(json.loads(pair[0]).get("trial_id") for pair in pairs)
     # The first stays whatever its status: the restore takes the experiment's timestamp from it (and fails
     # on an empty list, then starting the study afresh).
     kept = pairs[:1] + [pair for pair in pairs[1:] if json.loads(pair[0]).get("status") != "TERMINATED"]

@@ -63,6 +63,11 @@ def member_id(trial_id: str, k: int, pack: int) -> str:
     return trial_id if pack == 1 else f"{trial_id}_m{k}"
 
 
+def tune_trial_id(result_id: str, pack: int) -> str:
+    """The Tune trial of the results' trial_id ``result_id`` (``member_id``'s inverse)."""
+    return result_id if pack == 1 else result_id.rsplit("_m", 1)[0]
+
+
 def open_study(storage: optuna.storages.BaseStorage, name: str, space, seed: int, objectives: tuple[str, ...],
                ) -> optuna.Study:
     """The Optuna study ``name`` (made if new) with the space's sampler and pruner.
