@@ -12,8 +12,7 @@
    until its first trial starts (``resume_first_trial_s``: one the study left unfinished, restarted, or a new
    one) and until the first new one is in the trials table (``resume_first_new_trial_s``: later when the
    restarted ones hold every slot); then it is stopped with SIGTERM (as a user would stop it), and how long
-   it took to stop is timed too. (Ray's saved state knows only the trials the driver ran,
-   not the filled ones, so left alone the resumed driver would run the filled total again.)
+   it took to stop is timed too.
 
 ``--study DIR`` times steps 3 on a study made before (by this script, or any study). Prints one JSON object
 of the figures (seconds) and the study's folder. The synthetic study's own run and the filling are not timed.
