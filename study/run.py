@@ -166,11 +166,11 @@ class Ending:
 
 
 def _main(argv: list[str], own_session: bool = False) -> int:
-    args = parse(argv)
-    if own_session and not args.plan and not (args.address or in_ray_job()) and own_session_wanted():
-        # A private Ray: the study and its Ray run in a session of their own (see in_own_session).
-        return in_own_session([sys.executable, "-m", "study.run", *argv])
-    try:
+    try:   # a signal while the options are read is the same as one later, before the study starts
+        args = parse(argv)
+        if own_session and not args.plan and not (args.address or in_ray_job()) and own_session_wanted():
+            # A private Ray: the study and its Ray run in a session of their own (see in_own_session).
+            return in_own_session([sys.executable, "-m", "study.run", *argv])
         space = checked_space(args)
         study = open_study(args, space)   # the same checks for --plan as for a run: nothing written, no Ray
         if args.plan:

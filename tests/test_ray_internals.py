@@ -263,7 +263,7 @@ def test_tunes_state_reaches_the_study_folder_through_the_studys_upload(tmp_path
     study = tmp_path / "studies" / "exp"
     assert (study / "experiment_state-2026.json").read_text() == '{"n": 1}'
     assert (study / "trial_1" / "result.json").read_text() == "{}\n"
-    assert list(uploads[0]._sent) == ["trial_1/result.json"]   # its memory of the trial files it sent
+    assert sorted(uploads[0]._sent) == ["experiment_state-2026.json", "trial_1/result.json"]   # what it sent
     # The trials' storage (the study's, copied into each trial and pickled to its worker) keeps Ray's syncer.
     assert storage.syncer._sync_up_command.__func__ is _FilesystemSyncer._sync_up_command
     assert b"ChangedFiles" not in pickle.dumps(storage.syncer)

@@ -73,6 +73,18 @@ def test_an_ended_trials_files_are_sent_once_more_then_never_looked_at(tmp_path)
     assert (dest / "t2" / "result.json").read_text() == "r2\nmore\n"
 
 
+def test_an_earlier_runs_state_files_are_sent_once(tmp_path):
+    local, dest = staging(tmp_path / "staging"), tmp_path / "study"
+    old = local / "experiment_state-2025.json"   # a resumed study's staging folder holds every run's
+    old.write_text('{"earlier": 1}')
+    hours_ago = time.time() - 7200
+    os.utime(old, (hours_ago, hours_ago))
+    up, fs = ChangedFiles(), pafs.LocalFileSystem()
+    assert send(up, local, fs, dest) == 8
+    assert send(up, local, fs, dest) == 4   # this run's four, not the earlier one
+    assert (dest / "experiment_state-2025.json").read_text() == '{"earlier": 1}'
+
+
 def test_state_files_are_sent_as_the_save_left_them(tmp_path):
     # Tune writes its experiment state in place, and its copy of one save runs beside the next save: what is
     # sent is what the save had written when the copy was asked for, not what the next is writing.

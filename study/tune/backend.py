@@ -198,9 +198,14 @@ def _restore(s: StudySettings, fn, driver: DriverState) -> StudyTuner:
 
 
 def tune_trials_in_tables(study_root: str, pack: int) -> set[str]:
-    """The Tune trials the results tables hold a row of (a pack's members count once)."""
+    """The Tune trials the results tables hold as having run (a pack's members count once): not those still
+    RUNNING there, which a restore either goes on with (Tune's state has them) or fails as orphans that
+    new trials replace, nor those failed as orphans before."""
     trials = read_table(study_root, "trials")
-    return set() if trials is None else {tune_trial_id(t, pack) for t in trials.trial_id}
+    if trials is None:
+        return set()
+    ran = (trials.status != "RUNNING") & ~trials.error.fillna("").str.startswith("orphaned")
+    return {tune_trial_id(t, pack) for t in trials.trial_id[ran]}
 
 
 def bind_restored(parts: list, driver: DriverState) -> ResultsCallback:

@@ -7,7 +7,8 @@ short, which no resume can read. ``ChangedFiles.upload`` takes that copy's place
 (``ray_internals.upload_state_with``):
 
 - the few files of the study's own state (the folder's top level) are read in the driver's thread just
-  after Tune's save, so each is sent as that save left it, and sent every time, as Tune does;
+  after Tune's save, so each is sent as that save left it; this run's at every save, as Tune does, an
+  earlier run's (a resumed study's staging folder holds every run's) once;
 - a trial's log file is sent when its size, modification time or inode differ from when it was last sent
   (stat before the read: a file changed while it is read is sent again next time), and once its trial
   has ended and its files were sent after, its folder is no longer looked at (a save's cost follows the
@@ -22,11 +23,16 @@ from __future__ import annotations
 
 import fnmatch
 import os
+import time
 from collections.abc import Callable
 
 import pyarrow.fs as pafs
 
 from study.results import is_local, write_bytes
+
+
+# A state file written this long ago, and sent since, is an earlier run's: not sent again.
+RECENT_S = 60.0
 
 
 class ChangedFiles:
@@ -35,7 +41,7 @@ class ChangedFiles:
 
     def __init__(self, last: str = "") -> None:
         self.last = last   # a file name pattern of the top level, sent after the rest
-        self._sent: dict[str, tuple[int, int, int]] = {}   # trial file -> (size, mtime_ns, inode) when sent
+        self._sent: dict[str, tuple[int, int, int]] = {}   # file -> (size, mtime_ns, inode) when sent
         self._made: set[str] = set()   # folders made on a disk (an object store has none to make)
         self._ending: set[str] = set()   # trials' folders whose trial ended since the last prepare
         self._done: set[str] = set()   # trials' folders sent after their trial ended: never looked at again
@@ -55,19 +61,27 @@ class ChangedFiles:
         save, so a copy that read the folder itself could send that file half written (a burst's SIGKILL
         left one so). Read here, each is as the save left it."""
         top = {}
+        now = time.time()
         with os.scandir(local_path) as entries:
             for entry in entries:
-                if entry.is_file() and not entry.name.startswith(".tmp"):   # Tune's temporaries, being renamed
-                    with open(entry.path, "rb") as f:
-                        top[entry.name] = f.read()
+                if not entry.is_file() or entry.name.startswith(".tmp"):   # Tune's temporaries, being renamed
+                    continue
+                st = entry.stat()
+                signature = (st.st_size, st.st_mtime_ns, st.st_ino)
+                # An earlier run's state files (a resumed study's staging folder holds them all) once; this
+                # run's at every save: one rewritten within the clock's tick at the same size looks unchanged.
+                if self._sent.get(entry.name) == signature and now - st.st_mtime > RECENT_S:
+                    continue
+                with open(entry.path, "rb") as f:
+                    top[entry.name] = f.read(), signature
         ending, self._ending = self._ending, set()
         return lambda fs, fs_path: self.upload(local_path, fs, fs_path, top, ending)
 
-    def upload(self, local_path: str, fs: pafs.FileSystem, fs_path: str, top: dict[str, bytes],
+    def upload(self, local_path: str, fs: pafs.FileSystem, fs_path: str, top: dict[str, tuple[bytes, tuple]],
                ending: frozenset[str] | set[str] = frozenset()) -> int:
         """Send the trials' files under ``local_path`` that changed, then the state files ``top`` (name ->
-        bytes), to ``fs_path`` on ``fs``; the trials' folders ``ending`` are then done. Returns how many
-        files were sent."""
+        (bytes, signature)), to ``fs_path`` on ``fs``; the trials' folders ``ending`` are then done. Returns
+        how many files were sent."""
         sent = 0
         for rel, signature in sorted(self._changed(local_path)):
             try:
@@ -78,7 +92,9 @@ class ChangedFiles:
             self._sent[rel] = signature
             sent += 1
         for name in sorted(top, key=self.goes_last):
-            self._put(fs, fs_path, name, top[name])
+            data, signature = top[name]
+            self._put(fs, fs_path, name, data)
+            self._sent[name] = signature
         self._done |= ending
         return sent + len(top)
 
