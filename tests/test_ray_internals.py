@@ -181,6 +181,44 @@ def test_a_restored_trial_goes_on_from_the_newest_checkpoint_left(tmp_path):
                                            metrics={})) is None
 
 
+def test_a_restored_trial_forgets_the_checkpoints_no_longer_on_storage(tmp_path):
+    """Ray 2.60 deletes a checkpoint its manager no longer keeps and raises when it is already gone (the saved
+    state of a killed driver can name one it deleted since); the restored trial's manager forgets those."""
+    from types import SimpleNamespace
+
+    from ray.train import CheckpointConfig
+    from ray.train._internal.checkpoint_manager import _CheckpointManager, _TrainingResult
+    from ray.tune import Checkpoint
+
+    from study.tune.ray_internals import forget_missing_checkpoints
+
+    fs = pafs.LocalFileSystem()
+
+    def saved(i):
+        (tmp_path / f"checkpoint_{i:06d}").mkdir()
+        return _TrainingResult(checkpoint=Checkpoint(str(tmp_path / f"checkpoint_{i:06d}"), fs),
+                               metrics={"val_psnr": float(i)})
+
+    def manager_naming_a_deleted_checkpoint():
+        manager = _CheckpointManager(CheckpointConfig(num_to_keep=1, checkpoint_score_attribute="val_psnr",
+                                                      checkpoint_score_order="max"))
+        manager.register_checkpoint(saved(1))
+        (tmp_path / "checkpoint_000001").rmdir()   # deleted after the state that names it was saved
+        return manager
+
+    with pytest.raises(FileNotFoundError):   # Ray's own behaviour, which the function works around
+        manager_naming_a_deleted_checkpoint().register_checkpoint(saved(2))
+    manager = manager_naming_a_deleted_checkpoint()
+    trial = SimpleNamespace(run_metadata=SimpleNamespace(checkpoint_manager=manager))
+    assert forget_missing_checkpoints(trial) == 1
+    assert forget_missing_checkpoints(trial) == 0
+    manager.register_checkpoint(saved(3))
+    assert [r.checkpoint.path for r in manager.best_checkpoint_results] == [str(tmp_path / "checkpoint_000003")]
+    assert forget_missing_checkpoints(trial) == 0   # one on storage stays
+    assert len(manager.best_checkpoint_results) == 1
+    assert forget_missing_checkpoints(SimpleNamespace()) == 0   # not Ray's trial: left as it is
+
+
 def test_ended_trials_are_left_out_of_the_experiment_state_tunes_restore_reads(tmp_path):
     # Ray 2.60: the restore reads the newest experiment_state-*.json (by name) and its "trial_data" pairs.
     import json

@@ -63,6 +63,7 @@ class OptunaPruningScheduler(UsesDriver, FIFOScheduler):
     def on_trial_add(self, tune_controller, trial):
         super().on_trial_add(tune_controller, trial)
         self.searcher.note_readded(trial.trial_id)
+        ray_internals.forget_missing_checkpoints(trial)   # a restored trial's saved state may name deleted ones
         ray_internals.save_state_on_period(tune_controller)
         ray_internals.save_state_after_this_step(tune_controller)
         ray_internals.upload_state_with(tune_controller, self._uploader)

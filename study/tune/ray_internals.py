@@ -15,6 +15,7 @@ loudly there and not in a user's study.
 - ``restored_parts``: the searcher, scheduler and callbacks ``Tuner.restore`` unpickled.
 - ``checkpoint_left``: the checkpoint Tune hands a restored trial (its ``_TrainingResult``), or the newest
   one of that trial still on storage.
+- ``forget_missing_checkpoints``: the checkpoints a restored trial's checkpoint manager keeps.
 - ``STARTUP_ENV``: Ray's system config for the Ray a study starts (no idle workers started for tasks).
 """
 from __future__ import annotations
@@ -331,3 +332,26 @@ def checkpoint_left(checkpoint_result):
     newest = max(found, key=lambda f: int(f.base_name[len(prefix):]))
     log.warning("%s is gone: the trial goes on from %s", path, newest.base_name)
     return _TrainingResult(checkpoint=Checkpoint(newest.path, fs), metrics={})
+
+
+def forget_missing_checkpoints(trial) -> int:
+    """Drop from a restored trial's checkpoint bookkeeping the checkpoints no longer on storage; how many.
+
+    A saved state can name a checkpoint Tune deleted after that save (see ``checkpoint_left``). When the
+    trial's next checkpoint pushes it out, Ray 2.60 deletes it again, which raises (``_delete_fs_path`` looks
+    it up before its ``try``): Tune logs "Error handling checkpoint" with a traceback and skips marking the
+    trial for its next save. Ray 2.60's ``trial.run_metadata.checkpoint_manager._checkpoint_results``;
+    without it, Ray's behaviour. A new trial has none, so this costs a lookup per kept checkpoint of a
+    restored trial only.
+    """
+    try:
+        manager = trial.run_metadata.checkpoint_manager
+        results = manager._checkpoint_results
+    except AttributeError as e:
+        log.debug("cannot look at a restored trial's checkpoints: %s", e)
+        return 0
+    kept = [r for r in results if r.checkpoint is None
+            or r.checkpoint.filesystem.get_file_info(r.checkpoint.path).type != pafs.FileType.NotFound]
+    if len(kept) < len(results):
+        manager._checkpoint_results = kept
+    return len(results) - len(kept)
