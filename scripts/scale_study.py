@@ -11,7 +11,8 @@
    ``python -m study.info``, ``python -m analysis``, and ``python -m study.run --resume`` with 4 more trials
    until its first trial starts (``resume_first_trial_s``: one the study left unfinished, restarted, or a new
    one) and until the first new one is in the trials table (``resume_first_new_trial_s``: later when the
-   restarted ones hold every slot); then it is stopped with SIGTERM (as a user would stop it), and how long
+   restarted ones hold every slot), and until that new trial was asked of Optuna (``resume_first_asked_s``:
+   Tune scheduled it, its configuration drawn; its worker then starts); then it is stopped with SIGTERM (as a user would stop it), and how long
    it took to stop is timed too.
 
 ``--study DIR`` times steps 3 on a study made before (by this script, or any study). Prints one JSON object
@@ -22,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -51,16 +53,32 @@ def started(trials, before) -> tuple[bool, bool]:
     return new or bool((now > restarts).any()), new
 
 
-def first_new_trial(cmd: list[str], study: Path, before) -> tuple[float, float, float]:
-    """Seconds from the command's start until a trial (restored or new) started, and until a trial it made
-    is in the trials table; and from the SIGTERM then sent to its exit."""
+def optuna_trials(study: Path) -> int | None:
+    """How many trials the study's own SQLite Optuna study holds (None: it has none here, or it is busy)."""
+    try:
+        con = sqlite3.connect(f"file:{study / 'optuna.db'}?mode=ro", uri=True, timeout=0.05)
+        try:
+            return con.execute("SELECT COUNT(*) FROM trials").fetchone()[0]
+        finally:
+            con.close()
+    except sqlite3.Error:
+        return None
+
+
+def first_new_trial(cmd: list[str], study: Path, before) -> tuple[float, float, float, float]:
+    """Seconds from the command's start until its first new trial was asked of Optuna (Tune scheduled it: its
+    configuration drawn), until a trial (restored or new) started, and until a trial it made is in the trials
+    table; and from the SIGTERM then sent to its exit."""
     from study.results import read_table
 
+    asked_before = optuna_trials(study)
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    first = new = None
+    first = new = asked = None
     while proc.poll() is None and new is None:
         time.sleep(0.25)
+        if asked is None and asked_before is not None and (optuna_trials(study) or 0) > asked_before:
+            asked = time.perf_counter() - t0
         trials = read_table(str(study), "trials")
         if trials is not None:
             any_started, new_started = started(trials, before)
@@ -72,7 +90,7 @@ def first_new_trial(cmd: list[str], study: Path, before) -> tuple[float, float, 
     _, err = proc.communicate()
     if proc.returncode not in (0, 128 + signal.SIGTERM):
         raise SystemExit(f"error: --resume failed (exit {proc.returncode}): {err[-800:]}")
-    return (round(first if first is not None else float("nan"), 2), round(new if new is not None else float("nan"), 2),
+    return (*(round(t if t is not None else float("nan"), 2) for t in (asked, first, new)),
             round(time.perf_counter() - t1, 2))
 
 
@@ -110,10 +128,10 @@ def time_readers(study: Path, space: Path) -> dict:
     ended = int(trials.status.isin(["DONE", "PRUNED"]).sum())
     total = max(json.loads((study / "study.json").read_text())["num_samples"], ended) + MORE
     resume = run_command(space, study.parent) + ["--name", study.name, "--resume", "--num-samples", str(total)]
-    first_s, new_s, stop_s = first_new_trial(resume, study, trials)
+    asked_s, first_s, new_s, stop_s = first_new_trial(resume, study, trials)
     return {"trials": len(trials), "rows": counts.strip(), "read_tables_s": float(counts.split()[0]),
             "read_tables_process_s": read_s, "info_s": info_s, "analysis_s": analysis_s,
-            "resume_first_trial_s": first_s, "resume_first_new_trial_s": new_s, "resume_stop_s": stop_s, "study": str(study)}
+            "resume_first_asked_s": asked_s, "resume_first_trial_s": first_s, "resume_first_new_trial_s": new_s, "resume_stop_s": stop_s, "study": str(study)}
 
 
 def main() -> int:

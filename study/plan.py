@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import glob
 import itertools
 import json
 import math
@@ -25,7 +26,7 @@ import time
 from dataclasses import dataclass, field, replace
 
 from study import cli
-from study.engine import Structure, Timing, device_name, on_line, pick_device, scaled, time_structure, within
+from study.engine import Structure, Timing, on_line, scaled, time_structure, within   # torch-free (study.engine)
 
 # The axes that fix a trial's cost (and a pack's shared structure), besides the dataset.
 AXES = ("resolution", "depth", "sampling", "output", "base_filters", "max_filters", "batch_size")
@@ -232,6 +233,7 @@ class Request:
 def estimate(space, request: Request | None = None, **fields) -> Plan:
     """The plan of a study of ``space`` for ``request`` (or Request's ``fields`` as keywords, over it): times
     the smallest and largest structures, models the rest. Writes nothing, starts no Ray."""
+    from study.engine import device_name, pick_device   # torch: only a plan that times needs it
     r = replace(request, **fields) if request is not None else Request(**fields)
     start = time.perf_counter()
     facts, grids = structures(space, r.data_root)
@@ -476,10 +478,22 @@ def format_plan(plan: Plan) -> str:
 # ---------------------------------------------------------------- command line
 
 
+# Device nodes of the GPU drivers torch.cuda uses (NVIDIA's, ROCm's, WSL's): without one there is no GPU.
+GPU_DEVICE_NODES = ("/dev/nvidia*", "/dev/kfd", "/dev/dxg")
+
+
 def local_resources(num_cpus: int | None = None, num_gpus: int | None = None) -> dict:
     """What a local Ray of ``study.run --num-cpus/--num-gpus`` would advertise, in Ray's names."""
+    return {"CPU": num_cpus or os.cpu_count() or 1, "GPU": local_gpus() if num_gpus is None else num_gpus}
+
+
+def local_gpus() -> int:
+    """The GPUs torch sees here; on a machine without a GPU driver's device node, 0 without importing torch
+    (seconds of every run's checks)."""
+    if not any(glob.glob(pattern) for pattern in GPU_DEVICE_NODES):
+        return 0
     import torch
-    return {"CPU": num_cpus or os.cpu_count() or 1, "GPU": torch.cuda.device_count() if num_gpus is None else num_gpus}
+    return torch.cuda.device_count()
 
 
 def parser() -> argparse.ArgumentParser:

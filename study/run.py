@@ -93,6 +93,7 @@ class Study:
     cache_dir: str
     address: str | None         # the Ray cluster it joins; None: a private local Ray
     resources: dict             # each trial's
+    optuna_read: Any = None     # a resumed study's Optuna study being read meanwhile (study.tune.preread)
 
 
 def plan_request(study: Study):
@@ -215,14 +216,16 @@ def open_study(args: argparse.Namespace, space) -> Study:
     if args.pack is not None and args.pack > 1 and space.enqueue:
         raise UsageError(f"--pack {args.pack}: {space.path} has an `enqueue` list, which needs pack 1 (a pack's "
                          f"members share one structure); leave --pack out")
+    read = None
     if args.resume:
+        read = read_ahead(args, root, meta)
         meta = {**meta, "num_samples": check_resume(args, space, root, meta, space_changed)}
     clock = StudyClock(spent_before_s=spent_before(root) if meta is not None else 0.0)
     budget = time_budget(args, meta, space, clock)
     data_root, cache_dir = data_places(args)
     address = ray_address(args)
     return Study(args, space, name, root, meta, space_changed, clock, budget, data_root, cache_dir, address,
-                 trial_resources(args, space))
+                 trial_resources(args, space), read)
 
 
 def existing_study(args: argparse.Namespace, space, root: str) -> dict | None:
@@ -268,16 +271,27 @@ def check_grayscale_rule(meta: dict, root: str) -> None:
                          f"{fix[1:]}, or start a new study with --name (nothing was changed)")
 
 
+def read_ahead(args: argparse.Namespace, root: str, meta: dict):
+    """Check that the study's Optuna database holds it, then have a process of its own read its trials while
+    the driver goes on (study.tune.preread; it reads seconds' worth in a study of 10,000 trials). None for
+    ``--plan``, which does not read them."""
+    url = runtime_url(meta["optuna_storage"], root, args.optuna_storage)
+    check_resume_database(url, meta["optuna_study_name"])
+    if args.plan:
+        return None
+    from study.tune.preread import OptunaRead
+    return OptunaRead(url, meta["optuna_study_name"])
+
+
 def check_resume(args: argparse.Namespace, space, root: str, meta: dict, space_changed: bool) -> int:
-    """What ``--resume`` needs besides study.json: Ray's saved state, a search state this version reads, the
-    study's pack, its own Optuna database and a space file Optuna can still draw from. Returns the study's
-    total of trials (``--num-samples`` may raise it)."""
+    """What ``--resume`` needs besides study.json and its Optuna database (``read_ahead``): Ray's saved state,
+    a search state this version reads, the study's pack and a space file Optuna can still draw from. Returns
+    the study's total of trials (``--num-samples`` may raise it)."""
     check_saved_state(root)
     if args.pack is not None and args.pack != meta.get("pack", 1):
         raise UsageError(f"--pack {args.pack}: the study was started with pack {meta.get('pack', 1)}; "
                          f"a resumed study keeps its pack size (leave --pack out)")
     url = runtime_url(meta["optuna_storage"], root, args.optuna_storage)
-    check_resume_database(url, meta["optuna_study_name"])
     total = meta.get("num_samples")
     if args.num_samples is not None:
         from study.tune import saved_total_trials
@@ -430,7 +444,7 @@ def prepared_while_ray_starts(study: Study) -> Future:
             return None
         url = runtime_url(meta["optuna_storage"], study.root, args.optuna_storage)
         return resumed_optuna(url, meta["optuna_study_name"], study.space, meta.get("seed", args.seed),
-                              study.space.objectives, meta.get("pack", 1))
+                              study.space.objectives, meta.get("pack", 1), study.optuna_read)
 
     pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prepare")
     try:

@@ -64,6 +64,28 @@ def test_pruning_assumptions_and_schedule():
     assert _makespan([10.0] * 6, 2) == pytest.approx(30 + WORKER_START_S + 2 * TRIAL_GAP_S)
 
 
+def test_the_feasibility_check_a_run_makes_imports_no_torch():
+    # Every run (and --resume) checks its study can end within a century before Ray starts: from a bound that
+    # times nothing, so it must not pay for torch (seconds of a resume's start); a plan that times does.
+    code = ("import sys\nfrom study.plan import Request, check_feasible\nfrom study.space import load_space\n"
+            "space = load_space('full')\n"
+            "check_feasible(space, Request(num_samples=96, max_concurrent=4, resources={'cpu': 1, 'gpu': 0}, pack=1,"
+            " cluster_resources={'CPU': 2}))\nfrom study.plan import local_resources\nlocal_resources()\n"
+            "print('torch' in sys.modules)\n")
+    out = subprocess.run([PYTHON, "-c", code], env=python_env(), capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip() == "False", out.stdout + out.stderr[-2000:]
+
+
+def test_gpus_are_counted_by_torch_where_a_gpu_driver_has_a_device_node(tmp_path, monkeypatch):
+    from study import plan
+    monkeypatch.setattr(plan, "GPU_DEVICE_NODES", (str(tmp_path / "nvidia*"), str(tmp_path / "kfd")))
+    assert plan.local_gpus() == 0   # no node: none, and torch is not asked
+    (tmp_path / "kfd").touch()
+    assert plan.local_gpus() == torch.cuda.device_count()
+    assert plan.local_resources(3, None) == {"CPU": 3, "GPU": torch.cuda.device_count()}
+    assert plan.local_resources(None, 2)["GPU"] == 2
+
+
 def test_plan_of_big_spaces_within_a_minute_and_says_what_to_change(tmp_path):
     out, took = plan(tmp_path, "--space", "full", "--num-cpus", "2")
     assert took < 60, took

@@ -26,12 +26,16 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import torch
 from PIL import Image
 
 from study.cli import ProjectError
 from study.engine.grayscale import ALLOW_GRAYSCALE_ENV, grayscale_allowed
+
+if TYPE_CHECKING:
+    import torch
 
 SPLITS = ("train", "val", "test")
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
@@ -383,6 +387,7 @@ class DeviceImages:
     """
 
     def __init__(self, images: np.ndarray, device: torch.device | str):
+        import torch   # here, not above: decoding and the cache need no torch (a driver's data check before Ray)
         self.images = torch.from_numpy(np.array(images, dtype=np.uint8, copy=True)).to(device)
         self.device = self.images.device
 
@@ -397,6 +402,7 @@ class DeviceImages:
 
     def train_batches(self, batch_size: int, generator: torch.Generator, augment: bool | float = False):
         """Shuffled training batches; ``augment``: a strength (True = 1.0, see ``augment_batch``), 0 = none."""
+        import torch
         strength = float(augment)
         n = len(self)
         perm = torch.randperm(n, device=self.device, generator=generator)
@@ -419,6 +425,7 @@ def augment_batch(x: torch.Tensor, generator: torch.Generator, strength: float =
     host sync in every training step. Input and target both come from the augmented RGB batch, so
     they stay aligned.
     """
+    import torch
     n, c, h, w = x.shape
     dev = x.device
     flip = torch.rand(n, 1, 1, 1, device=dev, generator=generator) < 0.5

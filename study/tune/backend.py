@@ -24,6 +24,7 @@ from study.results import read_table
 from study.space import Space
 from study.tune.callback import ResultsCallback
 from study.tune.moved import alias_moved_modules
+from study.tune.preread import OptunaRead
 from study.tune.pruning import OptunaPruningScheduler, PackDecisions, TimedPruningScheduler
 from study.tune.saved import experiment_path, storage_args
 from study.tune.searcher import OptunaSearcher, describe_study, open_study, tune_trial_id
@@ -137,11 +138,19 @@ def build_tuner(settings: StudySettings) -> StudyTuner:
     return StudyTuner(tuner, driver, results)
 
 
-def open_optuna(storage_url: str, name: str, space: Space, seed: int, objectives: tuple[str, ...]) -> tuple:
-    """(its storage, the study): the Optuna study ``name``, made if new, with every trial read into its cache."""
+def open_optuna(storage_url: str, name: str, space: Space, seed: int, objectives: tuple[str, ...],
+                read: OptunaRead | None = None) -> tuple:
+    """(its storage, the study): the Optuna study ``name``, made if new, with every trial read into its cache;
+    by ``read`` (begun earlier in a process of its own) when it has read them."""
     import optuna
-    storage = optuna.storages.RDBStorage(storage_url)
-    return storage, open_study(storage, name, space, seed, objectives)
+    cached = read.storage() if read is not None else None
+    if cached is None:
+        storage = optuna.storages.RDBStorage(storage_url)
+        return storage, open_study(storage, name, space, seed, objectives)
+    # The searcher's own writes go straight to the database, as they would through the study's backend.
+    # The read checked its schema, and the tables are there.
+    storage = optuna.storages.RDBStorage(storage_url, skip_compatibility_check=True, skip_table_creation=True)
+    return storage, open_study(cached, name, space, seed, objectives)
 
 
 def _open_optuna_study(s: StudySettings):
@@ -160,9 +169,10 @@ def _open_optuna_study(s: StudySettings):
 
 
 def resumed_optuna(storage_url: str, name: str, space: Space, seed: int, objectives: tuple[str, ...],
-                   pack: int) -> tuple:
-    """(its storage, the study): a resumed study's Optuna study, every trial read, described."""
-    storage, study = open_optuna(storage_url, name, space, seed, objectives)
+                   pack: int, read: OptunaRead | None = None) -> tuple:
+    """(its storage, the study): a resumed study's Optuna study, every trial read (by ``read`` when it has),
+    described."""
+    storage, study = open_optuna(storage_url, name, space, seed, objectives, read)
     describe_study(study, space, pack)
     return storage, study
 
