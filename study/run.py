@@ -432,13 +432,16 @@ def resumed(study: Study) -> bool:
 
 def prepared_while_ray_starts(study: Study) -> Future:
     """On a thread of its own while Ray starts (mostly waiting for its processes): import the Tuner's parts
-    (torch among them), then read a resumed study's Optuna study (in a study of 10,000 trials that takes
-    seconds). Its result: (storage, Optuna study) for a resumed study, None for a new one (its Optuna
+    (torch among them, and Tune's TensorBoard logger's tensorboardX), then open a resumed study's Optuna study
+    on what a process of its own read meanwhile (study.tune.preread; in a study of 10,000 trials the read
+    takes seconds). Its result: (storage, Optuna study) for a resumed study, None for a new one (its Optuna
     study is made once Ray has started)."""
     meta, args = study.meta, study.args
 
     def prepare() -> tuple | None:
         from study.tune import resumed_optuna   # the Tuner's parts with it
+        with contextlib.suppress(ImportError):   # else Tune's start imports it (torch too), on the driver's thread
+            import tensorboardX  # noqa: F401
 
         if not resumed(study):
             return None
