@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import glob
 import itertools
 import json
 import math
@@ -26,7 +25,7 @@ import time
 from dataclasses import dataclass, field, replace
 
 from study import cli
-from study.engine import Structure, Timing, on_line, scaled, time_structure, within   # torch-free (study.engine)
+from study.engine import Structure, Timing, local_gpus, on_line, scaled, time_structure, within   # torch-free
 
 # The axes that fix a trial's cost (and a pack's shared structure), besides the dataset.
 AXES = ("resolution", "depth", "sampling", "output", "base_filters", "max_filters", "batch_size")
@@ -478,22 +477,9 @@ def format_plan(plan: Plan) -> str:
 # ---------------------------------------------------------------- command line
 
 
-# Device nodes of the GPU drivers torch.cuda uses (NVIDIA's, ROCm's, WSL's): without one there is no GPU.
-GPU_DEVICE_NODES = ("/dev/nvidia*", "/dev/kfd", "/dev/dxg")
-
-
 def local_resources(num_cpus: int | None = None, num_gpus: int | None = None) -> dict:
     """What a local Ray of ``study.run --num-cpus/--num-gpus`` would advertise, in Ray's names."""
     return {"CPU": num_cpus or os.cpu_count() or 1, "GPU": local_gpus() if num_gpus is None else num_gpus}
-
-
-def local_gpus() -> int:
-    """The GPUs torch sees here; on a machine without a GPU driver's device node, 0 without importing torch
-    (seconds of every run's checks)."""
-    if not any(glob.glob(pattern) for pattern in GPU_DEVICE_NODES):
-        return 0
-    import torch
-    return torch.cuda.device_count()
 
 
 def parser() -> argparse.ArgumentParser:

@@ -218,8 +218,8 @@ def open_study(args: argparse.Namespace, space) -> Study:
                          f"members share one structure); leave --pack out")
     read = None
     if args.resume:
-        read = read_ahead(args, root, meta)
-        meta = {**meta, "num_samples": check_resume(args, space, root, meta, space_changed)}
+        total, read = check_resume(args, space, root, meta, space_changed)
+        meta = {**meta, "num_samples": total}
     clock = StudyClock(spent_before_s=spent_before(root) if meta is not None else 0.0)
     budget = time_budget(args, meta, space, clock)
     data_root, cache_dir = data_places(args)
@@ -271,30 +271,21 @@ def check_grayscale_rule(meta: dict, root: str) -> None:
                          f"{fix[1:]}, or start a new study with --name (nothing was changed)")
 
 
-def read_ahead(args: argparse.Namespace, root: str, meta: dict):
-    """Check that the study's Optuna database holds it, then have a process of its own read its trials while
-    the driver goes on (study.tune.preread; it reads seconds' worth in a study of 10,000 trials). None for
-    ``--plan``, which does not read them."""
-    url = runtime_url(meta["optuna_storage"], root, args.optuna_storage)
-    check_resume_database(url, meta["optuna_study_name"])
-    if args.plan:
-        return None
-    from study.tune.preread import OptunaRead
-    return OptunaRead(url, meta["optuna_study_name"])
-
-
-def check_resume(args: argparse.Namespace, space, root: str, meta: dict, space_changed: bool) -> int:
-    """What ``--resume`` needs besides study.json and its Optuna database (``read_ahead``): Ray's saved state,
-    a search state this version reads, the study's pack and a space file Optuna can still draw from. Returns
-    the study's total of trials (``--num-samples`` may raise it)."""
+def check_resume(args: argparse.Namespace, space, root: str, meta: dict, space_changed: bool) -> tuple[int, Any]:
+    """What ``--resume`` needs besides study.json: Ray's saved state, a search state this version reads, the
+    study's pack, its own Optuna database and a space file Optuna can still draw from. Returns the study's
+    total of trials (``--num-samples`` may raise it) and its Optuna study as a process of its own reads it
+    from then on (study.tune.preread: seconds' worth in a study of 10,000 trials; None for ``--plan``)."""
+    from study.tune import OptunaRead, saved_total_trials
     check_saved_state(root)
     if args.pack is not None and args.pack != meta.get("pack", 1):
         raise UsageError(f"--pack {args.pack}: the study was started with pack {meta.get('pack', 1)}; "
                          f"a resumed study keeps its pack size (leave --pack out)")
     url = runtime_url(meta["optuna_storage"], root, args.optuna_storage)
+    check_resume_database(url, meta["optuna_study_name"])
+    read = None if args.plan else OptunaRead(url, meta["optuna_study_name"])
     total = meta.get("num_samples")
     if args.num_samples is not None:
-        from study.tune import saved_total_trials
         total = more_trials(root, meta, args.num_samples, saved_total_trials(root))
     if space_changed:
         problems = space_change_problems(space, url, meta["optuna_study_name"])
@@ -305,7 +296,7 @@ def check_resume(args: argparse.Namespace, space, root: str, meta: dict, space_c
         print(f"note: {space.path} changed since the study started: trials already started keep their "
               f"configuration, and new trials are drawn from the file as it is now (recorded in study.json "
               f"under space_changes)", file=sys.stderr)
-    return total
+    return total, read
 
 
 def check_saved_state(root: str) -> None:
@@ -432,10 +423,9 @@ def resumed(study: Study) -> bool:
 
 def prepared_while_ray_starts(study: Study) -> Future:
     """On a thread of its own while Ray starts (mostly waiting for its processes): import the Tuner's parts
-    (torch among them, and Tune's TensorBoard logger's tensorboardX), then open a resumed study's Optuna study
-    on what a process of its own read meanwhile (study.tune.preread; in a study of 10,000 trials the read
-    takes seconds). Its result: (storage, Optuna study) for a resumed study, None for a new one (its Optuna
-    study is made once Ray has started)."""
+    (torch among them, and tensorboardX for Tune's logger), then open a resumed study's Optuna study on what
+    ``study.optuna_read`` read meanwhile. Its result: (storage, Optuna study) for a resumed study, None for a
+    new one (its Optuna study is made once Ray has started)."""
     meta, args = study.meta, study.args
 
     def prepare() -> tuple | None:

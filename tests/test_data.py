@@ -223,3 +223,17 @@ def test_non_utf8_file_names_through_the_trial_command(tmp_path):
     assert p.returncode == 0, p.stderr[-3000:]
     assert "Traceback" not in p.stderr and "best val PSNR" in p.stdout
     assert "000-caf\\udce9.png" in p.stderr   # the grayscale warning names the file, escaped, not a crash
+
+
+def test_the_data_is_decoded_and_read_back_without_torch(tmp_path):
+    # A driver checks a study's data before Ray starts (study.run's prepare_data): decoding and the cache need
+    # numpy and PIL only; torch comes with the first tensor made (DeviceImages), in a trial.
+    import subprocess
+
+    from conftest import PYTHON, python_env
+    code = ("import sys\nfrom study.engine import load_splits\n"
+            "for _ in range(2):\n    s = load_splits('samples', 16, cache_dir=sys.argv[1], train_limit=8, eval_limit=4)\n"
+            "print(s.train.shape, 'torch' in sys.modules)\n"
+            "from study.engine import DeviceImages\nDeviceImages(s.val, 'cpu')\nprint('torch' in sys.modules)\n")
+    p = subprocess.run([PYTHON, "-c", code, str(tmp_path)], env=python_env(), capture_output=True, text=True, timeout=300)
+    assert p.stdout.split("\n")[:2] == ["(8, 16, 16, 3) False", "True"], p.stdout + p.stderr[-2000:]

@@ -78,10 +78,11 @@ def test_the_feasibility_check_a_run_makes_imports_no_torch():
 
 def test_gpus_are_counted_by_torch_where_a_gpu_driver_has_a_device_node(tmp_path, monkeypatch):
     from study import plan
-    monkeypatch.setattr(plan, "GPU_DEVICE_NODES", (str(tmp_path / "nvidia*"), str(tmp_path / "kfd")))
-    assert plan.local_gpus() == 0   # no node: none, and torch is not asked
+    from study.engine import gpus
+    monkeypatch.setattr(gpus, "GPU_DEVICE_NODES", (str(tmp_path / "nvidia*"), str(tmp_path / "kfd")))
+    assert gpus.local_gpus() == 0   # no node: none, and torch is not asked
     (tmp_path / "kfd").touch()
-    assert plan.local_gpus() == torch.cuda.device_count()
+    assert gpus.local_gpus() == torch.cuda.device_count()
     assert plan.local_resources(3, None) == {"CPU": 3, "GPU": torch.cuda.device_count()}
     assert plan.local_resources(None, 2)["GPU"] == 2
 

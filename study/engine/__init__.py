@@ -6,7 +6,8 @@ of evaluation serves both). Imports torch, never Ray or Optuna: a trial runs whe
 installed.
 
 A name loads its module (and torch) when first used: ``study.plan`` reads the torch-free part
-of ``timing`` without paying for torch.
+of ``timing`` and the GPU count (``gpus``), and a driver checks the data cache (``data``), without
+paying for torch.
 """
 import importlib
 
@@ -19,6 +20,7 @@ PUBLIC = {
     "device": ("autocast_for", "compiled", "device_name", "pick_device",),
     "evaluation": ("evaluate_members", "original_previews", "predict",),
     "fused": ("FusedUNet",),
+    "gpus": ("local_gpus",),
     "grayscale": ("ALLOW_GRAYSCALE_ENV", "grayscale_rule",),
     "losses": ("NonFiniteLossError", "PackLoss",),
     "member": ("Member",),
@@ -43,6 +45,6 @@ __all__ = ["ALLOW_GRAYSCALE_ENV", "CHECKPOINT_FILE", "DataError", "DeviceImages"
            "Splits", "Structure", "Timing", "VARIANTS", "autocast_for", "bins_of", "build_unet",
            "check_samples_size", "compiled", "default_cache_dir", "default_data_root", "device_name",
            "evaluate_members", "folder_splits", "grayscale_rule", "keep_checkpoint", "list_images",
-           "load_checkpoint", "load_splits", "make_optimizer", "on_line", "original_previews", "pick_device",
+           "load_checkpoint", "load_splits", "local_gpus", "make_optimizer", "on_line", "original_previews", "pick_device",
            "predict", "rgb_to_y", "rgb_to_yuv", "run_pack", "run_trial", "scaled", "summarize", "target_for",
            "time_structure", "train_batches", "trial_splits", "used_bins", "within", "yuv_to_rgb"]

@@ -13,6 +13,7 @@ from importlib import import_module
 _HOME = {
     "StudySettings": "backend", "StudyTuner": "backend", "build_tuner": "backend", "open_optuna": "backend",
     "resumed_optuna": "backend",
+    "OptunaRead": "preread",
     "can_resume": "saved", "saved_total_trials": "saved", "saved_state_refusal": "saved",
     "init_ray": "raystart", "node_resources": "raystart", "shutdown": "raystart",
     "ResultsCallback": "callback",
@@ -24,9 +25,9 @@ _HOME = {
     "DriverTimings": "timings",
 }
 
-__all__ = ["DriverState", "DriverTimings", "METRIC", "OptunaSearcher", "ResultsCallback", "STEP_METRIC",
-           "StudySettings", "StudyTuner", "TimedPruningScheduler", "build_tuner", "can_resume", "init_ray",
-           "node_resources", "open_optuna", "open_study", "resumed_optuna", "saved_state_refusal",
+__all__ = ["DriverState", "DriverTimings", "METRIC", "OptunaRead", "OptunaSearcher", "ResultsCallback",
+           "STEP_METRIC", "StudySettings", "StudyTuner", "TimedPruningScheduler", "build_tuner", "can_resume",
+           "init_ray", "node_resources", "open_optuna", "open_study", "resumed_optuna", "saved_state_refusal",
            "saved_total_trials", "shutdown", "synthetic_rows"]   # the keys of _HOME
 
 
