@@ -92,3 +92,25 @@ def test_a_failed_read_names_no_secret(tmp_path, caplog, url):
     with caplog.at_level(logging.WARNING, logger="study"):
         assert OptunaRead(url, "s").storage() is None
     assert "was not read ahead" in caplog.text and "s3cret" not in caplog.text
+
+
+def test_the_child_writes_all_it_read_when_a_write_takes_only_part(monkeypatch):
+    """A write to a pipe may take part of the bytes (a signal mid-write: under py-spy a 4 MB pickle came back
+    cut), and under PYTHONUNBUFFERED sys.stdout.buffer makes one write: the child writes until all is taken."""
+    import os
+    import threading
+
+    from study.tune import preread
+
+    real = os.write
+    monkeypatch.setattr(preread.os, "write", lambda fd, data: real(fd, bytes(data[:3000])))
+    data = os.urandom(1 << 20)
+    r, w = os.pipe()
+    got = bytearray()
+    reader = threading.Thread(target=lambda: [got.extend(c) for c in iter(lambda: os.read(r, 1 << 16), b"")])
+    reader.start()
+    preread.write_all(w, data)
+    os.close(w)
+    reader.join(timeout=60)
+    os.close(r)
+    assert bytes(got) == data

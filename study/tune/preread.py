@@ -18,6 +18,7 @@ in it, the driver reads the study itself, as without it (``storage`` returns Non
 from __future__ import annotations
 
 import logging
+import os
 import pickle
 import subprocess
 import sys
@@ -85,6 +86,14 @@ def read(url: str, name: str) -> bytes:
     return pickle.dumps(storage, protocol=pickle.HIGHEST_PROTOCOL)
 
 
+def write_all(fd: int, data: bytes) -> None:
+    """All of ``data`` to ``fd``: one write may take part of it (a pipe, a signal), and under ``python -u``
+    (PYTHONUNBUFFERED) ``sys.stdout.buffer`` is a single write that says how much it took."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
 if __name__ == "__main__":
     url, name = sys.stdin.readline().rstrip("\n"), sys.stdin.readline().rstrip("\n")
-    sys.stdout.buffer.write(read(url, name))
+    write_all(sys.stdout.fileno(), read(url, name))
