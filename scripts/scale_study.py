@@ -12,8 +12,8 @@
    until its first trial starts (``resume_first_trial_s``: one the study left unfinished, restarted, or a new
    one) and until the first new one is in the trials table (``resume_first_new_trial_s``: later when the
    restarted ones hold every slot), and until that new trial was asked of Optuna (``resume_first_asked_s``:
-   Tune scheduled it, its configuration drawn; its worker then starts); then it is stopped with SIGTERM (as a user would stop it), and how long
-   it took to stop is timed too.
+   Tune scheduled it, its configuration drawn; its worker then starts); then it is stopped with SIGTERM
+   (as a user would stop it), and how long it took to stop is timed too.
 
 ``--study DIR`` times steps 3 on a study made before (by this script, or any study). Prints one JSON object
 of the figures (seconds) and the study's folder. The synthetic study's own run and the filling are not timed.
@@ -131,7 +131,8 @@ def time_readers(study: Path, space: Path) -> dict:
     asked_s, first_s, new_s, stop_s = first_new_trial(resume, study, trials)
     return {"trials": len(trials), "rows": counts.strip(), "read_tables_s": float(counts.split()[0]),
             "read_tables_process_s": read_s, "info_s": info_s, "analysis_s": analysis_s,
-            "resume_first_asked_s": asked_s, "resume_first_trial_s": first_s, "resume_first_new_trial_s": new_s, "resume_stop_s": stop_s, "study": str(study)}
+            "resume_first_asked_s": asked_s, "resume_first_trial_s": first_s, "resume_first_new_trial_s": new_s,
+            "resume_stop_s": stop_s, "study": str(study)}
 
 
 def main() -> int:

@@ -41,10 +41,10 @@ def __getattr__(name: str):
 
 
 __all__ = ["ALLOW_GRAYSCALE_ENV", "CHECKPOINT_FILE", "DataError", "DeviceImages", "FusedUNet", "LAYOUT_HELP",
-           "Member", "NonFiniteLossError", "PackLoss", "PackStep", "PackTerms", "RunOptions", "STRUCTURE",
-           "Splits", "Structure", "Timing", "VARIANTS", "autocast_for", "bins_of", "build_unet",
-           "check_samples_size", "compiled", "default_cache_dir", "default_data_root", "device_name",
-           "evaluate_members", "folder_splits", "grayscale_rule", "keep_checkpoint", "list_images",
-           "load_checkpoint", "load_splits", "local_gpus", "make_optimizer", "on_line", "original_previews", "pick_device",
-           "predict", "rgb_to_y", "rgb_to_yuv", "run_pack", "run_trial", "scaled", "summarize", "target_for",
-           "time_structure", "train_batches", "trial_splits", "used_bins", "within", "yuv_to_rgb"]
+           "Member", "NonFiniteLossError", "PackLoss", "PackStep", "PackTerms", "RunOptions", "STRUCTURE", "Splits",
+           "Structure", "Timing", "VARIANTS", "autocast_for", "bins_of", "build_unet", "check_samples_size",
+           "compiled", "default_cache_dir", "default_data_root", "device_name", "evaluate_members", "folder_splits",
+           "grayscale_rule", "keep_checkpoint", "list_images", "load_checkpoint", "load_splits", "local_gpus",
+           "make_optimizer", "on_line", "original_previews", "pick_device", "predict", "rgb_to_y", "rgb_to_yuv",
+           "run_pack", "run_trial", "scaled", "summarize", "target_for", "time_structure", "train_batches",
+           "trial_splits", "used_bins", "within", "yuv_to_rgb"]

@@ -8,7 +8,9 @@ pickle, for multiprocessing; the engine is made again on unpickling).
 
 Invariant: what the driver gets is never staler than the database. Optuna's cached storage keeps only
 finished trials from a read (a finished trial never changes) and reads every unfinished and newer trial
-again when asked, so the driver's first question reads what changed since the child's read.
+again when asked, so the driver's first question reads what changed since the child's read. That is how
+Optuna 5's cached storage behaves, not a documented promise: ``tests/test_preread.py`` holds it (a trial
+ended and a trial added after the read are both seen).
 
 The child only reads. It is started once ``--resume``'s check has found the study in its database (so
 it opens nothing that is not there), gets the URL on its standard input (never in its command line, where
