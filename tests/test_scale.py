@@ -182,4 +182,5 @@ def test_synthetic_study_killed_and_resumed(tmp_path, cache_dir):
     out = json.loads(p.stdout.strip().splitlines()[-1])
     assert out["trials"] == 12 and 0 < out["read_tables_s"] < out["read_tables_process_s"], out
     assert all(out[k] > 0 for k in ("info_s", "analysis_s", "resume_first_trial_s", "resume_stop_s")), out
+    assert 0 < out["resume_first_asked_s"] <= out["resume_first_new_trial_s"], out   # asked before it starts
     assert len(read_table(study, "trials")) > 12
